@@ -1,0 +1,41 @@
+"""The raw-interaction table every reader returns, before ordering, splitting and encoding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Interactions:
+    """Implicit interactions in a canonical row order.
+
+    `user` and `item` are non-negative integer codes (raw ids or dictionary indices), `timestamp`
+    is seconds since the epoch. Row order is the tie-break for equal timestamps, so readers put
+    rows in the order the events happened wherever the file says more than its timestamps do.
+    """
+
+    user: np.ndarray
+    item: np.ndarray
+    timestamp: np.ndarray
+    source: str
+    skipped_lines: int = 0
+    notes: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.user)
+        if len(self.item) != n or len(self.timestamp) != n:
+            raise ValueError("user, item and timestamp must have the same length")
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+
+def dense_codes(values: np.ndarray) -> np.ndarray:
+    """Integer ids as small non-negative codes (order-preserving), so bincount can count them."""
+    values = np.asarray(values, dtype=np.int64)
+    if len(values) and values.min() >= 0 and values.max() <= 4 * len(values) + 1_000_000:
+        return values
+    _, codes = np.unique(values, return_inverse=True)
+    return codes.astype(np.int64)

@@ -1,0 +1,126 @@
+"""From a dataset + split configuration to cached SequenceData: resolve or download the raw file,
+parse it with the reader of its format, preprocess, and cache the result."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from seqexp.data import download
+from seqexp.data.cache import cache_key, file_digest, load_cached, save_cached
+from seqexp.data.interactions import Interactions
+from seqexp.data.lastfm import read_lastfm
+from seqexp.data.movielens import read_movielens
+from seqexp.data.preprocess import PREPROCESS_VERSION, build_sequences
+from seqexp.data.sequences import SequenceData
+from seqexp.data.synthetic import generate_synthetic
+from seqexp.data.tabular import read_table
+from seqexp.errors import SeqexpError
+
+log = logging.getLogger(__name__)
+
+# Keys of a dataset config that select the data or shape its preprocessing; the rest (where the
+# file lives, where it is downloaded from) does not change the result and stays out of the key.
+_LOCATION_KEYS = {"path", "url", "archive_member", "archive_size", "archive_md5", "name"}
+
+Reader = Callable[[Path, Mapping], Interactions]
+READERS: dict[str, Reader] = {
+    "movielens": lambda path, cfg: read_movielens(path),
+    "lastfm": lambda path, cfg: read_lastfm(path, item=cfg.get("item", "track")),
+    "tabular": lambda path, cfg: read_table(
+        path, cfg.get("user_col", "user"), cfg.get("item_col", "item"),
+        cfg.get("time_col", "timestamp"), cfg.get("sep"),
+    ),
+}
+SYNTHETIC_KEYS = ("n_users", "n_items", "n_clusters", "min_events", "max_events",
+                  "p_successor", "p_favourite", "n_favourites", "generator_seed")
+
+
+def load_dataset(dataset: Mapping, split: Mapping, raw_dir: Path, cache_dir: Path,
+                 progress: bool = True) -> SequenceData:
+    """The processed dataset for these settings, from the cache when it holds it."""
+    dataset = dict(dataset)
+    fmt = dataset.get("format")
+    params = {
+        "dataset": {k: v for k, v in dataset.items() if k not in _LOCATION_KEYS},
+        "split": dict(split),
+        "version": PREPROCESS_VERSION,
+    }
+    if fmt == "synthetic":
+        source = "synthetic"
+        raw_path = None
+    elif fmt in READERS:
+        raw_path = resolve_raw_file(dataset, Path(raw_dir), progress)
+        source = file_digest(raw_path)
+    else:
+        raise SeqexpError(
+            f"dataset.format={fmt!r} is unknown; choose one of synthetic, {', '.join(READERS)}"
+        )
+    folder = Path(cache_dir) / f"{dataset.get('name', fmt)}-{cache_key(source, params)}"
+    cached = load_cached(folder)
+    if cached is not None:
+        log.info("loaded processed %s from cache %s", dataset.get("name"), folder)
+        return cached
+
+    started = time.perf_counter()
+    if raw_path is None:
+        raw = generate_synthetic(**_synthetic_args(dataset))
+    else:
+        log.info("parsing %s", raw_path)
+        raw = READERS[fmt](raw_path, dataset)
+    data = build_sequences(
+        raw, split, min_item_support=_int(dataset, "min_item_support", 1),
+        drop_repeats=bool(dataset.get("drop_repeats", False)), name=str(dataset.get("name")),
+    )
+    save_cached(folder, data, params)
+    log.info("preprocessed in %.1f s, cached in %s", time.perf_counter() - started, folder)
+    return data
+
+
+def resolve_raw_file(dataset: Mapping, raw_dir: Path, progress: bool) -> Path:
+    """The local raw file: dataset.path when given, else the official archive's member,
+    downloaded and unpacked into raw_dir on first use."""
+    if dataset.get("path") not in (None, ""):
+        path = Path(str(dataset["path"])).expanduser()
+        if not path.is_file():
+            raise SeqexpError(f"dataset.path={path}: file not found; pass an existing file")
+        return path
+    url, member = dataset.get("url"), dataset.get("archive_member")
+    if not url or not member:
+        raise SeqexpError(
+            f"dataset {dataset.get('name')!r} has no download source: pass dataset.path=FILE"
+        )
+    folder = raw_dir / str(dataset.get("name"))
+    target = folder / Path(member).name
+    if target.is_file():
+        return target
+    archive = folder / url.rsplit("/", 1)[-1]
+    remote = download.RemoteFile(url, dataset.get("archive_size"), dataset.get("archive_md5"))
+    try:
+        download.fetch(remote, archive, progress=progress)
+        download.extract_member(archive, member, target)
+    except SeqexpError as exc:
+        raise SeqexpError(
+            f"{exc}; download {url} by hand and put {Path(member).name} at {target}, "
+            f"or pass dataset.path=/path/to/{Path(member).name}"
+        ) from None
+    return target
+
+
+def _int(cfg: Mapping, key: str, default: int) -> int:
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SeqexpError(f"dataset.{key}={value!r} must be a non-negative integer")
+    return value
+
+
+def _synthetic_args(dataset: Mapping) -> dict:
+    args = {key: dataset[key] for key in SYNTHETIC_KEYS if key in dataset}
+    for key in ("n_users", "n_items", "n_clusters", "min_events", "max_events"):
+        if key in args and (not isinstance(args[key], int) or args[key] < 1):
+            raise SeqexpError(f"dataset.{key}={args[key]!r} must be a positive integer")
+    if args.get("min_events", 1) > args.get("max_events", 10**9):
+        raise SeqexpError("dataset.min_events must not exceed dataset.max_events")
+    return args

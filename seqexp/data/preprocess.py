@@ -1,0 +1,161 @@
+"""Raw interactions -> ordered, split, train-vocabulary-encoded sequences (all vectorised)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+
+from seqexp.data.interactions import Interactions
+from seqexp.data.sequences import SequenceData
+from seqexp.errors import SeqexpError
+
+log = logging.getLogger(__name__)
+
+TRAIN, VAL, TEST = 0, 1, 2
+SPLITS = ("user_tail", "global_time")
+# Bumped whenever the output of build_sequences changes, so stale caches are not reused.
+PREPROCESS_VERSION = 1
+
+
+def order_events(user: np.ndarray, timestamp: np.ndarray) -> np.ndarray:
+    """Permutation sorting events by (user, timestamp, row order); lexsort is stable."""
+    return np.lexsort((timestamp, user))
+
+
+def _fraction(split: Mapping, key: str, low_open: bool = True) -> float:
+    value = split.get(key)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise SeqexpError(f"split.{key}={value!r} must be a number in (0, 1)") from None
+    ok = 0.0 < value < 1.0 if low_open else 0.0 <= value < 1.0
+    if not ok:
+        bounds = "(0, 1)" if low_open else "[0, 1)"
+        raise SeqexpError(f"split.{key}={value} must lie in {bounds}")
+    return value
+
+
+def user_tail_split(
+    positions: np.ndarray, lengths: np.ndarray, test_frac: float, val_frac: float
+) -> np.ndarray:
+    """Phase per event: the last floor(test_frac*L) events of a user are test, the last
+    floor(val_frac*rest) of the rest validation. `positions` is each event's index in its user
+    sequence and `lengths` its user's length (both per event)."""
+    n_test = np.floor(lengths * test_frac + 1e-9).astype(np.int64)
+    rest = lengths - n_test
+    n_val = np.floor(rest * val_frac + 1e-9).astype(np.int64)
+    phase = np.full(len(positions), TRAIN, dtype=np.int8)
+    phase[positions >= rest - n_val] = VAL
+    phase[positions >= rest] = TEST
+    return phase
+
+
+def global_time_split(
+    timestamp: np.ndarray, test_quantile: float, val_quantile: float
+) -> np.ndarray:
+    """Phase per event from two global time cuts: test is strictly after the test cut, so no
+    training or validation event is later than any test event."""
+    test_cut = np.quantile(timestamp, test_quantile, method="lower")
+    phase = np.full(len(timestamp), TRAIN, dtype=np.int8)
+    phase[timestamp > test_cut] = TEST
+    rest = timestamp[timestamp <= test_cut]
+    val_cut = np.quantile(rest, val_quantile, method="lower")
+    phase[(timestamp > val_cut) & (timestamp <= test_cut)] = VAL
+    return phase
+
+
+def build_sequences(
+    raw: Interactions,
+    split: Mapping,
+    min_item_support: int = 1,
+    drop_repeats: bool = False,
+    name: str = "dataset",
+) -> SequenceData:
+    """Order, split, filter on training counts, encode and group by user."""
+    split_name = split.get("name")
+    if split_name not in SPLITS:
+        raise SeqexpError(f"split={split_name!r} is unknown; choose one of {', '.join(SPLITS)}")
+    if len(raw) == 0:
+        raise SeqexpError(f"{raw.source}: no interactions to work with")
+    order = order_events(raw.user, raw.timestamp)
+    user, item, ts = raw.user[order], raw.item[order], raw.timestamp[order]
+    stats: dict[str, int] = {"raw_events": len(raw), "raw_malformed_lines": raw.skipped_lines}
+
+    if drop_repeats:
+        repeat = np.zeros(len(user), dtype=bool)
+        repeat[1:] = (user[1:] == user[:-1]) & (item[1:] == item[:-1])
+        user, item, ts = user[~repeat], item[~repeat], ts[~repeat]
+        stats["repeats_dropped"] = int(repeat.sum())
+
+    if split_name == "user_tail":
+        test_frac, val_frac = _fraction(split, "test_frac"), _fraction(split, "val_frac", False)
+        starts, lengths = _run_starts(user)
+        positions = np.arange(len(user)) - np.repeat(starts, lengths)
+        phase = user_tail_split(positions, np.repeat(lengths, lengths), test_frac, val_frac)
+    else:
+        phase = global_time_split(
+            ts, _fraction(split, "test_quantile"), _fraction(split, "val_quantile")
+        )
+
+    # The vocabulary is what training events keep after the support filter.
+    is_train = phase == TRAIN
+    support = np.bincount(item[is_train], minlength=int(item.max()) + 1)
+    known = support[item] >= max(1, int(min_item_support))
+    stats["train_events_filtered"] = int((is_train & ~known).sum())
+    stats["val_oov_dropped"] = int(((phase == VAL) & ~known).sum())
+    stats["test_oov_dropped"] = int(((phase == TEST) & ~known).sum())
+    user, item, ts, phase = user[known], item[known], ts[known], phase[known]
+
+    # Users without a training event cannot be warm-started or embedded: drop and count.
+    has_train = np.zeros(int(user.max()) + 1 if len(user) else 0, dtype=bool)
+    has_train[user[phase == TRAIN]] = True
+    cold = ~has_train[user]
+    stats["cold_user_events_dropped"] = int(cold.sum())
+    user, item, ts, phase = user[~cold], item[~cold], ts[~cold], phase[~cold]
+    if len(user) == 0 or not (phase == TRAIN).any():
+        raise SeqexpError(
+            f"{raw.source}: no training events left after filtering (dataset.min_item_support="
+            f"{min_item_support}, split={split_name}); lower the filter or check the file"
+        )
+
+    vocabulary = np.flatnonzero(np.bincount(item[phase == TRAIN]))
+    item_code = np.full(int(item.max()) + 1, -1, dtype=np.int64)
+    item_code[vocabulary] = np.arange(len(vocabulary))
+    starts, lengths = _run_starts(user)
+    n_phase = [np.add.reduceat((phase == p).astype(np.int64), starts) for p in (TRAIN, VAL)]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    data = SequenceData(
+        items=item_code[item].astype(np.int32),
+        timestamps=ts.astype(np.int64),
+        offsets=offsets,
+        train_end=offsets[:-1] + n_phase[0],
+        val_end=offsets[:-1] + n_phase[0] + n_phase[1],
+        n_items=len(vocabulary),
+    )
+    stats.update(
+        n_users=data.n_users,
+        n_items=data.n_items,
+        train_events=int(n_phase[0].sum()),
+        val_events=int(n_phase[1].sum()),
+        test_events=int((phase == TEST).sum()),
+    )
+    data.stats = stats
+    if stats["test_events"] == 0:
+        raise SeqexpError(
+            f"{raw.source}: the {split_name} split leaves no test events; "
+            f"raise split.test_frac / lower split.test_quantile or use a larger file"
+        )
+    log.info("%s: %d users, %d items, %d/%d/%d train/val/test events (%d test events of unseen "
+             "items dropped)", name, data.n_users, data.n_items, stats["train_events"],
+             stats["val_events"], stats["test_events"], stats["test_oov_dropped"])
+    return data
+
+
+def _run_starts(sorted_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start index and length of each run of equal values in a sorted array."""
+    change = np.flatnonzero(sorted_keys[1:] != sorted_keys[:-1]) + 1
+    starts = np.concatenate([[0], change]).astype(np.int64)
+    lengths = np.diff(np.concatenate([starts, [len(sorted_keys)]]))
+    return starts, lengths

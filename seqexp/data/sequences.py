@@ -1,0 +1,58 @@
+"""The processed dataset every model and the evaluator read: per-user, time-ordered sequences."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+PHASES = ("train", "val", "test")
+
+
+@dataclass
+class SequenceData:
+    """Events of all users, grouped by user and ordered by (timestamp, row order).
+
+    User u owns events `offsets[u]:offsets[u+1]`, of which `offsets[u]:train_end[u]` are
+    training events, `train_end[u]:val_end[u]` validation and `val_end[u]:offsets[u+1]` test
+    events. Both splits keep this prefix structure, so a prediction point's context is simply
+    every earlier event of its user. Items are 0..n_items-1, the training vocabulary.
+    """
+
+    items: np.ndarray  # int32 [E]
+    timestamps: np.ndarray  # int64 [E]
+    offsets: np.ndarray  # int64 [U+1]
+    train_end: np.ndarray  # int64 [U]
+    val_end: np.ndarray  # int64 [U]
+    n_items: int
+    stats: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def n_events(self) -> int:
+        return len(self.items)
+
+    def phase_bounds(self, phase: str) -> tuple[np.ndarray, np.ndarray]:
+        """Per-user [start, end) positions of the events that are targets in `phase`."""
+        if phase == "train":
+            return self.offsets[:-1], self.train_end
+        if phase == "val":
+            return self.train_end, self.val_end
+        if phase == "test":
+            return self.val_end, self.offsets[1:]
+        raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
+
+    def event_users(self) -> np.ndarray:
+        return np.repeat(np.arange(self.n_users, dtype=np.int64), np.diff(self.offsets))
+
+    def train_mask(self) -> np.ndarray:
+        """Boolean mask of training events (what vocabulary, popularity and similarities see)."""
+        positions = np.arange(self.n_events, dtype=np.int64)
+        return positions < np.repeat(self.train_end, np.diff(self.offsets))
+
+    def item_popularity(self) -> np.ndarray:
+        """Training-event count of every item."""
+        return np.bincount(self.items[self.train_mask()], minlength=self.n_items)

@@ -1,0 +1,172 @@
+"""The one evaluator: full-catalogue ranks by counting, for every model.
+
+For a prediction point with target score s, let g = #items scoring strictly higher and
+e = #other items scoring exactly s. Then
+- pessimistic rank (the headline) = 1 + g + e, so constant scores rank last;
+- optimistic rank = 1 + g (ties ignored);
+- under random tie-breaking the rank is uniform on 1+g .. 1+g+e, and the metrics below are its
+  exact expectations.
+Recall@k = share of events with rank <= k; MRR@k = mean of 1/rank over events with rank <= k
+(0 otherwise); micro-averaged over events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from seqexp.data.batching import PredictionBatch, prediction_batches
+from seqexp.data.sequences import SequenceData
+from seqexp.errors import SeqexpError
+from seqexp.models.base import Recommender
+
+
+@dataclass
+class RankCounts:
+    """Per-event counts of items scoring above (`greater`) and level with (`equal`) the target."""
+
+    greater: np.ndarray
+    equal: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.greater)
+
+    def rank_pessimistic(self) -> np.ndarray:
+        return 1 + self.greater + self.equal
+
+    def rank_optimistic(self) -> np.ndarray:
+        return 1 + self.greater
+
+    def metrics(self, cutoffs: Sequence[int]) -> dict[str, float]:
+        """mrr_at_k / recall_at_k (pessimistic) plus _optimistic and _expected variants."""
+        n = len(self)
+        if n == 0:
+            raise SeqexpError("no events to evaluate: the split left no targets")
+        out: dict[str, float] = {}
+        pess, opt = self.rank_pessimistic(), self.rank_optimistic()
+        g, e = self.greater.astype(np.float64), self.equal.astype(np.float64)
+        for k in cutoffs:
+            for suffix, rank in (("", pess), ("_optimistic", opt)):
+                hit = rank <= k
+                out[f"recall_at_{k}{suffix}"] = float(hit.mean())
+                out[f"mrr_at_{k}{suffix}"] = float(np.where(hit, 1.0 / rank, 0.0).sum() / n)
+            # rank uniform on g+1 .. g+e+1: P(rank <= k) and E[1/rank; rank <= k]
+            recall = np.clip((k - g) / (e + 1.0), 0.0, 1.0)
+            harmonic = _harmonic(k)
+            top = np.minimum(g + e + 1, k).astype(np.int64)
+            low = np.minimum(g, k).astype(np.int64)
+            mrr = (harmonic[top] - harmonic[low]) / (e + 1.0)
+            out[f"recall_at_{k}_expected"] = float(recall.mean())
+            out[f"mrr_at_{k}_expected"] = float(np.maximum(mrr, 0.0).mean())
+        out["n_events"] = float(n)
+        return out
+
+
+def _harmonic(k: int) -> np.ndarray:
+    """H[j] = sum_{r=1..j} 1/r for j = 0..k."""
+    return np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, k + 1))])
+
+
+def count_ranks(
+    score_block: Callable[[int, int], torch.Tensor], targets: torch.Tensor, n_items: int,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greater/equal counts for one batch of prediction points, scoring items `chunk` at a time.
+
+    When the catalogue fits one chunk the scores are computed once; otherwise a first pass
+    collects the target scores and a second counts against them.
+    """
+    n_points = len(targets)
+    if chunk >= n_items:
+        scores = score_block(0, n_items)
+        _check_finite(scores)
+        target_scores = scores.gather(1, targets[:, None])
+        greater = (scores > target_scores).sum(1)
+        equal = (scores == target_scores).sum(1) - 1
+        return greater, equal
+    target_scores = torch.empty(n_points, 1, device=targets.device)
+    for lo in range(0, n_items, chunk):
+        hi = min(lo + chunk, n_items)
+        inside = (targets >= lo) & (targets < hi)
+        if inside.any():
+            scores = score_block(lo, hi)
+            target_scores[inside] = scores[inside].gather(1, (targets[inside] - lo)[:, None])
+    greater = torch.zeros(n_points, dtype=torch.long, device=targets.device)
+    equal = torch.full((n_points,), -1, dtype=torch.long, device=targets.device)
+    for lo in range(0, n_items, chunk):
+        scores = score_block(lo, min(lo + chunk, n_items))
+        _check_finite(scores)
+        greater += (scores > target_scores).sum(1)
+        equal += (scores == target_scores).sum(1)
+    return greater, equal
+
+
+def _check_finite(scores: torch.Tensor) -> None:
+    # A NaN compares false with everything and would rank the target first.
+    if torch.isnan(scores).any():
+        raise SeqexpError("the model produced NaN scores; lower train.lr or check the data")
+
+
+class Evaluator:
+    def __init__(self, cutoffs: Sequence[int] = (5, 10, 20), batch_users: int = 256,
+                 max_block_elements: int = 50_000_000) -> None:
+        cutoffs = list(cutoffs)
+        if not cutoffs or any(not isinstance(k, int) or k < 1 for k in cutoffs):
+            raise SeqexpError(f"eval.cutoffs={cutoffs} must be a list of positive integers")
+        if batch_users < 1 or max_block_elements < 1:
+            raise SeqexpError("eval.batch_users and eval.max_block_elements must be positive")
+        self.cutoffs = sorted(set(cutoffs))
+        self.batch_users = batch_users
+        self.max_block_elements = max_block_elements
+
+    @torch.no_grad()
+    def rank_counts(self, model: Recommender, data: SequenceData, phase: str) -> RankCounts:
+        was_training = model.training
+        model.eval()
+        device = model.device
+        greater, equal = [], []
+        try:
+            for batch in prediction_batches(data, phase, self.batch_users):
+                batch = batch.to(device)
+                g, e = self._batch_counts(model, batch, data.n_items)
+                greater.append(g.cpu())
+                equal.append(e.cpu())
+        finally:
+            model.train(was_training)
+        if not greater:
+            return RankCounts(np.zeros(0, np.int64), np.zeros(0, np.int64))
+        return RankCounts(torch.cat(greater).numpy(), torch.cat(equal).numpy())
+
+    def _batch_counts(self, model: Recommender, batch: PredictionBatch, n_items: int):
+        state = model.prediction_states(batch)
+        # B x N must fit: split the prediction points if needed, then the items.
+        points = max(1, min(batch.n_targets, self.max_block_elements // max(n_items, 1)))
+        chunk = max(1, self.max_block_elements // points)
+        g_parts, e_parts = [], []
+        for start in range(0, batch.n_targets, points):
+            part = slice(start, start + points)
+            sub_state = _slice_state(state, part)
+            g, e = count_ranks(
+                lambda lo, hi, s=sub_state: model.score_items(s, lo, hi),
+                batch.targets[part], n_items, chunk,
+            )
+            g_parts.append(g)
+            e_parts.append(e)
+        return torch.cat(g_parts), torch.cat(e_parts)
+
+    def evaluate(self, model: Recommender, data: SequenceData, phase: str) -> dict[str, float]:
+        return self.rank_counts(model, data, phase).metrics(self.cutoffs)
+
+
+def _slice_state(state, part: slice):
+    """Prediction states are tensors, ints (a count) or tuples of tensors, one row per point."""
+    if isinstance(state, torch.Tensor):
+        return state[part]
+    if isinstance(state, int):
+        return len(range(state)[part])
+    if isinstance(state, tuple):
+        return tuple(_slice_state(s, part) for s in state)
+    raise TypeError(f"unsupported prediction state type {type(state).__name__}")

@@ -1,0 +1,176 @@
+"""One run, and the only place that wires the parts: data -> model -> train -> evaluate -> track."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from seqexp.data import SequenceData, load_dataset
+from seqexp.errors import SeqexpError
+from seqexp.evaluation import Evaluator
+from seqexp.models.base import Recommender
+from seqexp.tracking import Tracker, default_tracking_uri, flatten, git_sha, run_name
+from seqexp.training import Trainer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    val_score: float
+    metrics: dict[str, float]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SeqexpError("device=cuda but CUDA is not available here; use device=auto or cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise SeqexpError(f"device={name!r} is unknown; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(model_cfg: Mapping, data: SequenceData) -> Recommender:
+    """Instantiate conf/model/<name>.yaml (a `_partial_` target) with the sizes of the data."""
+    spec = dict(OmegaConf.to_container(model_cfg, resolve=True)) if isinstance(
+        model_cfg, DictConfig) else dict(model_cfg)
+    name = spec.pop("name", "?")
+    try:
+        factory = instantiate(spec)
+        model = factory(n_items=data.n_items, n_users=data.n_users)
+    except InstantiationException as exc:
+        cause = exc.__cause__ or exc
+        if isinstance(cause, SeqexpError):
+            raise cause from None
+        raise SeqexpError(f"model={name}: cannot build the model ({_first_line(cause)}); "
+                          f"check the model.* keys") from None
+    except TypeError as exc:
+        raise SeqexpError(f"model={name}: {_first_line(exc)}; check the model.* keys") from None
+    if not isinstance(model, Recommender):
+        raise SeqexpError(f"model={name}: model._target_ must build a seqexp Recommender")
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the keys every run needs, so that bad values fail before any work starts."""
+    train = cfg.train
+    for key in ("epochs", "batch_size", "patience"):
+        value = train.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (key != "epochs"):
+            raise SeqexpError(f"train.{key}={value!r} must be a "
+                              f"{'non-negative' if key == 'epochs' else 'positive'} integer")
+    for key in ("lr", "weight_decay", "grad_clip", "min_delta"):
+        value = train.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or value < 0 or (key == "lr" and value == 0)):
+            raise SeqexpError(f"train.{key}={value!r} must be a "
+                              f"{'positive' if key == 'lr' else 'non-negative'} number")
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
+        raise SeqexpError(f"seed={cfg.seed!r} must be an integer")
+    cutoffs = list(cfg.eval.cutoffs)
+    if cfg.eval.monitor_cutoff not in cutoffs:
+        raise SeqexpError(f"eval.monitor_cutoff={cfg.eval.monitor_cutoff} must be one of "
+                          f"eval.cutoffs={cutoffs}")
+
+
+def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
+                   overrides: Sequence[str] = (), hydra_dir: Path | None = None) -> RunResult:
+    """Train and evaluate one configuration, tracked as one MLflow run."""
+    validate(cfg)
+    seed_everything(cfg.seed)
+    if cfg.train.get("num_threads"):
+        torch.set_num_threads(int(cfg.train.num_threads))
+    device = resolve_device(str(cfg.device))
+    evaluator = Evaluator(list(cfg.eval.cutoffs), cfg.eval.batch_users,
+                          int(cfg.eval.max_block_elements))
+    # Everything that can fail on bad input happens before the MLflow run exists.
+    data = load_dataset(cfg.dataset, cfg.split, Path(cfg.paths.raw_dir),
+                        Path(cfg.paths.cache_dir), progress=cfg.train.progress)
+    model = build_model(cfg.model, data).to(device)
+
+    tracker = Tracker(cfg.mlflow.tracking_uri or default_tracking_uri(launch_dir),
+                      cfg.mlflow.experiment)
+    model_name, dataset_name = str(cfg.model.get("name")), str(cfg.dataset.get("name"))
+    name = cfg.mlflow.run_name or run_name(model_name, dataset_name, overrides)
+    run_id = tracker.start(name, {
+        "model": model_name, "dataset": dataset_name, "split": str(cfg.split.name),
+        "seed": str(cfg.seed), "git_sha": git_sha(launch_dir, Path(__file__).parent),
+        "device": str(device),
+    })
+    status = "FAILED"
+    checkpoint = output_dir / "checkpoints" / "best.pt"
+    try:
+        tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
+        tracker.log_params({f"data.{k}": v for k, v in data.stats.items()})
+        tracker.log_metrics({"test_oov_dropped": data.stats.get("test_oov_dropped", 0)})
+        trainer = Trainer(
+            evaluator, epochs=cfg.train.epochs, batch_size=cfg.train.batch_size,
+            lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+            grad_clip=cfg.train.grad_clip, patience=cfg.train.patience,
+            min_delta=cfg.train.min_delta, monitor_cutoff=cfg.eval.monitor_cutoff,
+            progress=cfg.train.progress, seed=cfg.seed, checkpoint_path=checkpoint,
+        )
+        result = trainer.fit(model, data, tracker.log_metrics)
+        summary = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+                   f"best_val_mrr_at_{cfg.eval.monitor_cutoff}": result.best_score}
+        if result.interrupted:
+            status = "KILLED"
+            raise KeyboardInterrupt
+        test = {f"test_{k}": v for k, v in evaluator.evaluate(model, data, "test").items()}
+        tracker.log_metrics(test | summary)
+        metrics = test | summary
+        log.info("test: %s", ", ".join(f"{k}={v:.5f}" for k, v in test.items()
+                                      if k.endswith(f"_at_{cfg.eval.monitor_cutoff}")))
+        _write_json(output_dir / "metrics.json", metrics | {"data": data.stats})
+        _write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        tracker.log_artifact(output_dir / "config.yaml")
+        tracker.log_artifact(output_dir / "metrics.json")
+        if hydra_dir is not None:
+            tracker.log_artifact(hydra_dir, ".hydra")
+        if cfg.mlflow.log_checkpoint:
+            tracker.log_artifact(checkpoint, "checkpoints")
+        status = "FINISHED"
+        return RunResult(run_id, result.best_score, metrics)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        if cfg.mlflow.log_checkpoint:
+            tracker.log_artifact(checkpoint, "checkpoints")
+        raise
+    finally:
+        tracker.end(status)
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, payload: Mapping) -> None:
+    _write_text(path, json.dumps(payload, indent=2, sort_keys=True))

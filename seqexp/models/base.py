@@ -1,0 +1,64 @@
+"""The model contract. The trainer and the evaluator know models only through it.
+
+Every model answers two questions:
+- fit on these sequences: `fit(train)` for the closed-form part (similarities, counts) and, for
+  models with trainable parameters, `training_batches` + `training_loss` driven by the one
+  training loop;
+- score all items for these prediction points: `prediction_states(batch)` summarises each
+  target's context (a hidden state, the last item, a user), `score_items(state, lo, hi)` gives
+  the scores of items lo..hi-1 for every prediction point, in the batch's target order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from seqexp.data.batching import PredictionBatch
+from seqexp.data.sequences import SequenceData
+
+
+class Recommender(nn.Module):
+    """Base class: an nn.Module so that devices, train/eval modes and checkpoints are uniform."""
+
+    def __init__(self, n_items: int, n_users: int) -> None:
+        super().__init__()
+        self.n_items = n_items
+        self.n_users = n_users
+
+    @property
+    def device(self) -> torch.device:
+        for tensor in self.parameters():
+            return tensor.device
+        for tensor in self.buffers():
+            return tensor.device
+        return torch.device("cpu")
+
+    @property
+    def trainable(self) -> bool:
+        """Whether the training loop has epochs to run (any parameter needs a gradient)."""
+        return any(p.requires_grad for p in self.parameters())
+
+    def fit(self, train: SequenceData) -> None:
+        """Closed-form fitting on the training events (train.train_mask()); default: nothing."""
+
+    def training_batches(
+        self, train: SequenceData, batch_size: int, rng: np.random.Generator
+    ) -> Iterator[Any]:
+        """One epoch of mini-batches; each has an `n_events` attribute (for events/s)."""
+        raise NotImplementedError(f"{type(self).__name__} has no trainable parameters")
+
+    def training_loss(self, batch: Any) -> torch.Tensor:
+        """Mean loss of one mini-batch (called in train mode, with gradients)."""
+        raise NotImplementedError(f"{type(self).__name__} has no trainable parameters")
+
+    def prediction_states(self, batch: PredictionBatch) -> Any:
+        raise NotImplementedError
+
+    def score_items(self, state: Any, lo: int, hi: int) -> torch.Tensor:
+        """Scores [P, hi - lo] of items lo..hi-1 for the P prediction points of `state`."""
+        raise NotImplementedError

@@ -1,0 +1,24 @@
+"""Most-popular baseline: the same ranking of training counts for every prediction point."""
+
+from __future__ import annotations
+
+import torch
+
+from seqexp.data.batching import PredictionBatch
+from seqexp.data.sequences import SequenceData
+from seqexp.models.base import Recommender
+
+
+class Popularity(Recommender):
+    def __init__(self, n_items: int, n_users: int) -> None:
+        super().__init__(n_items, n_users)
+        self.register_buffer("counts", torch.zeros(n_items))
+
+    def fit(self, train: SequenceData) -> None:
+        self.counts.copy_(torch.from_numpy(train.item_popularity()).float())
+
+    def prediction_states(self, batch: PredictionBatch) -> int:
+        return batch.n_targets
+
+    def score_items(self, state: int, lo: int, hi: int) -> torch.Tensor:
+        return self.counts[lo:hi].expand(state, hi - lo)

@@ -1,0 +1,113 @@
+"""The recurrent sequence model shared by every GRU variant: item (and user) embeddings, a
+pluggable cell, and a softmax over all items, trained with truncated BPTT over windows."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seqexp.data.batching import PredictionBatch, WindowBatch, window_batches
+from seqexp.data.sequences import SequenceData
+from seqexp.errors import SeqexpError
+from seqexp.models.base import Recommender
+from seqexp.models.cells import CELLS
+
+LOSSES = ("full_softmax",)
+
+
+class RecurrentRecommender(Recommender):
+    """o^t = T h^t over all items, h^t from the cell. Hidden state is carried across a user's
+    windows (detached at window borders) and reset between users; evaluation replays each
+    user's whole history, so the state at a prediction point is warm from the training events.
+    """
+
+    def __init__(
+        self,
+        n_items: int,
+        n_users: int,
+        cell: str = "gru",
+        hidden_size: int = 1000,
+        window: int = 20,
+        dropout: float = 0.8,
+        dropout_is_keep_prob: bool = True,
+        loss: str = "full_softmax",
+        eval_chunk: int = 256,
+    ) -> None:
+        super().__init__(n_items, n_users)
+        if cell not in CELLS:
+            raise SeqexpError(f"model.cell={cell!r} is unknown; choose one of {', '.join(CELLS)}")
+        if loss not in LOSSES:
+            raise SeqexpError(f"model.loss={loss!r} is unknown; choose one of {', '.join(LOSSES)}")
+        if not 0.0 <= dropout <= 1.0:
+            raise SeqexpError(f"model.dropout={dropout} must lie in [0, 1]")
+        for key, value in (("hidden_size", hidden_size), ("window", window),
+                           ("eval_chunk", eval_chunk)):
+            if value < 1:
+                raise SeqexpError(f"model.{key}={value} must be a positive integer")
+        self.hidden_size = hidden_size
+        self.window = window
+        self.eval_chunk = eval_chunk
+        self.loss_name = loss
+        # Table 1's "dropout 0.8" comes from TF-era code, where it is a keep probability.
+        self.drop_p = 1.0 - dropout if dropout_is_keep_prob else dropout
+        self.embedding = nn.Embedding(n_items, hidden_size)
+        self.cell = CELLS[cell](hidden_size)
+        self.user_embedding = nn.Embedding(n_users, hidden_size) if self.cell.uses_user else None
+        self.dropout = nn.Dropout(self.drop_p)
+        self.output = nn.Linear(hidden_size, n_items)
+        self._carry: torch.Tensor | None = None
+
+    def _user_vectors(self, users: torch.Tensor) -> torch.Tensor | None:
+        return None if self.user_embedding is None else self.user_embedding(users)
+
+    def training_batches(
+        self, train: SequenceData, batch_size: int, rng: np.random.Generator
+    ) -> Iterator[WindowBatch]:
+        self._carry = torch.zeros(batch_size, self.hidden_size, device=self.device)
+        yield from window_batches(train, batch_size, self.window, rng)
+
+    def training_loss(self, batch: WindowBatch) -> torch.Tensor:
+        device = self.device
+        lanes = torch.from_numpy(batch.lanes).to(device)
+        keep = (~batch.reset).to(device).unsqueeze(1)
+        h0 = self._carry[lanes] * keep
+        x = self.dropout(self.embedding(batch.inputs.to(device)))
+        out, h = self.cell(x, h0, self._user_vectors(batch.users.to(device)))
+        self._carry[lanes] = h.detach()
+        mask = batch.mask.to(device)
+        logits = self.output(self.dropout(out[mask]))
+        return F.cross_entropy(logits, batch.targets.to(device)[mask])
+
+    def prediction_states(self, batch: PredictionBatch) -> torch.Tensor:
+        """Hidden state after each target's context, replaying the batch's sequences in time
+        chunks; rows are sorted by length, so each chunk runs only the rows still going."""
+        items, lengths = batch.items, batch.lengths
+        n_rows, width = items.shape
+        rows_all = torch.arange(n_rows, device=items.device)
+        users = self._user_vectors(batch.users)
+        states = torch.empty(batch.n_targets, self.hidden_size, device=items.device)
+        context_end = batch.target_cols - 1  # state after this column predicts the target
+        h = torch.zeros(n_rows, self.hidden_size, device=items.device)
+        for lo in range(0, width, self.eval_chunk):
+            hi = min(lo + self.eval_chunk, width)
+            running = rows_all[lengths > lo]
+            if len(running) == 0:
+                break
+            x = self.embedding(items[running, lo:hi])
+            user = None if users is None else users[running]
+            out, h_last = self.cell(x, h[running], user)
+            h[running] = h_last
+            wanted = (context_end >= lo) & (context_end < hi)
+            if wanted.any():
+                # position of each wanted target's row among the running rows
+                slot = torch.full((n_rows,), -1, dtype=torch.long, device=items.device)
+                slot[running] = torch.arange(len(running), device=items.device)
+                states[wanted] = out[slot[batch.target_rows[wanted]], context_end[wanted] - lo]
+        return states
+
+    def score_items(self, state: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        return F.linear(state, self.output.weight[lo:hi], self.output.bias[lo:hi])

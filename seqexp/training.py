@@ -1,0 +1,188 @@
+"""The one training loop, for every model: closed-form fit, then (for models with trainable
+parameters) epochs of mini-batches with per-epoch validation, early stopping and the best
+checkpoint kept. Knows models only through models.base and reports through callbacks."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from seqexp.data.sequences import SequenceData
+from seqexp.errors import SeqexpError
+from seqexp.evaluation import Evaluator
+from seqexp.models.base import Recommender
+
+log = logging.getLogger(__name__)
+
+MetricsLogger = Callable[[dict[str, float], int], None]
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    best_score: float
+    epochs_run: int
+    interrupted: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def save_checkpoint(model: Recommender, path: Path) -> None:
+    """Atomic: write a temporary file next to `path`, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class Trainer:
+    def __init__(
+        self,
+        evaluator: Evaluator,
+        epochs: int = 10,
+        batch_size: int = 1000,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        grad_clip: float | None = 5.0,
+        patience: int = 3,
+        min_delta: float = 0.0,
+        monitor_cutoff: int = 20,
+        progress: bool = True,
+        seed: int = 0,
+        checkpoint_path: Path | None = None,
+    ) -> None:
+        self.evaluator = evaluator
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.grad_clip = grad_clip
+        self.patience = patience
+        self.min_delta = min_delta
+        self.monitor = f"mrr_at_{monitor_cutoff}"
+        self.progress = progress
+        self.seed = seed
+        self.checkpoint_path = checkpoint_path
+
+    def fit(self, model: Recommender, data: SequenceData,
+            log_metrics: MetricsLogger = lambda metrics, step: None) -> TrainResult:
+        """Fit `model` on the training events, validating on the validation events; on return
+        the model holds its best state (by val_<monitor>). A KeyboardInterrupt stops training
+        and is reported as `interrupted` with the best state so far."""
+        started = time.perf_counter()
+        model.fit(data)
+        log.info("closed-form fit in %.1f s", time.perf_counter() - started)
+        result = TrainResult(best_epoch=0, best_score=-math.inf, epochs_run=0)
+        has_validation = data.stats.get("val_events", 1) > 0
+        if not model.trainable or self.epochs == 0:
+            if has_validation:
+                val = self._validate(model, data, 0, log_metrics)
+                result.best_score = val[self.monitor]
+                result.history.append(val)
+            self._save(model)
+            return result
+
+        optimizer = torch.optim.Adam(model.parameters(), lr=self.lr,
+                                     weight_decay=self.weight_decay)
+        rng = np.random.default_rng(self.seed)
+        best_state = copy.deepcopy(model.state_dict())
+        stale = 0
+        try:
+            for epoch in range(1, self.epochs + 1):
+                train_stats = self._train_epoch(model, data, optimizer, rng, epoch)
+                log_metrics(train_stats, epoch)
+                row = dict(train_stats)
+                result.epochs_run = epoch
+                if has_validation:
+                    val = self._validate(model, data, epoch, log_metrics)
+                    row.update({f"val_{k}": v for k, v in val.items()})
+                    score = val[self.monitor]
+                else:  # no validation events: keep the last epoch
+                    score = float(epoch)
+                result.history.append(row)
+                if score > result.best_score + self.min_delta:
+                    result.best_score, result.best_epoch, stale = score, epoch, 0
+                    best_state = copy.deepcopy(model.state_dict())
+                    self._save(model)
+                else:
+                    stale += 1
+                    if stale >= self.patience:
+                        log.info("early stop after epoch %d: val_%s has not improved for %d "
+                                 "epochs (best %.5f at epoch %d)", epoch, self.monitor, stale,
+                                 result.best_score, result.best_epoch)
+                        break
+        except KeyboardInterrupt:
+            log.warning("interrupted: keeping the best state so far (epoch %d)", result.best_epoch)
+            result.interrupted = True
+        model.load_state_dict(best_state)
+        return result
+
+    def _train_epoch(self, model: Recommender, data: SequenceData,
+                     optimizer: torch.optim.Optimizer, rng: np.random.Generator,
+                     epoch: int) -> dict[str, float]:
+        model.train()
+        total_loss, total_events, steps = 0.0, 0, 0
+        started = time.perf_counter()
+        pairs = (data.train_end - data.offsets[:-1] - 1).clip(min=0)  # (input, next) pairs
+        n_train = int(pairs.sum())
+        bar = tqdm(total=n_train, desc=f"epoch {epoch}/{self.epochs}", unit="ev",
+                   unit_scale=True, disable=not self.progress, leave=False, mininterval=1.0)
+        with bar:
+            for batch in model.training_batches(data, self.batch_size, rng):
+                loss = model.training_loss(batch)
+                if not torch.isfinite(loss):
+                    raise SeqexpError(
+                        f"training loss became {loss.item()} in epoch {epoch}; lower train.lr"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if self.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
+                optimizer.step()
+                total_loss += loss.item() * batch.n_events
+                total_events += batch.n_events
+                steps += 1
+                bar.update(batch.n_events)
+                if steps % 20 == 0:
+                    elapsed = time.perf_counter() - started
+                    bar.set_postfix(loss=f"{total_loss / total_events:.4f}",
+                                    ev_s=f"{total_events / elapsed:,.0f}")
+        elapsed = time.perf_counter() - started
+        stats = {
+            "train_loss": total_loss / max(total_events, 1),
+            "train_events_per_s": total_events / max(elapsed, 1e-9),
+            "train_epoch_seconds": elapsed,
+        }
+        log.info("epoch %d: loss %.4f, %d events in %.1f s (%.0f events/s)", epoch,
+                 stats["train_loss"], total_events, elapsed, stats["train_events_per_s"])
+        return stats
+
+    def _validate(self, model: Recommender, data: SequenceData, epoch: int,
+                  log_metrics: MetricsLogger) -> dict[str, float]:
+        started = time.perf_counter()
+        val = self.evaluator.evaluate(model, data, "val")
+        seconds = time.perf_counter() - started
+        log_metrics({f"val_{k}": v for k, v in val.items()} | {"val_seconds": seconds}, epoch)
+        log.info("epoch %d: val_%s = %.5f, val_recall_at_%s = %.5f (%.1f s)", epoch,
+                 self.monitor, val[self.monitor], self.monitor.rsplit("_", 1)[1],
+                 val[f"recall_at_{self.monitor.rsplit('_', 1)[1]}"], seconds)
+        return val
+
+    def _save(self, model: Recommender) -> None:
+        if self.checkpoint_path is not None:
+            save_checkpoint(model, self.checkpoint_path)
