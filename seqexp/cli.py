@@ -13,6 +13,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
 
 from seqexp.errors import SeqexpError
 from seqexp.resources import config_dir, group_options
@@ -33,9 +34,11 @@ def _run(cfg: DictConfig) -> float:
             overrides=list(hydra_cfg.overrides.task),
             hydra_dir=output_dir / hydra_cfg.output_subdir if hydra_cfg.output_subdir else None,
         )
-    except SeqexpError as exc:
+    except (SeqexpError, MissingMandatoryValue) as exc:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             raise  # let the sweeper record the failed job and go on
+        if isinstance(exc, MissingMandatoryValue):
+            exc = f"{exc.full_key} must be set: pass {exc.full_key}=..."
         print(f"seqexp: error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

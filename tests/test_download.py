@@ -16,9 +16,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
-from seqexp.data.download import LASTFM1K, ML10M, RemoteFile, extract_member, fetch
+from seqexp.data.download import RemoteFile, extract_member, fetch
 from seqexp.errors import SeqexpError
+from seqexp.resources import config_dir
 
 PAYLOAD = random.Random(0).randbytes(2 * (1 << 20) + 12_345)  # spans several 1 MiB chunks
 PAYLOAD_MD5 = hashlib.md5(PAYLOAD).hexdigest()
@@ -250,11 +252,12 @@ def test_existing_wrong_dest_is_replaced(server: _Server, tmp_path: Path):
     assert len(server.requests) == 1
 
 
-def test_official_sources_are_well_formed():
-    for remote in (ML10M, LASTFM1K):
-        assert remote.url.startswith(("http://", "https://"))
-        assert remote.md5 is None or re.fullmatch(r"[0-9a-f]{32}", remote.md5)
-        assert remote.size is None or remote.size > 0
+def test_official_sources_in_the_dataset_configs_are_well_formed():
+    for name in ("ml10m", "lastfm"):
+        cfg = OmegaConf.load(config_dir() / "dataset" / f"{name}.yaml")
+        assert cfg.url.startswith(("http://", "https://"))
+        assert cfg.archive_md5 is None or re.fullmatch(r"[0-9a-f]{32}", cfg.archive_md5)
+        assert cfg.archive_size is None or cfg.archive_size > 0
 
 
 # --- extract_member ----------------------------------------------------------------------------

@@ -49,7 +49,10 @@ def save_cached(folder: Path, data: SequenceData, params: Mapping) -> None:
         try:
             os.rename(tmp, folder)
         except OSError:
-            if not (folder / "meta.json").is_file():  # lost a race: another run wrote it
-                raise
+            if (folder / "meta.json").is_file():  # lost a race: another run wrote it
+                return
+            # A folder without meta.json is not an entry (a foreign or pre-atomic leftover).
+            shutil.rmtree(folder)
+            os.rename(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -37,30 +37,6 @@ class RemoteFile:
     md5: str | None
 
 
-# MovieLens 10M; member "ml-10M100K/ratings.dat".
-# md5: GroupLens' published ml-10m.zip.md5, as hard-coded by several public loaders
-#   (e.g. eli-osherovich/papers_with_code datasets/movielens/dl_config.py).
-# size: 65,566,137 bytes, hard-coded in independent public download scripts (an R setup
-#   script's `zip_file_size`, a notebook's `maybe_download('ml-10m.zip', 65566137)`, and an
-#   ML-10M experiment that pins it next to the same md5).
-ML10M = RemoteFile(
-    "https://files.grouplens.org/datasets/movielens/ml-10m.zip",
-    size=65_566_137,
-    md5="ce571fd55effeba0271552578f2648bd",
-)
-
-# Last.fm 1K users (Celma); member
-# "lastfm-dataset-1K/userid-timestamp-artid-artname-traid-traname.tsv".
-# md5: the MD5 the creator's Zenodo record (zenodo.org/records/6090214) publishes for
-#   lastfm-dataset-1K.tar.gz, as pinned by several public projects. The exact byte size is
-#   not published anywhere we found (only "~642Mb" / "672.7 MB"), so it stays unknown.
-LASTFM1K = RemoteFile(
-    "http://mtg.upf.edu/static/datasets/last.fm/lastfm-dataset-1K.tar.gz",
-    size=None,
-    md5="a79a6808f54f73354789a9fb02cb1e41",
-)
-
-
 def _md5_of(path: Path) -> str:
     digest = hashlib.md5(usedforsecurity=False)
     with path.open("rb") as fh:

@@ -57,7 +57,7 @@ def read_lastfm(path: Path, item: str = "track") -> Interactions:
     artist = table.column("artist")
     valid = pc.and_(pc.is_valid(seconds), pc.greater(pc.utf8_length(artist), 0))
     n_bad = table.num_rows - pc.sum(valid).as_py() if table.num_rows else 0
-    if table.num_rows and n_bad == table.num_rows:
+    if n_bad == table.num_rows:  # also when every line had a wrong field count
         raise SeqexpError(
             f"{path}: no line matches the LastFM-1K layout (userid, ISO-8601 time, artist id, "
             f"artist, track id, track; TAB separated); first line reads {first_line(path)!r}"

@@ -32,8 +32,11 @@ def read_movielens(path: Path) -> Interactions:
                 delimiter=":", quote_char=False, invalid_row_handler=skipped
             ),
             convert_options=pacsv.ConvertOptions(
-                include_columns=["user", "item", "timestamp"],
-                column_types={"user": pa.int64(), "item": pa.int64(), "timestamp": pa.int64()},
+                include_columns=["user", "_a", "item", "_b", "_c", "timestamp"],
+                # The fields between single colons must be empty (null-typed costs nothing):
+                # `1:x:2:y:...` is not a `::` line.
+                column_types={"user": pa.int64(), "item": pa.int64(), "timestamp": pa.int64(),
+                              "_a": pa.null(), "_b": pa.null(), "_c": pa.null()},
             ),
         )
     except pa.ArrowInvalid as exc:
@@ -51,10 +54,19 @@ def read_movielens(path: Path) -> Interactions:
     if skipped.count:
         log.warning("%s: skipped %d malformed lines (first: %s)", path, skipped.count,
                     skipped.first)
+    # One column at a time, each dropped from the table once copied out, so that at most one
+    # column exists twice; then hand the freed parse buffers back to the system (pyarrow's
+    # allocator would otherwise keep them for the rest of the run).
+    columns = {}
+    for name in ("user", "item", "timestamp"):
+        columns[name] = table.column(name).to_numpy()
+        table = table.drop_columns([name])
+    del table
+    pa.default_memory_pool().release_unused()
     return Interactions(
-        user=table.column("user").to_numpy(),
-        item=dense_codes(table.column("item").to_numpy()),
-        timestamp=table.column("timestamp").to_numpy(),
+        user=columns["user"],
+        item=dense_codes(columns["item"]),
+        timestamp=columns["timestamp"],
         source=str(path),
         skipped_lines=skipped.count,
     )

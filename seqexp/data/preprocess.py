@@ -21,7 +21,36 @@ PREPROCESS_VERSION = 1
 
 def order_events(user: np.ndarray, timestamp: np.ndarray) -> np.ndarray:
     """Permutation sorting events by (user, timestamp, row order); lexsort is stable."""
-    return np.lexsort((timestamp, user))
+    key = _sort_key(user, timestamp)
+    if key is None:
+        return np.lexsort((timestamp, user))
+    # One stable sort of (user - min) * span + (timestamp - min) is the same permutation as
+    # the two-key lexsort, in about half the time.
+    return np.argsort(key, kind="stable")
+
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _sort_key(user: np.ndarray, timestamp: np.ndarray) -> np.ndarray | None:
+    """Both integer columns packed into one int64 key ordered like (user, timestamp), or None
+    when they are not integers or their ranges do not fit in one int64."""
+    if (len(user) == 0 or not np.issubdtype(user.dtype, np.integer)
+            or not np.issubdtype(timestamp.dtype, np.integer)):
+        return None
+    u_min, u_max = int(user.min()), int(user.max())
+    t_min, t_max = int(timestamp.min()), int(timestamp.max())
+    span = t_max - t_min + 1
+    bounds = (u_min, u_max, t_min, t_max, -t_min, (u_max - u_min) * span - t_min,
+              (u_max - u_min) * span + span - 1)
+    if not all(_INT64_MIN <= b <= _INT64_MAX for b in bounds):
+        return None
+    key = user.astype(np.int64)
+    key -= u_min
+    key *= span
+    key -= t_min
+    key += timestamp
+    return key
 
 
 def _fraction(split: Mapping, key: str, low_open: bool = True) -> float:
@@ -37,19 +66,16 @@ def _fraction(split: Mapping, key: str, low_open: bool = True) -> float:
     return value
 
 
-def user_tail_split(
-    positions: np.ndarray, lengths: np.ndarray, test_frac: float, val_frac: float
-) -> np.ndarray:
-    """Phase per event: the last floor(test_frac*L) events of a user are test, the last
-    floor(val_frac*rest) of the rest validation. `positions` is each event's index in its user
-    sequence and `lengths` its user's length (both per event)."""
+def user_tail_split(lengths: np.ndarray, test_frac: float, val_frac: float) -> np.ndarray:
+    """Phase per event for events grouped by user, `lengths` being each user's event count:
+    the last floor(test_frac * L) events of a user are test, the last floor(val_frac * rest) of
+    the rest validation. Each user's phases are three consecutive runs."""
     n_test = np.floor(lengths * test_frac + 1e-9).astype(np.int64)
     rest = lengths - n_test
     n_val = np.floor(rest * val_frac + 1e-9).astype(np.int64)
-    phase = np.full(len(positions), TRAIN, dtype=np.int8)
-    phase[positions >= rest - n_val] = VAL
-    phase[positions >= rest] = TEST
-    return phase
+    counts = np.stack([rest - n_val, n_val, n_test], axis=1)
+    codes = np.array([TRAIN, VAL, TEST], dtype=np.int8)
+    return np.repeat(np.tile(codes, len(counts)), counts.ravel())
 
 
 def global_time_split(
@@ -81,6 +107,7 @@ def build_sequences(
         raise SeqexpError(f"{raw.source}: no interactions to work with")
     order = order_events(raw.user, raw.timestamp)
     user, item, ts = raw.user[order], raw.item[order], raw.timestamp[order]
+    del order
     stats: dict[str, int] = {"raw_events": len(raw), "raw_malformed_lines": raw.skipped_lines}
 
     if drop_repeats:
@@ -91,9 +118,7 @@ def build_sequences(
 
     if split_name == "user_tail":
         test_frac, val_frac = _fraction(split, "test_frac"), _fraction(split, "val_frac", False)
-        starts, lengths = _run_starts(user)
-        positions = np.arange(len(user)) - np.repeat(starts, lengths)
-        phase = user_tail_split(positions, np.repeat(lengths, lengths), test_frac, val_frac)
+        phase = user_tail_split(_run_starts(user)[1], test_frac, val_frac)
     else:
         phase = global_time_split(
             ts, _fraction(split, "test_quantile"), _fraction(split, "val_quantile")
@@ -106,29 +131,35 @@ def build_sequences(
     stats["train_events_filtered"] = int((is_train & ~known).sum())
     stats["val_oov_dropped"] = int(((phase == VAL) & ~known).sum())
     stats["test_oov_dropped"] = int(((phase == TEST) & ~known).sum())
-    user, item, ts, phase = user[known], item[known], ts[known], phase[known]
+    if not known.all():
+        user, item, ts, phase = user[known], item[known], ts[known], phase[known]
+    del is_train, known
 
     # Users without a training event cannot be warm-started or embedded: drop and count.
     has_train = np.zeros(int(user.max()) + 1 if len(user) else 0, dtype=bool)
     has_train[user[phase == TRAIN]] = True
     cold = ~has_train[user]
     stats["cold_user_events_dropped"] = int(cold.sum())
-    user, item, ts, phase = user[~cold], item[~cold], ts[~cold], phase[~cold]
+    if cold.any():
+        user, item, ts, phase = user[~cold], item[~cold], ts[~cold], phase[~cold]
+    del cold
     if len(user) == 0 or not (phase == TRAIN).any():
         raise SeqexpError(
             f"{raw.source}: no training events left after filtering (dataset.min_item_support="
             f"{min_item_support}, split={split_name}); lower the filter or check the file"
         )
 
-    vocabulary = np.flatnonzero(np.bincount(item[phase == TRAIN]))
-    item_code = np.full(int(item.max()) + 1, -1, dtype=np.int64)
+    # The training items left are exactly those whose support passed the filter (dropping cold
+    # users removed no training event), so the support count gives the vocabulary.
+    vocabulary = np.flatnonzero(support >= max(1, int(min_item_support)))
+    item_code = np.full(int(item.max()) + 1, -1, dtype=np.int32)
     item_code[vocabulary] = np.arange(len(vocabulary))
     starts, lengths = _run_starts(user)
-    n_phase = [np.add.reduceat((phase == p).astype(np.int64), starts) for p in (TRAIN, VAL)]
+    n_phase = [np.add.reduceat(phase == p, starts, dtype=np.int64) for p in (TRAIN, VAL)]
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     data = SequenceData(
-        items=item_code[item].astype(np.int32),
-        timestamps=ts.astype(np.int64),
+        items=item_code[item],
+        timestamps=ts.astype(np.int64, copy=False),  # ts is this function's own copy
         offsets=offsets,
         train_end=offsets[:-1] + n_phase[0],
         val_end=offsets[:-1] + n_phase[0] + n_phase[1],

@@ -39,12 +39,14 @@ def read_table(
         )
     if len(frame) == 0:
         raise SeqexpError(f"{path}: the file holds no rows")
-    frame = frame.dropna(subset=[user_col, item_col, time_col])
+    complete = frame.dropna(subset=[user_col, item_col, time_col])
+    frame, incomplete = complete, len(frame) - len(complete)
     return Interactions(
         user=pd.factorize(frame[user_col])[0].astype(np.int64),
         item=pd.factorize(frame[item_col])[0].astype(np.int64),
         timestamp=_seconds(frame[time_col], path, time_col),
         source=str(path),
+        skipped_lines=incomplete,
     )
 
 

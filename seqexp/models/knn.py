@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -31,11 +33,13 @@ def cosine_neighbours(
     matrix.data[:] = 1.0
     by_item = matrix.T.tocsr()
     norms = torch.from_numpy(np.sqrt(np.asarray(by_item.sum(axis=1)).ravel())).to(device)
-    by_item_t = torch.sparse_csr_tensor(
-        torch.from_numpy(by_item.indptr.astype(np.int64)),
-        torch.from_numpy(by_item.indices.astype(np.int64)),
-        torch.from_numpy(by_item.data), size=by_item.shape, check_invariants=False,
-    ).to(device)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": it is used plainly here
+        warnings.simplefilter("ignore", UserWarning)
+        by_item_t = torch.sparse_csr_tensor(
+            torch.from_numpy(by_item.indptr.astype(np.int64)),
+            torch.from_numpy(by_item.indices.astype(np.int64)),
+            torch.from_numpy(by_item.data), size=by_item.shape, check_invariants=False,
+        ).to(device)
     k = min(k, max(n_items - 1, 1))
     neighbours = torch.zeros(n_items, k, dtype=torch.int64, device=device)
     similarity = torch.zeros(n_items, k, dtype=torch.float32, device=device)

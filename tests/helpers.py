@@ -1,0 +1,47 @@
+"""Shared helpers for tests: tiny configs, tiny datasets, a composed Hydra config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from seqexp.data.sequences import SequenceData
+from seqexp.resources import config_dir
+
+
+def tiny_overrides(data_dir: Path, tracking_db: Path | None = None) -> list[str]:
+    """A run small enough for a test: ~40 users, 2 epochs, hidden 16."""
+    overrides = [
+        "dataset.n_users=40", "dataset.n_items=50", "dataset.min_events=10",
+        "dataset.max_events=20", "train.epochs=2", "train.batch_size=16",
+        "train.progress=false", f"paths.data_dir={data_dir}",
+    ]
+    if tracking_db is not None:
+        overrides.append(f"mlflow.tracking_uri=sqlite:///{tracking_db}")
+    return overrides
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def sequences(users: list[list[int]], n_items: int, n_val: list[int] | None = None,
+              n_test: list[int] | None = None) -> SequenceData:
+    """SequenceData from explicit per-user item lists; the last n_test[u] events are test and the
+    n_val[u] before them validation (default: no val, 1 test event per user)."""
+    n_val = n_val or [0] * len(users)
+    n_test = n_test or [1] * len(users)
+    lengths = np.array([len(u) for u in users])
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    val_end = offsets[1:] - np.array(n_test)
+    train_end = val_end - np.array(n_val)
+    items = np.concatenate([np.array(u, dtype=np.int32) for u in users])
+    stats = {"train_events": int((train_end - offsets[:-1]).sum()),
+             "val_events": int(sum(n_val)), "test_events": int(sum(n_test))}
+    return SequenceData(items=items, timestamps=np.arange(len(items), dtype=np.int64),
+                        offsets=offsets, train_end=train_end.astype(np.int64),
+                        val_end=val_end.astype(np.int64), n_items=n_items, stats=stats)

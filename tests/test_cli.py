@@ -1,0 +1,134 @@
+"""End to end: the `seqexp` command, its MLflow record, determinism, Ctrl-C, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from helpers import compose_config, tiny_overrides
+from seqexp.experiment import run_experiment
+from seqexp.training import Trainer
+
+
+def seqexp(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "seqexp.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def only_run(db: Path):
+    client = MlflowClient(f"sqlite:///{db}")
+    experiment = client.get_experiment_by_name("seqexp")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def test_seqexp_run_is_recorded_in_mlflow_db_of_the_launch_directory(tmp_path):
+    result = seqexp(["model=gru", "model.hidden_size=16", *tiny_overrides(tmp_path / "data")],
+                    cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    client, run = only_run(tmp_path / "mlflow.db")
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == (
+        "gru-synthetic-dataset.max_events=20,dataset.min_events=10,dataset.n_items=50,"
+        "dataset.n_users=40,model.hidden_size=16,train.batch_size=16,train.epochs=2,"
+        "train.progress=false")
+    m, p, tags = run.data.metrics, run.data.params, run.data.tags
+    for key in ("test_mrr_at_20", "test_recall_at_20", "test_mrr_at_20_optimistic",
+                "test_mrr_at_20_expected", "train_loss", "train_events_per_s",
+                "test_oov_dropped", "best_epoch"):
+        assert key in m, key
+    assert 0.0 <= m["test_mrr_at_20"] <= m["test_recall_at_20"] <= 1.0
+    history = client.get_metric_history(run.info.run_id, "val_mrr_at_20")
+    assert sorted(h.step for h in history) == [1, 2]
+    assert p["train.epochs"] == "2" and p["model.hidden_size"] == "16"
+    assert p["model.name"] == "gru" and p["split.test_frac"] == "0.2"
+    assert p["data.n_users"] == "40" and int(p["data.test_events"]) > 0
+    assert (tags["model"], tags["dataset"], tags["split"], tags["seed"]) == (
+        "gru", "synthetic", "user_tail", "42")
+    assert "git_sha" in tags
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "metrics.json", "checkpoints", ".hydra"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == [
+        "checkpoints/best.pt"]
+    local = Path(client.download_artifacts(run.info.run_id, "metrics.json", str(tmp_path)))
+    assert json.loads(local.read_text())["test_mrr_at_20"] == pytest.approx(m["test_mrr_at_20"])
+    # Hydra's run folder stays under outputs/ of the launch directory
+    assert list((tmp_path / "outputs").glob("*/*/.hydra/config.yaml"))
+
+
+def _run_in_process(tmp_path: Path, name: str, extra: list[str]):
+    cfg = compose_config(["model=gru", "model.hidden_size=12",
+                          *tiny_overrides(tmp_path / "data", tmp_path / "mlflow.db"), *extra])
+    return run_experiment(cfg, launch_dir=tmp_path, output_dir=tmp_path / name)
+
+
+def test_two_cpu_runs_with_one_seed_give_identical_metrics(tmp_path):
+    first = _run_in_process(tmp_path, "a", ["seed=3"])
+    second = _run_in_process(tmp_path, "b", ["seed=3"])
+    other = _run_in_process(tmp_path, "c", ["seed=4"])
+    assert first.metrics == second.metrics
+    assert first.metrics["test_mrr_at_20"] != other.metrics["test_mrr_at_20"]
+
+
+def test_ctrl_c_ends_the_run_killed_with_finished_epochs_kept(tmp_path, monkeypatch):
+    real_epoch = Trainer._train_epoch
+
+    def interrupted_in_epoch_2(self, model, data, optimizer, rng, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_epoch(self, model, data, optimizer, rng, epoch)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", interrupted_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        _run_in_process(tmp_path, "run", ["train.epochs=3"])
+    client, run = only_run(tmp_path / "mlflow.db")
+    assert run.info.status == "KILLED"
+    history = client.get_metric_history(run.info.run_id, "val_mrr_at_20")
+    assert [h.step for h in history] == [1]
+    assert "test_mrr_at_20" not in run.data.metrics
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == [
+        "checkpoints/best.pt"]
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+BAD_INPUTS = {
+    "missing file": (["dataset=ml10m", "dataset.path=/nonexistent/ratings.dat"],
+                     "dataset.path=/nonexistent/ratings.dat"),
+    "wrong format": (["dataset=ml10m", "dataset.path={tmp}/notes.txt"], "notes.txt"),
+    "empty after filtering": (["dataset=csv", "dataset.path={tmp}/few.csv",
+                               "dataset.min_item_support=50"], "min_item_support"),
+    "csv without path": (["dataset=csv"], "dataset.path"),
+    "unknown model": (["model=gru5"], "model=gru5"),
+    "unknown dataset": (["dataset=ml20m"], "dataset=ml20m"),
+    "invalid split fraction": (["split.test_frac=1.5"], "split.test_frac"),
+    "invalid epochs": (["train.epochs=-1"], "train.epochs"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gives_one_line_and_leaves_nothing_behind(tmp_path, case):
+    args, expected = BAD_INPUTS[case]
+    _write(tmp_path / "notes.txt", "just some notes\nnot ratings\n")
+    _write(tmp_path / "few.csv", "user,item,timestamp\n1,a,1\n1,b,2\n2,a,3\n2,c,4\n")
+    data_dir = tmp_path / "data"
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = seqexp([*args, "train.progress=false", f"paths.data_dir={data_dir}"], cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("seqexp: error:")]
+    assert len(errors) == 1 and expected in errors[0], result.stderr[-1500:]
+    assert not (tmp_path / "mlflow.db").exists()
+    processed = data_dir / "processed"
+    assert not processed.exists() or list(processed.iterdir()) == []

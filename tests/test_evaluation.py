@@ -1,0 +1,127 @@
+"""The evaluator against hand-computed ranks, ties, chunking and constant scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import sequences
+from seqexp.errors import SeqexpError
+from seqexp.evaluation import Evaluator, RankCounts, count_ranks
+from seqexp.models.base import Recommender
+from seqexp.models.popularity import Popularity
+
+
+def _block(scores: torch.Tensor):
+    return lambda lo, hi: scores[:, lo:hi]
+
+
+SCORES = torch.tensor([
+    [0.5, 0.9, 0.5, 0.1, 0.5],  # target 0: one above, two level -> g=1, e=2
+    [0.2, 0.2, 0.2, 0.2, 0.2],  # target 3: constant scores -> g=0, e=4
+    [0.1, 0.2, 0.3, 0.4, 0.5],  # target 4: the best item -> g=0, e=0
+    [0.9, 0.8, 0.7, 0.6, 0.5],  # target 4: the worst item -> g=4, e=0
+])
+TARGETS = torch.tensor([0, 3, 4, 4])
+
+
+@pytest.mark.parametrize("chunk", [5, 100, 2, 1])
+def test_count_ranks_hand_computed_with_and_without_item_chunks(chunk):
+    greater, equal = count_ranks(_block(SCORES), TARGETS, 5, chunk)
+    assert greater.tolist() == [1, 0, 0, 4]
+    assert equal.tolist() == [2, 4, 0, 0]
+
+
+def test_metrics_pessimistic_optimistic_expected_by_hand():
+    counts = RankCounts(np.array([1, 0, 0, 4]), np.array([2, 4, 0, 0]))
+    assert counts.rank_pessimistic().tolist() == [4, 5, 1, 5]
+    assert counts.rank_optimistic().tolist() == [2, 1, 1, 5]
+    m = counts.metrics([3])
+    assert m["recall_at_3"] == pytest.approx(1 / 4)  # only the rank-1 event
+    assert m["mrr_at_3"] == pytest.approx(1 / 4)
+    assert m["recall_at_3_optimistic"] == pytest.approx(3 / 4)
+    assert m["mrr_at_3_optimistic"] == pytest.approx((1 / 2 + 1 + 1) / 4)
+    # expected under random ties: event 0 rank uniform on {2,3,4}; event 1 on {1..5}
+    e0_recall, e0_mrr = 2 / 3, (1 / 2 + 1 / 3) / 3
+    e1_recall, e1_mrr = 3 / 5, (1 + 1 / 2 + 1 / 3) / 5
+    assert m["recall_at_3_expected"] == pytest.approx((e0_recall + e1_recall + 1) / 4)
+    assert m["mrr_at_3_expected"] == pytest.approx((e0_mrr + e1_mrr + 1) / 4)
+    assert m["n_events"] == 4
+
+
+def test_mrr_is_zero_beyond_the_cutoff():
+    counts = RankCounts(np.array([20, 19]), np.array([0, 0]))  # ranks 21 and 20
+    m = counts.metrics([20])
+    assert m["mrr_at_20"] == pytest.approx((1 / 20) / 2)
+    assert m["recall_at_20"] == pytest.approx(0.5)
+
+
+def test_nan_scores_are_an_error_not_a_first_rank():
+    scores = SCORES.clone()
+    scores[0, 3] = float("nan")
+    with pytest.raises(SeqexpError, match="NaN"):
+        count_ranks(_block(scores), TARGETS, 5, 5)
+
+
+class Oracle(Recommender):
+    """Scores the true next item 1 and everything else 0, using only the contract."""
+
+    def __init__(self, n_items: int, n_users: int, truth: np.ndarray) -> None:
+        super().__init__(n_items, n_users)
+        self.truth = truth  # items by position: the oracle peeks at the data
+
+    def prediction_states(self, batch):
+        return batch.targets
+
+    def score_items(self, state, lo, hi):
+        return (state[:, None] == torch.arange(lo, hi)).float()
+
+
+def _data():
+    return sequences([[0, 1, 2, 3, 4], [4, 3, 2], [1, 2], [0, 0, 1, 1]], n_items=6,
+                     n_val=[1, 0, 0, 1], n_test=[2, 1, 1, 1])
+
+
+@pytest.mark.parametrize("max_block", [10_000, 7, 2, 1])
+def test_evaluator_counts_every_target_once_and_chunks_consistently(max_block):
+    data = _data()
+    model = Oracle(6, 4, data.items)
+    ev = Evaluator([1, 3], batch_users=2, max_block_elements=max_block)
+    counts = ev.rank_counts(model, data, "test")
+    assert len(counts) == 5  # 2 + 1 + 1 + 1 test events
+    assert counts.rank_pessimistic().tolist() == [1] * 5
+    val = ev.rank_counts(model, data, "val")
+    assert len(val) == 2
+
+
+def test_constant_scores_get_pessimistic_metrics_of_zero():
+    data = _data()
+    model = Popularity(6, 4)  # unfitted: every count is 0, all items tie
+    m = Evaluator([1, 5]).evaluate(model, data, "test")
+    assert m["mrr_at_5"] == 0.0 and m["recall_at_5"] == 0.0
+    assert m["recall_at_5_optimistic"] == 1.0
+    # rank uniform on 1..6: P(rank <= 5) = 5/6
+    assert m["recall_at_5_expected"] == pytest.approx(5 / 6)
+
+
+def test_context_never_includes_the_target_or_later_events():
+    data = _data()
+    seen = []
+
+    class Spy(Oracle):
+        def prediction_states(self, batch):
+            for r, c in zip(batch.target_rows.tolist(), batch.target_cols.tolist(), strict=True):
+                user = int(batch.users[r])
+                seen.append((user, batch.items[r, :c].tolist(), int(batch.items[r, c])))
+            return batch.targets
+
+    Evaluator([1]).rank_counts(Spy(6, 4, data.items), data, "test")
+    assert sorted(seen) == sorted([
+        (0, [0, 1, 2], 3), (0, [0, 1, 2, 3], 4), (1, [4, 3], 2), (2, [1], 2), (3, [0, 0, 1], 1),
+    ])
+
+
+def test_invalid_cutoffs_are_rejected():
+    with pytest.raises(SeqexpError, match="eval.cutoffs"):
+        Evaluator([0, 20])

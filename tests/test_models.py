@@ -1,0 +1,137 @@
+"""Model equations, batching and the itemknn similarities on tiny inputs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import sequences
+from seqexp.data.batching import prediction_batches, window_batches
+from seqexp.evaluation import Evaluator
+from seqexp.models.cells import GRUCell
+from seqexp.models.knn import ItemKNN, cosine_neighbours
+from seqexp.models.recurrent import RecurrentRecommender
+
+
+def _sigmoid(a):
+    return 1.0 / (1.0 + math.exp(-a))
+
+
+def test_gru_cell_matches_an_elementwise_transcription_of_the_spec():
+    torch.manual_seed(0)
+    n = 3
+    cell = GRUCell(n).double()
+    x = torch.randn(1, 2, n, dtype=torch.float64)
+    h0 = torch.randn(1, n, dtype=torch.float64)
+    out, h_last = cell(x, h0)
+    W = cell.input_proj.weight.detach().numpy()  # rows: W_z, W_r, W
+    b = cell.input_proj.bias.detach().numpy()
+    U_zr = cell.hidden_gates.weight.detach().numpy()
+    U = cell.hidden_candidate.weight.detach().numpy()
+    h = h0[0].numpy().tolist()
+    for t in range(2):
+        xt = x[0, t].numpy()
+        z = [_sigmoid(sum(W[i, j] * xt[j] for j in range(n)) + b[i]
+                      + sum(U_zr[i, j] * h[j] for j in range(n))) for i in range(n)]
+        r = [_sigmoid(sum(W[n + i, j] * xt[j] for j in range(n)) + b[n + i]
+                      + sum(U_zr[n + i, j] * h[j] for j in range(n))) for i in range(n)]
+        rh = [r[j] * h[j] for j in range(n)]
+        k = [math.tanh(sum(W[2 * n + i, j] * xt[j] for j in range(n)) + b[2 * n + i]
+                       + sum(U[i, j] * rh[j] for j in range(n))) for i in range(n)]
+        h = [(1 - z[i]) * h[i] + z[i] * k[i] for i in range(n)]
+        assert out[0, t].tolist() == pytest.approx(h, abs=1e-12)
+    assert h_last[0].tolist() == pytest.approx(h, abs=1e-12)
+
+
+def test_window_batches_cover_each_training_pair_once_and_reset_only_at_user_starts():
+    data = sequences([list(range(10)), [3, 4, 5], [7, 8], [1]], n_items=10,
+                     n_test=[2, 1, 1, 0])
+    # training pairs: user0 positions 0..7 -> 7 pairs, user1 1 pair, user2 0, user3 0
+    seen, resets = [], []
+    for batch in window_batches(data, lanes=2, window=3, rng=np.random.default_rng(0)):
+        assert batch.n_events == int(batch.mask.sum())
+        for row in range(len(batch.lanes)):
+            m = batch.mask[row]
+            inputs, targets = batch.inputs[row][m].tolist(), batch.targets[row][m].tolist()
+            pairs = list(zip(inputs, targets, strict=True))
+            seen.extend((int(batch.users[row]), p) for p in pairs)
+            resets.append((int(batch.users[row]), bool(batch.reset[row]), pairs[:1]))
+    assert sorted(seen) == sorted([(0, (i, i + 1)) for i in range(7)] + [(1, (3, 4))])
+    # a reset exactly where a user's first pair is
+    assert {(u, p[0]) for u, flag, p in resets if flag} == {(0, (0, 1)), (1, (3, 4))}
+    assert all(not flag for u, flag, p in resets if p and p[0] not in [(0, 1), (3, 4)])
+
+
+def test_hidden_state_carries_across_windows_of_a_user_and_resets_between_users():
+    torch.manual_seed(0)
+    data = sequences([list(range(9)), [5, 6, 7, 8, 1]], n_items=10, n_test=[1, 1])
+    model = RecurrentRecommender(10, 2, hidden_size=4, window=3, dropout=0.0,
+                                 dropout_is_keep_prob=False)
+    model.eval()
+    # Lanes of one: user 1 follows user 0 in the same lane. The carried state after each full
+    # window equals replaying the user's events from a zero state, so it carries across the
+    # user's windows and starts from zero for the next user.
+    carried = []
+    for batch in model.training_batches(data, 1, np.random.default_rng(0)):
+        model.training_loss(batch)
+        if bool(batch.mask.all()):
+            carried.append((int(batch.users[0]), batch.inputs[0].tolist(),
+                            model._carry[0].clone()))
+    starts = {0: 0, 1: 9}
+    replayed = set()
+    for user, inputs, state in carried:
+        prefix_end = data.items.tolist().index(inputs[-1], starts[user]) + 1
+        x = model.embedding(torch.from_numpy(
+            data.items[starts[user]:prefix_end].astype(np.int64)))[None]
+        _, h = model.cell(x, torch.zeros(1, 4))
+        assert torch.allclose(state, h[0], atol=1e-6)
+        replayed.add((user, prefix_end - starts[user]))
+    assert replayed == {(0, 3), (0, 6), (1, 3)}  # a second window of user 0 was checked
+
+
+def test_prediction_states_do_not_depend_on_eval_chunking():
+    torch.manual_seed(0)
+    data = sequences([list(range(9)), [5, 6, 7, 8, 1], [2, 3]], n_items=10, n_test=[3, 2, 1])
+    model = RecurrentRecommender(10, 3, hidden_size=4, window=3, eval_chunk=100)
+    model.eval()
+    batch = next(prediction_batches(data, "test", batch_users=8))
+    whole = model.prediction_states(batch)
+    model.eval_chunk = 2
+    chunked = model.prediction_states(batch)
+    assert torch.allclose(whole, chunked, atol=1e-6)
+    # the state of user 0's first test target equals a direct replay of its 6 training events
+    x = model.embedding(torch.arange(6))[None]
+    _, h = model.cell(x, torch.zeros(1, 4))
+    row = int(np.flatnonzero(batch.users.numpy() == 0)[0])
+    first = int(np.flatnonzero(batch.target_rows.numpy() == row)[0])
+    assert torch.allclose(whole[first], h[0], atol=1e-6)
+
+
+def test_itemknn_cosine_by_hand_with_self_excluded():
+    # users' training items: u0 {0,1,2}, u1 {0,1}, u2 {2,3}; last event of each is test
+    data = sequences([[0, 1, 2, 9], [0, 1, 9], [2, 3, 9]], n_items=10)
+    ids, sims = cosine_neighbours(data, k=3, device=torch.device("cpu"))
+    dense = np.zeros((10, 10))
+    for i in range(10):
+        for j, s in zip(ids[i].tolist(), sims[i].tolist(), strict=True):
+            dense[i, j] += s
+    assert dense[0, 1] == pytest.approx(1.0)  # {u0,u1} vs {u0,u1}
+    assert dense[0, 2] == pytest.approx(0.5)  # 1 / sqrt(2*2)
+    assert dense[2, 3] == pytest.approx(1 / math.sqrt(2))
+    assert dense[0, 3] == 0.0 and np.all(np.diag(dense) == 0.0)
+    model = ItemKNN(10, 3, neighbours=1, popularity_tiebreak=False)
+    model.fit(data)
+    # top-1 only: item 2's best neighbour is item 3 (0.707 > 0.5)
+    scores = model.score_items(torch.tensor([2]), 0, 10)[0]
+    assert scores.tolist() == pytest.approx([0, 0, 0, 1 / math.sqrt(2)] + [0] * 6)
+
+
+def test_itemknn_scores_the_last_item_neighbours_and_beats_ties_with_popularity():
+    data = sequences([[0, 1, 2, 3], [0, 1, 3], [2, 3, 0]], n_items=5)
+    model = ItemKNN(5, 3)
+    model.fit(data)
+    ranks = Evaluator([1, 5]).rank_counts(model, data, "test").rank_pessimistic()
+    assert len(ranks) == 3 and ranks.max() <= 5

@@ -1,0 +1,41 @@
+"""The config tree is found from a built wheel used outside the repository (Hydra issue 559:
+config_path relative to a module breaks once the package is installed elsewhere)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_carries_the_config_tree_and_seqexp_composes_from_it(tmp_path):
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(REPO)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert built.returncode == 0, built.stderr[-2000:]
+    wheel = next(tmp_path.glob("seqexp-*.whl"))
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        archive.extractall(site)
+    for config in ("config.yaml", "model/gru.yaml", "model/itemknn.yaml",
+                   "dataset/synthetic.yaml", "split/global_time.yaml"):
+        assert f"seqexp/conf/{config}" in names, config
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    shown = subprocess.run(
+        [sys.executable, "-c",
+         "import sys, seqexp.resources as r, seqexp.cli as c;"
+         "print(r.config_dir()); sys.argv=['seqexp','--cfg','job','model=itemknn'];"
+         "c.main()"],
+        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    first, rest = shown.stdout.split("\n", 1)
+    assert Path(first) == site / "seqexp" / "conf"
+    assert "name: itemknn" in rest and "name: synthetic" in rest
