@@ -127,6 +127,11 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
         tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
         tracker.log_params({f"data.{k}": v for k, v in data.stats.items()})
         tracker.log_metrics({"test_oov_dropped": data.stats.get("test_oov_dropped", 0)})
+        # The configuration goes in first, so that a failed or killed run still shows it.
+        _write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        tracker.log_artifact(output_dir / "config.yaml")
+        if hydra_dir is not None:
+            tracker.log_artifact(hydra_dir, ".hydra")
         trainer = Trainer(
             evaluator, epochs=cfg.train.epochs, batch_size=cfg.train.batch_size,
             lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
@@ -146,11 +151,7 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
         log.info("test: %s", ", ".join(f"{k}={v:.5f}" for k, v in test.items()
                                       if k.endswith(f"_at_{cfg.eval.monitor_cutoff}")))
         _write_json(output_dir / "metrics.json", metrics | {"data": data.stats})
-        _write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        tracker.log_artifact(output_dir / "config.yaml")
         tracker.log_artifact(output_dir / "metrics.json")
-        if hydra_dir is not None:
-            tracker.log_artifact(hydra_dir, ".hydra")
         if cfg.mlflow.log_checkpoint:
             tracker.log_artifact(checkpoint, "checkpoints")
         status = "FINISHED"

@@ -96,6 +96,7 @@ def test_ctrl_c_ends_the_run_killed_with_finished_epochs_kept(tmp_path, monkeypa
     assert "test_mrr_at_20" not in run.data.metrics
     assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == [
         "checkpoints/best.pt"]
+    assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
 def _write(path: Path, text: str) -> Path:
