@@ -97,14 +97,13 @@ class Trainer:
             self._save(model)
             return result
 
-        optimizer = torch.optim.Adam(model.parameters(), lr=self.lr,
-                                     weight_decay=self.weight_decay)
+        optimizer = self.make_optimizer(model)
         rng = np.random.default_rng(self.seed)
         best_state = copy.deepcopy(model.state_dict())
         stale = 0
         try:
             for epoch in range(1, self.epochs + 1):
-                train_stats = self._train_epoch(model, data, optimizer, rng, epoch)
+                train_stats = self.train_epoch(model, data, optimizer, rng, epoch)
                 log_metrics(train_stats, epoch)
                 row = dict(train_stats)
                 result.epochs_run = epoch
@@ -132,7 +131,10 @@ class Trainer:
         model.load_state_dict(best_state)
         return result
 
-    def _train_epoch(self, model: Recommender, data: SequenceData,
+    def make_optimizer(self, model: Recommender) -> torch.optim.Optimizer:
+        return torch.optim.Adam(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+    def train_epoch(self, model: Recommender, data: SequenceData,
                      optimizer: torch.optim.Optimizer, rng: np.random.Generator,
                      epoch: int) -> dict[str, float]:
         model.train()

@@ -79,14 +79,14 @@ def test_two_cpu_runs_with_one_seed_give_identical_metrics(tmp_path):
 
 
 def test_ctrl_c_ends_the_run_killed_with_finished_epochs_kept(tmp_path, monkeypatch):
-    real_epoch = Trainer._train_epoch
+    real_epoch = Trainer.train_epoch
 
     def interrupted_in_epoch_2(self, model, data, optimizer, rng, epoch):
         if epoch == 2:
             raise KeyboardInterrupt
         return real_epoch(self, model, data, optimizer, rng, epoch)
 
-    monkeypatch.setattr(Trainer, "_train_epoch", interrupted_in_epoch_2)
+    monkeypatch.setattr(Trainer, "train_epoch", interrupted_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         _run_in_process(tmp_path, "run", ["train.epochs=3"])
     client, run = only_run(tmp_path / "mlflow.db")
