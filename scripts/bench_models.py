@@ -27,10 +27,14 @@ from hydra import compose, initialize_config_dir
 
 from seqexp.data.preprocess import build_sequences
 from seqexp.data.synthetic import generate_synthetic
-from seqexp.evaluation import Evaluator
-from seqexp.experiment import build_model, resolve_device, seed_everything
+from seqexp.experiment import (
+    build_evaluator,
+    build_model,
+    build_trainer,
+    resolve_device,
+    seed_everything,
+)
 from seqexp.resources import config_dir
-from seqexp.training import Trainer
 
 ML10M_USERS, ML10M_ITEMS = 69_878, 10_677
 
@@ -46,14 +50,12 @@ def ml10m_shaped(scale: float, seed: int = 0):
 def bench_model(name: str, overrides: list[str], data, epochs: int, device: torch.device
                 ) -> dict[str, float]:
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"model={name}", *overrides])
+        cfg = compose(config_name="config",
+                      overrides=[f"model={name}", "train.progress=false", *overrides])
     seed_everything(cfg.seed)
     model = build_model(cfg.model, data).to(device)
-    evaluator = Evaluator(list(cfg.eval.cutoffs), cfg.eval.batch_users,
-                          int(cfg.eval.max_block_elements))
-    trainer = Trainer(evaluator, epochs=epochs, batch_size=cfg.train.batch_size, lr=cfg.train.lr,
-                      weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
-                      progress=False, seed=cfg.seed)
+    evaluator = build_evaluator(cfg)
+    trainer = build_trainer(cfg, evaluator)
     row: dict[str, float] = {}
     started = time.perf_counter()
     model.fit(data)

@@ -71,6 +71,23 @@ def build_model(model_cfg: Mapping, data: SequenceData) -> Recommender:
     return model
 
 
+def build_evaluator(cfg: DictConfig) -> Evaluator:
+    return Evaluator(list(cfg.eval.cutoffs), cfg.eval.batch_users,
+                     int(cfg.eval.max_block_elements))
+
+
+def build_trainer(cfg: DictConfig, evaluator: Evaluator,
+                  checkpoint: Path | None = None) -> Trainer:
+    train = cfg.train
+    return Trainer(
+        evaluator, epochs=train.epochs, batch_size=train.batch_size, lr=train.lr,
+        weight_decay=train.weight_decay, grad_clip=train.grad_clip, patience=train.patience,
+        min_delta=train.min_delta, monitor_cutoff=cfg.eval.monitor_cutoff,
+        progress=train.progress, seed=cfg.seed, checkpoint_path=checkpoint,
+        amp=bool(train.get("amp", False)), compile=bool(train.get("compile", False)),
+    )
+
+
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
 
@@ -105,8 +122,7 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
     if cfg.train.get("num_threads"):
         torch.set_num_threads(int(cfg.train.num_threads))
     device = resolve_device(str(cfg.device))
-    evaluator = Evaluator(list(cfg.eval.cutoffs), cfg.eval.batch_users,
-                          int(cfg.eval.max_block_elements))
+    evaluator = build_evaluator(cfg)
     # Everything that can fail on bad input happens before the MLflow run exists.
     data = load_dataset(cfg.dataset, cfg.split, Path(cfg.paths.raw_dir),
                         Path(cfg.paths.cache_dir), progress=cfg.train.progress)
@@ -132,13 +148,7 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
         tracker.log_artifact(output_dir / "config.yaml")
         if hydra_dir is not None:
             tracker.log_artifact(hydra_dir, ".hydra")
-        trainer = Trainer(
-            evaluator, epochs=cfg.train.epochs, batch_size=cfg.train.batch_size,
-            lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-            grad_clip=cfg.train.grad_clip, patience=cfg.train.patience,
-            min_delta=cfg.train.min_delta, monitor_cutoff=cfg.eval.monitor_cutoff,
-            progress=cfg.train.progress, seed=cfg.seed, checkpoint_path=checkpoint,
-        )
+        trainer = build_trainer(cfg, evaluator, checkpoint)
         result = trainer.fit(model, data, tracker.log_metrics)
         summary = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                    f"best_val_mrr_at_{cfg.eval.monitor_cutoff}": result.best_score}

@@ -65,6 +65,8 @@ class Trainer:
         progress: bool = True,
         seed: int = 0,
         checkpoint_path: Path | None = None,
+        amp: bool = False,
+        compile: bool = False,
     ) -> None:
         self.evaluator = evaluator
         self.epochs = epochs
@@ -78,6 +80,9 @@ class Trainer:
         self.progress = progress
         self.seed = seed
         self.checkpoint_path = checkpoint_path
+        self.amp = amp  # bf16 autocast of the training forward pass, CUDA only
+        self.compile = compile
+        self._compiled: dict[int, object] = {}
 
     def fit(self, model: Recommender, data: SequenceData,
             log_metrics: MetricsLogger = lambda metrics, step: None) -> TrainResult:
@@ -134,6 +139,14 @@ class Trainer:
     def make_optimizer(self, model: Recommender) -> torch.optim.Optimizer:
         return torch.optim.Adam(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
+    def _loss_function(self, model: Recommender):
+        """model.training_loss, through torch.compile when asked (compiled once per model)."""
+        if not self.compile:
+            return model.training_loss
+        if id(model) not in self._compiled:
+            self._compiled[id(model)] = torch.compile(model.training_loss, dynamic=True)
+        return self._compiled[id(model)]
+
     def train_epoch(self, model: Recommender, data: SequenceData,
                      optimizer: torch.optim.Optimizer, rng: np.random.Generator,
                      epoch: int) -> dict[str, float]:
@@ -144,9 +157,15 @@ class Trainer:
         n_train = int(pairs.sum())
         bar = tqdm(total=n_train, desc=f"epoch {epoch}/{self.epochs}", unit="ev",
                    unit_scale=True, disable=not self.progress, leave=False, mininterval=1.0)
+        device = model.device
+        use_amp = self.amp and device.type == "cuda"
+        if self.amp and not use_amp and epoch == 1:
+            log.warning("train.amp applies on CUDA only; training in float32 on %s", device)
+        loss_function = self._loss_function(model)
         with bar:
             for batch in model.training_batches(data, self.batch_size, rng):
-                loss = model.training_loss(batch)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    loss = loss_function(batch)
                 if not torch.isfinite(loss):
                     raise SeqexpError(
                         f"training loss became {loss.item()} in epoch {epoch}; lower train.lr"

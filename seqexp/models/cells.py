@@ -1,9 +1,10 @@
 """Recurrent cells for RecurrentRecommender, looked up by name (`model.cell`).
 
 A cell runs a whole window: `forward(x, h0, user)` takes item inputs x [B, T, n], the initial
-hidden state h0 [B, n] and the user vector v [B, n] (ignored by item-only cells) and returns the
-outputs [B, T, n] and the last state [B, n]. The x- and v-dependent terms of all T steps are
-computed in one matrix product before the step loop, which does only the h-dependent work.
+hidden state h0 [B, n] and the user vector v [B, n] (constant along the window; ignored by
+item-only cells) and returns the outputs [B, T, n] and the last state [B, n]. Every term that
+does not depend on h is computed for all T steps in one matrix product before the step loop,
+which does only the h-dependent work. Equations: SPEC §4 (Donkers et al., RecSys 2017).
 """
 
 from __future__ import annotations
@@ -11,11 +12,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from seqexp.errors import SeqexpError
+
+
+def gated_update(input_terms: torch.Tensor, hidden_gate_terms: torch.Tensor, h: torch.Tensor,
+                 hidden_candidate: nn.Linear) -> torch.Tensor:
+    """One GRU-style step shared by every cell.
+
+    `input_terms` [B, 3n] holds the non-recurrent parts of the update gate z, the reset gate r
+    and the candidate k; `hidden_gate_terms` [B, 2n] the recurrent parts of z and r. Then
+    z, r = σ(·), k = tanh(input part + U (r ⊙ h)), h' = (1 − z) ⊙ h + z ⊙ k.
+    """
+    n = h.shape[-1]
+    z, r = torch.sigmoid(input_terms[:, : 2 * n] + hidden_gate_terms).chunk(2, dim=-1)
+    k = torch.tanh(input_terms[:, 2 * n :] + hidden_candidate(r * h))
+    return h + z * (k - h)
+
 
 class GRUCell(nn.Module):
-    """Standard GRU, item input only, as written in the SPEC (Cho et al.):
-    z = σ(W_z x + U_z h), r = σ(W_r x + U_r h), k = tanh(W x + U (r ⊙ h)),
-    h' = (1 − z) ⊙ h + z ⊙ k."""
+    """`gru`: z = σ(W_z x + U_z h), r = σ(W_r x + U_r h), k = tanh(W x + U (r ⊙ h)),
+    h' = (1 − z) ⊙ h + z ⊙ k (item input only)."""
 
     uses_user = False
 
@@ -26,25 +42,142 @@ class GRUCell(nn.Module):
         self.hidden_gates = nn.Linear(n, 2 * n, bias=False)  # [U_z; U_r] h
         self.hidden_candidate = nn.Linear(n, n, bias=False)  # U (r ⊙ h)
 
+    def input_terms(self, x: torch.Tensor, user: torch.Tensor | None) -> torch.Tensor:
+        return self.input_proj(x)
+
+    def forward(
+        self, x: torch.Tensor, h0: torch.Tensor, user: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        terms = self.input_terms(x, user)
+        h, outputs = h0, []
+        for t in range(x.shape[1]):
+            h = gated_update(terms[:, t], self.hidden_gates(h), h, self.hidden_candidate)
+            outputs.append(h)
+        return torch.stack(outputs, dim=1), h
+
+
+class LinearUserGRUCell(GRUCell):
+    """`linear_ugru`: the user vector v enters the gates and the candidate linearly,
+    [z; r] = σ(T_{3n,2n} [h; x; v]), k = tanh(T (r ⊙ h) + T x + T v). The v terms are the
+    same at every step, so they are computed once per window."""
+
+    uses_user = True
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__(hidden_size)
+        self.user_proj = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
+
+    def input_terms(self, x: torch.Tensor, user: torch.Tensor | None) -> torch.Tensor:
+        return self.input_proj(x) + self.user_proj(user).unsqueeze(1)
+
+
+def rectify(v: torch.Tensor, kappa1: torch.Tensor, kappa2: torch.Tensor, omega: torch.Tensor,
+            temperature: float | None = None) -> torch.Tensor:
+    """ṽ_l = 0 if v_l < κ1_l, ω·v_l if κ1_l ≤ v_l < κ2_l, v_l otherwise.
+
+    temperature None = the hard thresholds (κ gets no gradient); otherwise each step function
+    is a sigmoid of (v − κ) / temperature, which tends to the hard rule as temperature → 0.
+    """
+    if temperature is None:
+        above1, above2 = (v >= kappa1).to(v.dtype), (v >= kappa2).to(v.dtype)
+    else:
+        above1 = torch.sigmoid((v - kappa1) / temperature)
+        above2 = torch.sigmoid((v - kappa2) / temperature)
+    return v * above1 * (omega + (1.0 - omega) * above2)
+
+
+class RectifiedUserGRUCell(GRUCell):
+    """`rectified_ugru`: as linear_ugru, with v rectified element-wise at every step by
+    thresholds [κ1; κ2] = T_{3n,2n} [h; x; v] and a factor ω ∈ [0, 1].
+
+    threshold=soft (default) relaxes the two step functions with a sigmoid of temperature
+    `temperature`, so the κ map is trained; threshold=hard applies them exactly, which leaves
+    the κ map without gradient (it stays at its initialisation). omega=None learns ω through a
+    sigmoid (starting at 0.5); a number fixes it.
+    """
+
+    uses_user = True
+
+    def __init__(self, hidden_size: int, threshold: str = "soft", temperature: float = 0.1,
+                 omega: float | None = None) -> None:
+        super().__init__(hidden_size)
+        if threshold not in ("soft", "hard"):
+            raise SeqexpError(f"model.threshold={threshold!r} must be soft or hard")
+        if omega is not None and not 0.0 <= omega <= 1.0:
+            raise SeqexpError(f"model.omega={omega} must lie in [0, 1] (or null to learn it)")
+        if temperature <= 0:
+            raise SeqexpError(f"model.temperature={temperature} must be positive")
+        n = hidden_size
+        self.temperature = temperature if threshold == "soft" else None
+        self.user_proj = nn.Linear(n, 3 * n, bias=False)  # ṽ terms of z, r, k
+        self.kappa_input = nn.Linear(n, 2 * n)  # x part of T_{3n,2n} for [κ1; κ2], + bias
+        self.kappa_user = nn.Linear(n, 2 * n, bias=False)  # v part
+        # the h parts of the gates and of κ share one product per step
+        self.hidden_gates = nn.Linear(n, 4 * n, bias=False)
+        if omega is None:
+            self.omega_logit = nn.Parameter(torch.zeros(()))  # ω = σ(0) = 0.5 at the start
+        else:
+            self.register_buffer("omega_fixed", torch.tensor(float(omega)))
+
+    @property
+    def omega(self) -> torch.Tensor:
+        if hasattr(self, "omega_fixed"):
+            return self.omega_fixed
+        return torch.sigmoid(self.omega_logit)
+
     def forward(
         self, x: torch.Tensor, h0: torch.Tensor, user: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n = h0.shape[-1]
-        gates_x, candidate_x = self.input_proj(x).split([2 * n, n], dim=-1)
-        h = h0
-        outputs = []
+        item_terms = self.input_proj(x)  # [B, T, 3n]
+        kappa_terms = self.kappa_input(x) + self.kappa_user(user).unsqueeze(1)  # [B, T, 2n]
+        omega = self.omega
+        h, outputs = h0, []
         for t in range(x.shape[1]):
-            z, r = torch.sigmoid(gates_x[:, t] + self.hidden_gates(h)).chunk(2, dim=-1)
-            k = torch.tanh(candidate_x[:, t] + self.hidden_candidate(r * h))
-            h = h + z * (k - h)  # (1 − z) ⊙ h + z ⊙ k
+            hidden = self.hidden_gates(h)
+            kappa1, kappa2 = (kappa_terms[:, t] + hidden[:, 2 * n :]).chunk(2, dim=-1)
+            v_rect = rectify(user, kappa1, kappa2, omega, self.temperature)
+            terms = item_terms[:, t] + self.user_proj(v_rect)
+            h = gated_update(terms, hidden[:, : 2 * n], h, self.hidden_candidate)
+            outputs.append(h)
+        return torch.stack(outputs, dim=1), h
+
+
+class AttentionalUserGRUCell(GRUCell):
+    """`attentional_ugru`: an attention regulation gate ξ = σ(T h + T x + T v) mixes item and
+    user, x̃ = (1 − ξ) ⊙ x, ṽ = ξ ⊙ v, then [z; r] = σ(T_{3n,2n} [h; x̃; ṽ]) and
+    k = tanh(T (r ⊙ h) + T x̃ + T ṽ). ξ → 0 gives an item-only GRU, ξ → 1 drops the item."""
+
+    uses_user = True
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__(hidden_size)
+        n = hidden_size
+        self.input_proj = nn.Linear(2 * n, 3 * n)  # [x̃; ṽ] terms of z, r, k + biases
+        self.xi_input = nn.Linear(n, n)  # x term of ξ + bias
+        self.xi_user = nn.Linear(n, n, bias=False)  # v term of ξ
+        self.hidden_gates = nn.Linear(n, 3 * n, bias=False)  # h terms of z, r and ξ
+
+    def forward(
+        self, x: torch.Tensor, h0: torch.Tensor, user: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = h0.shape[-1]
+        xi_terms = self.xi_input(x) + self.xi_user(user).unsqueeze(1)  # [B, T, n]
+        h, outputs = h0, []
+        for t in range(x.shape[1]):
+            hidden = self.hidden_gates(h)
+            xi = torch.sigmoid(xi_terms[:, t] + hidden[:, 2 * n :])
+            mixed = torch.cat([(1.0 - xi) * x[:, t], xi * user], dim=-1)
+            terms = self.input_proj(mixed)
+            h = gated_update(terms, hidden[:, : 2 * n], h, self.hidden_candidate)
             outputs.append(h)
         return torch.stack(outputs, dim=1), h
 
 
 class CudnnGRU(nn.Module):
-    """PyTorch's fused GRU (cuDNN on CUDA). It applies the reset gate after the recurrent
-    product, k = tanh(W x + r ⊙ (U h + b)), the form GRU4Rec and most libraries use; faster
-    on a GPU, not the SPEC's equation, hence a separate name."""
+    """`cudnn_gru`: PyTorch's fused GRU (cuDNN on CUDA). It applies the reset gate after the
+    recurrent product, k = tanh(W x + r ⊙ (U h + b)), the form GRU4Rec and most libraries use;
+    faster on a GPU but not the SPEC's equation, hence a separate name."""
 
     uses_user = False
 
@@ -59,4 +192,10 @@ class CudnnGRU(nn.Module):
         return out, h.squeeze(0)
 
 
-CELLS: dict[str, type[nn.Module]] = {"gru": GRUCell, "cudnn_gru": CudnnGRU}
+CELLS: dict[str, type[nn.Module]] = {
+    "gru": GRUCell,
+    "cudnn_gru": CudnnGRU,
+    "linear_ugru": LinearUserGRUCell,
+    "rectified_ugru": RectifiedUserGRUCell,
+    "attentional_ugru": AttentionalUserGRUCell,
+}

@@ -3,6 +3,7 @@ pluggable cell, and a softmax over all items, trained with truncated BPTT over w
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 
 import numpy as np
@@ -16,7 +17,7 @@ from seqexp.errors import SeqexpError
 from seqexp.models.base import Recommender
 from seqexp.models.cells import CELLS
 
-LOSSES = ("full_softmax",)
+LOSSES = ("full_softmax", "sampled_softmax")
 
 
 class RecurrentRecommender(Recommender):
@@ -34,18 +35,23 @@ class RecurrentRecommender(Recommender):
         window: int = 20,
         dropout: float = 0.8,
         dropout_is_keep_prob: bool = True,
+        user_dropout: float = 0.5,
         loss: str = "full_softmax",
+        n_negatives: int = 2048,
+        sample_alpha: float = 1.0,
         eval_chunk: int = 256,
+        **cell_options,
     ) -> None:
         super().__init__(n_items, n_users)
         if cell not in CELLS:
             raise SeqexpError(f"model.cell={cell!r} is unknown; choose one of {', '.join(CELLS)}")
         if loss not in LOSSES:
             raise SeqexpError(f"model.loss={loss!r} is unknown; choose one of {', '.join(LOSSES)}")
-        if not 0.0 <= dropout <= 1.0:
-            raise SeqexpError(f"model.dropout={dropout} must lie in [0, 1]")
+        for key, value in (("dropout", dropout), ("user_dropout", user_dropout)):
+            if not 0.0 <= value <= 1.0:
+                raise SeqexpError(f"model.{key}={value} must lie in [0, 1]")
         for key, value in (("hidden_size", hidden_size), ("window", window),
-                           ("eval_chunk", eval_chunk)):
+                           ("eval_chunk", eval_chunk), ("n_negatives", n_negatives)):
             if value < 1:
                 raise SeqexpError(f"model.{key}={value} must be a positive integer")
         self.hidden_size = hidden_size
@@ -54,15 +60,37 @@ class RecurrentRecommender(Recommender):
         self.loss_name = loss
         # Table 1's "dropout 0.8" comes from TF-era code, where it is a keep probability.
         self.drop_p = 1.0 - dropout if dropout_is_keep_prob else dropout
+        self.n_negatives = n_negatives
+        self.sample_alpha = sample_alpha
         self.embedding = nn.Embedding(n_items, hidden_size)
-        self.cell = CELLS[cell](hidden_size)
+        accepted = list(inspect.signature(CELLS[cell]).parameters)[1:]
+        unknown = [key for key in cell_options if key not in accepted]
+        if unknown:
+            raise SeqexpError(f"model.{unknown[0]} is not an option of model.cell={cell} "
+                              f"(its options: {', '.join(accepted) or 'none'})")
+        self.cell = CELLS[cell](hidden_size, **cell_options)
         self.user_embedding = nn.Embedding(n_users, hidden_size) if self.cell.uses_user else None
         self.dropout = nn.Dropout(self.drop_p)
+        # v is constant along a user's sequence; its dropout mask is drawn per window
+        self.user_dropout = nn.Dropout(user_dropout)
         self.output = nn.Linear(hidden_size, n_items)
+        # log of the expected count of each item among the shared negatives (logQ correction)
+        self.register_buffer("negative_log_q", torch.zeros(n_items))
+        self.register_buffer("negative_probs", torch.full((n_items,), 1.0 / n_items))
         self._carry: torch.Tensor | None = None
 
+    def fit(self, train: SequenceData) -> None:
+        """The popularity distribution of the sampled-softmax negatives (training events)."""
+        weights = torch.from_numpy(train.item_popularity()).double().clamp_min(1.0)
+        probs = weights**self.sample_alpha
+        probs /= probs.sum()
+        self.negative_probs.copy_(probs.float())
+        self.negative_log_q.copy_(torch.log(probs * self.n_negatives).float())
+
     def _user_vectors(self, users: torch.Tensor) -> torch.Tensor | None:
-        return None if self.user_embedding is None else self.user_embedding(users)
+        if self.user_embedding is None:
+            return None
+        return self.user_dropout(self.user_embedding(users))
 
     def training_batches(
         self, train: SequenceData, batch_size: int, rng: np.random.Generator
@@ -79,8 +107,25 @@ class RecurrentRecommender(Recommender):
         out, h = self.cell(x, h0, self._user_vectors(batch.users.to(device)))
         self._carry[lanes] = h.detach()
         mask = batch.mask.to(device)
-        logits = self.output(self.dropout(out[mask]))
-        return F.cross_entropy(logits, batch.targets.to(device)[mask])
+        hidden = self.dropout(out[mask])
+        targets = batch.targets.to(device)[mask]
+        if self.loss_name == "full_softmax":
+            return F.cross_entropy(self.output(hidden), targets)
+        return self.sampled_softmax_loss(hidden, targets)
+
+    def sampled_softmax_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of each target against `n_negatives` popularity-sampled items shared by
+        the whole batch, with logQ correction (every logit minus log of the item's expected
+        count among the negatives) and accidental hits (a negative equal to the target)
+        masked out."""
+        negatives = torch.multinomial(self.negative_probs, self.n_negatives, replacement=True)
+        weight, bias = self.output.weight, self.output.bias
+        positive = (hidden * weight[targets]).sum(-1) + bias[targets]
+        positive = positive - self.negative_log_q[targets]
+        negative = hidden @ weight[negatives].T + (bias - self.negative_log_q)[negatives]
+        negative = negative.masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
+        logits = torch.cat([positive[:, None], negative], dim=1)
+        return F.cross_entropy(logits, torch.zeros_like(targets))
 
     def prediction_states(self, batch: PredictionBatch) -> torch.Tensor:
         """Hidden state after each target's context, replaying the batch's sequences in time

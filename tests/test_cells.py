@@ -1,0 +1,255 @@
+"""The user-based GRU cells against direct element-wise transcriptions of SPEC §4."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import sequences
+from seqexp.models.cells import (
+    AttentionalUserGRUCell,
+    GRUCell,
+    LinearUserGRUCell,
+    RectifiedUserGRUCell,
+    rectify,
+)
+from seqexp.models.recurrent import RecurrentRecommender
+
+N = 3
+
+
+def sig(a: float) -> float:
+    return 1.0 / (1.0 + math.exp(-a))
+
+
+def matvec(w: np.ndarray, v: list[float], rows: range) -> list[float]:
+    return [sum(w[i, j] * v[j] for j in range(len(v))) for i in rows]
+
+
+def w(layer: torch.nn.Linear) -> np.ndarray:
+    return layer.weight.detach().numpy()
+
+
+def b(layer: torch.nn.Linear) -> np.ndarray:
+    return layer.bias.detach().numpy()
+
+
+def gru_step_reference(h, gate_in, cand_in, U_zr, U):
+    """Given the non-recurrent parts of [z; r] (2n) and of k (n): the shared GRU update."""
+    n = len(h)
+    gates = [gate_in[i] + sum(U_zr[i, j] * h[j] for j in range(n)) for i in range(2 * n)]
+    z, r = [sig(g) for g in gates[:n]], [sig(g) for g in gates[n:]]
+    rh = [r[j] * h[j] for j in range(n)]
+    k = [math.tanh(cand_in[i] + sum(U[i, j] * rh[j] for j in range(n))) for i in range(n)]
+    return [(1 - z[i]) * h[i] + z[i] * k[i] for i in range(n)]
+
+
+def inputs(seed: int = 0, steps: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, steps, N, generator=g, dtype=torch.float64)
+    h0 = torch.randn(1, N, generator=g, dtype=torch.float64)
+    v = torch.randn(1, N, generator=g, dtype=torch.float64)
+    return x, h0, v
+
+
+def check(out, h_last, expected):
+    for t, h in enumerate(expected):
+        assert out[0, t].tolist() == pytest.approx(h, abs=1e-12)
+    assert h_last[0].tolist() == pytest.approx(expected[-1], abs=1e-12)
+
+
+def test_linear_ugru_gates_see_h_x_and_v_as_written():
+    torch.manual_seed(1)
+    cell = LinearUserGRUCell(N).double()
+    x, h0, v = inputs()
+    out, h_last = cell(x, h0, v)
+    W, bias, Wv = w(cell.input_proj), b(cell.input_proj), w(cell.user_proj)
+    vv = v[0].tolist()
+    h, expected = h0[0].tolist(), []
+    for t in range(x.shape[1]):
+        xt = x[0, t].tolist()
+        # [z; r] = σ(T_{3n,2n} [h; x; v]) and k = tanh(T(r ⊙ h) + T x + T v)
+        pre = [a + c + d for a, c, d in zip(matvec(W, xt, range(3 * N)), matvec(Wv, vv,
+                                            range(3 * N)), bias, strict=True)]
+        h = gru_step_reference(h, pre[: 2 * N], pre[2 * N:], w(cell.hidden_gates),
+                               w(cell.hidden_candidate))
+        expected.append(h)
+    check(out, h_last, expected)
+
+
+def test_linear_ugru_user_changes_the_output_and_gru_ignores_it():
+    x, h0, v = inputs()
+    lin = LinearUserGRUCell(N).double()
+    assert not torch.allclose(lin(x, h0, v)[0], lin(x, h0, -v)[0])
+    gru = GRUCell(N).double()
+    assert torch.equal(gru(x, h0, v)[0], gru(x, h0, -v)[0])
+
+
+@pytest.mark.parametrize("omega", [0.3, 0.8])
+def test_rectify_hard_rule_by_components(omega):
+    v = torch.tensor([[-1.0, 0.5, 2.0, 1.0, 0.0]])
+    kappa1 = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.5]])
+    kappa2 = torch.tensor([[1.0, 1.0, 1.0, 2.0, 1.0]])
+    # below κ1 -> 0; between κ1 and κ2 -> ω v (κ1 itself included); above κ2 -> v
+    expected = [0.0, omega * 0.5, 2.0, omega * 1.0, 0.0]
+    got = rectify(v, kappa1, kappa2, torch.tensor(omega))
+    assert got[0].tolist() == pytest.approx(expected)
+    # the soft relaxation tends to the hard rule away from the thresholds
+    soft = rectify(v, kappa1, kappa2, torch.tensor(omega), temperature=1e-3)
+    assert soft[0, [0, 1, 2]].tolist() == pytest.approx([expected[i] for i in (0, 1, 2)],
+                                                        abs=1e-6)
+
+
+@pytest.mark.parametrize("threshold", ["hard", "soft"])
+def test_rectified_ugru_matches_transcription(threshold):
+    torch.manual_seed(2)
+    cell = RectifiedUserGRUCell(N, threshold=threshold, temperature=0.5).double()
+    x, h0, v = inputs(3)
+    out, h_last = cell(x, h0, v)
+    W, bias, Wv = w(cell.input_proj), b(cell.input_proj), w(cell.user_proj)
+    Wk, bk, Wkv = w(cell.kappa_input), b(cell.kappa_input), w(cell.kappa_user)
+    Wh = w(cell.hidden_gates)  # rows 0..2n-1: gates, 2n..4n-1: κ
+    omega = float(cell.omega.detach())
+    vv = v[0].tolist()
+    h, expected = h0[0].tolist(), []
+    for t in range(x.shape[1]):
+        xt = x[0, t].tolist()
+        kappa = [sum(Wh[2 * N + i, j] * h[j] for j in range(N))
+                 + sum(Wk[i, j] * xt[j] for j in range(N)) + bk[i]
+                 + sum(Wkv[i, j] * vv[j] for j in range(N)) for i in range(2 * N)]
+        k1, k2 = kappa[:N], kappa[N:]
+        if threshold == "hard":
+            vr = [0.0 if vv[i] < k1[i] else omega * vv[i] if vv[i] < k2[i] else vv[i]
+                  for i in range(N)]
+        else:
+            vr = [vv[i] * sig((vv[i] - k1[i]) / 0.5)
+                  * (omega + (1 - omega) * sig((vv[i] - k2[i]) / 0.5)) for i in range(N)]
+        pre = [a + c + d for a, c, d in zip(matvec(W, xt, range(3 * N)),
+                                            matvec(Wv, vr, range(3 * N)), bias, strict=True)]
+        h = gru_step_reference(h, pre[: 2 * N], pre[2 * N:], Wh[: 2 * N],
+                               w(cell.hidden_candidate))
+        expected.append(h)
+    check(out, h_last, expected)
+
+
+def test_rectified_fixed_omega_is_used():
+    cell = RectifiedUserGRUCell(N, omega=0.25)
+    assert float(cell.omega) == 0.25
+    assert "omega_logit" not in dict(cell.named_parameters())
+
+
+def test_attentional_ugru_matches_transcription():
+    torch.manual_seed(4)
+    cell = AttentionalUserGRUCell(N).double()
+    x, h0, v = inputs(5)
+    out, h_last = cell(x, h0, v)
+    W, bias = w(cell.input_proj), b(cell.input_proj)  # columns: [x̃ (n); ṽ (n)]
+    Wxi, bxi, Wxv, Wh = w(cell.xi_input), b(cell.xi_input), w(cell.xi_user), w(cell.hidden_gates)
+    vv = v[0].tolist()
+    h, expected = h0[0].tolist(), []
+    for t in range(x.shape[1]):
+        xt = x[0, t].tolist()
+        xi = [sig(sum(Wh[2 * N + i, j] * h[j] for j in range(N))
+                  + sum(Wxi[i, j] * xt[j] for j in range(N)) + bxi[i]
+                  + sum(Wxv[i, j] * vv[j] for j in range(N))) for i in range(N)]
+        x_t = [(1 - xi[i]) * xt[i] for i in range(N)]
+        v_t = [xi[i] * vv[i] for i in range(N)]
+        pre = [a + c for a, c in zip(matvec(W, x_t + v_t, range(3 * N)), bias, strict=True)]
+        h = gru_step_reference(h, pre[: 2 * N], pre[2 * N:], Wh[: 2 * N],
+                               w(cell.hidden_candidate))
+        expected.append(h)
+    check(out, h_last, expected)
+
+
+def _saturate_xi(cell: AttentionalUserGRUCell, value: float) -> None:
+    with torch.no_grad():
+        cell.xi_input.weight.zero_()
+        cell.xi_user.weight.zero_()
+        cell.hidden_gates.weight[2 * N:].zero_()
+        cell.xi_input.bias.fill_(value)  # σ(±1e4) is exactly 1 or 0 in float64
+
+
+def test_attentional_xi_to_zero_is_an_item_only_gru():
+    torch.manual_seed(6)
+    cell = AttentionalUserGRUCell(N).double()
+    _saturate_xi(cell, -1e4)
+    gru = GRUCell(N).double()
+    with torch.no_grad():
+        gru.input_proj.weight.copy_(cell.input_proj.weight[:, :N])
+        gru.input_proj.bias.copy_(cell.input_proj.bias)
+        gru.hidden_gates.weight.copy_(cell.hidden_gates.weight[: 2 * N])
+        gru.hidden_candidate.weight.copy_(cell.hidden_candidate.weight)
+    x, h0, v = inputs(7)
+    assert torch.allclose(cell(x, h0, v)[0], gru(x, h0)[0], atol=1e-12)
+    assert torch.allclose(cell(x, h0, v)[0], cell(x, h0, 5 * v)[0], atol=1e-12)
+
+
+def test_attentional_xi_to_one_drops_the_item_input():
+    torch.manual_seed(8)
+    cell = AttentionalUserGRUCell(N).double()
+    _saturate_xi(cell, 1e4)
+    x, h0, v = inputs(9)
+    other_items = torch.randn_like(x)
+    assert torch.allclose(cell(x, h0, v)[0], cell(other_items, h0, v)[0], atol=1e-12)
+    assert not torch.allclose(cell(x, h0, v)[0], cell(x, h0, -v)[0])
+
+
+@pytest.mark.parametrize("cell", ["gru", "linear_ugru", "rectified_ugru", "attentional_ugru"])
+def test_gradients_reach_every_parameter(cell):
+    torch.manual_seed(0)
+    data = sequences([list(range(8)), [3, 4, 5, 6, 2]], n_items=9)
+    model = RecurrentRecommender(9, 2, cell=cell, hidden_size=4, window=3, dropout=0.0,
+                                 dropout_is_keep_prob=False, user_dropout=0.0)
+    model.fit(data)
+    batch = next(model.training_batches(data, 2, np.random.default_rng(0)))
+    model.training_loss(batch).backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_hard_threshold_leaves_kappa_without_gradient():
+    torch.manual_seed(0)
+    data = sequences([list(range(8)), [3, 4, 5, 6, 2]], n_items=9)
+    model = RecurrentRecommender(9, 2, cell="rectified_ugru", hidden_size=4, window=3,
+                                 threshold="hard")
+    batch = next(model.training_batches(data, 2, np.random.default_rng(0)))
+    model.training_loss(batch).backward()
+    grad = model.cell.kappa_input.weight.grad
+    assert grad is None or not grad.any()
+
+
+def test_user_vector_is_constant_along_a_sequence_and_dropout_applies_to_it():
+    torch.manual_seed(0)
+    model = RecurrentRecommender(9, 3, cell="linear_ugru", hidden_size=64, user_dropout=0.5)
+    users = torch.tensor([0, 1, 2])
+    model.train()
+    dropped = model._user_vectors(users)
+    assert 0.3 < (dropped == 0).float().mean() < 0.7  # about half the components
+    model.eval()
+    assert torch.equal(model._user_vectors(users), model.user_embedding(users))
+
+
+def test_sampled_softmax_is_cross_entropy_against_shared_negatives_with_logq(monkeypatch):
+    torch.manual_seed(0)
+    data = sequences([[0, 1, 1, 2, 3], [1, 1, 4, 0]], n_items=5)
+    model = RecurrentRecommender(5, 2, hidden_size=3, loss="sampled_softmax", n_negatives=3)
+    model.fit(data)
+    counts = np.bincount([0, 1, 1, 2, 1, 1], minlength=5).clip(min=1)  # training events
+    q = counts / counts.sum()
+    assert model.negative_log_q.tolist() == pytest.approx(np.log(3 * q).tolist(), rel=1e-5)
+    negatives = torch.tensor([4, 1, 2])
+    monkeypatch.setattr(torch, "multinomial", lambda *args, **kwargs: negatives)
+    hidden = torch.randn(2, 3)
+    targets = torch.tensor([1, 3])  # target 1 is also negative #2: an accidental hit
+    loss = model.sampled_softmax_loss(hidden, targets)
+    W, bias = model.output.weight.detach(), model.output.bias.detach()
+    logq = model.negative_log_q
+    expected = 0.0
+    for row, target in enumerate(targets.tolist()):
+        items = [target] + [n for n in negatives.tolist() if n != target]
+        logits = [float(hidden[row] @ W[i] + bias[i] - logq[i]) for i in items]
+        expected += -logits[0] + math.log(sum(math.exp(v) for v in logits))
+    assert loss.item() == pytest.approx(expected / 2, rel=1e-5)
