@@ -2,6 +2,7 @@
 
 Usage: python scripts/bench_models.py --models gru itemknn [--scale 0.05] [--epochs 1]
            [--device auto] [--out bench_models.json] [-o model.hidden_size=100 ...]
+           [--peer-dir DIR]
 
 The data has 69,878 x scale users, 10,677 items and about 143 events per user (the shape of
 ML-10M), from the embedded synthetic generator, split with user_tail. For each model (composed
@@ -10,13 +11,24 @@ epochs through the shared Trainer (events/s = training (input, target) pairs per
 full-catalogue evaluation of the test events through the shared Evaluator (events/s = test
 events ranked per second). Prints a table and writes JSON
 {name: {"train_events_per_s": .., "eval_events_per_s": .., ...}}.
+
+--peer-dir points at a checkout of GRU4Rec's official PyTorch code
+(hidasib/GRU4Rec_PyTorch_Official, kept outside this repository: it is measured against, never
+copied). The peer is run on the same data, device, hidden size (model.hidden_size) and batch
+size (train.batch_size) with cross-entropy over sampled negatives (n_sample=2048, its own
+sampling, otherwise its defaults) for the same number of epochs, and reported under the key
+`gru4rec_official`: training events/s as its own per-epoch line prints them, evaluation events/s
+of its batch_eval over each user's test events (one session per user, as it evaluates).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -83,6 +95,47 @@ def bench_model(name: str, overrides: list[str], data, epochs: int, device: torc
     return row
 
 
+def bench_gru4rec_official(peer_dir: Path, data, hidden_size: int, batch_size: int,
+                           epochs: int, device: torch.device) -> dict[str, float]:
+    import pandas as pd
+
+    sys.path.insert(0, str(peer_dir))
+    from evaluation import batch_eval  # the peer's modules
+    from gru4rec_pytorch import GRU4Rec
+
+    users = data.event_users()
+    position = np.arange(data.n_events)
+    train = position < data.train_end[users]
+    test = position >= data.val_end[users]
+
+    def frame(mask: np.ndarray) -> pd.DataFrame:
+        return pd.DataFrame({"SessionId": users[mask], "ItemId": data.items[mask],
+                             "Time": data.timestamps[mask]})
+
+    model = GRU4Rec(layers=[hidden_size], loss="cross-entropy", batch_size=batch_size,
+                    n_sample=2048, n_epochs=epochs, device=device)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        started = time.perf_counter()
+        # compatibility_mode=True (its default) fails with numpy 2 (float64 weight copies)
+        model.fit(frame(train), compatibility_mode=False)
+        _sync(device)
+        fit_s = time.perf_counter() - started
+    rates = [float(r) for r in re.findall(r"\|\s*([0-9.]+) e/s\]", printed.getvalue())]
+    test_frame = frame(test)
+    sessions = test_frame.groupby("SessionId").size()
+    n_eval = int((sessions - 1).clip(lower=0).sum())
+    with contextlib.redirect_stdout(io.StringIO()):
+        started = time.perf_counter()
+        recall, mrr = batch_eval(model, test_frame, cutoff=[20], batch_size=512)
+        _sync(device)
+        eval_s = time.perf_counter() - started
+    return {"train_events_per_s": float(np.mean(rates)) if rates else float("nan"),
+            "fit_s": fit_s, "eval_s": eval_s, "eval_events_per_s": n_eval / eval_s,
+            "test_mrr_at_20_sessions": float(mrr[20]),
+            "test_recall_at_20_sessions": float(recall[20])}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -95,6 +148,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="bench_models.json")
+    parser.add_argument("--peer-dir", type=Path, default=None,
+                        help="checkout of hidasib/GRU4Rec_PyTorch_Official to measure against")
     parser.add_argument("-o", "--override", nargs="*", default=[],
                         help="Hydra overrides for every model, e.g. model.hidden_size=100")
     args = parser.parse_args()
@@ -111,6 +166,14 @@ def main() -> None:
         results[name] = bench_model(name, overrides, data, args.epochs, device)
         print(f"{name:>18}: " + ", ".join(f"{k}={v:,.4g}" for k, v in results[name].items()),
               flush=True)
+    if args.peer_dir is not None:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=["model=gru", *args.override])
+        results["gru4rec_official"] = bench_gru4rec_official(
+            args.peer_dir, data, cfg.model.hidden_size, cfg.train.batch_size, args.epochs,
+            device)
+        print(f"{'gru4rec_official':>18}: " + ", ".join(
+            f"{k}={v:,.4g}" for k, v in results["gru4rec_official"].items()), flush=True)
     report = {
         **results,
         "_meta": {"scale": args.scale, "epochs": args.epochs, "device": str(device),

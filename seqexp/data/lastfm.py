@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 
 from seqexp.data.interactions import Interactions
-from seqexp.data.text import first_line, skipped_row_counter
+from seqexp.data.text import first_line, read_delimited, skipped_row_counter
 from seqexp.errors import SeqexpError
 
 log = logging.getLogger(__name__)
@@ -35,17 +34,10 @@ def read_lastfm(path: Path, item: str = "track") -> Interactions:
         raise SeqexpError(f"dataset.item={item!r} is not one of {', '.join(ITEM_KINDS)}")
     skipped = skipped_row_counter()
     try:
-        table = pacsv.read_csv(
-            path,
-            read_options=pacsv.ReadOptions(column_names=_COLUMNS, block_size=1 << 24),
-            parse_options=pacsv.ParseOptions(
-                delimiter="\t", quote_char=False, invalid_row_handler=skipped
-            ),
-            convert_options=pacsv.ConvertOptions(
-                include_columns=["user", "timestamp", "artist", "track"],
-                column_types={name: pa.string() for name in _COLUMNS},
-                strings_can_be_null=False,
-            ),
+        table = read_delimited(
+            path, _COLUMNS, "\t", {name: pa.string() for name in ("user", "timestamp", "artist",
+                                                                  "track")},
+            skipped, strings_can_be_null=False,
         )
     except pa.ArrowInvalid as exc:
         raise SeqexpError(f"{path}: cannot read as LastFM-1K TSV ({exc})") from None

@@ -6,10 +6,9 @@ import logging
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.csv as pacsv
 
 from seqexp.data.interactions import Interactions, dense_codes
-from seqexp.data.text import first_line, skipped_row_counter
+from seqexp.data.text import first_line, read_delimited, skipped_row_counter
 from seqexp.errors import SeqexpError
 
 log = logging.getLogger(__name__)
@@ -25,20 +24,12 @@ def read_movielens(path: Path) -> Interactions:
     path = Path(path)
     skipped = skipped_row_counter()
     try:
-        table = pacsv.read_csv(
-            path,
-            read_options=pacsv.ReadOptions(column_names=_COLUMNS, block_size=1 << 24),
-            parse_options=pacsv.ParseOptions(
-                delimiter=":", quote_char=False, invalid_row_handler=skipped
-            ),
-            convert_options=pacsv.ConvertOptions(
-                include_columns=["user", "_a", "item", "_b", "_c", "timestamp"],
-                # The fields between single colons must be empty (null-typed costs nothing):
-                # `1:x:2:y:...` is not a `::` line.
-                column_types={"user": pa.int64(), "item": pa.int64(), "timestamp": pa.int64(),
-                              "_a": pa.null(), "_b": pa.null(), "_c": pa.null()},
-            ),
-        )
+        # The fields between single colons must be empty (null-typed costs nothing):
+        # `1:x:2:y:...` is not a `::` line.
+        table = read_delimited(path, _COLUMNS, ":", {
+            "user": pa.int64(), "_a": pa.null(), "item": pa.int64(), "_b": pa.null(),
+            "_c": pa.null(), "timestamp": pa.int64(),
+        }, skipped)
     except pa.ArrowInvalid as exc:
         raise SeqexpError(
             f"{path}: not a MovieLens ratings file ({FORMAT}); first line reads "
