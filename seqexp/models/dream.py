@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqexp.data.baskets import (
+    Baskets,
     basket_starts,
     check_gap,
     concat_ranges,
@@ -188,8 +189,9 @@ class DREAM(Recommender):
             yield self._basket_batch(train, baskets, row_first[rows], row_stop[rows],
                                      row_window[rows] == 0, rng)
 
-    def _basket_batch(self, train: SequenceData, baskets, first: np.ndarray, stop: np.ndarray,
-                      predict_first: np.ndarray, rng: np.random.Generator) -> BasketBatch:
+    def _basket_batch(self, train: SequenceData, baskets: Baskets, first: np.ndarray,
+                      stop: np.ndarray, predict_first: np.ndarray,
+                      rng: np.random.Generator) -> BasketBatch:
         per_row = stop - first
         n_steps = int(per_row.max())
         basket_ids = concat_ranges(first, per_row)
