@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from seqexp.data.baskets import basket_starts, check_gap
 from seqexp.data.batching import PredictionBatch, prediction_batches
 from seqexp.data.sequences import SequenceData
 from seqexp.errors import SeqexpError
@@ -159,6 +160,91 @@ class Evaluator:
 
     def evaluate(self, model: Recommender, data: SequenceData, phase: str) -> dict[str, float]:
         return self.rank_counts(model, data, phase).metrics(self.cutoffs)
+
+    @torch.no_grad()
+    def next_basket_metrics(self, model: Recommender, data: SequenceData, phase: str,
+                            gap_s: float, k: int) -> dict[str, float]:
+        """F1@k and NDCG@k of next-basket prediction, for any model through the contract.
+
+        The phase's events of each user are cut into baskets (seqexp.data.baskets; a basket
+        that began before the phase keeps only its phase events). Each basket is predicted once,
+        from the model's state at its first phase event, against the set of its distinct items.
+        A basket item counts at its pessimistic rank (1 + #items scoring higher + #other items
+        scoring the same, as in `RankCounts`), a hit when that rank is <= k: F1 = 2·hits /
+        (k + |basket|), NDCG = sum over hits of 1/log2(1 + rank), divided by the ideal
+        sum over ranks 1..min(k, |basket|). Averaged over a user's baskets, then over users.
+        """
+        gap_s, k = check_basket_settings(gap_s, k)
+        was_training = model.training
+        model.eval()
+        f1, ndcg, users = [], [], []
+        try:
+            for batch in prediction_batches(data, phase, self.batch_users):
+                batch = batch.to(model.device)
+                point_f1, point_ndcg, point_users = self._basket_batch(
+                    model, batch, data.n_items, gap_s, k)
+                f1.append(point_f1.cpu())
+                ndcg.append(point_ndcg.cpu())
+                users.append(point_users.cpu())
+        finally:
+            model.train(was_training)
+        if not users:
+            raise SeqexpError("no baskets to evaluate: the split left no targets")
+        user = torch.cat(users).numpy()
+        n_baskets = np.bincount(user, minlength=data.n_users)
+        has = n_baskets > 0
+        out = {"n_baskets": float(len(user))}
+        for name, values in ((f"f1_at_{k}", f1), (f"ndcg_at_{k}", ndcg)):
+            per_user = np.bincount(user, torch.cat(values).double().numpy(), data.n_users)
+            out[name] = float((per_user[has] / n_baskets[has]).mean())
+        return out
+
+    def _basket_batch(self, model: Recommender, batch: PredictionBatch, n_items: int,
+                      gap_s: float, k: int):
+        rows, cols = batch.target_rows, batch.target_cols
+        opens_basket = basket_starts(batch.timestamps, gap_s)[rows, cols]
+        opens_basket[0] = True
+        opens_basket[1:] |= rows[1:] != rows[:-1]  # a row's first target opens its basket
+        point = opens_basket.cumsum(0) - 1  # targets are row-major, baskets contiguous
+        openers = opens_basket.nonzero().squeeze(1)
+        sub = PredictionBatch(batch.users, batch.items, batch.timestamps, batch.lengths,
+                              rows[openers], cols[openers], batch.targets[openers])
+        # The distinct items of each basket: (point, item) pairs.
+        pairs = torch.unique(point * n_items + batch.targets)
+        pair_point, pair_item = pairs // n_items, pairs % n_items
+        n_points = len(openers)
+        size = torch.bincount(pair_point, minlength=n_points)
+        hits = torch.zeros(n_points, dtype=torch.long, device=pairs.device)
+        dcg = torch.zeros(n_points, dtype=torch.float64, device=pairs.device)
+        state = model.prediction_states(sub)
+        points = max(1, self.max_block_elements // max(n_items, 1))
+        for start in range(0, n_points, points):
+            part = slice(start, start + points)
+            scores = model.score_items(_slice_state(state, part), 0, n_items)
+            _check_finite(scores)
+            top = scores.topk(min(k + 1, n_items), dim=1).values
+            inside = (pair_point >= start) & (pair_point < start + len(scores))
+            local, item = pair_point[inside] - start, pair_item[inside]
+            item_score = scores[local, item]
+            # Pessimistic rank <= k iff fewer than k + 1 items score >= the item, i.e. it
+            # beats the (k+1)-th best score; then all those items are among the top k.
+            bar = top[local, k] if n_items > k else torch.full_like(item_score, -torch.inf)
+            hit = item_score > bar
+            rank = (top[local, :k] >= item_score[:, None]).sum(1)
+            hit_point = pair_point[inside][hit]
+            hits += torch.bincount(hit_point, minlength=n_points)
+            dcg.index_add_(0, hit_point, 1.0 / torch.log2(rank[hit].double() + 1.0))
+        discounts = 1.0 / torch.log2(torch.arange(2, k + 2, device=pairs.device).double())
+        ideal = discounts.cumsum(0)[size.clamp(max=k) - 1]
+        f1 = 2 * hits / (k + size)
+        return f1, dcg / ideal, batch.users[rows[openers]]
+
+
+def check_basket_settings(gap_s: float, k: int) -> tuple[float, int]:
+    """eval.basket_gap_s and eval.basket_k, or a SeqexpError naming the bad key."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise SeqexpError(f"eval.basket_k={k!r} must be a positive integer")
+    return check_gap(gap_s, "eval.basket_gap_s"), k
 
 
 def _slice_state(state, part: slice):

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from seqexp.data import SequenceData, load_dataset
 from seqexp.errors import SeqexpError
-from seqexp.evaluation import Evaluator
+from seqexp.evaluation import Evaluator, check_basket_settings
 from seqexp.models.base import Recommender
 from seqexp.tracking import Tracker, default_tracking_uri, flatten, git_sha, run_name
 from seqexp.training import Trainer
@@ -108,6 +108,8 @@ def validate(cfg: DictConfig) -> None:
                               f"{'positive' if key == 'lr' else 'non-negative'} number")
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise SeqexpError(f"seed={cfg.seed!r} must be an integer")
+    if cfg.eval.get("basket_gap_s") is not None:
+        check_basket_settings(cfg.eval.basket_gap_s, cfg.eval.get("basket_k"))
     cutoffs = list(cfg.eval.cutoffs)
     if cfg.eval.monitor_cutoff not in cutoffs:
         raise SeqexpError(f"eval.monitor_cutoff={cfg.eval.monitor_cutoff} must be one of "
@@ -156,6 +158,10 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
             status = "KILLED"
             raise KeyboardInterrupt
         test = {f"test_{k}": v for k, v in evaluator.evaluate(model, data, "test").items()}
+        if cfg.eval.get("basket_gap_s") is not None:
+            baskets = evaluator.next_basket_metrics(model, data, "test", cfg.eval.basket_gap_s,
+                                                    cfg.eval.basket_k)
+            test |= {f"test_{k}": v for k, v in baskets.items()}
         tracker.log_metrics(test | summary)
         metrics = test | summary
         log.info("test: %s", ", ".join(f"{k}={v:.5f}" for k, v in test.items()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -45,3 +46,9 @@ def sequences(users: list[list[int]], n_items: int, n_val: list[int] | None = No
     return SequenceData(items=items, timestamps=np.arange(len(items), dtype=np.int64),
                         offsets=offsets, train_end=train_end.astype(np.int64),
                         val_end=val_end.astype(np.int64), n_items=n_items, stats=stats)
+
+
+def timed_sequences(users: list[list[int]], times: list[list[int]], n_items: int, **kwargs):
+    """`sequences(...)` with explicit per-user timestamps (seconds)."""
+    data = sequences(users, n_items, **kwargs)
+    return replace(data, timestamps=np.concatenate([np.array(t, np.int64) for t in times]))

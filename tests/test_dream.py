@@ -1,0 +1,214 @@
+"""DREAM: pooling, the sigmoid recurrence, BPR pairs and negatives, prediction states, weight
+decay, and a win over popularity."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import compose_config, timed_sequences, tiny_overrides
+from seqexp.data.batching import prediction_batches
+from seqexp.data.preprocess import build_sequences
+from seqexp.data.synthetic import generate_synthetic
+from seqexp.errors import SeqexpError
+from seqexp.evaluation import Evaluator
+from seqexp.experiment import run_experiment
+from seqexp.models.dream import DREAM
+from seqexp.models.popularity import Popularity
+from seqexp.training import Trainer
+
+GAP = 1800
+
+
+def reference_states(model: DREAM, baskets: list[list[int]]) -> list[list[float]]:
+    """h_1..h_K of one user by plain loops: max-pooling and h = σ(X b + R h + c)."""
+    N = model.item_matrix.detach().double().numpy()
+    X, R, c = (t.detach().double().numpy() for t in model.sigmoid_rnn_parameters())
+    h = model.initial_state().detach().double().numpy()
+    out = []
+    for basket in baskets:
+        b = [max(N[i, d] for i in basket) for d in range(N.shape[1])]
+        h = [1 / (1 + math.exp(-(sum(X[r, j] * b[j] for j in range(len(b)))
+                                 + sum(R[r, j] * h[j] for j in range(len(h))) + c[r])))
+             for r in range(len(h))]
+        out.append(h)
+    return out
+
+
+def tiny_model(n_items: int, **kwargs) -> DREAM:
+    torch.manual_seed(0)
+    model = DREAM(n_items, 2, hidden_size=3, init_std=0.5, **kwargs).double()
+    with torch.no_grad():
+        model.initial.uniform_(-1, 1)  # a non-trivial h_0
+    return model
+
+
+@pytest.mark.parametrize("pooling", ["max", "mean"])
+
+
+def test_basket_vectors_equal_a_loop_over_items(pooling):
+    model = tiny_model(6, pooling=pooling)
+    baskets = [[3], [0, 5, 5, 2], [1, 4]]
+    items = torch.tensor([i for b in baskets for i in b])
+    pooled = model.basket_vectors(items, torch.tensor([0, 1, 5])).detach()
+    N = model.item_matrix.detach()
+    for row, basket in zip(pooled, baskets, strict=True):
+        for d in range(3):
+            values = [float(N[i, d]) for i in basket]
+            expected = max(values) if pooling == "max" else sum(values) / len(values)
+            assert float(row[d]) == pytest.approx(expected, abs=1e-12)
+
+
+def test_rnn_states_follow_the_sigmoid_recurrence_and_scores_use_the_input_matrix():
+    model = tiny_model(6)
+    data = timed_sequences([[3, 0, 5, 2, 1, 4, 0]], [[0, 5000, 5010, 5020, 9000, 9060, 20000]], 6,
+                 n_test=[1])
+    batch = next(model.training_batches(data, 8, np.random.default_rng(0)))
+    states = model.basket_states(batch.sequences)[0].detach()
+    expected = reference_states(model, [[3], [0, 5, 2], [1, 4]])
+    np.testing.assert_allclose(states.numpy(), np.array(expected), rtol=0, atol=1e-12)
+    assert torch.allclose(model.score_items(states, 1, 5), states @ model.item_matrix[1:5].T)
+
+
+def test_training_pairs_and_bpr_loss_match_a_hand_reference():
+    model = tiny_model(6)
+    # user 0 baskets {3} {0,5,2} {1,4}; user 1 baskets {2,2} {5}; last events are test
+    data = timed_sequences([[3, 0, 5, 2, 1, 4, 0], [2, 2, 5, 1]],
+                 [[0, 5000, 5010, 5020, 9000, 9060, 20000], [0, 100, 4000, 9000]], 6,
+                 n_test=[1, 1])
+    batch = next(model.training_batches(data, 8, np.random.default_rng(0)))
+    assert batch.n_events == 9 == len(batch.positives)
+    per_row = torch.bincount(batch.sequences.basket_rows).tolist()
+    row_of = {row: 0 if count == 3 else 1 for row, count in enumerate(per_row)}
+    steps = batch.sequences.n_steps
+    baskets = {0: [[3], [0, 5, 2], [1, 4]], 1: [[2, 2], [5]]}
+    states = {u: reference_states(model, b) for u, b in baskets.items()}
+    losses, pairs = [], []
+    for s, pos, neg in zip(batch.pair_states.tolist(), batch.positives.tolist(),
+                           batch.negatives.tolist(), strict=True):
+        if s == -1:
+            user = None
+            h, basket = model.initial_state().detach().double().numpy(), None
+        else:
+            user, step = row_of[s // steps], s % steps
+            h, basket = states[user][step], baskets[user][step + 1]
+        pairs.append((user, None if basket is None else tuple(basket), pos))
+        N = model.item_matrix.detach().double().numpy()
+        diff = sum(h[d] * (N[pos, d] - N[neg, d]) for d in range(3))
+        losses.append(-math.log(1 / (1 + math.exp(-diff))))
+    # each event of a later basket is a positive scored with the previous basket's state; the
+    # first baskets (items 3 and 2, 2) are scored with h_0
+    assert sorted(pairs, key=str) == sorted(
+        [(None, None, 3), (None, None, 2), (None, None, 2),
+         (0, (0, 5, 2), 0), (0, (0, 5, 2), 5), (0, (0, 5, 2), 2), (0, (1, 4), 1),
+         (0, (1, 4), 4), (1, (5,), 5)], key=str)
+    assert model.training_loss(batch).item() == pytest.approx(sum(losses) / len(losses),
+                                                              abs=1e-12)
+
+
+def test_sampled_negatives_never_fall_in_the_positive_basket():
+    data = build_sequences(generate_synthetic(n_users=60, n_items=60, min_events=20,
+                                              max_events=60), {"name": "user_tail",
+                                                               "test_frac": 0.2,
+                                                               "val_frac": 0.1})
+    model = DREAM(data.n_items, data.n_users, hidden_size=4, max_baskets=3)
+    seq_items = []
+    for batch in model.training_batches(data, 7, np.random.default_rng(1)):
+        seq = batch.sequences
+        bounds = seq.bag_offsets.tolist() + [len(seq.items)]
+        # the predicted basket of a pair: the one after its state's step (or the row's first)
+        basket_at = {(int(r), int(s)): set(seq.items[a:b].tolist()) for r, s, a, b in zip(
+            seq.basket_rows, seq.basket_steps, bounds[:-1], bounds[1:], strict=True)}
+        for state, pos, neg in zip(batch.pair_states.tolist(), batch.positives.tolist(),
+                                   batch.negatives.tolist(), strict=True):
+            if state >= 0:
+                basket = basket_at[(state // seq.n_steps, state % seq.n_steps + 1)]
+                assert pos in basket and neg not in basket
+                assert 0 <= neg < data.n_items
+        seq_items.append(batch.n_events)
+    # windows of 3 baskets overlapping by one: every training event is a positive once
+    assert sum(seq_items) == data.stats["train_events"]
+
+
+def test_prediction_states_use_the_last_basket_before_the_targets_basket():
+    model = tiny_model(8)
+    data = timed_sequences([[3, 0, 5, 2, 1, 4, 7]], [[0, 5000, 5010, 5020, 9000, 9060, 9070]], 8,
+                 n_test=[6])  # targets: every event after the first
+    batch = next(prediction_batches(data, "test", 8))
+    states = model.prediction_states(batch).detach()
+    h = reference_states(model, [[3], [0, 5, 2], [1, 4, 7]])
+    expected = [h[0], h[0], h[0], h[1], h[1], h[1]]  # targets at columns 1..6
+    np.testing.assert_allclose(states.numpy(), np.array(expected), rtol=0, atol=1e-12)
+    # a target inside the first basket gets h_0
+    first = timed_sequences([[3, 0, 5]], [[0, 10, 20]], 8, n_test=[2])
+    states = model.prediction_states(next(prediction_batches(first, "test", 8))).detach()
+    assert torch.allclose(states, model.initial_state().detach().expand(2, -1))
+
+
+def test_weight_decay_is_l2_on_every_parameter():
+    cfg = compose_config(["model=dream"])
+    assert cfg.train.weight_decay > 0
+    data = timed_sequences([[3, 0, 5, 2, 1, 4, 0], [2, 2, 5, 1]],
+                 [[0, 5000, 5010, 5020, 9000, 9060, 20000], [0, 100, 4000, 9000]], 8,
+                 n_test=[1, 1])  # items 6 and 7 never occur: only the decay moves them
+    model = tiny_model(8)
+    reference = copy.deepcopy(model)
+    lam, lr = 0.3, 0.01
+    trainer = Trainer(Evaluator(), epochs=1, batch_size=8, lr=lr, weight_decay=lam,
+                      grad_clip=None, progress=False)
+    trainer.train_epoch(model, data, trainer.make_optimizer(model), np.random.default_rng(5), 1)
+    batch = next(reference.training_batches(data, 8, np.random.default_rng(5)))
+    optimizer = torch.optim.Adam(reference.parameters(), lr=lr)
+    penalty = sum((p ** 2).sum() for p in reference.parameters())
+    (reference.training_loss(batch) + lam / 2 * penalty).backward()
+    optimizer.step()
+    for (name, got), want in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(got, want, atol=1e-12), name
+    # without the decay the step differs
+    undecayed = tiny_model(8)
+    Trainer(Evaluator(), lr=lr, grad_clip=None, progress=False).train_epoch(
+        undecayed, data, torch.optim.Adam(undecayed.parameters(), lr=lr),
+        np.random.default_rng(5), 1)
+    assert not torch.allclose(undecayed.item_matrix, model.item_matrix, atol=1e-6)
+
+
+def test_bad_dream_settings_are_one_line_errors():
+    with pytest.raises(SeqexpError, match="model.pooling"):
+        DREAM(5, 2, pooling="sum")
+    with pytest.raises(SeqexpError, match="model.cell"):
+        DREAM(5, 2, cell="lstm")
+    with pytest.raises(SeqexpError, match="model.basket_gap_s"):
+        DREAM(5, 2, basket_gap_s=-1)
+    with pytest.raises(SeqexpError, match="model.max_baskets"):
+        DREAM(5, 2, max_baskets=1)
+
+
+def test_dream_beats_popularity_on_synthetic_data():
+    torch.manual_seed(0)
+    data = build_sequences(generate_synthetic(n_users=200, n_items=300),
+                           {"name": "user_tail", "test_frac": 0.2, "val_frac": 0.1})
+    evaluator = Evaluator([20])
+    pop = Popularity(data.n_items, data.n_users)
+    pop.fit(data)
+    dream = DREAM(data.n_items, data.n_users, hidden_size=32)
+    Trainer(evaluator, epochs=8, batch_size=16, lr=0.01, weight_decay=1e-5, patience=8,
+            progress=False).fit(dream, data)
+    got, floor = (evaluator.evaluate(m, data, "test")["mrr_at_20"] for m in (dream, pop))
+    assert got > 1.5 * floor
+    got_f1, floor_f1 = (evaluator.next_basket_metrics(m, data, "test", GAP, 5)["f1_at_5"]
+                        for m in (dream, pop))
+    assert got_f1 > floor_f1
+
+
+def test_dream_run_logs_next_basket_metrics(tmp_path):
+    cfg = compose_config(["model=dream", "model.hidden_size=8",
+                          *tiny_overrides(tmp_path / "data", tmp_path / "mlflow.db")])
+    assert cfg.eval.basket_gap_s == cfg.model.basket_gap_s == GAP
+    metrics = run_experiment(cfg, launch_dir=tmp_path, output_dir=tmp_path / "run").metrics
+    for key in ("test_mrr_at_20", "test_recall_at_20", "test_f1_at_5", "test_ndcg_at_5"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["test_n_baskets"] > 0
