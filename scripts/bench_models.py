@@ -52,7 +52,8 @@ def bench_model(name: str, overrides: list[str], data, epochs: int, device: torc
     evaluator = Evaluator(list(cfg.eval.cutoffs), cfg.eval.batch_users,
                           int(cfg.eval.max_block_elements))
     trainer = Trainer(evaluator, epochs=epochs, batch_size=cfg.train.batch_size, lr=cfg.train.lr,
-                      weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
+                      weight_decay=cfg.train.weight_decay, optimizer=cfg.train.optimizer,
+                      grad_clip=cfg.train.grad_clip,
                       progress=False, seed=cfg.seed)
     row: dict[str, float] = {}
     started = time.perf_counter()

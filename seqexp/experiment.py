@@ -22,7 +22,7 @@ from seqexp.errors import SeqexpError
 from seqexp.evaluation import Evaluator
 from seqexp.models.base import Recommender
 from seqexp.tracking import Tracker, default_tracking_uri, flatten, git_sha, run_name
-from seqexp.training import Trainer
+from seqexp.training import OPTIMIZERS, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,9 @@ def validate(cfg: DictConfig) -> None:
                                   or value < 0 or (key == "lr" and value == 0)):
             raise SeqexpError(f"train.{key}={value!r} must be a "
                               f"{'positive' if key == 'lr' else 'non-negative'} number")
+    if train.get("optimizer") not in OPTIMIZERS:
+        raise SeqexpError(f"train.optimizer={train.get('optimizer')!r} is unknown; choose one of "
+                          f"{', '.join(OPTIMIZERS)}")
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise SeqexpError(f"seed={cfg.seed!r} must be an integer")
     cutoffs = list(cfg.eval.cutoffs)
@@ -135,8 +138,9 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
         trainer = Trainer(
             evaluator, epochs=cfg.train.epochs, batch_size=cfg.train.batch_size,
             lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-            grad_clip=cfg.train.grad_clip, patience=cfg.train.patience,
-            min_delta=cfg.train.min_delta, monitor_cutoff=cfg.eval.monitor_cutoff,
+            optimizer=cfg.train.optimizer, grad_clip=cfg.train.grad_clip,
+            patience=cfg.train.patience, min_delta=cfg.train.min_delta,
+            monitor_cutoff=cfg.eval.monitor_cutoff,
             progress=cfg.train.progress, seed=cfg.seed, checkpoint_path=checkpoint,
         )
         result = trainer.fit(model, data, tracker.log_metrics)
