@@ -50,7 +50,7 @@ class BPRFactorisation(Recommender):
     """score(u, i) = [p_u, mean l_j] . [q_i, q'_i] + b_i (see the module docstring)."""
 
     def __init__(self, n_items: int, n_users: int, factors: int = 20, window: int = 0,
-                 item_bias: bool = True, init_std: float = 0.1, l2: float = 0.0) -> None:
+                 item_bias: bool = True, init_std: float = 0.1, l2: float = 0.01) -> None:
         super().__init__(n_items, n_users)
         if factors < 1:
             raise SeqexpError(f"model.factors={factors} must be a positive integer")
@@ -156,7 +156,7 @@ class MF(BPRFactorisation):
     """BPR matrix factorisation: score = p_u . q_i + b_i."""
 
     def __init__(self, n_items: int, n_users: int, factors: int = 20, item_bias: bool = True,
-                 init_std: float = 0.1, l2: float = 0.0) -> None:
+                 init_std: float = 0.1, l2: float = 0.01) -> None:
         super().__init__(n_items, n_users, factors=factors, window=0, item_bias=item_bias,
                          init_std=init_std, l2=l2)
 
@@ -165,7 +165,7 @@ class SeqMF(BPRFactorisation):
     """FPMC-style: score = p_u . q_i + mean_{j in last `window` items} l_j . q'_i."""
 
     def __init__(self, n_items: int, n_users: int, factors: int = 20, window: int = 2,
-                 item_bias: bool = False, init_std: float = 0.1, l2: float = 0.0) -> None:
+                 item_bias: bool = False, init_std: float = 0.1, l2: float = 0.01) -> None:
         if window < 1:
             raise SeqexpError(f"model.window={window} must be >= 1 for seqmf (0 is model=mf)")
         super().__init__(n_items, n_users, factors=factors, window=window, item_bias=item_bias,
