@@ -22,7 +22,7 @@ from seqexp.errors import SeqexpError
 from seqexp.evaluation import Evaluator, check_basket_settings
 from seqexp.models.base import Recommender
 from seqexp.tracking import Tracker, default_tracking_uri, flatten, git_sha, run_name
-from seqexp.training import Trainer
+from seqexp.training import OPTIMIZERS, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,8 @@ def build_trainer(cfg: DictConfig, evaluator: Evaluator,
     train = cfg.train
     return Trainer(
         evaluator, epochs=train.epochs, batch_size=train.batch_size, lr=train.lr,
-        weight_decay=train.weight_decay, grad_clip=train.grad_clip, patience=train.patience,
+        weight_decay=train.weight_decay, optimizer=train.optimizer, grad_clip=train.grad_clip,
+        patience=train.patience,
         min_delta=train.min_delta, monitor_cutoff=cfg.eval.monitor_cutoff,
         progress=train.progress, seed=cfg.seed, checkpoint_path=checkpoint,
         amp=bool(train.get("amp", False)), compile=bool(train.get("compile", False)),
@@ -106,6 +107,9 @@ def validate(cfg: DictConfig) -> None:
                                   or value < 0 or (key == "lr" and value == 0)):
             raise SeqexpError(f"train.{key}={value!r} must be a "
                               f"{'positive' if key == 'lr' else 'non-negative'} number")
+    if train.get("optimizer") not in OPTIMIZERS:
+        raise SeqexpError(f"train.optimizer={train.get('optimizer')!r} is unknown; choose one of "
+                          f"{', '.join(OPTIMIZERS)}")
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise SeqexpError(f"seed={cfg.seed!r} must be an integer")
     if cfg.eval.get("basket_gap_s") is not None:

@@ -115,6 +115,7 @@ BAD_INPUTS = {
     "unknown dataset": (["dataset=ml20m"], "dataset=ml20m"),
     "invalid split fraction": (["split.test_frac=1.5"], "split.test_frac"),
     "invalid epochs": (["train.epochs=-1"], "train.epochs"),
+    "unknown optimizer": (["train.optimizer=rmsprop"], "train.optimizer"),
 }
 
 

@@ -1,0 +1,172 @@
+"""Factorisation baselines trained with BPR: `mf` (user x item) and `seqmf` (FPMC-style: user x
+item plus transitions from the last items).
+
+Both score as one inner product of a context vector and an item vector, so one class serves
+both: with a transition window of w last items,
+
+    score(u, i) = p_u . q_i  +  mean_{j in last w items} l_j . q'_i  (+ b_i)
+
+which is `mf` for w = 0 (score = p_u . q_i + b_i) and the SPEC's `seqmf` for w = 2 (the mean is
+the 1/2 sum). A prediction point with fewer than w earlier events averages over the items it
+has: with a single earlier event the transition term is l_{i1} . q'_i. This is FPMC's 1/|B|
+normalisation (the mean over the previous basket), so the transition term has the same scale
+whatever the history length.
+
+Training: BPR (Rendle et al., 2009), one sampled negative per training event per epoch. An
+epoch is one pass over the training events in random order (for w >= 1, the events with at
+least one earlier training event, which are the ones that have a transition); negatives are
+drawn uniformly from all items other than the positive. Items the user has seen elsewhere can be
+drawn as negatives, as in the usual vectorised BPR samplers; with thousands of items the share
+is small. Sampling runs in torch on the model's device, seeded from the trainer's generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seqexp.data.batching import PredictionBatch
+from seqexp.data.sequences import SequenceData
+from seqexp.errors import SeqexpError
+from seqexp.models.base import Recommender
+
+
+@dataclass
+class BPRBatch:
+    users: torch.Tensor  # [B]
+    context: torch.Tensor  # [B, w] last items before the positive, most recent first (0: none)
+    context_mask: torch.Tensor  # [B, w] bool, true where the item exists
+    positives: torch.Tensor  # [B]
+    negatives: torch.Tensor  # [B]
+    n_events: int
+
+
+class BPRFactorisation(Recommender):
+    """score(u, i) = [p_u, mean l_j] . [q_i, q'_i] + b_i (see the module docstring)."""
+
+    def __init__(self, n_items: int, n_users: int, factors: int = 20, window: int = 0,
+                 item_bias: bool = True, init_std: float = 0.1, l2: float = 0.01) -> None:
+        super().__init__(n_items, n_users)
+        if factors < 1:
+            raise SeqexpError(f"model.factors={factors} must be a positive integer")
+        if window < 0:
+            raise SeqexpError(f"model.window={window} must be a non-negative integer")
+        if init_std <= 0:
+            raise SeqexpError(f"model.init_std={init_std} must be positive")
+        if l2 < 0:
+            raise SeqexpError(f"model.l2={l2} must be non-negative")
+        self.factors = factors
+        self.window = window
+        self.l2 = l2
+        self.user_factors = nn.Parameter(torch.randn(n_users, factors) * init_std)
+        # Item side: q_i, and for transitions q'_i next to it, so that scoring is one matmul.
+        width = factors * (2 if window else 1)
+        self.item_factors = nn.Parameter(torch.randn(n_items, width) * init_std)
+        self.transition_factors = (
+            nn.Parameter(torch.randn(n_items, factors) * init_std) if window else None
+        )  # l_j, the factor of an item as the origin of a transition
+        self.item_bias = nn.Parameter(torch.zeros(n_items)) if item_bias else None
+
+    def context_vectors(self, users: torch.Tensor, context: torch.Tensor,
+                        context_mask: torch.Tensor) -> torch.Tensor:
+        """[p_u, mean of l_j over the existing context items]: [B, factors * (1 or 2)]."""
+        user = self.user_factors[users]
+        if not self.window:
+            return user
+        weights = context_mask.to(user.dtype)
+        weights = weights / weights.sum(1, keepdim=True).clamp_min(1.0)
+        transition = torch.einsum("bw,bwf->bf", weights, self.transition_factors[context])
+        return torch.cat([user, transition], dim=1)
+
+    def _bias(self, items: torch.Tensor) -> torch.Tensor | float:
+        return 0.0 if self.item_bias is None else self.item_bias[items]
+
+    # --- training -------------------------------------------------------------------------
+
+    def training_batches(
+        self, train: SequenceData, batch_size: int, rng: np.random.Generator
+    ) -> Iterator[BPRBatch]:
+        device = self.device
+        positions, users = self._training_positions(train)
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(rng.integers(2**62)))
+        items = torch.from_numpy(train.items.astype(np.int64)).to(device)
+        positions = torch.from_numpy(positions).to(device)
+        users = torch.from_numpy(users).to(device)
+        starts = torch.from_numpy(train.offsets[:-1]).to(device)[users]
+        order = torch.randperm(len(positions), generator=generator, device=device)
+        back = torch.arange(1, self.window + 1, device=device)
+        for lo in range(0, len(order), batch_size):
+            take = order[lo:lo + batch_size]
+            pos, user = positions[take], users[take]
+            before = pos[:, None] - back  # most recent first
+            mask = before >= starts[take, None]
+            positives = items[pos]
+            # Uniform over the n_items - 1 items other than the positive.
+            negatives = torch.randint(self.n_items - 1, (len(take),), generator=generator,
+                                      device=device)
+            negatives += negatives >= positives
+            yield BPRBatch(users=user, context=torch.where(mask, items[before.clamp_min(0)], 0),
+                           context_mask=mask, positives=positives, negatives=negatives,
+                           n_events=len(take))
+
+    def _training_positions(self, train: SequenceData) -> tuple[np.ndarray, np.ndarray]:
+        """Global positions of the training events that are BPR positives, and their users."""
+        mask = train.train_mask()
+        if self.window:  # a transition needs an earlier training event of the same user
+            mask[train.offsets[:-1][train.train_end > train.offsets[:-1]]] = False
+        positions = np.flatnonzero(mask)
+        return positions, train.event_users()[positions]
+
+    def training_loss(self, batch: BPRBatch) -> torch.Tensor:
+        if self.n_items < 2:
+            raise SeqexpError("BPR needs at least 2 items to sample a negative")
+        context = self.context_vectors(batch.users, batch.context, batch.context_mask)
+        positive = self.item_factors[batch.positives]
+        negative = self.item_factors[batch.negatives]
+        margin = (context * (positive - negative)).sum(1)
+        margin = margin + self._bias(batch.positives) - self._bias(batch.negatives)
+        loss = F.softplus(-margin).mean()  # -log sigmoid(margin)
+        if self.l2:
+            # BPR's per-sample regulariser: only the rows this batch touches.
+            loss = loss + self.l2 * (context.square().sum(1) + positive.square().sum(1)
+                                     + negative.square().sum(1)).mean()
+        return loss
+
+    # --- scoring --------------------------------------------------------------------------
+
+    def prediction_states(self, batch: PredictionBatch) -> torch.Tensor:
+        rows, cols = batch.target_rows, batch.target_cols
+        before = cols[:, None] - 1 - torch.arange(self.window, device=cols.device)
+        mask = before >= 0
+        context = torch.where(mask, batch.items[rows[:, None], before.clamp_min(0)], 0)
+        return self.context_vectors(batch.users[rows], context, mask)
+
+    def score_items(self, state: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        bias = None if self.item_bias is None else self.item_bias[lo:hi]
+        return F.linear(state, self.item_factors[lo:hi], bias)
+
+
+class MF(BPRFactorisation):
+    """BPR matrix factorisation: score = p_u . q_i + b_i."""
+
+    def __init__(self, n_items: int, n_users: int, factors: int = 20, item_bias: bool = True,
+                 init_std: float = 0.1, l2: float = 0.01) -> None:
+        super().__init__(n_items, n_users, factors=factors, window=0, item_bias=item_bias,
+                         init_std=init_std, l2=l2)
+
+
+class SeqMF(BPRFactorisation):
+    """FPMC-style: score = p_u . q_i + mean_{j in last `window` items} l_j . q'_i."""
+
+    def __init__(self, n_items: int, n_users: int, factors: int = 20, window: int = 2,
+                 item_bias: bool = False, init_std: float = 0.1, l2: float = 0.01) -> None:
+        if window < 1:
+            raise SeqexpError(f"model.window={window} must be >= 1 for seqmf (0 is model=mf)")
+        super().__init__(n_items, n_users, factors=factors, window=window, item_bias=item_bias,
+                         init_std=init_std, l2=l2)
