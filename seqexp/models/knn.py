@@ -134,12 +134,13 @@ class ExpDecayKNN(ItemKNN):
     3600, hours), so the last event weighs 1 as in the position form.
 
     `window` bounds the sum to the last `window` events (null: the whole history). For
-    positions each dropped term weighs at most exp(-decay * window) of the last item's term;
-    with decay 1 and window 20 that is 2e-9, so the dropped mass (< 1.6 * exp(-decay * window))
-    is below float32 resolution (6e-8) of any item the last item scores. What it can change
-    is the order of items no recent event is similar to, which score 2e-9 or less anyway. In
-    time units events can be close in time yet many positions back (a burst of ratings), so
-    there the window is a real cut: use window=null to sum the whole history.
+    positions a dropped event weighs at most exp(-decay * window) of the last one; with decay 1
+    and window 20 the dropped terms add at most 1.6 * exp(-20) = 3.3e-9 to a score (cosines are
+    <= 1), less than float32 resolution (6e-8 relative) of any score above 0.06, so the top of
+    the ranking is that of the whole-history sum; items scoring less can swap places, which
+    scripts/expdecay_window.py measures (README). In time units events can be close in time yet
+    many positions back (a burst of ratings), so there the window is a real cut: use
+    window=null to sum the whole history.
 
     The history is gathered as a [P, window] block of (item, weight) anchors per prediction
     point and scattered through the neighbour lists, `anchor_block` scattered entries at a
