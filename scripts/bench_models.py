@@ -43,6 +43,7 @@ from seqexp.experiment import (
     build_evaluator,
     build_model,
     build_trainer,
+    configure_torch,
     resolve_device,
     seed_everything,
 )
@@ -59,12 +60,13 @@ def ml10m_shaped(scale: float, seed: int = 0):
     return build_sequences(raw, {"name": "user_tail", "test_frac": 0.2, "val_frac": 0.1})
 
 
-def bench_model(name: str, overrides: list[str], data, epochs: int, device: torch.device
-                ) -> dict[str, float]:
+def bench_model(name: str, overrides: list[str], data, epochs: int, device: torch.device,
+                warmup_batches: int = 0) -> dict[str, float]:
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose(config_name="config",
                       overrides=[f"model={name}", "train.progress=false", *overrides])
     seed_everything(cfg.seed)
+    configure_torch(cfg.train)
     model = build_model(cfg.model, data).to(device)
     evaluator = build_evaluator(cfg)
     trainer = build_trainer(cfg, evaluator)
@@ -76,6 +78,8 @@ def bench_model(name: str, overrides: list[str], data, epochs: int, device: torc
     if model.trainable and epochs > 0:
         optimizer = trainer.make_optimizer(model)
         rng = np.random.default_rng(cfg.seed)
+        if warmup_batches:  # kernel selection, allocator growth, compilation: not timed
+            trainer.train_epoch(model, data, optimizer, rng, 0, max_batches=warmup_batches)
         events = seconds = 0.0
         for epoch in range(1, epochs + 1):
             stats = trainer.train_epoch(model, data, optimizer, rng, epoch)
@@ -84,11 +88,17 @@ def bench_model(name: str, overrides: list[str], data, epochs: int, device: torc
             seconds += stats["train_epoch_seconds"]
         row["train_events_per_s"] = events / seconds
         row["train_s"] = seconds
+    if warmup_batches:
+        evaluator.rank_counts(model, data, "val")
+    _sync(device)
     started = time.perf_counter()
     counts = evaluator.rank_counts(model, data, "test")
     _sync(device)
     row["eval_s"] = time.perf_counter() - started
     row["eval_events_per_s"] = len(counts) / row["eval_s"]
+    if device.type == "cuda":
+        row["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
     metrics = counts.metrics([20])
     row["test_mrr_at_20"], row["test_recall_at_20"] = metrics["mrr_at_20"], metrics[
         "recall_at_20"]
@@ -147,6 +157,9 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=0.05)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--warmup-batches", type=int, default=None,
+                        help="untimed training batches (and one untimed validation pass) "
+                             "before timing; default 20 on CUDA, 0 on a CPU")
     parser.add_argument("--out", default="bench_models.json")
     parser.add_argument("--peer-dir", type=Path, default=None,
                         help="checkout of hidasib/GRU4Rec_PyTorch_Official to measure against")
@@ -154,6 +167,9 @@ def main() -> None:
                         help="Hydra overrides for every model, e.g. model.hidden_size=100")
     args = parser.parse_args()
     device = resolve_device(args.device)
+    warmup = args.warmup_batches
+    if warmup is None:
+        warmup = 20 if device.type == "cuda" else 0
     started = time.perf_counter()
     data = ml10m_shaped(args.scale)
     print(f"data: {data.n_users:,} users, {data.n_items:,} items, {data.n_events:,} events "
@@ -163,7 +179,7 @@ def main() -> None:
     for name in args.models:
         overrides = [o for o in args.override
                      if not o.startswith("model.") or _accepts(name, o)]
-        results[name] = bench_model(name, overrides, data, args.epochs, device)
+        results[name] = bench_model(name, overrides, data, args.epochs, device, warmup)
         print(f"{name:>18}: " + ", ".join(f"{k}={v:,.4g}" for k, v in results[name].items()),
               flush=True)
     if args.peer_dir is not None:
@@ -177,6 +193,8 @@ def main() -> None:
     report = {
         **results,
         "_meta": {"scale": args.scale, "epochs": args.epochs, "device": str(device),
+                  "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+                  else platform.processor(), "warmup_batches": warmup,
                   "overrides": args.override, "n_users": data.n_users,
                   "n_items": data.n_items, "n_events": data.n_events,
                   "torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -44,6 +44,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def configure_torch(train: Mapping) -> None:
+    """CPU threads (`train.num_threads`) and TF32 tensor cores for float32 matrix products on
+    CUDA (`train.tf32`: several times faster on Ampere and later, products rounded to ~1e-3)."""
+    if train.get("num_threads"):
+        torch.set_num_threads(int(train["num_threads"]))
+    tf32 = bool(train.get("tf32", True))
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
+        torch.backends.cuda.matmul.fp32_precision = "tf32" if tf32 else "ieee"
+        if hasattr(getattr(torch.backends.cudnn, "rnn", None), "fp32_precision"):
+            torch.backends.cudnn.rnn.fp32_precision = "tf32" if tf32 else "ieee"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -125,8 +140,7 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
     """Train and evaluate one configuration, tracked as one MLflow run."""
     validate(cfg)
     seed_everything(cfg.seed)
-    if cfg.train.get("num_threads"):
-        torch.set_num_threads(int(cfg.train.num_threads))
+    configure_torch(cfg.train)
     device = resolve_device(str(cfg.device))
     evaluator = build_evaluator(cfg)
     # Everything that can fail on bad input happens before the MLflow run exists.

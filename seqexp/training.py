@@ -26,6 +26,7 @@ from seqexp.models.base import Recommender
 log = logging.getLogger(__name__)
 
 MetricsLogger = Callable[[dict[str, float], int], None]
+REPORT_EVERY = 20  # steps between reads of the running loss (progress bar, NaN check)
 
 # train.optimizer: plain SGD and Adagrad alongside Adam, for models whose published learning
 # rate was set for them (e.g. BPR-style factorisation).
@@ -161,10 +162,14 @@ class Trainer:
         return self._compiled[id(model)]
 
     def train_epoch(self, model: Recommender, data: SequenceData,
-                     optimizer: torch.optim.Optimizer, rng: np.random.Generator,
-                     epoch: int) -> dict[str, float]:
+                    optimizer: torch.optim.Optimizer, rng: np.random.Generator,
+                    epoch: int, max_batches: int | None = None) -> dict[str, float]:
+        """One pass over the training data (or its first `max_batches` batches)."""
         model.train()
-        total_loss, total_events, steps = 0.0, 0, 0
+        total_events, steps = 0, 0
+        # The loss is summed on the device and read back only every REPORT_EVERY steps: a read
+        # per step would make the host wait for the GPU at every batch.
+        total_loss = torch.zeros((), dtype=torch.float64, device=model.device)
         started = time.perf_counter()
         pairs = (data.train_end - data.offsets[:-1] - 1).clip(min=0)  # (input, next) pairs
         n_train = int(pairs.sum())
@@ -179,32 +184,42 @@ class Trainer:
             for batch in model.training_batches(data, self.batch_size, rng):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                     loss = loss_function(batch)
-                if not torch.isfinite(loss):
-                    raise SeqexpError(
-                        f"training loss became {loss.item()} in epoch {epoch}; lower train.lr"
-                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if self.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
                 optimizer.step()
-                total_loss += loss.item() * batch.n_events
+                total_loss += loss.detach().double() * batch.n_events
                 total_events += batch.n_events
                 steps += 1
                 bar.update(batch.n_events)
-                if steps % 20 == 0:
+                if steps % REPORT_EVERY == 0:
+                    mean_loss = self._checked_loss(total_loss, total_events, epoch)
                     elapsed = time.perf_counter() - started
-                    bar.set_postfix(loss=f"{total_loss / total_events:.4f}",
+                    bar.set_postfix(loss=f"{mean_loss:.4f}",
                                     ev_s=f"{total_events / elapsed:,.0f}")
+                if max_batches is not None and steps >= max_batches:
+                    break
+        mean_loss = self._checked_loss(total_loss, total_events, epoch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - started
         stats = {
-            "train_loss": total_loss / max(total_events, 1),
+            "train_loss": mean_loss,
             "train_events_per_s": total_events / max(elapsed, 1e-9),
             "train_epoch_seconds": elapsed,
         }
         log.info("epoch %d: loss %.4f, %d events in %.1f s (%.0f events/s)", epoch,
                  stats["train_loss"], total_events, elapsed, stats["train_events_per_s"])
         return stats
+
+    @staticmethod
+    def _checked_loss(total_loss: torch.Tensor, total_events: int, epoch: int) -> float:
+        """Mean loss so far; a non-finite one stops training (the parameters are ruined)."""
+        mean = total_loss.item() / max(total_events, 1)
+        if not math.isfinite(mean):
+            raise SeqexpError(f"training loss became {mean} in epoch {epoch}; lower train.lr")
+        return mean
 
     def _validate(self, model: Recommender, data: SequenceData, epoch: int,
                   log_metrics: MetricsLogger) -> dict[str, float]:

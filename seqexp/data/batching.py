@@ -19,6 +19,14 @@ import torch
 from seqexp.data.sequences import SequenceData
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a CPU tensor to `device`; to a GPU through pinned memory without blocking, so the
+    host keeps queueing work instead of waiting for the GPU to drain at every batch."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class WindowBatch:
     lanes: np.ndarray  # [B] lane of each row (rows are the lanes still active)
@@ -28,6 +36,9 @@ class WindowBatch:
     mask: torch.Tensor  # [B, T] bool, true where the pair exists
     reset: torch.Tensor  # [B] bool, true where the row's user starts in this window
     n_events: int  # number of (input, target) pairs = true entries of mask
+    # [n_events] positions of the pairs in the flattened [B * T] window, row-major; computed
+    # here on the CPU so that a model on a GPU gathers its outputs without a device sync
+    pairs: torch.Tensor
 
 
 def window_batches(
@@ -62,6 +73,7 @@ def window_batches(
             mask=torch.from_numpy(mask),
             reset=torch.from_numpy(reset[rows].copy()),
             n_events=int(mask.sum()),
+            pairs=torch.from_numpy(np.flatnonzero(mask)),
         )
         reset[rows] = False
         lane_pos[rows] += window

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqexp.data.batching import PredictionBatch, WindowBatch, window_batches
+from seqexp.data.batching import PredictionBatch, WindowBatch, to_device, window_batches
 from seqexp.data.sequences import SequenceData
 from seqexp.errors import SeqexpError
 from seqexp.models.base import Recommender
@@ -39,7 +39,7 @@ class RecurrentRecommender(Recommender):
         loss: str = "full_softmax",
         n_negatives: int = 2048,
         sample_alpha: float = 1.0,
-        eval_chunk: int = 256,
+        eval_chunk: int = 64,
         **cell_options,
     ) -> None:
         super().__init__(n_items, n_users)
@@ -100,15 +100,16 @@ class RecurrentRecommender(Recommender):
 
     def training_loss(self, batch: WindowBatch) -> torch.Tensor:
         device = self.device
-        lanes = torch.from_numpy(batch.lanes).to(device)
-        keep = (~batch.reset).to(device).unsqueeze(1)
+        lanes = to_device(torch.from_numpy(batch.lanes), device)
+        keep = to_device(~batch.reset, device).unsqueeze(1)
         h0 = self._carry[lanes] * keep
-        x = self.dropout(self.embedding(batch.inputs.to(device)))
-        out, h = self.cell(x, h0, self._user_vectors(batch.users.to(device)))
+        x = self.dropout(self.embedding(to_device(batch.inputs, device)))
+        out, h = self.cell(x, h0, self._user_vectors(to_device(batch.users, device)))
         self._carry[lanes] = h.detach()
-        mask = batch.mask.to(device)
-        hidden = self.dropout(out[mask])
-        targets = batch.targets.to(device)[mask]
+        # Only the existing (input, next) pairs, gathered by positions computed on the CPU.
+        pairs = to_device(batch.pairs, device)
+        hidden = self.dropout(out.reshape(-1, self.hidden_size).index_select(0, pairs))
+        targets = to_device(batch.targets.reshape(-1)[batch.pairs], device)
         if self.loss_name == "full_softmax":
             return F.cross_entropy(self.output(hidden), targets)
         return self.sampled_softmax_loss(hidden, targets)
