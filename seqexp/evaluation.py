@@ -85,8 +85,9 @@ def count_ranks(
         scores = score_block(0, n_items)
         _check_finite(scores)
         target_scores = scores.gather(1, targets[:, None])
-        greater = (scores > target_scores).sum(1)
-        equal = (scores == target_scores).sum(1) - 1
+        # int32 sums: about twice as fast as the default int64 ones on a CPU
+        greater = (scores > target_scores).sum(1, dtype=torch.int32)
+        equal = (scores == target_scores).sum(1, dtype=torch.int32) - 1
         return greater, equal
     target_scores = torch.empty(n_points, 1, device=targets.device)
     for lo in range(0, n_items, chunk):
@@ -95,13 +96,13 @@ def count_ranks(
         if inside.any():
             scores = score_block(lo, hi)
             target_scores[inside] = scores[inside].gather(1, (targets[inside] - lo)[:, None])
-    greater = torch.zeros(n_points, dtype=torch.long, device=targets.device)
-    equal = torch.full((n_points,), -1, dtype=torch.long, device=targets.device)
+    greater = torch.zeros(n_points, dtype=torch.int32, device=targets.device)
+    equal = torch.full((n_points,), -1, dtype=torch.int32, device=targets.device)
     for lo in range(0, n_items, chunk):
         scores = score_block(lo, min(lo + chunk, n_items))
         _check_finite(scores)
-        greater += (scores > target_scores).sum(1)
-        equal += (scores == target_scores).sum(1)
+        greater += (scores > target_scores).sum(1, dtype=torch.int32)
+        equal += (scores == target_scores).sum(1, dtype=torch.int32)
     return greater, equal
 
 

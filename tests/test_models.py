@@ -135,3 +135,24 @@ def test_itemknn_scores_the_last_item_neighbours_and_beats_ties_with_popularity(
     model.fit(data)
     ranks = Evaluator([1, 5]).rank_counts(model, data, "test").rank_pessimistic()
     assert len(ranks) == 3 and ranks.max() <= 5
+
+
+def test_window_batch_pairs_index_the_masked_pairs_in_row_major_order():
+    data = sequences([[1, 2, 3, 4, 5, 6, 7], [3, 4, 2], [5, 6, 7, 8]], n_items=9)
+    for batch in window_batches(data, 2, 3, np.random.default_rng(1)):
+        flat_targets = batch.targets.reshape(-1)[batch.pairs]
+        assert torch.equal(flat_targets, batch.targets[batch.mask])
+        assert len(batch.pairs) == batch.n_events
+
+
+def test_a_non_finite_training_loss_stops_training_with_a_clear_error():
+    from seqexp.errors import SeqexpError
+    from seqexp.training import Trainer
+
+    data = sequences([[1, 2, 3, 4, 5], [2, 3, 4, 5, 6]], n_items=8)
+    model = RecurrentRecommender(8, 2, hidden_size=4, window=2)
+    model.output.bias.data[3] = float("nan")  # every softmax over the catalogue turns NaN
+    trainer = Trainer(Evaluator([1]), epochs=1, batch_size=2, progress=False)
+    optimizer = trainer.make_optimizer(model)
+    with pytest.raises(SeqexpError, match="training loss became nan in epoch 1; lower train.lr"):
+        trainer.train_epoch(model, data, optimizer, np.random.default_rng(0), 1)

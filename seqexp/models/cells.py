@@ -15,18 +15,25 @@ from torch import nn
 from seqexp.errors import SeqexpError
 
 
-def gated_update(input_terms: torch.Tensor, hidden_gate_terms: torch.Tensor, h: torch.Tensor,
+def gated_update(gate_inputs: torch.Tensor, candidate_input: torch.Tensor,
+                 hidden_gate_terms: torch.Tensor, h: torch.Tensor,
                  hidden_candidate: nn.Linear) -> torch.Tensor:
     """One GRU-style step shared by every cell.
 
-    `input_terms` [B, 3n] holds the non-recurrent parts of the update gate z, the reset gate r
-    and the candidate k; `hidden_gate_terms` [B, 2n] the recurrent parts of z and r. Then
-    z, r = σ(·), k = tanh(input part + U (r ⊙ h)), h' = (1 − z) ⊙ h + z ⊙ k.
+    `gate_inputs` [B, 2n] holds the non-recurrent parts of the update gate z and the reset gate
+    r, `candidate_input` [B, n] that of the candidate k, `hidden_gate_terms` [B, 2n] the
+    recurrent parts of z and r. Then z, r = σ(·), k = tanh(input part + U (r ⊙ h)),
+    h' = (1 − z) ⊙ h + z ⊙ k.
     """
-    n = h.shape[-1]
-    z, r = torch.sigmoid(input_terms[:, : 2 * n] + hidden_gate_terms).chunk(2, dim=-1)
-    k = torch.tanh(input_terms[:, 2 * n :] + hidden_candidate(r * h))
+    z, r = torch.sigmoid(gate_inputs + hidden_gate_terms).chunk(2, dim=-1)
+    k = torch.tanh(candidate_input + hidden_candidate(r * h))
     return h + z * (k - h)
+
+
+def split_steps(terms: torch.Tensor, sizes: list[int]) -> list[tuple[torch.Tensor, ...]]:
+    """[B, T, sum(sizes)] -> per step, the pieces [B, size] (views; one backward op each)."""
+    pieces = [part.unbind(1) for part in terms.split(sizes, dim=-1)]
+    return list(zip(*pieces, strict=True))
 
 
 class GRUCell(nn.Module):
@@ -48,10 +55,11 @@ class GRUCell(nn.Module):
     def forward(
         self, x: torch.Tensor, h0: torch.Tensor, user: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        terms = self.input_terms(x, user)
+        n = h0.shape[-1]
         h, outputs = h0, []
-        for t in range(x.shape[1]):
-            h = gated_update(terms[:, t], self.hidden_gates(h), h, self.hidden_candidate)
+        for gate_in, candidate_in in split_steps(self.input_terms(x, user), [2 * n, n]):
+            h = gated_update(gate_in, candidate_in, self.hidden_gates(h), h,
+                             self.hidden_candidate)
             outputs.append(h)
         return torch.stack(outputs, dim=1), h
 
@@ -133,12 +141,12 @@ class RectifiedUserGRUCell(GRUCell):
         kappa_terms = self.kappa_input(x) + self.kappa_user(user).unsqueeze(1)  # [B, T, 2n]
         omega = self.omega
         h, outputs = h0, []
-        for t in range(x.shape[1]):
-            hidden = self.hidden_gates(h)
-            kappa1, kappa2 = (kappa_terms[:, t] + hidden[:, 2 * n :]).chunk(2, dim=-1)
+        for item_t, kappa_t in zip(item_terms.unbind(1), kappa_terms.unbind(1), strict=True):
+            hidden_gates, hidden_kappa = self.hidden_gates(h).split([2 * n, 2 * n], dim=-1)
+            kappa1, kappa2 = (kappa_t + hidden_kappa).chunk(2, dim=-1)
             v_rect = rectify(user, kappa1, kappa2, omega, self.temperature)
-            terms = item_terms[:, t] + self.user_proj(v_rect)
-            h = gated_update(terms, hidden[:, : 2 * n], h, self.hidden_candidate)
+            gate_in, candidate_in = (item_t + self.user_proj(v_rect)).split([2 * n, n], dim=-1)
+            h = gated_update(gate_in, candidate_in, hidden_gates, h, self.hidden_candidate)
             outputs.append(h)
         return torch.stack(outputs, dim=1), h
 
@@ -164,12 +172,12 @@ class AttentionalUserGRUCell(GRUCell):
         n = h0.shape[-1]
         xi_terms = self.xi_input(x) + self.xi_user(user).unsqueeze(1)  # [B, T, n]
         h, outputs = h0, []
-        for t in range(x.shape[1]):
-            hidden = self.hidden_gates(h)
-            xi = torch.sigmoid(xi_terms[:, t] + hidden[:, 2 * n :])
-            mixed = torch.cat([(1.0 - xi) * x[:, t], xi * user], dim=-1)
-            terms = self.input_proj(mixed)
-            h = gated_update(terms, hidden[:, : 2 * n], h, self.hidden_candidate)
+        for x_t, xi_t in zip(x.unbind(1), xi_terms.unbind(1), strict=True):
+            hidden_gates, hidden_xi = self.hidden_gates(h).split([2 * n, n], dim=-1)
+            xi = torch.sigmoid(xi_t + hidden_xi)
+            mixed = torch.cat([(1.0 - xi) * x_t, xi * user], dim=-1)
+            gate_in, candidate_in = self.input_proj(mixed).split([2 * n, n], dim=-1)
+            h = gated_update(gate_in, candidate_in, hidden_gates, h, self.hidden_candidate)
             outputs.append(h)
         return torch.stack(outputs, dim=1), h
 

@@ -125,8 +125,9 @@ class RecurrentRecommender(Recommender):
         positive = positive - self.negative_log_q[targets]
         negative = hidden @ weight[negatives].T + (bias - self.negative_log_q)[negatives]
         negative = negative.masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
-        logits = torch.cat([positive[:, None], negative], dim=1)
-        return F.cross_entropy(logits, torch.zeros_like(targets))
+        # Cross-entropy with the positive as class 0, without materialising [positive, negative]:
+        # log(e^p + sum e^n) - p.
+        return (torch.logaddexp(positive, torch.logsumexp(negative, dim=1)) - positive).mean()
 
     def prediction_states(self, batch: PredictionBatch) -> torch.Tensor:
         """Hidden state after each target's context, replaying the batch's sequences in time
