@@ -55,7 +55,8 @@ ML10M_USERS, ML10M_ITEMS = 69_878, 10_677
 def ml10m_shaped(scale: float, seed: int = 0):
     raw = generate_synthetic(
         n_users=max(2, round(ML10M_USERS * scale)), n_items=ML10M_ITEMS, n_clusters=100,
-        min_events=20, max_events=266, generator_seed=seed,
+        min_events=20, max_events=266, p_successor=0.45, p_favourite=0.2, n_favourites=6,
+        generator_seed=seed,
     )
     return build_sequences(raw, {"name": "user_tail", "test_frac": 0.2, "val_frac": 0.1})
 

@@ -10,6 +10,9 @@ personal favourite items. Each next event is, with probability
   taste signal that co-occurrence (item-kNN) and matrix factorisation capture.
 Timestamps form sessions (gaps of seconds to minutes) separated by long gaps (days); a share of
 gaps is zero, so equal timestamps occur as they do in MovieLens.
+
+The embedded dataset's settings are in conf/dataset/synthetic.yaml; the defaults below are the
+generator's (scripts/bench_models.py builds its ML-10M-shaped data from them).
 """
 
 from __future__ import annotations
