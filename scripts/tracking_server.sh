@@ -8,6 +8,8 @@
 #         SEQEXP_HOST           interface to listen on (default 127.0.0.1; 0.0.0.0 for the team)
 #         SEQEXP_PORT           (default 5000)
 #         SEQEXP_WORKERS        server worker processes (default 2)
+#         SEQEXP_ALLOWED_HOSTS  Host headers the server accepts (MLflow's default: localhost and
+#                               private IPs), e.g. mlflow.team.example,mlflow.team.example:5000
 #       The server proxies artifacts (--artifacts-destination), so clients need no access to the
 #       artifact store. Everyone then runs
 #         seqexp mlflow.tracking_uri=http://SERVER:5000 ...
@@ -76,8 +78,12 @@ stop_postgres() {
 
 serve() {
     : "${SEQEXP_BACKEND_URI:?set SEQEXP_BACKEND_URI=postgresql://USER:PASSWORD@HOST:5432/DB}"
+    local extra=()
+    if [[ -n "${SEQEXP_ALLOWED_HOSTS:-}" ]]; then
+        extra=(--allowed-hosts "$SEQEXP_ALLOWED_HOSTS")
+    fi
     # The interpreter that has seqexp's mlflow and the PostgreSQL drivers (PYTHON=...).
-    exec "${PYTHON:-python}" -m mlflow server \
+    exec "${PYTHON:-python}" -m mlflow server "${extra[@]}" \
         --backend-store-uri "$SEQEXP_BACKEND_URI" \
         --artifacts-destination "${SEQEXP_ARTIFACT_ROOT:-./mlartifacts}" \
         --serve-artifacts \
