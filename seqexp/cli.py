@@ -5,6 +5,7 @@ Returns the best validation MRR so that sweepers (Optuna) can maximise it.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import sys
 from pathlib import Path
@@ -12,14 +13,30 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from seqexp.errors import SeqexpError
 from seqexp.resources import config_dir, group_options
+from seqexp.sweep import end_open_sweeps, job_tags, record_failed_job
 
 log = logging.getLogger("seqexp")
-CHECKED_GROUPS = ("model", "dataset", "split", "train", "eval", "mlflow", "paths")
+CHECKED_GROUPS = ("model", "dataset", "split", "train", "eval", "mlflow", "paths", "experiment",
+                  "hparams_search")
+# Presets whose Hydra plugin comes with an extra: (group, choice; None = any) -> (module, extra).
+_SUBMITIT = ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher", "seqexp[slurm]")
+_RAY = ("hydra_plugins.hydra_ray_launcher", "hydra-ray-launcher", "seqexp[ray]")
+PLUGIN_PRESETS = {
+    ("hydra/launcher", "joblib"): ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher",
+                                   "seqexp"),
+    ("hydra/launcher", "slurm"): _SUBMITIT,
+    ("hydra/launcher", "submitit_slurm"): _SUBMITIT,
+    ("hydra/launcher", "submitit_local"): _SUBMITIT,
+    ("hydra/launcher", "ray_cluster"): _RAY,
+    ("hydra/launcher", "ray"): _RAY,
+    ("hparams_search", None): ("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper",
+                               "seqexp[optuna]"),
+}
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
@@ -28,23 +45,55 @@ def _run(cfg: DictConfig) -> float:
 
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    sweep, tags = job_tags(hydra_cfg, cfg) if multirun else (None, {})
+    overrides = list(hydra_cfg.overrides.task)
     try:
         result = run_experiment(
             cfg, launch_dir=Path(hydra_cfg.runtime.cwd), output_dir=output_dir,
-            overrides=list(hydra_cfg.overrides.task),
+            overrides=overrides, tags=tags,
             hydra_dir=output_dir / hydra_cfg.output_subdir if hydra_cfg.output_subdir else None,
         )
-    except (SeqexpError, MissingMandatoryValue) as exc:
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            raise  # let the sweeper record the failed job and go on
+    except KeyboardInterrupt:
+        print("seqexp: interrupted; the MLflow run is marked KILLED", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:
+        if multirun:
+            # The sweeper records the failed job and decides whether the sweep goes on
+            # (Optuna: hydra.sweeper.max_failure_rate); MLflow shows it under the parent.
+            log.error("job %s failed: %s", hydra_cfg.job.num, _first_line(exc))
+            if sweep is not None:
+                name, identity = _job_identity(cfg, overrides)
+                record_failed_job(sweep, {**identity, **tags}, name, exc)
+            raise
+        if not isinstance(exc, (SeqexpError, MissingMandatoryValue)):
+            raise
         if isinstance(exc, MissingMandatoryValue):
             exc = f"{exc.full_key} must be set: pass {exc.full_key}=..."
         print(f"seqexp: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("seqexp: interrupted; the MLflow run is marked KILLED", file=sys.stderr)
-        sys.exit(130)
     return result.val_score
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _job_identity(cfg: DictConfig, overrides: list[str]) -> tuple[str, dict[str, str]]:
+    """Run name and model/dataset/seed tags of a job, from a config that may not resolve."""
+    from seqexp.tracking import run_name
+
+    def pick(key: str) -> str:
+        try:
+            return str(OmegaConf.select(cfg, key, default="?", throw_on_missing=False))
+        except Exception:  # noqa: BLE001 - an interpolation error is why the job failed
+            return "?"
+
+    tags = {"model": pick("model.name"), "dataset": pick("dataset.name"), "seed": pick("seed")}
+    name = pick("mlflow.run_name")
+    if name in ("?", "None"):
+        name = run_name(tags["model"], tags["dataset"], overrides)
+    return name, tags
 
 
 def check_group_choices(args: list[str]) -> str | None:
@@ -63,12 +112,41 @@ def check_group_choices(args: list[str]) -> str | None:
     return None
 
 
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # the hydra_plugins namespace itself is missing
+        return False
+
+
+def check_plugins(args: list[str]) -> str | None:
+    """One-line message for a preset whose Hydra plugin is not installed (Hydra's own names a
+    missing config, not the package)."""
+    for arg in args:
+        key, _, value = arg.lstrip("+~").partition("=")
+        for (group, choice), (module, package, extra) in PLUGIN_PRESETS.items():
+            if key != group or not value or (choice is not None and choice not in
+                                              value.split(",")):
+                continue
+            if not _importable(module):
+                return f"{key}={value} needs {package}: pip install '{extra}'"
+    return None
+
+
 def main() -> None:
-    problem = check_group_choices(sys.argv[1:])
+    problem = check_group_choices(sys.argv[1:]) or check_plugins(sys.argv[1:])
     if problem:
         print(f"seqexp: error: {problem}", file=sys.stderr)
         sys.exit(2)
-    _run()
+    try:
+        _run()
+    except KeyboardInterrupt:
+        end_open_sweeps("KILLED")
+        raise
+    except SystemExit as exc:
+        if exc.code == 130:  # a job of a sequential sweep was interrupted
+            end_open_sweeps("KILLED")
+        raise
 
 
 if __name__ == "__main__":

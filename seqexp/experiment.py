@@ -136,8 +136,10 @@ def validate(cfg: DictConfig) -> None:
 
 
 def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
-                   overrides: Sequence[str] = (), hydra_dir: Path | None = None) -> RunResult:
-    """Train and evaluate one configuration, tracked as one MLflow run."""
+                   overrides: Sequence[str] = (), hydra_dir: Path | None = None,
+                   tags: Mapping[str, str] | None = None) -> RunResult:
+    """Train and evaluate one configuration, tracked as one MLflow run; `tags` are added to the
+    run's own (a sweep's job: mlflow.parentRunId, sweep_id)."""
     validate(cfg)
     seed_everything(cfg.seed)
     configure_torch(cfg.train)
@@ -155,7 +157,7 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
     run_id = tracker.start(name, {
         "model": model_name, "dataset": dataset_name, "split": str(cfg.split.name),
         "seed": str(cfg.seed), "git_sha": git_sha(launch_dir, Path(__file__).parent),
-        "device": str(device),
+        "device": str(device), **(tags or {}),
     })
     status = "FAILED"
     checkpoint = output_dir / "checkpoints" / "best.pt"

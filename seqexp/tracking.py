@@ -1,12 +1,17 @@
-"""MLflow: run names, params, metrics, tags and artifacts. Nothing else imports mlflow."""
+"""MLflow: run names, params, metrics, tags and artifacts. Nothing else imports mlflow
+(seqexp.report reads runs back through `Tracker.client`)."""
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import random
 import subprocess
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from seqexp.errors import SeqexpError
@@ -16,6 +21,11 @@ log = logging.getLogger(__name__)
 MAX_PARAM_LENGTH = 6000
 # Overrides that change where a run is tracked, not what it computes, stay out of its name.
 _NAME_EXCLUDED_PREFIXES = ("model=", "dataset=", "mlflow.", "hydra.", "paths.")
+# SQLite answers "database is locked" when another process holds the write lock for longer than
+# its busy timeout (5 s); parallel jobs retry for this long before giving up.
+LOCK_RETRY_DEADLINE_S = 300.0
+_LOCKED_MESSAGES = ("database is locked", "database table is locked")
+T = TypeVar("T")
 
 
 def default_tracking_uri(launch_dir: Path) -> str:
@@ -27,6 +37,54 @@ def run_name(model: str, dataset: str, overrides: Sequence[str] = ()) -> str:
     extra = sorted(o.lstrip("+~") for o in overrides
                    if not o.lstrip("+~").startswith(_NAME_EXCLUDED_PREFIXES))
     return "-".join([model, dataset]) + (f"-{','.join(extra)}" if extra else "")
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a `sqlite:///...` tracking URI, else None."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(urlparse(tracking_uri).path)
+
+
+def is_locked_error(exc: BaseException) -> bool:
+    """MLflow wraps SQLAlchemy's OperationalError in its own exception: match on the text."""
+    text = str(exc).lower()
+    return any(message in text for message in _LOCKED_MESSAGES)
+
+
+def with_lock_retry(call: Callable[..., T], *args: Any,
+                    deadline_s: float = LOCK_RETRY_DEADLINE_S, **kwargs: Any) -> T:
+    """call(*args, **kwargs), retried with jittered exponential backoff while SQLite reports a
+    lock held by another writer. A failed write is rolled back, so retrying cannot duplicate it."""
+    start, attempt = time.monotonic(), 0
+    while True:
+        try:
+            return call(*args, **kwargs)
+        except Exception as exc:
+            if not is_locked_error(exc) or time.monotonic() - start > deadline_s:
+                raise
+            attempt += 1
+            pause = min(0.05 * 2 ** attempt, 2.0) * (0.5 + random.random())
+            log.debug("MLflow store locked (attempt %d); retrying in %.2f s", attempt, pause)
+            time.sleep(pause)
+
+
+@contextmanager
+def store_setup_lock(tracking_uri: str) -> Iterator[None]:
+    """Serialise the first contact with a SQLite store across processes: MLflow creates and
+    migrates the schema on first use, and two processes doing that at once fail ("duplicate
+    column name", "table already exists"). Other stores need no lock."""
+    db = sqlite_path(tracking_uri)
+    if db is None:
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.parent / f".{db.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def flatten(tree: Mapping, prefix: str = "") -> dict[str, str]:
@@ -59,33 +117,47 @@ def _chunks(items: list, size: int) -> Iterable[list]:
 
 
 class Tracker:
-    """One MLflow run, driven through MlflowClient (no global active-run state)."""
+    """One MLflow run, driven through MlflowClient (no global active-run state). Every store
+    call goes through `with_lock_retry`, so parallel jobs can share one SQLite file."""
 
-    def __init__(self, tracking_uri: str, experiment: str) -> None:
+    def __init__(self, tracking_uri: str, experiment: str | None, run_id: str | None = None,
+                 create: bool = True) -> None:
+        """experiment: its name, created unless create=False (then a missing one is an error);
+        None for a tracker that only reads runs, or writes to run_id."""
         import mlflow  # noqa: F401 - imported lazily: it takes seconds
         from mlflow.tracking import MlflowClient
 
-        if tracking_uri.startswith("sqlite:///"):
-            Path(urlparse(tracking_uri).path).parent.mkdir(parents=True, exist_ok=True)
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri)
+        self.experiment = experiment
+        self.experiment_id: str | None = None
         try:
-            self.experiment_id = self._experiment_id(experiment)
+            with store_setup_lock(tracking_uri):
+                self.client = MlflowClient(tracking_uri)
+                if experiment is None:
+                    # The first query creates (or migrates) the schema, inside the lock.
+                    with_lock_retry(self.client.search_experiments, max_results=1)
+                elif create:
+                    self.experiment_id = with_lock_retry(self._experiment_id, experiment)
+                else:
+                    found = with_lock_retry(self.client.get_experiment_by_name, experiment)
+                    self.experiment_id = found.experiment_id if found is not None else None
         except Exception as exc:  # noqa: BLE001 - any store failure becomes one clear line
             raise SeqexpError(
                 f"mlflow.tracking_uri={tracking_uri}: cannot open the tracking store "
                 f"({str(exc).splitlines()[0]})"
             ) from None
-        self.run_id: str | None = None
+        if experiment is not None and self.experiment_id is None:
+            raise SeqexpError(f"no MLflow experiment named {experiment!r} in {tracking_uri}")
+        self.run_id = run_id
 
     def _experiment_id(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)
         if found is not None:
             return found.experiment_id
         location = None
-        if self.tracking_uri.startswith("sqlite:///"):
+        db = sqlite_path(self.tracking_uri)
+        if db is not None:
             # Artifacts next to the database, whatever the working directory.
-            db = Path(urlparse(self.tracking_uri).path)
             location = (db.parent / "mlartifacts" / name).as_uri()
         try:
             return self.client.create_experiment(name, artifact_location=location)
@@ -96,7 +168,8 @@ class Tracker:
             return found.experiment_id
 
     def start(self, name: str, tags: Mapping[str, str]) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=dict(tags))
+        run = with_lock_retry(self.client.create_run, self.experiment_id, run_name=name,
+                              tags=dict(tags))
         self.run_id = run.info.run_id
         log.info("MLflow run %s (%s) in %s", name, self.run_id, self.tracking_uri)
         return self.run_id
@@ -106,7 +179,7 @@ class Tracker:
 
         items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
         for chunk in _chunks(items, 100):
-            self.client.log_batch(self.run_id, params=chunk)
+            with_lock_retry(self.client.log_batch, self.run_id, params=chunk)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
@@ -114,16 +187,45 @@ class Tracker:
         stamp = int(time.time() * 1000)
         items = [Metric(k, float(v), stamp, step) for k, v in metrics.items()]
         for chunk in _chunks(items, 500):
-            self.client.log_batch(self.run_id, metrics=chunk)
+            with_lock_retry(self.client.log_batch, self.run_id, metrics=chunk)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        with_lock_retry(self.client.log_batch, self.run_id,
+                        tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         path = Path(path)
         if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+            with_lock_retry(self.client.log_artifacts, self.run_id, str(path), artifact_path)
         elif path.is_file():
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+            with_lock_retry(self.client.log_artifact, self.run_id, str(path), artifact_path)
+
+    def search(self, filter_string: str = "", experiment_ids: Sequence[str] | None = None
+               ) -> list:
+        """Every run (all pages) of this or the given experiments that matches filter_string."""
+        runs, token = [], None
+        while True:
+            page = with_lock_retry(self.client.search_runs,
+                                   list(experiment_ids or [self.experiment_id]), filter_string,
+                                   max_results=1000, page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def all_experiment_ids(self) -> list[str]:
+        ids, token = [], None
+        while True:
+            page = with_lock_retry(self.client.search_experiments, max_results=1000,
+                                   page_token=token)
+            ids.extend(e.experiment_id for e in page)
+            token = page.token
+            if not token:
+                return ids
 
     def end(self, status: str) -> None:
         """status: FINISHED, FAILED or KILLED."""
         if self.run_id is not None:
-            self.client.set_terminated(self.run_id, status=status)
+            with_lock_retry(self.client.set_terminated, self.run_id, status=status)

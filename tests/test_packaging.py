@@ -23,8 +23,12 @@ def test_wheel_carries_the_config_tree_and_seqexp_composes_from_it(tmp_path):
         names = set(archive.namelist())
         archive.extractall(site)
     for config in ("config.yaml", "model/gru.yaml", "model/itemknn.yaml",
-                   "dataset/synthetic.yaml", "split/global_time.yaml"):
+                   "dataset/synthetic.yaml", "split/global_time.yaml", "experiment/table2.yaml",
+                   "hydra/launcher/slurm.yaml", "hparams_search/optuna.yaml"):
         assert f"seqexp/conf/{config}" in names, config
+    assert "seqexp/table2_paper.csv" in names  # seqexp-report's side-by-side numbers
+    (entry_points,) = site.glob("seqexp-*.dist-info/entry_points.txt")
+    assert "seqexp-report = seqexp.report:main" in entry_points.read_text()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}

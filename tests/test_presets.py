@@ -1,0 +1,154 @@
+"""The sweep presets compose: experiment=table2, every hydra/launcher preset, the Optuna searches;
+the launchers whose plugin is installed accept their preset and run a sweep."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+
+from helpers import tiny_overrides
+from seqexp import cli
+from seqexp.report import load_paper, paper_order
+from seqexp.resources import config_dir, group_options
+
+
+def installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def compose_all(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+
+
+def without_tracking(cfg) -> dict:
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    tree.pop("hydra")
+    tree["mlflow"].pop("experiment")
+    return tree
+
+
+def test_table2_is_every_paper_model_on_both_datasets_with_its_own_settings():
+    cfg = compose_all(["experiment=table2"])
+    assert cfg.hydra.mode.name == "MULTIRUN"
+    assert cfg.mlflow.experiment == "table2"
+    params = cfg.hydra.sweeper.params
+    models, datasets = params.model.split(","), params.dataset.split(",")
+    paper_models, paper_datasets = paper_order(load_paper())
+    assert models == paper_models and datasets == paper_datasets  # 8 x 2 = 16 jobs
+    assert set(models) <= set(group_options("model"))
+    for model in models:
+        for dataset in datasets:
+            job = compose_all(["experiment=table2", f"model={model}", f"dataset={dataset}"])
+            alone = compose_all([f"model={model}", f"dataset={dataset}"])
+            # the experiment changes where the run is tracked, not what it computes
+            assert without_tracking(job) == without_tracking(alone), (model, dataset)
+    rnn = compose_all(["experiment=table2", "model=attentional_ugru", "dataset=lastfm"])
+    assert (rnn.model.hidden_size, rnn.model.window, rnn.train.batch_size) == (1000, 20, 1000)
+
+
+LAUNCHERS = {
+    "joblib": ("hydra_plugins.hydra_joblib_launcher", "JoblibLauncher",
+               "hydra_plugins.hydra_joblib_launcher.config", "JobLibLauncherConf"),
+    "slurm": ("hydra_plugins.hydra_submitit_launcher", "SlurmLauncher",
+              "hydra_plugins.hydra_submitit_launcher.config", "SlurmQueueConf"),
+    "ray_cluster": ("hydra_plugins.hydra_ray_launcher", "RayLauncher",
+                    "hydra_plugins.hydra_ray_launcher._config", "RayLauncherConf"),
+}
+
+
+@pytest.mark.parametrize("name", list(LAUNCHERS))
+def test_every_launcher_preset_composes_and_its_plugin_accepts_it(name):
+    module, launcher, config_module, config_class = LAUNCHERS[name]
+    if name == "joblib":  # hydra-joblib-launcher's own preset (a dependency), kept as it is
+        assert name not in group_options("hydra/launcher")
+    else:  # seqexp's presets compose without their plugin
+        assert name in group_options("hydra/launcher")
+    cfg = compose_all([f"hydra/launcher={name}", "model=itemknn"])
+    assert cfg.hydra.launcher._target_.endswith(f".{launcher}")
+    assert cfg.model.name == "itemknn"
+    if not installed(module):
+        pytest.skip(f"{module} is not installed: the preset composes, it cannot be launched")
+    schema = getattr(importlib.import_module(config_module), config_class)
+    # the preset spells out every key of the plugin's own config (and no other)
+    assert set(cfg.hydra.launcher) == {f.name for f in dataclasses.fields(schema)}
+    assert type(instantiate(cfg.hydra.launcher)).__name__ == launcher
+
+
+@pytest.mark.skipif(not installed("hydra_plugins.hydra_optuna_sweeper"),
+                    reason="hydra-optuna-sweeper not installed (pip install 'seqexp[optuna]')")
+@pytest.mark.parametrize("preset", ["optuna", "rnn_optuna"])
+def test_optuna_presets_maximise_the_validation_mrr(preset):
+    cfg = compose_all([f"hparams_search={preset}"])
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.mode.name == "MULTIRUN"
+    assert sweeper.direction == "maximize" and sweeper.max_failure_rate == 1.0
+    assert sweeper.storage is None and sweeper.sampler._target_.endswith("TPESampler")
+    assert {"train.lr", "train.weight_decay"} <= set(sweeper.params)
+    if preset == "rnn_optuna":
+        assert {"model.hidden_size", "model.dropout"} <= set(sweeper.params)
+    assert type(instantiate(sweeper)).__name__ == "OptunaSweeper"
+
+
+def test_a_preset_without_its_plugin_is_one_line(monkeypatch):
+    monkeypatch.setattr(cli, "_importable", lambda module: False)
+    assert cli.check_plugins(["-m", "hydra/launcher=ray_cluster", "seed=1,2"]) == (
+        "hydra/launcher=ray_cluster needs hydra-ray-launcher: pip install 'seqexp[ray]'")
+    assert "pip install 'seqexp[optuna]'" in cli.check_plugins(["hparams_search=optuna"])
+    assert cli.check_plugins(["hydra/launcher=basic", "model=gru"]) is None
+    monkeypatch.setattr(cli, "_importable", lambda module: True)
+    assert cli.check_plugins(["hydra/launcher=slurm"]) is None
+    assert cli.check_group_choices(["experiment=tabel2"]).startswith(
+        "experiment=tabel2 is not a known experiment; choose one of table2")
+
+
+def run_sweep(launcher: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [sys.executable, "-m", "seqexp.cli", "-m", *launcher, "model=pop", "seed=1,2",
+         *tiny_overrides(tmp_path / "data"), f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+def assert_two_nested_runs(tmp_path: Path) -> None:
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("seqexp").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("seqexp.role") == "sweep"]
+    children = [r for r in runs if r is not parent]
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+
+
+@pytest.mark.skipif(not installed("hydra_plugins.hydra_submitit_launcher"),
+                    reason="hydra-submitit-launcher not installed (pip install 'seqexp[slurm]')")
+def test_submitit_jobs_in_their_own_processes_nest_under_the_parent(tmp_path, store_uri):
+    # submitit_local: the path SLURM jobs take (pickled job, fresh process reading the sweep
+    # folder), without sbatch.
+    result = run_sweep(["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"],
+                       tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_two_nested_runs(tmp_path)
+
+
+@pytest.mark.skipif(not installed("hydra_plugins.hydra_ray_launcher"),
+                    reason="hydra-ray-launcher not installed (pip install 'seqexp[ray]')")
+def test_ray_jobs_nest_under_the_parent(tmp_path, store_uri):
+    result = run_sweep(["hydra/launcher=ray_cluster"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_two_nested_runs(tmp_path)
