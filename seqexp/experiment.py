@@ -87,8 +87,9 @@ def build_model(model_cfg: Mapping, data: SequenceData) -> Recommender:
 
 
 def build_evaluator(cfg: DictConfig) -> Evaluator:
+    block = cfg.eval.max_block_elements
     return Evaluator(list(cfg.eval.cutoffs), cfg.eval.batch_users,
-                     int(cfg.eval.max_block_elements))
+                     None if block is None else int(block))
 
 
 def build_trainer(cfg: DictConfig, evaluator: Evaluator,

@@ -253,3 +253,28 @@ def test_sampled_softmax_is_cross_entropy_against_shared_negatives_with_logq(mon
         logits = [float(hidden[row] @ W[i] + bias[i] - logq[i]) for i in items]
         expected += -logits[0] + math.log(sum(math.exp(v) for v in logits))
     assert loss.item() == pytest.approx(expected / 2, rel=1e-5)
+
+
+def test_blocked_sampled_softmax_gradients_equal_autograd_of_the_plain_formula(monkeypatch):
+    from seqexp.models.recurrent import SampledSoftmaxCE
+
+    torch.manual_seed(1)
+    n_rows, n, n_neg = 7, 4, 5
+    hidden = torch.randn(n_rows, n, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(n_neg, n, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(n_neg, dtype=torch.float64, requires_grad=True)
+    positive = torch.randn(n_rows, dtype=torch.float64, requires_grad=True)
+    negatives = torch.tensor([3, 0, 6, 3, 2])
+    targets = torch.tensor([3, 1, 2, 0, 5, 6, 3])  # rows 0, 2, 3, 5, 6 have accidental hits
+    # 2 rows per block: four blocks, the last one short
+    monkeypatch.setitem(SampledSoftmaxCE.BLOCK_ELEMENTS, "cpu", 2 * n_neg)
+    blocked = SampledSoftmaxCE.apply(hidden, weight, bias, positive, targets, negatives)
+    blocked_grads = torch.autograd.grad(3.0 * blocked, (hidden, weight, bias, positive))
+    logits = hidden @ weight.T + bias
+    logits = logits.masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
+    plain = torch.nn.functional.cross_entropy(
+        torch.cat([positive[:, None], logits], dim=1), torch.zeros(n_rows, dtype=torch.long))
+    plain_grads = torch.autograd.grad(3.0 * plain, (hidden, weight, bias, positive))
+    assert blocked.item() == pytest.approx(plain.item(), rel=1e-12)
+    for got, want in zip(blocked_grads, plain_grads, strict=True):
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)

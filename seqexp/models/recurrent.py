@@ -123,11 +123,12 @@ class RecurrentRecommender(Recommender):
         weight, bias = self.output.weight, self.output.bias
         positive = (hidden * weight[targets]).sum(-1) + bias[targets]
         positive = positive - self.negative_log_q[targets]
-        negative = hidden @ weight[negatives].T + (bias - self.negative_log_q)[negatives]
-        negative = negative.masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
-        # Cross-entropy with the positive as class 0, without materialising [positive, negative]:
-        # log(e^p + sum e^n) - p.
-        return (torch.logaddexp(positive, torch.logsumexp(negative, dim=1)) - positive).mean()
+        negative_bias = (bias - self.negative_log_q)[negatives]
+        # float32 outside autocast: the softmax sums thousands of terms
+        with torch.autocast(hidden.device.type, enabled=False):
+            return SampledSoftmaxCE.apply(hidden.float(), weight[negatives].float(),
+                                          negative_bias.float(), positive.float(), targets,
+                                          negatives)
 
     def prediction_states(self, batch: PredictionBatch) -> torch.Tensor:
         """Hidden state after each target's context, replaying the batch's sequences in time
@@ -158,3 +159,49 @@ class RecurrentRecommender(Recommender):
 
     def score_items(self, state: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         return F.linear(state, self.output.weight[lo:hi], self.output.bias[lo:hi])
+
+
+class SampledSoftmaxCE(torch.autograd.Function):
+    """mean_p [log(e^{s_p} + sum_j e^{h_p·w_j + b_j}) − s_p], with s_p the positive logit and
+    the negatives j equal to p's target left out, computed in row blocks whose logits stay in
+    cache: each block's softmax gives its gradients at once (probabilities − one-hot), so the
+    [P, K] logit matrix never exists as a whole and backward only scales."""
+
+    BLOCK_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 27}  # rows x negatives per block
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, neg_weight: torch.Tensor, neg_bias: torch.Tensor,
+                positive: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor
+                ) -> torch.Tensor:
+        n_rows, n_neg = len(hidden), len(negatives)
+        budget = SampledSoftmaxCE.BLOCK_ELEMENTS.get(hidden.device.type, 1 << 19)
+        rows = max(1, budget // n_neg)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(neg_weight)
+        grad_bias = torch.zeros_like(neg_bias)
+        grad_positive = torch.empty_like(positive)
+        loss = hidden.new_zeros(())
+        for lo in range(0, n_rows, rows):
+            block = slice(lo, min(lo + rows, n_rows))
+            h, pos = hidden[block], positive[block]
+            logits = torch.addmm(neg_bias, h, neg_weight.T)
+            logits.masked_fill_(negatives[None, :] == targets[block, None], float("-inf"))
+            top = torch.maximum(logits.amax(1), pos)
+            probs = logits.sub_(top[:, None]).exp_()
+            pos_exp = (pos - top).exp()
+            total = probs.sum(1) + pos_exp
+            probs.div_(total[:, None])
+            loss += (total.log() + top - pos).sum()
+            torch.mm(probs, neg_weight, out=grad_hidden[block])
+            grad_weight.addmm_(probs.T, h)
+            grad_bias += probs.sum(0)
+            grad_positive[block] = pos_exp / total - 1.0
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, grad_positive)
+        return loss / n_rows
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_hidden, grad_weight, grad_bias, grad_positive = ctx.saved_tensors
+        scale = grad_loss / len(grad_positive)
+        return (grad_hidden * scale, grad_weight * scale, grad_bias * scale,
+                grad_positive * scale, None, None)
