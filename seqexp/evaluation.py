@@ -138,6 +138,10 @@ AUTO_BATCH_USERS = {"cpu": 256, "cuda": 8192}
 AUTO_BLOCK_ELEMENTS = {"cpu": 3_000_000, "cuda": 50_000_000}
 
 
+def _for_device(table: dict[str, int], device: torch.device) -> int:
+    return table.get(device.type, table["cpu"])
+
+
 class Evaluator:
     def __init__(self, cutoffs: Sequence[int] = (5, 10, 20), batch_users: int | None = None,
                  max_block_elements: int | None = None) -> None:
@@ -152,11 +156,10 @@ class Evaluator:
         self.max_block_elements = max_block_elements
 
     def users_per_batch(self, device: torch.device) -> int:
-        return self.batch_users or AUTO_BATCH_USERS.get(device.type, AUTO_BATCH_USERS["cpu"])
+        return self.batch_users or _for_device(AUTO_BATCH_USERS, device)
 
     def block_elements(self, device: torch.device) -> int:
-        return self.max_block_elements or AUTO_BLOCK_ELEMENTS.get(device.type,
-                                                                  AUTO_BLOCK_ELEMENTS["cpu"])
+        return self.max_block_elements or _for_device(AUTO_BLOCK_ELEMENTS, device)
 
     @torch.no_grad()
     def rank_counts(self, model: Recommender, data: SequenceData, phase: str) -> RankCounts:

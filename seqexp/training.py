@@ -200,9 +200,7 @@ class Trainer:
                                     ev_s=f"{total_events / elapsed:,.0f}")
                 if max_batches is not None and steps >= max_batches:
                     break
-        mean_loss = self._checked_loss(total_loss, total_events, epoch)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        mean_loss = self._checked_loss(total_loss, total_events, epoch)  # waits for the device
         elapsed = time.perf_counter() - started
         stats = {
             "train_loss": mean_loss,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from seqexp.errors import SeqexpError
+from seqexp.errors import SeqexpError, check_option
 
 
 def gated_update(gate_inputs: torch.Tensor, candidate_input: torch.Tensor,
@@ -113,8 +113,7 @@ class RectifiedUserGRUCell(GRUCell):
             raise SeqexpError(f"model.threshold={threshold!r} must be soft or hard")
         if omega is not None and not 0.0 <= omega <= 1.0:
             raise SeqexpError(f"model.omega={omega} must lie in [0, 1] (or null to learn it)")
-        if temperature <= 0:
-            raise SeqexpError(f"model.temperature={temperature} must be positive")
+        check_option("temperature", temperature, temperature > 0, "be positive")
         n = hidden_size
         self.temperature = temperature if threshold == "soft" else None
         self.user_proj = nn.Linear(n, 3 * n, bias=False)  # ṽ terms of z, r, k

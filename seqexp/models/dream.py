@@ -32,7 +32,7 @@ from seqexp.data.baskets import (
 )
 from seqexp.data.batching import PredictionBatch
 from seqexp.data.sequences import SequenceData
-from seqexp.errors import SeqexpError
+from seqexp.errors import check_choice, check_option
 from seqexp.models.base import Recommender
 
 POOLINGS = ("max", "mean")
@@ -83,18 +83,12 @@ class DREAM(Recommender):
         init_std: float = 0.1,
     ) -> None:
         super().__init__(n_items, n_users)
-        if pooling not in POOLINGS:
-            raise SeqexpError(f"model.pooling={pooling!r} is unknown; choose one of "
-                              f"{', '.join(POOLINGS)}")
-        if cell not in CELLS:
-            raise SeqexpError(f"model.cell={cell!r} is unknown; choose one of {', '.join(CELLS)}")
-        if hidden_size < 1:
-            raise SeqexpError(f"model.hidden_size={hidden_size} must be a positive integer")
-        if not init_std > 0:
-            raise SeqexpError(f"model.init_std={init_std} must be positive")
-        if max_baskets is not None and max_baskets < 2:
-            raise SeqexpError(f"model.max_baskets={max_baskets} must be at least 2, or null "
-                              f"for no limit")
+        check_choice("pooling", pooling, POOLINGS)
+        check_choice("cell", cell, CELLS)
+        check_option("hidden_size", hidden_size, hidden_size >= 1, "be a positive integer")
+        check_option("init_std", init_std, init_std > 0, "be positive")
+        check_option("max_baskets", max_baskets, max_baskets is None or max_baskets >= 2,
+                     "be at least 2, or null for no limit")
         self.basket_gap_s = check_gap(basket_gap_s, "model.basket_gap_s")
         self.hidden_size = hidden_size
         self.cell_name = cell

@@ -32,7 +32,7 @@ from torch import nn
 
 from seqexp.data.batching import PredictionBatch
 from seqexp.data.sequences import SequenceData
-from seqexp.errors import SeqexpError
+from seqexp.errors import SeqexpError, check_option
 from seqexp.models.base import Recommender
 
 
@@ -52,14 +52,10 @@ class BPRFactorisation(Recommender):
     def __init__(self, n_items: int, n_users: int, factors: int = 20, window: int = 0,
                  item_bias: bool = True, init_std: float = 0.1, l2: float = 0.01) -> None:
         super().__init__(n_items, n_users)
-        if factors < 1:
-            raise SeqexpError(f"model.factors={factors} must be a positive integer")
-        if window < 0:
-            raise SeqexpError(f"model.window={window} must be a non-negative integer")
-        if init_std <= 0:
-            raise SeqexpError(f"model.init_std={init_std} must be positive")
-        if l2 < 0:
-            raise SeqexpError(f"model.l2={l2} must be non-negative")
+        check_option("factors", factors, factors >= 1, "be a positive integer")
+        check_option("window", window, window >= 0, "be a non-negative integer")
+        check_option("init_std", init_std, init_std > 0, "be positive")
+        check_option("l2", l2, l2 >= 0, "be non-negative")
         self.factors = factors
         self.window = window
         self.l2 = l2

@@ -13,7 +13,7 @@ import torch
 
 from seqexp.data.batching import PredictionBatch
 from seqexp.data.sequences import SequenceData
-from seqexp.errors import SeqexpError
+from seqexp.errors import check_choice, check_option
 from seqexp.models.base import Recommender
 
 
@@ -152,17 +152,12 @@ class ExpDecayKNN(ItemKNN):
                  window: int | None = 20, popularity_tiebreak: bool = True,
                  anchor_block: int = 20_000_000) -> None:
         super().__init__(n_items, n_users, neighbours, popularity_tiebreak)
-        if decay_unit not in DECAY_UNITS:
-            raise SeqexpError(f"model.decay_unit={decay_unit!r} is unknown; choose one of "
-                              f"{', '.join(DECAY_UNITS)}")
-        if decay < 0:
-            raise SeqexpError(f"model.decay={decay} must be non-negative")
-        if time_unit_s <= 0:
-            raise SeqexpError(f"model.time_unit_s={time_unit_s} must be positive (seconds)")
-        if window is not None and window < 1:
-            raise SeqexpError(f"model.window={window} must be a positive integer or null")
-        if anchor_block < 1:
-            raise SeqexpError(f"model.anchor_block={anchor_block} must be positive")
+        check_choice("decay_unit", decay_unit, DECAY_UNITS)
+        check_option("decay", decay, decay >= 0, "be non-negative")
+        check_option("time_unit_s", time_unit_s, time_unit_s > 0, "be positive (seconds)")
+        check_option("window", window, window is None or window >= 1,
+                     "be a positive integer or null")
+        check_option("anchor_block", anchor_block, anchor_block >= 1, "be positive")
         self.decay = decay
         self.decay_unit = decay_unit
         self.time_unit_s = time_unit_s

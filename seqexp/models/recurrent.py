@@ -13,7 +13,7 @@ from torch import nn
 
 from seqexp.data.batching import PredictionBatch, WindowBatch, to_device, window_batches
 from seqexp.data.sequences import SequenceData
-from seqexp.errors import SeqexpError
+from seqexp.errors import SeqexpError, check_choice, check_option
 from seqexp.models.base import Recommender
 from seqexp.models.cells import CELLS
 
@@ -43,17 +43,13 @@ class RecurrentRecommender(Recommender):
         **cell_options,
     ) -> None:
         super().__init__(n_items, n_users)
-        if cell not in CELLS:
-            raise SeqexpError(f"model.cell={cell!r} is unknown; choose one of {', '.join(CELLS)}")
-        if loss not in LOSSES:
-            raise SeqexpError(f"model.loss={loss!r} is unknown; choose one of {', '.join(LOSSES)}")
+        check_choice("cell", cell, CELLS)
+        check_choice("loss", loss, LOSSES)
         for key, value in (("dropout", dropout), ("user_dropout", user_dropout)):
-            if not 0.0 <= value <= 1.0:
-                raise SeqexpError(f"model.{key}={value} must lie in [0, 1]")
+            check_option(key, value, 0.0 <= value <= 1.0, "lie in [0, 1]")
         for key, value in (("hidden_size", hidden_size), ("window", window),
                            ("eval_chunk", eval_chunk), ("n_negatives", n_negatives)):
-            if value < 1:
-                raise SeqexpError(f"model.{key}={value} must be a positive integer")
+            check_option(key, value, value >= 1, "be a positive integer")
         self.hidden_size = hidden_size
         self.window = window
         self.eval_chunk = eval_chunk
@@ -174,7 +170,8 @@ class SampledSoftmaxCE(torch.autograd.Function):
                 positive: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor
                 ) -> torch.Tensor:
         n_rows, n_neg = len(hidden), len(negatives)
-        budget = SampledSoftmaxCE.BLOCK_ELEMENTS.get(hidden.device.type, 1 << 19)
+        blocks = SampledSoftmaxCE.BLOCK_ELEMENTS
+        budget = blocks.get(hidden.device.type, blocks["cpu"])
         rows = max(1, budget // n_neg)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(neg_weight)
