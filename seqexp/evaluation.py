@@ -81,44 +81,47 @@ def count_ranks(
     collects the target scores and a second counts against them.
     """
     n_points = len(targets)
+    whole = None
     if chunk >= n_items:
-        scores = score_block(0, n_items)
-        _check_finite(scores)
-        greater, equal = _row_counts(scores, scores.gather(1, targets[:, None]))
-        return greater, equal - 1
-    target_scores = torch.empty(n_points, 1, device=targets.device)
-    for lo in range(0, n_items, chunk):
-        hi = min(lo + chunk, n_items)
-        inside = (targets >= lo) & (targets < hi)
-        if inside.any():
-            scores = score_block(lo, hi)
-            target_scores[inside] = scores[inside].gather(1, (targets[inside] - lo)[:, None])
+        whole = score_block(0, n_items)
+        target_scores = whole.gather(1, targets[:, None])
+    else:
+        target_scores = torch.empty(n_points, 1, device=targets.device)
+        for lo in range(0, n_items, chunk):
+            hi = min(lo + chunk, n_items)
+            inside = (targets >= lo) & (targets < hi)
+            if inside.any():
+                scores = score_block(lo, hi)
+                target_scores[inside] = scores[inside].gather(1, (targets[inside] - lo)[:, None])
     greater = torch.zeros(n_points, dtype=torch.int32, device=targets.device)
-    equal = torch.full((n_points,), -1, dtype=torch.int32, device=targets.device)
+    equal = torch.full((n_points,), -1, dtype=torch.int32, device=targets.device)  # − target
     for lo in range(0, n_items, chunk):
-        scores = score_block(lo, min(lo + chunk, n_items))
+        scores = whole if whole is not None else score_block(lo, min(lo + chunk, n_items))
         _check_finite(scores)
-        block_greater, block_equal = _row_counts(scores, target_scores)
+        block_greater, block_equal = _sign_counts(scores, target_scores)
         greater += block_greater
         equal += block_equal
     return greater, equal
 
 
-# Columns summed per int16 reduction: comparisons are summed in int16 (on a CPU faster than
-# int32 and than the default int64), which holds counts up to 32767.
-INT16_COLUMNS = 32_767
+# Columns per float32 sum of signs: exact while partial sums stay below 2**24.
+SIGN_COLUMNS = 1 << 24
 
 
-def _row_counts(scores: torch.Tensor, target_scores: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, the number of scores above and equal to the row's target score."""
-    greater = torch.zeros(len(scores), dtype=torch.int32, device=scores.device)
-    equal = torch.zeros_like(greater)
-    for lo in range(0, scores.shape[1], INT16_COLUMNS):
-        block = scores[:, lo:lo + INT16_COLUMNS]
-        greater += (block > target_scores).sum(1, dtype=torch.int16)
-        equal += (block == target_scores).sum(1, dtype=torch.int16)
-    return greater, equal
+def _sign_counts(scores: torch.Tensor, target_scores: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the number of scores above and equal to the row's target score: sign(s − t)
+    sums to (above − below) and its absolute value to (above + below), one pass each instead
+    of two comparisons. sign(s − t) is 0 exactly when s = t: subnormal differences stay
+    nonzero, and a tie at ±inf gives sign(NaN) = 0. NaN scores must be excluded first."""
+    net = torch.zeros(len(scores), dtype=torch.int64, device=scores.device)
+    moved = torch.zeros_like(net)
+    for lo in range(0, scores.shape[1], SIGN_COLUMNS):
+        # not in place: a model may return a view of its own tensors
+        sign = torch.sub(scores[:, lo:lo + SIGN_COLUMNS], target_scores).sign_()
+        net += sign.sum(1, dtype=torch.float32).to(torch.int64)  # float32 for bf16/fp16 too
+        moved += sign.abs_().sum(1, dtype=torch.float32).to(torch.int64)
+    return ((net + moved) // 2).to(torch.int32), (scores.shape[1] - moved).to(torch.int32)
 
 
 def _check_finite(scores: torch.Tensor) -> None:

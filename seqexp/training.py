@@ -57,6 +57,19 @@ def save_checkpoint(model: Recommender, path: Path) -> None:
             os.unlink(tmp)
 
 
+def amp_unavailable(device: torch.device) -> str | None:
+    """Why bf16 autocast would not speed up training on `device` (None: it would). A CPU
+    needs native bf16 products (AVX512-BF16 or AMX): elsewhere oneDNN emulates them."""
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu, private
+        if any(getattr(torch.cpu, probe, lambda: False)() for probe in probes):
+            return None
+        return "this CPU has no native bfloat16 products (AVX512-BF16 or AMX)"
+    return f"not supported on {device.type}"
+
+
 class Trainer:
     def __init__(
         self,
@@ -89,7 +102,7 @@ class Trainer:
         self.progress = progress
         self.seed = seed
         self.checkpoint_path = checkpoint_path
-        self.amp = amp  # bf16 autocast of the training forward pass, CUDA only
+        self.amp = amp  # bf16 autocast of the training forward pass (see amp_unavailable)
         self.compile = compile
         self._compiled: dict[int, object] = {}
 
@@ -176,9 +189,10 @@ class Trainer:
         bar = tqdm(total=n_train, desc=f"epoch {epoch}/{self.epochs}", unit="ev",
                    unit_scale=True, disable=not self.progress, leave=False, mininterval=1.0)
         device = model.device
-        use_amp = self.amp and device.type == "cuda"
-        if self.amp and not use_amp and epoch == 1:
-            log.warning("train.amp applies on CUDA only; training in float32 on %s", device)
+        why_not = amp_unavailable(device) if self.amp else None
+        use_amp = self.amp and why_not is None
+        if why_not and epoch == 1:
+            log.warning("train.amp: %s; training in float32", why_not)
         loss_function = self._loss_function(model)
         with bar:
             for batch in model.training_batches(data, self.batch_size, rng):

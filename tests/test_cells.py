@@ -255,9 +255,12 @@ def test_sampled_softmax_is_cross_entropy_against_shared_negatives_with_logq(mon
     assert loss.item() == pytest.approx(expected / 2, rel=1e-5)
 
 
-def test_blocked_sampled_softmax_gradients_equal_autograd_of_the_plain_formula(monkeypatch):
+@pytest.mark.parametrize("sparse_hits", [True, False])
+def test_blocked_sampled_softmax_gradients_equal_autograd_of_the_plain_formula(
+        monkeypatch, sparse_hits):
     from seqexp.models.recurrent import SampledSoftmaxCE
 
+    monkeypatch.setitem(SampledSoftmaxCE.SPARSE_HITS, "cpu", sparse_hits)
     torch.manual_seed(1)
     n_rows, n, n_neg = 7, 4, 5
     hidden = torch.randn(n_rows, n, dtype=torch.float64, requires_grad=True)
@@ -278,3 +281,83 @@ def test_blocked_sampled_softmax_gradients_equal_autograd_of_the_plain_formula(m
     assert blocked.item() == pytest.approx(plain.item(), rel=1e-12)
     for got, want in zip(blocked_grads, plain_grads, strict=True):
         assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_accidental_hits_are_the_pairs_of_the_dense_comparison_block_by_block():
+    from seqexp.models.recurrent import accidental_hits
+
+    generator = torch.Generator().manual_seed(3)
+    negatives = torch.randint(0, 6, (9,), generator=generator)  # repeats: several hits a row
+    targets = torch.randint(0, 8, (11,), generator=generator)  # 6, 7: never a negative
+    for rows_per_block in (1, 3, 4, 11, 20):
+        blocks = accidental_hits(targets, negatives, rows_per_block)
+        assert len(blocks) == math.ceil(11 / rows_per_block)
+        for index, (rows, slots) in enumerate(blocks):
+            lo = index * rows_per_block
+            dense = negatives[None, :] == targets[lo:lo + rows_per_block, None]
+            sparse = torch.zeros_like(dense)
+            sparse[rows, slots] = True
+            assert torch.equal(sparse, dense)
+            assert len(rows) == int(dense.sum())  # each pair once
+
+
+def test_bf16_products_in_the_sampled_softmax_stay_close_to_float64():
+    from seqexp.models.recurrent import SampledSoftmaxCE
+
+    torch.manual_seed(2)
+    n_rows, n, n_neg = 300, 16, 700
+    inputs = [torch.randn(n_rows, n), torch.randn(n_neg, n) / 4, torch.randn(n_neg),
+              torch.randn(n_rows)]
+    negatives = torch.randint(0, 50, (n_neg,))
+    targets = torch.randint(0, 60, (n_rows,))
+
+    def loss_and_grads(dtype, matmul_dtype):
+        leaves = [x.to(dtype).requires_grad_() for x in inputs]
+        loss = SampledSoftmaxCE.apply(*leaves, targets, negatives, matmul_dtype)
+        return [loss.detach(), *torch.autograd.grad(loss, leaves)]
+
+    exact = loss_and_grads(torch.float64, None)
+    bf16 = loss_and_grads(torch.float32, torch.bfloat16)
+    assert all(got.dtype == torch.float32 for got in bf16)  # gradients for float32 leaves
+    errors = [float((got.double() - want).abs().max() / want.abs().max())
+              for got, want in zip(bf16, exact, strict=True)]
+    assert max(errors) < 2e-2  # loss, hidden, weight, bias and positive gradients
+    assert max(errors[1:3]) > 1e-3  # the products did run in bf16 (float32 errs by ~3e-7)
+
+
+def test_under_autocast_only_the_sampled_softmax_products_change_dtype(monkeypatch):
+    from seqexp.models import recurrent
+
+    seen = {}
+
+    def spy(*args):
+        seen["dtypes"] = [a.dtype for a in args[:4]]
+        seen["matmul_dtype"] = args[-1]
+        return args[0].sum() * 0
+
+    monkeypatch.setattr(recurrent.SampledSoftmaxCE, "apply", spy)
+    model = RecurrentRecommender(20, 2, hidden_size=4, loss="sampled_softmax", n_negatives=5)
+    hidden, targets = torch.randn(3, 4), torch.tensor([1, 2, 3])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.sampled_softmax_loss(hidden, targets)
+    assert seen == {"dtypes": [torch.float32] * 4, "matmul_dtype": torch.bfloat16}
+    model.sampled_softmax_loss(hidden, targets)
+    assert seen["matmul_dtype"] is None
+
+
+def test_dropout_drops_a_share_p_and_scales_the_rest_by_one_over_keep():
+    from seqexp.models.recurrent import Dropout
+
+    torch.manual_seed(0)
+    dropout = Dropout(0.2)
+    x = torch.full((400, 500), 3.0, requires_grad=True)
+    y = dropout(x)
+    kept = y != 0
+    assert abs(1.0 - kept.float().mean().item() - 0.2) < 0.005  # 200,000 draws: sd 0.0009
+    assert torch.equal(y[kept], torch.full((int(kept.sum()),), 3.0 / 0.8))
+    y.sum().backward()
+    assert torch.equal(x.grad, kept.float() / 0.8)  # the gradient goes through the same mask
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x), y)  # drawn from torch's seeded generator
+    dropout.eval()
+    assert dropout(x) is x

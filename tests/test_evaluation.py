@@ -64,6 +64,51 @@ def test_nan_scores_are_an_error_not_a_first_rank():
         count_ranks(_block(scores), TARGETS, 5, 5)
 
 
+def _counts_by_comparison(scores: torch.Tensor, targets: torch.Tensor):
+    target_scores = scores.gather(1, targets[:, None])
+    return ((scores > target_scores).sum(1).tolist(),
+            ((scores == target_scores).sum(1) - 1).tolist())
+
+
+def test_infinite_scores_and_ties_at_infinity_count_like_comparisons():
+    inf = float("inf")
+    scores = torch.tensor([
+        [inf, 1.0, inf, -inf, 0.0],  # target 0 at +inf, tied with item 2 -> g=0, e=1
+        [-inf, 1.0, -inf, -inf, 0.0],  # target 0 at -inf, tied with 2 and 3 -> g=2, e=2
+        [inf, -inf, 3.0, 3.0, -inf],  # target 2: one above at +inf, one level -> g=1, e=1
+        [1e-45, 0.0, -1e-45, 2e-45, 0.0],  # subnormal gaps: target 1 -> g=2, e=1
+    ])
+    targets = torch.tensor([0, 0, 2, 1])
+    for chunk in (5, 2):
+        greater, equal = count_ranks(_block(scores), targets, 5, chunk)
+        assert (greater.tolist(), equal.tolist()) == ([0, 2, 1, 2], [1, 2, 1, 1])
+    assert (greater.tolist(), equal.tolist()) == _counts_by_comparison(scores, targets)
+
+
+def test_sign_sums_over_column_blocks_equal_comparisons_on_many_ties(monkeypatch):
+    import seqexp.evaluation as evaluation
+
+    monkeypatch.setattr(evaluation, "SIGN_COLUMNS", 3)  # sums over 3-column pieces
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (50, 17), generator=generator).float()  # ties everywhere
+    targets = torch.randint(0, 17, (50,), generator=generator)
+    greater, equal = count_ranks(_block(scores), targets, 17, 17)
+    assert (greater.tolist(), equal.tolist()) == _counts_by_comparison(scores, targets)
+
+
+def test_half_precision_scores_are_counted_exactly_past_their_integer_range():
+    scores = torch.linspace(0.0, 1.0, 600).repeat(2, 1).to(torch.bfloat16)  # bf16: 256 ties
+    targets = torch.tensor([599, 0])
+    greater, equal = count_ranks(_block(scores), targets, 600, 600)
+    assert (greater.tolist(), equal.tolist()) == _counts_by_comparison(scores, targets)
+
+
+def test_the_evaluator_leaves_the_scores_a_model_returns_untouched():
+    stored = SCORES.clone()
+    count_ranks(lambda lo, hi: stored[:, lo:hi], TARGETS, 5, 2)
+    assert torch.equal(stored, SCORES)
+
+
 class Oracle(Recommender):
     """Scores the true next item 1 and everything else 0, using only the contract."""
 

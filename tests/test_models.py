@@ -156,3 +156,35 @@ def test_a_non_finite_training_loss_stops_training_with_a_clear_error():
     optimizer = trainer.make_optimizer(model)
     with pytest.raises(SeqexpError, match="training loss became nan in epoch 1; lower train.lr"):
         trainer.train_epoch(model, data, optimizer, np.random.default_rng(0), 1)
+
+
+class AutocastSpy(RecurrentRecommender):
+    """Records whether each training forward pass ran under CPU autocast."""
+
+    def training_loss(self, batch):
+        self.autocast_seen.append(torch.is_autocast_enabled("cpu"))
+        return super().training_loss(batch)
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_amp_on_a_cpu_autocasts_only_where_it_has_native_bf16(monkeypatch, caplog,
+                                                                native_bf16):
+    import logging
+
+    from seqexp.training import Trainer, amp_unavailable
+
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: native_bf16, raising=False)
+    data = sequences([[1, 2, 3, 4, 5], [2, 3, 4, 5, 6]], n_items=8)
+    model = AutocastSpy(8, 2, hidden_size=4, window=2)
+    model.autocast_seen = []
+    trainer = Trainer(Evaluator([1]), epochs=1, batch_size=2, progress=False, amp=True)
+    with caplog.at_level(logging.WARNING, logger="seqexp.training"):
+        stats = trainer.train_epoch(model, data, trainer.make_optimizer(model),
+                                    np.random.default_rng(0), 1)
+    assert math.isfinite(stats["train_loss"])
+    assert model.autocast_seen and set(model.autocast_seen) == {native_bf16}
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # float32 master weights
+    warned = "train.amp: this CPU has no native bfloat16 products" in caplog.text
+    assert warned is not native_bf16
+    assert (amp_unavailable(torch.device("cpu")) is None) is native_bf16
