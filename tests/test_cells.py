@@ -255,12 +255,40 @@ def test_sampled_softmax_is_cross_entropy_against_shared_negatives_with_logq(mon
     assert loss.item() == pytest.approx(expected / 2, rel=1e-5)
 
 
+@pytest.mark.parametrize("merge_repeats", [True, False])
+def test_repeated_negatives_count_once_per_draw_merged_or_not(monkeypatch, merge_repeats):
+    from seqexp.models.recurrent import DATA_SIZED_INDEXING
+
+    monkeypatch.setitem(DATA_SIZED_INDEXING, "cpu", merge_repeats)
+    torch.manual_seed(0)
+    model = RecurrentRecommender(6, 2, hidden_size=3, loss="sampled_softmax", n_negatives=7)
+    model.negative_log_q.copy_(torch.randn(6))
+    draws = torch.tensor([4, 1, 4, 2, 1, 4, 5])  # 4 three times, 1 twice
+    monkeypatch.setattr(torch, "multinomial", lambda *args, **kwargs: draws)
+    hidden = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([1, 3, 4])  # 1 and 4 are also drawn: accidental hits
+    model.double()
+    loss = model.sampled_softmax_loss(hidden, targets)
+    grads = torch.autograd.grad(loss, (hidden, model.output.weight, model.output.bias))
+    W, bias, logq = model.output.weight, model.output.bias, model.negative_log_q
+    expected = 0.0
+    for row, target in enumerate(targets.tolist()):
+        items = [target] + [n for n in draws.tolist() if n != target]  # every draw counts
+        logits = torch.stack([hidden[row] @ W[i] + bias[i] - logq[i] for i in items])
+        expected = expected + torch.logsumexp(logits, 0) - logits[0]
+    expected = expected / 3
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)  # float32 inside
+    want = torch.autograd.grad(expected, (hidden, model.output.weight, model.output.bias))
+    for got, wanted in zip(grads, want, strict=True):
+        assert torch.allclose(got, wanted, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("sparse_hits", [True, False])
 def test_blocked_sampled_softmax_gradients_equal_autograd_of_the_plain_formula(
         monkeypatch, sparse_hits):
-    from seqexp.models.recurrent import SampledSoftmaxCE
+    from seqexp.models.recurrent import DATA_SIZED_INDEXING, SampledSoftmaxCE
 
-    monkeypatch.setitem(SampledSoftmaxCE.SPARSE_HITS, "cpu", sparse_hits)
+    monkeypatch.setitem(DATA_SIZED_INDEXING, "cpu", sparse_hits)
     torch.manual_seed(1)
     n_rows, n, n_neg = 7, 4, 5
     hidden = torch.randn(n_rows, n, dtype=torch.float64, requires_grad=True)

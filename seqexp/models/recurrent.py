@@ -18,6 +18,9 @@ from seqexp.models.base import Recommender
 from seqexp.models.cells import CELLS
 
 LOSSES = ("full_softmax", "sampled_softmax")
+# Index work whose output size depends on the data (merging repeated negatives, finding
+# accidental hits): on a CPU it saves work, on a GPU it would make the host wait for the device.
+DATA_SIZED_INDEXING = {"cpu": True, "cuda": False}
 
 
 class Dropout(nn.Dropout):
@@ -131,7 +134,13 @@ class RecurrentRecommender(Recommender):
         weight, bias = self.output.weight, self.output.bias
         positive = (hidden * weight[targets]).sum(-1) + bias[targets]
         positive = positive - self.negative_log_q[targets]
-        negative_bias = (bias - self.negative_log_q)[negatives]
+        log_count = 0.0
+        if DATA_SIZED_INDEXING.get(hidden.device.type, False):
+            # c copies of a negative share one logit l, and c·e^l = e^(l + log c): one column
+            # each, the same loss and gradients.
+            negatives, counts = torch.unique(negatives, return_counts=True)
+            log_count = counts.to(bias.dtype).log()
+        negative_bias = (bias - self.negative_log_q)[negatives] + log_count
         # Under autocast only the products run in its dtype: the softmax sums thousands of
         # terms, so it stays in float32.
         matmul_dtype = autocast_dtype(hidden.device.type)
@@ -212,9 +221,6 @@ class SampledSoftmaxCE(torch.autograd.Function):
     """
 
     BLOCK_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 27}  # rows x negatives per block
-    # Accidental hits found by accidental_hits: on a GPU the dense comparison costs little,
-    # and the sparse form would wait for the device.
-    SPARSE_HITS = {"cpu": True, "cuda": False}
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, neg_weight: torch.Tensor, neg_bias: torch.Tensor,
@@ -224,7 +230,7 @@ class SampledSoftmaxCE(torch.autograd.Function):
         blocks = SampledSoftmaxCE.BLOCK_ELEMENTS
         budget = blocks.get(hidden.device.type, blocks["cpu"])
         rows = max(1, budget // n_neg)
-        sparse = SampledSoftmaxCE.SPARSE_HITS.get(hidden.device.type, False)
+        sparse = DATA_SIZED_INDEXING.get(hidden.device.type, False)
         hits = accidental_hits(targets, negatives, rows) if sparse else None
         mm_dtype = matmul_dtype or hidden.dtype
         hidden_mm, weight_mm = hidden.to(mm_dtype), neg_weight.to(mm_dtype)
