@@ -81,17 +81,22 @@ def count_ranks(
     collects the target scores and a second counts against them.
     """
     n_points = len(targets)
+    if n_points == 0:
+        empty = torch.zeros(0, dtype=torch.int32, device=targets.device)
+        return empty, empty.clone()
     whole = None
     if chunk >= n_items:
         whole = score_block(0, n_items)
         target_scores = whole.gather(1, targets[:, None])
     else:
-        target_scores = torch.empty(n_points, 1, device=targets.device)
+        target_scores = None
         for lo in range(0, n_items, chunk):
             hi = min(lo + chunk, n_items)
             inside = (targets >= lo) & (targets < hi)
             if inside.any():
                 scores = score_block(lo, hi)
+                if target_scores is None:  # in the scores' dtype: float64 ties must stay ties
+                    target_scores = scores.new_empty(n_points, 1)
                 target_scores[inside] = scores[inside].gather(1, (targets[inside] - lo)[:, None])
     greater = torch.zeros(n_points, dtype=torch.int32, device=targets.device)
     equal = torch.full((n_points,), -1, dtype=torch.int32, device=targets.device)  # − target
@@ -113,7 +118,8 @@ def _sign_counts(scores: torch.Tensor, target_scores: torch.Tensor
     """Per row, the number of scores above and equal to the row's target score: sign(s − t)
     sums to (above − below) and its absolute value to (above + below), one pass each instead
     of two comparisons. sign(s − t) is 0 exactly when s = t: subnormal differences stay
-    nonzero, and a tie at ±inf gives sign(NaN) = 0. NaN scores must be excluded first."""
+    nonzero (torch.set_flush_denormal(True), which seqexp never sets, would make them ties),
+    and a tie at ±inf gives sign(NaN) = 0. NaN scores must be excluded first."""
     net = torch.zeros(len(scores), dtype=torch.int64, device=scores.device)
     moved = torch.zeros_like(net)
     for lo in range(0, scores.shape[1], SIGN_COLUMNS):

@@ -96,10 +96,21 @@ def test_sign_sums_over_column_blocks_equal_comparisons_on_many_ties(monkeypatch
     assert (greater.tolist(), equal.tolist()) == _counts_by_comparison(scores, targets)
 
 
-def test_half_precision_scores_are_counted_exactly_past_their_integer_range():
-    scores = torch.linspace(0.0, 1.0, 600).repeat(2, 1).to(torch.bfloat16)  # bf16: 256 ties
-    targets = torch.tensor([599, 0])
-    greater, equal = count_ranks(_block(scores), targets, 600, 600)
+@pytest.mark.parametrize("chunk", [600, 7])
+def test_half_precision_scores_are_counted_exactly_past_their_integer_range(chunk):
+    scores = torch.linspace(0.0, 1.0, 600).repeat(3, 1).to(torch.bfloat16)  # bf16: 256 ties
+    targets = torch.tensor([599, 0, 3])  # 0 and 3 share a 7-item chunk
+    greater, equal = count_ranks(_block(scores), targets, 600, chunk)
+    assert (greater.tolist(), equal.tolist()) == _counts_by_comparison(scores, targets)
+
+
+@pytest.mark.parametrize("chunk", [4, 2])
+def test_float64_scores_keep_differences_float32_would_round_away(chunk):
+    scores = torch.tensor([[1.0, 1 + 1e-12, 1 + 2e-12, 0.5],
+                           [1 + 1e-12, 1.0, 1.0, 1 + 1e-12]], dtype=torch.float64)
+    targets = torch.tensor([0, 3])
+    greater, equal = count_ranks(_block(scores), targets, 4, chunk)
+    assert (greater.tolist(), equal.tolist()) == ([2, 0], [0, 1])
     assert (greater.tolist(), equal.tolist()) == _counts_by_comparison(scores, targets)
 
 
