@@ -233,6 +233,7 @@ class SampledSoftmaxCE(torch.autograd.Function):
         sparse = DATA_SIZED_INDEXING.get(hidden.device.type, False)
         hits = accidental_hits(targets, negatives, rows) if sparse else None
         mm_dtype = matmul_dtype or hidden.dtype
+        fused = mm_dtype == hidden.dtype  # products that write or add in place, no temporaries
         hidden_mm, weight_mm = hidden.to(mm_dtype), neg_weight.to(mm_dtype)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(neg_weight)
@@ -242,7 +243,10 @@ class SampledSoftmaxCE(torch.autograd.Function):
         for index, lo in enumerate(range(0, n_rows, rows)):
             block = slice(lo, min(lo + rows, n_rows))
             h, pos = hidden_mm[block], positive[block]
-            logits = torch.mm(h, weight_mm.T).to(hidden.dtype).add_(neg_bias)
+            if fused:
+                logits = torch.addmm(neg_bias, h, weight_mm.T)
+            else:
+                logits = torch.mm(h, weight_mm.T).to(hidden.dtype).add_(neg_bias)
             if hits is None:
                 logits.masked_fill_(negatives[None, :] == targets[block, None], float("-inf"))
             else:
@@ -254,8 +258,12 @@ class SampledSoftmaxCE(torch.autograd.Function):
             probs.div_(total[:, None])
             loss += (total.log() + top - pos).sum()
             probs_mm = probs.to(mm_dtype)
-            grad_hidden[block] = torch.mm(probs_mm, weight_mm)
-            grad_weight += torch.mm(probs_mm.T, h)
+            if fused:
+                torch.mm(probs_mm, weight_mm, out=grad_hidden[block])
+                grad_weight.addmm_(probs_mm.T, h)
+            else:  # bf16 products, summed over blocks in float32
+                grad_hidden[block] = torch.mm(probs_mm, weight_mm)
+                grad_weight += torch.mm(probs_mm.T, h)
             grad_bias += probs.sum(0)
             grad_positive[block] = pos_exp / total - 1.0
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, grad_positive)
