@@ -132,7 +132,10 @@ class RecurrentRecommender(Recommender):
         masked out."""
         negatives = torch.multinomial(self.negative_probs, self.n_negatives, replacement=True)
         weight, bias = self.output.weight, self.output.bias
-        positive = (hidden * weight[targets]).sum(-1) + bias[targets]
+        # index_select, not [ ]: its backward is an index_add, several times faster on a CPU
+        # than the accumulating index_put of advanced indexing
+        positive = ((hidden * weight.index_select(0, targets)).sum(-1)
+                    + bias.index_select(0, targets))
         positive = positive - self.negative_log_q[targets]
         log_count = 0.0
         if DATA_SIZED_INDEXING.get(hidden.device.type, False):
@@ -140,12 +143,14 @@ class RecurrentRecommender(Recommender):
             # each, the same loss and gradients.
             negatives, counts = torch.unique(negatives, return_counts=True)
             log_count = counts.to(bias.dtype).log()
-        negative_bias = (bias - self.negative_log_q)[negatives] + log_count
+        negative_bias = (bias.index_select(0, negatives) - self.negative_log_q[negatives]
+                         + log_count)
         # Under autocast only the products run in its dtype: the softmax sums thousands of
         # terms, so it stays in float32.
         matmul_dtype = autocast_dtype(hidden.device.type)
         with torch.autocast(hidden.device.type, enabled=False):
-            return SampledSoftmaxCE.apply(hidden.float(), weight[negatives].float(),
+            return SampledSoftmaxCE.apply(hidden.float(),
+                                          weight.index_select(0, negatives).float(),
                                           negative_bias.float(), positive.float(), targets,
                                           negatives, matmul_dtype)
 
