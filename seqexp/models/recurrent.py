@@ -132,7 +132,7 @@ class RecurrentRecommender(Recommender):
         masked out."""
         negatives = torch.multinomial(self.negative_probs, self.n_negatives, replacement=True)
         weight, bias = self.output.weight, self.output.bias
-        # index_select, not [ ]: its backward is an index_add, several times faster on a CPU
+        # index_select, not [ ]: its backward is an index_add, faster on a CPU
         # than the accumulating index_put of advanced indexing
         positive = ((hidden * weight.index_select(0, targets)).sum(-1)
                     + bias.index_select(0, targets))
