@@ -25,7 +25,7 @@ DATA_SIZED_INDEXING = {"cpu": True, "cuda": False}
 
 class Dropout(nn.Dropout):
     """nn.Dropout (inverted: kept values scaled by 1/(1 − p)); on a CPU the mask is drawn as
-    uniform < 1 − p, twice as fast there as the bernoulli_ that F.dropout uses."""
+    uniform < 1 − p, faster there than the bernoulli_ that F.dropout uses."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or x.device.type != "cpu" or self.p in (0.0, 1.0):
