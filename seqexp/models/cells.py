@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from seqexp.errors import SeqexpError, check_option
+from seqexp.errors import check_choice, check_option
 
 
 def gated_update(gate_inputs: torch.Tensor, candidate_input: torch.Tensor,
@@ -109,10 +109,9 @@ class RectifiedUserGRUCell(GRUCell):
     def __init__(self, hidden_size: int, threshold: str = "soft", temperature: float = 0.1,
                  omega: float | None = None) -> None:
         super().__init__(hidden_size)
-        if threshold not in ("soft", "hard"):
-            raise SeqexpError(f"model.threshold={threshold!r} must be soft or hard")
-        if omega is not None and not 0.0 <= omega <= 1.0:
-            raise SeqexpError(f"model.omega={omega} must lie in [0, 1] (or null to learn it)")
+        check_choice("threshold", threshold, ("soft", "hard"))
+        check_option("omega", omega, omega is None or 0.0 <= omega <= 1.0,
+                     "lie in [0, 1] (or null to learn it)")
         check_option("temperature", temperature, temperature > 0, "be positive")
         n = hidden_size
         self.temperature = temperature if threshold == "soft" else None
