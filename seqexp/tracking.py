@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 import random
 import subprocess
 import time
@@ -12,7 +13,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlparse
 
 from seqexp.errors import SeqexpError
 
@@ -40,10 +40,19 @@ def run_name(model: str, dataset: str, overrides: Sequence[str] = ()) -> str:
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:
-    """The database file of a `sqlite:///...` tracking URI, else None."""
-    if not tracking_uri.startswith("sqlite:///"):
+    """The database file of a `sqlite:///...` tracking URI as an absolute path, else None.
+
+    SQLAlchemy's form, not a URL's: after `sqlite:///` comes a file path, relative to the
+    working directory (`sqlite:///mlflow.db`) or absolute (`sqlite:////abs/mlflow.db`). A URL
+    parser reads the second form's path as `//abs/mlflow.db`, whose `file:` URI MLflow then
+    takes for a host name plus a path at the file-system root."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
         return None
-    return Path(urlparse(tracking_uri).path)
+    database = tracking_uri[len(prefix):].split("?", 1)[0]
+    if database in ("", ":memory:"):
+        return None
+    return Path(os.path.abspath(database))
 
 
 def is_locked_error(exc: BaseException) -> bool:

@@ -1,0 +1,103 @@
+"""Artifacts land beside the SQLite store, and nowhere else: checked on the file system, not
+through MLflow (which reads back whatever location it wrote, right or wrong)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import tiny_overrides
+from seqexp.tracking import sqlite_path
+
+TINY = [o for o in tiny_overrides(Path("unused")) if not o.startswith("paths.")]
+
+
+@pytest.mark.parametrize(("uri", "expected"), [
+    ("sqlite:///mlflow.db", "{cwd}/mlflow.db"),
+    ("sqlite:///sub/../store/x.db?timeout=5", "{cwd}/store/x.db"),
+    ("sqlite:////abs/dir/mlflow.db", "/abs/dir/mlflow.db"),
+    ("sqlite:///:memory:", None),
+    ("postgresql://u@localhost/db", None),
+    ("http://127.0.0.1:5000", None),
+])
+def test_sqlite_path_reads_sqlalchemy_paths_not_url_paths(uri, expected, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    found = sqlite_path(uri)
+    assert found == (None if expected is None else Path(expected.format(cwd=tmp_path)))
+
+
+def _run(module: str, args: list[str], cwd: Path, home: Path) -> None:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HOME=str(home))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    result = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _files(folder: Path) -> set[Path]:
+    return {p.relative_to(folder) for p in folder.rglob("*") if p.is_file()}
+
+
+def _layout(tmp_path: Path, store: str) -> tuple[Path, Path, Path, Path, list[str]]:
+    """launch folder, data folder, $HOME, the store's folder and the mlflow.tracking_uri
+    override (none for the default store)."""
+    launch, data, home = tmp_path / "home" / "me" / "exp", tmp_path / "data", tmp_path / "home2"
+    for folder in (launch, home):
+        folder.mkdir(parents=True)
+    store_dir = {"default": launch, "relative": launch / "runs",
+                 "absolute": tmp_path / "elsewhere"}[store]
+    uri = {"default": [], "relative": ["mlflow.tracking_uri=sqlite:///runs/mlflow.db"],
+           "absolute": [f"mlflow.tracking_uri=sqlite:///{store_dir / 'mlflow.db'}"]}[store]
+    return launch, data, home, store_dir, uri
+
+
+def _assert_nothing_outside(tmp_path: Path, launch: Path, home: Path, allowed: set[str],
+                            tmp_before: set[str]) -> None:
+    """Nothing where a misread `file://` URI puts it (its first folder taken for a host name,
+    the rest rooted at /), beside this test's folder or in $HOME; in the launch folder only
+    `allowed`."""
+    assert not Path("/", *tmp_path.parts[2:]).exists()
+    assert set(os.listdir(tmp_path.parent)) == tmp_before
+    # matplotlib's font cache (seqexp-report's chart) is the only thing a user's $HOME gets.
+    assert all("matplotlib" in p.parts for p in _files(home))
+    assert {p.name for p in tmp_path.iterdir()} <= {"home", "data", "home2", "elsewhere"}
+    assert {p.name for p in launch.iterdir()} <= allowed
+
+
+def test_run_sweep_and_report_put_every_artifact_beside_the_default_store(tmp_path):
+    launch, data, home, store_dir, _ = _layout(tmp_path, "default")
+    tmp_before = set(os.listdir(tmp_path.parent))
+
+    common = [*TINY, f"paths.data_dir={data}"]
+    _run("seqexp.cli", ["model=gru", "model.hidden_size=8", *common], launch, home)
+    _run("seqexp.cli", ["-m", "model=pop", "seed=1,2", *common], launch, home)
+    _run("seqexp.report", ["--out", "report", "--experiment", "seqexp"], launch, home)
+
+    _assert_nothing_outside(tmp_path, launch, home, {"outputs", "report", "mlflow.db",
+                                                     ".mlflow.db.lock", "mlartifacts"},
+                            tmp_before)
+    artifacts = _files(store_dir / "mlartifacts")
+    assert {"config.yaml", "metrics.json", "best.pt", "multirun.yaml", "table2.md",
+            "table2.csv", "table2.tex", "table2.png"} <= {p.name for p in artifacts}
+    assert any(".hydra" in p.parts for p in artifacts)
+    # One experiment folder; a folder per run: the run, 2 jobs, the sweep's parent and the
+    # report's own run (a report by experiment has no sweep parent to attach to).
+    assert {p.parts[0] for p in artifacts} == {"seqexp"}
+    assert len({p.parts[1] for p in artifacts}) == 5
+
+
+@pytest.mark.parametrize("store", ["relative", "absolute"])
+def test_a_run_tracked_in_a_given_sqlite_file_keeps_its_artifacts_beside_it(tmp_path, store):
+    launch, data, home, store_dir, uri = _layout(tmp_path, store)
+    tmp_before = set(os.listdir(tmp_path.parent))
+
+    _run("seqexp.cli", ["model=pop", *TINY, f"paths.data_dir={data}", *uri], launch, home)
+
+    _assert_nothing_outside(tmp_path, launch, home, {"outputs", "runs"}, tmp_before)
+    artifacts = _files(store_dir / "mlartifacts")
+    assert {"config.yaml", "metrics.json", "best.pt"} <= {p.name for p in artifacts}
+    assert {p.parts[0] for p in artifacts} == {"seqexp"}
