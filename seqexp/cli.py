@@ -9,6 +9,7 @@ import importlib.util
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -17,8 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from seqexp.errors import SeqexpError
+from seqexp.preflight import check_command_line, sweeper_ranks_jobs
 from seqexp.resources import config_dir, group_options
 from seqexp.sweep import end_open_sweeps, job_tags, record_failed_job
+
+if TYPE_CHECKING:
+    from seqexp.experiment import RunResult
 
 log = logging.getLogger("seqexp")
 CHECKED_GROUPS = ("model", "dataset", "split", "train", "eval", "mlflow", "paths", "experiment",
@@ -47,6 +52,8 @@ def _run(cfg: DictConfig) -> float:
     output_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     sweep, tags = job_tags(hydra_cfg, cfg) if multirun else (None, {})
+    if multirun:  # parallel jobs (joblib) write to one terminal: say whose line it is
+        prefix_job_lines(hydra_cfg.job.num)
     overrides = list(hydra_cfg.overrides.task)
     try:
         result = run_experiment(
@@ -72,7 +79,52 @@ def _run(cfg: DictConfig) -> float:
             exc = f"{exc.full_key} must be set: pass {exc.full_key}=..."
         print(f"seqexp: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    if result.val_score is None and multirun and sweeper_ranks_jobs(hydra_cfg):
+        # The sweeper would rank this job by a score it does not have.
+        raise SeqexpError(f"job {hydra_cfg.job.num} has no validation events to score it by; "
+                          f"set split.val_frac > 0 or use a larger dataset")
+    print(run_summary(result, cfg, Path(hydra_cfg.runtime.cwd), output_dir,
+                      f"[job {hydra_cfg.job.num}] " if multirun else ""), flush=True)
     return result.val_score
+
+
+class _JobPrefix(logging.Filter):
+    def __init__(self, job: int | str) -> None:
+        super().__init__()
+        self.prefix = f"[job {job}] "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            record.msg = f"{self.prefix}{record.msg}"
+        return True
+
+
+def prefix_job_lines(job: int | str) -> None:
+    """Every log line of this process starts with `[job N] `."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_JobPrefix(job))
+
+
+def run_summary(result: RunResult, cfg: DictConfig, launch_dir: Path, output_dir: Path,
+                prefix: str = "") -> str:
+    """The last lines of a run: its id, the test metrics at the monitored cutoff, where its
+    outputs are and how to look at it in the MLflow UI."""
+    from seqexp.sweep import tracking_uri_of
+
+    cutoff = f"_at_{cfg.eval.monitor_cutoff}"
+    shown = ", ".join(f"{k}={v:.5f}" for k, v in result.metrics.items()
+                      if k.startswith("test_") and k.endswith(cutoff))
+    try:
+        where = output_dir.relative_to(launch_dir)
+    except ValueError:
+        where = output_dir
+    if prefix:  # a sweep's job: the sweep's own summary says where to look
+        return f"{prefix}seqexp: run {result.run_id} finished: {shown} (outputs: {where})"
+    uri = tracking_uri_of(cfg, launch_dir)
+    return (f"seqexp: run {result.run_id} finished: {shown}\n"
+            f"  outputs: {where}\n"
+            f"  MLflow UI: mlflow ui --backend-store-uri {uri}  "
+            f"(experiment {cfg.mlflow.experiment})")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -134,7 +186,8 @@ def check_plugins(args: list[str]) -> str | None:
 
 
 def main() -> None:
-    problem = check_group_choices(sys.argv[1:]) or check_plugins(sys.argv[1:])
+    args = sys.argv[1:]
+    problem = check_group_choices(args) or check_plugins(args) or check_command_line(args)
     if problem:
         print(f"seqexp: error: {problem}", file=sys.stderr)
         sys.exit(2)

@@ -21,7 +21,7 @@ from seqexp.data import SequenceData, load_dataset
 from seqexp.errors import SeqexpError
 from seqexp.evaluation import Evaluator, check_basket_settings
 from seqexp.models.base import Recommender
-from seqexp.tracking import Tracker, default_tracking_uri, flatten, git_sha, run_name
+from seqexp.tracking import Tracker, default_tracking_uri, flatten, git_tags, run_name
 from seqexp.training import OPTIMIZERS, Trainer
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class RunResult:
     run_id: str
-    val_score: float
+    val_score: float | None  # None without validation events: nothing for a sweeper to rank
     metrics: dict[str, float]
 
 
@@ -157,7 +157,7 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
     name = cfg.mlflow.run_name or run_name(model_name, dataset_name, overrides)
     run_id = tracker.start(name, {
         "model": model_name, "dataset": dataset_name, "split": str(cfg.split.name),
-        "seed": str(cfg.seed), "git_sha": git_sha(launch_dir, Path(__file__).parent),
+        "seed": str(cfg.seed), **git_tags(),
         "device": str(device), **(tags or {}),
     })
     status = "FAILED"
@@ -173,8 +173,10 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
             tracker.log_artifact(hydra_dir, ".hydra")
         trainer = build_trainer(cfg, evaluator, checkpoint)
         result = trainer.fit(model, data, tracker.log_metrics)
-        summary = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-                   f"best_val_mrr_at_{cfg.eval.monitor_cutoff}": result.best_score}
+        summary = {"epochs_run": result.epochs_run}
+        if result.best_score is not None:
+            summary |= {"best_epoch": result.best_epoch,
+                        f"best_val_mrr_at_{cfg.eval.monitor_cutoff}": result.best_score}
         if result.interrupted:
             status = "KILLED"
             raise KeyboardInterrupt

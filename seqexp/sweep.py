@@ -198,7 +198,7 @@ class SweepCallback(Callback):
         self.info: SweepInfo | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from seqexp.tracking import Tracker, git_sha
+        from seqexp.tracking import Tracker, git_tags
 
         launch_dir = Path(config.hydra.runtime.cwd)
         sweep_dir = sweep_dir_of(config.hydra)
@@ -206,7 +206,7 @@ class SweepCallback(Callback):
         sweep_id = new_sweep_id()
         tracker.start(_parent_name(config, sweep_id), {
             SWEEP_ID_TAG: sweep_id, ROLE_TAG: PARENT_ROLE, "sweep_dir": str(sweep_dir),
-            "git_sha": git_sha(launch_dir, Path(__file__).parent),
+            **git_tags(),
         })
         tracker.log_params(_sweep_params(config))
         self.info = SweepInfo(sweep_id, tracker.tracking_uri, tracker.experiment,
@@ -235,5 +235,17 @@ class SweepCallback(Callback):
             tracker.log_artifact(sweep_dir / name)
         _open_sweeps.pop(info.sweep_id, None)
         tracker.end("FINISHED")
-        log.info("sweep %s finished: %s", info.sweep_id,
-                 ", ".join(f"{k}={v:g}" for k, v in summary.items()))
+        print(sweep_summary(info, summary, best_run, monitor), flush=True)
+
+
+def sweep_summary(info: SweepInfo, counts: Mapping[str, float], best_run: str | None,
+                  monitor: str) -> str:
+    """The last lines of a multirun: what its jobs did, the best one, and what to run next."""
+    jobs = ", ".join(f"{int(counts[f'jobs_{s}'])} {s}" for s in ("finished", "failed", "killed"))
+    best = (f"; best {monitor.removeprefix('best_')}={counts[monitor]:.5f} (run {best_run})"
+            if best_run is not None else "")
+    return (f"seqexp: sweep {info.sweep_id} done: {jobs}{best}\n"
+            f"  report: seqexp-report --sweep-id {info.sweep_id} "
+            f"--tracking-uri {info.tracking_uri} --out report-{info.sweep_id}\n"
+            f"  MLflow UI: mlflow ui --backend-store-uri {info.tracking_uri}  "
+            f"(experiment {info.experiment}, parent run {info.parent_run_id})")

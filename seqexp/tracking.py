@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import random
@@ -108,16 +109,43 @@ def flatten(tree: Mapping, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def git_sha(*folders: Path) -> str:
-    for folder in folders:
+_PACKAGE_DIR = Path(__file__).resolve().parent
+# Written into the wheel by hatch_build.py: the commit a non-editable install was built from.
+BUILD_INFO = _PACKAGE_DIR / "_build_git.json"
+
+
+def _git(folder: Path, *args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True,
+                             timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def source_git_info(root: Path) -> dict[str, str] | None:
+    """{"git_sha", "git_dirty"} of the git checkout whose top folder is `root`, else None.
+    Dirty = tracked files differ from the commit."""
+    top = _git(root, "rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != Path(root).resolve():
+        return None  # not a checkout, or a folder inside some other repository
+    sha = _git(root, "rev-parse", "HEAD")
+    status = _git(root, "status", "--porcelain", "--untracked-files=no")
+    if sha is None or status is None:
+        return None
+    return {"git_sha": sha, "git_dirty": str(bool(status)).lower()}
+
+
+def git_tags() -> dict[str, str]:
+    """The commit of seqexp's own code (not of the folder a run was launched from): its
+    checkout's for a source or editable install, the build's for a wheel; else "unknown"."""
+    found = source_git_info(_PACKAGE_DIR.parent)
+    if found is None and BUILD_INFO.is_file():
         try:
-            out = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"],
-                                 capture_output=True, text=True, timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if out.returncode == 0:
-            return out.stdout.strip()
-    return "unknown"
+            found = {k: str(v) for k, v in json.loads(BUILD_INFO.read_text()).items()}
+        except (OSError, ValueError):
+            found = None
+    return found or {"git_sha": "unknown", "git_dirty": "unknown"}
 
 
 def _chunks(items: list, size: int) -> Iterable[list]:

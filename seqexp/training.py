@@ -37,8 +37,11 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 
 @dataclass
 class TrainResult:
-    best_epoch: int
-    best_score: float
+    """best_epoch / best_score: by the monitored validation metric; None without validation
+    events (then the model holds the state after the last epoch)."""
+
+    best_epoch: int | None
+    best_score: float | None
     epochs_run: int
     interrupted: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
@@ -109,13 +112,16 @@ class Trainer:
     def fit(self, model: Recommender, data: SequenceData,
             log_metrics: MetricsLogger = lambda metrics, step: None) -> TrainResult:
         """Fit `model` on the training events, validating on the validation events; on return
-        the model holds its best state (by val_<monitor>). A KeyboardInterrupt stops training
-        and is reported as `interrupted` with the best state so far."""
+        the model holds its best state (by val_<monitor>), or without validation events the
+        state after train.epochs epochs. A KeyboardInterrupt stops training and is reported as
+        `interrupted` with the best state so far."""
         started = time.perf_counter()
         model.fit(data)
-        log.info("closed-form fit in %.1f s", time.perf_counter() - started)
-        result = TrainResult(best_epoch=0, best_score=-math.inf, epochs_run=0)
+        if not model.trainable and type(model).fit is not Recommender.fit:
+            log.info("closed-form fit in %.1f s", time.perf_counter() - started)
         has_validation = data.stats.get("val_events", 1) > 0
+        result = TrainResult(best_epoch=0 if has_validation else None,
+                             best_score=-math.inf if has_validation else None, epochs_run=0)
         if not model.trainable or self.epochs == 0:
             if has_validation:
                 val = self._validate(model, data, 0, log_metrics)
@@ -123,6 +129,9 @@ class Trainer:
                 result.history.append(val)
             self._save(model)
             return result
+        if not has_validation:
+            log.info("no validation events: training all %d epochs, keeping the last state",
+                     self.epochs)
 
         optimizer = self.make_optimizer(model)
         rng = np.random.default_rng(self.seed)
@@ -134,12 +143,13 @@ class Trainer:
                 log_metrics(train_stats, epoch)
                 row = dict(train_stats)
                 result.epochs_run = epoch
-                if has_validation:
-                    val = self._validate(model, data, epoch, log_metrics)
-                    row.update({f"val_{k}": v for k, v in val.items()})
-                    score = val[self.monitor]
-                else:  # no validation events: keep the last epoch
-                    score = float(epoch)
+                if not has_validation:
+                    result.history.append(row)
+                    best_state = model.state_dict()  # the last epoch's, saved after the loop
+                    continue
+                val = self._validate(model, data, epoch, log_metrics)
+                row.update({f"val_{k}": v for k, v in val.items()})
+                score = val[self.monitor]
                 result.history.append(row)
                 if score > result.best_score + self.min_delta:
                     result.best_score, result.best_epoch, stale = score, epoch, 0
@@ -156,6 +166,8 @@ class Trainer:
             log.warning("interrupted: keeping the best state so far (epoch %d)", result.best_epoch)
             result.interrupted = True
         model.load_state_dict(best_state)
+        if not has_validation:
+            self._save(model)
         return result
 
     def make_optimizer(self, model: Recommender) -> torch.optim.Optimizer:

@@ -53,7 +53,10 @@ def test_seqexp_run_is_recorded_in_mlflow_db_of_the_launch_directory(tmp_path):
     assert p["data.n_users"] == "40" and int(p["data.test_events"]) > 0
     assert (tags["model"], tags["dataset"], tags["split"], tags["seed"]) == (
         "gru", "synthetic", "user_tail", "42")
-    assert "git_sha" in tags
+    # seqexp's own commit, although the run was launched outside its checkout
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parents[1],
+                          capture_output=True, text=True).stdout.strip()
+    assert tags["git_sha"] == head and tags["git_dirty"] in ("true", "false")
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "metrics.json", "checkpoints", ".hydra"} <= artifacts
     assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == [
@@ -112,10 +115,24 @@ BAD_INPUTS = {
                                "dataset.min_item_support=50"], "min_item_support"),
     "csv without path": (["dataset=csv"], "dataset.path"),
     "unknown model": (["model=gru5"], "model=gru5"),
-    "unknown dataset": (["dataset=ml20m"], "dataset=ml20m"),
+    "unknown dataset": (["dataset=ml30m"], "dataset=ml30m"),
     "invalid split fraction": (["split.test_frac=1.5"], "split.test_frac"),
     "invalid epochs": (["train.epochs=-1"], "train.epochs"),
     "unknown optimizer": (["train.optimizer=rmsprop"], "train.optimizer"),
+    "misspelt key": (["train.epoch=3"], "train.epoch is not a config key; did you mean "
+                                        "train.epochs? (train keys: amp, batch_size,"),
+    "misspelt key added": (["+train.epoch=3"], "+train.epoch=3: nothing would read it; "
+                                               "train.epoch is not a config key; did you mean "
+                                               "train.epochs?"),
+    "misspelt model key": (["model.hiden_size=3"], "did you mean model.hidden_size?"),
+    "model key in a sweep over models": (
+        ["-m", "model=gru,itemknn", "model.hidden_size=32"],
+        "model.hidden_size: model=itemknn has no such key (it is a key of model=gru)"),
+    "forced model key in a sweep over models": (
+        ["-m", "model=gru,itemknn", "++model.hidden_size=32"],
+        "model.hidden_size: model=itemknn has no such key"),
+    "optuna without validation": (["hparams_search=optuna", "split.val_frac=0"],
+                                  "split.val_frac=0 leaves no validation events"),
 }
 
 
@@ -127,7 +144,7 @@ def test_bad_input_gives_one_line_and_leaves_nothing_behind(tmp_path, case):
     data_dir = tmp_path / "data"
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     result = seqexp([*args, "train.progress=false", f"paths.data_dir={data_dir}"], cwd=tmp_path)
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "Traceback" not in result.stderr + result.stdout
     errors = [line for line in result.stderr.splitlines() if line.startswith("seqexp: error:")]
     assert len(errors) == 1 and expected in errors[0], result.stderr[-1500:]

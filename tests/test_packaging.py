@@ -29,17 +29,25 @@ def test_wheel_carries_the_config_tree_and_seqexp_composes_from_it(tmp_path):
     assert "seqexp/table2_paper.csv" in names  # seqexp-report's side-by-side numbers
     (entry_points,) = site.glob("seqexp-*.dist-info/entry_points.txt")
     assert "seqexp-report = seqexp.report:main" in entry_points.read_text()
+    # Launched from a user's own repository: runs are tagged with seqexp's commit, the one the
+    # wheel was built from, never the launch folder's.
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    for git in (["init", "-q"], ["-c", "user.name=u", "-c", "user.email=u@x", "commit", "-q",
+                                 "--allow-empty", "-m", "user's project"]):
+        subprocess.run(["git", *git], cwd=elsewhere, env=env, check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                          text=True).stdout.strip()
     shown = subprocess.run(
         [sys.executable, "-c",
-         "import sys, seqexp.resources as r, seqexp.cli as c;"
-         "print(r.config_dir()); sys.argv=['seqexp','--cfg','job','model=itemknn'];"
-         "c.main()"],
+         "import sys, seqexp.resources as r, seqexp.cli as c, seqexp.tracking as t;"
+         "print(r.config_dir()); print(t.git_tags()['git_sha']);"
+         "sys.argv=['seqexp','--cfg','job','model=itemknn']; c.main()"],
         cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300,
     )
     assert shown.returncode == 0, shown.stderr[-2000:]
-    first, rest = shown.stdout.split("\n", 1)
+    first, sha, rest = shown.stdout.split("\n", 2)
     assert Path(first) == site / "seqexp" / "conf"
+    assert sha == head
     assert "name: itemknn" in rest and "name: synthetic" in rest

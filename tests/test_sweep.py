@@ -69,6 +69,14 @@ def test_joblib_multirun_nests_parallel_jobs_under_one_parent_and_reports_them(t
     assert parent.data.tags["best_run_id"] == best.info.run_id
     assert parent.data.params["sweep.launcher"].endswith("JoblibLauncher")
     assert "multirun.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    # each job's lines say whose they are; the sweep ends with its summary and what to run next
+    for child in children:
+        job = child.data.tags["sweep_job"]
+        assert f"[job {job}] seqexp: run {child.info.run_id} finished: " in result.stdout
+    summary = result.stdout.strip().splitlines()[-3:]
+    assert summary[0].startswith(f"seqexp: sweep {parent.data.tags['sweep_id']} done: "
+                                 f"2 finished, 0 failed, 0 killed; best val_mrr_at_20=")
+    assert f"seqexp-report --sweep-id {parent.data.tags['sweep_id']}" in summary[1]
 
     report = seqexp(["--sweep-id", parent.data.tags["sweep_id"], "--out", "report"],
                     cwd=tmp_path, module="seqexp.report")

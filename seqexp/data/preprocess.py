@@ -174,10 +174,10 @@ def build_sequences(
     )
     data.stats = stats
     if stats["test_events"] == 0:
-        raise SeqexpError(
-            f"{raw.source}: the {split_name} split leaves no test events; "
-            f"raise split.test_frac / lower split.test_quantile or use a larger file"
-        )
+        knob = ("raise split.test_frac" if split_name == "user_tail"
+                else "lower split.test_quantile")
+        raise SeqexpError(f"{raw.source}: the {split_name} split leaves no test events; "
+                          f"{knob} or use a larger file")
     log.info("%s: %d users, %d items, %d/%d/%d train/val/test events (%d test events of unseen "
              "items dropped)", name, data.n_users, data.n_items, stats["train_events"],
              stats["val_events"], stats["test_events"], stats["test_oov_dropped"])

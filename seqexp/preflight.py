@@ -1,0 +1,215 @@
+"""Checks of the command line before Hydra runs anything: every key an override names must exist
+in the composed config of every job of a sweep, and a sweeper that ranks jobs must get a score.
+Hydra's own messages for these are several lines long, suggest `+key` (which turns a typo into
+a silent no-op) and come only once a sweep's first job has started."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import itertools
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from seqexp.resources import config_dir
+
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+# Command-line flags of Hydra's that take a value (the value is no override).
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name",
+                     "-cn", "--config-dir", "-cd", "--experimental-rerun", "--info", "-i"}
+_NO_CHECK_FLAGS = {"--help", "-h", "--hydra-help", "--shell-completion", "-sc", "--info", "-i",
+                   "--experimental-rerun", "--version"}
+MAX_COMBINATIONS = 64  # group combinations composed to check a sweep's keys
+
+
+def split_command_line(argv: Sequence[str]) -> tuple[list[str], bool, bool]:
+    """(overrides, multirun, checkable) from seqexp's arguments; checkable is False for
+    Hydra's informational flags (--help, --info, ...)."""
+    overrides: list[str] = []
+    multirun, checkable, skip = False, True, False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in ("-m", "--multirun"):
+            multirun = True
+        elif arg in _NO_CHECK_FLAGS or arg.split("=", 1)[0] in _NO_CHECK_FLAGS:
+            checkable = False
+        elif arg.startswith("-"):
+            skip = arg in _FLAGS_WITH_VALUE
+        else:
+            overrides.append(arg)
+    return overrides, multirun, checkable
+
+
+def _is_group(key: str) -> bool:
+    return "/" in key or (config_dir() / key).is_dir()
+
+
+def _leaf_keys(cfg: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of a config, containers and leaves."""
+    if not isinstance(cfg, DictConfig):
+        return []
+    keys: list[str] = []
+    for key in cfg:
+        name = f"{prefix}{key}"
+        keys.append(name)
+        keys.extend(_leaf_keys(cfg._get_node(key), f"{name}."))
+    return keys
+
+
+def _has_key(cfg: DictConfig, key: str) -> bool:
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, throw_on_missing=False) if parent else cfg
+    return isinstance(node, DictConfig) and leaf in node
+
+
+def unknown_key_message(cfg: DictConfig, key: str) -> str:
+    """`train.epoch is not a config key; did you mean train.epochs? (train keys: ...)`."""
+    keys = [k for k in _leaf_keys(cfg) if not k.startswith("hydra")]
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    group = key.split(".", 1)[0]
+    siblings = sorted(k.split(".", 1)[1] for k in keys
+                      if k.startswith(f"{group}.") and k.count(".") == 1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    listing = f" ({group} keys: {', '.join(siblings)})" if siblings else ""
+    return f"{key} is not a config key{hint}{listing}"
+
+
+def _constructor_reads(cfg: DictConfig, key: str) -> bool:
+    """An added `model.<name>` is passed to the model's constructor (conf/model/*.yaml is a
+    `_partial_` target): it is read when the constructor takes a parameter of that name."""
+    if not key.startswith("model.") or key.count(".") != 1:
+        return False
+    target = OmegaConf.select(cfg, "model._target_")
+    if not target:
+        return False
+    module, _, name = str(target).rpartition(".")
+    try:
+        factory = getattr(importlib.import_module(module), name)
+        parameters = inspect.signature(factory).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return False
+    leaf = key.split(".", 1)[1]
+    return leaf in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
+def _compose(overrides: list[str]) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+
+
+def _group_combinations(group_values: dict[str, list[str]]) -> Iterable[list[str]]:
+    names = list(group_values)
+    for values in itertools.islice(itertools.product(*group_values.values()), MAX_COMBINATIONS):
+        yield [f"{name}={value}" for name, value in zip(names, values, strict=True)]
+
+
+def _choices_of(value: Any) -> list[str]:
+    return [str(v).strip() for v in str(value).split(",")]
+
+
+def check_command_line(argv: Sequence[str]) -> str | None:
+    """One-line message for the first problem with the command line's overrides, else None."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    overrides, multirun, checkable = split_command_line(argv)
+    if not checkable:
+        return None
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as exc:
+        return f"cannot read the override: {str(exc).splitlines()[0]}"
+
+    fixed_groups: list[str] = []
+    swept_groups: dict[str, list[str]] = {}
+    key_overrides = []
+    for override in parsed:
+        key = override.key_or_group
+        if override.is_delete() or key.startswith("hydra.") or key == "hydra":
+            continue
+        if _is_group(key):
+            if override.is_sweep_override():
+                swept_groups[key] = list(override.sweep_string_iterator())
+            else:
+                fixed_groups.append(override.input_line)
+        else:
+            key_overrides.append(override)
+
+    try:
+        base = _compose(fixed_groups)
+    except Exception as exc:  # noqa: BLE001 - Hydra's composition errors, reported in one line
+        return f"cannot compose the config: {str(exc).strip().splitlines()[0]}"
+    # Presets sweep groups too (experiment=table2: hydra.sweeper.params.model = a,b,...).
+    preset_params = OmegaConf.select(base, "hydra.sweeper.params") or {}
+    for group, value in preset_params.items():
+        if _is_group(group) and group not in swept_groups and not any(
+                g.split("=", 1)[0].lstrip("+~") == group for g in fixed_groups):
+            swept_groups[group] = _choices_of(value)
+    swept = multirun or str(OmegaConf.select(base, "hydra.mode")).endswith("MULTIRUN")
+
+    configs = [(combo, _compose(fixed_groups + combo) if combo else base)
+               for combo in _group_combinations(swept_groups)]
+    for override in key_overrides:
+        key = override.key_or_group
+        lacking = [i for i, (_, cfg) in enumerate(configs) if not _has_key(cfg, key)
+                   and not ((override.is_add() or override.is_force_add())
+                            and _constructor_reads(cfg, key))]
+        if not lacking:
+            if override.is_add() and any(_has_key(cfg, key) for _, cfg in configs):
+                return (f"{override.input_line}: {key} exists already; set it without the "
+                        f"'+': {override.input_line[1:]}")
+            continue
+        combo, cfg = configs[lacking[0]]
+        if len(lacking) < len(configs):
+            having = next(c for i, (c, _) in enumerate(configs) if i not in lacking)
+            return (f"{key}: {' '.join(combo)} has no such key (it is a key of "
+                    f"{' '.join(having)}); sweep a per-model key in a sweep of its own model "
+                    f"family, e.g. seqexp -m {' '.join(having)} {override.input_line}")
+        message = unknown_key_message(cfg, key)
+        if override.is_add() or override.is_force_add():
+            return f"{override.input_line}: nothing would read it; {message}"
+        return message
+
+    if swept:
+        return _check_sweeper_score(configs, parsed)
+    return None
+
+
+def sweeper_ranks_jobs(hydra_cfg: Any) -> bool:
+    """Whether the sweep's sweeper chooses by the jobs' returned scores (Optuna) rather than
+    running a fixed grid."""
+    return str(OmegaConf.select(hydra_cfg, "sweeper._target_")) != BASIC_SWEEPER
+
+
+def _check_sweeper_score(configs: list[tuple[list[str], DictConfig]], parsed: list) -> str | None:
+    """A sweeper other than the grid (Optuna) ranks jobs by their validation score: a split
+    configured without validation events gives it none."""
+    for _, cfg in configs:
+        if not sweeper_ranks_jobs(cfg.hydra):
+            continue
+        sweeper = str(OmegaConf.select(cfg, "hydra.sweeper._target_"))
+        val_fracs = [str(OmegaConf.select(cfg, "split.val_frac"))]
+        for override in parsed:
+            if override.key_or_group == "split.val_frac":
+                val_fracs = (list(override.sweep_string_iterator()) if override.is_discrete_sweep()
+                             else [str(override.value())])
+        if OmegaConf.select(cfg, "split.name") == "user_tail" and any(
+                _is_zero(v) for v in val_fracs):
+            return ("split.val_frac=0 leaves no validation events, but this sweep's "
+                    f"{sweeper.rsplit('.', 1)[-1]} ranks jobs by their validation MRR; "
+                    "set split.val_frac > 0 (default 0.1)")
+    return None
+
+
+def _is_zero(value: str) -> bool:
+    try:
+        return float(value) == 0.0
+    except ValueError:
+        return False

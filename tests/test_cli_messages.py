@@ -1,0 +1,118 @@
+"""What seqexp says: the pre-flight check of the command line, its --help page, a run without
+validation events, the words at the end of a run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from helpers import compose_config, tiny_overrides
+from seqexp.data.interactions import Interactions
+from seqexp.data.preprocess import build_sequences
+from seqexp.errors import SeqexpError
+from seqexp.experiment import run_experiment
+from seqexp.preflight import check_command_line, split_command_line
+from seqexp.resources import group_options
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    ([], None),
+    (["model=itemknn", "model.neighbours=5", "train.lr=1e-3"], None),
+    (["-m", "model=gru,linear_ugru", "model.hidden_size=32,64"], None),
+    (["--cfg", "job", "model=mf", "model.factors=5"], None),
+    (["--help"], None),
+    # an added model key is passed to the constructor: read when it takes that parameter
+    (["model=gru", "+model.threshold=hard"], None),
+    (["model=mf", "+model.window=3"], "+model.window=3: nothing would read it"),
+    (["model=itemknn", "+model.neighbors=5"], "did you mean model.neighbours?"),
+    (["model=gru", "+model.loss=sampled_softmax"],
+     "+model.loss=sampled_softmax: model.loss exists already; set it without the '+'"),
+    (["eval.cutof=[5]"], "eval.cutof is not a config key; did you mean eval.cutoffs?"),
+    (["seed=1", "sed=2"], "sed is not a config key; did you mean seed?"),
+    # a preset's own sweep (hydra.sweeper.params) is checked like the command line's
+    (["experiment=table2", "model.hidden_size=100"],
+     "model.hidden_size: model=itemknn dataset=ml10m has no such key"),
+    (["-m", "hparams_search=optuna", "split.val_frac=0.1,0"],
+     "split.val_frac=0 leaves no validation events"),
+    (["-m", "split.val_frac=0", "seed=1,2"], None),  # a grid needs no score
+])
+def test_command_line_check_names_the_key_and_its_closest_neighbour(argv, expected):
+    message = check_command_line(argv)
+    if expected is None:
+        assert message is None
+    else:
+        assert message is not None and expected in message, message
+
+
+def test_unknown_key_message_lists_the_group_keys():
+    message = check_command_line(["train.epoch=3"])
+    keys = message.split("(train keys: ", 1)[1].rstrip(")").split(", ")
+    assert {"epochs", "batch_size", "lr", "patience"} <= set(keys)
+
+
+def test_hydra_flags_are_not_taken_for_overrides():
+    overrides, multirun, checkable = split_command_line(
+        ["-m", "--cfg", "job", "--package", "model", "model=gru", "seed=1,2"])
+    assert (overrides, multirun, checkable) == (["model=gru", "seed=1,2"], True, True)
+    assert split_command_line(["--info", "config"])[2] is False
+
+
+def test_help_is_seqexps_own_page_listing_every_option_of_every_group():
+    result = subprocess.run([sys.executable, "-m", "seqexp.cli", "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    page = result.stdout
+    assert page.startswith("seqexp: train and evaluate") and "Hydra" not in page.splitlines()[0]
+    for group in ("model", "dataset", "split", "experiment", "hparams_search",
+                  "hydra/launcher"):
+        assert f"{group}=" in page, group
+        for option in group_options(group):
+            assert option in page, (group, option)
+    assert "seqexp --cfg job" in page and "mlflow ui --backend-store-uri" in page
+
+
+def test_a_run_without_validation_trains_every_epoch_and_invents_no_score(tmp_path):
+    cfg = compose_config(["model=gru", "model.hidden_size=8", "split.val_frac=0",
+                          *tiny_overrides(tmp_path / "data", tmp_path / "mlflow.db"),
+                          "train.epochs=3", "train.patience=1"])
+    result = run_experiment(cfg, launch_dir=tmp_path, output_dir=tmp_path / "run")
+    assert result.val_score is None
+    assert result.metrics["epochs_run"] == 3
+    assert not any(k.startswith(("best_", "val_")) for k in result.metrics)
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(result.run_id)
+    assert not any(k.startswith(("best_", "val_")) for k in run.data.metrics)
+    assert run.data.metrics["epochs_run"] == 3
+    assert (tmp_path / "run" / "checkpoints" / "best.pt").is_file()
+
+
+def test_an_empty_global_time_test_split_names_a_key_of_that_split():
+    raw = Interactions(user=np.array([0, 0, 1, 1]), item=np.array([0, 1, 0, 1]),
+                       timestamp=np.array([1, 2, 3, 3]), source="ratings.dat")
+    with pytest.raises(SeqexpError, match="lower split.test_quantile") as caught:
+        build_sequences(raw, {"name": "global_time", "test_quantile": 0.99,
+                              "val_quantile": 0.5})
+    assert "test_frac" not in str(caught.value)
+
+
+def test_the_end_of_a_run_says_where_its_results_went(tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "seqexp.cli", "model=pop",
+         *tiny_overrides(tmp_path / "data")], cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run,) = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["1"])
+    last = result.stdout.strip().splitlines()[-3:]
+    assert last[0].startswith(f"seqexp: run {run.info.run_id} finished: ")
+    assert f"test_mrr_at_20={run.data.metrics['test_mrr_at_20']:.5f}" in last[0]
+    outputs = Path(last[1].split("outputs: ", 1)[1])
+    assert (tmp_path / outputs / "config.yaml").is_file()
+    assert last[2].endswith(
+        f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}  "
+        f"(experiment seqexp)")
