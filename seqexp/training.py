@@ -226,6 +226,10 @@ class Trainer:
                                     ev_s=f"{total_events / elapsed:,.0f}")
                 if max_batches is not None and steps >= max_batches:
                     break
+            # A model's batches need not add up to the (input, next) pairs (BPR samples every
+            # training event, DREAM drops pairs without a negative): the bar ends at 100 %.
+            bar.total = bar.n
+            bar.refresh()
         mean_loss = self._checked_loss(total_loss, total_events, epoch)  # waits for the device
         elapsed = time.perf_counter() - started
         stats = {
