@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import random
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +14,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from seqexp.atomic import write_json, write_text
 from seqexp.data import SequenceData, load_dataset
 from seqexp.errors import SeqexpError
 from seqexp.evaluation import Evaluator, check_basket_settings
@@ -167,7 +165,7 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
         tracker.log_params({f"data.{k}": v for k, v in data.stats.items()})
         tracker.log_metrics({"test_oov_dropped": data.stats.get("test_oov_dropped", 0)})
         # The configuration goes in first, so that a failed or killed run still shows it.
-        _write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         tracker.log_artifact(output_dir / "config.yaml")
         if hydra_dir is not None:
             tracker.log_artifact(hydra_dir, ".hydra")
@@ -189,7 +187,7 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
         metrics = test | summary
         log.info("test: %s", ", ".join(f"{k}={v:.5f}" for k, v in test.items()
                                       if k.endswith(f"_at_{cfg.eval.monitor_cutoff}")))
-        _write_json(output_dir / "metrics.json", metrics | {"data": data.stats})
+        write_json(output_dir / "metrics.json", metrics | {"data": data.stats})
         tracker.log_artifact(output_dir / "metrics.json")
         if cfg.mlflow.log_checkpoint:
             tracker.log_artifact(checkpoint, "checkpoints")
@@ -202,15 +200,3 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
         raise
     finally:
         tracker.end(status)
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, payload: Mapping) -> None:
-    _write_text(path, json.dumps(payload, indent=2, sort_keys=True))

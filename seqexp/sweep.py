@@ -29,6 +29,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from seqexp.atomic import write_json
+
 log = logging.getLogger(__name__)
 
 SWEEP_FILE = "mlflow_sweep.json"
@@ -62,11 +64,8 @@ class SweepInfo:
                 SWEEP_JOB_TAG: str(job_num)}
 
     def write(self, sweep_dir: Path) -> Path:
-        sweep_dir.mkdir(parents=True, exist_ok=True)
         path = sweep_dir / SWEEP_FILE
-        tmp = path.with_name(f".{SWEEP_FILE}.tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        tmp.replace(path)
+        write_json(path, asdict(self))
         return path
 
     @classmethod

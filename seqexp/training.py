@@ -7,8 +7,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from seqexp.atomic import atomic_path
 from seqexp.data.sequences import SequenceData
 from seqexp.errors import SeqexpError
 from seqexp.evaluation import Evaluator
@@ -48,16 +47,8 @@ class TrainResult:
 
 
 def save_checkpoint(model: Recommender, path: Path) -> None:
-    """Atomic: write a temporary file next to `path`, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(model.state_dict(), tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def amp_unavailable(device: torch.device) -> str | None:
