@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import random
 from collections.abc import Mapping, Sequence
@@ -68,17 +69,23 @@ def build_model(model_cfg: Mapping, data: SequenceData) -> Recommender:
     spec = dict(OmegaConf.to_container(model_cfg, resolve=True)) if isinstance(
         model_cfg, DictConfig) else dict(model_cfg)
     name = spec.pop("name", "?")
+    sizes = {"n_items": data.n_items, "n_users": data.n_users}
     try:
         factory = instantiate(spec)
-        model = factory(n_items=data.n_items, n_users=data.n_users)
+        # Keys the constructor does not take are the config's fault; a TypeError raised inside
+        # the constructor is a bug, and keeps its traceback.
+        inspect.signature(factory).bind(**sizes)
     except InstantiationException as exc:
         cause = exc.__cause__ or exc
         if isinstance(cause, SeqexpError):
             raise cause from None
         raise SeqexpError(f"model={name}: cannot build the model ({_first_line(cause)}); "
                           f"check the model.* keys") from None
-    except TypeError as exc:
-        raise SeqexpError(f"model={name}: {_first_line(exc)}; check the model.* keys") from None
+    except (TypeError, ValueError) as exc:  # ValueError: a partial with a key it cannot take
+        reason = exc.__cause__ or exc
+        raise SeqexpError(f"model={name}: {_first_line(reason)}; check the model.* keys"
+                          ) from None
+    model = factory(**sizes)
     if not isinstance(model, Recommender):
         raise SeqexpError(f"model={name}: model._target_ must build a seqexp Recommender")
     return model

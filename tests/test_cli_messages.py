@@ -116,3 +116,21 @@ def test_the_end_of_a_run_says_where_its_results_went(tmp_path):
     assert last[2].endswith(
         f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}  "
         f"(experiment seqexp)")
+
+
+def test_a_key_the_model_cannot_take_is_the_configs_fault_but_a_bug_inside_keeps_its_type(
+        monkeypatch):
+    from helpers import sequences
+    from seqexp.experiment import build_model
+    from seqexp.models import factorisation
+
+    data = sequences([[0, 1, 2, 3], [1, 2, 3, 0]], n_items=4)
+    with pytest.raises(SeqexpError, match="model=mf: got an unexpected keyword argument 'foo'"):
+        build_model(compose_config(["model=mf", "+model.foo=1"]).model, data)
+
+    def broken(self, *args, **kwargs):
+        raise TypeError("a bug inside the constructor")
+
+    monkeypatch.setattr(factorisation.MF, "__init__", broken)
+    with pytest.raises(TypeError, match="a bug inside the constructor"):
+        build_model(compose_config(["model=mf"]).model, data)
