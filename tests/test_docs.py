@@ -1,0 +1,308 @@
+"""The docs describe the software as it is.
+
+- Every `seqexp ...` command in README.md and docs/*.md (shell code blocks, with line
+  continuations, environment prefixes and `&&` chains, and inline code) composes, in-process
+  through Hydra's compose API, which rejects what the CLI rejects: an unknown group option, an
+  unknown key, sweep syntax without `-m`. A `-m` command is expanded into jobs: every value of
+  every key it sweeps is composed at least once, together with all its fixed overrides (not
+  every combination, which would be slow and adds little). The jobs a preset sweeps by itself
+  (experiment=table2, hparams_search=...) are conf's, checked in tests/test_presets.py.
+- Files a page declares in a fenced block (```yaml conf/model/x.yaml) are added to a copy of
+  conf/, so the worked example of docs/adding-a-model.md composes; its module and its tests are
+  executed too.
+- Every repository path and config key named in inline code exists.
+- README.md stays at most 200 lines.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shlex
+import shutil
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
+from omegaconf import DictConfig, OmegaConf
+
+from helpers import sequences
+from seqexp.experiment import build_model
+from seqexp.resources import config_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+README_MAX_LINES = 200
+FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```[ \t]*$", re.M | re.S)
+INLINE = re.compile(r"`([^`\n]+)`")
+SHELL_LANGUAGES = {"", "bash", "sh", "shell", "console"}
+ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+OPERATORS = {"&&", "||", ";", "|", "&"}
+# Written on other branches of this change; a missing one is not a broken link until then.
+PAGES_FROM_OTHER_BRANCHES = {"docs/real-data.md", "docs/significance.md"}
+# Inline code that looks like a config key but is not one.
+NOT_KEYS = {"mlflow.db"}  # the default SQLite store
+CONFIG_KEY = re.compile(r"^(model|dataset|split|train|eval|mlflow|paths)\.([a-z_][a-z0-9_]*)"
+                        r"(=.*)?$")
+REPO_PATH = re.compile(r"^(conf|seqexp|scripts|tests|docs|\.ci)/[\w./-]*$")
+
+
+def page_name(page: Path) -> str:
+    return str(page.relative_to(ROOT))
+
+
+def fenced_blocks(text: str) -> Iterator[tuple[str, str, int]]:
+    """(info string, body, line number of the body's first line) of every fenced block."""
+    for match in FENCE.finditer(text):
+        yield match.group(1).strip(), match.group(2), text.count("\n", 0, match.start(2)) + 1
+
+
+def shell_lines(text: str) -> Iterator[tuple[int, str]]:
+    """Logical lines of the shell blocks (continuations joined), then inline code outside them."""
+    for info, body, first in fenced_blocks(text):
+        if info.split()[:1] and info.split()[0] not in SHELL_LANGUAGES:
+            continue
+        lines = body.split("\n")
+        number = 0
+        while number < len(lines):
+            start, line = number, lines[number]
+            while line.endswith("\\") and number + 1 < len(lines):
+                number += 1
+                line = line[:-1] + " " + lines[number]
+            yield first + start, line
+            number += 1
+    prose = FENCE.sub(lambda m: "\n" * m.group(0).count("\n"), text)
+    for match in INLINE.finditer(prose):
+        # a `|` inside a Markdown table cell is written `\|`
+        yield prose.count("\n", 0, match.start()) + 1, match.group(1).replace("\\|", "|")
+
+
+def seqexp_invocations(line: str) -> Iterator[list[str]]:
+    """The arguments of every `seqexp` command of one shell line."""
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|")
+    lexer.whitespace_split = True
+    try:
+        tokens = list(lexer)
+    except ValueError:  # not shell (an unbalanced quote in prose)
+        return
+    segment: list[str] = []
+    for token in [*tokens, ";"]:
+        if token not in OPERATORS:
+            segment.append(token)
+            continue
+        while segment and ENV_ASSIGNMENT.match(segment[0]):
+            segment.pop(0)
+        if segment and segment[0] == "seqexp":
+            yield segment[1:]
+        segment = []
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    found = []
+    for page in PAGES:
+        for number, line in shell_lines(page.read_text()):
+            for args in seqexp_invocations(line):
+                found.append((f"{page_name(page)}:{number}", args))
+    return found
+
+
+def declared_files(page: Path) -> dict[str, str]:
+    """Files a page shows in full: fenced blocks whose info string names a path."""
+    return {info.split()[1]: body for info, body, _ in fenced_blocks(page.read_text())
+            if len(info.split()) == 2 and "/" in info.split()[1]}
+
+
+def all_declared_files() -> dict[str, str]:
+    files: dict[str, str] = {}
+    for page in PAGES:
+        files |= declared_files(page)
+    return files
+
+
+COMMANDS = documented_commands()
+
+
+def split_cli(args: list[str]) -> tuple[bool, list[str]]:
+    """(multirun?, overrides) of a seqexp command line; flags the CLI does not take fail."""
+    multirun, overrides = False, []
+    tokens = iter(args)
+    for token in tokens:
+        if token in ("-m", "--multirun"):
+            multirun = True
+        elif token in ("--cfg", "-c", "--package", "-p"):
+            assert next(tokens, None) is not None, f"{token} needs a value"
+        elif token == "--resolve":
+            continue
+        elif token.startswith("-"):
+            raise AssertionError(f"unexpected flag {token!r}")
+        else:
+            overrides.append(token)
+    return multirun, overrides
+
+
+def sweep_values(override: Override) -> list[str]:
+    """The `key=value` settings one override stands for in a sweep."""
+    if not override.is_sweep_override():
+        return [override.input_line]
+    key = override.get_key_element()
+    sweep = override.value()
+    if isinstance(sweep, (ChoiceSweep, RangeSweep)):
+        values = list(override.sweep_string_iterator())
+    elif isinstance(sweep, IntervalSweep):  # Optuna: both ends are valid values
+        values = [str(sweep.start), str(sweep.end)]
+    else:
+        raise AssertionError(f"cannot expand {override.input_line!r}")
+    return [f"{key}={value}" for value in values]
+
+
+class Composer:
+    """Hydra's compose over a copy of conf/ with the files the docs declare.
+
+    Hydra composes the defaults list from the group overrides (`model=gru`, `hydra/launcher=x`)
+    and then applies the key overrides to the result (ConfigLoaderImpl._apply_overrides_to_config).
+    Doing the same here, with the composition of each set of group overrides cached, gives the
+    same config and the same errors at a fraction of the cost of one compose per command.
+    """
+
+    def __init__(self, conf: Path) -> None:
+        self.groups = {p.name for p in conf.iterdir() if p.is_dir()}
+        self.parser = OverridesParser.create()
+        self.cache: dict[tuple[str, ...], DictConfig | Exception] = {}
+
+    def is_group(self, override: Override) -> bool:
+        key = override.key_or_group
+        return "/" in key or key in self.groups or override.package is not None
+
+    def __call__(self, overrides: list[str]) -> DictConfig:
+        parsed = self.parser.parse_overrides(overrides)
+        # Hydra applies group overrides by group, whatever their order: one cache entry.
+        groups = tuple(sorted(o.input_line for o in parsed if self.is_group(o)))
+        if groups not in self.cache:
+            try:
+                self.cache[groups] = compose(config_name="config", overrides=list(groups),
+                                             return_hydra_config=True)
+            except Exception as exc:  # noqa: BLE001 - re-raised for every command that needs it
+                self.cache[groups] = exc
+        composed = self.cache[groups]
+        if isinstance(composed, Exception):
+            raise composed
+        if any(o.is_sweep_override() for o in parsed):  # Hydra's message for a RUN compose
+            return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        cfg = copy.deepcopy(composed)
+        ConfigLoaderImpl._apply_overrides_to_config(
+            [o for o in parsed if not self.is_group(o)], cfg)
+        return cfg
+
+    def jobs(self, multirun: bool, overrides: list[str]) -> list[list[str]]:
+        """The override lists of the jobs a command runs: every value of every key the command
+        line sweeps at least once (a plain run, sweep syntax included, is one job)."""
+        if not multirun:
+            return [overrides]
+        values = [sweep_values(o) for o in self.parser.parse_overrides(overrides)]
+        width = max((len(v) for v in values), default=1)
+        return [[v[job % len(v)] for v in values] for job in range(width)]
+
+
+@pytest.fixture(scope="module")
+def composer(tmp_path_factory) -> Iterator[Composer]:
+    conf = tmp_path_factory.mktemp("docs") / "conf"
+    shutil.copytree(config_dir(), conf)
+    for path, body in all_declared_files().items():
+        if path.startswith("conf/"):
+            target = conf / path.removeprefix("conf/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(body)
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        yield Composer(conf)
+
+
+def test_the_docs_show_commands():
+    where = {w.split(":")[0] for w, _ in COMMANDS}
+    assert {"README.md", "docs/configuration.md", "docs/tracking.md"} <= where
+    assert any("-m" in args for _, args in COMMANDS)
+
+
+@pytest.mark.parametrize(("where", "args"), COMMANDS, ids=[w for w, _ in COMMANDS])
+def test_documented_command_composes(composer, where, args):
+    command = "seqexp " + " ".join(args)
+    try:
+        multirun, overrides = split_cli(args)
+        for job in composer.jobs(multirun, overrides):
+            composer(job)
+    except Exception as exc:  # noqa: BLE001 - one readable line per broken command
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        pytest.fail(f"{where}: `{command}` does not compose: {lines[0]}", pytrace=False)
+
+
+def test_readme_is_short():
+    lines = (ROOT / "README.md").read_text().count("\n")
+    assert lines <= README_MAX_LINES, f"README.md has {lines} lines; move detail to docs/"
+
+
+def group_keys() -> dict[str, set[str]]:
+    """Every key each group's files (and the model files' shared Table 1 file) define."""
+    keys: dict[str, set[str]] = {}
+    for path in config_dir().rglob("*.yaml"):
+        cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        group = path.relative_to(config_dir()).parts[0]
+        if path.read_text().lstrip().startswith("# @package _global_"):
+            sections = {g: v for g, v in cfg.items() if isinstance(v, dict)}
+        else:
+            sections = {group: cfg}
+        for section, values in sections.items():
+            keys.setdefault(section, set()).update(values)
+    return keys
+
+
+def inline_code(page: Path) -> Iterator[str]:
+    prose = FENCE.sub("", page.read_text())
+    for match in INLINE.finditer(prose):
+        yield match.group(1)
+
+
+def test_named_paths_and_keys_exist():
+    keys = group_keys()
+    declared = set(all_declared_files())
+    problems = []
+    for page in PAGES:
+        for code in inline_code(page):
+            key = CONFIG_KEY.match(code)
+            if key and code not in NOT_KEYS and key.group(2) not in keys.get(key.group(1), set()):
+                problems.append(f"{page_name(page)}: `{code}` names no config key")
+            path = code.split(" ")[0].rstrip(".,")
+            if REPO_PATH.match(path) and "*" not in path and path not in declared \
+                    and not (ROOT / path).exists():
+                problems.append(f"{page_name(page)}: `{code}` names no file")
+        for target in re.findall(r"\]\(([^)#:]+\.md)(?:#[^)]*)?\)", page.read_text()):
+            resolved = (page.parent / target).resolve()
+            name = str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else target
+            if not resolved.exists() and name not in PAGES_FROM_OTHER_BRANCHES:
+                problems.append(f"{page_name(page)}: link to {target} goes nowhere")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_worked_example_builds_and_passes_its_own_tests(composer, monkeypatch):
+    files = declared_files(ROOT / "docs" / "adding-a-model.md")
+    (module_path,) = [p for p in files if p.startswith("seqexp/models/")]
+    (yaml_path,) = [p for p in files if p.startswith("conf/model/")]
+    (test_path,) = [p for p in files if p.startswith("tests/")]
+    name = module_path.removesuffix(".py").replace("/", ".")
+    module = types.ModuleType(name)
+    module.__file__ = str(ROOT / module_path)
+    monkeypatch.setitem(sys.modules, name, module)
+    exec(compile(files[module_path], module_path, "exec"), module.__dict__)  # noqa: S102
+    cfg = composer([f"model={Path(yaml_path).stem}"])
+    model = build_model(cfg.model, sequences([[0, 1, 2], [2, 1]], n_items=3))
+    assert type(model).__module__ == name and model.n_items == 3
+    namespace: dict = {"__name__": "doc_example_tests"}
+    exec(compile(files[test_path], test_path, "exec"), namespace)  # noqa: S102
+    tests = [f for n, f in namespace.items() if n.startswith("test_") and callable(f)]
+    assert tests
+    for test in tests:
+        test()
