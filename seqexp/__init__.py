@@ -1,3 +1,3 @@
 """seqexp: a Hydra + MLflow experiment CLI for sequential recommenders."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
