@@ -7,16 +7,26 @@ e = #other items scoring exactly s. Then
 - under random tie-breaking the rank is uniform on 1+g .. 1+g+e, and the metrics below are its
   exact expectations.
 Recall@k = share of events with rank <= k; MRR@k = mean of 1/rank over events with rank <= k
-(0 otherwise); micro-averaged over events.
+(0 otherwise); NDCG@k = mean of 1/log2(1 + rank) over events with rank <= k (0 otherwise: one
+relevant item, so the ideal DCG is 1); micro-averaged over events.
+
+With `exclude_seen`, items the user had already interacted with before the prediction point are
+not ranked, except the target itself: an event whose target was seen before stays a possible
+hit (the usual protocol; ranking it unreachable would make every repeat a certain miss).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from seqexp.data.baskets import basket_starts, check_gap
 from seqexp.data.batching import PredictionBatch, prediction_batches
@@ -27,10 +37,15 @@ from seqexp.models.base import Recommender
 
 @dataclass
 class RankCounts:
-    """Per-event counts of items scoring above (`greater`) and level with (`equal`) the target."""
+    """Per-event counts of items scoring above (`greater`) and level with (`equal`) the target,
+    with who and what each event was when the evaluator knows it: the user, the position of the
+    target in the user's sequence (0 = first event) and the target item."""
 
     greater: np.ndarray
     equal: np.ndarray
+    users: np.ndarray | None = None
+    positions: np.ndarray | None = None
+    targets: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.greater)
@@ -42,7 +57,8 @@ class RankCounts:
         return 1 + self.greater
 
     def metrics(self, cutoffs: Sequence[int]) -> dict[str, float]:
-        """mrr_at_k / recall_at_k (pessimistic) plus _optimistic and _expected variants."""
+        """mrr_at_k / recall_at_k / ndcg_at_k (pessimistic) plus _optimistic and _expected
+        variants."""
         n = len(self)
         if n == 0:
             raise SeqexpError("no events to evaluate: the split left no targets")
@@ -54,16 +70,53 @@ class RankCounts:
                 hit = rank <= k
                 out[f"recall_at_{k}{suffix}"] = float(hit.mean())
                 out[f"mrr_at_{k}{suffix}"] = float(np.where(hit, 1.0 / rank, 0.0).sum() / n)
-            # rank uniform on g+1 .. g+e+1: P(rank <= k) and E[1/rank; rank <= k]
+                gain = np.where(hit, 1.0 / np.log2(1.0 + np.minimum(rank, k)), 0.0)
+                out[f"ndcg_at_{k}{suffix}"] = float(gain.sum() / n)
+            # rank uniform on g+1 .. g+e+1: P(rank <= k), E[1/rank; rank <= k] and
+            # E[1/log2(1 + rank); rank <= k] from cumulative sums over ranks 1..k
             recall = np.clip((k - g) / (e + 1.0), 0.0, 1.0)
-            harmonic = _harmonic(k)
             top = np.minimum(g + e + 1, k).astype(np.int64)
             low = np.minimum(g, k).astype(np.int64)
-            mrr = (harmonic[top] - harmonic[low]) / (e + 1.0)
+            for name, table in (("mrr", _harmonic(k)), ("ndcg", _discounts(k))):
+                value = (table[top] - table[low]) / (e + 1.0)
+                out[f"{name}_at_{k}_expected"] = float(np.maximum(value, 0.0).mean())
             out[f"recall_at_{k}_expected"] = float(recall.mean())
-            out[f"mrr_at_{k}_expected"] = float(np.maximum(mrr, 0.0).mean())
         out["n_events"] = float(n)
         return out
+
+    def by_history(self, history: np.ndarray, cutoffs: Sequence[int]) -> dict[str, float]:
+        """MRR/Recall/NDCG@k (pessimistic) per quartile of the users' history length:
+        `history[u]` = training events of user u. Quartile edges are taken over the users that
+        have events here; an event belongs to the quartile of its user (hist_q1 = shortest
+        histories, a user at an edge goes to the lower quartile). Keys:
+        hist_q<j>_{mrr,recall,ndcg}_at_<k>, hist_q<j>_n_events, hist_q<j>_max_train_events."""
+        if self.users is None:
+            raise ValueError("by_history needs the events' users")
+        quartile, edges = history_quartiles(history, self.users)
+        out: dict[str, float] = {}
+        for j in range(4):
+            members = quartile == j
+            if not members.any():
+                continue
+            part = RankCounts(self.greater[members], self.equal[members])
+            values = part.metrics(cutoffs)
+            for key, value in values.items():
+                if key == "n_events":
+                    out[f"hist_q{j + 1}_n_events"] = value
+                elif not key.endswith(("_optimistic", "_expected")):
+                    out[f"hist_q{j + 1}_{key}"] = value
+            out[f"hist_q{j + 1}_max_train_events"] = float(edges[j + 1])
+        return out
+
+
+def history_quartiles(history: np.ndarray, users: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Quartile (0..3) of each event's user by history length, and the five edges (min, the
+    three quartile cuts, max) over the distinct users among `users`."""
+    per_user = np.asarray(history)[np.unique(users)]
+    edges = np.quantile(per_user, [0.0, 0.25, 0.5, 0.75, 1.0])
+    quartile = np.searchsorted(edges[1:4], np.asarray(history)[users], side="left")
+    return quartile, edges
 
 
 def _harmonic(k: int) -> np.ndarray:
@@ -71,14 +124,21 @@ def _harmonic(k: int) -> np.ndarray:
     return np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, k + 1))])
 
 
+def _discounts(k: int) -> np.ndarray:
+    """D[j] = sum_{r=1..j} 1/log2(1 + r) for j = 0..k."""
+    return np.concatenate([[0.0], np.cumsum(1.0 / np.log2(np.arange(2, k + 2)))])
+
+
 def count_ranks(
     score_block: Callable[[int, int], torch.Tensor], targets: torch.Tensor, n_items: int,
-    chunk: int,
+    chunk: int, excluded: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greater/equal counts for one batch of prediction points, scoring items `chunk` at a time.
 
     When the catalogue fits one chunk the scores are computed once; otherwise a first pass
-    collects the target scores and a second counts against them.
+    collects the target scores and a second counts against them. `excluded` = (point, item)
+    pairs, distinct and never a point's own target, of items that are not ranked for that point
+    (eval.exclude_seen): they are counted like every other item, then taken back out.
     """
     n_points = len(targets)
     if n_points == 0:
@@ -101,12 +161,27 @@ def count_ranks(
     greater = torch.zeros(n_points, dtype=torch.int32, device=targets.device)
     equal = torch.full((n_points,), -1, dtype=torch.int32, device=targets.device)  # − target
     for lo in range(0, n_items, chunk):
-        scores = whole if whole is not None else score_block(lo, min(lo + chunk, n_items))
+        hi = min(lo + chunk, n_items)
+        scores = whole if whole is not None else score_block(lo, hi)
         _check_finite(scores)
         block_greater, block_equal = _sign_counts(scores, target_scores)
         greater += block_greater
         equal += block_equal
+        if excluded is not None:
+            _uncount(scores, target_scores, excluded, lo, hi, greater, equal)
     return greater, equal
+
+
+def _uncount(scores: torch.Tensor, target_scores: torch.Tensor,
+             excluded: tuple[torch.Tensor, torch.Tensor], lo: int, hi: int,
+             greater: torch.Tensor, equal: torch.Tensor) -> None:
+    """Take the excluded items of columns lo..hi-1 back out of the counts (in place)."""
+    point, item = excluded
+    inside = (item >= lo) & (item < hi)
+    point, item = point[inside], item[inside] - lo
+    score, target = scores[point, item], target_scores[point, 0]
+    for counts, taken in ((greater, point[score > target]), (equal, point[score == target])):
+        counts.index_add_(0, taken, torch.ones_like(taken, dtype=counts.dtype), alpha=-1)
 
 
 # Columns per float32 sum of signs: exact while partial sums stay below 2**24.
@@ -153,16 +228,21 @@ def _for_device(table: dict[str, int], device: torch.device) -> int:
 
 class Evaluator:
     def __init__(self, cutoffs: Sequence[int] = (5, 10, 20), batch_users: int | None = None,
-                 max_block_elements: int | None = None) -> None:
+                 max_block_elements: int | None = None, exclude_seen: bool = False,
+                 progress: bool = False) -> None:
         cutoffs = list(cutoffs)
         if not cutoffs or any(not isinstance(k, int) or k < 1 for k in cutoffs):
             raise SeqexpError(f"eval.cutoffs={cutoffs} must be a list of positive integers")
         if any(value is not None and value < 1 for value in (batch_users, max_block_elements)):
             raise SeqexpError("eval.batch_users and eval.max_block_elements must be positive "
                               "(or null: chosen for the device)")
+        if not isinstance(exclude_seen, bool):
+            raise SeqexpError(f"eval.exclude_seen={exclude_seen!r} must be true or false")
         self.cutoffs = sorted(set(cutoffs))
         self.batch_users = batch_users
         self.max_block_elements = max_block_elements
+        self.exclude_seen = exclude_seen
+        self.progress = progress
 
     def users_per_batch(self, device: torch.device) -> int:
         return self.batch_users or _for_device(AUTO_BATCH_USERS, device)
@@ -175,21 +255,31 @@ class Evaluator:
         was_training = model.training
         model.eval()
         device = model.device
-        greater, equal = [], []
+        parts: dict[str, list[torch.Tensor]] = {
+            "greater": [], "equal": [], "users": [], "positions": [], "targets": []}
+        bar = tqdm(total=phase_targets(data, phase), desc=phase, unit="ev", unit_scale=True,
+                   disable=not self.progress, leave=False, mininterval=1.0)
         try:
-            for batch in prediction_batches(data, phase, self.users_per_batch(device)):
-                batch = batch.to(device)
-                g, e = self._batch_counts(model, batch, data.n_items)
-                greater.append(g.cpu())
-                equal.append(e.cpu())
+            with bar:
+                for batch in prediction_batches(data, phase, self.users_per_batch(device)):
+                    # where each target sits, read before the batch moves to the device
+                    parts["users"].append(batch.users[batch.target_rows])
+                    parts["positions"].append(batch.target_cols)
+                    parts["targets"].append(batch.targets)
+                    batch = batch.to(device)
+                    g, e = self._batch_counts(model, batch, data.n_items)
+                    parts["greater"].append(g.cpu())
+                    parts["equal"].append(e.cpu())
+                    bar.update(batch.n_targets)
         finally:
             model.train(was_training)
-        if not greater:
-            return RankCounts(np.zeros(0, np.int64), np.zeros(0, np.int64))
-        return RankCounts(torch.cat(greater).numpy(), torch.cat(equal).numpy())
+        if not parts["greater"]:
+            return RankCounts(*(np.zeros(0, np.int64) for _ in parts))
+        return RankCounts(**{k: torch.cat(v).numpy() for k, v in parts.items()})
 
     def _batch_counts(self, model: Recommender, batch: PredictionBatch, n_items: int):
         state = model.prediction_states(batch)
+        excluded = seen_items(batch, n_items) if self.exclude_seen else None
         # B x N must fit: split the prediction points if needed, then the items.
         block = self.block_elements(batch.targets.device)
         points = max(1, min(batch.n_targets, block // max(n_items, 1)))
@@ -198,9 +288,15 @@ class Evaluator:
         for start in range(0, batch.n_targets, points):
             part = slice(start, start + points)
             sub_state = _slice_state(state, part)
+            sub_excluded = None
+            if excluded is not None:
+                point, item = excluded
+                lo, hi = torch.searchsorted(point, torch.tensor(
+                    [start, start + points], device=point.device)).tolist()
+                sub_excluded = (point[lo:hi] - start, item[lo:hi])
             g, e = count_ranks(
                 lambda lo, hi, s=sub_state: model.score_items(s, lo, hi),
-                batch.targets[part], n_items, chunk,
+                batch.targets[part], n_items, chunk, sub_excluded,
             )
             g_parts.append(g)
             e_parts.append(e)
@@ -208,6 +304,10 @@ class Evaluator:
 
     def evaluate(self, model: Recommender, data: SequenceData, phase: str) -> dict[str, float]:
         return self.rank_counts(model, data, phase).metrics(self.cutoffs)
+
+    def full_metrics(self, counts: RankCounts, data: SequenceData) -> dict[str, float]:
+        """The metrics of `counts` overall and by history-length quartile (hist_q<j>_...)."""
+        return counts.metrics(self.cutoffs) | counts.by_history(train_events(data), self.cutoffs)
 
     @torch.no_grad()
     def next_basket_metrics(self, model: Recommender, data: SequenceData, phase: str,
@@ -288,6 +388,41 @@ class Evaluator:
         return f1, dcg / ideal, batch.users[rows[openers]]
 
 
+def phase_targets(data: SequenceData, phase: str) -> int:
+    """How many prediction points `phase` has (a user's first event is never one)."""
+    first, stop = data.phase_bounds(phase)
+    first = np.maximum(first, data.offsets[:-1] + 1)
+    return int(np.clip(stop - first, 0, None).sum())
+
+
+def seen_items(batch: PredictionBatch, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(point, item) pairs, sorted by point: every distinct item of a prediction point's
+    context (the user's earlier events) except the point's own target."""
+    items, rows, cols = batch.items, batch.target_rows, batch.target_cols
+    width = items.shape[1]
+    cell_row, cell_col = (torch.arange(width, device=items.device)
+                          < batch.lengths[:, None]).nonzero(as_tuple=True)
+    pairs, inverse = torch.unique(cell_row * n_items + items[cell_row, cell_col],
+                                  return_inverse=True)
+    first_col = torch.full((len(pairs),), width, dtype=cell_col.dtype, device=items.device)
+    first_col.scatter_reduce_(0, inverse, cell_col, "amin")
+    pair_row, pair_item = pairs // n_items, pairs % n_items
+    # Points are row-major with ascending columns, so the points that saw an item (column
+    # after its first occurrence) are a contiguous run ending at the row's last point.
+    point_key = rows * width + cols
+    begin = torch.searchsorted(point_key, pair_row * width + first_col, right=True)
+    end = torch.searchsorted(point_key, pair_row * width + (width - 1), right=True)
+    count = end - begin
+    owner = torch.repeat_interleave(torch.arange(len(pairs), device=items.device), count)
+    run_start = torch.cumsum(count, 0) - count
+    point = (begin - run_start)[owner] + torch.arange(len(owner), device=items.device)
+    item = pair_item[owner]
+    keep = item != batch.targets[point]
+    point, item = point[keep], item[keep]
+    order = torch.argsort(point, stable=True)
+    return point[order], item[order]
+
+
 def check_basket_settings(gap_s: float, k: int) -> tuple[float, int]:
     """eval.basket_gap_s and eval.basket_k, or a SeqexpError naming the bad key."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -304,3 +439,61 @@ def _slice_state(state, part: slice):
     if isinstance(state, tuple):
         return tuple(_slice_state(s, part) for s in state)
     raise TypeError(f"unsupported prediction state type {type(state).__name__}")
+
+
+def train_events(data: SequenceData) -> np.ndarray:
+    """Training events of every user (the history length the quartile metrics use)."""
+    return data.train_end - data.offsets[:-1]
+
+
+RANKS_FORMAT = "seqexp.ranks/1"
+
+
+def write_ranks(counts: RankCounts, data: SequenceData, path: Path,
+                settings: dict | None = None) -> Path:
+    """Write the per-event ranks as Parquet, one row per event sorted by (user, position):
+    user (index of the user in the processed data), position (of the target in the user's
+    sequence, 0 = first event), item (training-vocabulary code), rank_pessimistic,
+    rank_optimistic and user_train_events (the user's history length), each in the smallest
+    unsigned integer type that holds it. The file's metadata (key `seqexp`) holds the number
+    of items, the tie policies and `settings` (e.g. eval.exclude_seen). Atomic."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if counts.users is None or counts.positions is None or counts.targets is None:
+        raise ValueError("write_ranks needs the events' users, positions and targets")
+    order = np.lexsort((counts.positions, counts.users))
+    columns = {
+        "user": counts.users, "position": counts.positions, "item": counts.targets,
+        "rank_pessimistic": counts.rank_pessimistic(), "rank_optimistic": counts.rank_optimistic(),
+        "user_train_events": train_events(data)[counts.users],
+    }
+    arrays = {}
+    for name, values in columns.items():
+        values = np.asarray(values)[order]
+        smallest = np.min_scalar_type(int(values.max()) if len(values) else 0)
+        arrays[name] = pa.array(values.astype(smallest, copy=False))
+    meta = {"format": RANKS_FORMAT, "n_items": int(data.n_items), "n_users": int(data.n_users),
+            "rank_pessimistic": "1 + #items scoring higher + #other items scoring the same",
+            "rank_optimistic": "1 + #items scoring higher", **(settings or {})}
+    table = pa.table(arrays).replace_schema_metadata({"seqexp": json.dumps(meta)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_ranks(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """The columns of a test_ranks.parquet as int64 arrays, and its metadata."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    meta = json.loads((table.schema.metadata or {}).get(b"seqexp", b"{}"))
+    return {name: table.column(name).to_numpy().astype(np.int64)
+            for name in table.column_names}, meta

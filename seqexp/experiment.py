@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from seqexp.atomic import write_json, write_text
 from seqexp.data import SequenceData, load_dataset
 from seqexp.errors import SeqexpError
-from seqexp.evaluation import Evaluator, check_basket_settings
+from seqexp.evaluation import Evaluator, RankCounts, check_basket_settings, write_ranks
 from seqexp.models.base import Recommender
 from seqexp.tracking import Tracker, default_tracking_uri, flatten, git_tags, run_name
 from seqexp.training import OPTIMIZERS, Trainer
@@ -94,7 +94,9 @@ def build_model(model_cfg: Mapping, data: SequenceData) -> Recommender:
 def build_evaluator(cfg: DictConfig) -> Evaluator:
     block = cfg.eval.max_block_elements
     return Evaluator(list(cfg.eval.cutoffs), cfg.eval.batch_users,
-                     None if block is None else int(block))
+                     None if block is None else int(block),
+                     exclude_seen=cfg.eval.get("exclude_seen", False),
+                     progress=bool(cfg.train.progress))
 
 
 def build_trainer(cfg: DictConfig, evaluator: Evaluator,
@@ -185,15 +187,17 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
         if result.interrupted:
             status = "KILLED"
             raise KeyboardInterrupt
-        test = {f"test_{k}": v for k, v in evaluator.evaluate(model, data, "test").items()}
+        counts = evaluator.rank_counts(model, data, "test")
+        test = {f"test_{k}": v for k, v in evaluator.full_metrics(counts, data).items()}
         if cfg.eval.get("basket_gap_s") is not None:
             baskets = evaluator.next_basket_metrics(model, data, "test", cfg.eval.basket_gap_s,
                                                     cfg.eval.basket_k)
-            test |= {f"test_{k}": v for k, v in baskets.items()}
+            test = merge_basket_metrics(test, baskets)
         tracker.log_metrics(test | summary)
         metrics = test | summary
         log.info("test: %s", ", ".join(f"{k}={v:.5f}" for k, v in test.items()
-                                      if k.endswith(f"_at_{cfg.eval.monitor_cutoff}")))
+                                      if k in headline_metrics(cfg)))
+        log_ranks(tracker, counts, data, cfg, output_dir)
         write_json(output_dir / "metrics.json", metrics | {"data": data.stats})
         tracker.log_artifact(output_dir / "metrics.json")
         if cfg.mlflow.log_checkpoint:
@@ -207,3 +211,45 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
         raise
     finally:
         tracker.end(status)
+
+
+def merge_basket_metrics(test: Mapping[str, float], baskets: Mapping[str, float]
+                         ) -> dict[str, float]:
+    """Next-basket metrics keep their names (test_f1_at_<k>, test_ndcg_at_<k>) and are also
+    logged as test_basket_*; a next-item metric of the same name moves to test_item_<name>."""
+    merged = dict(test)
+    for key, value in baskets.items():
+        if f"test_{key}" in merged:
+            merged[f"test_item_{key}"] = merged.pop(f"test_{key}")
+        merged[f"test_{key}"] = value
+        if key != "n_baskets":
+            merged[f"test_basket_{key}"] = value
+    return merged
+
+
+def headline_metrics(cfg: DictConfig) -> list[str]:
+    """What the end of a run logs: MRR/Recall/NDCG at the monitored cutoff and, when on, the
+    next-basket F1/NDCG."""
+    k = cfg.eval.monitor_cutoff
+    names = [f"test_{m}_at_{k}" for m in ("mrr", "recall", "ndcg")]
+    if cfg.eval.get("basket_gap_s") is not None:
+        names += [f"test_basket_{m}_at_{cfg.eval.basket_k}" for m in ("f1", "ndcg")]
+    return names
+
+
+def log_ranks(tracker: Tracker, counts: RankCounts, data: SequenceData, cfg: DictConfig,
+              output_dir: Path) -> None:
+    """The per-event test ranks as the artifact test_ranks.parquet (eval.save_ranks), and the
+    raw file's sha256 as the param data.raw_sha256 (so a report can tell the paper's data)."""
+    if cfg.dataset.get("format") != "synthetic":
+        from seqexp.data.cache import file_digest
+        from seqexp.data.loading import resolve_raw_file
+
+        raw = resolve_raw_file(dict(cfg.dataset), Path(cfg.paths.raw_dir), progress=False)
+        tracker.log_params({"data.raw_sha256": file_digest(raw)})
+    if cfg.eval.get("save_ranks", True):
+        settings = {"exclude_seen": bool(cfg.eval.get("exclude_seen", False)),
+                    "dataset": str(cfg.dataset.get("name")), "seed": int(cfg.seed)}
+        tracker.log_artifact(write_ranks(counts, data, output_dir / "test_ranks.parquet",
+                                         settings))
+

@@ -181,3 +181,119 @@ def test_context_never_includes_the_target_or_later_events():
 def test_invalid_cutoffs_are_rejected():
     with pytest.raises(SeqexpError, match="eval.cutoffs"):
         Evaluator([0, 20])
+
+
+def test_ndcg_by_hand_for_all_three_tie_policies():
+    counts = RankCounts(np.array([1, 0, 0, 4]), np.array([2, 4, 0, 0]))  # ranks 4, 5, 1, 5
+    m = counts.metrics([3, 5])
+    assert m["ndcg_at_3"] == pytest.approx(1 / 4)  # only the rank-1 event: 1/log2(2) = 1
+    assert m["ndcg_at_5"] == pytest.approx((1 / np.log2(5) + 2 / np.log2(6) + 1) / 4)
+    # optimistic ranks 2, 1, 1, 5
+    assert m["ndcg_at_3_optimistic"] == pytest.approx((1 / np.log2(3) + 1 + 1) / 4)
+    # expected: event 0 uniform on {2,3,4}, event 1 on {1..5}
+    e0 = (1 / np.log2(3) + 1 / np.log2(4)) / 3
+    e1 = (1 + 1 / np.log2(3) + 1 / np.log2(4)) / 5
+    assert m["ndcg_at_3_expected"] == pytest.approx((e0 + e1 + 1) / 4)
+
+
+def _seen_by_brute_force(scores: torch.Tensor, targets: torch.Tensor, context: list[list[int]]):
+    """Greater/equal counts with each point's context items (other than its target) removed."""
+    greater, equal = [], []
+    for row, target, seen in zip(scores, targets.tolist(), context, strict=True):
+        keep = torch.ones(len(row), dtype=torch.bool)
+        keep[[i for i in seen if i != target]] = False
+        keep[target] = False
+        greater.append(int((row[keep] > row[target]).sum()))
+        equal.append(int((row[keep] == row[target]).sum()))
+    return greater, equal
+
+
+class Fixed(Recommender):
+    """Scores from a fixed table keyed by (user, position of the target)."""
+
+    def __init__(self, n_items, n_users, table):
+        super().__init__(n_items, n_users)
+        self.table = table
+
+    def prediction_states(self, batch):
+        users = batch.users[batch.target_rows]
+        return torch.stack([self.table[(int(u), int(c))]
+                            for u, c in zip(users, batch.target_cols, strict=True)])
+
+    def score_items(self, state, lo, hi):
+        return state[:, lo:hi]
+
+
+@pytest.mark.parametrize("max_block", [10_000, 7, 3])
+def test_exclude_seen_removes_earlier_items_but_keeps_a_seen_target(max_block):
+    users = [[0, 1, 2, 1, 3], [4, 3, 2, 3], [1, 2], [0, 0, 1, 1, 5]]
+    data = sequences(users, n_items=6, n_val=[1, 0, 0, 1], n_test=[2, 2, 1, 2])
+    generator = torch.Generator().manual_seed(1)
+    table = {(u, c): torch.randint(0, 3, (6,), generator=generator).float()
+             for u, seq in enumerate(users) for c in range(1, len(seq))}
+    model = Fixed(6, 4, table)
+    counts = Evaluator([5], batch_users=2, max_block_elements=max_block,
+                       exclude_seen=True).rank_counts(model, data, "test")
+    order = np.lexsort((counts.positions, counts.users))
+    points = list(zip(counts.users[order].tolist(), counts.positions[order].tolist(),
+                      strict=True))
+    assert points == [(0, 3), (0, 4), (1, 2), (1, 3), (2, 1), (3, 3), (3, 4)]
+    scores = torch.stack([table[p] for p in points])
+    targets = torch.tensor([users[u][c] for u, c in points])
+    context = [users[u][:c] for u, c in points]
+    expected = _seen_by_brute_force(scores, targets, context)
+    assert (counts.greater[order].tolist(), counts.equal[order].tolist()) == expected
+    # user 0's target at position 3 (item 1) was seen at position 1 and stays rankable:
+    # only items 0 and 2 leave the catalogue
+    assert counts.targets[order].tolist() == [1, 3, 2, 3, 2, 1, 5]
+    plain = Evaluator([5], batch_users=2, max_block_elements=max_block
+                      ).rank_counts(model, data, "test")
+    assert (plain.greater[order] >= counts.greater[order]).all()
+    assert (plain.greater[order] + plain.equal[order]
+            > counts.greater[order] + counts.equal[order]).any()
+
+
+def test_metrics_by_history_quartile_by_hand():
+    # users' training events: 1, 2, 3, 4 -> quartile edges 1.75, 2.5, 3.25
+    history = np.array([1, 2, 3, 4])
+    counts = RankCounts(greater=np.array([0, 1, 0, 5, 0]), equal=np.array([0, 0, 0, 0, 1]),
+                        users=np.array([0, 1, 1, 2, 3]))
+    m = counts.by_history(history, [2])
+    assert m["hist_q1_n_events"] == 1 and m["hist_q1_mrr_at_2"] == 1.0
+    assert m["hist_q2_n_events"] == 2 and m["hist_q2_mrr_at_2"] == pytest.approx(0.75)
+    assert m["hist_q2_recall_at_2"] == 1.0
+    assert m["hist_q3_recall_at_2"] == 0.0
+    assert m["hist_q4_mrr_at_2"] == pytest.approx(0.5)
+    assert m["hist_q4_ndcg_at_2"] == pytest.approx(1 / np.log2(3))
+    assert m["hist_q2_max_train_events"] == 2.5 and m["hist_q4_max_train_events"] == 4
+    assert not any(k.endswith(("_optimistic", "_expected")) for k in m)
+
+
+def test_ranks_parquet_round_trip_sorted_compact_and_complete(tmp_path):
+    import pyarrow.parquet as pq
+
+    from seqexp.evaluation import read_ranks, write_ranks
+
+    data = _data()
+    counts = Evaluator([1]).rank_counts(Oracle(6, 4, data.items), data, "test")
+    path = write_ranks(counts, data, tmp_path / "test_ranks.parquet", {"exclude_seen": False})
+    columns, meta = read_ranks(path)
+    assert columns["user"].tolist() == [0, 0, 1, 2, 3]
+    assert columns["position"].tolist() == [3, 4, 2, 1, 3]
+    assert columns["item"].tolist() == [3, 4, 2, 2, 1]
+    assert columns["rank_pessimistic"].tolist() == [1] * 5
+    assert columns["user_train_events"].tolist() == [2, 2, 2, 1, 2]
+    assert meta["n_items"] == 6 and meta["exclude_seen"] is False
+    schema = pq.read_schema(path)
+    assert {str(schema.field(n).type) for n in schema.names} == {"uint8"}
+    assert not list(tmp_path.glob(".test_ranks*"))  # no temporary file left
+
+
+def test_a_basket_metric_keeps_its_name_and_the_next_item_one_moves():
+    from seqexp.experiment import merge_basket_metrics
+
+    merged = merge_basket_metrics({"test_ndcg_at_5": 0.1, "test_ndcg_at_20": 0.2},
+                                  {"f1_at_5": 0.3, "ndcg_at_5": 0.4, "n_baskets": 7.0})
+    assert merged == {"test_item_ndcg_at_5": 0.1, "test_ndcg_at_20": 0.2, "test_f1_at_5": 0.3,
+                      "test_ndcg_at_5": 0.4, "test_basket_f1_at_5": 0.3,
+                      "test_basket_ndcg_at_5": 0.4, "test_n_baskets": 7.0}
