@@ -55,12 +55,16 @@ def test_seeds_of_one_configuration_give_mean_and_sample_std_beside_the_paper():
 
     md = to_markdown(table)
     assert "| gru | 0.05000 ± 0.01000 (n=3) | 0.04730 | +0.00270 | 0.16000 ± 0.01000 (n=3) " \
-           "| 0.15773 | +0.00227 |  | 0.14374 |  |" in md
-    assert md.splitlines()[0].startswith("| model | ML-10M MRR@20 | paper | Δ | ML-10M Recall@20")
+           "| 0.15773 | +0.00227 | not run | 0.14374 |  |" in md
+    assert md.splitlines()[0] == ("Data: ML-10M: the paper's data (the published archive's "
+                                  "file); LastFM-1K: the paper's data (the published archive's "
+                                  "file).")
+    assert md.splitlines()[2].startswith("| model | ML-10M MRR@20 | paper | Δ | ML-10M Recall@20")
     tex = to_latex(table)
     assert r"gru & 0.05000 $\pm$ 0.01000 (n=3) & 0.04730 & $+0.00270$" in tex
     assert r"\multicolumn{6}{c}{ML-10M} & \multicolumn{6}{c}{LastFM-1K}" in tex
     assert tex.count(r"\\") == 3 + len(table.rows)  # three header lines
+    assert r"gru & 0.05000" in tex and "not run" in tex
     rows = list(csv.DictReader(io.StringIO(to_csv(table))))
     assert float(rows[1]["ml10m_mrr_at_20_mean"]) == pytest.approx(0.05)
     assert float(rows[1]["ml10m_mrr_at_20_std"]) == pytest.approx(0.01)
