@@ -17,6 +17,7 @@ import functools
 import io
 import logging
 import math
+import os
 import re
 import statistics
 import sys
@@ -852,6 +853,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not 0 < args.alpha < 1 or args.resamples < 1:
         parser.error("--alpha must be in (0, 1) and --resamples positive")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         from seqexp.tracking import Tracker, default_tracking_uri
 

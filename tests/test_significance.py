@@ -1,0 +1,106 @@
+"""The report's paired statistics against scipy, by hand, and their false-positive rate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from seqexp.report import event_values, holm, paired_bootstrap_ci, paired_randomisation_p
+
+
+def _mean_diff(x, y, axis=-1):
+    return np.mean(x - y, axis=axis)
+
+
+def _reciprocal_ranks(rng: np.random.Generator, n: int, shape: float = 1.0) -> np.ndarray:
+    return event_values(np.ceil(rng.pareto(shape, n) * 5).astype(np.int64) + 1, "mrr_at_20")
+
+
+def test_randomisation_p_is_exact_for_few_events_and_equals_scipys_exact_test():
+    rng = np.random.default_rng(0)
+    x, y = _reciprocal_ranks(rng, 11), _reciprocal_ranks(rng, 11)
+    ours = paired_randomisation_p(x - y)
+    exact = stats.permutation_test((x, y), _mean_diff, permutation_type="samples",
+                                   n_resamples=np.inf, vectorized=True).pvalue
+    assert ours == pytest.approx(exact, abs=1e-12)
+
+
+def test_randomisation_p_by_hand():
+    # sums of ±0.5 ±0.25 ±0.1: 0.85 0.65 0.35 0.15 and their negatives; |T| >= 0.65 in 4 of 8
+    assert paired_randomisation_p(np.array([0.5, 0.25, -0.1])) == pytest.approx(0.5)
+    # zero differences carry no sign: the same test as without them
+    assert paired_randomisation_p(np.array([0.5, 0.0, 0.25, -0.1, 0.0])) == pytest.approx(0.5)
+    assert paired_randomisation_p(np.zeros(5)) == 1.0
+    # all 10 differences positive: only the two all-same-sign patterns reach |T|
+    assert paired_randomisation_p(np.full(10, 0.2)) == pytest.approx(2 / 1024)
+
+
+def test_randomisation_p_matches_scipy_monte_carlo_on_many_events():
+    rng = np.random.default_rng(1)
+    x = _reciprocal_ranks(rng, 1000)
+    y = np.where(rng.random(1000) < 0.8, x, _reciprocal_ranks(rng, 1000))  # mostly equal
+    ours = paired_randomisation_p(x - y, 20000, np.random.default_rng(2))
+    theirs = stats.permutation_test((x, y), _mean_diff, permutation_type="samples",
+                                    n_resamples=10000, vectorized=True, random_state=3).pvalue
+    assert 0.02 < theirs < 0.98  # a p-value in the range where the two can be compared
+    assert ours == pytest.approx(theirs, abs=0.02)  # two Monte Carlo estimates, sd <= 0.006
+
+
+def test_bootstrap_ci_matches_scipy_percentile_bootstrap():
+    rng = np.random.default_rng(4)
+    diff = _reciprocal_ranks(rng, 2000) - _reciprocal_ranks(rng, 2000)
+    low, high = paired_bootstrap_ci(diff, 20000, rng=np.random.default_rng(5))
+    theirs = stats.bootstrap((diff,), np.mean, method="percentile", n_resamples=20000,
+                             random_state=6).confidence_interval
+    width = theirs.high - theirs.low
+    assert low == pytest.approx(theirs.low, abs=0.03 * width)
+    assert high == pytest.approx(theirs.high, abs=0.03 * width)
+    assert low < diff.mean() < high
+
+
+def test_bootstrap_ci_by_hand():
+    assert paired_bootstrap_ci(np.full(50, 0.25)) == (0.25, 0.25)
+    # one event of 1 among n: the resampled mean is Binomial(n, 1/n) / n
+    low, high = paired_bootstrap_ci(np.r_[1.0, np.zeros(99)], 4000)
+    # P(Bin(100, .01) = 0) = 0.37 > 2.5 %, P(<= 2) = 0.92 < 97.5 % <= P(<= 3) = 0.98
+    assert (low, high) == (0.0, pytest.approx(0.03))
+
+
+def test_holm_by_hand():
+    # sorted 0.01 0.03 0.04 0.2, times 4 3 2 1: 0.04 0.09 0.08 -> 0.09 (monotone) 0.2
+    assert holm([0.01, 0.04, 0.03, 0.2]) == pytest.approx([0.04, 0.09, 0.09, 0.2])
+    assert holm([0.6, 0.5]) == pytest.approx([1.0, 1.0])
+    assert holm([]) == []
+
+
+def _same_model_two_seeds(rng: np.random.Generator, n: int, seeds: int):
+    """Per-event reciprocal ranks of two runs of one model: each event has a difficulty, each
+    seed adds its own noise; runs are averaged over `seeds` seeds each."""
+    difficulty = rng.exponential(1.0, n)
+
+    def run():
+        noisy = difficulty * rng.lognormal(0.0, 0.7, n)
+        return event_values(np.ceil(noisy * 8).astype(np.int64) + 1, "mrr_at_20")
+
+    return (np.mean([run() for _ in range(seeds)], axis=0),
+            np.mean([run() for _ in range(seeds)], axis=0))
+
+
+# 400 cases at a nominal rate of 5 %: the share of false positives has a standard deviation of
+# sqrt(0.05 * 0.95 / 400) = 1.1 %; the tolerance is three of them.
+CASES, NOMINAL, TOLERANCE = 400, 0.05, 0.033
+
+
+@pytest.mark.parametrize("seeds", [1, 3])
+def test_two_seeds_of_one_model_are_significant_at_most_at_the_nominal_rate(seeds):
+    rng = np.random.default_rng(10 + seeds)
+    false_positive = 0
+    for _ in range(CASES):
+        a, b = _same_model_two_seeds(rng, 200, seeds)
+        false_positive += paired_randomisation_p(a - b, 1000, rng) < NOMINAL
+    rate = false_positive / CASES
+    assert rate <= NOMINAL + TOLERANCE
+    # and the same test finds a real difference: one model 10 % better on every event
+    a, b = _same_model_two_seeds(rng, 3000, seeds)
+    assert paired_randomisation_p(1.1 * a - b, 1000, rng) < NOMINAL
