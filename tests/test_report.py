@@ -156,3 +156,155 @@ def test_nothing_to_report_is_one_line(tmp_path, store_uri, capsys, args, expect
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("seqexp-report: error: ") and expected in err[0]
+
+
+# ---- per-event ranks: significance, marks, repeats, history ---------------------------------
+
+def ranked(model: str, ranks, seed: int = 1, dataset: str = "ml10m", users=None,
+           history=None, events: str = "e", **params: str) -> RunRecord:
+    """A run with per-event ranks; test metrics computed from them."""
+    import numpy as np
+
+    from seqexp.report import event_values
+
+    ranks = np.asarray(ranks)
+    run = record(model, dataset, float(event_values(ranks, "mrr_at_20").mean()),
+                 float(event_values(ranks, "recall_at_20").mean()), seed=seed, **params)
+    run.run_id = f"{run.run_id}-{len(ranks)}-{ranks.sum()}"
+    run.ranks, run.events = ranks, events
+    run.users = np.arange(len(ranks)) if users is None else np.asarray(users)
+    run.history = np.ones(len(ranks), int) if history is None else np.asarray(history)
+    return run
+
+
+def _no_defaults(model):
+    return None
+
+
+def test_significance_marks_holm_and_seed_averaging():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(1, 40, 400)
+    runs = [ranked("gru", base, seed=1), ranked("gru", base, seed=2),
+            # linear_ugru ranks every event first: better than gru beyond doubt
+            ranked("linear_ugru", np.ones(400, int), seed=1),
+            ranked("linear_ugru", np.ones(400, int), seed=2),
+            # attentional_ugru: gru's ranks, two events moved: no evidence
+            ranked("attentional_ugru", np.r_[base[:398], 1, 1]),
+            # itemknn ranked other events: not comparable
+            ranked("itemknn", base, events="other")]
+    table = build_table(runs, PAPER, defaults=_no_defaults, resamples=2000)
+    cells = {row.model: row.cells[("ml10m", "mrr_at_20")] for row in table.rows}
+    better, same = cells["linear_ugru"].comparison, cells["attentional_ugru"].comparison
+    assert cells["gru"].comparison is None and cells["itemknn"].comparison is None
+    rr = np.where(base <= 20, 1.0 / base, 0.0)
+    assert better.diff == pytest.approx((1.0 - rr).mean())
+    assert better.ci_low < better.diff < better.ci_high and better.seeds == (2, 2)
+    assert better.p == pytest.approx(1 / 2001) and better.significant
+    # two events differ, both in gru's disfavour: exact test, p = 2 / 2^2
+    assert same.p == 0.5
+    # Holm over the two compared models: the smaller p doubled, the larger kept
+    assert better.p_holm == pytest.approx(2 * better.p)
+    assert same.p_holm == 0.5 and not same.significant
+    md = to_markdown(table)
+    assert "| linear_ugru | 1.00000 ± 0.00000 (n=2) † |" in md
+    assert "seed-averaged per-event values" in md
+    rows = {r["model"]: r for r in csv.DictReader(io.StringIO(to_csv(table)))}
+    assert rows["linear_ugru"]["ml10m_mrr_at_20_vs"] == "gru"
+    assert rows["linear_ugru"]["ml10m_mrr_at_20_significant"] == "true"
+    assert float(rows["attentional_ugru"]["ml10m_mrr_at_20_p"]) > 0.05
+    assert rows["linear_ugru"]["ml10m_mrr_at_20_seeds_averaged"] == "2/2"
+    assert rows["itemknn"]["ml10m_mrr_at_20_p"] == ""
+    assert r"1.00000 $\pm$ 0.00000 (n=2)$^{\dagger}$" in to_latex(table)
+
+
+def test_a_repeated_configuration_and_seed_counts_once():
+    runs = [record("gru", "ml10m", 0.05, 0.15, seed=1), record("gru", "ml10m", 0.05, 0.15, seed=1),
+            record("gru", "ml10m", 0.07, 0.17, seed=2)]
+    table = build_table(runs, PAPER, defaults=_no_defaults)
+    cell = table.rows[0].cells[("ml10m", "mrr_at_20")]
+    assert cell.n == 2 and cell.values == [0.05, 0.07]
+    assert "1 repeated runs (same configuration and seed) counted once." in to_markdown(table)
+
+
+def test_settings_other_than_the_models_defaults_are_marked_and_named():
+    runs = [record("gru", "ml10m", 0.05, 0.15, **{"train.epochs": "1", "model.hidden_size": "32"}),
+            record("itemknn", "ml10m", 0.03, 0.1, **{"model.neighbours": "100"})]
+    defaults = {"gru": {"model.name": "gru", "train.epochs": "10", "model.hidden_size": "1000",
+                        "train.lr": "0.001"},
+                "itemknn": {"model.name": "itemknn", "model.neighbours": "100",
+                            "train.lr": "0.001"}}
+    table = build_table(runs, PAPER, defaults=defaults.get)
+    md = to_markdown(table)
+    assert "| gru | 0.05000 [a] |" in md and "| itemknn | 0.03000 |" in md
+    assert "[a] settings other than the model's defaults: model.hidden_size=32, " \
+           "train.epochs=1" in md
+    assert "0.05000$^{a}$" in to_latex(table)
+
+
+def test_the_real_gru_defaults_come_from_table_1():
+    from seqexp.report import model_defaults, non_default_settings
+
+    defaults = model_defaults("gru")
+    assert defaults["model.hidden_size"] == "1000" and defaults["train.epochs"] == "10"
+    params = dict(defaults) | {"train.epochs": "1", "seed": "3", "device": "cpu"}
+    assert non_default_settings(params, defaults) == {"train.epochs": "1"}
+
+
+def test_data_that_is_not_the_papers_is_marked_and_named_in_the_header():
+    official = record("gru", "ml10m", 0.05, 0.15, **{"data.raw_sha256": "aaa"})
+    same_file = record("itemknn", "ml10m", 0.03, 0.1,
+                       **{"dataset.path": "/x/ratings.dat", "data.raw_sha256": "aaa"})
+    other_file = record("mf", "ml10m", 0.02, 0.1,
+                        **{"dataset.path": "/y/ml1m.dat", "data.raw_sha256": "bbb"})
+    synthetic = record("gru", "synthetic", 0.1, 0.3, **{"dataset.format": "synthetic"})
+    table = build_table([official, same_file, other_file, synthetic], PAPER,
+                        defaults=_no_defaults)
+    md = to_markdown(table)
+    assert md.splitlines()[0] == (
+        "Data: ML-10M: partly not the paper's data (dataset.path=/y/ml1m.dat, a file that is "
+        "not the published ML-10M file); synthetic: not the paper's data (synthetic data).")
+    assert "| mf | 0.02000 ‡ |" in md and "| itemknn | 0.03000 |" in md
+    assert "| 0.10000 ‡ |" in md and "‡ not the paper's data (see Data above)." in md
+
+
+def test_history_quartile_curves_from_per_event_ranks():
+    from seqexp.report import history_curves
+
+    # four users with 1, 2, 3, 4 training events; user u's events all rank u + 1
+    users = [0, 0, 1, 2, 3, 3]
+    ranks = [1, 1, 2, 3, 4, 30]
+    history = [1, 1, 2, 3, 4, 4]
+    run = ranked("gru", ranks, users=users, history=history)
+    table = build_table([run], PAPER, defaults=_no_defaults)
+    (label, values), edges = history_curves(table, "ml10m")[0][0], history_curves(
+        table, "ml10m")[1]
+    assert label == "gru" and edges.tolist() == [1, 1.75, 2.5, 3.25, 4]
+    assert values.tolist() == pytest.approx([1.0, 0.5, 1 / 3, 1 / 8])
+
+
+def test_report_with_logged_ranks_tests_and_plots_by_history(tmp_path, store_uri, capsys):
+    import numpy as np
+
+    from helpers import sequences
+    from seqexp.evaluation import RankCounts, write_ranks
+
+    data = sequences([[0, 1, 2, 3]] * 30, n_items=50, n_test=[2] * 30)
+    tracker = Tracker(store_uri, "ranks")
+    rng = np.random.default_rng(0)
+    for model, seed, good in (("gru", 1, False), ("gru", 2, False), ("linear_ugru", 1, True)):
+        greater = np.zeros(60, int) if good else rng.integers(0, 40, 60)
+        counts = RankCounts(greater, np.zeros(60, int), np.repeat(np.arange(30), 2),
+                            np.tile([2, 3], 30), np.tile([2, 3], 30))
+        ranks = counts.rank_pessimistic()
+        run_id = _tracked(tracker, model, "synthetic", seed,
+                          float(np.where(ranks <= 20, 1 / ranks, 0).mean()),
+                          float((ranks <= 20).mean()))
+        tracker.run_id = run_id
+        tracker.log_artifact(write_ranks(counts, data, tmp_path / f"{run_id}/test_ranks.parquet"))
+    main(["--tracking-uri", store_uri, "--experiment", "ranks", "--out", str(tmp_path / "out"),
+          "--resamples", "500"])
+    printed = capsys.readouterr().out
+    assert "| linear_ugru | 1.00000 † ‡ |" in printed
+    assert (tmp_path / "out" / "mrr_by_history.png").read_bytes()[:4] == b"\x89PNG"
