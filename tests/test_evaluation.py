@@ -297,3 +297,30 @@ def test_a_basket_metric_keeps_its_name_and_the_next_item_one_moves():
     assert merged == {"test_item_ndcg_at_5": 0.1, "test_ndcg_at_20": 0.2, "test_f1_at_5": 0.3,
                       "test_ndcg_at_5": 0.4, "test_basket_f1_at_5": 0.3,
                       "test_basket_ndcg_at_5": 0.4, "test_n_baskets": 7.0}
+
+
+def test_a_run_logs_its_ranks_ndcg_and_history_quartiles(tmp_path, store_uri):
+    from mlflow.tracking import MlflowClient
+
+    from helpers import compose_config, tiny_overrides
+    from seqexp.evaluation import read_ranks
+    from seqexp.experiment import run_experiment
+
+    cfg = compose_config(["model=itemknn", *tiny_overrides(tmp_path / "data"),
+                          f"mlflow.tracking_uri={store_uri}"])
+    assert cfg.eval.save_ranks is True and cfg.eval.exclude_seen is False
+    result = run_experiment(cfg, launch_dir=tmp_path, output_dir=tmp_path / "run")
+    metrics = result.metrics
+    columns, meta = read_ranks(tmp_path / "run" / "test_ranks.parquet")
+    ranks = columns["rank_pessimistic"]
+    assert len(ranks) == metrics["test_n_events"]
+    # the file reproduces the logged metrics
+    assert metrics["test_mrr_at_20"] == pytest.approx(np.where(ranks <= 20, 1 / ranks, 0).mean())
+    assert metrics["test_ndcg_at_10"] == pytest.approx(
+        np.where(ranks <= 10, 1 / np.log2(1 + ranks), 0).mean())
+    quartile_events = sum(metrics[f"test_hist_q{j}_n_events"] for j in range(1, 5)
+                          if f"test_hist_q{j}_n_events" in metrics)
+    assert quartile_events == len(ranks)
+    assert meta["exclude_seen"] is False and meta["dataset"] == "synthetic"
+    artifacts = {a.path for a in MlflowClient(store_uri).list_artifacts(result.run_id)}
+    assert "test_ranks.parquet" in artifacts
