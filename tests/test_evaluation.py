@@ -324,3 +324,12 @@ def test_a_run_logs_its_ranks_ndcg_and_history_quartiles(tmp_path, store_uri):
     assert meta["exclude_seen"] is False and meta["dataset"] == "synthetic"
     artifacts = {a.path for a in MlflowClient(store_uri).list_artifacts(result.run_id)}
     assert "test_ranks.parquet" in artifacts
+
+
+def test_a_user_on_a_quartile_edge_goes_to_the_lower_quartile():
+    # training events 1, 2, 2, 4: edges 1.75, 2, 2.5; both users with 2 are in q2, q3 is empty
+    counts = RankCounts(greater=np.array([0, 1, 2, 3]), equal=np.zeros(4, int),
+                        users=np.array([0, 1, 2, 3]))
+    m = counts.by_history(np.array([1, 2, 2, 4]), [5])
+    assert m["hist_q2_n_events"] == 2 and m["hist_q2_mrr_at_5"] == pytest.approx((1 / 2 + 1 / 3) / 2)
+    assert "hist_q3_n_events" not in m and m["hist_q4_mrr_at_5"] == pytest.approx(1 / 4)
