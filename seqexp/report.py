@@ -668,7 +668,8 @@ def plot(table: Table, path: Path) -> None:
             ax.bar(x + 0.2, paper, 0.4, label="paper")
             for i, cell in enumerate(cells):
                 if cell.comparison is not None and cell.comparison.significant:
-                    ax.annotate(DAGGER, (x[i] - 0.2, ours[i]), ha="center", va="bottom")
+                    ax.annotate(DAGGER, (x[i] - 0.2, ours[i] + errors[1][i]), ha="center",
+                                va="bottom", xytext=(0, 2), textcoords="offset points")
             ax.set_title(f"{_title(dataset)} {title}")
             ax.set_xticks(x, [row.label for row in table.rows], rotation=35, ha="right",
                           fontsize=8)
