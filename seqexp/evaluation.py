@@ -18,8 +18,6 @@ hit (the usual protocol; ranking it unreachable would make every repeat a certai
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from seqexp.atomic import atomic_path
 from seqexp.data.baskets import basket_starts, check_gap
 from seqexp.data.batching import PredictionBatch, prediction_batches
 from seqexp.data.sequences import SequenceData
@@ -477,15 +476,8 @@ def write_ranks(counts: RankCounts, data: SequenceData, path: Path,
             "rank_pessimistic": "1 + #items scoring higher + #other items scoring the same",
             "rank_optimistic": "1 + #items scoring higher", **(settings or {})}
     table = pa.table(arrays).replace_schema_metadata({"seqexp": json.dumps(meta)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

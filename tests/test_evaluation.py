@@ -331,5 +331,6 @@ def test_a_user_on_a_quartile_edge_goes_to_the_lower_quartile():
     counts = RankCounts(greater=np.array([0, 1, 2, 3]), equal=np.zeros(4, int),
                         users=np.array([0, 1, 2, 3]))
     m = counts.by_history(np.array([1, 2, 2, 4]), [5])
-    assert m["hist_q2_n_events"] == 2 and m["hist_q2_mrr_at_5"] == pytest.approx((1 / 2 + 1 / 3) / 2)
+    assert m["hist_q2_n_events"] == 2
+    assert m["hist_q2_mrr_at_5"] == pytest.approx((1 / 2 + 1 / 3) / 2)
     assert "hist_q3_n_events" not in m and m["hist_q4_mrr_at_5"] == pytest.approx(1 / 4)
