@@ -129,12 +129,25 @@ def test_itemknn_cosine_by_hand_with_self_excluded():
     assert scores.tolist() == pytest.approx([0, 0, 0, 1 / math.sqrt(2)] + [0] * 6)
 
 
-def test_itemknn_scores_the_last_item_neighbours_and_beats_ties_with_popularity():
-    data = sequences([[0, 1, 2, 3], [0, 1, 3], [2, 3, 0]], n_items=5)
-    model = ItemKNN(5, 3)
+def test_itemknn_ranks_by_hand_from_the_last_context_item_with_popularity_tiebreak():
+    # training items: u0 {0,1,2}, u1 {0,1}, u2 {2,3}; counts 2, 2, 2, 1, 0, 0 for items 0..5
+    # cosines: s(0,1) = 1, s(0,2) = s(1,2) = 0.5, s(2,3) = 1/sqrt(2), the rest 0
+    data = sequences([[0, 1, 2, 3], [0, 1, 2], [2, 3, 0]], n_items=6)
+    model = ItemKNN(6, 3)
     model.fit(data)
-    ranks = Evaluator([1, 5]).rank_counts(model, data, "test").rank_pessimistic()
-    assert len(ranks) == 3 and ranks.max() <= 5
+    counts = Evaluator([1]).rank_counts(model, data, "test")
+    # points in user order (all sequences have length 3 or 4; stable by length: u1, u2, u0)
+    # u1, last item 1 -> target 2: s = 0.5 behind item 0 (s = 1): rank 2
+    # u2, last item 3 -> target 0: item 2 (s = 0.71) above; items 0 and 1 both s = 0 with the
+    #   same popularity 2, above item 3 (count 1) and items 4, 5 (count 0): rank 3, ties kept
+    # u0, last item 2 -> target 3: s = 0.71, the best: rank 1 (from the first item 0: rank 4)
+    assert counts.rank_pessimistic().tolist() == [2, 3, 1]
+    assert counts.rank_optimistic().tolist() == [2, 2, 1]
+    # without the tie-break the target 0 of u2 ties with every item of similarity 0
+    model = ItemKNN(6, 3, popularity_tiebreak=False)
+    model.fit(data)
+    counts = Evaluator([1]).rank_counts(model, data, "test")
+    assert counts.rank_pessimistic().tolist() == [2, 6, 1]
 
 
 def test_window_batch_pairs_index_the_masked_pairs_in_row_major_order():
