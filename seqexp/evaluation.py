@@ -340,8 +340,8 @@ class Evaluator:
         user = torch.cat(users).numpy()
         n_baskets = np.bincount(user, minlength=data.n_users)
         has = n_baskets > 0
-        out = {"n_baskets": float(len(user))}
-        for name, values in ((f"f1_at_{k}", f1), (f"ndcg_at_{k}", ndcg)):
+        out = {"basket_count": float(len(user))}
+        for name, values in ((f"basket_f1_at_{k}", f1), (f"basket_ndcg_at_{k}", ndcg)):
             per_user = np.bincount(user, torch.cat(values).double().numpy(), data.n_users)
             out[name] = float((per_user[has] / n_baskets[has]).mean())
         return out

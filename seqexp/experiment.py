@@ -192,7 +192,7 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
         if cfg.eval.get("basket_gap_s") is not None:
             baskets = evaluator.next_basket_metrics(model, data, "test", cfg.eval.basket_gap_s,
                                                     cfg.eval.basket_k)
-            test = merge_basket_metrics(test, baskets)
+            test |= {f"test_{k}": v for k, v in baskets.items()}
         tracker.log_metrics(test | summary)
         metrics = test | summary
         log.info("test: %s", ", ".join(f"{k}={v:.5f}" for k, v in test.items()
@@ -211,20 +211,6 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
         raise
     finally:
         tracker.end(status)
-
-
-def merge_basket_metrics(test: Mapping[str, float], baskets: Mapping[str, float]
-                         ) -> dict[str, float]:
-    """Next-basket metrics keep their names (test_f1_at_<k>, test_ndcg_at_<k>) and are also
-    logged as test_basket_*; a next-item metric of the same name moves to test_item_<name>."""
-    merged = dict(test)
-    for key, value in baskets.items():
-        if f"test_{key}" in merged:
-            merged[f"test_item_{key}"] = merged.pop(f"test_{key}")
-        merged[f"test_{key}"] = value
-        if key != "n_baskets":
-            merged[f"test_basket_{key}"] = value
-    return merged
 
 
 def headline_metrics(cfg: DictConfig) -> list[str]:

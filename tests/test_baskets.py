@@ -106,16 +106,16 @@ def test_next_basket_f1_and_ndcg_at_5_by_hand():
     f1_u0 = (2 * 2 / (5 + 2) + 2 * 1 / (5 + 2)) / 2
     ndcg_u0 = ((1 + 1 / log2(4)) / (1 + 1 / log2(3)) + (1 / log2(6)) / (1 + 1 / log2(3))) / 2
     f1_u1, ndcg_u1 = 2 * 1 / (5 + 2), 1 / (1 + 1 / log2(3))
-    assert metrics["f1_at_5"] == pytest.approx((f1_u0 + f1_u1) / 2)
-    assert metrics["ndcg_at_5"] == pytest.approx((ndcg_u0 + ndcg_u1) / 2)
-    assert metrics["n_baskets"] == 3
+    assert metrics["basket_f1_at_5"] == pytest.approx((f1_u0 + f1_u1) / 2)
+    assert metrics["basket_ndcg_at_5"] == pytest.approx((ndcg_u0 + ndcg_u1) / 2)
+    assert metrics["basket_count"] == 3
 
 
 def test_next_basket_metrics_rank_constant_scores_last_and_check_settings():
     data = timed_sequences([[0, 1, 2]], [[0, 10, 5000]], 8, n_test=[1])
     constant = TableModel(8, {(0, 2): [1.0] * 8})
     metrics = Evaluator().next_basket_metrics(constant, data, "test", GAP, 5)
-    assert metrics["f1_at_5"] == 0 and metrics["ndcg_at_5"] == 0
+    assert metrics["basket_f1_at_5"] == 0 and metrics["basket_ndcg_at_5"] == 0
     # a catalogue no larger than k: every item is in the list, at rank 8 here
     metrics = Evaluator().next_basket_metrics(constant, data, "test", GAP, 8)
     assert metrics["ndcg_at_8"] == pytest.approx(1 / math.log2(9))

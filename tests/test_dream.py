@@ -199,7 +199,7 @@ def test_dream_beats_popularity_on_synthetic_data():
             progress=False).fit(dream, data)
     got, floor = (evaluator.evaluate(m, data, "test")["mrr_at_20"] for m in (dream, pop))
     assert got > 1.5 * floor
-    got_f1, floor_f1 = (evaluator.next_basket_metrics(m, data, "test", GAP, 5)["f1_at_5"]
+    got_f1, floor_f1 = (evaluator.next_basket_metrics(m, data, "test", GAP, 5)["basket_f1_at_5"]
                         for m in (dream, pop))
     assert got_f1 > floor_f1
 
@@ -209,6 +209,7 @@ def test_dream_run_logs_next_basket_metrics(tmp_path):
                           *tiny_overrides(tmp_path / "data", tmp_path / "mlflow.db")])
     assert cfg.eval.basket_gap_s == cfg.model.basket_gap_s == GAP
     metrics = run_experiment(cfg, launch_dir=tmp_path, output_dir=tmp_path / "run").metrics
-    for key in ("test_mrr_at_20", "test_recall_at_20", "test_f1_at_5", "test_ndcg_at_5"):
+    for key in ("test_mrr_at_20", "test_recall_at_20", "test_basket_f1_at_5",
+                "test_basket_ndcg_at_5"):
         assert 0.0 <= metrics[key] <= 1.0, key
-    assert metrics["test_n_baskets"] > 0
+    assert metrics["test_basket_count"] > 0

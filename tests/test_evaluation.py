@@ -289,16 +289,6 @@ def test_ranks_parquet_round_trip_sorted_compact_and_complete(tmp_path):
     assert not list(tmp_path.glob(".test_ranks*"))  # no temporary file left
 
 
-def test_a_basket_metric_keeps_its_name_and_the_next_item_one_moves():
-    from seqexp.experiment import merge_basket_metrics
-
-    merged = merge_basket_metrics({"test_ndcg_at_5": 0.1, "test_ndcg_at_20": 0.2},
-                                  {"f1_at_5": 0.3, "ndcg_at_5": 0.4, "n_baskets": 7.0})
-    assert merged == {"test_item_ndcg_at_5": 0.1, "test_ndcg_at_20": 0.2, "test_f1_at_5": 0.3,
-                      "test_ndcg_at_5": 0.4, "test_basket_f1_at_5": 0.3,
-                      "test_basket_ndcg_at_5": 0.4, "test_n_baskets": 7.0}
-
-
 def test_a_run_logs_its_ranks_ndcg_and_history_quartiles(tmp_path, store_uri):
     from mlflow.tracking import MlflowClient
 
