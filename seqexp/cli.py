@@ -109,11 +109,11 @@ def run_summary(result: RunResult, cfg: DictConfig, launch_dir: Path, output_dir
                 prefix: str = "") -> str:
     """The last lines of a run: its id, the test metrics at the monitored cutoff, where its
     outputs are and how to look at it in the MLflow UI."""
+    from seqexp.experiment import headline_metrics
     from seqexp.sweep import tracking_uri_of
 
-    cutoff = f"_at_{cfg.eval.monitor_cutoff}"
-    shown = ", ".join(f"{k}={v:.5f}" for k, v in result.metrics.items()
-                      if k.startswith("test_") and k.endswith(cutoff))
+    shown = ", ".join(f"{k}={result.metrics[k]:.5f}" for k in headline_metrics(cfg)
+                      if k in result.metrics)
     try:
         where = output_dir.relative_to(launch_dir)
     except ValueError:
