@@ -27,10 +27,22 @@ _NAME_EXCLUDED_PREFIXES = ("model=", "dataset=", "mlflow.", "hydra.", "paths.")
 LOCK_RETRY_DEADLINE_S = 300.0
 _LOCKED_MESSAGES = ("database is locked", "database table is locked")
 T = TypeVar("T")
+# How MLflow's REST client words a server's HTTP 401 (basic auth: no login, or a wrong one).
+_UNAUTHENTICATED = "error code 401"
 
 
 def default_tracking_uri(launch_dir: Path) -> str:
     return f"sqlite:///{(Path(launch_dir) / 'mlflow.db').resolve()}"
+
+
+def login_hint() -> str:
+    """What to do when a tracking server answers 401: MLflow's client logs in with these."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if user and os.environ.get("MLFLOW_TRACKING_PASSWORD"):
+        return (f"the server refused the login of user {user!r} (HTTP 401); check "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    return ("the server requires a login (HTTP 401); set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD to your user name and password on it")
 
 
 def run_name(model: str, dataset: str, overrides: Sequence[str] = ()) -> str:
@@ -179,9 +191,11 @@ class Tracker:
                     found = with_lock_retry(self.client.get_experiment_by_name, experiment)
                     self.experiment_id = found.experiment_id if found is not None else None
         except Exception as exc:  # noqa: BLE001 - any store failure becomes one clear line
+            reason = str(exc).splitlines()[0]
+            if _UNAUTHENTICATED in reason:
+                raise SeqexpError(f"mlflow.tracking_uri={tracking_uri}: {login_hint()}") from None
             raise SeqexpError(
-                f"mlflow.tracking_uri={tracking_uri}: cannot open the tracking store "
-                f"({str(exc).splitlines()[0]})"
+                f"mlflow.tracking_uri={tracking_uri}: cannot open the tracking store ({reason})"
             ) from None
         if experiment is not None and self.experiment_id is None:
             raise SeqexpError(f"no MLflow experiment named {experiment!r} in {tracking_uri}")

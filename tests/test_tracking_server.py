@@ -1,21 +1,39 @@
-"""The team tracking server: `mlflow server` on PostgreSQL (scripts/tracking_server.sh).
+"""The team tracking server: `mlflow server` on PostgreSQL behind MLflow's basic auth
+(scripts/tracking_server.sh).
 
-.ci/run starts a PostgreSQL cluster and the server on loopback, runs two `seqexp` jobs against
-it, and sets SEQEXP_TEST_TRACKING_SERVER (the server's URL), SEQEXP_TEST_TRACKING_EXPERIMENT
-and SEQEXP_TEST_POSTGRES_URI; without them these tests are skipped."""
+.ci/run starts a PostgreSQL cluster and the server on loopback, creates two users, runs one
+`seqexp` job as each, and sets SEQEXP_TEST_TRACKING_SERVER (the server's URL),
+SEQEXP_TEST_TRACKING_EXPERIMENT, SEQEXP_TEST_POSTGRES_URI, SEQEXP_TEST_DATA_DIR (the jobs'
+paths.data_dir) and MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (one user's login);
+without the server's URL these tests are skipped."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from seqexp.errors import SeqexpError
+from seqexp.tracking import Tracker
+
 SERVER = os.environ.get("SEQEXP_TEST_TRACKING_SERVER")
 EXPERIMENT = os.environ.get("SEQEXP_TEST_TRACKING_EXPERIMENT", "ci-server")
 POSTGRES = os.environ.get("SEQEXP_TEST_POSTGRES_URI")
+DATA_DIR = os.environ.get("SEQEXP_TEST_DATA_DIR")
+USER = os.environ.get("MLFLOW_TRACKING_USERNAME")
+PASSWORD = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+LOGIN_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+needs_login = pytest.mark.skipif(
+    not (USER and PASSWORD), reason="no login (MLFLOW_TRACKING_USERNAME, _PASSWORD)")
 
 pytestmark = pytest.mark.skipif(
     not SERVER, reason="no tracking server (SEQEXP_TEST_TRACKING_SERVER; .ci/run starts one)")
@@ -66,3 +84,69 @@ def test_the_server_keeps_the_runs_in_postgresql():
         engine.dispose()
     assert sorted(stored) == sorted((r.info.run_id, "FINISHED") for r in runs)
     assert metric == pytest.approx(runs[0].data.metrics["test_mrr_at_20"])
+
+
+def http_status(path: str, login: tuple[str, str] | None = None) -> int:
+    request = urllib.request.Request(f"{SERVER}{path}")
+    if login is not None:
+        token = base64.b64encode(":".join(login).encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+@needs_login
+def test_the_server_answers_only_a_valid_login():
+    path = "/api/2.0/mlflow/experiments/search?max_results=1"
+    assert http_status(path) == 401
+    assert http_status(path, (USER, f"not-{PASSWORD}")) == 401
+    assert http_status(path, (USER, PASSWORD)) == 200
+
+
+@needs_login
+def test_a_wrong_password_names_the_user_and_the_variables(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", f"not-{PASSWORD}")
+    with pytest.raises(SeqexpError) as refused:
+        Tracker(SERVER, EXPERIMENT)
+    assert str(refused.value) == (
+        f"mlflow.tracking_uri={SERVER}: the server refused the login of user '{USER}' "
+        "(HTTP 401); check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+
+
+@needs_login
+@pytest.mark.skipif(not DATA_DIR, reason="SEQEXP_TEST_DATA_DIR not set")
+def test_seqexp_without_a_login_ends_with_one_line_and_no_run(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in LOGIN_VARIABLES}
+    result = subprocess.run(
+        [sys.executable, "-m", "seqexp.cli", "model=pop", "dataset.n_users=40",
+         "dataset.n_items=50", "dataset.min_events=10", "dataset.max_events=20",
+         "train.progress=false", f"paths.data_dir={DATA_DIR}", f"mlflow.tracking_uri={SERVER}",
+         f"mlflow.experiment={EXPERIMENT}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"seqexp: error: mlflow.tracking_uri={SERVER}: the server requires a login (HTTP 401); "
+        "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to your user name and "
+        "password on it")
+    assert len(server_runs()[1]) == 2
+
+
+@pytest.mark.skipif(not POSTGRES or not Path("/proc").is_dir(), reason="needs the database "
+                    "URI (SEQEXP_TEST_POSTGRES_URI) and Linux's /proc")
+@pytest.mark.skipif(urlsplit(SERVER or "").hostname not in ("127.0.0.1", "localhost"),
+                    reason="the server runs on another machine")
+def test_no_process_shows_the_database_password_on_its_command_line():
+    password = urlsplit(POSTGRES).password
+    assert password
+    command_lines = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            command_lines.append(cmdline.read_bytes().replace(b"\0", b" ").decode())
+        except (OSError, UnicodeDecodeError):
+            continue  # ended meanwhile, or not ours to read
+    assert any("mlflow server" in line for line in command_lines)  # the server is seen
+    assert [line for line in command_lines if password in line] == []
