@@ -111,6 +111,7 @@ def run_summary(result: RunResult, cfg: DictConfig, launch_dir: Path, output_dir
     outputs are and how to look at it in the MLflow UI."""
     from seqexp.experiment import headline_metrics
     from seqexp.sweep import tracking_uri_of
+    from seqexp.tracking import ui_hint
 
     shown = ", ".join(f"{k}={result.metrics[k]:.5f}" for k in headline_metrics(cfg)
                       if k in result.metrics)
@@ -120,11 +121,11 @@ def run_summary(result: RunResult, cfg: DictConfig, launch_dir: Path, output_dir
         where = output_dir
     if prefix:  # a sweep's job: the sweep's own summary says where to look
         return f"{prefix}seqexp: run {result.run_id} finished: {shown} (outputs: {where})"
-    uri = tracking_uri_of(cfg, launch_dir)
     return (f"seqexp: run {result.run_id} finished: {shown}\n"
             f"  outputs: {where}\n"
-            f"  MLflow UI: mlflow ui --backend-store-uri {uri}  "
+            f"  {ui_hint(tracking_uri_of(cfg, launch_dir))}  "
             f"(experiment {cfg.mlflow.experiment})")
+
 
 
 def _first_line(exc: BaseException) -> str:

@@ -240,11 +240,12 @@ class SweepCallback(Callback):
 def sweep_summary(info: SweepInfo, counts: Mapping[str, float], best_run: str | None,
                   monitor: str) -> str:
     """The last lines of a multirun: what its jobs did, the best one, and what to run next."""
+    from seqexp.tracking import ui_hint
     jobs = ", ".join(f"{int(counts[f'jobs_{s}'])} {s}" for s in ("finished", "failed", "killed"))
     best = (f"; best {monitor.removeprefix('best_')}={counts[monitor]:.5f} (run {best_run})"
             if best_run is not None else "")
     return (f"seqexp: sweep {info.sweep_id} done: {jobs}{best}\n"
             f"  report: seqexp-report --sweep-id {info.sweep_id} "
             f"--tracking-uri {info.tracking_uri} --out report-{info.sweep_id}\n"
-            f"  MLflow UI: mlflow ui --backend-store-uri {info.tracking_uri}  "
+            f"  {ui_hint(info.tracking_uri)}  "
             f"(experiment {info.experiment}, parent run {info.parent_run_id})")

@@ -29,6 +29,7 @@ _LOCKED_MESSAGES = ("database is locked", "database table is locked")
 T = TypeVar("T")
 # How MLflow's REST client words a server's HTTP 401 (basic auth: no login, or a wrong one).
 _UNAUTHENTICATED = "error code 401"
+_FORBIDDEN = "error code 403"
 
 
 def default_tracking_uri(launch_dir: Path) -> str:
@@ -43,6 +44,13 @@ def login_hint() -> str:
                 "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
     return ("the server requires a login (HTTP 401); set MLFLOW_TRACKING_USERNAME and "
             "MLFLOW_TRACKING_PASSWORD to your user name and password on it")
+
+
+def ui_hint(tracking_uri: str) -> str:
+    """How to look at a store in the MLflow UI: a tracking server is its own UI."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"MLflow UI: open {tracking_uri}"
+    return f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri}"
 
 
 def run_name(model: str, dataset: str, overrides: Sequence[str] = ()) -> str:
@@ -219,8 +227,19 @@ class Tracker:
             return found.experiment_id
 
     def start(self, name: str, tags: Mapping[str, str]) -> str:
-        run = with_lock_retry(self.client.create_run, self.experiment_id, run_name=name,
-                              tags=dict(tags))
+        try:
+            run = with_lock_retry(self.client.create_run, self.experiment_id, run_name=name,
+                                  tags=dict(tags))
+        except Exception as exc:  # noqa: BLE001 - e.g. a server's 403: one clear line
+            reason = str(exc).splitlines()[0]
+            if _FORBIDDEN in reason:
+                user = os.environ.get("MLFLOW_TRACKING_USERNAME", "?")
+                raise SeqexpError(
+                    f"mlflow.experiment={self.experiment}: user {user!r} may not create runs "
+                    f"in it on {self.tracking_uri} (HTTP 403); ask the server's admin for EDIT "
+                    f"permission or choose another mlflow.experiment") from None
+            raise SeqexpError(f"mlflow.tracking_uri={self.tracking_uri}: cannot start a run "
+                              f"({reason})") from None
         self.run_id = run.info.run_id
         log.info("MLflow run %s (%s) in %s", name, self.run_id, self.tracking_uri)
         return self.run_id

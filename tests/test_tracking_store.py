@@ -10,6 +10,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
+from seqexp.errors import SeqexpError
 from seqexp.tracking import Tracker, is_locked_error, with_lock_retry
 
 N_PROCESSES = 4
@@ -90,3 +91,20 @@ def test_only_lock_errors_are_retried():
     with pytest.raises(RuntimeError):
         with_lock_retry(flaky, locked, 100, deadline_s=0.0)
     assert len(calls) == 1
+
+
+def test_a_server_that_forbids_creating_runs_gives_one_line(store_uri, monkeypatch):
+    tracker = Tracker(store_uri, "shared")
+
+    def forbidden(*args, **kwargs):
+        raise RuntimeError("API request to endpoint /api/2.0/mlflow/runs/create failed with "
+                           "error code 403 != 200. Response body: 'Permission denied'")
+
+    monkeypatch.setattr(tracker.client, "create_run", forbidden)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "bob")
+    with pytest.raises(SeqexpError) as caught:
+        tracker.start("run", {})
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("mlflow.experiment=shared: user 'bob' may not create runs")
+    assert "(HTTP 403)" in message
