@@ -481,6 +481,33 @@ def write_ranks(counts: RankCounts, data: SequenceData, path: Path,
     return path
 
 
+def write_id_maps(data: SequenceData, path: Path) -> Path | None:
+    """The raw ids behind the user indices and item codes of a ranks file, once per run: one
+    row per user and per item (kind "user" / "item", code, raw_id as a string). None when the
+    data carries no raw ids."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if data.user_ids is None or data.item_ids is None:
+        return None
+    kinds = np.repeat(np.array(["user", "item"]), [len(data.user_ids), len(data.item_ids)])
+    codes = np.concatenate([np.arange(len(data.user_ids)), np.arange(len(data.item_ids))])
+    table = pa.table({"kind": pa.array(kinds).dictionary_encode(), "code": codes,
+                      "raw_id": np.concatenate([data.user_ids, data.item_ids]).astype(str)})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    return path
+
+
+def read_id_maps(path: Path) -> dict[str, np.ndarray]:
+    """{"user": raw ids by user index, "item": raw ids by item code} from write_id_maps."""
+    import pyarrow.parquet as pq
+
+    frame = pq.read_table(path).to_pandas()
+    return {kind: part.sort_values("code")["raw_id"].to_numpy(dtype=str)
+            for kind, part in frame.groupby("kind", observed=True)}
+
+
 def read_ranks(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     """The columns of a test_ranks.parquet as int64 arrays, and its metadata."""
     import pyarrow.parquet as pq

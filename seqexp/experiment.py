@@ -18,7 +18,13 @@ from omegaconf import DictConfig, OmegaConf
 from seqexp.atomic import write_json, write_text
 from seqexp.data import SequenceData, load_dataset
 from seqexp.errors import SeqexpError
-from seqexp.evaluation import Evaluator, RankCounts, check_basket_settings, write_ranks
+from seqexp.evaluation import (
+    Evaluator,
+    RankCounts,
+    check_basket_settings,
+    write_id_maps,
+    write_ranks,
+)
 from seqexp.models.base import Recommender
 from seqexp.tracking import Tracker, default_tracking_uri, flatten, git_tags, run_name
 from seqexp.training import OPTIMIZERS, Trainer
@@ -225,17 +231,13 @@ def headline_metrics(cfg: DictConfig) -> list[str]:
 
 def log_ranks(tracker: Tracker, counts: RankCounts, data: SequenceData, cfg: DictConfig,
               output_dir: Path) -> None:
-    """The per-event test ranks as the artifact test_ranks.parquet (eval.save_ranks), and the
-    raw file's sha256 as the param data.raw_sha256 (so a report can tell the paper's data)."""
-    if cfg.dataset.get("format") != "synthetic":
-        from seqexp.data.cache import file_digest
-        from seqexp.data.loading import resolve_raw_file
-
-        raw = resolve_raw_file(dict(cfg.dataset), Path(cfg.paths.raw_dir), progress=False)
-        tracker.log_params({"data.raw_sha256": file_digest(raw)})
-    if cfg.eval.get("save_ranks", True):
-        settings = {"exclude_seen": bool(cfg.eval.get("exclude_seen", False)),
-                    "dataset": str(cfg.dataset.get("name")), "seed": int(cfg.seed)}
-        tracker.log_artifact(write_ranks(counts, data, output_dir / "test_ranks.parquet",
-                                         settings))
-
+    """The per-event test ranks as the artifact test_ranks.parquet (eval.save_ranks), with the
+    raw ids behind its user and item codes in test_ranks_ids.parquet."""
+    if not cfg.eval.get("save_ranks", True):
+        return
+    settings = {"exclude_seen": bool(cfg.eval.get("exclude_seen", False)),
+                "dataset": str(cfg.dataset.get("name")), "seed": int(cfg.seed)}
+    tracker.log_artifact(write_ranks(counts, data, output_dir / "test_ranks.parquet", settings))
+    ids = write_id_maps(data, output_dir / "test_ranks_ids.parquet")
+    if ids is not None:
+        tracker.log_artifact(ids)

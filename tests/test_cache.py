@@ -35,7 +35,7 @@ def entries(folder: Path) -> list[str]:
 
 
 def assert_same(a: SequenceData, b: SequenceData) -> None:
-    for name in ("items", "timestamps", "offsets", "train_end", "val_end"):
+    for name in ("items", "timestamps", "offsets", "train_end", "val_end", "user_ids", "item_ids"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
         assert getattr(a, name).dtype == getattr(b, name).dtype
     assert a.n_items == b.n_items
@@ -74,8 +74,8 @@ def test_second_load_reads_the_cache(tmp_path: Path, ml_file: Path, monkeypatch)
     (entry,) = entries(cache_dir)
     assert entry.startswith("ml10m-")
     assert sorted(p.name for p in (cache_dir / entry).iterdir()) == [
-        "items.npy", "meta.json", "offsets.npy", "timestamps.npy", "train_end.npy",
-        "val_end.npy",
+        "item_ids.npy", "items.npy", "meta.json", "offsets.npy", "timestamps.npy",
+        "train_end.npy", "user_ids.npy", "val_end.npy",
     ]
     mtimes = {p.name: p.stat().st_mtime_ns for p in (cache_dir / entry).iterdir()}
 

@@ -293,7 +293,7 @@ def test_a_run_logs_its_ranks_ndcg_and_history_quartiles(tmp_path, store_uri):
     from mlflow.tracking import MlflowClient
 
     from helpers import compose_config, tiny_overrides
-    from seqexp.evaluation import read_ranks
+    from seqexp.evaluation import read_id_maps, read_ranks
     from seqexp.experiment import run_experiment
 
     cfg = compose_config(["model=itemknn", *tiny_overrides(tmp_path / "data"),
@@ -313,7 +313,11 @@ def test_a_run_logs_its_ranks_ndcg_and_history_quartiles(tmp_path, store_uri):
     assert quartile_events == len(ranks)
     assert meta["exclude_seen"] is False and meta["dataset"] == "synthetic"
     artifacts = {a.path for a in MlflowClient(store_uri).list_artifacts(result.run_id)}
-    assert "test_ranks.parquet" in artifacts
+    assert {"test_ranks.parquet", "test_ranks_ids.parquet"} <= artifacts
+    # the raw ids behind the file's codes (synthetic users and items are their own ids)
+    maps = read_id_maps(tmp_path / "run" / "test_ranks_ids.parquet")
+    assert len(maps["user"]) == meta["n_users"] and len(maps["item"]) == meta["n_items"]
+    assert maps["user"][columns["user"]].dtype.kind == "U"
 
 
 def test_a_user_on_a_quartile_edge_goes_to_the_lower_quartile():

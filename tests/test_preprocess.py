@@ -390,3 +390,37 @@ def test_invariants_on_random_data(split, min_support, drop_repeats) -> None:
     if min_support > 1:
         train = data.train_mask()
         assert np.bincount(data.items[train], minlength=data.n_items).min() >= min_support
+
+
+def test_raw_ids_follow_users_and_items_through_filtering_and_the_ranks_id_file(tmp_path):
+    from seqexp.data.interactions import Interactions
+    from seqexp.data.preprocess import build_sequences
+    from seqexp.evaluation import read_id_maps, write_id_maps
+
+    # codes 0..3 label users "u-a".."u-d" (u-c has no event) and items "x".."z"; item "z" is
+    # seen in training once only and falls under min_item_support
+    raw = Interactions(
+        user=np.array([3, 3, 3, 3, 3, 0, 0, 0, 0, 0, 1]),
+        item=np.array([0, 1, 0, 1, 2, 1, 0, 1, 0, 1, 0]),
+        timestamp=np.arange(11), source="t",
+        user_labels=np.array(["u-a", "u-b", "u-c", "u-d"]),
+        item_labels=np.array(["x", "y", "z"]),
+    )
+    data = build_sequences(raw, {"name": "user_tail", "test_frac": 0.2, "val_frac": 0.0},
+                           min_item_support=2)
+    assert data.user_ids.tolist() == ["u-a", "u-b", "u-d"]
+    assert data.item_ids.tolist() == ["x", "y"]
+    # user index 2 is u-d's sequence: x y x y (z dropped)
+    assert data.items[data.offsets[2]:data.offsets[3]].tolist() == [0, 1, 0, 1]
+    maps = read_id_maps(write_id_maps(data, tmp_path / "ids.parquet"))
+    assert maps["user"].tolist() == ["u-a", "u-b", "u-d"] and maps["item"].tolist() == ["x", "y"]
+
+
+def test_codes_that_are_raw_ids_keep_them(tmp_path):
+    from seqexp.data.interactions import Interactions
+    from seqexp.data.preprocess import build_sequences
+
+    raw = Interactions(user=np.array([7, 7, 7, 7, 7]), item=np.array([31, 5, 31, 5, 31]),
+                       timestamp=np.arange(5), source="t")
+    data = build_sequences(raw, {"name": "user_tail", "test_frac": 0.2, "val_frac": 0.0})
+    assert data.user_ids.tolist() == ["7"] and data.item_ids.tolist() == ["5", "31"]

@@ -16,6 +16,7 @@ import numpy as np
 from seqexp.data.sequences import SequenceData
 
 _ARRAYS = ("items", "timestamps", "offsets", "train_end", "val_end")
+_ID_ARRAYS = ("user_ids", "item_ids")
 
 
 def file_digest(path: Path) -> str:
@@ -35,7 +36,9 @@ def load_cached(folder: Path) -> SequenceData | None:
         return None
     meta = json.loads((folder / "meta.json").read_text())
     arrays = {name: np.load(folder / f"{name}.npy") for name in _ARRAYS}
-    return SequenceData(**arrays, n_items=meta["n_items"], stats=meta["stats"])
+    ids = {name: np.load(folder / f"{name}.npy") for name in _ID_ARRAYS
+           if (folder / f"{name}.npy").is_file()}
+    return SequenceData(**arrays, **ids, n_items=meta["n_items"], stats=meta["stats"])
 
 
 def save_cached(folder: Path, data: SequenceData, params: Mapping) -> None:
@@ -44,6 +47,9 @@ def save_cached(folder: Path, data: SequenceData, params: Mapping) -> None:
     try:
         for name in _ARRAYS:
             np.save(tmp / f"{name}.npy", getattr(data, name))
+        for name in _ID_ARRAYS:  # fixed-width unicode: loads without pickle
+            if getattr(data, name) is not None:
+                np.save(tmp / f"{name}.npy", np.asarray(getattr(data, name), dtype=str))
         meta = {"n_items": data.n_items, "stats": data.stats, "params": params}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
         try:

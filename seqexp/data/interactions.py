@@ -11,9 +11,11 @@ import numpy as np
 class Interactions:
     """Implicit interactions in a canonical row order.
 
-    `user` and `item` are non-negative integer codes (raw ids or dictionary indices), `timestamp`
-    is seconds since the epoch. Row order is the tie-break for equal timestamps, so readers put
-    rows in the order the events happened wherever the file says more than its timestamps do.
+    `user` and `item` are non-negative integer codes, `timestamp` is seconds since the epoch.
+    `user_labels[code]` / `item_labels[code]` are the raw ids (MovieLens ids, Last.fm names)
+    behind the codes; None where the codes are the raw ids themselves. Row order is the
+    tie-break for equal timestamps, so readers put rows in the order the events happened
+    wherever the file says more than its timestamps do.
     """
 
     user: np.ndarray
@@ -22,6 +24,8 @@ class Interactions:
     source: str
     skipped_lines: int = 0
     notes: dict[str, int] = field(default_factory=dict)
+    user_labels: np.ndarray | None = None
+    item_labels: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.user)
@@ -30,6 +34,12 @@ class Interactions:
 
     def __len__(self) -> int:
         return len(self.user)
+
+
+def raw_ids(codes: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
+    """The raw ids behind codes, as strings (one type for every format)."""
+    values = codes if labels is None else np.asarray(labels)[codes]
+    return np.asarray(values).astype(str)
 
 
 def dense_codes(values: np.ndarray) -> np.ndarray:

@@ -66,8 +66,8 @@ def read_lastfm(path: Path, item: str = "track") -> Interactions:
                     "time or no artist)", path, total_skipped, skipped.count, n_bad)
     reverse = slice(None, None, -1)
     return Interactions(
-        user=_codes(table.column("user"))[reverse],
-        item=_codes(key)[reverse],
+        **_encoded("user", table.column("user"), reverse),
+        **_encoded("item", key, reverse),
         timestamp=table.column("seconds").cast(pa.int64()).to_numpy()[reverse],
         source=str(path),
         skipped_lines=total_skipped,
@@ -75,6 +75,8 @@ def read_lastfm(path: Path, item: str = "track") -> Interactions:
     )
 
 
-def _codes(column: pa.ChunkedArray) -> np.ndarray:
+def _encoded(name: str, column: pa.ChunkedArray, order: slice) -> dict[str, np.ndarray]:
+    """{name: codes in `order`, name_labels: the distinct values} of a string column."""
     encoded = column.combine_chunks().dictionary_encode()
-    return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    return {name: encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)[order],
+            f"{name}_labels": np.asarray(encoded.dictionary.to_pylist(), dtype=str)}

@@ -59,11 +59,19 @@ def load_dataset(dataset: Mapping, split: Mapping, raw_dir: Path, cache_dir: Pat
             f"dataset.format={fmt!r} is unknown; choose one of synthetic, {', '.join(READERS)}"
         )
     folder = Path(cache_dir) / f"{dataset.get('name', fmt)}-{cache_key(source, params)}"
-    cached = load_cached(folder)
-    if cached is not None:
+    data = load_cached(folder)
+    if data is not None:
         log.info("loaded processed %s from cache %s", dataset.get("name"), folder)
-        return cached
+    else:
+        data = _preprocess(dataset, split, raw_path, folder, params)
+    if raw_path is not None:  # which file a run used (logged as the param data.raw_sha256)
+        data.stats["raw_sha256"] = source
+    return data
 
+
+def _preprocess(dataset: Mapping, split: Mapping, raw_path: Path | None, folder: Path,
+                params: Mapping) -> SequenceData:
+    fmt = dataset.get("format")
     started = time.perf_counter()
     if raw_path is None:
         raw = generate_synthetic(**_synthetic_args(dataset))

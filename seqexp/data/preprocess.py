@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from seqexp.data.interactions import Interactions
+from seqexp.data.interactions import Interactions, raw_ids
 from seqexp.data.sequences import SequenceData
 from seqexp.errors import SeqexpError
 
@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 TRAIN, VAL, TEST = 0, 1, 2
 SPLITS = ("user_tail", "global_time")
 # Bumped whenever the output of build_sequences changes, so stale caches are not reused.
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2  # 2: raw user and item ids kept
 
 
 def order_events(user: np.ndarray, timestamp: np.ndarray) -> np.ndarray:
@@ -164,6 +164,8 @@ def build_sequences(
         train_end=offsets[:-1] + n_phase[0],
         val_end=offsets[:-1] + n_phase[0] + n_phase[1],
         n_items=len(vocabulary),
+        user_ids=raw_ids(user[starts], raw.user_labels),
+        item_ids=raw_ids(vocabulary, raw.item_labels),
     )
     stats.update(
         n_users=data.n_users,

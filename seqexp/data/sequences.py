@@ -26,6 +26,10 @@ class SequenceData:
     val_end: np.ndarray  # int64 [U]
     n_items: int
     stats: dict[str, int] = field(default_factory=dict)
+    # Raw id (as a string) of each user index / item code: what a checkpoint or a ranks file
+    # maps back to MovieLens ids or Last.fm names. None for data built without them.
+    user_ids: np.ndarray | None = None  # str [U]
+    item_ids: np.ndarray | None = None  # str [n_items]
 
     @property
     def n_users(self) -> int:

@@ -41,9 +41,11 @@ def read_table(
         raise SeqexpError(f"{path}: the file holds no rows")
     complete = frame.dropna(subset=[user_col, item_col, time_col])
     frame, incomplete = complete, len(frame) - len(complete)
+    users, user_labels = pd.factorize(frame[user_col])
+    items, item_labels = pd.factorize(frame[item_col])
     return Interactions(
-        user=pd.factorize(frame[user_col])[0].astype(np.int64),
-        item=pd.factorize(frame[item_col])[0].astype(np.int64),
+        user=users.astype(np.int64), user_labels=np.asarray(user_labels),
+        item=items.astype(np.int64), item_labels=np.asarray(item_labels),
         timestamp=_seconds(frame[time_col], path, time_col),
         source=str(path),
         skipped_lines=incomplete,
