@@ -112,7 +112,7 @@ BAD_INPUTS = {
                                "dataset.min_item_support=50"], "min_item_support"),
     "csv without path": (["dataset=csv"], "dataset.path"),
     "unknown model": (["model=gru5"], "model=gru5"),
-    "unknown dataset": (["dataset=ml20m"], "dataset=ml20m"),
+    "unknown dataset": (["dataset=ml25m"], "dataset=ml25m"),
     "invalid split fraction": (["split.test_frac=1.5"], "split.test_frac"),
     "invalid epochs": (["train.epochs=-1"], "train.epochs"),
     "unknown optimizer": (["train.optimizer=rmsprop"], "train.optimizer"),

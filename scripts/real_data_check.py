@@ -1,0 +1,297 @@
+"""Real MovieLens 100K through seqexp's own entry point, with an independent check of the protocol.
+
+    python scripts/real_data_check.py [--path FILE] [--out DIR] [--seeds 1 2 3] [--models ...]
+
+Data: `--path` names a local ML-100K `u.data` or a RecBole `ml-100k.inter`; without it the
+script runs `pip download --no-deps recbole==1.2.1` (a wheel from PyPI, into a cache folder) and
+takes the wheel's `recbole/dataset_example/ml-100k/ml-100k.inter`, which holds the 100,000 rows
+of `u.data`, in the same order, under a one-line header. Either way the ratings end up as a
+`u.data` file in the cache folder (`$SEQEXP_DATA_DIR`, else ~/.cache/seqexp, under
+`real_data_check/`), never in the repository.
+
+Then, on the SPEC protocol (split=user_tail, pessimistic ranks over the whole training
+vocabulary, MRR@20 / Recall@20):
+
+1. Protocol check, `split.val_frac=0`: a separate numpy/pandas implementation of the split,
+   of `pop` and `itemknn` scoring and of pessimistic ranking (nothing of seqexp's evaluator or
+   models) against `seqexp model=pop|itemknn dataset=ml100k dataset.path=...`.
+2. Every model (MODELS), each seed, through `python -m seqexp.cli` with the settings in
+   SETTINGS (default validation split: the trainable models keep the epoch with the best
+   validation MRR@20). Results: OUT/real_data.json and OUT/real_data.md (mean ± std over seeds).
+
+The exit status is 1 when the protocol check differs by more than 2 % (relative).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+RECBOLE = "recbole==1.2.1"
+INTER_MEMBER = "recbole/dataset_example/ml-100k/ml-100k.inter"
+INTER_HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float"
+CUTOFF = 20
+TEST_FRAC = 0.2
+TOLERANCE = 0.02  # relative, seqexp against the independent implementation
+
+MODELS = ["pop", "itemknn", "expdecay_knn", "mf", "seqmf", "gru", "linear_ugru",
+          "rectified_ugru", "attentional_ugru", "dream"]
+# ML-100K is small: the RNNs run with hidden 100 and batch 32 instead of Table 1's 1000/1000,
+# up to 20 epochs with early stopping on validation MRR@20 (patience 3); the other models
+# run with the defaults of their conf/model/*.yaml file.
+_RNN = ["model.hidden_size=100", "train.batch_size=32", "train.epochs=20"]
+SETTINGS: dict[str, list[str]] = {model: [] for model in MODELS} | {
+    model: _RNN for model in ("gru", "linear_ugru", "rectified_ugru", "attentional_ugru")}
+COMMON = ["train.num_threads=1", "train.progress=false", "mlflow.log_checkpoint=false",
+          "device=cpu"]
+
+
+# ------------------------------------------------------------------------------ data
+def cache_folder() -> Path:
+    base = os.environ.get("SEQEXP_DATA_DIR") or Path.home() / ".cache" / "seqexp"
+    return Path(base) / "real_data_check"
+
+
+def inter_to_udata(inter: Path, dest: Path) -> int:
+    """Write RecBole's ml-100k.inter (header + `user TAB item TAB rating TAB timestamp`) as a
+    headerless u.data with integer timestamps, atomically; returns the number of rows."""
+    with open(inter, encoding="utf-8") as handle:
+        header = handle.readline().rstrip("\r\n")
+        if header != INTER_HEADER:
+            raise SystemExit(f"{inter}: first line {header!r} is not the expected RecBole "
+                             f"header {INTER_HEADER!r}")
+        frame = pd.read_csv(handle, sep="\t", header=None,
+                            names=["user", "item", "rating", "timestamp"])
+    frame["timestamp"] = frame["timestamp"].astype(np.int64)
+    frame["rating"] = frame["rating"].map(lambda r: f"{r:g}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    with os.fdopen(fd, "w") as out:
+        frame.to_csv(out, sep="\t", header=False, index=False)
+    os.replace(tmp, dest)
+    return len(frame)
+
+
+def obtain_udata(path: Path | None) -> Path:
+    """A u.data file: `path` itself, `path` converted when it is a .inter file, or the RecBole
+    wheel's copy downloaded into the cache folder."""
+    folder = cache_folder()
+    if path is not None:
+        with open(path, encoding="utf-8") as handle:
+            first = handle.readline().rstrip("\r\n")
+        if first != INTER_HEADER:
+            return path
+        dest = folder / "u.data"
+        inter_to_udata(path, dest)
+        return dest
+    dest = folder / "u.data"
+    if dest.is_file():
+        return dest
+    wheel_dir = folder / "wheel"
+    wheels = sorted(wheel_dir.glob("recbole-1.2.1-*.whl"))
+    if not wheels:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", RECBOLE,
+                        "-d", str(wheel_dir)], check=True)
+        wheels = sorted(wheel_dir.glob("recbole-1.2.1-*.whl"))
+    inter = folder / "ml-100k.inter"
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        inter.write_bytes(wheel.read(INTER_MEMBER))
+    inter_to_udata(inter, dest)
+    inter.unlink()
+    return dest
+
+
+# ------------------------------------------------------------------------------ independent
+def independent_protocol(udata: Path, neighbours: int = 100) -> dict[str, dict[str, float]]:
+    """The SPEC protocol written again from the SPEC's words, in plain numpy/pandas.
+
+    Each user's ratings in (timestamp, file row) order; the last floor(0.2 L) are test, the rest
+    train (no validation). Vocabulary = items with a training rating; test ratings of other
+    items are removed from the sequences (and counted). Every remaining test rating is ranked
+    against the whole vocabulary from everything the user rated before it: rank = number of
+    items whose score is >= the true item's score (the true item included), i.e. pessimistic.
+    pop: score = training count. itemknn: score = cosine(last item, i) over the binary
+    user x item training matrix, kept for the `neighbours` most similar items of the last item
+    (self excluded), 0 elsewhere; `itemknn+pop` adds 1e-6 x count / max count to break the ties
+    among the rest by popularity (seqexp's `popularity_tiebreak`, its default).
+    """
+    frame = pd.read_csv(udata, sep="\t", header=None, names=["user", "item", "rating", "ts"])
+    frame["row"] = np.arange(len(frame))
+    frame = frame.sort_values(["user", "ts", "row"]).reset_index(drop=True)
+    length = frame.groupby("user")["item"].transform("size").to_numpy()
+    position = frame.groupby("user").cumcount().to_numpy()
+    n_test = np.floor(length * TEST_FRAC + 1e-9).astype(int)
+    is_test = position >= length - n_test
+    vocabulary = np.unique(frame.loc[~is_test, "item"].to_numpy())
+    known = np.isin(frame["item"].to_numpy(), vocabulary)
+    frame, is_test = frame[known].reset_index(drop=True), is_test[known]
+    item = np.searchsorted(vocabulary, frame["item"].to_numpy())
+    user = pd.factorize(frame["user"])[0]
+    n_items, n_users = len(vocabulary), user.max() + 1
+
+    train_matrix = np.zeros((n_users, n_items))
+    train_matrix[user[~is_test], item[~is_test]] = 1.0
+    counts = np.bincount(item[~is_test], minlength=n_items).astype(np.float64)
+    overlap = train_matrix.T @ train_matrix
+    norms = np.sqrt(np.diag(overlap))
+    cosine = overlap / np.maximum(np.outer(norms, norms), 1e-12)
+    np.fill_diagonal(cosine, 0.0)
+    cut = np.sort(cosine, axis=1)[:, -neighbours][:, None]  # the k-th largest per row
+    # Keep the top k per row; where the k-th value ties, the lowest item ids win (any choice
+    # among exact ties at the boundary is as good).
+    order = np.argsort(-cosine, axis=1, kind="stable")[:, :neighbours]
+    top = np.zeros_like(cosine)
+    np.put_along_axis(top, order, np.take_along_axis(cosine, order, 1), 1)
+    del cut
+
+    # Test ratings, each with the item rated just before it (same user; never the first rating,
+    # which is always train since floor(0.2 L) < L).
+    targets = np.flatnonzero(is_test)
+    previous = item[targets - 1]
+    truth = item[targets]
+    prior = 1e-6 * counts / counts.max()
+
+    def metrics(scores_of) -> dict[str, float]:
+        ranks = np.empty(len(targets))
+        for lo in range(0, len(targets), 2048):
+            part = slice(lo, lo + 2048)
+            scores = scores_of(part)
+            true_score = scores[np.arange(scores.shape[0]), truth[part]]
+            ranks[part] = (scores >= true_score[:, None]).sum(1)
+        hit = ranks <= CUTOFF
+        return {"mrr_at_20": float(np.where(hit, 1.0 / ranks, 0.0).mean()),
+                "recall_at_20": float(hit.mean()), "test_events": int(len(targets))}
+
+    return {
+        "pop": metrics(lambda part: np.broadcast_to(counts, (len(truth[part]), n_items))),
+        "itemknn_bare": metrics(lambda part: top[previous[part]]),
+        "itemknn": metrics(lambda part: top[previous[part]] + prior),
+        "_data": {"n_users": int(n_users), "n_items": int(n_items),
+                  "train_events": int((~is_test).sum()), "test_events": int(len(targets)),
+                  "test_oov_dropped": int((~known).sum())},
+    }
+
+
+# ------------------------------------------------------------------------------ seqexp runs
+def run_seqexp(model: str, seed: int, udata: Path, out: Path, extra: list[str]) -> dict:
+    """One `python -m seqexp.cli` run; its metrics.json plus the wall time."""
+    run_dir = out / "runs" / f"{model}{'-'.join([''] + extra).replace('=', '')}-seed{seed}"
+    command = [sys.executable, "-m", "seqexp.cli", f"model={model}", "dataset=ml100k",
+               f"dataset.path={udata}", f"seed={seed}", *COMMON, *SETTINGS[model], *extra,
+               f"hydra.run.dir={run_dir}", f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db",
+               f"paths.data_dir={cache_folder()}"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"seqexp failed ({done.returncode}): {' '.join(command)}\n"
+                         f"{done.stderr[-3000:]}")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics["wall_s"] = time.perf_counter() - started
+    metrics["command"] = " ".join(command[1:])
+    return metrics
+
+
+def relative_gap(ours: float, theirs: float) -> float:
+    return abs(ours - theirs) / max(abs(theirs), 1e-12)
+
+
+def protocol_check(udata: Path, out: Path) -> dict:
+    reference = independent_protocol(udata)
+    check = {"independent": reference, "seqexp": {}, "within_tolerance": True}
+    for model in ("pop", "itemknn"):
+        got = run_seqexp(model, 1, udata, out, ["split.val_frac=0"])
+        check["seqexp"][model] = {k: got[f"test_{k}"] for k in ("mrr_at_20", "recall_at_20")}
+        for key in ("mrr_at_20", "recall_at_20"):
+            gap = relative_gap(got[f"test_{key}"], reference[model][key])
+            check["within_tolerance"] &= gap <= TOLERANCE
+            print(f"protocol check {model:8s} {key}: independent {reference[model][key]:.4f} "
+                  f"seqexp {got[f'test_{key}']:.4f} (gap {100 * gap:.2f} %)", flush=True)
+    return check
+
+
+def summarise(results: dict[str, list[dict]]) -> list[dict]:
+    rows = []
+    for model, runs in results.items():
+        row = {"model": model, "seeds": len(runs), "settings": " ".join(SETTINGS[model])}
+        for key in ("mrr_at_20", "recall_at_20", "best_epoch", "wall_s"):
+            name = f"test_{key}" if key.endswith("_20") else key
+            values = [float(run[name]) for run in runs]
+            row[key] = statistics.fmean(values)
+            row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], check: dict | None, command: str) -> str:
+    lines = [f"Command: `{command}`", ""]
+    if check is not None:
+        lines += ["Protocol check (`split.val_frac=0`, one run):", "",
+                  "| model | independent MRR@20 | seqexp MRR@20 | independent Recall@20 | "
+                  "seqexp Recall@20 |", "| --- | ---: | ---: | ---: | ---: |"]
+        for model in ("pop", "itemknn"):
+            ref, got = check["independent"][model], check["seqexp"][model]
+            lines.append(f"| {model} | {ref['mrr_at_20']:.4f} | {got['mrr_at_20']:.4f} | "
+                         f"{ref['recall_at_20']:.4f} | {got['recall_at_20']:.4f} |")
+        bare = check["independent"]["itemknn_bare"]
+        lines += ["", f"(independent itemknn without the popularity tie-break: MRR@20 "
+                      f"{bare['mrr_at_20']:.4f}, Recall@20 {bare['recall_at_20']:.4f})", ""]
+    seeds = rows[0]["seeds"] if rows else 0
+    lines += [f"Models, default split (val_frac 0.1), {seeds} seeds, mean ± std:", "",
+              "| model | MRR@20 | Recall@20 | best epoch | s per run | settings |",
+              "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for row in rows:
+        lines.append(
+            f"| {row['model']} | {row['mrr_at_20']:.4f} ± {row['mrr_at_20_std']:.4f} | "
+            f"{row['recall_at_20']:.4f} ± {row['recall_at_20_std']:.4f} | "
+            f"{row['best_epoch']:.1f} | {row['wall_s']:.0f} | {row['settings'] or 'defaults'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--path", type=Path, help="a local u.data or RecBole ml-100k.inter")
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "real_data_check")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    parser.add_argument("--skip-check", action="store_true", help="no protocol check")
+    parser.add_argument("--check-only", action="store_true", help="only the protocol check")
+    args = parser.parse_args()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    udata = obtain_udata(args.path)
+    print(f"ratings: {udata}", flush=True)
+    check = None if args.skip_check else protocol_check(udata, out)
+    results: dict[str, list[dict]] = {}
+    if not args.check_only:
+        for model in args.models:
+            for seed in args.seeds:
+                run = run_seqexp(model, seed, udata, out, [])
+                results.setdefault(model, []).append(run)
+                print(f"{model:17s} seed {seed}: MRR@20 {run['test_mrr_at_20']:.4f} "
+                      f"Recall@20 {run['test_recall_at_20']:.4f} best epoch "
+                      f"{run['best_epoch']} ({run['wall_s']:.0f} s)", flush=True)
+    rows = summarise(results)
+    command = "python scripts/real_data_check.py " + " ".join(sys.argv[1:])
+    payload = {"command": command, "settings": SETTINGS, "common": COMMON,
+               "protocol_check": check, "summary": rows, "runs": results}
+    (out / "real_data.json").write_text(json.dumps(payload, indent=1, default=str))
+    (out / "real_data.md").write_text(markdown(rows, check, command.strip()))
+    print((out / "real_data.md").read_text())
+    return 0 if check is None or check["within_tolerance"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
