@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -193,7 +194,8 @@ def independent_protocol(udata: Path, neighbours: int = 100) -> dict[str, dict[s
 # ------------------------------------------------------------------------------ seqexp runs
 def run_seqexp(model: str, seed: int, udata: Path, out: Path, extra: list[str]) -> dict:
     """One `python -m seqexp.cli` run; its metrics.json plus the wall time."""
-    run_dir = out / "runs" / f"{row_name(model, extra)}-seed{seed}".replace(" ", "")
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", row_name(model, extra)).strip("_")
+    run_dir = out / "runs" / f"{slug}-seed{seed}"
     command = [sys.executable, "-m", "seqexp.cli", f"model={model}", "dataset=ml100k",
                f"dataset.path={udata}", f"seed={seed}", *COMMON, *SETTINGS[model], *extra,
                f"hydra.run.dir={run_dir}", f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db",
