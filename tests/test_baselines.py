@@ -335,17 +335,19 @@ def test_seen_bias_state_slices_like_the_evaluator_does():
 
 
 def test_bpr_batches_flag_items_seen_before_the_positive():
-    # user 0 trains on 0 1 0 2 (test 3): the second 0 repeats, every other positive is new
-    data = sequences([[0, 1, 0, 2, 3]], n_items=4)
-    model = MF(4, 1, seen_bias=True)
+    # user 0 trains on 0 1 0 2 (test 3), user 1 on 2 0 0 (test 1): the second 0 of each repeats,
+    # every other positive is new to its user (user 1's 2 and 0 are not: user 0 had them)
+    data = sequences([[0, 1, 0, 2, 3], [2, 0, 0, 1]], n_items=4)
+    model = MF(4, 2, seen_bias=True)
     flags = {}
-    for batch in model.training_batches(data, 10, np.random.default_rng(0)):
+    for batch in model.training_batches(data, 3, np.random.default_rng(0)):
         for k in range(batch.n_events):
             position, negative = int(batch.positions[k]), int(batch.negatives[k])
-            history = set(data.items[:position].tolist())
+            start = data.offsets[int(batch.users[k])]
+            history = set(data.items[start:position].tolist())
             assert bool(batch.negative_seen[k]) == (negative in history)
             flags[position] = bool(batch.positive_seen[k])
-    assert flags == {0: False, 1: False, 2: True, 3: False}
+    assert flags == {0: False, 1: False, 2: True, 3: False, 5: False, 6: False, 7: True}
 
 
 def test_seen_bias_is_learned_negative_without_repeats_and_positive_with_them():
