@@ -71,3 +71,12 @@ def test_unknown_group_choices_get_one_line():
     message = check_group_choices(["model=nope"])
     assert "model=nope" in message and "gru" in message and "\n" not in message
     assert "dataset=ml25m" in check_group_choices(["-m", "dataset=ml10m,ml25m"])
+
+
+@pytest.mark.parametrize("dataset,gap", [("ml100k", 0), ("ml1m", 0), ("ml10m", 0), ("ml20m", 0),
+                                         ("lastfm", 1800), ("synthetic", 1800)])
+def test_dream_basket_gap_comes_from_the_dataset_else_1800(dataset, gap):
+    cfg = compose_config(["model=dream", f"dataset={dataset}"])
+    assert cfg.model.basket_gap_s == cfg.eval.basket_gap_s == gap
+    cfg = compose_config(["model=dream", f"dataset={dataset}", "model.basket_gap_s=60"])
+    assert cfg.model.basket_gap_s == cfg.eval.basket_gap_s == 60
