@@ -193,12 +193,17 @@ def independent_protocol(udata: Path, neighbours: int = 100) -> dict[str, dict[s
 
 # ------------------------------------------------------------------------------ seqexp runs
 def run_seqexp(model: str, seed: int, udata: Path, out: Path, extra: list[str]) -> dict:
-    """One `python -m seqexp.cli` run; its metrics.json plus the wall time."""
+    """One `python -m seqexp.cli` run: its metrics.json plus the wall time and the command,
+    also kept as record.json in the run folder. A run folder that already holds a record is
+    reused (an interrupted check resumes; several `--models` subsets can run side by side into
+    one --out folder, each model with its own MLflow store)."""
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", row_name(model, extra)).strip("_")
     run_dir = out / "runs" / f"{slug}-seed{seed}"
+    if (run_dir / "record.json").is_file():
+        return json.loads((run_dir / "record.json").read_text())
     command = [sys.executable, "-m", "seqexp.cli", f"model={model}", "dataset=ml100k",
                f"dataset.path={udata}", f"seed={seed}", *COMMON, *SETTINGS[model], *extra,
-               f"hydra.run.dir={run_dir}", f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db",
+               f"hydra.run.dir={run_dir}", f"mlflow.tracking_uri=sqlite:///{out}/mlflow-{model}.db",
                f"paths.data_dir={cache_folder()}"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     started = time.perf_counter()
@@ -209,6 +214,7 @@ def run_seqexp(model: str, seed: int, udata: Path, out: Path, extra: list[str]) 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     metrics["wall_s"] = time.perf_counter() - started
     metrics["command"] = " ".join(command[1:])
+    (run_dir / "record.json").write_text(json.dumps(metrics, indent=1))
     return metrics
 
 
