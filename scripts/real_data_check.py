@@ -215,7 +215,11 @@ def learned_seen_bias(out: Path, model: str) -> list[float]:
 
 
 # ------------------------------------------------------------------------------ seqexp runs
-def run_seqexp(model: str, seed: int, udata: Path, out: Path, extra: list[str]) -> dict:
+REPORT_ONLY = False  # --report-only: tabulate the runs already recorded, start none
+
+
+def run_seqexp(model: str, seed: int, udata: Path, out: Path,
+               extra: list[str]) -> dict | None:
     """One `python -m seqexp.cli` run: its metrics.json plus the wall time and the command,
     also kept as record.json in the run folder. A run folder that already holds a record is
     reused (an interrupted check resumes; several `--models` subsets can run side by side into
@@ -224,6 +228,8 @@ def run_seqexp(model: str, seed: int, udata: Path, out: Path, extra: list[str]) 
     run_dir = out / "runs" / f"{slug}-seed{seed}"
     if (run_dir / "record.json").is_file():
         return json.loads((run_dir / "record.json").read_text())
+    if REPORT_ONLY:
+        return None
     command = [sys.executable, "-m", "seqexp.cli", f"model={model}", "dataset=ml100k",
                f"dataset.path={udata}", f"seed={seed}", *COMMON, *SETTINGS[model], *extra,
                f"hydra.run.dir={run_dir}", f"mlflow.tracking_uri=sqlite:///{out}/mlflow-{model}.db",
@@ -254,6 +260,8 @@ def protocol_check(udata: Path, out: Path) -> dict:
     check = {"independent": reference, "seqexp": {}, "within_tolerance": True}
     for model in ("pop", "itemknn"):
         got = run_seqexp(model, 1, udata, out, ["split.val_frac=0"])
+        if got is None:
+            raise SystemExit(f"--report-only: no recorded protocol-check run of {model} in {out}")
         check["seqexp"][model] = {k: got[f"test_{k}"] for k in ("mrr_at_20", "recall_at_20")}
         for key in ("mrr_at_20", "recall_at_20"):
             gap = relative_gap(got[f"test_{key}"], reference[model][key])
@@ -317,9 +325,13 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     parser.add_argument("--skip-check", action="store_true", help="no protocol check")
     parser.add_argument("--check-only", action="store_true", help="only the protocol check")
+    parser.add_argument("--report-only", action="store_true",
+                        help="tabulate the runs already recorded in --out, start no run")
     parser.add_argument("--no-ablations", action="store_true",
                         help="skip the rows without the mf/seqmf/dream fixes (ABLATIONS)")
     args = parser.parse_args()
+    global REPORT_ONLY
+    REPORT_ONLY = args.report_only
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     udata = obtain_udata(args.path)
@@ -333,6 +345,8 @@ def main() -> int:
         for model, extra in jobs:
             for seed in args.seeds:
                 run = run_seqexp(model, seed, udata, out, extra)
+                if run is None:
+                    continue
                 name = row_name(model, extra)
                 results.setdefault(name, []).append(run)
                 print(f"{name:17s} seed {seed}: MRR@20 {run['test_mrr_at_20']:.4f} "
