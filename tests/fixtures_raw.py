@@ -47,16 +47,33 @@ ML_ORDERED = {
 }
 
 
+# The same ratings in the other GroupLens layouts: ML-100K u.data (TAB, no header) and ML-20M
+# ratings.csv (comma, under this header line).
+ML_SEPARATORS = {"ratings_dat": "::", "u_data": "\t", "ratings_csv": ","}
+ML20M_HEADER = "userId,movieId,rating,timestamp"
+ML_FILE_NAMES = {"ratings_dat": "ratings.dat", "u_data": "u.data", "ratings_csv": "ratings.csv"}
+
+
+def movielens_line(line: str, layout: str) -> str:
+    """A `u::i::r::t` line (or a malformed one) in `layout`: every `::` becomes its separator."""
+    return line.replace("::", ML_SEPARATORS[layout])
+
+
 def write_movielens(
     folder: Path,
-    name: str = "ratings.dat",
+    name: str | None = None,
     lines: list[str] | None = None,
     newline: str = "\n",
+    layout: str = "ratings_dat",
+    header: bool = True,
 ) -> Path:
-    """ratings.dat with ML_LINES (or `lines`), each line ended by `newline`."""
-    path = Path(folder) / name
-    body = "".join(line + newline for line in (ML_LINES if lines is None else lines))
-    path.write_bytes(body.encode("utf-8"))
+    """ML_LINES (or `lines`, written with `::`) in `layout`, each line ended by `newline`;
+    ratings_csv files start with ML20M_HEADER unless `header` is false."""
+    path = Path(folder) / (name or ML_FILE_NAMES[layout])
+    rows = [movielens_line(line, layout) for line in (ML_LINES if lines is None else lines)]
+    if layout == "ratings_csv" and header:
+        rows.insert(0, ML20M_HEADER)
+    path.write_bytes("".join(row + newline for row in rows).encode("utf-8"))
     return path
 
 

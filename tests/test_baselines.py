@@ -288,3 +288,78 @@ def test_train_optimizer_sgd_takes_plain_gradient_steps():
     optimizer.step()
     for name, p in model.named_parameters():
         assert torch.allclose(p, before[name] - 0.5 * grads[name], atol=1e-6), name
+
+
+# ------------------------------------------------------------------ seen_bias (mf, seqmf)
+@pytest.mark.parametrize("model_cls", [MF, SeqMF])
+def test_seen_bias_adds_beta_to_exactly_the_items_seen_before_each_point(model_cls):
+    torch.manual_seed(0)
+    # user 0: 0 1 2 | test 1 5 (item 1 repeats, 5 is new); user 1: 3 | test 3 4
+    data = sequences([[0, 1, 2, 1, 5], [3, 3, 4]], n_items=6, n_test=[2, 2])
+    plain = model_cls(6, 2, factors=3)
+    model = model_cls(6, 2, factors=3, seen_bias=True)
+    model.load_state_dict(plain.state_dict() | {"seen_bias": torch.tensor(2.5)})
+    batch = next(prediction_batches(data, "test", batch_users=8))
+    base = plain.score_items(plain.prediction_states(batch), 0, 6)
+    state = model.prediction_states(batch)
+    # item chunks [0, 4) + [4, 6) give the same block as one pass
+    scores = torch.cat([model.score_items(state, 0, 4), model.score_items(state, 4, 6)], 1)
+    expected_seen = {  # (user, target column): items before that column
+        (0, 3): {0, 1, 2}, (0, 4): {0, 1, 2}, (1, 1): {3}, (1, 2): {3},
+    }
+    for point in range(batch.n_targets):
+        row = int(batch.target_rows[point])
+        key = (int(batch.users[row]), int(batch.target_cols[point]))
+        seen = torch.zeros(6)
+        seen[list(expected_seen.pop(key))] = 2.5
+        assert torch.allclose(scores[point], base[point] + seen, atol=1e-6), key
+    assert not expected_seen
+
+
+def test_seen_bias_state_slices_like_the_evaluator_does():
+    """The evaluator cuts states into runs of points; every piece must score as the whole."""
+    torch.manual_seed(0)
+    data = sequences([[0, 1, 2, 1, 5], [3, 3, 4]], n_items=6, n_test=[2, 2])
+    model = MF(6, 2, factors=3, seen_bias=True)
+    with torch.no_grad():
+        model.seen_bias.fill_(-1.0)
+    batch = next(prediction_batches(data, "test", batch_users=8))
+    state = model.prediction_states(batch)
+    whole = model.score_items(state, 0, 6)
+    for part in (slice(0, 1), slice(1, 3), slice(3, 4)):
+        piece = tuple(s[part] for s in state)
+        assert torch.equal(model.score_items(piece, 0, 6), whole[part])
+    full = Evaluator([5], max_block_elements=4).rank_counts(model, data, "test")
+    one_block = Evaluator([5]).rank_counts(model, data, "test")
+    assert np.array_equal(full.greater, one_block.greater)
+
+
+def test_bpr_batches_flag_items_seen_before_the_positive():
+    # user 0 trains on 0 1 0 2 (test 3), user 1 on 2 0 0 (test 1): the second 0 of each repeats,
+    # every other positive is new to its user (user 1's 2 and 0 are not: user 0 had them)
+    data = sequences([[0, 1, 0, 2, 3], [2, 0, 0, 1]], n_items=4)
+    model = MF(4, 2, seen_bias=True)
+    flags = {}
+    for batch in model.training_batches(data, 3, np.random.default_rng(0)):
+        for k in range(batch.n_events):
+            position, negative = int(batch.positions[k]), int(batch.negatives[k])
+            start = data.offsets[int(batch.users[k])]
+            history = set(data.items[start:position].tolist())
+            assert bool(batch.negative_seen[k]) == (negative in history)
+            flags[position] = bool(batch.positive_seen[k])
+    assert flags == {0: False, 1: False, 2: True, 3: False, 5: False, 6: False, 7: True}
+
+
+def test_seen_bias_is_learned_negative_without_repeats_and_positive_with_them():
+    rng = np.random.default_rng(0)
+    distinct = [list(rng.permutation(30)[:12]) for _ in range(40)]  # nobody repeats an item
+    repeats = [list(rng.choice(rng.permutation(30)[:4], 12)) for _ in range(40)]  # 4 favourites
+    signs = []
+    for users in (distinct, repeats):
+        data = sequences(users, n_items=30)
+        seed_everything(0)
+        model = MF(30, 40, factors=8, seen_bias=True)
+        Trainer(Evaluator([20]), epochs=15, batch_size=64, lr=0.05, grad_clip=None,
+                patience=15, progress=False, seed=0).fit(model, data)  # no validation events
+        signs.append(float(model.seen_bias.detach()))
+    assert signs[0] < -0.1 and signs[1] > 0.1

@@ -18,7 +18,7 @@ SPLITS = group_options("split")
 
 def test_groups_offer_the_spec_choices():
     assert {"gru", "itemknn"} <= set(MODELS)
-    assert set(DATASETS) == {"ml10m", "lastfm", "synthetic", "csv"}
+    assert set(DATASETS) == {"ml100k", "ml1m", "ml10m", "ml20m", "lastfm", "synthetic", "csv"}
     assert set(SPLITS) == {"user_tail", "global_time"}
     assert (config_dir() / "config.yaml").is_file()
 
@@ -70,4 +70,13 @@ def test_unknown_group_choices_get_one_line():
     assert check_group_choices(["-m", "model=gru,itemknn"]) is None
     message = check_group_choices(["model=nope"])
     assert "model=nope" in message and "gru" in message and "\n" not in message
-    assert "dataset=ml20m" in check_group_choices(["-m", "dataset=ml10m,ml20m"])
+    assert "dataset=ml25m" in check_group_choices(["-m", "dataset=ml10m,ml25m"])
+
+
+@pytest.mark.parametrize("dataset,gap", [("ml100k", 0), ("ml1m", 0), ("ml10m", 0), ("ml20m", 0),
+                                         ("lastfm", 1800), ("synthetic", 1800)])
+def test_dream_basket_gap_comes_from_the_dataset_else_1800(dataset, gap):
+    cfg = compose_config(["model=dream", f"dataset={dataset}"])
+    assert cfg.model.basket_gap_s == cfg.eval.basket_gap_s == gap
+    cfg = compose_config(["model=dream", f"dataset={dataset}", "model.basket_gap_s=60"])
+    assert cfg.model.basket_gap_s == cfg.eval.basket_gap_s == 60

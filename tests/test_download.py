@@ -252,12 +252,30 @@ def test_existing_wrong_dest_is_replaced(server: _Server, tmp_path: Path):
     assert len(server.requests) == 1
 
 
+# GroupLens' published md5 sidecars and the archives' byte counts.
+GROUPLENS = {
+    "ml100k": ("ml-100k.zip", 4_924_029, "0e33842e24a9c977be4e0107933c0723", "ml-100k/u.data"),
+    "ml1m": ("ml-1m.zip", 5_917_549, "c4d9eecfca2ab87c1945afe126590906", "ml-1m/ratings.dat"),
+    "ml10m": ("ml-10m.zip", 65_566_137, "ce571fd55effeba0271552578f2648bd",
+              "ml-10M100K/ratings.dat"),
+    "ml20m": ("ml-20m.zip", 198_702_078, "cd245b17a1ae2cc31bb14903e1204af3",
+              "ml-20m/ratings.csv"),
+}
+
+
 def test_official_sources_in_the_dataset_configs_are_well_formed():
-    for name in ("ml10m", "lastfm"):
+    with_url = [path.stem for path in sorted((config_dir() / "dataset").glob("*.yaml"))
+                if OmegaConf.load(path).get("url")]
+    assert set(with_url) == {"lastfm", *GROUPLENS}
+    for name in with_url:
         cfg = OmegaConf.load(config_dir() / "dataset" / f"{name}.yaml")
         assert cfg.url.startswith(("http://", "https://"))
         assert cfg.archive_md5 is None or re.fullmatch(r"[0-9a-f]{32}", cfg.archive_md5)
         assert cfg.archive_size is None or cfg.archive_size > 0
+    for name, (archive, size, md5, member) in GROUPLENS.items():
+        cfg = OmegaConf.load(config_dir() / "dataset" / f"{name}.yaml")
+        assert cfg.url == f"https://files.grouplens.org/datasets/movielens/{archive}"
+        assert (cfg.archive_size, cfg.archive_md5, cfg.archive_member) == (size, md5, member)
 
 
 # --- extract_member ----------------------------------------------------------------------------

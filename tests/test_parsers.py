@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 import fixtures_raw as fx
 from seqexp.data.lastfm import read_lastfm
@@ -14,6 +16,7 @@ from seqexp.data.movielens import read_movielens
 from seqexp.data.preprocess import build_sequences
 from seqexp.data.tabular import read_table
 from seqexp.errors import SeqexpError
+from seqexp.resources import config_dir
 
 USER_TAIL = {"name": "user_tail", "test_frac": 0.2, "val_frac": 0.1}
 
@@ -30,13 +33,25 @@ def user_items(data, user: int) -> list[int]:
 
 
 # ------------------------------------------------------------------------------ MovieLens
-def test_movielens_counts_and_file_order(tmp_path: Path) -> None:
-    raw = read_movielens(fx.write_movielens(tmp_path))
+# The same 17 ratings in each GroupLens layout: ML-1M/10M ratings.dat, ML-100K u.data, ML-20M
+# ratings.csv (with its header line).
+LAYOUTS = ["ratings_dat", "u_data", "ratings_csv"]
+DATASET_LAYOUTS = {"ml100k": "u_data", "ml1m": "ratings_dat", "ml10m": "ratings_dat",
+                   "ml20m": "ratings_csv"}
+LAYOUT_DESCRIPTIONS = {"ratings_dat": "UserID::MovieID::Rating::Timestamp",
+                       "u_data": "user id<TAB>item id<TAB>rating<TAB>timestamp",
+                       "ratings_csv": "userId,movieId,rating,timestamp"}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_movielens_counts_and_file_order(tmp_path: Path, layout: str) -> None:
+    path = fx.write_movielens(tmp_path, layout=layout)
+    raw = read_movielens(path, layout)
     assert len(raw) == fx.ML_N_ROWS == 17
     assert len(np.unique(raw.user)) == fx.ML_N_USERS == 3
     assert len(np.unique(raw.item)) == fx.ML_N_ITEMS == 6
-    assert raw.skipped_lines == 0
-    assert raw.source == str(tmp_path / "ratings.dat")
+    assert raw.skipped_lines == 0  # the ml-20m header is skipped, not counted as malformed
+    assert raw.source == str(path)
     # Rows stay in file order (the tie-break for equal timestamps).
     assert raw.user.tolist() == [int(line.split("::")[0]) for line in fx.ML_LINES]
     assert raw.timestamp.tolist() == [int(line.split("::")[3]) for line in fx.ML_LINES]
@@ -47,8 +62,10 @@ def test_movielens_counts_and_file_order(tmp_path: Path) -> None:
     assert np.all(np.diff(np.asarray(movies)[order]) >= 0)
 
 
-def test_movielens_equal_timestamps_keep_file_order_after_build(tmp_path: Path) -> None:
-    data = build_sequences(read_movielens(fx.write_movielens(tmp_path)), USER_TAIL)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_movielens_equal_timestamps_keep_file_order_after_build(tmp_path: Path, layout: str):
+    data = build_sequences(read_movielens(fx.write_movielens(tmp_path, layout=layout), layout),
+                           USER_TAIL)
     # All six movies are in the training vocabulary, so code = rank of the movie id.
     assert data.n_items == 6
     for code, raw_user in enumerate(sorted(fx.ML_ORDERED)):
@@ -64,17 +81,20 @@ def test_movielens_equal_timestamps_keep_file_order_after_build(tmp_path: Path) 
     assert data.stats["test_oov_dropped"] == 0
 
 
-def test_movielens_crlf_line_ends_parse_the_same(tmp_path: Path) -> None:
-    unix = read_movielens(fx.write_movielens(tmp_path, "unix.dat"))
-    dos = read_movielens(fx.write_movielens(tmp_path, "dos.dat", newline="\r\n"))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_movielens_crlf_line_ends_parse_the_same(tmp_path: Path, layout: str) -> None:
+    unix = read_movielens(fx.write_movielens(tmp_path, "unix.txt", layout=layout), layout)
+    dos = read_movielens(fx.write_movielens(tmp_path, "dos.txt", newline="\r\n",
+                                            layout=layout), layout)
     for name in ("user", "item", "timestamp"):
         np.testing.assert_array_equal(getattr(unix, name), getattr(dos, name))
     assert dos.skipped_lines == 0
 
 
-def test_movielens_malformed_lines_are_counted_not_fatal(tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_movielens_malformed_lines_are_counted_not_fatal(tmp_path: Path, layout: str) -> None:
     lines = fx.ML_LINES[:5] + ["4::101::3", "5::102::4::1::7"] + fx.ML_LINES[5:]
-    raw = read_movielens(fx.write_movielens(tmp_path, lines=lines))
+    raw = read_movielens(fx.write_movielens(tmp_path, lines=lines, layout=layout), layout)
     assert raw.skipped_lines == 2
     assert len(raw) == fx.ML_N_ROWS
     assert 4 not in raw.user and 5 not in raw.user
@@ -97,11 +117,46 @@ def test_movielens_wrong_format_names_the_file(tmp_path: Path, name: str, text: 
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "layout,text",
+    [
+        ("u_data", "user\titem\trating\ttimestamp\n1\t101\t5\t1000\n"),  # a header
+        ("u_data", "".join(line + "\n" for line in fx.ML_LINES)),  # ratings.dat lines
+        ("u_data", "1,101,5,1000\n"),
+        ("ratings_dat", "1\t101\t5\t1000\n"),
+        ("ratings_csv", "".join(fx.movielens_line(line, "ratings_csv") + "\n"
+                                for line in fx.ML_LINES)),  # no header
+        ("ratings_csv", "user,item,rating,timestamp\n1,101,5,1000\n"),  # another header
+        ("ratings_csv", "userId\tmovieId\trating\ttimestamp\n1\t101\t5\t1000\n"),
+    ],
+)
+def test_movielens_layout_mismatch_names_the_file_and_layout(tmp_path: Path, layout: str,
+                                                              text: str) -> None:
+    path = fx.write_text(tmp_path, "ratings.txt", text)
+    with pytest.raises(SeqexpError, match="MovieLens") as info:
+        read_movielens(path, layout)
+    message = str(info.value)
+    assert str(path) in message and "\n" not in message
+    assert LAYOUT_DESCRIPTIONS[layout] in message  # says which layout was expected
+
+
+def test_movielens_csv_header_must_come_first(tmp_path: Path) -> None:
+    path = fx.write_movielens(tmp_path, layout="ratings_csv", header=False)
+    with pytest.raises(SeqexpError, match="header 'userId,movieId,rating,timestamp'"):
+        read_movielens(path, "ratings_csv")
+
+
+def test_movielens_unknown_layout(tmp_path: Path) -> None:
+    with pytest.raises(SeqexpError, match=r"dataset\.layout='tsv'.*u_data"):
+        read_movielens(fx.write_movielens(tmp_path), "tsv")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("text", ["", "\n\n"])
-def test_movielens_empty_file(tmp_path: Path, text: str) -> None:
-    path = fx.write_text(tmp_path, "ratings.dat", text)
+def test_movielens_empty_file(tmp_path: Path, text: str, layout: str) -> None:
+    path = fx.write_text(tmp_path, "ratings.txt", text)
     with pytest.raises(SeqexpError) as info:
-        read_movielens(path)
+        read_movielens(path, layout)
     assert str(path) in str(info.value)
 
 
@@ -109,6 +164,26 @@ def test_movielens_single_colon_lines_are_not_ratings(tmp_path: Path) -> None:
     path = fx.write_text(tmp_path, "ratings.dat", "1:x:101:y:5:z:1000\n2:x:102:y:4:z:1001\n")
     with pytest.raises(SeqexpError):
         read_movielens(path)
+
+
+@pytest.mark.parametrize("dataset", sorted(DATASET_LAYOUTS))
+def test_movielens_dataset_configs_read_their_layout(tmp_path: Path, dataset: str) -> None:
+    """conf/dataset/<name>.yaml with dataset.path on a file in that dataset's layout: the
+    whole load path (reader chosen by format + layout, preprocessing, cache) gives the
+    hand-ordered sequences; the file of another layout is refused."""
+    cfg = OmegaConf.to_container(OmegaConf.load(config_dir() / "dataset" / f"{dataset}.yaml"))
+    layout = DATASET_LAYOUTS[dataset]
+    assert (cfg["format"], cfg["layout"]) == ("movielens", layout)
+    assert cfg["archive_member"].endswith("/" + fx.ML_FILE_NAMES[layout])
+    cfg["path"] = str(fx.write_movielens(tmp_path, layout=layout))
+    data = load_dataset(cfg, USER_TAIL, tmp_path / "raw", tmp_path / "cache", progress=False)
+    assert user_items(data, 0) == [4, 0, 1, 2, 5, 3, 0]
+    assert data.stats["raw_events"] == fx.ML_N_ROWS
+    other = next(name for name in LAYOUTS if name != layout)
+    (tmp_path / "other").mkdir()
+    cfg["path"] = str(fx.write_movielens(tmp_path / "other", layout=other))
+    with pytest.raises(SeqexpError, match="MovieLens"):
+        load_dataset(cfg, USER_TAIL, tmp_path / "raw", tmp_path / "cache", progress=False)
 
 
 # ------------------------------------------------------------------------------ LastFM-1K
@@ -292,3 +367,35 @@ def test_table_not_a_parquet_file(tmp_path: Path) -> None:
     with pytest.raises(SeqexpError) as info:
         _read(path)
     assert str(path) in str(info.value)
+
+
+# ------------------------------------------------------------------------------ real-data script
+def _real_data_check():
+    spec = importlib.util.spec_from_file_location(
+        "real_data_check", Path(__file__).resolve().parents[1] / "scripts" / "real_data_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_real_data_check_converts_recbole_inter_to_u_data(tmp_path: Path) -> None:
+    script = _real_data_check()
+    # RecBole's header, then u.data rows with float-typed timestamps as RecBole writes them.
+    rows = [line.split("::") for line in fx.ML_LINES]
+    inter = fx.write_text(tmp_path, "ml-100k.inter", script.INTER_HEADER + "\n" + "".join(
+        "\t".join(row) + "\n" for row in rows))
+    dest = tmp_path / "cache" / "u.data"
+    assert script.inter_to_udata(inter, dest) == fx.ML_N_ROWS
+    assert dest.read_text() == "".join("\t".join(row) + "\n" for row in rows)
+    raw = read_movielens(dest, "u_data")
+    assert raw.user.tolist() == [int(row[0]) for row in rows]
+    assert raw.timestamp.tolist() == [int(row[3]) for row in rows]
+    assert script.obtain_udata(dest) == dest  # a u.data is used as it is
+
+
+def test_real_data_check_refuses_an_inter_file_without_its_header(tmp_path: Path) -> None:
+    script = _real_data_check()
+    inter = fx.write_text(tmp_path, "x.inter", "user_id\titem_id\trating\ttimestamp\n1\t2\t3\t4\n")
+    with pytest.raises(SystemExit, match="RecBole header"):
+        script.inter_to_udata(inter, tmp_path / "u.data")
+    assert not (tmp_path / "u.data").exists()

@@ -27,7 +27,7 @@ _LOCATION_KEYS = {"path", "url", "archive_member", "archive_size", "archive_md5"
 
 Reader = Callable[[Path, Mapping], Interactions]
 READERS: dict[str, Reader] = {
-    "movielens": lambda path, cfg: read_movielens(path),
+    "movielens": lambda path, cfg: read_movielens(path, cfg.get("layout", "ratings_dat")),
     "lastfm": lambda path, cfg: read_lastfm(path, item=cfg.get("item", "track")),
     "tabular": lambda path, cfg: read_table(
         path, cfg.get("user_col", "user"), cfg.get("item_col", "item"),

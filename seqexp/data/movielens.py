@@ -1,8 +1,14 @@
-"""MovieLens ratings.dat (ML-10M, ML-1M): `UserID::MovieID::Rating::Timestamp` per line."""
+"""MovieLens ratings files. One reader serves the three GroupLens layouts (`dataset.layout`):
+
+- `ratings_dat` (ML-1M, ML-10M `ratings.dat`): `UserID::MovieID::Rating::Timestamp`, no header;
+- `u_data` (ML-100K `u.data`): `user id TAB item id TAB rating TAB timestamp`, no header;
+- `ratings_csv` (ML-20M `ratings.csv`): `userId,movieId,rating,timestamp` under that header line.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,32 +19,76 @@ from seqexp.errors import SeqexpError
 
 log = logging.getLogger(__name__)
 
-FORMAT = "UserID::MovieID::Rating::Timestamp"
-# Splitting on a single ':' turns `a::b::c::d` into seven fields with empty ones in between,
-# which pyarrow's multithreaded CSV reader can parse without a Python loop.
-_COLUMNS = ["user", "_a", "item", "_b", "rating", "_c", "timestamp"]
+_ID = pa.int64()
 
 
-def read_movielens(path: Path) -> Interactions:
-    """Parse a ratings.dat file; every rating is one implicit interaction, in file order."""
+@dataclass(frozen=True)
+class Layout:
+    """How one GroupLens ratings file is laid out."""
+
+    description: str  # what a line looks like, for error messages
+    delimiter: str
+    columns: list[str]
+    # Columns to convert (the rest, the rating included, are not read): user, item, timestamp,
+    # and for `::` the empty fields between the colons.
+    types: dict[str, pa.DataType]
+    header: str | None = None  # a required first line, skipped
+
+
+LAYOUTS: dict[str, Layout] = {
+    # Splitting on a single ':' turns `a::b::c::d` into seven fields with empty ones in between,
+    # which pyarrow's multithreaded CSV reader can parse without a Python loop. The fields
+    # between single colons must be empty (null-typed costs nothing): `1:x:2:y:...` is not a
+    # `::` line.
+    "ratings_dat": Layout(
+        "UserID::MovieID::Rating::Timestamp", ":",
+        ["user", "_a", "item", "_b", "rating", "_c", "timestamp"],
+        {"user": _ID, "_a": pa.null(), "item": _ID, "_b": pa.null(), "_c": pa.null(),
+         "timestamp": _ID},
+    ),
+    "u_data": Layout(
+        "user id<TAB>item id<TAB>rating<TAB>timestamp", "\t",
+        ["user", "item", "rating", "timestamp"], {"user": _ID, "item": _ID, "timestamp": _ID},
+    ),
+    "ratings_csv": Layout(
+        "userId,movieId,rating,timestamp", ",",
+        ["user", "item", "rating", "timestamp"], {"user": _ID, "item": _ID, "timestamp": _ID},
+        header="userId,movieId,rating,timestamp",
+    ),
+}
+FORMAT = LAYOUTS["ratings_dat"].description
+
+
+def read_movielens(path: Path, layout: str = "ratings_dat") -> Interactions:
+    """Parse a GroupLens ratings file; every rating is one implicit interaction, in file order.
+
+    Lines with the wrong number of fields are skipped and counted; a file whose ids are not
+    integers, or a `ratings_csv` file without its header, is an error naming the file.
+    """
     path = Path(path)
+    if layout not in LAYOUTS:
+        raise SeqexpError(f"dataset.layout={layout!r} is unknown; choose one of "
+                          f"{', '.join(LAYOUTS)}")
+    spec = LAYOUTS[layout]
+    what = f"MovieLens ratings file ({spec.description})"
+    if spec.header is not None and path.stat().st_size:
+        head = first_line(path).lstrip("\ufeff").strip()
+        if head != spec.header:
+            raise SeqexpError(f"{path}: not a {what}: the first line must be the header "
+                              f"{spec.header!r} but reads {head!r}")
     skipped = skipped_row_counter()
     try:
-        # The fields between single colons must be empty (null-typed costs nothing):
-        # `1:x:2:y:...` is not a `::` line.
-        table = read_delimited(path, _COLUMNS, ":", {
-            "user": pa.int64(), "_a": pa.null(), "item": pa.int64(), "_b": pa.null(),
-            "_c": pa.null(), "timestamp": pa.int64(),
-        }, skipped)
+        table = read_delimited(path, spec.columns, spec.delimiter, spec.types, skipped,
+                               skip_rows=int(spec.header is not None))
     except pa.ArrowInvalid as exc:
         raise SeqexpError(
-            f"{path}: not a MovieLens ratings file ({FORMAT}); first line reads "
-            f"{first_line(path)!r} ({str(exc).splitlines()[0]})"
+            f"{path}: not a {what}; first line reads {first_line(path)!r} "
+            f"({str(exc).splitlines()[0]})"
         ) from None
     if table.num_rows == 0:
         if skipped.count:
             raise SeqexpError(
-                f"{path}: no line matches the MovieLens format {FORMAT}; first line reads "
+                f"{path}: no line matches the {what}; first line reads "
                 f"{first_line(path)!r}. Use dataset=csv for other layouts"
             )
         raise SeqexpError(f"{path}: the file holds no ratings")

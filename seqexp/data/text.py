@@ -30,12 +30,14 @@ def first_line(path: Path, limit: int = 80) -> str:
 
 def read_delimited(path: Path, column_names: list[str], delimiter: str,
                    column_types: dict[str, pa.DataType], skipped: skipped_row_counter,
-                   **convert_options) -> pa.Table:
+                   skip_rows: int = 0, **convert_options) -> pa.Table:
     """pyarrow's multithreaded CSV reader without quoting (names may hold quotes), keeping the
-    columns of `column_types`, skipping malformed rows into `skipped`."""
+    columns of `column_types`, skipping the first `skip_rows` lines (a header) and malformed
+    rows into `skipped`."""
     return pacsv.read_csv(
         path,
-        read_options=pacsv.ReadOptions(column_names=column_names, block_size=1 << 24),
+        read_options=pacsv.ReadOptions(column_names=column_names, block_size=1 << 24,
+                                       skip_rows=skip_rows),
         parse_options=pacsv.ParseOptions(
             delimiter=delimiter, quote_char=False, invalid_row_handler=skipped
         ),

@@ -18,6 +18,15 @@ least one earlier training event, which are the ones that have a transition); ne
 drawn uniformly from all items other than the positive. Items the user has seen elsewhere can be
 drawn as negatives, as in the usual vectorised BPR samplers; with thousands of items the share
 is small. Sampling runs in torch on the model's device, seeded from the trainer's generator.
+
+`seen_bias=True` adds one learned scalar β to the score of every item already in the user's
+history before the prediction point: score + β·[i seen before]. The evaluation protocol keeps
+seen items rankable, and the factor term scores a user's own training items highest (they are
+its BPR positives), so without β they fill the top of the list: on MovieLens, where nobody
+rates a movie twice, that holds plain MF at popularity's Recall@20 (docs/real-data.md). β is
+trained by the same BPR pairs (whether the positive and the negative were seen before the
+positive's position): it turns negative where items do not repeat and positive where they do
+(listening logs), so it is learned, not a filter.
 """
 
 from __future__ import annotations
@@ -39,18 +48,24 @@ from seqexp.models.base import Recommender
 @dataclass
 class BPRBatch:
     users: torch.Tensor  # [B]
+    positions: torch.Tensor  # [B] global event position of the positive
     context: torch.Tensor  # [B, w] last items before the positive, most recent first (0: none)
     context_mask: torch.Tensor  # [B, w] bool, true where the item exists
     positives: torch.Tensor  # [B]
     negatives: torch.Tensor  # [B]
     n_events: int
+    # [B] whether the positive / negative item is among the user's training events before the
+    # positive (only with seen_bias)
+    positive_seen: torch.Tensor | None = None
+    negative_seen: torch.Tensor | None = None
 
 
 class BPRFactorisation(Recommender):
     """score(u, i) = [p_u, mean l_j] . [q_i, q'_i] + b_i (see the module docstring)."""
 
     def __init__(self, n_items: int, n_users: int, factors: int = 20, window: int = 0,
-                 item_bias: bool = True, init_std: float = 0.1, l2: float = 0.01) -> None:
+                 item_bias: bool = True, init_std: float = 0.1, l2: float = 0.01,
+                 seen_bias: bool = False) -> None:
         super().__init__(n_items, n_users)
         check_option("factors", factors, factors >= 1, "be a positive integer")
         check_option("window", window, window >= 0, "be a non-negative integer")
@@ -67,6 +82,8 @@ class BPRFactorisation(Recommender):
             nn.Parameter(torch.randn(n_items, factors) * init_std) if window else None
         )  # l_j, the factor of an item as the origin of a transition
         self.item_bias = nn.Parameter(torch.zeros(n_items)) if item_bias else None
+        # β, the learned offset of items seen before the prediction point (module docstring)
+        self.seen_bias = nn.Parameter(torch.zeros(())) if seen_bias else None
 
     def context_vectors(self, users: torch.Tensor, context: torch.Tensor,
                         context_mask: torch.Tensor) -> torch.Tensor:
@@ -97,6 +114,7 @@ class BPRFactorisation(Recommender):
         starts = torch.from_numpy(train.offsets[:-1]).to(device)[users]
         order = torch.randperm(len(positions), generator=generator, device=device)
         back = torch.arange(1, self.window + 1, device=device)
+        first_seen = self._first_training_positions(train) if self.seen_bias is not None else None
         for lo in range(0, len(order), batch_size):
             take = order[lo:lo + batch_size]
             pos, user = positions[take], users[take]
@@ -107,9 +125,31 @@ class BPRFactorisation(Recommender):
             negatives = torch.randint(self.n_items - 1, (len(take),), generator=generator,
                                       device=device)
             negatives += negatives >= positives
-            yield BPRBatch(users=user, context=torch.where(mask, items[before.clamp_min(0)], 0),
+            seen = (None, None) if first_seen is None else (
+                self._seen_before(first_seen, user, positives, pos),
+                self._seen_before(first_seen, user, negatives, pos))
+            yield BPRBatch(users=user, positions=pos,
+                           context=torch.where(mask, items[before.clamp_min(0)], 0),
                            context_mask=mask, positives=positives, negatives=negatives,
-                           n_events=len(take))
+                           n_events=len(take), positive_seen=seen[0], negative_seen=seen[1])
+
+    def _first_training_positions(self, train: SequenceData) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sorted keys user * n_items + item of every (user, item) with a training event, and
+        the global position of that pair's first training event."""
+        positions = np.flatnonzero(train.train_mask())
+        keys = train.event_users()[positions].astype(np.int64) * self.n_items + train.items[
+            positions]
+        unique, first = np.unique(keys, return_index=True)  # first: the earliest position
+        return (torch.from_numpy(unique).to(self.device),
+                torch.from_numpy(positions[first]).to(self.device))
+
+    def _seen_before(self, first_seen: tuple[torch.Tensor, torch.Tensor], users: torch.Tensor,
+                     items: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Whether each user had a training event of the item before the given position."""
+        keys, first = first_seen
+        query = users * self.n_items + items
+        where = torch.searchsorted(keys, query).clamp_max(len(keys) - 1)
+        return (keys[where] == query) & (first[where] < positions)
 
     def _training_positions(self, train: SequenceData) -> tuple[np.ndarray, np.ndarray]:
         """Global positions of the training events that are BPR positives, and their users."""
@@ -127,6 +167,9 @@ class BPRFactorisation(Recommender):
         negative = self.item_factors[batch.negatives]
         margin = (context * (positive - negative)).sum(1)
         margin = margin + self._bias(batch.positives) - self._bias(batch.negatives)
+        if self.seen_bias is not None:
+            margin = margin + self.seen_bias * (batch.positive_seen.to(margin.dtype)
+                                                - batch.negative_seen.to(margin.dtype))
         loss = F.softplus(-margin).mean()  # -log sigmoid(margin)
         if self.l2:
             # BPR's per-sample regulariser: only the rows this batch touches.
@@ -136,33 +179,65 @@ class BPRFactorisation(Recommender):
 
     # --- scoring --------------------------------------------------------------------------
 
-    def prediction_states(self, batch: PredictionBatch) -> torch.Tensor:
+    def prediction_states(
+        self, batch: PredictionBatch
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The context vectors [P, width]; with seen_bias a tuple of them, each point's row and
+        column [P], and the batch's item rows as a [P, B, T] expanded view (no copy), so that
+        the evaluator's slicing over points keeps all four aligned."""
         rows, cols = batch.target_rows, batch.target_cols
         before = cols[:, None] - 1 - torch.arange(self.window, device=cols.device)
         mask = before >= 0
         context = torch.where(mask, batch.items[rows[:, None], before.clamp_min(0)], 0)
-        return self.context_vectors(batch.users[rows], context, mask)
+        context = self.context_vectors(batch.users[rows], context, mask)
+        if self.seen_bias is None:
+            return context
+        return context, rows, cols, batch.items[None].expand(len(rows), *batch.items.shape)
 
-    def score_items(self, state: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    def score_items(self, state: torch.Tensor | tuple[torch.Tensor, ...], lo: int,
+                    hi: int) -> torch.Tensor:
+        context = state if isinstance(state, torch.Tensor) else state[0]
         bias = None if self.item_bias is None else self.item_bias[lo:hi]
-        return F.linear(state, self.item_factors[lo:hi], bias)
+        scores = F.linear(context, self.item_factors[lo:hi], bias)
+        if self.seen_bias is not None and len(context):
+            _, rows, cols, items = state
+            scores += self.seen_bias * seen_block(items[0], rows, cols, lo, hi).to(scores.dtype)
+        return scores
+
+
+def seen_block(items: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, lo: int,
+               hi: int) -> torch.Tensor:
+    """[P, hi-lo] bool: item lo + k occurs in row `rows[p]` of `items` [B, T] before column
+    `cols[p]`.
+
+    The first column of every item in every row (a [B, hi-lo] table, no larger than the score
+    block) is compared with each point's column; padding lies after every target, so it never
+    counts."""
+    n_rows, width = items.shape
+    inside = (items >= lo) & (items < hi)
+    columns = torch.arange(width, device=items.device).expand(n_rows, width)
+    first = torch.full((n_rows, hi - lo), width, dtype=torch.long, device=items.device)
+    first.scatter_reduce_(1, torch.where(inside, items - lo, 0).long(),
+                          torch.where(inside, columns, width), reduce="amin")
+    return first[rows] < cols[:, None]
 
 
 class MF(BPRFactorisation):
     """BPR matrix factorisation: score = p_u . q_i + b_i."""
 
     def __init__(self, n_items: int, n_users: int, factors: int = 20, item_bias: bool = True,
-                 init_std: float = 0.1, l2: float = 0.01) -> None:
+                 init_std: float = 0.1, l2: float = 0.01, seen_bias: bool = False) -> None:
         super().__init__(n_items, n_users, factors=factors, window=0, item_bias=item_bias,
-                         init_std=init_std, l2=l2)
+                         init_std=init_std, l2=l2, seen_bias=seen_bias)
 
 
 class SeqMF(BPRFactorisation):
     """FPMC-style: score = p_u . q_i + mean_{j in last `window` items} l_j . q'_i."""
 
     def __init__(self, n_items: int, n_users: int, factors: int = 20, window: int = 2,
-                 item_bias: bool = False, init_std: float = 0.1, l2: float = 0.01) -> None:
+                 item_bias: bool = False, init_std: float = 0.1, l2: float = 0.01,
+                 seen_bias: bool = False) -> None:
         if window < 1:
             raise SeqexpError(f"model.window={window} must be >= 1 for seqmf (0 is model=mf)")
         super().__init__(n_items, n_users, factors=factors, window=window, item_bias=item_bias,
-                         init_std=init_std, l2=l2)
+                         init_std=init_std, l2=l2, seen_bias=seen_bias)
