@@ -399,3 +399,15 @@ def test_real_data_check_refuses_an_inter_file_without_its_header(tmp_path: Path
     with pytest.raises(SystemExit, match="RecBole header"):
         script.inter_to_udata(inter, tmp_path / "u.data")
     assert not (tmp_path / "u.data").exists()
+
+
+def test_movielens_ids_are_labels_negative_and_huge_ones_included(tmp_path):
+    from seqexp.data.interactions import raw_ids
+    from seqexp.data.movielens import read_movielens
+
+    path = tmp_path / "ratings.dat"
+    path.write_text("-1::31::2::100\n-1::7::2::101\n1000000000000000::31::2::102\n")
+    raw = read_movielens(path)
+    assert raw.user.tolist() == [0, 0, 1] and raw.item.tolist() == [31, 7, 31]  # small: kept
+    assert raw_ids(raw.user, raw.user_labels).tolist() == ["-1", "-1", "1000000000000000"]
+    assert raw_ids(raw.item, raw.item_labels).tolist() == ["31", "7", "31"]

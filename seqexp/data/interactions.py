@@ -42,10 +42,12 @@ def raw_ids(codes: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
     return np.asarray(values).astype(str)
 
 
-def dense_codes(values: np.ndarray) -> np.ndarray:
-    """Integer ids as small non-negative codes (order-preserving), so bincount can count them."""
+def dense_codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Integer ids as small non-negative codes, so that bincount can count them: (codes,
+    labels) with labels[code] the id, or (the ids, None) where they are such codes already.
+    Ids are labels, never indices: negative or huge ones are re-encoded (order-preserving)."""
     values = np.asarray(values, dtype=np.int64)
     if len(values) and values.min() >= 0 and values.max() <= 4 * len(values) + 1_000_000:
-        return values
-    _, codes = np.unique(values, return_inverse=True)
-    return codes.astype(np.int64)
+        return values, None
+    labels, codes = np.unique(values, return_inverse=True)
+    return codes.astype(np.int64), labels

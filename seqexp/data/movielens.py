@@ -104,9 +104,11 @@ def read_movielens(path: Path, layout: str = "ratings_dat") -> Interactions:
         table = table.drop_columns([name])
     del table
     pa.default_memory_pool().release_unused()
+    users, user_labels = dense_codes(columns["user"])
+    items, item_labels = dense_codes(columns["item"])
     return Interactions(
-        user=columns["user"],
-        item=dense_codes(columns["item"]),
+        user=users, user_labels=user_labels,
+        item=items, item_labels=item_labels,
         timestamp=columns["timestamp"],
         source=str(path),
         skipped_lines=skipped.count,
