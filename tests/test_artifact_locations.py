@@ -30,12 +30,13 @@ def test_sqlite_path_reads_sqlalchemy_paths_not_url_paths(uri, expected, tmp_pat
     assert found == (None if expected is None else Path(expected.format(cwd=tmp_path)))
 
 
-def _run(module: str, args: list[str], cwd: Path, home: Path) -> None:
+def _run(module: str, args: list[str], cwd: Path, home: Path) -> str:
     env = dict(os.environ, PYTHONUNBUFFERED="1", HOME=str(home))
     env.pop("MLFLOW_TRACKING_URI", None)
     result = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
 
 
 def _files(folder: Path) -> set[Path]:
@@ -73,9 +74,21 @@ def test_run_sweep_and_report_put_every_artifact_beside_the_default_store(tmp_pa
     tmp_before = set(os.listdir(tmp_path.parent))
 
     common = [*TINY, f"paths.data_dir={data}"]
-    _run("seqexp.cli", ["model=gru", "model.hidden_size=8", *common], launch, home)
-    _run("seqexp.cli", ["-m", "model=pop", "seed=1,2", *common], launch, home)
+    single = _run("seqexp.cli", ["model=gru", "model.hidden_size=8", *common], launch, home)
+    sweep = _run("seqexp.cli", ["-m", "model=pop", "seed=1,2", *common], launch, home)
     _run("seqexp.report", ["--out", "report", "--experiment", "seqexp"], launch, home)
+
+    # The last lines say where the results went: the run, each job, the sweep.
+    last = single.strip().splitlines()[-3:]
+    assert last[0].startswith("seqexp: run ") and " finished: test_mrr_at_20=" in last[0]
+    assert (launch / last[1].split("outputs: ", 1)[1] / "config.yaml").is_file()
+    assert last[2].strip() == (f"MLflow UI: mlflow ui --backend-store-uri "
+                               f"sqlite:///{launch / 'mlflow.db'}  (experiment seqexp)")
+    for job in (0, 1):
+        assert f"[job {job}] seqexp: run " in sweep
+    summary = sweep.strip().splitlines()[-3:]
+    assert summary[0].startswith("seqexp: sweep ") and " done: 2 finished, 0 failed" in summary[0]
+    assert summary[1].strip().startswith("report: seqexp-report --sweep-id ")
 
     _assert_nothing_outside(tmp_path, launch, home, {"outputs", "report", "mlflow.db",
                                                      ".mlflow.db.lock", "mlartifacts"},
@@ -90,6 +103,7 @@ def test_run_sweep_and_report_put_every_artifact_beside_the_default_store(tmp_pa
     assert len({p.parts[1] for p in artifacts}) == 5
 
 
+@pytest.mark.slow  # the default store's test above runs the same code; sqlite_path's units too
 @pytest.mark.parametrize("store", ["relative", "absolute"])
 def test_a_run_tracked_in_a_given_sqlite_file_keeps_its_artifacts_beside_it(tmp_path, store):
     launch, data, home, store_dir, uri = _layout(tmp_path, store)

@@ -3,10 +3,8 @@ validation events, the words at the end of a run."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,24 +96,6 @@ def test_an_empty_global_time_test_split_names_a_key_of_that_split():
         build_sequences(raw, {"name": "global_time", "test_quantile": 0.99,
                               "val_quantile": 0.5})
     assert "test_frac" not in str(caught.value)
-
-
-def test_the_end_of_a_run_says_where_its_results_went(tmp_path):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "seqexp.cli", "model=pop",
-         *tiny_overrides(tmp_path / "data")], cwd=tmp_path, env=env,
-        capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    (run,) = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["1"])
-    last = result.stdout.strip().splitlines()[-3:]
-    assert last[0].startswith(f"seqexp: run {run.info.run_id} finished: ")
-    assert f"test_mrr_at_20={run.data.metrics['test_mrr_at_20']:.5f}" in last[0]
-    outputs = Path(last[1].split("outputs: ", 1)[1])
-    assert (tmp_path / outputs / "config.yaml").is_file()
-    assert last[2].endswith(
-        f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}  "
-        f"(experiment seqexp)")
 
 
 def test_a_key_the_model_cannot_take_is_the_configs_fault_but_a_bug_inside_keeps_its_type(

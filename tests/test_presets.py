@@ -137,6 +137,7 @@ def assert_two_nested_runs(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not installed("hydra_plugins.hydra_submitit_launcher"),
                     reason="hydra-submitit-launcher not installed (pip install 'seqexp[slurm]')")
+@pytest.mark.slow  # submitit's own worker processes
 def test_submitit_jobs_in_their_own_processes_nest_under_the_parent(tmp_path, store_uri):
     # submitit_local: the path SLURM jobs take (pickled job, fresh process reading the sweep
     # folder), without sbatch.

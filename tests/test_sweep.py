@@ -49,6 +49,7 @@ def assert_nested(parent, children, sweep_dir: Path) -> None:
     assert written["parent_run_id"] == parent.info.run_id and written["sweep_id"] == sweep_id
 
 
+@pytest.mark.slow  # parallel worker processes; tests/test_artifact_locations.py sweeps in-line
 def test_joblib_multirun_nests_parallel_jobs_under_one_parent_and_reports_them(tmp_path):
     sweep_dir = tmp_path / "sweep"
     result = seqexp(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=1,2",
@@ -101,6 +102,7 @@ def test_joblib_multirun_nests_parallel_jobs_under_one_parent_and_reports_them(t
 
 @pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None,
                     reason="hydra-optuna-sweeper not installed (pip install 'seqexp[optuna]')")
+@pytest.mark.slow  # a whole search; tests/test_presets.py checks the presets compose
 def test_optuna_search_goes_on_past_a_failed_trial(tmp_path):
     sweep_dir = tmp_path / "sweep"
     # A valid and an invalid batch size; the seeded random sampler draws 0, 16, 0 (optuna 2.10),
