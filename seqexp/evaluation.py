@@ -270,6 +270,7 @@ class Evaluator:
                     parts["greater"].append(g.cpu())
                     parts["equal"].append(e.cpu())
                     bar.update(batch.n_targets)
+                bar.refresh()  # its last state shows 100 % (mininterval skips the last draw)
         finally:
             model.train(was_training)
         if not parts["greater"]:
