@@ -74,7 +74,7 @@ def test_run_sweep_and_report_put_every_artifact_beside_the_default_store(tmp_pa
     tmp_before = set(os.listdir(tmp_path.parent))
 
     common = [*TINY, f"paths.data_dir={data}"]
-    single = _run("seqexp.cli", ["model=gru", "model.hidden_size=8", *common], launch, home)
+    single = _run("seqexp.cli", ["model=pop", *common], launch, home)
     sweep = _run("seqexp.cli", ["-m", "model=pop", "seed=1,2", *common], launch, home)
     _run("seqexp.report", ["--out", "report", "--experiment", "seqexp"], launch, home)
 

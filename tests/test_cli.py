@@ -136,7 +136,13 @@ BAD_INPUTS = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
+# Each case is a subprocess of its own: the default suite keeps one per kind of check.
+SLOW_CASES = {"unknown optimizer", "csv without path", "invalid epochs",
+              "forced model key in a sweep over models"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES
+                                  else c for c in BAD_INPUTS])
 def test_bad_input_gives_one_line_and_leaves_nothing_behind(tmp_path, case):
     args, expected = BAD_INPUTS[case]
     _write(tmp_path / "notes.txt", "just some notes\nnot ratings\n")

@@ -42,6 +42,7 @@ def without_tracking(cfg) -> dict:
     return tree
 
 
+@pytest.mark.slow  # composes all 16 jobs
 def test_table2_is_every_paper_model_on_both_datasets_with_its_own_settings():
     cfg = compose_all(["experiment=table2"])
     assert cfg.hydra.mode.name == "MULTIRUN"

@@ -139,6 +139,7 @@ def test_optuna_search_goes_on_past_a_failed_trial(tmp_path):
         a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
+@pytest.mark.slow  # a whole sweep in a subprocess
 def test_a_failed_grid_job_fails_the_sweep_and_ends_its_parent_run_failed(tmp_path, store_uri):
     tiny = [o for o in tiny_overrides(tmp_path / "data") if not o.startswith("train.batch_size")]
     result = seqexp(["-m", "model=pop", "train.batch_size=16,0", *tiny,

@@ -33,6 +33,7 @@ def _write_a_run(uri: str, index: int, start: float) -> str:
         return f"{type(exc).__name__}: {exc}"
 
 
+@pytest.mark.slow  # several processes racing to create one store
 def test_parallel_jobs_on_a_fresh_sqlite_store_all_succeed(tmp_path):
     # Without seqexp's set-up lock, MLflow's schema creation races here: in a trial, three of
     # four processes failed ("duplicate column name: step" / "database is locked").
