@@ -30,6 +30,7 @@ def only_run(db: Path):
     return client, runs[0]
 
 
+@pytest.mark.slow  # tests/test_artifact_locations.py runs seqexp end to end by default
 def test_seqexp_run_is_recorded_in_mlflow_db_of_the_launch_directory(tmp_path):
     result = seqexp(["model=gru", "model.hidden_size=16", *tiny_overrides(tmp_path / "data")],
                     cwd=tmp_path)
@@ -73,6 +74,7 @@ def _run_in_process(tmp_path: Path, name: str, extra: list[str]):
     return run_experiment(cfg, launch_dir=tmp_path, output_dir=tmp_path / name)
 
 
+@pytest.mark.slow  # three runs
 def test_two_cpu_runs_with_one_seed_give_identical_metrics(tmp_path):
     first = _run_in_process(tmp_path, "a", ["seed=3"])
     second = _run_in_process(tmp_path, "b", ["seed=3"])
@@ -137,8 +139,8 @@ BAD_INPUTS = {
 
 
 # Each case is a subprocess of its own: the default suite keeps one per kind of check.
-SLOW_CASES = {"unknown optimizer", "csv without path", "invalid epochs",
-              "forced model key in a sweep over models"}
+SLOW_CASES = {"unknown optimizer", "csv without path", "invalid epochs", "wrong format",
+              "invalid split fraction", "forced model key in a sweep over models"}
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES
