@@ -4,6 +4,7 @@ through MLflow (which reads back whatever location it wrote, right or wrong)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,8 +70,11 @@ def _assert_nothing_outside(tmp_path: Path, launch: Path, home: Path, allowed: s
     assert {p.name for p in launch.iterdir()} <= allowed
 
 
-def test_run_sweep_and_report_put_every_artifact_beside_the_default_store(tmp_path):
+def test_run_sweep_and_report_put_every_artifact_beside_the_default_store(tmp_path, empty_store):
     launch, data, home, store_dir, _ = _layout(tmp_path, "default")
+    # the schema made once per session (seconds); seqexp still creates the experiment and so
+    # chooses where its artifacts go
+    shutil.copy(empty_store, launch / "mlflow.db")
     tmp_before = set(os.listdir(tmp_path.parent))
 
     common = [*TINY, f"paths.data_dir={data}"]

@@ -83,7 +83,7 @@ def test_two_cpu_runs_with_one_seed_give_identical_metrics(tmp_path):
     assert first.metrics["test_mrr_at_20"] != other.metrics["test_mrr_at_20"]
 
 
-def test_ctrl_c_ends_the_run_killed_with_finished_epochs_kept(tmp_path, monkeypatch):
+def test_ctrl_c_ends_the_run_killed_with_finished_epochs_kept(tmp_path, store_uri, monkeypatch):
     real_epoch = Trainer.train_epoch
 
     def interrupted_in_epoch_2(self, model, data, optimizer, rng, epoch):

@@ -75,7 +75,7 @@ def test_help_is_seqexps_own_page_listing_every_option_of_every_group():
     assert "seqexp --cfg job" in page and "mlflow ui --backend-store-uri" in page
 
 
-def test_a_run_without_validation_trains_every_epoch_and_invents_no_score(tmp_path):
+def test_a_run_without_validation_trains_every_epoch_and_invents_no_score(tmp_path, store_uri):
     cfg = compose_config(["model=gru", "model.hidden_size=8", "split.val_frac=0",
                           *tiny_overrides(tmp_path / "data", tmp_path / "mlflow.db"),
                           "train.epochs=3", "train.patience=1"])

@@ -187,6 +187,7 @@ def test_bad_dream_settings_are_one_line_errors():
         DREAM(5, 2, max_baskets=1)
 
 
+@pytest.mark.slow  # tests/test_learning.py checks dream > 1.4x pop on its own data in ~1 s
 def test_dream_beats_popularity_on_synthetic_data():
     torch.manual_seed(0)
     data = build_sequences(generate_synthetic(n_users=200, n_items=300),
@@ -204,7 +205,7 @@ def test_dream_beats_popularity_on_synthetic_data():
     assert got_f1 > floor_f1
 
 
-def test_dream_run_logs_next_basket_metrics(tmp_path):
+def test_dream_run_logs_next_basket_metrics(tmp_path, store_uri):
     cfg = compose_config(["model=dream", "model.hidden_size=8",
                           *tiny_overrides(tmp_path / "data", tmp_path / "mlflow.db")])
     assert cfg.eval.basket_gap_s == cfg.model.basket_gap_s == GAP
