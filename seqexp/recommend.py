@@ -180,9 +180,13 @@ def checkpoint_path(source: str | Path, tracking_uri: str | None = None) -> Path
                 return candidate
         raise SeqexpError(f"{path}: no checkpoints/best.pt in this folder")
     from seqexp.resume import OUTPUTS_TAG
-    from seqexp.tracking import Tracker, default_tracking_uri, with_lock_retry
+    from seqexp.tracking import Tracker, default_tracking_uri, sqlite_path, with_lock_retry
 
     uri = tracking_uri or default_tracking_uri(Path.cwd())
+    database = sqlite_path(uri)
+    if database is not None and not database.is_file():
+        raise SeqexpError(f"{source}: neither a checkpoint file, a run folder nor a run id "
+                          f"(there is no MLflow store {database}; pass --tracking-uri)")
     tracker = Tracker(uri, None)
     try:
         run = with_lock_retry(tracker.client.get_run, str(source))
