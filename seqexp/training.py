@@ -73,7 +73,8 @@ class TrainingStopped(Exception):
     `batches` batches of the next one are kept in the state."""
 
     def __init__(self, signal_name: str, epoch: int, batches: int) -> None:
-        kept = f" and {batches} batches of epoch {epoch + 1}" if batches else ""
+        kept = (f" and {batches} batch{'es' if batches > 1 else ''} of epoch {epoch + 1}"
+                if batches else "")
         super().__init__(f"stopped by {signal_name} after epoch {epoch}{kept}")
         self.signal_name = signal_name
         self.epoch = epoch
@@ -191,7 +192,7 @@ class _Progress:
         result.epochs_run, result.history = saved["epoch"], list(saved["history"])
         self.stale, self.finished = saved["stale"], saved["finished"]
         self.partial = saved["partial"]
-        kept = (f" and {self.partial['batches']} batches of epoch {result.epochs_run + 1}"
+        kept = (f" and {self.partial['batches']} batch(es) of epoch {result.epochs_run + 1}"
                 if self.partial else "")
         log.info("resuming after epoch %d%s", result.epochs_run, kept)
 
