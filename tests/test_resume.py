@@ -54,7 +54,7 @@ def overrides(model: str, tmp: Path) -> list[str]:
         extra.append("model.window=4")
     return [f"model={model}", *extra, *tiny_overrides(tmp / "data"), f"train.epochs={EPOCHS}",
             "train.num_threads=1", "train.patience=10", "mlflow.log_checkpoint=false",
-            "eval.save_ranks=false"]
+            "eval.save_ranks=false", "device=cpu"]
 
 
 @pytest.fixture(autouse=True)
@@ -345,8 +345,18 @@ def test_a_requeued_cluster_job_resumes_its_own_run(tmp_path, shared, store, bas
     monkeypatch.delenv(SIGNAL_ENV)
     run = only_run(client)
     assert run.data.tags[CLUSTER_JOB_TAG] == "slurm:77_3"
-    # the requeued job (the same key, no resume=) continues the run
+    # the requeued job (the same key, no resume=) continues the run, RUNNING again
+    from seqexp.training import Trainer
+
+    real_fit, statuses = Trainer.fit, []
+
+    def fit_recording_status(self, *args, **kwargs):
+        statuses.append(only_run(client).info.status)
+        return real_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "fit", fit_recording_status)
     requeued = run_in_process("gru", tmp_path, shared, "run2", job_key="slurm:77_3")
+    assert statuses == ["RUNNING"]
     assert requeued.run_id == run.info.run_id and requeued.metrics == baseline.metrics
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
 
