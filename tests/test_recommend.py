@@ -23,6 +23,15 @@ from seqexp.training import read_checkpoint
 MODELS = group_options("model")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one torch thread is faster than several; the default is put back after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("recommend-data")
@@ -44,10 +53,9 @@ def trained_once(data_dir, tmp_path_factory):
 
 def trained(model_name: str, data_dir: Path, folder: Path):
     """A model trained for one epoch on tiny data, its best checkpoint in `folder`."""
-    overrides = [f"model={model_name}", *tiny_overrides(data_dir), "train.epochs=1"]
-    if "hidden_size" in compose_config(overrides).model:
-        overrides.append("model.hidden_size=8")
-    cfg = compose_config(overrides)
+    cfg = compose_config([f"model={model_name}", *tiny_overrides(data_dir), "train.epochs=1"])
+    if "hidden_size" in cfg.model:
+        cfg.model.hidden_size = 8
     data = load_dataset(cfg.dataset, cfg.split, Path(cfg.paths.raw_dir),
                         Path(cfg.paths.cache_dir), progress=False)
     seed_everything(cfg.seed)

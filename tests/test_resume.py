@@ -8,6 +8,7 @@ test then sends (SIGKILL or SIGTERM)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -71,10 +72,15 @@ def shared(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("resume")
 
 
+@functools.cache
+def composed(model_name: str, shared: Path):
+    return compose_config(overrides(model_name, shared))
+
+
 def trainer_run(model_name: str, shared: Path, state: Path, resume: bool = False,
                 stop=lambda: None, epochs: int = EPOCHS):
     """The training loop alone (no MLflow): history and test metrics."""
-    cfg = compose_config(overrides(model_name, shared))
+    cfg = composed(model_name, shared)
     torch.set_num_threads(1)
     data = load_dataset(cfg.dataset, cfg.split, Path(cfg.paths.raw_dir),
                         Path(cfg.paths.cache_dir), progress=False)
