@@ -199,7 +199,9 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
     if resumed is not None:
         run_id = tracker.resume(resumed.run_id, {
             **run_tags, RESUMES_TAG: str(resumed.resumes + 1),
-            "host": socket.gethostname(), "pid": str(os.getpid())})
+            # this process now runs it (pid_start unknown: a stale start time of the old
+            # process would make the new one look like a reused pid)
+            "host": socket.gethostname(), "pid": str(os.getpid()), "pid_start": ""})
         log.info("continuing run %s in %s", run_id, output_dir)
     else:
         name = cfg.mlflow.run_name or run_name(model_name, dataset_name, overrides)
