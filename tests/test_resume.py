@@ -78,7 +78,7 @@ def composed(model_name: str, shared: Path):
 
 
 def trainer_run(model_name: str, shared: Path, state: Path, resume: bool = False,
-                stop=lambda: None, epochs: int = EPOCHS):
+                stop=lambda: None, epochs: int = EPOCHS, **trainer_settings):
     """The training loop alone (no MLflow): history and test metrics."""
     cfg = composed(model_name, shared)
     torch.set_num_threads(1)
@@ -90,6 +90,8 @@ def trainer_run(model_name: str, shared: Path, state: Path, resume: bool = False
     trainer = build_trainer(cfg, evaluator)
     trainer.state_path, trainer.resume, trainer.stop_requested = state, resume, stop
     trainer.epochs = epochs
+    for key, value in trainer_settings.items():
+        setattr(trainer, key, value)
     result = trainer.fit(model, data)
     return result, evaluator.evaluate(model, data, "test")
 
@@ -139,6 +141,19 @@ def test_a_stopped_and_resumed_training_equals_the_uninterrupted_one(model_name,
         assert deterministic(resumed.history) == deterministic(full.history), n
         assert (resumed.best_epoch, resumed.best_score) == (full.best_epoch, full.best_score)
         assert resumed_test == full_test
+
+
+def test_early_stopping_counts_on_across_a_resume(shared):
+    """patience 2 and an improvement nobody reaches (min_delta 1): epoch 1 is the best, epochs
+    2 and 3 are stale, training stops after epoch 3, resumed after epoch 2 or not."""
+    settings = {"patience": 2, "min_delta": 1.0}
+    full, _ = trainer_run("mf", shared, shared / "patience-full.pt", **settings)
+    assert (len(full.history), full.best_epoch) == (3, 1)
+    state = shared / "patience.pt"
+    trainer_run("mf", shared, state, epochs=2, **settings)
+    assert read_checkpoint(state)["stale"] == 1
+    resumed, _ = trainer_run("mf", shared, state, resume=True, **settings)
+    assert deterministic(resumed.history) == deterministic(full.history)
 
 
 def test_sigterm_in_the_middle_of_an_epoch_keeps_its_batches(shared, monkeypatch):
