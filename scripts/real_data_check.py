@@ -208,7 +208,8 @@ def learned_seen_bias(out: Path, model: str) -> list[float]:
     """β (model.seen_bias) of each seed's best checkpoint of `model`."""
     values = []
     for checkpoint in sorted((out / "runs").glob(f"{model}-seed*/checkpoints/best.pt")):
-        state = torch.load(checkpoint, map_location="cpu")
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = state.get("model", state)  # the weights (beside the config, ids, histories)
         if "seen_bias" in state:
             values.append(float(state["seen_bias"]))
     return values

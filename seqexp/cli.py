@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,6 +48,8 @@ PLUGIN_PRESETS = {
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def _run(cfg: DictConfig) -> float:
     from seqexp.experiment import run_experiment  # after Hydra's argument parsing: fast --help
+    from seqexp.resume import cluster_job_key
+    from seqexp.training import TrainingStopped
 
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
@@ -60,7 +63,10 @@ def _run(cfg: DictConfig) -> float:
             cfg, launch_dir=Path(hydra_cfg.runtime.cwd), output_dir=output_dir,
             overrides=overrides, tags=tags,
             hydra_dir=output_dir / hydra_cfg.output_subdir if hydra_cfg.output_subdir else None,
+            job_key=cluster_job_key(hydra_cfg.job.num if multirun else None),
         )
+    except TrainingStopped as stopped:
+        stop_after_signal(stopped, overrides, multirun)
     except KeyboardInterrupt:
         print("seqexp: interrupted; the MLflow run is marked KILLED", file=sys.stderr)
         sys.exit(130)
@@ -86,6 +92,22 @@ def _run(cfg: DictConfig) -> float:
     print(run_summary(result, cfg, Path(hydra_cfg.runtime.cwd), output_dir,
                       f"[job {hydra_cfg.job.num}] " if multirun else ""), flush=True)
     return result.val_score
+
+
+def stop_after_signal(stopped: Exception, overrides: list[str], multirun: bool) -> None:
+    """The end of a run stopped by a signal: say how to resume it, let a launcher's handler
+    of the signal act (submitit: requeue the job), else exit with 128 + the signal's number."""
+    from seqexp.stopping import exit_code
+
+    run_id = getattr(stopped, "run_id", "?")
+    kept = [o for o in overrides if not o.lstrip("+~").startswith("resume=")]
+    command = shlex.join(["seqexp", *kept, f"resume={run_id}"])
+    print(f"seqexp: {stopped}; the MLflow run {run_id} is marked KILLED; resume with: "
+          f"{command}", file=sys.stderr, flush=True)
+    pass_on = getattr(stopped, "pass_on", None)
+    if pass_on is not None:
+        pass_on()
+    sys.exit(exit_code(stopped.signal_name))
 
 
 class _JobPrefix(logging.Filter):
@@ -115,6 +137,7 @@ def run_summary(result: RunResult, cfg: DictConfig, launch_dir: Path, output_dir
 
     shown = ", ".join(f"{k}={result.metrics[k]:.5f}" for k in headline_metrics(cfg)
                       if k in result.metrics)
+    output_dir = result.output_dir or output_dir
     try:
         where = output_dir.relative_to(launch_dir)
     except ValueError:
@@ -198,7 +221,8 @@ def main() -> None:
         end_open_sweeps("KILLED")
         raise
     except SystemExit as exc:
-        if exc.code == 130:  # a job of a sequential sweep was interrupted
+        # a job of a sequential sweep was interrupted (Ctrl-C: 130) or stopped by a signal
+        if exc.code in (130, 138, 140, 143):
             end_open_sweeps("KILLED")
         raise
 

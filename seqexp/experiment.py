@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import random
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +28,25 @@ from seqexp.evaluation import (
     write_ranks,
 )
 from seqexp.models.base import Recommender
-from seqexp.tracking import Tracker, default_tracking_uri, flatten, git_tags, run_name
-from seqexp.training import OPTIMIZERS, Trainer
+from seqexp.recommend import checkpoint_contents
+from seqexp.resume import (
+    CLUSTER_JOB_TAG,
+    OUTPUTS_TAG,
+    RESUMES_TAG,
+    RunToResume,
+    data_differences,
+    find_run,
+)
+from seqexp.stopping import StopSignals
+from seqexp.tracking import (
+    Tracker,
+    default_tracking_uri,
+    environment_tags,
+    flatten,
+    git_tags,
+    run_name,
+)
+from seqexp.training import OPTIMIZERS, Trainer, TrainingStopped
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +56,7 @@ class RunResult:
     run_id: str
     val_score: float | None  # None without validation events: nothing for a sweeper to rank
     metrics: dict[str, float]
+    output_dir: Path | None = None  # the run's outputs folder (a resumed run keeps its own)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -151,9 +171,12 @@ def validate(cfg: DictConfig) -> None:
 
 def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
                    overrides: Sequence[str] = (), hydra_dir: Path | None = None,
-                   tags: Mapping[str, str] | None = None) -> RunResult:
+                   tags: Mapping[str, str] | None = None,
+                   job_key: str | None = None) -> RunResult:
     """Train and evaluate one configuration, tracked as one MLflow run; `tags` are added to the
-    run's own (a sweep's job: mlflow.parentRunId, sweep_id)."""
+    run's own (a sweep's job: mlflow.parentRunId, sweep_id). `resume` (config) or a cluster
+    `job_key` whose unfinished run has this configuration (a requeued job) continue that run,
+    in its outputs folder, from its resumable training state (seqexp.resume)."""
     validate(cfg)
     seed_everything(cfg.seed)
     configure_torch(cfg.train)
@@ -166,26 +189,53 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
 
     tracker = Tracker(cfg.mlflow.tracking_uri or default_tracking_uri(launch_dir),
                       cfg.mlflow.experiment)
+    params = flatten(OmegaConf.to_container(cfg, resolve=True))
+    resume = cfg.get("resume")
+    resumed = find_run(tracker, None if resume is None else str(resume), params, job_key)
+    if resumed is not None:
+        output_dir = _check_resumable(resumed, data)
     model_name, dataset_name = str(cfg.model.get("name")), str(cfg.dataset.get("name"))
-    name = cfg.mlflow.run_name or run_name(model_name, dataset_name, overrides)
-    run_id = tracker.start(name, {
-        "model": model_name, "dataset": dataset_name, "split": str(cfg.split.name),
-        "seed": str(cfg.seed), **git_tags(),
-        "device": str(device), **(tags or {}),
-    })
+    run_tags = {"device": str(device), **environment_tags(str(device))}
+    if resumed is not None:
+        run_id = tracker.resume(resumed.run_id, {
+            **run_tags, RESUMES_TAG: str(resumed.resumes + 1),
+            # this process now runs it (pid_start unknown: a stale start time of the old
+            # process would make the new one look like a reused pid)
+            "host": socket.gethostname(), "pid": str(os.getpid()), "pid_start": ""})
+        log.info("continuing run %s in %s", run_id, output_dir)
+    else:
+        name = cfg.mlflow.run_name or run_name(model_name, dataset_name, overrides)
+        run_id = tracker.start(name, {
+            "model": model_name, "dataset": dataset_name, "split": str(cfg.split.name),
+            "seed": str(cfg.seed), **git_tags(), **run_tags,
+            OUTPUTS_TAG: str(Path(output_dir).resolve()),
+            **({CLUSTER_JOB_TAG: job_key} if job_key else {}), **(tags or {}),
+        })
     status = "FAILED"
     checkpoint = output_dir / "checkpoints" / "best.pt"
     try:
-        tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
-        tracker.log_params({f"data.{k}": v for k, v in data.stats.items()})
-        tracker.log_metrics({"test_oov_dropped": data.stats.get("test_oov_dropped", 0)})
-        # The configuration goes in first, so that a failed or killed run still shows it.
-        write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        tracker.log_artifact(output_dir / "config.yaml")
-        if hydra_dir is not None:
-            tracker.log_artifact(hydra_dir, ".hydra")
+        if resumed is None:
+            tracker.log_params(params)
+            tracker.log_params({f"data.{k}": v for k, v in data.stats.items()})
+            tracker.log_metrics({"test_oov_dropped": data.stats.get("test_oov_dropped", 0)})
+            # The configuration goes in first, so that a failed or killed run still shows it.
+            write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+            tracker.log_artifact(output_dir / "config.yaml")
+            if hydra_dir is not None:
+                tracker.log_artifact(hydra_dir, ".hydra")
         trainer = build_trainer(cfg, evaluator, checkpoint)
-        result = trainer.fit(model, data, tracker.log_metrics)
+        trainer.state_path = output_dir / "checkpoints" / "last.pt"
+        trainer.resume = resumed is not None
+        trainer.logged_epochs = None if resumed is None else resumed.logged_epochs
+        trainer.checkpoint_contents = checkpoint_contents(cfg, data)
+        with StopSignals() as stop_signals:
+            trainer.stop_requested = stop_signals
+            try:
+                result = trainer.fit(model, data, tracker.log_metrics)
+            except TrainingStopped as stopped:
+                stopped.run_id = run_id
+                stopped.pass_on = stop_signals.pass_on
+                raise
         summary = {"epochs_run": result.epochs_run}
         if result.best_score is not None:
             summary |= {"best_epoch": result.best_epoch,
@@ -209,14 +259,29 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
         if cfg.mlflow.log_checkpoint:
             tracker.log_artifact(checkpoint, "checkpoints")
         status = "FINISHED"
-        return RunResult(run_id, result.best_score, metrics)
-    except KeyboardInterrupt:
+        return RunResult(run_id, result.best_score, metrics, output_dir)
+    except (KeyboardInterrupt, TrainingStopped):
         status = "KILLED"
         if cfg.mlflow.log_checkpoint:
             tracker.log_artifact(checkpoint, "checkpoints")
         raise
     finally:
         tracker.end(status)
+
+
+def _check_resumable(resumed: RunToResume, data: SequenceData) -> Path:
+    """The outputs folder of the run to continue, once the data are known to be the same."""
+    differing = data_differences(data.stats, resumed.params)
+    if differing:
+        shown = ", ".join(f"{k} (run: {resumed.params[k]}, now: {data.stats[k[5:]]})"
+                          for k in differing[:4])
+        raise SeqexpError(f"resume: the data differ from run {resumed.run_id}'s: {shown}; "
+                          f"resume it with the same data file and dataset.* keys")
+    if not resumed.outputs_dir.is_dir():
+        raise SeqexpError(f"resume: run {resumed.run_id}'s outputs folder "
+                          f"{resumed.outputs_dir} is not on this machine; it holds the training "
+                          f"state checkpoints/last.pt: resume where that folder is")
+    return resumed.outputs_dir
 
 
 def headline_metrics(cfg: DictConfig) -> list[str]:

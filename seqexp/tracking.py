@@ -7,6 +7,7 @@ import fcntl
 import json
 import logging
 import os
+import platform
 import random
 import subprocess
 import time
@@ -168,6 +169,41 @@ def git_tags() -> dict[str, str]:
     return found or {"git_sha": "unknown", "git_dirty": "unknown"}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware")) and ":" in line:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def environment_tags(device: str = "cpu") -> dict[str, str]:
+    """What a run ran on and with: Python, torch, CUDA and cuDNN versions, the GPU's name (on
+    CUDA) or the CPU's model, torch's CPU threads and seqexp's version."""
+    import torch
+
+    from seqexp import __version__
+
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    tags = {
+        "env.python": platform.python_version(),
+        "env.torch": torch.__version__,
+        "env.cuda": torch.version.cuda or "none",
+        "env.cudnn": str(cudnn) if cudnn else "none",
+        "env.cpu": cpu_model(),
+        "env.threads": str(torch.get_num_threads()),
+        "env.seqexp": __version__,
+    }
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        index = torch.device(device).index or 0
+        tags["env.gpu"] = torch.cuda.get_device_name(index)
+        tags["env.gpu_count"] = str(torch.cuda.device_count())
+    return tags
+
+
 def _chunks(items: list, size: int) -> Iterable[list]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
@@ -243,6 +279,14 @@ class Tracker:
         self.run_id = run.info.run_id
         log.info("MLflow run %s (%s) in %s", name, self.run_id, self.tracking_uri)
         return self.run_id
+
+    def resume(self, run_id: str, tags: Mapping[str, str]) -> str:
+        """Continue an ended (or abandoned) run: status back to RUNNING, `tags` updated."""
+        with_lock_retry(self.client.update_run, run_id, status="RUNNING")
+        self.run_id = run_id
+        self.set_tags(tags)
+        log.info("MLflow run %s continued in %s", run_id, self.tracking_uri)
+        return run_id
 
     def log_params(self, params: Mapping[str, str]) -> None:
         from mlflow.entities import Param

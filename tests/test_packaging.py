@@ -32,6 +32,7 @@ def test_wheel_carries_the_config_tree_and_seqexp_composes_from_it(tmp_path):
     assert "seqexp/table2_paper.csv" in names  # seqexp-report's side-by-side numbers
     (entry_points,) = site.glob("seqexp-*.dist-info/entry_points.txt")
     assert "seqexp-report = seqexp.report:main" in entry_points.read_text()
+    assert "seqexp-recommend = seqexp.recommend:main" in entry_points.read_text()
     # Launched from a user's own repository: runs are tagged with seqexp's commit, the one the
     # wheel was built from, never the launch folder's.
     elsewhere = tmp_path / "elsewhere"

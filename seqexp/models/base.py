@@ -43,6 +43,20 @@ class Recommender(nn.Module):
         """Whether the training loop has epochs to run (any parameter needs a gradient)."""
         return any(p.requires_grad for p in self.parameters())
 
+    @property
+    def uses_users(self) -> bool:
+        """Whether scores depend on the user as well as on the items before the prediction
+        point (a user vector); seqexp.recommend needs a user for such a model."""
+        return False
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """State the model carries from batch to batch of an epoch besides its parameters and
+        buffers (a recurrent model's hidden states): saved in the resumable training state."""
+        return {}
+
+    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Put back what training_state() returned."""
+
     def fit(self, train: SequenceData) -> None:
         """Closed-form fitting on the training events (train.train_mask()); default: nothing."""
 

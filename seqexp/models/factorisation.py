@@ -85,6 +85,10 @@ class BPRFactorisation(Recommender):
         # β, the learned offset of items seen before the prediction point (module docstring)
         self.seen_bias = nn.Parameter(torch.zeros(())) if seen_bias else None
 
+    @property
+    def uses_users(self) -> bool:
+        return True
+
     def context_vectors(self, users: torch.Tensor, context: torch.Tensor,
                         context_mask: torch.Tensor) -> torch.Tensor:
         """[p_u, mean of l_j over the existing context items]: [B, factors * (1 or 2)]."""

@@ -98,6 +98,17 @@ class RecurrentRecommender(Recommender):
         self.negative_probs.copy_(probs.float())
         self.negative_log_q.copy_(torch.log(probs * self.n_negatives).float())
 
+    @property
+    def uses_users(self) -> bool:
+        return self.user_embedding is not None
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        return {} if self._carry is None else {"carry": self._carry}
+
+    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
+        if "carry" in state:
+            self._carry = state["carry"].to(self.device)
+
     def _user_vectors(self, users: torch.Tensor) -> torch.Tensor | None:
         if self.user_embedding is None:
             return None

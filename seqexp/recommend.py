@@ -1,0 +1,265 @@
+"""Recommendations from a finished (or stopped) run, without the original data.
+
+The best checkpoint (checkpoints/best.pt) carries the resolved config, the raw user and item
+ids and each user's training events beside the weights (`checkpoint_contents`), and is read
+with torch.load(weights_only=True): tensors and plain values only, never pickled code.
+
+    model = seqexp.load("<run id or checkpoint path>")
+    model.recommend(user="42", k=20)            # after the user's last training event
+    model.recommend(items=["a", "b"], k=20)      # after this sequence of items
+
+A prediction point goes through the models' own contract (prediction_states / score_items),
+as one more event after the context: the evaluator's question, asked once.
+
+`seqexp-recommend RUN --user U [--k 20]` or `--items a,b,c` prints the ranked table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from seqexp.data.batching import PredictionBatch
+from seqexp.data.sequences import SequenceData
+from seqexp.errors import SeqexpError
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from omegaconf import DictConfig
+
+    from seqexp.models.base import Recommender
+
+CHECKPOINT_FORMAT = "seqexp-checkpoint-1"
+# The prediction point comes this long after the context's last event (a later session: for
+# DREAM a new basket, whatever the basket gap).
+NEXT_EVENT_AFTER_S = 2**31
+
+
+def _ids(values: np.ndarray | None, count: int) -> list[str]:
+    return [str(i) for i in range(count)] if values is None else [str(v) for v in values]
+
+
+def checkpoint_contents(cfg: DictConfig, data: SequenceData) -> dict[str, Any]:
+    """What the best checkpoint carries beside the weights: the resolved config, the raw ids
+    (their codes' order) and every user's training events."""
+    from omegaconf import OmegaConf
+
+    from seqexp import __version__
+
+    lengths = data.train_end - data.offsets[:-1]
+    mask = data.train_mask()
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "seqexp_version": __version__,
+        "config": OmegaConf.to_yaml(cfg, resolve=True),
+        "user_ids": _ids(data.user_ids, data.n_users),
+        "item_ids": _ids(data.item_ids, data.n_items),
+        "train_offsets": torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)])),
+        "train_items": torch.from_numpy(data.items[mask].astype(np.int64)),
+        "train_timestamps": torch.from_numpy(data.timestamps[mask].astype(np.int64)),
+    }
+
+
+class Recommendations:
+    """A trained model with its users' training histories and raw ids: `recommend`."""
+
+    def __init__(self, model: Recommender, data: SequenceData,
+                 config: DictConfig | None = None) -> None:
+        self.model = model
+        self.data = data
+        self.config = config
+        self.user_ids = _ids(data.user_ids, data.n_users)
+        self.item_ids = _ids(data.item_ids, data.n_items)
+        self._user_index = {u: i for i, u in enumerate(self.user_ids)}
+        self._item_index = {item: i for i, item in enumerate(self.item_ids)}
+
+    def recommend(self, user: str | int | None = None, items: Sequence[str | int] | None = None,
+                  k: int = 20, exclude_seen: bool = False,
+                  timestamps: Sequence[int] | None = None) -> pd.DataFrame:
+        """The top k items (raw ids) with their scores, as a DataFrame (rank, item, score).
+
+        `user` alone: after the user's last training event. `items`: after this sequence
+        (raw item ids, oldest first; `timestamps` in seconds, default one second apart), for
+        `user` if given; a model that scores with a user vector needs one. `exclude_seen`
+        leaves out the context's items."""
+        import pandas as pd
+
+        if k < 1:
+            raise SeqexpError(f"k={k} must be a positive integer")
+        if user is None and items is None:
+            raise SeqexpError("recommend needs user=..., items=[...] or both")
+        user_index = 0 if user is None else self._user(user)
+        if items is None:
+            start, stop = self.data.offsets[user_index], self.data.train_end[user_index]
+            context = self.data.items[start:stop].astype(np.int64)
+            times = self.data.timestamps[start:stop].astype(np.int64)
+            if len(context) == 0:
+                raise SeqexpError(f"user {user} has no training events to recommend from; "
+                                  f"pass items=[...]")
+        else:
+            if user is None and self.model.uses_users:
+                raise SeqexpError(f"{self._model_name()} scores with a user vector: pass a "
+                                  f"known user (--user) with the items")
+            context = np.array([self._item(i) for i in items], dtype=np.int64)
+            if len(context) == 0:
+                raise SeqexpError("items=[...] is empty; give at least one item")
+            times = (np.arange(len(context), dtype=np.int64) if timestamps is None
+                     else np.asarray(timestamps, dtype=np.int64))
+            if len(times) != len(context):
+                raise SeqexpError(f"{len(times)} timestamps for {len(context)} items")
+        scores = self._scores(user_index, context, times)
+        if exclude_seen:
+            scores[torch.from_numpy(np.unique(context))] = -torch.inf
+        top = torch.topk(scores, min(k, int(torch.isfinite(scores).sum())))
+        return pd.DataFrame({
+            "rank": np.arange(1, len(top.indices) + 1),
+            "item": [self.item_ids[i] for i in top.indices.tolist()],
+            "score": top.values.numpy().astype(np.float64),
+        })
+
+    def _scores(self, user: int, context: np.ndarray, times: np.ndarray) -> torch.Tensor:
+        """Scores of every item for the point after `context`: one prediction point, in a row
+        that holds the context and a placeholder target one column later."""
+        length = len(context)
+        items = np.append(context, 0)[None]
+        stamps = np.append(times, times[-1] + NEXT_EVENT_AFTER_S)[None]
+        device = self.model.device
+        batch = PredictionBatch(
+            users=torch.tensor([user]), items=torch.from_numpy(items),
+            timestamps=torch.from_numpy(stamps), lengths=torch.tensor([length + 1]),
+            target_rows=torch.tensor([0]), target_cols=torch.tensor([length]),
+            targets=torch.tensor([0]),
+        ).to(device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                state = self.model.prediction_states(batch)
+                scores = self.model.score_items(state, 0, self.model.n_items)
+        finally:
+            self.model.train(was_training)
+        return scores[0].float().cpu()
+
+    def _user(self, user: str | int) -> int:
+        try:
+            return self._user_index[str(user)]
+        except KeyError:
+            raise SeqexpError(f"user {user!r} is not a user of this run's training data "
+                              f"({len(self.user_ids)} users, e.g. {self.user_ids[0]!r})"
+                              ) from None
+
+    def _item(self, item: str | int) -> int:
+        try:
+            return self._item_index[str(item)]
+        except KeyError:
+            raise SeqexpError(f"item {item!r} is not in this run's training vocabulary "
+                              f"({len(self.item_ids)} items, e.g. {self.item_ids[0]!r})"
+                              ) from None
+
+    def _model_name(self) -> str:
+        name = None if self.config is None else self.config.get("model", {}).get("name")
+        return f"model={name}" if name else type(self.model).__name__
+
+
+def checkpoint_path(source: str | Path, tracking_uri: str | None = None) -> Path:
+    """The best checkpoint of `source`: a checkpoint file, a run's outputs folder, or an MLflow
+    run id (its outputs folder when it is on this machine, else its logged artifact)."""
+    path = Path(source)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "best.pt", path / "best.pt"):
+            if candidate.is_file():
+                return candidate
+        raise SeqexpError(f"{path}: no checkpoints/best.pt in this folder")
+    from seqexp.resume import OUTPUTS_TAG
+    from seqexp.tracking import Tracker, default_tracking_uri, sqlite_path, with_lock_retry
+
+    uri = tracking_uri or default_tracking_uri(Path.cwd())
+    database = sqlite_path(uri)
+    if database is not None and not database.is_file():
+        raise SeqexpError(f"{source}: neither a checkpoint file, a run folder nor a run id "
+                          f"(there is no MLflow store {database}; pass --tracking-uri)")
+    tracker = Tracker(uri, None)
+    try:
+        run = with_lock_retry(tracker.client.get_run, str(source))
+    except Exception:  # noqa: BLE001 - MLflow's "not found" differs between stores
+        raise SeqexpError(f"{source}: neither a checkpoint file, a run folder nor a run id in "
+                          f"{uri} (pass --tracking-uri for another store)") from None
+    folder = run.data.tags.get(OUTPUTS_TAG)
+    if folder and (Path(folder) / "checkpoints" / "best.pt").is_file():
+        return Path(folder) / "checkpoints" / "best.pt"
+    try:
+        local = with_lock_retry(tracker.client.download_artifacts, run.info.run_id,
+                                "checkpoints/best.pt", tempfile.mkdtemp(prefix="seqexp-"))
+    except Exception:  # noqa: BLE001 - no such artifact
+        raise SeqexpError(f"run {source} has no best checkpoint here or in its artifacts "
+                          f"(mlflow.log_checkpoint=false?)") from None
+    return Path(local)
+
+
+def load(source: str | Path, tracking_uri: str | None = None,
+         device: str = "cpu") -> Recommendations:
+    """The model of a run (id, outputs folder or checkpoint file), ready to recommend."""
+    from omegaconf import OmegaConf
+
+    from seqexp.experiment import build_model
+    from seqexp.training import read_checkpoint
+
+    path = checkpoint_path(source, tracking_uri)
+    payload = read_checkpoint(path)
+    if payload.get("format") != CHECKPOINT_FORMAT or "model" not in payload:
+        raise SeqexpError(f"{path}: not a seqexp best checkpoint with its config and ids "
+                          f"(written by an older seqexp?); rerun the experiment")
+    config = OmegaConf.create(payload["config"])
+    offsets = payload["train_offsets"].numpy().astype(np.int64)
+    data = SequenceData(
+        items=payload["train_items"].numpy().astype(np.int32),
+        timestamps=payload["train_timestamps"].numpy().astype(np.int64),
+        offsets=offsets, train_end=offsets[1:].copy(), val_end=offsets[1:].copy(),
+        n_items=len(payload["item_ids"]),
+        user_ids=np.array(payload["user_ids"], dtype=str),
+        item_ids=np.array(payload["item_ids"], dtype=str),
+    )
+    model = build_model(config.model, data)
+    model.load_state_dict(payload["model"])
+    return Recommendations(model.to(torch.device(device)).eval(), data, config)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """seqexp-recommend RUN (--user U | --items a,b,c) [--k 20] [--exclude-seen]"""
+    parser = argparse.ArgumentParser(
+        prog="seqexp-recommend",
+        description="Top-k items of a seqexp run's model for a user or an item sequence.")
+    parser.add_argument("run", help="MLflow run id, run outputs folder or checkpoint file")
+    parser.add_argument("--user", help="raw user id: after the user's training events")
+    parser.add_argument("--items", help="raw item ids, comma-separated, oldest first")
+    parser.add_argument("--k", type=int, default=20, help="how many items (default 20)")
+    parser.add_argument("--exclude-seen", action="store_true",
+                        help="leave out the items of the context")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow store of the run (default: sqlite mlflow.db here)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    try:
+        if args.user is None and args.items is None:
+            raise SeqexpError("pass --user U, --items a,b,c or both")
+        items = None if args.items is None else [i for i in args.items.split(",") if i]
+        model = load(args.run, args.tracking_uri, args.device)
+        table = model.recommend(user=args.user, items=items, k=args.k,
+                                exclude_seen=args.exclude_seen)
+    except SeqexpError as exc:
+        print(f"seqexp-recommend: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.5f}"))
+
+
+if __name__ == "__main__":
+    main()
