@@ -21,13 +21,13 @@ from seqexp.errors import SeqexpError
 from seqexp.evaluation import (
     Evaluator,
     RankCounts,
-    check_basket_settings,
     write_id_maps,
     write_ranks,
 )
 from seqexp.models.base import Recommender
+from seqexp.options import check_config
 from seqexp.tracking import Tracker, default_tracking_uri, flatten, git_tags, run_name
-from seqexp.training import OPTIMIZERS, Trainer
+from seqexp.training import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -123,30 +123,9 @@ def _first_line(exc: BaseException) -> str:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check the keys every run needs, so that bad values fail before any work starts."""
-    train = cfg.train
-    for key in ("epochs", "batch_size", "patience"):
-        value = train.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < (key != "epochs"):
-            raise SeqexpError(f"train.{key}={value!r} must be a "
-                              f"{'non-negative' if key == 'epochs' else 'positive'} integer")
-    for key in ("lr", "weight_decay", "grad_clip", "min_delta"):
-        value = train.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or value < 0 or (key == "lr" and value == 0)):
-            raise SeqexpError(f"train.{key}={value!r} must be a "
-                              f"{'positive' if key == 'lr' else 'non-negative'} number")
-    if train.get("optimizer") not in OPTIMIZERS:
-        raise SeqexpError(f"train.optimizer={train.get('optimizer')!r} is unknown; choose one of "
-                          f"{', '.join(OPTIMIZERS)}")
-    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
-        raise SeqexpError(f"seed={cfg.seed!r} must be an integer")
-    if cfg.eval.get("basket_gap_s") is not None:
-        check_basket_settings(cfg.eval.basket_gap_s, cfg.eval.get("basket_k"))
-    cutoffs = list(cfg.eval.cutoffs)
-    if cfg.eval.monitor_cutoff not in cutoffs:
-        raise SeqexpError(f"eval.monitor_cutoff={cfg.eval.monitor_cutoff} must be one of "
-                          f"eval.cutoffs={cutoffs}")
+    """Check every key a run reads (seqexp/options.py), so that bad values fail before any work
+    starts."""
+    check_config(OmegaConf.to_container(cfg, resolve=True))
 
 
 def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
