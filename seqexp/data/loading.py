@@ -17,7 +17,7 @@ from seqexp.data.preprocess import PREPROCESS_VERSION, build_sequences
 from seqexp.data.sequences import SequenceData
 from seqexp.data.synthetic import generate_synthetic
 from seqexp.data.tabular import read_table
-from seqexp.errors import SeqexpError
+from seqexp.errors import UNWRITABLE_ERRNOS, SeqexpError, unwritable
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def load_dataset(dataset: Mapping, split: Mapping, raw_dir: Path, cache_dir: Pat
         raw_path = None
     elif fmt in READERS:
         raw_path = resolve_raw_file(dataset, Path(raw_dir), progress)
-        source = file_digest(raw_path)
+        source = file_digest(raw_path, Path(cache_dir))
     else:
         raise SeqexpError(
             f"dataset.format={fmt!r} is unknown; choose one of synthetic, {', '.join(READERS)}"
@@ -63,14 +63,14 @@ def load_dataset(dataset: Mapping, split: Mapping, raw_dir: Path, cache_dir: Pat
     if data is not None:
         log.info("loaded processed %s from cache %s", dataset.get("name"), folder)
     else:
-        data = _preprocess(dataset, split, raw_path, folder, params)
-    if raw_path is not None:  # which file a run used (logged as the param data.raw_sha256)
-        data.stats["raw_sha256"] = source
+        data = _preprocess(dataset, split, raw_path, folder, params, source)
+    if raw_path is not None:  # which file a run used (logged as the param data.sha256)
+        data.stats["sha256"] = source
     return data
 
 
 def _preprocess(dataset: Mapping, split: Mapping, raw_path: Path | None, folder: Path,
-                params: Mapping) -> SequenceData:
+                params: Mapping, source: str) -> SequenceData:
     fmt = dataset.get("format")
     started = time.perf_counter()
     if raw_path is None:
@@ -82,6 +82,8 @@ def _preprocess(dataset: Mapping, split: Mapping, raw_path: Path | None, folder:
         raw, split, min_item_support=_int(dataset, "min_item_support", 1),
         drop_repeats=bool(dataset.get("drop_repeats", False)), name=str(dataset.get("name")),
     )
+    if raw_path is not None:  # kept with the entry: a cache hit need not hash the file again
+        data.stats["sha256"] = source
     save_cached(folder, data, params)
     log.info("preprocessed in %.1f s, cached in %s", time.perf_counter() - started, folder)
     return data
@@ -114,6 +116,10 @@ def resolve_raw_file(dataset: Mapping, raw_dir: Path, progress: bool) -> Path:
             f"{exc}; download {url} by hand and put {Path(member).name} at {target}, "
             f"or pass dataset.path=/path/to/{Path(member).name}"
         ) from None
+    except OSError as exc:
+        if exc.errno not in UNWRITABLE_ERRNOS:
+            raise
+        raise unwritable(folder, exc, "the downloaded data", "paths.raw_dir") from None
     return target
 
 
