@@ -26,7 +26,15 @@ from seqexp.evaluation import (
 )
 from seqexp.models.base import Recommender
 from seqexp.options import check_config
-from seqexp.tracking import Tracker, default_tracking_uri, flatten, git_tags, run_name
+from seqexp.tracking import (
+    Tracker,
+    close_abandoned_runs,
+    default_tracking_uri,
+    flatten,
+    git_tags,
+    process_tags,
+    run_name,
+)
 from seqexp.training import Trainer
 
 log = logging.getLogger(__name__)
@@ -145,12 +153,13 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
 
     tracker = Tracker(cfg.mlflow.tracking_uri or default_tracking_uri(launch_dir),
                       cfg.mlflow.experiment)
+    close_abandoned_runs_quietly(tracker)
     model_name, dataset_name = str(cfg.model.get("name")), str(cfg.dataset.get("name"))
     name = cfg.mlflow.run_name or run_name(model_name, dataset_name, overrides)
     run_id = tracker.start(name, {
         "model": model_name, "dataset": dataset_name, "split": str(cfg.split.name),
         "seed": str(cfg.seed), **git_tags(),
-        "device": str(device), **(tags or {}),
+        "device": str(device), **process_tags(), **(tags or {}),
     })
     status = "FAILED"
     checkpoint = output_dir / "checkpoints" / "best.pt"
@@ -196,6 +205,15 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
         raise
     finally:
         tracker.end(status)
+
+
+def close_abandoned_runs_quietly(tracker: Tracker) -> None:
+    """Housekeeping of the store: a failure here must not cost the run."""
+    try:
+        close_abandoned_runs(tracker)
+    except Exception as exc:  # noqa: BLE001 - logged, and the run goes on
+        log.warning("could not check the store for runs of killed processes: %s",
+                    _first_line(exc))
 
 
 def headline_metrics(cfg: DictConfig) -> list[str]:
