@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 # Keys of a dataset config that select the data or shape its preprocessing; the rest (where the
 # file lives, where it is downloaded from) does not change the result and stays out of the key.
-_LOCATION_KEYS = {"path", "url", "archive_member", "archive_size", "archive_md5", "name"}
+_LOCATION_KEYS = {"path", "url", "archive_member", "archive_size", "archive_md5", "name",
+                  "verify"}
 
 Reader = Callable[[Path, Mapping], Interactions]
 READERS: dict[str, Reader] = {
@@ -106,8 +107,9 @@ def resolve_raw_file(dataset: Mapping, raw_dir: Path, progress: bool) -> Path:
     target = folder / Path(member).name
     if target.is_file():
         return target
-    archive = folder / url.rsplit("/", 1)[-1]
-    remote = download.RemoteFile(url, dataset.get("archive_size"), dataset.get("archive_md5"))
+    # The archive's name: the URL's last segment, without a query (?download=1).
+    archive = folder / url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    remote = verified_source(dataset)
     try:
         download.fetch(remote, archive, progress=progress)
         download.extract_member(archive, member, target)
@@ -121,6 +123,23 @@ def resolve_raw_file(dataset: Mapping, raw_dir: Path, progress: bool) -> Path:
             raise
         raise unwritable(folder, exc, "the downloaded data", "paths.raw_dir") from None
     return target
+
+
+def verified_source(dataset: Mapping) -> download.RemoteFile:
+    """The archive to download with the size and md5 it must have. Only an explicit
+    dataset.verify=false downloads without that check (with a warning); a dataset that names no
+    md5 must say so."""
+    url, size, md5 = dataset["url"], dataset.get("archive_size"), dataset.get("archive_md5")
+    if not dataset.get("verify", True):
+        log.warning("dataset.verify=false: %s is downloaded WITHOUT checking its size and md5; "
+                    "the run's data.sha256 param still records which file it used", url)
+        return download.RemoteFile(url, None, None)
+    if md5 is None:
+        raise SeqexpError(
+            f"dataset {dataset.get('name')!r}: no dataset.archive_md5 to verify {url} against; "
+            "set dataset.archive_md5=<the publisher's md5> (and dataset.archive_size=<bytes>), "
+            "or pass dataset.verify=false to download it unverified")
+    return download.RemoteFile(url, size, md5)
 
 
 def _int(cfg: Mapping, key: str, default: int) -> int:
