@@ -157,3 +157,15 @@ def test_sigkill_during_the_cache_write_is_cleaned_up_by_the_next_run(tmp_path):
     load(path, cache_dir)
     (entry,) = visible(cache_dir)
     assert entry.startswith("ml10m-")
+
+
+@pytest.mark.parametrize("damage", ["meta.json", "items.npy"])
+def test_a_damaged_entry_is_preprocessed_again(tmp_path, damage):
+    path, cache_dir = fx.write_movielens(tmp_path), tmp_path / "cache"
+    first = load(path, cache_dir)
+    (entry,) = visible(cache_dir)
+    (cache_dir / entry / damage).write_bytes(b"\x00garbage")
+    again = load(path, cache_dir)
+    np.testing.assert_array_equal(again.items, first.items)
+    assert visible(cache_dir) == [entry]
+    assert load(path, cache_dir).stats == first.stats  # and it was written anew

@@ -78,13 +78,21 @@ def cache_key(source: str, params: Mapping) -> str:
 
 
 def load_cached(folder: Path) -> SequenceData | None:
+    """The entry in `folder`, None when there is none. An entry that cannot be read (damaged
+    on disk, edited by hand) is removed, so that this run writes it anew."""
     if not (folder / "meta.json").is_file():
         return None
-    meta = json.loads((folder / "meta.json").read_text())
-    arrays = {name: np.load(folder / f"{name}.npy") for name in _ARRAYS}
-    ids = {name: np.load(folder / f"{name}.npy") for name in _ID_ARRAYS
-           if (folder / f"{name}.npy").is_file()}
-    return SequenceData(**arrays, **ids, n_items=meta["n_items"], stats=meta["stats"])
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        arrays = {name: np.load(folder / f"{name}.npy") for name in _ARRAYS}
+        ids = {name: np.load(folder / f"{name}.npy") for name in _ID_ARRAYS
+               if (folder / f"{name}.npy").is_file()}
+        return SequenceData(**arrays, **ids, n_items=int(meta["n_items"]),
+                            stats=dict(meta["stats"]))
+    except (OSError, ValueError, KeyError, TypeError, EOFError) as exc:
+        log.warning("cache entry %s cannot be read (%s); preprocessing again", folder, exc)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
 
 
 def remove_stale_temporaries(cache_dir: Path, now: float | None = None) -> list[Path]:
