@@ -115,6 +115,14 @@ def test_stale_temporary_folders_of_gone_writers_are_removed(tmp_path):
     assert visible(cache_dir) == sorted(p.name for p in (alive, foreign_new, unrelated))
 
 
+def test_processes_of_other_hosts_are_never_taken_for_gone():
+    dead = finished_pid()
+    assert liveness.is_gone(liveness.host(), dead)
+    assert not liveness.is_gone("another-host", dead)
+    assert not liveness.is_gone(liveness.host(), os.getpid(), liveness.identity()["pid_start"])
+    assert not liveness.is_gone(liveness.host(), "not-a-pid")
+
+
 def test_a_save_cleans_up_after_a_killed_writer(tmp_path):
     cache_dir = tmp_path / "cache"
     dead = temporary(cache_dir, finished_pid(), "5", liveness.host())
@@ -168,4 +176,5 @@ def test_a_damaged_entry_is_preprocessed_again(tmp_path, damage):
     again = load(path, cache_dir)
     np.testing.assert_array_equal(again.items, first.items)
     assert visible(cache_dir) == [entry]
-    assert load(path, cache_dir).stats == first.stats  # and it was written anew
+    rewritten = cache.load_cached(cache_dir / entry)  # written anew, not left damaged
+    assert rewritten is not None and rewritten.stats == first.stats

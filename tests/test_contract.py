@@ -9,6 +9,8 @@ the default suite stays fast; the `slow` profile tries thousands:
 
     python -m pytest -m slow tests/test_contract.py              # @slow tests, thousands each
     HYPOTHESIS_PROFILE=slow python -m pytest tests/test_contract.py  # the default tests, as many
+
+(HYPOTHESIS_PROFILE=seqexp-medium: 150 examples each, a few minutes.)
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ _COMMON = dict(deadline=None, derandomize=False, database=None,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                       HealthCheck.function_scoped_fixture])
 settings.register_profile("seqexp-quick", max_examples=3, **_COMMON)
+settings.register_profile("seqexp-medium", max_examples=150, **_COMMON)
 settings.register_profile("slow", max_examples=2000, **_COMMON)
 QUICK = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "seqexp-quick"))
 THOROUGH = settings.get_profile("slow")
@@ -84,21 +87,36 @@ def run_seqexp(argv: list[str]) -> tuple[int, str]:
     return code, out.getvalue()
 
 
-def assert_contract(space: Workspace, argv: list[str]) -> int:
+def assert_contract(space: Workspace, argv: list[str], refused_key: str | None = None,
+                    raw_file: Path | None = None) -> int:
+    """Run seqexp and check the contract. After exit code 2 nothing half-done is left: no
+    temporary folder, no RUNNING run, and every cache entry complete. An error found before any
+    work (a config value `refused_key` refused by its rule, a `raw_file` refused by its reader)
+    leaves no run and no cache entry at all; one found later (a model that diverges, a split
+    without test events) ends a started run FAILED and keeps the valid cache entry."""
     runs_before = space.run_ids()
     shutil.rmtree(space.data / "processed", ignore_errors=True)
     code, output = run_seqexp(argv)
     where = f"seqexp {' '.join(argv)}\n{output[-3000:]}"
     assert code in (0, 2), where
     assert "Traceback" not in output and "Exception ignored" not in output, where
-    if code == 2:
-        errors = [line for line in output.splitlines() if line.startswith("seqexp: error: ")]
-        assert len(errors) == 1, where
-        assert space.run_ids() == runs_before, where
-        assert space.cache_entries() == [], where
-        leftovers = [p.name for p in (space.data / "processed").glob(".*")
-                     if p.name != ".digests"] if (space.data / "processed").exists() else []
-        assert leftovers == [], where
+    if code != 2:
+        return code
+    errors = [line for line in output.splitlines() if line.startswith("seqexp: error: ")]
+    assert len(errors) == 1, where
+    processed = space.data / "processed"
+    leftovers = [p.name for p in processed.glob(".*") if p.name != ".digests"]
+    assert leftovers == [], where
+    assert all((processed / entry / "meta.json").is_file() for entry in space.cache_entries())
+    client = MlflowClient(space.uri)
+    new_runs = [client.get_run(run_id) for run_id in space.run_ids() - runs_before]
+    assert all(run.info.status == "FAILED" for run in new_runs), where
+    if refused_key is not None and errors[0].startswith(f"seqexp: error: {refused_key}="):
+        assert new_runs == [] and space.cache_entries() == [], where
+    if raw_file is not None and errors[0].startswith(f"seqexp: error: {raw_file}: "):
+        assert new_runs == [] and space.cache_entries() == [], where
+    if "MLflow run" not in output:  # the run never started: nothing was written at all
+        assert new_runs == [], where
     return code
 
 
@@ -171,8 +189,9 @@ def _check_file(space: Workspace, case) -> None:
     raw.mkdir(exist_ok=True)
     path = raw / name
     path.write_bytes(content)
-    assert_contract(space, space.argv("model=pop", f"dataset={dataset}",
-                                      f"dataset.path={path}", "dataset.min_item_support=1"))
+    argv = space.argv("model=pop", f"dataset={dataset}", f"dataset.path={path}",
+                      "dataset.min_item_support=1")
+    assert_contract(space, argv, raw_file=path)
 
 
 @QUICK
@@ -225,7 +244,7 @@ def _check_value(space: Workspace, config_keys, model: str, pick: int, value: st
         small_model.append("model.n_negatives=8")
     overrides = [f"model={model}", *tiny, "train.epochs=1", *small_model]
     overrides = [o for o in overrides if not o.startswith(f"{key}=")]
-    assert_contract(space, space.argv(*overrides, f"{key}={value}"))
+    assert_contract(space, space.argv(*overrides, f"{key}={value}"), refused_key=key)
 
 
 @QUICK
