@@ -208,7 +208,7 @@ def group_tables(cfg: Mapping) -> dict[str, Mapping[str, Rule]]:
                                    ("model", MODEL, "_target_")):
         node = cfg.get(group) or {}
         kind = node.get(selector)
-        if kind not in table:
+        if not isinstance(kind, str) or kind not in table:
             raise SeqexpError(f"{group}.{selector}={kind!r} is unknown; choose one of "
                               f"{', '.join(table)}")
         tables[group] = table[kind]

@@ -105,6 +105,8 @@ BAD = [
     (COMPOSITIONS[1], "dataset.archive_md5", "xyz", "dataset.archive_md5='xyz' must be 32 hex"),
     (DEFAULT, "seed", -1, "seed=-1 must be an integer in [0, 4294967295]"),
     (DEFAULT, "mlflow.log_checkpoint", 2, "mlflow.log_checkpoint=2 must be true or false"),
+    (DEFAULT, "dataset.format", [], "dataset.format=[] is unknown; choose one of movielens"),
+    (having("gru"), "model._target_", "x.Y", "model._target_='x.Y' is unknown; choose one of"),
 ]
 
 
