@@ -16,6 +16,7 @@ the default suite stays fast; the `slow` profile tries thousands:
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import shutil
@@ -214,6 +215,7 @@ _FIXED = {"paths.data_dir", "paths.raw_dir", "paths.cache_dir", "mlflow.tracking
           "train.progress", "mlflow.log_checkpoint"}
 
 
+@functools.cache
 def _keys_of(model: str) -> list[str]:
     cfg = OmegaConf.to_container(compose_config([f"model={model}"]), resolve=False)
 
@@ -226,17 +228,12 @@ def _keys_of(model: str) -> list[str]:
     return [k for k in walk(cfg) if k not in _FIXED and not k.startswith("hydra")]
 
 
-@pytest.fixture(scope="module")
-def config_keys() -> dict[str, list[str]]:
-    return {model: _keys_of(model) for model in MODELS}
-
-
 BAD_VALUES = ["nan", "inf", "-inf", "-1", "0", "-2", "1.5", "-0.5", "2", "abc", "true", "false",
               "null", "[]", "[0]", "[1,-2]", "''", "1e400", "-99999999999", "{}", "1e-300"]
 
 
-def _check_value(space: Workspace, config_keys, model: str, pick: int, value: str) -> None:
-    keys = config_keys[model]
+def _check_value(space: Workspace, model: str, pick: int, value: str) -> None:
+    keys = _keys_of(model)
     key = keys[pick % len(keys)]
     tiny = [o for o in tiny_overrides(space.data) if not o.startswith(("paths.", "train.prog"))]
     small_model = ["model.hidden_size=8"] if "model.hidden_size" in keys else []
@@ -250,13 +247,13 @@ def _check_value(space: Workspace, config_keys, model: str, pick: int, value: st
 @QUICK
 @given(model=st.sampled_from(MODELS), pick=st.integers(0, 10**6),
        value=st.sampled_from(BAD_VALUES))
-def test_bad_config_values_keep_the_contract(space, config_keys, model, pick, value):
-    _check_value(space, config_keys, model, pick, value)
+def test_bad_config_values_keep_the_contract(space, model, pick, value):
+    _check_value(space, model, pick, value)
 
 
 @pytest.mark.slow
 @THOROUGH
 @given(model=st.sampled_from(MODELS), pick=st.integers(0, 10**6),
        value=st.sampled_from(BAD_VALUES))
-def test_bad_config_values_keep_the_contract_thoroughly(space, config_keys, model, pick, value):
-    _check_value(space, config_keys, model, pick, value)
+def test_bad_config_values_keep_the_contract_thoroughly(space, model, pick, value):
+    _check_value(space, model, pick, value)
