@@ -178,3 +178,19 @@ def test_a_damaged_entry_is_preprocessed_again(tmp_path, damage):
     assert visible(cache_dir) == [entry]
     rewritten = cache.load_cached(cache_dir / entry)  # written anew, not left damaged
     assert rewritten is not None and rewritten.stats == first.stats
+
+
+def test_read_only_download_folder_is_one_line_naming_it(tmp_path, monkeypatch):
+    from seqexp.data import download
+    from seqexp.data.loading import resolve_raw_file
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(download, "fetch", refuse)
+    dataset = {"name": "ml10m", "path": None, "url": "https://example.org/ml-10m.zip",
+               "archive_member": "ml-10M100K/ratings.dat", "archive_md5": "0" * 32}
+    with pytest.raises(SeqexpError, match=rf"cannot write the downloaded data in "
+                                          rf"{tmp_path / 'ml10m'} \(Read-only file system\); "
+                                          rf"set paths.raw_dir="):
+        resolve_raw_file(dataset, tmp_path, progress=False)

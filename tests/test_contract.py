@@ -16,6 +16,7 @@ the default suite stays fast; the `slow` profile tries thousands:
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import io
 import os
@@ -89,7 +90,7 @@ def run_seqexp(argv: list[str]) -> tuple[int, str]:
 
 
 def assert_contract(space: Workspace, argv: list[str], refused_key: str | None = None,
-                    raw_file: Path | None = None) -> int:
+                    raw_file: Path | None = None) -> tuple[int, str]:
     """Run seqexp and check the contract. After exit code 2 nothing half-done is left: no
     temporary folder, no RUNNING run, and every cache entry complete. An error found before any
     work (a config value `refused_key` refused by its rule, a `raw_file` refused by its reader)
@@ -102,7 +103,7 @@ def assert_contract(space: Workspace, argv: list[str], refused_key: str | None =
     assert code in (0, 2), where
     assert "Traceback" not in output and "Exception ignored" not in output, where
     if code != 2:
-        return code
+        return code, output
     errors = [line for line in output.splitlines() if line.startswith("seqexp: error: ")]
     assert len(errors) == 1, where
     processed = space.data / "processed"
@@ -118,7 +119,7 @@ def assert_contract(space: Workspace, argv: list[str], refused_key: str | None =
         assert new_runs == [] and space.cache_entries() == [], where
     if "MLflow run" not in output:  # the run never started: nothing was written at all
         assert new_runs == [], where
-    return code
+    return code, output
 
 
 @pytest.fixture(scope="module")
@@ -257,3 +258,21 @@ def test_bad_config_values_keep_the_contract(space, model, pick, value):
        value=st.sampled_from(BAD_VALUES))
 def test_bad_config_values_keep_the_contract_thoroughly(space, model, pick, value):
     _check_value(space, model, pick, value)
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.ENOSPC])
+def test_unwritable_data_dir_through_the_command(space, monkeypatch, code):
+    from seqexp.data import cache
+
+    def refuse(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(cache.np, "save", refuse)
+    argv = space.argv("model=pop", *[o for o in tiny_overrides(space.data)
+                                     if o.startswith("dataset.")])
+    code, output = assert_contract(space, argv)
+    assert code == 2
+    (line,) = [x for x in output.splitlines() if x.startswith("seqexp: error: ")]
+    assert line.startswith(f"seqexp: error: cannot write the processed-data cache in "
+                           f"{space.data / 'processed'} ({os.strerror(code)}); ")
+    assert "paths.cache_dir=" in line
