@@ -270,8 +270,8 @@ def test_unwritable_data_dir_through_the_command(space, monkeypatch, code):
     monkeypatch.setattr(cache.np, "save", refuse)
     argv = space.argv("model=pop", *[o for o in tiny_overrides(space.data)
                                      if o.startswith("dataset.")])
-    code, output = assert_contract(space, argv)
-    assert code == 2
+    exit_code, output = assert_contract(space, argv)
+    assert exit_code == 2
     (line,) = [x for x in output.splitlines() if x.startswith("seqexp: error: ")]
     assert line.startswith(f"seqexp: error: cannot write the processed-data cache in "
                            f"{space.data / 'processed'} ({os.strerror(code)}); ")
