@@ -16,7 +16,7 @@ import pytest
 
 import fixtures_raw as fx
 from seqexp import liveness
-from seqexp.data import cache
+from seqexp.data import cache, loading
 from seqexp.data.loading import load_dataset
 from seqexp.errors import SeqexpError
 
@@ -69,8 +69,8 @@ def test_digest_is_computed_once_per_file_version(tmp_path, monkeypatch):
     path = fx.write_movielens(tmp_path)
     expected = hashlib.sha256(path.read_bytes()).hexdigest()
     hashed = []
-    real = cache._digest_now
-    monkeypatch.setattr(cache, "_digest_now", lambda p: hashed.append(p) or real(p))
+    real = cache.file_digest
+    monkeypatch.setattr(loading, "file_digest", lambda p: hashed.append(p) or real(p))
     assert load(path, tmp_path / "cache").stats["sha256"] == expected
     assert load(path, tmp_path / "cache").stats["sha256"] == expected
     assert len(hashed) == 1  # the second run read it from the cache
@@ -136,7 +136,7 @@ KILLED_WRITER = """
 import sys, time
 from pathlib import Path
 import numpy as np
-from seqexp.data import cache
+from seqexp.data import cache, loading
 from seqexp.data.loading import load_dataset
 real_save = np.save
 def save_and_hang(path, array):

@@ -116,7 +116,8 @@ def assert_contract(space: Workspace, argv: list[str], refused_key: str | None =
     if refused_key is not None and errors[0].startswith(f"seqexp: error: {refused_key}="):
         assert new_runs == [] and space.cache_entries() == [], where
     if raw_file is not None and errors[0].startswith(f"seqexp: error: {raw_file}: "):
-        assert new_runs == [] and space.cache_entries() == [], where
+        assert new_runs == [] and list(processed.glob("*")) + list(processed.glob(".*")) == [], \
+            where
     if "MLflow run" not in output:  # the run never started: nothing was written at all
         assert new_runs == [], where
     return code, output

@@ -101,3 +101,13 @@ def test_table_time_limit_itself_and_fractions_are_accepted(tmp_path):
     path = write_lines(tmp_path / "e.csv", [b"user,item,timestamp", b"alice,p1,5.7",
                                             b"carol,p2,-9007199254740992.0"])
     assert read_table(path).timestamp.tolist() == [5, -(2**53)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("bad", ["::101::4::1000", "7::::4::1000", "7::101::4::"])
+def test_movielens_empty_id_or_time_is_skipped_and_counted(tmp_path, layout, bad):
+    rows = movielens_bytes(layout, fx.ML_LINES, [bad.encode()], at=2)
+    raw = read_movielens(write_lines(tmp_path / "r", rows), layout)
+    assert (len(raw), raw.skipped_lines) == (fx.ML_N_ROWS, 1)
+    assert raw.timestamp.min() >= 500  # no null turned into -2**63
+    assert 7 not in raw_ids(raw.user, raw.user_labels).astype(int)

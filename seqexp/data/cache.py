@@ -40,34 +40,44 @@ STALE_FOREIGN_S = 24 * 3600.0
 _DIGESTS = ".digests"  # cache_dir/.digests/<hash of the path>.json: see file_digest
 
 
-def _digest_now(path: Path) -> str:
+def file_digest(path: Path) -> str:
+    """SHA-256 of a raw file (hex)."""
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def file_digest(path: Path, cache_dir: Path | None = None) -> str:
-    """SHA-256 of a raw file. With `cache_dir`, computed once per file version: kept in
-    cache_dir/.digests with the file's size, mtime and inode, and recomputed only when one of
-    them changes (as make and rsync decide)."""
+def _version(path: Path, cache_dir: Path) -> tuple[dict, Path]:
+    """A raw file's version (path, size, mtime, inode) and where its digest is kept."""
     path = Path(path).resolve()
-    if cache_dir is None:
-        return _digest_now(path)
     stat = path.stat()
     version = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
                "inode": stat.st_ino}
-    memo = Path(cache_dir) / _DIGESTS / f"{hashlib.sha256(str(path).encode()).hexdigest()}.json"
+    key = hashlib.sha256(str(path).encode()).hexdigest()
+    return version, Path(cache_dir) / _DIGESTS / f"{key}.json"
+
+
+def known_digest(path: Path, cache_dir: Path) -> str | None:
+    """The SHA-256 kept for this version of the file by `remember_digest`, else None: computed
+    once per file version, and again when its size, mtime or inode changes (as make and rsync
+    decide)."""
+    version, memo = _version(path, cache_dir)
     try:
         known = json.loads(memo.read_text())
         if {k: known.get(k) for k in version} == version and len(known.get("sha256", "")) == 64:
             return known["sha256"]
     except (OSError, ValueError, AttributeError):
         pass
-    digest = _digest_now(path)
+    return None
+
+
+def remember_digest(path: Path, cache_dir: Path, digest: str) -> None:
+    """Keep a file's digest in cache_dir/.digests (called once its data is cached, so a file that
+    fails to parse leaves nothing behind)."""
+    version, memo = _version(path, cache_dir)
     try:
         write_json(memo, version | {"sha256": digest})
     except OSError as exc:  # a read-only cache still serves its entries
         log.debug("cannot keep the digest of %s in %s: %s", path, memo, exc)
-    return digest
 
 
 def cache_key(source: str, params: Mapping) -> str:

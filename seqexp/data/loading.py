@@ -9,7 +9,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from seqexp.data import download
-from seqexp.data.cache import cache_key, file_digest, load_cached, save_cached
+from seqexp.data.cache import (
+    cache_key,
+    file_digest,
+    known_digest,
+    load_cached,
+    remember_digest,
+    save_cached,
+)
 from seqexp.data.interactions import Interactions
 from seqexp.data.lastfm import read_lastfm
 from seqexp.data.movielens import read_movielens
@@ -49,12 +56,16 @@ def load_dataset(dataset: Mapping, split: Mapping, raw_dir: Path, cache_dir: Pat
         "split": dict(split),
         "version": PREPROCESS_VERSION,
     }
+    remember = False  # a digest computed now, kept once the data is cached
     if fmt == "synthetic":
         source = "synthetic"
         raw_path = None
     elif fmt in READERS:
         raw_path = resolve_raw_file(dataset, Path(raw_dir), progress)
-        source = file_digest(raw_path, Path(cache_dir))
+        source = known_digest(raw_path, Path(cache_dir))
+        if source is None:
+            source = file_digest(raw_path)
+            remember = True
     else:
         raise SeqexpError(
             f"dataset.format={fmt!r} is unknown; choose one of synthetic, {', '.join(READERS)}"
@@ -67,6 +78,8 @@ def load_dataset(dataset: Mapping, split: Mapping, raw_dir: Path, cache_dir: Pat
         data = _preprocess(dataset, split, raw_path, folder, params, source)
     if raw_path is not None:  # which file a run used (logged as the param data.sha256)
         data.stats["sha256"] = source
+    if remember:
+        remember_digest(raw_path, Path(cache_dir), source)
     return data
 
 
