@@ -41,6 +41,9 @@ settings.register_profile("seqexp-quick", max_examples=3, **_COMMON)
 settings.register_profile("seqexp-medium", max_examples=150, **_COMMON)
 settings.register_profile("slow", max_examples=2000, **_COMMON)
 QUICK = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "seqexp-quick"))
+# A config-value example may train a model for an epoch: two of them by default.
+QUICK_VALUES = settings(QUICK, max_examples=2) if "HYPOTHESIS_PROFILE" not in os.environ \
+    else QUICK
 THOROUGH = settings.get_profile("slow")
 
 
@@ -246,7 +249,7 @@ def _check_value(space: Workspace, model: str, pick: int, value: str) -> None:
     assert_contract(space, space.argv(*overrides, f"{key}={value}"), refused_key=key)
 
 
-@QUICK
+@QUICK_VALUES
 @given(model=st.sampled_from(MODELS), pick=st.integers(0, 10**6),
        value=st.sampled_from(BAD_VALUES))
 def test_bad_config_values_keep_the_contract(space, model, pick, value):
