@@ -14,6 +14,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from seqexp.atomic import write_json, write_text
 from seqexp.data import SequenceData, load_dataset
@@ -133,7 +134,13 @@ def _first_line(exc: BaseException) -> str:
 def validate(cfg: DictConfig) -> None:
     """Check every key a run reads (seqexp/options.py), so that bad values fail before any work
     starts."""
-    check_config(OmegaConf.to_container(cfg, resolve=True))
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as exc:  # e.g. ${oc.env:VAR} of an unset variable
+        key = getattr(exc, "full_key", None) or "the config"
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SeqexpError(f"{key}: cannot resolve ({reason})") from None
+    check_config(resolved)
 
 
 def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,

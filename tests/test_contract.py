@@ -234,7 +234,8 @@ def _keys_of(model: str) -> list[str]:
 
 
 BAD_VALUES = ["nan", "inf", "-inf", "-1", "0", "-2", "1.5", "-0.5", "2", "abc", "true", "false",
-              "null", "[]", "[0]", "[1,-2]", "''", "1e400", "-99999999999", "{}", "1e-300"]
+              "null", "[]", "[0]", "[1,-2]", "''", "1e400", "-99999999999", "{}", "1e-300",
+              "${oc.env:SEQEXP_UNSET_VARIABLE}"]
 
 
 def _check_value(space: Workspace, model: str, pick: int, value: str) -> None:

@@ -118,3 +118,12 @@ def test_bad_values_are_refused_naming_the_key(configs, where, key, value, messa
         validate(cfg)
     assert str(caught.value).startswith(message)
     assert "\n" not in str(caught.value)
+
+
+def test_an_interpolation_that_cannot_resolve_is_one_line(configs, monkeypatch):
+    monkeypatch.delenv("SEQEXP_UNSET_VARIABLE", raising=False)
+    cfg = configs[DEFAULT].copy()
+    OmegaConf.update(cfg, "paths.data_dir", "${oc.env:SEQEXP_UNSET_VARIABLE}")
+    with pytest.raises(SeqexpError, match=r"^paths.data_dir: cannot resolve \(.*"
+                                          r"SEQEXP_UNSET_VARIABLE' not found\)$"):
+        validate(cfg)
