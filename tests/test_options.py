@@ -125,5 +125,5 @@ def test_an_interpolation_that_cannot_resolve_is_one_line(configs, monkeypatch):
     cfg = configs[DEFAULT].copy()
     OmegaConf.update(cfg, "paths.data_dir", "${oc.env:SEQEXP_UNSET_VARIABLE}")
     with pytest.raises(SeqexpError, match=r"^paths.data_dir: cannot resolve \(.*"
-                                          r"SEQEXP_UNSET_VARIABLE' not found\)$"):
+                                          r"SEQEXP_UNSET_VARIABLE' not found\"\)$"):
         validate(cfg)
