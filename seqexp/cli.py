@@ -57,7 +57,8 @@ def _run(cfg: DictConfig) -> float:
     sweep, tags = job_tags(hydra_cfg, cfg) if multirun else (None, {})
     if multirun:  # parallel jobs (joblib) write to one terminal: say whose line it is
         prefix_job_lines(hydra_cfg.job.num)
-    overrides = list(hydra_cfg.overrides.task)
+    # As typed: iterating the ListConfig would resolve a `${...}` in an override's text.
+    overrides = list(OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False))
     try:
         result = run_experiment(
             cfg, launch_dir=Path(hydra_cfg.runtime.cwd), output_dir=output_dir,

@@ -1,6 +1,11 @@
 """User-facing errors: one line, naming the file or config key and what to do."""
 
+import errno
 from collections.abc import Iterable
+from pathlib import Path
+
+# Errors of a file system that cannot take a write, as opposed to a network's or a bug's.
+UNWRITABLE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 class SeqexpError(Exception):
@@ -18,3 +23,14 @@ def check_choice(key: str, value: object, choices: Iterable[str]) -> None:
     choices = list(choices)
     if value not in choices:
         raise SeqexpError(f"model.{key}={value!r} is unknown; choose one of {', '.join(choices)}")
+
+
+def unwritable(where: Path, exc: OSError, what: str, key: str) -> SeqexpError:
+    """The one-line error for a folder seqexp cannot write in (read-only, no permission, full):
+    which folder, why, and the key that moves the writes elsewhere."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        advice = f"free some space there or set {key}=/a/folder/with/space (or paths.data_dir=)"
+    else:
+        advice = f"set {key}=/a/writable/folder (or paths.data_dir=)"
+    return SeqexpError(f"cannot write {what} in {where} ({reason}); {advice}")

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 import random
-import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +14,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from seqexp.atomic import write_json, write_text
 from seqexp.data import SequenceData, load_dataset
@@ -23,11 +22,11 @@ from seqexp.errors import SeqexpError
 from seqexp.evaluation import (
     Evaluator,
     RankCounts,
-    check_basket_settings,
     write_id_maps,
     write_ranks,
 )
 from seqexp.models.base import Recommender
+from seqexp.options import check_config
 from seqexp.recommend import checkpoint_contents
 from seqexp.resume import (
     CLUSTER_JOB_TAG,
@@ -40,13 +39,15 @@ from seqexp.resume import (
 from seqexp.stopping import StopSignals
 from seqexp.tracking import (
     Tracker,
+    close_abandoned_runs,
     default_tracking_uri,
     environment_tags,
     flatten,
     git_tags,
+    process_tags,
     run_name,
 )
-from seqexp.training import OPTIMIZERS, Trainer, TrainingStopped
+from seqexp.training import Trainer, TrainingStopped
 
 log = logging.getLogger(__name__)
 
@@ -143,30 +144,15 @@ def _first_line(exc: BaseException) -> str:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check the keys every run needs, so that bad values fail before any work starts."""
-    train = cfg.train
-    for key in ("epochs", "batch_size", "patience"):
-        value = train.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < (key != "epochs"):
-            raise SeqexpError(f"train.{key}={value!r} must be a "
-                              f"{'non-negative' if key == 'epochs' else 'positive'} integer")
-    for key in ("lr", "weight_decay", "grad_clip", "min_delta"):
-        value = train.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or value < 0 or (key == "lr" and value == 0)):
-            raise SeqexpError(f"train.{key}={value!r} must be a "
-                              f"{'positive' if key == 'lr' else 'non-negative'} number")
-    if train.get("optimizer") not in OPTIMIZERS:
-        raise SeqexpError(f"train.optimizer={train.get('optimizer')!r} is unknown; choose one of "
-                          f"{', '.join(OPTIMIZERS)}")
-    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
-        raise SeqexpError(f"seed={cfg.seed!r} must be an integer")
-    if cfg.eval.get("basket_gap_s") is not None:
-        check_basket_settings(cfg.eval.basket_gap_s, cfg.eval.get("basket_k"))
-    cutoffs = list(cfg.eval.cutoffs)
-    if cfg.eval.monitor_cutoff not in cutoffs:
-        raise SeqexpError(f"eval.monitor_cutoff={cfg.eval.monitor_cutoff} must be one of "
-                          f"eval.cutoffs={cutoffs}")
+    """Check every key a run reads (seqexp/options.py), so that bad values fail before any work
+    starts."""
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as exc:  # e.g. ${oc.env:VAR} of an unset variable
+        key = getattr(exc, "full_key", None) or "the config"
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SeqexpError(f"{key}: cannot resolve ({reason})") from None
+    check_config(resolved)
 
 
 def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
@@ -189,6 +175,7 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
 
     tracker = Tracker(cfg.mlflow.tracking_uri or default_tracking_uri(launch_dir),
                       cfg.mlflow.experiment)
+    close_abandoned_runs_quietly(tracker)
     params = flatten(OmegaConf.to_container(cfg, resolve=True))
     resume = cfg.get("resume")
     resumed = find_run(tracker, None if resume is None else str(resume), params, job_key)
@@ -199,15 +186,13 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
     if resumed is not None:
         run_id = tracker.resume(resumed.run_id, {
             **run_tags, RESUMES_TAG: str(resumed.resumes + 1),
-            # this process now runs it (pid_start unknown: a stale start time of the old
-            # process would make the new one look like a reused pid)
-            "host": socket.gethostname(), "pid": str(os.getpid()), "pid_start": ""})
+            **process_tags()})  # this process runs it now
         log.info("continuing run %s in %s", run_id, output_dir)
     else:
         name = cfg.mlflow.run_name or run_name(model_name, dataset_name, overrides)
         run_id = tracker.start(name, {
             "model": model_name, "dataset": dataset_name, "split": str(cfg.split.name),
-            "seed": str(cfg.seed), **git_tags(), **run_tags,
+            "seed": str(cfg.seed), **git_tags(), **run_tags, **process_tags(),
             OUTPUTS_TAG: str(Path(output_dir).resolve()),
             **({CLUSTER_JOB_TAG: job_key} if job_key else {}), **(tags or {}),
         })
@@ -282,6 +267,15 @@ def _check_resumable(resumed: RunToResume, data: SequenceData) -> Path:
                           f"{resumed.outputs_dir} is not on this machine; it holds the training "
                           f"state checkpoints/last.pt: resume where that folder is")
     return resumed.outputs_dir
+
+
+def close_abandoned_runs_quietly(tracker: Tracker) -> None:
+    """Housekeeping of the store: a failure here must not cost the run."""
+    try:
+        close_abandoned_runs(tracker)
+    except Exception as exc:  # noqa: BLE001 - logged, and the run goes on
+        log.warning("could not check the store for runs of killed processes: %s",
+                    _first_line(exc))
 
 
 def headline_metrics(cfg: DictConfig) -> list[str]:

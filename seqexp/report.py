@@ -233,7 +233,7 @@ def non_default_settings(params: Mapping[str, str], defaults: Mapping[str, str] 
 
 
 # sha256 of the data files inside the published archives, when known (the archives themselves
-# are md5-checked on download); runs that downloaded the archive add theirs (data.raw_sha256).
+# are md5-checked on download); runs that downloaded the archive add theirs (data.sha256).
 PUBLISHED_SHA256: dict[str, set[str]] = {"ml10m": set(), "lastfm": set()}
 
 
@@ -244,8 +244,8 @@ def data_notes(runs: Sequence[RunRecord]) -> dict[str, str | None]:
     published = {name: set(hashes) for name, hashes in PUBLISHED_SHA256.items()}
     for run in runs:
         if run.dataset in published and _unset(run.params.get("dataset.path")) \
-                and run.params.get("data.raw_sha256"):
-            published[run.dataset].add(run.params["data.raw_sha256"])
+                and run.params.get("data.sha256"):
+            published[run.dataset].add(run.params["data.sha256"])
     notes: dict[str, str | None] = {}
     for run in runs:
         fmt = run.params.get("dataset.format", "")
@@ -253,7 +253,7 @@ def data_notes(runs: Sequence[RunRecord]) -> dict[str, str | None]:
             notes[run.run_id] = "synthetic data" if (fmt == "synthetic" or run.dataset ==
                                                      "synthetic") else f"{run.dataset} data"
         elif (_unset(run.params.get("dataset.path"))
-              or run.params.get("data.raw_sha256") in published[run.dataset]):
+              or run.params.get("data.sha256") in published[run.dataset]):
             notes[run.run_id] = None
         else:
             notes[run.run_id] = (f"dataset.path={run.params.get('dataset.path')}, a file that "

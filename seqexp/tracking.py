@@ -343,3 +343,41 @@ class Tracker:
         """status: FINISHED, FAILED or KILLED."""
         if self.run_id is not None:
             with_lock_retry(self.client.set_terminated, self.run_id, status=status)
+
+
+# The process behind a run (seqexp.liveness): a later seqexp on the same host closes the run of
+# a process that is gone (SIGKILL, a power cut) instead of leaving it RUNNING forever.
+PROCESS_TAGS = ("host", "pid", "pid_start")
+ABANDONED_TAG = "failure_reason"
+
+
+def process_tags() -> dict[str, str]:
+    from seqexp import liveness
+
+    return liveness.identity()
+
+
+def close_abandoned_runs(tracker: Tracker) -> list[str]:
+    """Mark FAILED, with a reason tag, every RUNNING run of the store whose process ran on this
+    host and has ended (pid gone, or reused by a later process); runs of other hosts and runs
+    without process tags are left alone. Returns their ids."""
+    from mlflow.entities import RunTag
+
+    from seqexp import liveness
+
+    closed = []
+    query = f"attributes.status = 'RUNNING' and tags.host = '{liveness.host()}'"
+    for run in tracker.search(query, tracker.all_experiment_ids()):
+        tags = run.data.tags
+        if not liveness.is_gone(tags.get("host", ""), tags.get("pid", ""),
+                                tags.get("pid_start", "")):
+            continue
+        reason = (f"process {tags['pid']} on {tags['host']} ended without closing the run "
+                  "(killed, e.g. by SIGKILL or the out-of-memory killer)")
+        with_lock_retry(tracker.client.log_batch, run.info.run_id,
+                        tags=[RunTag(ABANDONED_TAG, reason)])
+        with_lock_retry(tracker.client.set_terminated, run.info.run_id, status="FAILED")
+        log.warning("MLflow run %s was left RUNNING by %s; marked FAILED", run.info.run_id,
+                    reason.split(" ended")[0])
+        closed.append(run.info.run_id)
+    return closed

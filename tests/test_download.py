@@ -269,8 +269,9 @@ def test_official_sources_in_the_dataset_configs_are_well_formed():
     assert set(with_url) == {"lastfm", *GROUPLENS}
     for name in with_url:
         cfg = OmegaConf.load(config_dir() / "dataset" / f"{name}.yaml")
-        assert cfg.url.startswith(("http://", "https://"))
-        assert cfg.archive_md5 is None or re.fullmatch(r"[0-9a-f]{32}", cfg.archive_md5)
+        assert cfg.url.startswith("https://")  # every host offers HTTPS
+        assert re.fullmatch(r"[0-9a-f]{32}", cfg.archive_md5)  # every archive is verified
+        assert cfg.verify is True
         assert cfg.archive_size is None or cfg.archive_size > 0
     for name, (archive, size, md5, member) in GROUPLENS.items():
         cfg = OmegaConf.load(config_dir() / "dataset" / f"{name}.yaml")
@@ -364,3 +365,61 @@ def test_extract_from_truncated_tar_gz_raises(tmp_path: Path):
     with pytest.raises(SeqexpError, match="corrupt"):
         extract_member(archive, MEMBER, out / "ratings.dat")
     assert list(out.iterdir()) == []
+
+
+# --- resolve_raw_file: the dataset config's archive, verified -----------------------------------
+
+LASTFM_MEMBER = "lastfm-dataset-1K/userid-timestamp-artid-artname-traid-traname.tsv"
+
+
+def _lastfm_archive() -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tf:
+        data = b"user_000001\t2009-05-04T23:08:57Z\t\tA\t\tB\n"
+        info = tarfile.TarInfo(LASTFM_MEMBER)
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _lastfm_dataset(server: _Server, **overrides) -> dict:
+    archive = _lastfm_archive()
+    # As on Zenodo: the file name, then a query.
+    server.files["/records/1/files/lastfm-dataset-1K.tar.gz?download=1"] = archive
+    return {"name": "lastfm", "path": None, "archive_member": LASTFM_MEMBER,
+            "url": _url(server, "/records/1/files/lastfm-dataset-1K.tar.gz?download=1"),
+            "archive_size": None, "archive_md5": hashlib.md5(archive).hexdigest()} | overrides
+
+
+def test_dataset_archive_is_downloaded_verified_and_unpacked(server, tmp_path):
+    from seqexp.data.loading import resolve_raw_file
+
+    target = resolve_raw_file(_lastfm_dataset(server), tmp_path, progress=False)
+    assert target == tmp_path / "lastfm" / Path(LASTFM_MEMBER).name
+    assert target.read_bytes().startswith(b"user_000001\t")
+    assert sorted(p.name for p in target.parent.iterdir()) == [
+        "lastfm-dataset-1K.tar.gz", target.name]
+
+
+def test_dataset_archive_with_a_wrong_md5_is_refused_and_removed(server, tmp_path):
+    from seqexp.data.loading import resolve_raw_file
+
+    dataset = _lastfm_dataset(server, archive_md5="0" * 32)
+    with pytest.raises(SeqexpError, match=r"failed verification: md5 [0-9a-f]{32}, expected 0{32}"
+                                          r"; download .* by hand"):
+        resolve_raw_file(dataset, tmp_path, progress=False)
+    assert list((tmp_path / "lastfm").iterdir()) == []
+
+
+def test_dataset_without_md5_needs_verify_false(server, tmp_path, caplog):
+    from seqexp.data.loading import resolve_raw_file
+
+    dataset = _lastfm_dataset(server, archive_md5=None)
+    with pytest.raises(SeqexpError, match=r"no dataset.archive_md5 to verify .* against; set "
+                                          r"dataset.archive_md5=.* or pass dataset.verify=false"):
+        resolve_raw_file(dataset, tmp_path, progress=False)
+    assert server.requests == []  # refused before any download
+    bad = _lastfm_dataset(server, archive_md5="0" * 32, verify=False)
+    target = resolve_raw_file(bad, tmp_path, progress=False)
+    assert target.is_file()
+    assert "dataset.verify=false" in caplog.text and "WITHOUT checking" in caplog.text

@@ -193,7 +193,8 @@ def test_lastfm_counts_and_skipped_lines(tmp_path: Path) -> None:
     assert len(np.unique(raw.user)) == fx.LASTFM_N_USERS == 2
     assert len(np.unique(raw.item)) == fx.LASTFM_N_TRACKS == 5
     assert raw.skipped_lines == fx.LASTFM_SKIPPED == 3
-    assert raw.notes == {"lines_wrong_field_count": 1, "lines_bad_time_or_artist": 2}
+    assert raw.notes == {"lines_wrong_field_count": 1, "lines_not_utf8": 0,
+                         "lines_bad_time_or_artist": 2}
 
 
 def test_lastfm_rows_are_returned_oldest_first(tmp_path: Path) -> None:

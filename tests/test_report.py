@@ -254,11 +254,11 @@ def test_the_real_gru_defaults_come_from_table_1():
 
 
 def test_data_that_is_not_the_papers_is_marked_and_named_in_the_header():
-    official = record("gru", "ml10m", 0.05, 0.15, **{"data.raw_sha256": "aaa"})
+    official = record("gru", "ml10m", 0.05, 0.15, **{"data.sha256": "aaa"})
     same_file = record("itemknn", "ml10m", 0.03, 0.1,
-                       **{"dataset.path": "/x/ratings.dat", "data.raw_sha256": "aaa"})
+                       **{"dataset.path": "/x/ratings.dat", "data.sha256": "aaa"})
     other_file = record("mf", "ml10m", 0.02, 0.1,
-                        **{"dataset.path": "/y/ml1m.dat", "data.raw_sha256": "bbb"})
+                        **{"dataset.path": "/y/ml1m.dat", "data.sha256": "bbb"})
     synthetic = record("gru", "synthetic", 0.1, 0.3, **{"dataset.format": "synthetic"})
     table = build_table([official, same_file, other_file, synthetic], PAPER,
                         defaults=_no_defaults)

@@ -114,7 +114,7 @@ def test_optuna_search_goes_on_past_a_failed_trial(tmp_path):
                      "hydra.sweeper.params=null", "train.batch_size=choice(16,0)", "model=gru",
                      "model.hidden_size=16", *tiny, f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "failed: train.batch_size=0 must be a positive integer" in result.stdout + result.stderr
+    assert "failed: train.batch_size=0 must be an integer >= 1" in result.stdout + result.stderr
 
     client, parent, children = sweep_runs(tmp_path / "mlflow.db")
     assert len(children) == 3
@@ -123,7 +123,7 @@ def test_optuna_search_goes_on_past_a_failed_trial(tmp_path):
     finished = [c for c in children if c.info.status == "FINISHED"]
     assert len(failed) >= 1 and len(finished) >= 1 and len(failed) + len(finished) == 3
     for run in failed:
-        assert "train.batch_size=0 must be a positive integer" in run.data.tags["error"]
+        assert "train.batch_size=0 must be an integer >= 1" in run.data.tags["error"]
         assert run.data.tags["model"] == "gru"
     for run in finished:
         assert run.data.params["train.batch_size"] == "16"
@@ -150,4 +150,4 @@ def test_a_failed_grid_job_fails_the_sweep_and_ends_its_parent_run_failed(tmp_pa
     jobs = {c.data.tags["sweep_job"]: c for c in children}
     assert jobs["0"].info.status == "FINISHED" and jobs["0"].data.params["train.batch_size"] == "16"
     assert jobs["1"].info.status == "FAILED"
-    assert "train.batch_size=0 must be a positive integer" in jobs["1"].data.tags["error"]
+    assert "train.batch_size=0 must be an integer >= 1" in jobs["1"].data.tags["error"]

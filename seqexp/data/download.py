@@ -21,7 +21,7 @@ from typing import IO
 
 from tqdm import tqdm
 
-from seqexp.errors import SeqexpError
+from seqexp.errors import UNWRITABLE_ERRNOS, SeqexpError
 
 CHUNK = 1 << 20  # 1 MiB: large enough for throughput, small enough to keep memory flat
 _USER_AGENT = "seqexp-downloader"  # some hosts reject urllib's default agent
@@ -138,6 +138,8 @@ def fetch(
         except urllib.error.URLError as exc:
             raise SeqexpError(f"could not download {remote.url}: {exc.reason}") from exc
         except (OSError, http.client.HTTPException) as exc:
+            if isinstance(exc, OSError) and exc.errno in UNWRITABLE_ERRNOS:
+                raise  # the local disk's fault: the caller names the folder
             # Timeouts, resets and disconnects mid-body surface here rather than as URLError.
             reason = str(exc) or type(exc).__name__
             raise SeqexpError(f"could not download {remote.url}: {reason}") from exc

@@ -9,7 +9,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from seqexp.data import download
-from seqexp.data.cache import cache_key, file_digest, load_cached, save_cached
+from seqexp.data.cache import (
+    cache_key,
+    file_digest,
+    known_digest,
+    load_cached,
+    remember_digest,
+    save_cached,
+)
 from seqexp.data.interactions import Interactions
 from seqexp.data.lastfm import read_lastfm
 from seqexp.data.movielens import read_movielens
@@ -17,13 +24,14 @@ from seqexp.data.preprocess import PREPROCESS_VERSION, build_sequences
 from seqexp.data.sequences import SequenceData
 from seqexp.data.synthetic import generate_synthetic
 from seqexp.data.tabular import read_table
-from seqexp.errors import SeqexpError
+from seqexp.errors import UNWRITABLE_ERRNOS, SeqexpError, unwritable
 
 log = logging.getLogger(__name__)
 
 # Keys of a dataset config that select the data or shape its preprocessing; the rest (where the
 # file lives, where it is downloaded from) does not change the result and stays out of the key.
-_LOCATION_KEYS = {"path", "url", "archive_member", "archive_size", "archive_md5", "name"}
+_LOCATION_KEYS = {"path", "url", "archive_member", "archive_size", "archive_md5", "name",
+                  "verify"}
 
 Reader = Callable[[Path, Mapping], Interactions]
 READERS: dict[str, Reader] = {
@@ -48,12 +56,16 @@ def load_dataset(dataset: Mapping, split: Mapping, raw_dir: Path, cache_dir: Pat
         "split": dict(split),
         "version": PREPROCESS_VERSION,
     }
+    remember = False  # a digest computed now, kept once the data is cached
     if fmt == "synthetic":
         source = "synthetic"
         raw_path = None
     elif fmt in READERS:
         raw_path = resolve_raw_file(dataset, Path(raw_dir), progress)
-        source = file_digest(raw_path)
+        source = known_digest(raw_path, Path(cache_dir))
+        if source is None:
+            source = file_digest(raw_path)
+            remember = True
     else:
         raise SeqexpError(
             f"dataset.format={fmt!r} is unknown; choose one of synthetic, {', '.join(READERS)}"
@@ -63,14 +75,16 @@ def load_dataset(dataset: Mapping, split: Mapping, raw_dir: Path, cache_dir: Pat
     if data is not None:
         log.info("loaded processed %s from cache %s", dataset.get("name"), folder)
     else:
-        data = _preprocess(dataset, split, raw_path, folder, params)
-    if raw_path is not None:  # which file a run used (logged as the param data.raw_sha256)
-        data.stats["raw_sha256"] = source
+        data = _preprocess(dataset, split, raw_path, folder, params, source)
+    if raw_path is not None:  # which file a run used (logged as the param data.sha256)
+        data.stats["sha256"] = source
+    if remember:
+        remember_digest(raw_path, Path(cache_dir), source)
     return data
 
 
 def _preprocess(dataset: Mapping, split: Mapping, raw_path: Path | None, folder: Path,
-                params: Mapping) -> SequenceData:
+                params: Mapping, source: str) -> SequenceData:
     fmt = dataset.get("format")
     started = time.perf_counter()
     if raw_path is None:
@@ -82,6 +96,8 @@ def _preprocess(dataset: Mapping, split: Mapping, raw_path: Path | None, folder:
         raw, split, min_item_support=_int(dataset, "min_item_support", 1),
         drop_repeats=bool(dataset.get("drop_repeats", False)), name=str(dataset.get("name")),
     )
+    if raw_path is not None:  # kept with the entry: a cache hit need not hash the file again
+        data.stats["sha256"] = source
     save_cached(folder, data, params)
     log.info("preprocessed in %.1f s, cached in %s", time.perf_counter() - started, folder)
     return data
@@ -104,8 +120,9 @@ def resolve_raw_file(dataset: Mapping, raw_dir: Path, progress: bool) -> Path:
     target = folder / Path(member).name
     if target.is_file():
         return target
-    archive = folder / url.rsplit("/", 1)[-1]
-    remote = download.RemoteFile(url, dataset.get("archive_size"), dataset.get("archive_md5"))
+    # The archive's name: the URL's last segment, without a query (?download=1).
+    archive = folder / url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    remote = verified_source(dataset)
     try:
         download.fetch(remote, archive, progress=progress)
         download.extract_member(archive, member, target)
@@ -114,7 +131,28 @@ def resolve_raw_file(dataset: Mapping, raw_dir: Path, progress: bool) -> Path:
             f"{exc}; download {url} by hand and put {Path(member).name} at {target}, "
             f"or pass dataset.path=/path/to/{Path(member).name}"
         ) from None
+    except OSError as exc:
+        if exc.errno not in UNWRITABLE_ERRNOS:
+            raise
+        raise unwritable(folder, exc, "the downloaded data", "paths.raw_dir") from None
     return target
+
+
+def verified_source(dataset: Mapping) -> download.RemoteFile:
+    """The archive to download with the size and md5 it must have. Only an explicit
+    dataset.verify=false downloads without that check (with a warning); a dataset that names no
+    md5 must say so."""
+    url, size, md5 = dataset["url"], dataset.get("archive_size"), dataset.get("archive_md5")
+    if not dataset.get("verify", True):
+        log.warning("dataset.verify=false: %s is downloaded WITHOUT checking its size and md5; "
+                    "the run's data.sha256 param still records which file it used", url)
+        return download.RemoteFile(url, None, None)
+    if md5 is None:
+        raise SeqexpError(
+            f"dataset {dataset.get('name')!r}: no dataset.archive_md5 to verify {url} against; "
+            "set dataset.archive_md5=<the publisher's md5> (and dataset.archive_size=<bytes>), "
+            "or pass dataset.verify=false to download it unverified")
+    return download.RemoteFile(url, size, md5)
 
 
 def _int(cfg: Mapping, key: str, default: int) -> int:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from seqexp.data.interactions import Interactions, dense_codes
 from seqexp.data.text import first_line, read_delimited, skipped_row_counter
@@ -85,6 +86,14 @@ def read_movielens(path: Path, layout: str = "ratings_dat") -> Interactions:
             f"{path}: not a {what}; first line reads {first_line(path)!r} "
             f"({str(exc).splitlines()[0]})"
         ) from None
+    # An empty user, item or timestamp field reads as null: malformed like a wrong field count.
+    user, item, stamp = (pc.is_valid(table.column(c)) for c in ("user", "item", "timestamp"))
+    complete = pc.and_(pc.and_(user, item), stamp)
+    empty_fields = table.num_rows - (pc.sum(complete).as_py() or 0)
+    if empty_fields:
+        table = table.filter(complete)
+        skipped.count += empty_fields
+        skipped.first = skipped.first or "a line with an empty user, item or timestamp"
     if table.num_rows == 0:
         if skipped.count:
             raise SeqexpError(

@@ -8,7 +8,12 @@ import numpy as np
 import pandas as pd
 
 from seqexp.data.interactions import Interactions
+from seqexp.data.text import first_non_utf8_line
 from seqexp.errors import SeqexpError
+
+# Largest time (seconds, or any unit the file uses) accepted from a numeric column: every integer
+# up to it is exact in float64, and differences of two stay far from int64's overflow.
+MAX_ABS_TIME = 2**53
 
 
 def read_table(
@@ -29,6 +34,8 @@ def read_table(
             if sep is None:
                 sep = "," if path.suffix.lower() == ".csv" else "\t"
             frame = pd.read_csv(path, sep=sep, engine="pyarrow" if len(sep) == 1 else "python")
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
     except (ValueError, OSError, pd.errors.ParserError) as exc:
         raise SeqexpError(f"{path}: cannot read as a table ({str(exc).splitlines()[0]})") from None
     missing = [f"{key}={name!r}" for key, name in columns.items() if name not in frame.columns]
@@ -39,6 +46,11 @@ def read_table(
         )
     if len(frame) == 0:
         raise SeqexpError(f"{path}: the file holds no rows")
+    for name in columns.values():
+        # pandas' pyarrow engine turns a text column holding bytes that are not UTF-8 into
+        # Python bytes objects (every value of it) instead of failing.
+        if frame[name].dtype == object and frame[name].map(type).eq(bytes).any():
+            raise _not_utf8(path)
     complete = frame.dropna(subset=[user_col, item_col, time_col])
     frame, incomplete = complete, len(frame) - len(complete)
     users, user_labels = pd.factorize(frame[user_col])
@@ -52,9 +64,31 @@ def read_table(
     )
 
 
+def _not_utf8(path: Path) -> SeqexpError:
+    line = first_non_utf8_line(path)
+    where = f"line {line} is" if line is not None else "some lines are"
+    return SeqexpError(f"{path}: {where} not UTF-8 text; save the file as UTF-8 (for example "
+                       f"iconv -f latin1 -t utf-8 {path.name} > {path.stem}-utf8{path.suffix})")
+
+
 def _seconds(column: pd.Series, path: Path, name: str) -> np.ndarray:
+    """The time column as int64; `column` keeps the frame's index (row i is the file's line
+    i + 2: one header line, counted from 1)."""
+    if pd.api.types.is_bool_dtype(column):
+        raise SeqexpError(f"{path}: column {name!r} (dataset.time_col) holds true/false values, "
+                          "not times")
     if pd.api.types.is_numeric_dtype(column):
-        return column.to_numpy().astype(np.int64)
+        integer = pd.api.types.is_integer_dtype(column)
+        values = column.to_numpy(dtype=np.int64 if integer else np.float64)
+        # Compared, not abs(): abs of int64's minimum overflows. NaN rows were dropped before.
+        bad = ~((values <= MAX_ABS_TIME) & (values >= -MAX_ABS_TIME))
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise SeqexpError(
+                f"{path}: line {int(column.index[row]) + 2}: {name}={values[row].item()!r} "
+                f"(dataset.time_col) is not a time: numbers must be finite and within "
+                f"±2**53; fix or remove the line")
+        return values if integer else np.floor(values).astype(np.int64)
     try:
         stamps = pd.to_datetime(column, utc=True, format="ISO8601")
     except (ValueError, TypeError):
