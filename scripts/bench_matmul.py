@@ -8,7 +8,8 @@ Shapes (hidden 100, 256 lanes x 20 steps, 2048 sampled negatives, ML-10M's 10,67
 - softmax_grad_hidden [256 x 2049] . [2049 x 100] its gradient with respect to the hidden states
 - softmax_grad_weight [2049 x 256] . [256 x 100]  its gradient with respect to the negatives
 - recurrence_step    [256 x 100] . [100 x 300]    one GRU step's hidden-state product
-- eval_scores        [280 x 100] . [100 x 10677]  one evaluation score block (eval on a CPU)
+- eval_scores        [280 x 100] . [100 x 10677]  one evaluation score block, whole rows
+- eval_score_tile    [280 x 100] . [100 x 1024]   the tile the evaluator scores on a CPU
 
 Each product is timed on fresh random operands after two untimed calls; the best of `--repeats`
 rounds of 20 calls is reported. Prints a table and writes JSON
@@ -30,6 +31,7 @@ SHAPES = {  # name: (m, k, n) for [m x k] . [k x n]
     "softmax_grad_weight": (2049, 256, 100),
     "recurrence_step": (256, 100, 300),
     "eval_scores": (280, 100, 10677),
+    "eval_score_tile": (280, 100, 1024),
 }
 CALLS = 20
 
@@ -68,6 +70,7 @@ def main() -> None:
     results["_meta"] = {
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "avx512_bf16": bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()),
         "amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
         "calls_per_round": CALLS, "repeats": args.repeats,

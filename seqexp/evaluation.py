@@ -131,37 +131,39 @@ def _discounts(k: int) -> np.ndarray:
 def count_ranks(
     score_block: Callable[[int, int], torch.Tensor], targets: torch.Tensor, n_items: int,
     chunk: int, excluded: tuple[torch.Tensor, torch.Tensor] | None = None,
+    keep_scores: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greater/equal counts for one batch of prediction points, scoring items `chunk` at a time.
 
-    When the catalogue fits one chunk the scores are computed once; otherwise a first pass
-    collects the target scores and a second counts against them. `excluded` = (point, item)
-    pairs, distinct and never a point's own target, of items that are not ranked for that point
-    (eval.exclude_seen): they are counted like every other item, then taken back out.
+    With `keep_scores` (or when the catalogue fits one chunk) every chunk is scored once and
+    kept until its points' target scores are known; otherwise a first pass collects the target
+    scores and a second scores the chunks again to count against them. Either way each target
+    score is read from the same product as the scores it is compared with. `excluded` =
+    (point, item) pairs, distinct and never a point's own target, of items that are not ranked
+    for that point (eval.exclude_seen): they are counted like every other item, then taken back
+    out.
     """
     n_points = len(targets)
     if n_points == 0:
         empty = torch.zeros(0, dtype=torch.int32, device=targets.device)
         return empty, empty.clone()
-    whole = None
-    if chunk >= n_items:
-        whole = score_block(0, n_items)
-        target_scores = whole.gather(1, targets[:, None])
-    else:
-        target_scores = None
-        for lo in range(0, n_items, chunk):
-            hi = min(lo + chunk, n_items)
-            inside = (targets >= lo) & (targets < hi)
-            if inside.any():
-                scores = score_block(lo, hi)
-                if target_scores is None:  # in the scores' dtype: float64 ties must stay ties
-                    target_scores = scores.new_empty(n_points, 1)
-                target_scores[inside] = scores[inside].gather(1, (targets[inside] - lo)[:, None])
+    bounds = [(lo, min(lo + chunk, n_items)) for lo in range(0, n_items, chunk)]
+    kept = ([score_block(lo, hi) for lo, hi in bounds] if keep_scores or len(bounds) == 1
+            else None)
+    target_scores = None
+    for index, (lo, hi) in enumerate(bounds):
+        inside = (targets >= lo) & (targets < hi)
+        if kept is None and not inside.any():
+            continue
+        scores = kept[index] if kept is not None else score_block(lo, hi)
+        if target_scores is None:  # in the scores' dtype: float64 ties must stay ties
+            target_scores = scores.new_empty(n_points, 1)
+        column = (targets - lo).clamp_(0, hi - lo - 1)[:, None]
+        target_scores = torch.where(inside[:, None], scores.gather(1, column), target_scores)
     greater = torch.zeros(n_points, dtype=torch.int32, device=targets.device)
     equal = torch.full((n_points,), -1, dtype=torch.int32, device=targets.device)  # − target
-    for lo in range(0, n_items, chunk):
-        hi = min(lo + chunk, n_items)
-        scores = whole if whole is not None else score_block(lo, hi)
+    for index, (lo, hi) in enumerate(bounds):
+        scores = kept[index] if kept is not None else score_block(lo, hi)
         _check_finite(scores)
         block_greater, block_equal = _sign_counts(scores, target_scores)
         greater += block_greater
@@ -219,6 +221,10 @@ AUTO_BATCH_USERS = {"cpu": 256, "cuda": 8192}
 # faster than a 200 MB one (scripts/bench_models.py, gru, scale 0.05); a GPU wants few, large
 # blocks.
 AUTO_BLOCK_ELEMENTS = {"cpu": 3_000_000, "cuda": 50_000_000}
+# Items per score product on a CPU: a block's points are scored against the catalogue in tiles
+# whose output (points x TILE_COLUMNS float32, about 1 MB) stays in a core's L2 cache while it
+# is written and then ranked; the whole-row block is 12 MB. A GPU scores whole rows at once.
+TILE_COLUMNS = {"cpu": 1024}
 
 
 def _for_device(table: dict[str, int], device: torch.device) -> int:
@@ -281,9 +287,12 @@ class Evaluator:
         state = model.prediction_states(batch)
         excluded = seen_items(batch, n_items) if self.exclude_seen else None
         # B x N must fit: split the prediction points if needed, then the items.
-        block = self.block_elements(batch.targets.device)
+        device = batch.targets.device
+        block = self.block_elements(device)
         points = max(1, min(batch.n_targets, block // max(n_items, 1)))
         chunk = max(1, block // points)
+        keep = points * n_items <= block  # every point's whole row of scores fits the block
+        chunk = min(chunk, TILE_COLUMNS.get(device.type, chunk))
         g_parts, e_parts = [], []
         for start in range(0, batch.n_targets, points):
             part = slice(start, start + points)
@@ -296,7 +305,7 @@ class Evaluator:
                 sub_excluded = (point[lo:hi] - start, item[lo:hi])
             g, e = count_ranks(
                 lambda lo, hi, s=sub_state: model.score_items(s, lo, hi),
-                batch.targets[part], n_items, chunk, sub_excluded,
+                batch.targets[part], n_items, chunk, sub_excluded, keep,
             )
             g_parts.append(g)
             e_parts.append(e)

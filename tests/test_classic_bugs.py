@@ -105,10 +105,16 @@ def _replayed_prediction_states(model: RecurrentRecommender, data, phase: str):
     return states
 
 
-@pytest.mark.parametrize("cell", CELLS)
-def test_prediction_states_equal_a_replay_of_the_events_before_each_target(cell):
+@pytest.mark.parametrize(("cell", "eval_chunk", "replay_steps"),
+                         [(cell, 4, 8) for cell in CELLS] + [("gru", 64, 3), ("gru", 5, 2)])
+def test_prediction_states_equal_a_replay_of_the_events_before_each_target(
+        cell, eval_chunk, replay_steps, monkeypatch):
+    from seqexp.models import recurrent
+
+    monkeypatch.setitem(recurrent.REPLAY_STEPS, "cpu", replay_steps)
     data = sequences(UNEQUAL_USERS, n_items=N_ITEMS, n_test=[2, 5, 3, 6, 1])
-    model = _model(cell, len(UNEQUAL_USERS), eval_chunk=4)  # rows stop at different chunks
+    # rows stop at different chunks
+    model = _model(cell, len(UNEQUAL_USERS), eval_chunk=eval_chunk)
     model.eval()
     expected = _replayed_prediction_states(model, data, "test")
     seen = set()

@@ -33,6 +33,48 @@ def test_count_ranks_hand_computed_with_and_without_item_chunks(chunk):
     assert equal.tolist() == [2, 4, 0, 0]
 
 
+@pytest.mark.parametrize("chunk", [5, 2, 1])
+def test_kept_chunks_are_scored_once_and_give_the_hand_computed_counts(chunk):
+    calls = []
+
+    def block(lo, hi):
+        calls.append((lo, hi))
+        return SCORES[:, lo:hi].clone()  # a fresh tensor per call, as a model's product is
+
+    greater, equal = count_ranks(block, TARGETS, 5, chunk, keep_scores=True)
+    assert greater.tolist() == [1, 0, 0, 4]
+    assert equal.tolist() == [2, 4, 0, 0]
+    assert calls == [(lo, min(lo + chunk, 5)) for lo in range(0, 5, chunk)]
+
+
+def test_cpu_score_tiles_rank_like_whole_rows(monkeypatch):
+    from seqexp import evaluation
+
+    class Hashed(Oracle):  # scores 0..4 from (target, item): many ties, targets anywhere
+        def score_items(self, state, lo, hi):
+            return ((state[:, None] * 7 + torch.arange(lo, hi) * 3) % 5).float()
+
+    data = _data()
+    model = Hashed(6, 4, data.items)
+    whole = Evaluator([1, 3], batch_users=2).rank_counts(model, data, "test")
+    scores = model.score_items(torch.from_numpy(whole.targets), 0, 6)
+    greater, equal = _counts_by_comparison(scores, torch.from_numpy(whole.targets))
+    assert whole.greater.tolist() == greater and whole.equal.tolist() == equal
+    widths = []
+    score_items = model.score_items
+
+    def spy(state, lo, hi):
+        widths.append(hi - lo)
+        return score_items(state, lo, hi)
+
+    model.score_items = spy
+    monkeypatch.setitem(evaluation.TILE_COLUMNS, "cpu", 4)
+    tiled = Evaluator([1, 3], batch_users=2).rank_counts(model, data, "test")
+    assert sorted(set(widths)) == [2, 4]  # 6 items in tiles of 4 and 2, each scored once
+    assert tiled.greater.tolist() == whole.greater.tolist()
+    assert tiled.equal.tolist() == whole.equal.tolist()
+
+
 def test_metrics_pessimistic_optimistic_expected_by_hand():
     counts = RankCounts(np.array([1, 0, 0, 4]), np.array([2, 4, 0, 0]))
     assert counts.rank_pessimistic().tolist() == [4, 5, 1, 5]
