@@ -129,6 +129,33 @@ def test_prediction_states_equal_a_replay_of_the_events_before_each_target(
     assert seen == set(expected) and len(seen) == 17
 
 
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_replay_from_per_item_input_tables_gives_the_same_states_bit_for_bit(cell, monkeypatch):
+    """With more replayed events than items, a CPU replay makes each input-only product once
+    per item (cells.ItemInputs): the states are exactly those of per-event products."""
+    from seqexp.models import cells, recurrent
+
+    data = sequences(UNEQUAL_USERS, n_items=N_ITEMS, n_test=[2, 5, 3, 6, 1])
+    model = _model(cell, len(UNEQUAL_USERS), hidden_size=16)
+    model.eval()
+    (batch,) = prediction_batches(data, "test", batch_users=len(UNEQUAL_USERS))
+    tables_made = []
+    real_project = cells.ItemInputs.project
+
+    def counted(self, layer):
+        tables_made.append(layer not in self.tables)
+        return real_project(self, layer)
+
+    monkeypatch.setattr(cells.ItemInputs, "project", counted)
+    with torch.no_grad():
+        folded = model.prediction_states(batch)
+        monkeypatch.setitem(recurrent.FOLD_ITEM_INPUTS, "cpu", False)
+        per_event = model.prediction_states(batch)
+    if cell != "cudnn_gru":  # its input product is inside nn.GRU
+        assert sum(tables_made) >= 1 and len(tables_made) > sum(tables_made)  # made once, reused
+    assert torch.equal(folded, per_event)
+
 def _ranks_by_comparison(scores: torch.Tensor, targets: torch.Tensor) -> list[int]:
     """Pessimistic ranks: 1 + #items scoring above or level with the target (itself aside)."""
     target_scores = scores.gather(1, targets[:, None])

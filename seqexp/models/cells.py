@@ -10,9 +10,41 @@ which does only the h-dependent work. Equations: SPEC §4 (Donkers et al., RecSy
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from seqexp.errors import check_choice, check_option
+
+
+class ItemInputs:
+    """Item inputs as ids into the embedding table, for a replay without dropout: a cell's
+    products of the input alone (W x, ...) are then made once per item of the catalogue and
+    looked up per event. The same values (each row of a product is computed alone), at a
+    fraction of the cost when the replayed events far outnumber the items. `tables` holds the
+    products made so far and is shared by every chunk of one replay."""
+
+    def __init__(self, items: torch.Tensor, embedding: torch.Tensor,
+                 tables: dict[nn.Module, torch.Tensor]) -> None:
+        self.items = items
+        self.embedding = embedding
+        self.tables = tables
+
+    def project(self, layer: nn.Module) -> torch.Tensor:
+        if layer not in self.tables:
+            self.tables[layer] = layer(self.embedding)
+        return F.embedding(self.items, self.tables[layer])
+
+    def dense(self) -> torch.Tensor:
+        return F.embedding(self.items, self.embedding)
+
+
+def project(layer: nn.Module, x: torch.Tensor | ItemInputs) -> torch.Tensor:
+    """layer(x), through the per-item table when x is given as ItemInputs."""
+    return x.project(layer) if isinstance(x, ItemInputs) else layer(x)
+
+
+def dense(x: torch.Tensor | ItemInputs) -> torch.Tensor:
+    return x.dense() if isinstance(x, ItemInputs) else x
 
 
 def gated_update(gate_inputs: torch.Tensor, candidate_input: torch.Tensor,
@@ -49,8 +81,9 @@ class GRUCell(nn.Module):
         self.hidden_gates = nn.Linear(n, 2 * n, bias=False)  # [U_z; U_r] h
         self.hidden_candidate = nn.Linear(n, n, bias=False)  # U (r ⊙ h)
 
-    def input_terms(self, x: torch.Tensor, user: torch.Tensor | None) -> torch.Tensor:
-        return self.input_proj(x)
+    def input_terms(self, x: torch.Tensor | ItemInputs, user: torch.Tensor | None
+                    ) -> torch.Tensor:
+        return project(self.input_proj, x)
 
     def forward(
         self, x: torch.Tensor, h0: torch.Tensor, user: torch.Tensor | None = None
@@ -75,8 +108,9 @@ class LinearUserGRUCell(GRUCell):
         super().__init__(hidden_size)
         self.user_proj = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
 
-    def input_terms(self, x: torch.Tensor, user: torch.Tensor | None) -> torch.Tensor:
-        return self.input_proj(x) + self.user_proj(user).unsqueeze(1)
+    def input_terms(self, x: torch.Tensor | ItemInputs, user: torch.Tensor | None
+                    ) -> torch.Tensor:
+        return project(self.input_proj, x) + self.user_proj(user).unsqueeze(1)
 
 
 def rectify(v: torch.Tensor, kappa1: torch.Tensor, kappa2: torch.Tensor, omega: torch.Tensor,
@@ -135,8 +169,8 @@ class RectifiedUserGRUCell(GRUCell):
         self, x: torch.Tensor, h0: torch.Tensor, user: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n = h0.shape[-1]
-        item_terms = self.input_proj(x)  # [B, T, 3n]
-        kappa_terms = self.kappa_input(x) + self.kappa_user(user).unsqueeze(1)  # [B, T, 2n]
+        item_terms = project(self.input_proj, x)  # [B, T, 3n]
+        kappa_terms = project(self.kappa_input, x) + self.kappa_user(user).unsqueeze(1)
         omega = self.omega
         h, outputs = h0, []
         for item_t, kappa_t in zip(item_terms.unbind(1), kappa_terms.unbind(1), strict=True):
@@ -168,9 +202,9 @@ class AttentionalUserGRUCell(GRUCell):
         self, x: torch.Tensor, h0: torch.Tensor, user: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n = h0.shape[-1]
-        xi_terms = self.xi_input(x) + self.xi_user(user).unsqueeze(1)  # [B, T, n]
+        xi_terms = project(self.xi_input, x) + self.xi_user(user).unsqueeze(1)  # [B, T, n]
         h, outputs = h0, []
-        for x_t, xi_t in zip(x.unbind(1), xi_terms.unbind(1), strict=True):
+        for x_t, xi_t in zip(dense(x).unbind(1), xi_terms.unbind(1), strict=True):
             hidden_gates, hidden_xi = self.hidden_gates(h).split([2 * n, n], dim=-1)
             xi = torch.sigmoid(xi_t + hidden_xi)
             mixed = torch.cat([(1.0 - xi) * x_t, xi * user], dim=-1)
@@ -194,7 +228,7 @@ class CudnnGRU(nn.Module):
     def forward(
         self, x: torch.Tensor, h0: torch.Tensor, user: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        out, h = self.rnn(x, h0.unsqueeze(0).contiguous())
+        out, h = self.rnn(dense(x), h0.unsqueeze(0).contiguous())
         return out, h.squeeze(0)
 
 

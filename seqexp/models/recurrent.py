@@ -15,7 +15,7 @@ from seqexp.data.batching import PredictionBatch, WindowBatch, to_device, window
 from seqexp.data.sequences import SequenceData
 from seqexp.errors import SeqexpError, check_choice, check_option
 from seqexp.models.base import Recommender
-from seqexp.models.cells import CELLS
+from seqexp.models.cells import CELLS, ItemInputs
 
 LOSSES = ("full_softmax", "sampled_softmax")
 # Index work whose output size depends on the data (merging repeated negatives, finding
@@ -26,6 +26,9 @@ DATA_SIZED_INDEXING = {"cpu": True, "cuda": False}
 # them at 64 steps on the default synthetic data). On a CPU the waste costs more than the extra
 # chunks; on a GPU each chunk costs launches, so it replays model.eval_chunk steps at once.
 REPLAY_STEPS = {"cpu": 8}
+# Replay with the cell's input-only products made once per item (cells.ItemInputs) when the
+# replayed events outnumber the items; CUDA keeps the per-event products (not measured there).
+FOLD_ITEM_INPUTS = {"cpu": True, "cuda": False}
 
 
 class Dropout(nn.Dropout):
@@ -181,12 +184,17 @@ class RecurrentRecommender(Recommender):
         context_end = batch.target_cols - 1  # state after this column predicts the target
         h = torch.zeros(n_rows, self.hidden_size, device=items.device)
         step = min(self.eval_chunk, REPLAY_STEPS.get(items.device.type, self.eval_chunk))
+        fold = (FOLD_ITEM_INPUTS.get(items.device.type, False) and not self.training
+                and int(lengths.sum()) > self.n_items)
+        tables: dict = {}
         for lo in range(0, width, step):
             hi = min(lo + step, width)
             running = rows_all[lengths > lo]
             if len(running) == 0:
                 break
-            x = self.embedding(items[running, lo:hi])
+            chunk = items[running, lo:hi]
+            x = (ItemInputs(chunk, self.embedding.weight, tables) if fold
+                 else self.embedding(chunk))
             user = None if users is None else users[running]
             out, h_last = self.cell(x, h[running], user)
             h[running] = h_last
