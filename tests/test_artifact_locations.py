@@ -70,6 +70,31 @@ def _assert_nothing_outside(tmp_path: Path, launch: Path, home: Path, allowed: s
     assert {p.name for p in launch.iterdir()} <= allowed
 
 
+def test_a_run_puts_every_artifact_beside_the_default_store_and_says_where(tmp_path,
+                                                                          empty_store):
+    launch, data, home, store_dir, _ = _layout(tmp_path, "default")
+    # the schema made once per session (seconds); seqexp still creates the experiment and so
+    # chooses where its artifacts go
+    shutil.copy(empty_store, launch / "mlflow.db")
+    tmp_before = set(os.listdir(tmp_path.parent))
+
+    single = _run("seqexp.cli", ["model=pop", *TINY, f"paths.data_dir={data}"], launch, home)
+
+    last = single.strip().splitlines()[-3:]
+    assert last[0].startswith("seqexp: run ") and " finished: test_mrr_at_20=" in last[0]
+    assert (launch / last[1].split("outputs: ", 1)[1] / "config.yaml").is_file()
+    assert last[2].strip() == (f"MLflow UI: mlflow ui --backend-store-uri "
+                               f"sqlite:///{launch / 'mlflow.db'}  (experiment seqexp)")
+    _assert_nothing_outside(tmp_path, launch, home, {"outputs", "mlflow.db", ".mlflow.db.lock",
+                                                     "mlartifacts"}, tmp_before)
+    artifacts = _files(store_dir / "mlartifacts")
+    assert {"config.yaml", "metrics.json", "best.pt"} <= {p.name for p in artifacts}
+    assert any(".hydra" in p.parts for p in artifacts)
+    assert {p.parts[0] for p in artifacts} == {"seqexp"}
+    assert len({p.parts[1] for p in artifacts}) == 1
+
+
+@pytest.mark.slow  # three commands; the run above checks the same store by default
 def test_run_sweep_and_report_put_every_artifact_beside_the_default_store(tmp_path, empty_store):
     launch, data, home, store_dir, _ = _layout(tmp_path, "default")
     # the schema made once per session (seconds); seqexp still creates the experiment and so
