@@ -67,6 +67,15 @@ def checkpoint_contents(cfg: DictConfig, data: SequenceData) -> dict[str, Any]:
     }
 
 
+def _code(index: dict[str, int], ids: list[str], raw: str | int, what: str, where: str) -> int:
+    """The code of a raw user or item id, or one line saying it is unknown."""
+    try:
+        return index[str(raw)]
+    except KeyError:
+        raise SeqexpError(f"{what} {raw!r} is not {where} ({len(ids)} {what}s, "
+                          f"e.g. {ids[0]!r})") from None
+
+
 class Recommendations:
     """A trained model with its users' training histories and raw ids: `recommend`."""
 
@@ -148,20 +157,12 @@ class Recommendations:
         return scores[0].float().cpu()
 
     def _user(self, user: str | int) -> int:
-        try:
-            return self._user_index[str(user)]
-        except KeyError:
-            raise SeqexpError(f"user {user!r} is not a user of this run's training data "
-                              f"({len(self.user_ids)} users, e.g. {self.user_ids[0]!r})"
-                              ) from None
+        return _code(self._user_index, self.user_ids, user, "user",
+                     "a user of this run's training data")
 
     def _item(self, item: str | int) -> int:
-        try:
-            return self._item_index[str(item)]
-        except KeyError:
-            raise SeqexpError(f"item {item!r} is not in this run's training vocabulary "
-                              f"({len(self.item_ids)} items, e.g. {self.item_ids[0]!r})"
-                              ) from None
+        return _code(self._item_index, self.item_ids, item, "item",
+                     "in this run's training vocabulary")
 
     def _model_name(self) -> str:
         name = None if self.config is None else self.config.get("model", {}).get("name")

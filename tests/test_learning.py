@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from helpers import compose_config
 from seqexp.data import load_dataset
@@ -39,14 +38,8 @@ def _config(tmp: Path, model: str, overrides: list[str] = ()):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tensors this small gain nothing from a second thread, and on busy cores the threads
-    wait for each other (this file at a load average of about 10 on 2 cores: 132 s with 2
-    threads, 29 s with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread(one_torch_thread):
+    """One torch thread for this module (conftest.one_torch_thread)."""
 
 
 @pytest.fixture(scope="module")
