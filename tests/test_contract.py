@@ -7,7 +7,7 @@ The CLI runs in this process (`seqexp.cli.main` with a fixed argv), so an exampl
 composition, not a Python start. The default profile tries a few examples per property, so that
 the default suite stays fast; the `slow` profile tries thousands:
 
-    python -m pytest -m slow tests/test_contract.py              # @slow tests, thousands each
+    python -m pytest -m fuzz tests/test_contract.py              # @fuzz tests, thousands each
     HYPOTHESIS_PROFILE=slow python -m pytest tests/test_contract.py  # the default tests, as many
 
 (HYPOTHESIS_PROFILE=seqexp-medium: 150 examples each, a few minutes.)
@@ -206,7 +206,7 @@ def test_malformed_raw_files_keep_the_contract(space, case):
     _check_file(space, case)
 
 
-@pytest.mark.slow
+@pytest.mark.fuzz
 @THOROUGH
 @given(case=malformed_files())
 def test_malformed_raw_files_keep_the_contract_thoroughly(space, case):
@@ -257,7 +257,7 @@ def test_bad_config_values_keep_the_contract(space, model, pick, value):
     _check_value(space, model, pick, value)
 
 
-@pytest.mark.slow
+@pytest.mark.fuzz
 @THOROUGH
 @given(model=st.sampled_from(MODELS), pick=st.integers(0, 10**6),
        value=st.sampled_from(BAD_VALUES))
