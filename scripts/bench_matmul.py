@@ -13,13 +13,17 @@ Shapes (hidden 100, 256 lanes x 20 steps, 2048 sampled negatives, ML-10M's 10,67
 
 Each product is timed on fresh random operands after two untimed calls; the best of `--repeats`
 rounds of 20 calls is reported. Prints a table and writes JSON
-{shape: {"float32_gflops": .., "bfloat16_gflops": .., "bf16_speedup": ..}, "_meta": {...}}.
+{shape: {"float32_gflops": .., "bfloat16_gflops": .., "bf16_speedup": ..}, "_meta": {...}};
+`_meta` records torch's CPU capability and the instruction-set caps set in the environment
+(ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA), so that a run meant to
+emulate an AVX2 machine on an AVX-512 one shows whether the caps took.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 
@@ -34,6 +38,8 @@ SHAPES = {  # name: (m, k, n) for [m x k] . [k x n]
     "eval_score_tile": (280, 100, 1024),
 }
 CALLS = 20
+# torch's own kernels, MKL's and oneDNN's: what to set to emulate an AVX2 machine
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
 
 
 def best_seconds(a: torch.Tensor, b: torch.Tensor, repeats: int) -> float:
@@ -74,6 +80,8 @@ def main() -> None:
         "avx512_bf16": bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()),
         "amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
         "calls_per_round": CALLS, "repeats": args.repeats,
+        # instruction-set caps that make an AVX-512 machine run AVX2 kernels (unset: none)
+        "isa_caps": {name: os.environ.get(name) for name in ISA_CAPS},
     }
     with open(args.out, "w") as fh:
         json.dump(results, fh, indent=2)

@@ -199,6 +199,7 @@ def main() -> None:
                   "overrides": args.override, "n_users": data.n_users,
                   "n_items": data.n_items, "n_events": data.n_events,
                   "torch": torch.__version__, "threads": torch.get_num_threads(),
+                  "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                   "machine": platform.platform(), "python": sys.version.split()[0]},
     }
     Path(args.out).write_text(json.dumps(report, indent=2))

@@ -9,15 +9,17 @@ test events with the shared Evaluator twice: once timed by phase, once under tor
 Evaluation phases: history replay (the model's prediction_states), score products (its
 score_items), rank counting (the rest of count_ranks) and everything else (batch building,
 copies, metrics). Python overhead = wall time not spent inside any torch operator (the
-profiler's operator self times summed). Training: the profiler's operator self times of the
-`--train-batches` batches, grouped into matrix products, the optimizer step and the rest.
-Prints both breakdowns and writes them as JSON.
+profiler's operator self times summed). Minor page faults = those of the timed evaluation
+(memory the allocator had to get from the system again). Training: the profiler's operator
+self times of the `--train-batches` batches, grouped into matrix products, the optimizer step
+and the rest. Prints both breakdowns and writes them as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -91,9 +93,11 @@ def main() -> None:
     try:
         evaluator.rank_counts(model, data, "test")  # warm-up
         bucket.update(replay=0.0, scores=0.0, count=0.0)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         started = time.perf_counter()
         counts = evaluator.rank_counts(model, data, "test")
         eval_wall = time.perf_counter() - started
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
         phases = dict(bucket)
     finally:
         evaluation.count_ranks = original_count
@@ -107,6 +111,7 @@ def main() -> None:
                 "history_replay_s": phases["replay"], "score_products_s": phases["scores"],
                 "rank_counting_s": phases["count"] - phases["scores"],
                 "other_s": eval_wall - phases["replay"] - phases["count"],
+                "minor_page_faults": faults,
                 "python_overhead_share": max(profiled_wall - inside, 0.0) / profiled_wall}
     for name, part in (("training", train), ("evaluation", evaluate)):
         print(f"{name}: " + ", ".join(f"{k}={v:,.3g}" for k, v in part.items()), flush=True)

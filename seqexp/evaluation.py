@@ -150,26 +150,37 @@ def count_ranks(
     bounds = [(lo, min(lo + chunk, n_items)) for lo in range(0, n_items, chunk)]
     kept = ([score_block(lo, hi) for lo, hi in bounds] if keep_scores or len(bounds) == 1
             else None)
+    # Each point's target score, read from the tile that holds its target: the points sorted
+    # by that tile once, then one gather per tile.
+    tile = torch.div(targets, chunk, rounding_mode="floor")
+    by_tile = torch.argsort(tile, stable=True)
+    per_tile = torch.bincount(tile, minlength=len(bounds)).tolist()
     target_scores = None
-    for index, (lo, hi) in enumerate(bounds):
-        inside = (targets >= lo) & (targets < hi)
-        if kept is None and not inside.any():
+    first = 0
+    for index, ((lo, hi), count) in enumerate(zip(bounds, per_tile, strict=True)):
+        if count == 0:
             continue
+        points = by_tile[first:first + count]
+        first += count
         scores = kept[index] if kept is not None else score_block(lo, hi)
         if target_scores is None:  # in the scores' dtype: float64 ties must stay ties
             target_scores = scores.new_empty(n_points, 1)
-        column = (targets - lo).clamp_(0, hi - lo - 1)[:, None]
-        target_scores = torch.where(inside[:, None], scores.gather(1, column), target_scores)
+        target_scores[points, 0] = scores[points, targets[points] - lo]
+    # Row sums of sign(s − t) over all tiles: exact integers, in float64 across tiles.
+    net = torch.zeros(n_points, dtype=torch.float64, device=targets.device)
+    moved = torch.zeros_like(net)
+    # One buffer for the differences of every tile, not a new [P, chunk] tensor per tile.
+    differences = target_scores.new_empty(n_points, min(chunk, n_items, SIGN_COLUMNS))
     greater = torch.zeros(n_points, dtype=torch.int32, device=targets.device)
     equal = torch.full((n_points,), -1, dtype=torch.int32, device=targets.device)  # − target
     for index, (lo, hi) in enumerate(bounds):
         scores = kept[index] if kept is not None else score_block(lo, hi)
-        _check_finite(scores)
-        block_greater, block_equal = _sign_counts(scores, target_scores)
-        greater += block_greater
-        equal += block_equal
+        _sign_sums(scores, target_scores, differences, net, moved)
         if excluded is not None:
             _uncount(scores, target_scores, excluded, lo, hi, greater, equal)
+    # sign(s − t) sums to (above − below), its absolute value to (above + below)
+    greater += ((net + moved) / 2).to(torch.int32)
+    equal += (n_items - moved).to(torch.int32)
     return greater, equal
 
 
@@ -189,21 +200,26 @@ def _uncount(scores: torch.Tensor, target_scores: torch.Tensor,
 SIGN_COLUMNS = 1 << 24
 
 
-def _sign_counts(scores: torch.Tensor, target_scores: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, the number of scores above and equal to the row's target score: sign(s − t)
-    sums to (above − below) and its absolute value to (above + below), one pass each instead
-    of two comparisons. sign(s − t) is 0 exactly when s = t: subnormal differences stay
-    nonzero (torch.set_flush_denormal(True), which seqexp never sets, would make them ties),
-    and a tie at ±inf gives sign(NaN) = 0. NaN scores must be excluded first."""
-    net = torch.zeros(len(scores), dtype=torch.int64, device=scores.device)
-    moved = torch.zeros_like(net)
+def _sign_sums(scores: torch.Tensor, target_scores: torch.Tensor, differences: torch.Tensor,
+               net: torch.Tensor, moved: torch.Tensor) -> None:
+    """Add, per row, the sum of sign(s − t) (= above − below the row's target score t) to `net`
+    and the sum of |sign(s − t)| (= above + below) to `moved`: one pass each instead of two
+    comparisons. sign(s − t) is 0 exactly when s = t: subnormal differences stay nonzero
+    (torch.set_flush_denormal(True), which seqexp never sets, would make them ties), and a tie
+    at ±inf gives sign(NaN) = 0. NaN scores are an error (SeqexpError). `differences` is
+    scratch space of at least [P, min(width, SIGN_COLUMNS)]."""
     for lo in range(0, scores.shape[1], SIGN_COLUMNS):
-        # not in place: a model may return a view of its own tensors
-        sign = torch.sub(scores[:, lo:lo + SIGN_COLUMNS], target_scores).sign_()
-        net += sign.sum(1, dtype=torch.float32).to(torch.int64)  # float32 for bf16/fp16 too
-        moved += sign.abs_().sum(1, dtype=torch.float32).to(torch.int64)
-    return ((net + moved) // 2).to(torch.int32), (scores.shape[1] - moved).to(torch.int32)
+        part = scores[:, lo:lo + SIGN_COLUMNS]
+        # into the scratch buffer, never in place: a model may return a view of its tensors
+        difference = torch.sub(part, target_scores, out=differences[:, :part.shape[1]])
+        # A NaN score makes the sum of the differences NaN (and so do +inf and −inf
+        # differences side by side, hence the check of the scores themselves): one pass over
+        # the differences while they are in cache, not one over the scores.
+        if torch.isnan(difference.sum()):
+            _check_finite(part)
+        sign = difference.sign_()
+        net += sign.sum(1, dtype=torch.float32)  # float32 for bf16/fp16 too
+        moved += sign.abs_().sum(1, dtype=torch.float32)
 
 
 def _check_finite(scores: torch.Tensor) -> None:

@@ -47,6 +47,21 @@ def test_kept_chunks_are_scored_once_and_give_the_hand_computed_counts(chunk):
     assert calls == [(lo, min(lo + chunk, 5)) for lo in range(0, 5, chunk)]
 
 
+def test_the_two_pass_count_scores_only_the_chunks_that_hold_targets_twice():
+    calls = []
+
+    def block(lo, hi):
+        calls.append((lo, hi))
+        return SCORES[:, lo:hi].clone()
+
+    # every target in items 0..1 or 4: the first pass scores chunks (0, 2) and (4, 5) only
+    targets = torch.tensor([0, 1, 4, 4])
+    greater, equal = count_ranks(block, targets, 5, 2)
+    assert calls == [(0, 2), (4, 5), (0, 2), (2, 4), (4, 5)]
+    assert greater.tolist() == [1, 0, 0, 4]
+    assert equal.tolist() == [2, 4, 0, 0]
+
+
 def test_cpu_score_tiles_rank_like_whole_rows(monkeypatch):
     from seqexp import evaluation
 

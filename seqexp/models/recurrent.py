@@ -39,8 +39,8 @@ class Dropout(nn.Dropout):
         if not self.training or x.device.type != "cpu" or self.p in (0.0, 1.0):
             return super().forward(x)
         keep = 1.0 - self.p
-        scale = (torch.rand(x.shape) < keep).to(x.dtype).mul_(1.0 / keep)
-        return x * scale
+        scale = torch.rand(x.shape).lt_(keep)  # 1.0 where kept, in place: no bool mask
+        return x * scale.to(x.dtype).mul_(1.0 / keep)
 
 
 class RecurrentRecommender(Recommender):
