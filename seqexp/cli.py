@@ -18,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from seqexp.errors import SeqexpError
+from seqexp.errors import SeqexpError, message_line
 from seqexp.preflight import check_command_line, sweeper_ranks_jobs
 from seqexp.resources import config_dir, group_options
 from seqexp.sweep import end_open_sweeps, job_tags, record_failed_job
@@ -75,7 +75,7 @@ def _run(cfg: DictConfig) -> float:
         if multirun:
             # The sweeper records the failed job and decides whether the sweep goes on
             # (Optuna: hydra.sweeper.max_failure_rate); MLflow shows it under the parent.
-            log.error("job %s failed: %s", hydra_cfg.job.num, _first_line(exc))
+            log.error("job %s failed: %s", hydra_cfg.job.num, message_line(exc))
             if sweep is not None:
                 name, identity = _job_identity(cfg, overrides)
                 record_failed_job(sweep, {**identity, **tags}, name, exc)
@@ -149,11 +149,6 @@ def run_summary(result: RunResult, cfg: DictConfig, launch_dir: Path, output_dir
             f"  outputs: {where}\n"
             f"  {ui_hint(tracking_uri_of(cfg, launch_dir))}  "
             f"(experiment {cfg.mlflow.experiment})")
-
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _job_identity(cfg: DictConfig, overrides: list[str]) -> tuple[str, dict[str, str]]:

@@ -12,6 +12,14 @@ class SeqexpError(Exception):
     """An error caused by input or configuration; shown as one line, without a traceback."""
 
 
+def message_line(exc: BaseException, which: int = 0, limit: int | None = None) -> str:
+    """One line of an exception's message, the first by default (`which=-1`: the last, where a
+    library puts its own summary under a context), cut to `limit` characters; the exception's
+    type name when the message is empty."""
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[which]
+    return line if limit is None else line[:limit]
+
+
 def check_option(key: str, value: object, valid: bool, requirement: str) -> None:
     """A model option's one-line error: `model.<key>=<value> must <requirement>`."""
     if not valid:

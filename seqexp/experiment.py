@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from seqexp.atomic import write_json, write_text
 from seqexp.data import SequenceData, load_dataset
-from seqexp.errors import SeqexpError
+from seqexp.errors import SeqexpError, message_line
 from seqexp.evaluation import (
     Evaluator,
     RankCounts,
@@ -106,11 +106,12 @@ def build_model(model_cfg: Mapping, data: SequenceData) -> Recommender:
         cause = exc.__cause__ or exc
         if isinstance(cause, SeqexpError):
             raise cause from None
-        raise SeqexpError(f"model={name}: cannot build the model ({_first_line(cause)}); "
+        reason = message_line(cause, which=-1)
+        raise SeqexpError(f"model={name}: cannot build the model ({reason}); "
                           f"check the model.* keys") from None
     except (TypeError, ValueError) as exc:  # ValueError: a partial with a key it cannot take
         reason = exc.__cause__ or exc
-        raise SeqexpError(f"model={name}: {_first_line(reason)}; check the model.* keys"
+        raise SeqexpError(f"model={name}: {message_line(reason, which=-1)}; check the model.* keys"
                           ) from None
     model = factory(**sizes)
     if not isinstance(model, Recommender):
@@ -137,10 +138,6 @@ def build_trainer(cfg: DictConfig, evaluator: Evaluator,
         progress=train.progress, seed=cfg.seed, checkpoint_path=checkpoint,
         amp=bool(train.get("amp", False)), compile=bool(train.get("compile", False)),
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
 
 
 def validate(cfg: DictConfig) -> None:
@@ -275,7 +272,7 @@ def close_abandoned_runs_quietly(tracker: Tracker) -> None:
         close_abandoned_runs(tracker)
     except Exception as exc:  # noqa: BLE001 - logged, and the run goes on
         log.warning("could not check the store for runs of killed processes: %s",
-                    _first_line(exc))
+                    message_line(exc, which=-1))
 
 
 def headline_metrics(cfg: DictConfig) -> list[str]:

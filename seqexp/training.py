@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from seqexp.atomic import atomic_path
 from seqexp.data.sequences import SequenceData
-from seqexp.errors import SeqexpError
+from seqexp.errors import SeqexpError, message_line
 from seqexp.evaluation import Evaluator
 from seqexp.models.base import Recommender
 
@@ -104,17 +104,15 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        reason = message_line(exc, limit=300)
         raise SeqexpError(f"{path}: refused, it holds Python objects other than tensors and plain "
-                          f"values ({_first_line(exc)}); seqexp never unpickles them") from None
+                          f"values ({reason}); seqexp never unpickles them") from None
     except (OSError, RuntimeError, EOFError) as exc:
-        raise SeqexpError(f"{path}: cannot read it as a checkpoint ({_first_line(exc)})") from None
+        reason = message_line(exc, limit=300)
+        raise SeqexpError(f"{path}: cannot read it as a checkpoint ({reason})") from None
     if not isinstance(payload, dict):
         raise SeqexpError(f"{path}: not a seqexp checkpoint")
     return payload
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 def random_states(rng: np.random.Generator) -> dict[str, Any]:
