@@ -9,8 +9,9 @@ On a shared machine the same code runs 10-20 % faster or slower from one minute 
 more than most single changes move it, so two separate runs say little about a change. This
 script builds the data of scripts/bench_models.py, trains one model for `--train-batches`
 batches, then ranks the test events with the shared Evaluator once per variant per round, the
-variants taking turns, and reports each variant's best and median seconds, its ratio of medians
-to the first variant, and whether its counts equal the first variant's exactly.
+variants taking turns after one untimed round, and reports each variant's best and median
+seconds, its ratio of medians to the first variant, and whether its counts equal the first
+variant's exactly in every round.
 
 Variants, the first being the reference:
 - `current`: the working tree's evaluator with the model's settings;
@@ -111,32 +112,37 @@ def main() -> None:
                             1, max_batches=args.train_batches)
     runs = variants(args, evaluator)
     seconds: dict[str, list[float]] = {name: [] for name in runs}
-    counts = {}
+    reference = next(iter(runs))
+    first = None  # the reference's counts in the warm-up round
+    same = dict.fromkeys(runs, True)
     default_tile = evaluation.TILE_COLUMNS["cpu"]
     try:
-        for _ in range(args.rounds):
+        for round_ in range(args.rounds + 1):  # round 0 warms every variant up, untimed
             for name, (variant, tile) in runs.items():
                 evaluation.TILE_COLUMNS["cpu"] = tile
                 started = time.perf_counter()
-                counts[name] = variant.rank_counts(model, data, "test")
-                seconds[name].append(time.perf_counter() - started)
+                counts = variant.rank_counts(model, data, "test")
+                if round_:
+                    seconds[name].append(time.perf_counter() - started)
+                if first is None:
+                    first = counts
+                same[name] &= all(np.array_equal(getattr(counts, field), getattr(first, field))
+                                  for field in ("greater", "equal", "users", "positions",
+                                                "targets"))
     finally:
         evaluation.TILE_COLUMNS["cpu"] = default_tile
-    reference = next(iter(runs))
     report = {}
     for name, times in seconds.items():
-        same = all(np.array_equal(getattr(counts[name], field), getattr(counts[reference], field))
-                   for field in ("greater", "equal", "users", "positions", "targets"))
         report[name] = {"best_s": min(times), "median_s": statistics.median(times),
                         "ratio": statistics.median(seconds[reference]) / statistics.median(times),
-                        "identical": same, "seconds": times}
+                        "identical": same[name], "seconds": times}
         print(f"{name:>28}: best {min(times):.2f} s, median {statistics.median(times):.2f} s, "
               f"{report[name]['ratio']:.3f}x the speed of {reference}, "
-              f"{'identical counts' if same else 'DIFFERENT counts'}", flush=True)
+              f"{'identical counts' if same[name] else 'DIFFERENT counts'}", flush=True)
     report["_meta"] = {"model": args.model, "scale": args.scale, "rounds": args.rounds,
                        "train_batches": args.train_batches, "train_seed": args.train_seed,
                        "overrides": args.override,
-                       "events": len(counts[reference]), "threads": torch.get_num_threads(),
+                       "events": len(first), "threads": torch.get_num_threads(),
                        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                        "torch": torch.__version__}
     Path(args.out).write_text(json.dumps(report, indent=2))
