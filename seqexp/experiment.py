@@ -147,7 +147,7 @@ def validate(cfg: DictConfig) -> None:
         resolved = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as exc:  # e.g. ${oc.env:VAR} of an unset variable
         key = getattr(exc, "full_key", None) or "the config"
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = message_line(exc)
         raise SeqexpError(f"{key}: cannot resolve ({reason})") from None
     check_config(resolved)
 

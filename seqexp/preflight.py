@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from seqexp.errors import message_line
 from seqexp.resources import config_dir
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
@@ -125,7 +126,7 @@ def check_command_line(argv: Sequence[str]) -> str | None:
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as exc:
-        return f"cannot read the override: {str(exc).splitlines()[0]}"
+        return f"cannot read the override: {message_line(exc)}"
 
     fixed_groups: list[str] = []
     swept_groups: dict[str, list[str]] = {}
@@ -145,7 +146,7 @@ def check_command_line(argv: Sequence[str]) -> str | None:
     try:
         base = _compose(fixed_groups)
     except Exception as exc:  # noqa: BLE001 - Hydra's composition errors, reported in one line
-        return f"cannot compose the config: {str(exc).strip().splitlines()[0]}"
+        return f"cannot compose the config: {message_line(exc)}"
     # Presets sweep groups too (experiment=table2: hydra.sweeper.params.model = a,b,...).
     preset_params = OmegaConf.select(base, "hydra.sweeper.params") or {}
     for group, value in preset_params.items():

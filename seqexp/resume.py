@@ -9,11 +9,11 @@ flattened resolved configuration and the run's MLflow params, which are the same
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from seqexp import liveness
 from seqexp.errors import SeqexpError
 
 # Keys that may differ between a run and its continuation: where it runs (device, paths, the
@@ -76,20 +76,15 @@ def _still_running_here(run) -> int | None:
     """The pid of a RUNNING run's process when it is alive on this host (tags `host` and
     `pid`), else None; elsewhere nothing can tell, and the run may be continued."""
     tags = run.data.tags
-    if run.info.status != "RUNNING" or tags.get("host") != socket.gethostname():
+    if run.info.status != "RUNNING" or tags.get("host") != liveness.host():
         return None
     try:
         pid = int(tags.get("pid", ""))
     except ValueError:
         return None
-    if pid == os.getpid():
+    if pid <= 0 or pid == os.getpid() or liveness.is_gone(tags["host"], pid,
+                                                            tags.get("pid_start", "")):
         return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return pid
     return pid
 
 

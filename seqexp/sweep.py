@@ -30,6 +30,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from seqexp.atomic import write_json
+from seqexp.errors import message_line
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def record_failed_job(info: SweepInfo, tags: Mapping[str, str], name: str,
     run of its own. Never raises: the job's own error is what the sweeper must see."""
     from seqexp.tracking import Tracker
 
-    message = (str(error).strip().splitlines() or [type(error).__name__])[0][:4000]
+    message = message_line(error, limit=4000)
     try:
         tracker = Tracker(info.tracking_uri, info.experiment)
         found = tracker.search(f"tags.{SWEEP_ID_TAG} = '{info.sweep_id}' and "

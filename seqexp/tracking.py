@@ -16,7 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from seqexp.errors import SeqexpError
+from seqexp import liveness
+from seqexp.errors import SeqexpError, message_line
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +236,7 @@ class Tracker:
                     found = with_lock_retry(self.client.get_experiment_by_name, experiment)
                     self.experiment_id = found.experiment_id if found is not None else None
         except Exception as exc:  # noqa: BLE001 - any store failure becomes one clear line
-            reason = str(exc).splitlines()[0]
+            reason = message_line(exc)
             if _UNAUTHENTICATED in reason:
                 raise SeqexpError(f"mlflow.tracking_uri={tracking_uri}: {login_hint()}") from None
             raise SeqexpError(
@@ -267,7 +268,7 @@ class Tracker:
             run = with_lock_retry(self.client.create_run, self.experiment_id, run_name=name,
                                   tags=dict(tags))
         except Exception as exc:  # noqa: BLE001 - e.g. a server's 403: one clear line
-            reason = str(exc).splitlines()[0]
+            reason = message_line(exc)
             if _FORBIDDEN in reason:
                 user = os.environ.get("MLFLOW_TRACKING_USERNAME", "?")
                 raise SeqexpError(
@@ -347,13 +348,11 @@ class Tracker:
 
 # The process behind a run (seqexp.liveness): a later seqexp on the same host closes the run of
 # a process that is gone (SIGKILL, a power cut) instead of leaving it RUNNING forever.
-PROCESS_TAGS = ("host", "pid", "pid_start")
 ABANDONED_TAG = "failure_reason"
 
 
 def process_tags() -> dict[str, str]:
-    from seqexp import liveness
-
+    """The tags host, pid and pid_start of this process (seqexp.liveness)."""
     return liveness.identity()
 
 
@@ -363,8 +362,6 @@ def close_abandoned_runs(tracker: Tracker) -> list[str]:
     without process tags are left alone. Returns their ids."""
     from mlflow.entities import RunTag
 
-    from seqexp import liveness
-
     closed = []
     query = f"attributes.status = 'RUNNING' and tags.host = '{liveness.host()}'"
     for run in tracker.search(query, tracker.all_experiment_ids()):
@@ -372,12 +369,13 @@ def close_abandoned_runs(tracker: Tracker) -> list[str]:
         if not liveness.is_gone(tags.get("host", ""), tags.get("pid", ""),
                                 tags.get("pid_start", "")):
             continue
-        reason = (f"process {tags['pid']} on {tags['host']} ended without closing the run "
+        process = f"process {tags['pid']} on {tags['host']}"
+        reason = (f"{process} ended without closing the run "
                   "(killed, e.g. by SIGKILL or the out-of-memory killer)")
         with_lock_retry(tracker.client.log_batch, run.info.run_id,
                         tags=[RunTag(ABANDONED_TAG, reason)])
         with_lock_retry(tracker.client.set_terminated, run.info.run_id, status="FAILED")
         log.warning("MLflow run %s was left RUNNING by %s; marked FAILED", run.info.run_id,
-                    reason.split(" ended")[0])
+                    process)
         closed.append(run.info.run_id)
     return closed

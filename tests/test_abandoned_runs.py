@@ -55,6 +55,32 @@ def test_runs_of_gone_processes_on_this_host_are_marked_failed(store_uri):
     assert close_abandoned_runs(Tracker(store_uri, "c")) == []  # once only
 
 
+
+def test_resume_refuses_only_a_run_whose_process_still_runs_here():
+    from types import SimpleNamespace
+
+    from seqexp.resume import _still_running_here
+
+    def run(tags, status="RUNNING"):
+        return SimpleNamespace(info=SimpleNamespace(status=status),
+                               data=SimpleNamespace(tags=tags))
+
+    host, dead = liveness.host(), str(finished_pid())
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as other:
+        try:
+            started = liveness.start_time(other.pid) or ""
+            alive = {"host": host, "pid": str(other.pid), "pid_start": started}
+            assert _still_running_here(run(alive)) == other.pid
+            # the same pid, but a process started at another time: the run's own has ended
+            assert _still_running_here(run(alive | {"pid_start": "1"})) is None
+            assert _still_running_here(run(alive | {"host": "elsewhere"})) is None
+            assert _still_running_here(run(alive, status="KILLED")) is None
+            assert _still_running_here(run(alive | {"pid": dead})) is None
+            assert _still_running_here(run(process_tags())) is None  # this process resumes it
+        finally:
+            other.kill()
+
+
 @pytest.mark.slow
 def test_a_sigkilled_seqexp_run_is_failed_by_the_next_one(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(sys.path))

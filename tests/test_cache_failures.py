@@ -82,6 +82,23 @@ def test_digest_is_computed_once_per_file_version(tmp_path, monkeypatch):
     assert changed.stats["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() != expected
 
 
+
+def test_a_file_changed_while_it_was_hashed_is_hashed_again_next_time(tmp_path, monkeypatch):
+    path, cache_dir = fx.write_movielens(tmp_path), tmp_path / "cache"
+    real = cache.file_digest
+
+    def hash_then_change(p):  # the file is rewritten after its digest was taken
+        digest = real(p)
+        fx.write_movielens(tmp_path, lines=fx.ML_LINES[:-1])
+        os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+        return digest
+
+    monkeypatch.setattr(loading, "file_digest", hash_then_change)
+    load(path, cache_dir)
+    # the digest is kept under the version that was hashed, not the file as it is now
+    assert cache.known_digest(path, cache_dir)[0] is None
+
+
 def finished_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()

@@ -56,24 +56,25 @@ def _version(path: Path, cache_dir: Path) -> tuple[dict, Path]:
     return version, Path(cache_dir) / _DIGESTS / f"{key}.json"
 
 
-def known_digest(path: Path, cache_dir: Path) -> str | None:
+def known_digest(path: Path, cache_dir: Path) -> tuple[str | None, dict]:
     """The SHA-256 kept for this version of the file by `remember_digest`, else None: computed
     once per file version, and again when its size, mtime or inode changes (as make and rsync
-    decide)."""
+    decide); and the version read, for `remember_digest`."""
     version, memo = _version(path, cache_dir)
     try:
         known = json.loads(memo.read_text())
         if {k: known.get(k) for k in version} == version and len(known.get("sha256", "")) == 64:
-            return known["sha256"]
+            return known["sha256"], version
     except (OSError, ValueError, AttributeError):
         pass
-    return None
+    return None, version
 
 
-def remember_digest(path: Path, cache_dir: Path, digest: str) -> None:
+def remember_digest(path: Path, cache_dir: Path, digest: str, version: dict) -> None:
     """Keep a file's digest in cache_dir/.digests (called once its data is cached, so a file that
-    fails to parse leaves nothing behind)."""
-    version, memo = _version(path, cache_dir)
+    fails to parse leaves nothing behind), under the version `known_digest` read before the file
+    was hashed: a file changed since is hashed again next time."""
+    memo = _version(path, cache_dir)[1]
     try:
         write_json(memo, version | {"sha256": digest})
     except OSError as exc:  # a read-only cache still serves its entries

@@ -61,10 +61,11 @@ def read_lastfm(path: Path, item: str = "track") -> Interactions:
     else:
         key = table.column("artist")
     total_skipped = skipped.count + n_bad
+    wrong_fields = skipped.count - skipped.not_utf8
     if total_skipped:
         log.warning("%s: skipped %d malformed lines (%d with a wrong field count, %d not UTF-8, "
                     "%d with a bad time or no artist)", path, total_skipped,
-                    skipped.count - skipped.not_utf8, skipped.not_utf8, n_bad)
+                    wrong_fields, skipped.not_utf8, n_bad)
     reverse = slice(None, None, -1)
     return Interactions(
         **_encoded("user", table.column("user"), reverse),
@@ -72,7 +73,7 @@ def read_lastfm(path: Path, item: str = "track") -> Interactions:
         timestamp=table.column("seconds").cast(pa.int64()).to_numpy()[reverse],
         source=str(path),
         skipped_lines=total_skipped,
-        notes={"lines_wrong_field_count": skipped.count - skipped.not_utf8,
+        notes={"lines_wrong_field_count": wrong_fields,
                "lines_not_utf8": skipped.not_utf8, "lines_bad_time_or_artist": n_bad},
     )
 

@@ -57,12 +57,13 @@ def load_dataset(dataset: Mapping, split: Mapping, raw_dir: Path, cache_dir: Pat
         "version": PREPROCESS_VERSION,
     }
     remember = False  # a digest computed now, kept once the data is cached
+    version: dict = {}  # the raw file's size, mtime and inode when its digest was looked up
     if fmt == "synthetic":
         source = "synthetic"
         raw_path = None
     elif fmt in READERS:
         raw_path = resolve_raw_file(dataset, Path(raw_dir), progress)
-        source = known_digest(raw_path, Path(cache_dir))
+        source, version = known_digest(raw_path, Path(cache_dir))
         if source is None:
             source = file_digest(raw_path)
             remember = True
@@ -79,7 +80,7 @@ def load_dataset(dataset: Mapping, split: Mapping, raw_dir: Path, cache_dir: Pat
     if raw_path is not None:  # which file a run used (logged as the param data.sha256)
         data.stats["sha256"] = source
     if remember:
-        remember_digest(raw_path, Path(cache_dir), source)
+        remember_digest(raw_path, Path(cache_dir), source, version)
     return data
 
 
@@ -96,7 +97,7 @@ def _preprocess(dataset: Mapping, split: Mapping, raw_path: Path | None, folder:
         raw, split, min_item_support=_int(dataset, "min_item_support", 1),
         drop_repeats=bool(dataset.get("drop_repeats", False)), name=str(dataset.get("name")),
     )
-    if raw_path is not None:  # kept with the entry: a cache hit need not hash the file again
+    if raw_path is not None:  # kept with the entry: its stats are those of the run
         data.stats["sha256"] = source
     save_cached(folder, data, params)
     log.info("preprocessed in %.1f s, cached in %s", time.perf_counter() - started, folder)

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from seqexp.data.interactions import Interactions, dense_codes
 from seqexp.data.text import first_line, read_delimited, skipped_row_counter
-from seqexp.errors import SeqexpError
+from seqexp.errors import SeqexpError, message_line
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def read_movielens(path: Path, layout: str = "ratings_dat") -> Interactions:
     except pa.ArrowInvalid as exc:
         raise SeqexpError(
             f"{path}: not a {what}; first line reads {first_line(path)!r} "
-            f"({str(exc).splitlines()[0]})"
+            f"({message_line(exc)})"
         ) from None
     # An empty user, item or timestamp field reads as null: malformed like a wrong field count.
     user, item, stamp = (pc.is_valid(table.column(c)) for c in ("user", "item", "timestamp"))

@@ -9,7 +9,7 @@ import pandas as pd
 
 from seqexp.data.interactions import Interactions
 from seqexp.data.text import first_non_utf8_line
-from seqexp.errors import SeqexpError
+from seqexp.errors import SeqexpError, message_line
 
 # Largest time (seconds, or any unit the file uses) accepted from a numeric column: every integer
 # up to it is exact in float64, and differences of two stay far from int64's overflow.
@@ -37,7 +37,7 @@ def read_table(
     except UnicodeDecodeError:
         raise _not_utf8(path) from None
     except (ValueError, OSError, pd.errors.ParserError) as exc:
-        raise SeqexpError(f"{path}: cannot read as a table ({str(exc).splitlines()[0]})") from None
+        raise SeqexpError(f"{path}: cannot read as a table ({message_line(exc)})") from None
     missing = [f"{key}={name!r}" for key, name in columns.items() if name not in frame.columns]
     if missing:
         raise SeqexpError(
@@ -49,7 +49,9 @@ def read_table(
     for name in columns.values():
         # pandas' pyarrow engine turns a text column holding bytes that are not UTF-8 into
         # Python bytes objects (every value of it) instead of failing.
-        if frame[name].dtype == object and frame[name].map(type).eq(bytes).any():
+        kind = pd.api.types.infer_dtype(frame[name], skipna=True)  # a scan in C
+        if kind == "bytes" or (kind.startswith("mixed")
+                               and frame[name].map(type).eq(bytes).any()):
             raise _not_utf8(path)
     complete = frame.dropna(subset=[user_col, item_col, time_col])
     frame, incomplete = complete, len(frame) - len(complete)

@@ -63,7 +63,7 @@ class _NonUtf8LinesMalformed(io.RawIOBase):
         self._file = open(path, "rb")  # noqa: SIM115 - closed with this stream
         self._poison = poison
         self._block = block
-        self._pending = b""
+        self._pending = memoryview(b"")  # slices of a view copy nothing
 
     def readable(self) -> bool:
         return True
@@ -74,10 +74,10 @@ class _NonUtf8LinesMalformed(io.RawIOBase):
             chunk += self._file.readline()
         try:
             chunk.decode("utf-8")
-            self._pending = chunk
+            self._pending = memoryview(chunk)
         except UnicodeDecodeError:
             text = chunk.decode("utf-8", "surrogateescape")
-            self._pending = _ESCAPED_BYTE.sub(self._poison, text).encode("utf-8")
+            self._pending = memoryview(_ESCAPED_BYTE.sub(self._poison, text).encode("utf-8"))
 
     def readinto(self, buffer) -> int:
         if not self._pending:
