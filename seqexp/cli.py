@@ -205,9 +205,19 @@ def check_plugins(args: list[str]) -> str | None:
     return None
 
 
+def check_flags(args: list[str]) -> str | None:
+    """One-line message for flags Hydra takes only one of (its own is a traceback)."""
+    shows = [a for a in args if a.split("=", 1)[0] in ("--cfg", "-c", "--info", "-i")]
+    if shows and any(a in ("-m", "--multirun") for a in args):
+        return (f"{shows[0].split('=', 1)[0]} shows one run's config and -m runs a sweep; "
+                f"drop -m to see the config of one job of it")
+    return None
+
+
 def main() -> None:
     args = sys.argv[1:]
-    problem = check_group_choices(args) or check_plugins(args) or check_command_line(args)
+    problem = (check_flags(args) or check_group_choices(args) or check_plugins(args)
+               or check_command_line(args))
     if problem:
         print(f"seqexp: error: {problem}", file=sys.stderr)
         sys.exit(2)

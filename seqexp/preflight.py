@@ -65,7 +65,8 @@ def _leaf_keys(cfg: Any, prefix: str = "") -> list[str]:
 def _has_key(cfg: DictConfig, key: str) -> bool:
     parent, _, leaf = key.rpartition(".")
     node = OmegaConf.select(cfg, parent, throw_on_missing=False) if parent else cfg
-    return isinstance(node, DictConfig) and leaf in node
+    # `leaf in node` is False for a key whose value is ??? (MISSING): ask for the key itself.
+    return isinstance(node, DictConfig) and leaf in node.keys()  # noqa: SIM118
 
 
 def unknown_key_message(cfg: DictConfig, key: str) -> str:

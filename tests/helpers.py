@@ -6,6 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -52,3 +53,21 @@ def timed_sequences(users: list[list[int]], times: list[list[int]], n_items: int
     """`sequences(...)` with explicit per-user timestamps (seconds)."""
     data = sequences(users, n_items, **kwargs)
     return replace(data, timestamps=np.concatenate([np.array(t, np.int64) for t in times]))
+
+
+# Floats computed through products of other shapes (a 1-row and a 3-row GEMM, other item chunks,
+# other batch sizes or thread counts) may differ in the last bits: the BLAS picks its kernel by
+# shape, and on AVX-512 the kernels round differently. Such scores agree to rounding ...
+SHAPE_RTOL, SHAPE_ATOL = 1e-5, 1e-6
+# ... and rank counts computed from them agree exactly only where no two scores of a prediction
+# point lie within rounding of each other: the tie margin a test asserts before comparing counts.
+TIE_MARGIN = 1e-4
+
+
+def assert_no_near_ties(scores, margin: float = TIE_MARGIN) -> None:
+    """Every two scores of a row (a prediction point) are exactly equal or at least `margin`
+    apart, so rank counts from scores that differ by rounding cannot differ."""
+    ordered = torch.sort(torch.as_tensor(scores), dim=1).values
+    gaps = ordered[:, 1:] - ordered[:, :-1]
+    near = (gaps > 0) & (gaps < margin)
+    assert not bool(near.any()), f"{int(near.sum())} score pairs within {margin} of each other"

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import sequences
+from helpers import SHAPE_ATOL, SHAPE_RTOL, sequences
 from seqexp.data.batching import prediction_batches
 from seqexp.evaluation import Evaluator
 from seqexp.models.base import Recommender
@@ -131,7 +131,7 @@ def test_prediction_states_equal_a_replay_of_the_events_before_each_target(
 
 
 @pytest.mark.parametrize("cell", list(CELLS))
-def test_replay_from_per_item_input_tables_gives_the_same_states_bit_for_bit(cell, monkeypatch):
+def test_replay_from_per_item_input_tables_gives_the_same_states(cell, monkeypatch):
     """With more replayed events than items, a CPU replay makes each input-only product once
     per item (cells.ItemInputs): the states are exactly those of per-event products."""
     from seqexp.models import cells, recurrent
@@ -154,7 +154,9 @@ def test_replay_from_per_item_input_tables_gives_the_same_states_bit_for_bit(cel
         per_event = model.prediction_states(batch)
     if cell != "cudnn_gru":  # its input product is inside nn.GRU
         assert sum(tables_made) >= 1 and len(tables_made) > sum(tables_made)  # made once, reused
-    assert torch.equal(folded, per_event)
+    # a table of n_items rows and a product per event are GEMMs of other shapes: equal to
+    # rounding (whole runs with and without the tables: scripts/compare_runs.py)
+    torch.testing.assert_close(folded, per_event, rtol=SHAPE_RTOL, atol=SHAPE_ATOL)
 
 def _ranks_by_comparison(scores: torch.Tensor, targets: torch.Tensor) -> list[int]:
     """Pessimistic ranks: 1 + #items scoring above or level with the target (itself aside)."""

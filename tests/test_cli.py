@@ -159,3 +159,31 @@ def test_bad_input_gives_one_line_and_leaves_nothing_behind(tmp_path, case):
     assert not (tmp_path / "mlflow.db").exists()
     processed = data_dir / "processed"
     assert not processed.exists() or list(processed.iterdir()) == []
+
+
+def test_a_csv_file_of_ones_own_runs_as_the_readme_shows(tmp_path):
+    """README: `seqexp dataset=csv dataset.path=events.csv dataset.item_col=song`, a file with a
+    header, columns named in config; every count and the test metrics read back from MLflow."""
+    rows = ["user,song,timestamp"]
+    for user in range(30):  # 10 events each, on a cycle of 12 items
+        rows += [f"u{user},x{(user + t) % 12},{1000 * user + t}" for t in range(10)]
+    (tmp_path / "events.csv").write_text("\n".join(rows) + "\n")
+    result = seqexp(["dataset=csv", "dataset.path=events.csv", "dataset.item_col=song",
+                     "model=itemknn", "train.progress=false",
+                     f"paths.data_dir={tmp_path / 'data'}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    client, run = only_run(tmp_path / "mlflow.db")
+    p, m = run.data.params, run.data.metrics
+    assert run.info.status == "FINISHED" and run.data.tags["dataset"] == "csv"
+    assert p["dataset.path"] == "events.csv" and p["dataset.item_col"] == "song"
+    # user_tail: the last 20 % of each user's 10 events are test (2); 10 % of the other 8 is
+    # under one event, so no validation event
+    assert (p["data.n_users"], p["data.n_items"]) == ("30", "12")
+    assert (p["data.train_events"], p["data.val_events"], p["data.test_events"]) == (
+        "240", "0", "60")
+    # every next item is the one after the last in the cycle, the top neighbour of item-kNN
+    assert m["test_n_events"] == 60 and m["test_oov_dropped"] == 0
+    assert 0 < m["test_mrr_at_20"] <= m["test_mrr_at_20_expected"] <= m[
+        "test_mrr_at_20_optimistic"] <= 1
+    local = Path(client.download_artifacts(run.info.run_id, "metrics.json", str(tmp_path)))
+    assert json.loads(local.read_text())["test_mrr_at_20"] == pytest.approx(m["test_mrr_at_20"])

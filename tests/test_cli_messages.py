@@ -11,6 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from helpers import compose_config, tiny_overrides
+from seqexp.cli import check_flags
 from seqexp.data.interactions import Interactions
 from seqexp.data.preprocess import build_sequences
 from seqexp.errors import SeqexpError
@@ -39,6 +40,9 @@ from seqexp.resources import group_options
     (["-m", "hparams_search=optuna", "split.val_frac=0.1,0"],
      "split.val_frac=0 leaves no validation events"),
     (["-m", "split.val_frac=0", "seed=1,2"], None),  # a grid needs no score
+    # a key whose value is ??? (MISSING, to be set on the command line) is a key too
+    (["dataset=csv", "dataset.path=events.csv", "dataset.item_col=song"], None),
+    (["dataset=csv", "dataset.pth=events.csv"], "did you mean dataset.path?"),
 ])
 def test_command_line_check_names_the_key_and_its_closest_neighbour(argv, expected):
     message = check_command_line(argv)
@@ -114,3 +118,9 @@ def test_a_key_the_model_cannot_take_is_the_configs_fault_but_a_bug_inside_keeps
     monkeypatch.setattr(factorisation.MF, "__init__", broken)
     with pytest.raises(TypeError, match="a bug inside the constructor"):
         build_model(compose_config(["model=mf"]).model, data)
+
+
+def test_a_config_view_of_a_sweep_is_one_line_not_hydras_traceback():
+    assert "drop -m" in check_flags(["-m", "model=gru,mf", "--cfg", "job"])
+    assert check_flags(["model=gru", "--cfg", "job"]) is None
+    assert check_flags(["-m", "model=gru,mf"]) is None

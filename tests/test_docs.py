@@ -1,11 +1,12 @@
 """The docs describe the software as it is.
 
 - Every `seqexp ...` command in README.md and docs/*.md (shell code blocks, with line
-  continuations, environment prefixes and `&&` chains, and inline code) composes, in-process
-  through Hydra's compose API, which rejects what the CLI rejects: an unknown group option, an
-  unknown key, sweep syntax without `-m`. A `-m` command is expanded into jobs: every value of
-  every key it sweeps is composed at least once, together with all its fixed overrides (not
-  every combination, which would be slow and adds little). The jobs a preset sweeps by itself
+  continuations, environment prefixes and `&&` chains, and inline code) runs through seqexp's
+  own entry point, `seqexp.cli.main`, with `--cfg job` added: its checks of the command line
+  (unknown keys and options, missing plugins, keys whose value is `???`), then Hydra's main.
+  A `-m` command is checked whole by the same pre-flight, then expanded into jobs: every value
+  of every key it sweeps is run at least once, together with all its fixed overrides (not every
+  combination, which would be slow and adds little). The jobs a preset sweeps by itself
   (experiment=table2, hparams_search=...) are conf's, checked in tests/test_presets.py.
 - Files a page declares in a fenced block (```yaml conf/model/x.yaml) are added to a copy of
   conf/, so the worked example of docs/adding-a-model.md composes; its module and its tests are
@@ -21,17 +22,23 @@ import re
 import shlex
 import shutil
 import sys
+import tomllib
 import types
 from collections.abc import Iterator
 from pathlib import Path
 
+import hydra
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
 from omegaconf import DictConfig, OmegaConf
 
+import seqexp.cli
+import seqexp.preflight
+import seqexp.resources
 from helpers import sequences
 from seqexp.experiment import build_model
 from seqexp.resources import config_dir
@@ -171,6 +178,7 @@ class Composer:
     """
 
     def __init__(self, conf: Path) -> None:
+        self.conf = conf
         self.groups = {p.name for p in conf.iterdir() if p.is_dir()}
         self.parser = OverridesParser.create()
         self.cache: dict[tuple[str, ...], DictConfig | Exception] = {}
@@ -185,19 +193,22 @@ class Composer:
         groups = tuple(sorted(o.input_line for o in parsed if self.is_group(o)))
         if groups not in self.cache:
             try:
-                self.cache[groups] = compose(config_name="config", overrides=list(groups),
-                                             return_hydra_config=True)
+                self.cache[groups] = self.compose(list(groups))
             except Exception as exc:  # noqa: BLE001 - re-raised for every command that needs it
                 self.cache[groups] = exc
         composed = self.cache[groups]
         if isinstance(composed, Exception):
             raise composed
         if any(o.is_sweep_override() for o in parsed):  # Hydra's message for a RUN compose
-            return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+            return self.compose(overrides)
         cfg = copy.deepcopy(composed)
         ConfigLoaderImpl._apply_overrides_to_config(
             [o for o in parsed if not self.is_group(o)], cfg)
         return cfg
+
+    def compose(self, overrides: list[str]) -> DictConfig:
+        with initialize_config_dir(config_dir=str(self.conf), version_base="1.3"):
+            return compose(config_name="config", overrides=overrides, return_hydra_config=True)
 
     def jobs(self, multirun: bool, overrides: list[str]) -> list[list[str]]:
         """The override lists of the jobs a command runs: every value of every key the command
@@ -210,7 +221,8 @@ class Composer:
 
 
 @pytest.fixture(scope="module")
-def composer(tmp_path_factory) -> Iterator[Composer]:
+def docs_conf(tmp_path_factory) -> Path:
+    """A copy of conf/ with the config files the docs declare (the worked example's model)."""
     conf = tmp_path_factory.mktemp("docs") / "conf"
     shutil.copytree(config_dir(), conf)
     for path, body in all_declared_files().items():
@@ -218,8 +230,51 @@ def composer(tmp_path_factory) -> Iterator[Composer]:
             target = conf / path.removeprefix("conf/")
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(body)
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        yield Composer(conf)
+    return conf
+
+
+@pytest.fixture(scope="module")
+def composer(docs_conf) -> Composer:
+    return Composer(docs_conf)
+
+
+@pytest.fixture
+def seqexp_main(docs_conf, monkeypatch, capsys):
+    """`seqexp ARGS` through the installed entry point, seqexp.cli.main (its checks of the
+    command line, then Hydra's main), over the docs' copy of conf/; returns what it printed.
+    A non-zero exit fails the calling test with the command's one-line error."""
+    for module in (seqexp.cli, seqexp.preflight, seqexp.resources):
+        monkeypatch.setattr(module, "config_dir", lambda: docs_conf)
+    monkeypatch.setattr(seqexp.cli, "_run", hydra.main(
+        version_base="1.3", config_path=str(docs_conf), config_name="config")(
+        seqexp.cli._run.__wrapped__))
+
+    def run(args: list[str]) -> str:
+        monkeypatch.setattr(sys, "argv", ["seqexp", *args])
+        capsys.readouterr()
+        try:
+            seqexp.cli.main()
+        except SystemExit as exc:
+            if exc.code not in (0, None):
+                err = capsys.readouterr().err.strip().splitlines() or [f"exit {exc.code}"]
+                raise CommandFailed(err[-1]) from None
+        finally:
+            GlobalHydra.instance().clear()
+        return capsys.readouterr().out
+
+    return run
+
+
+class CommandFailed(Exception):
+    """A documented command exited non-zero; the message is its last line of stderr."""
+
+
+# seqexp's one-line message for a preset whose plugin comes with an extra (cli.check_plugins)
+OPTIONAL_EXTRA = re.compile(r"needs [\w-]+: pip install 'seqexp\[(\w+)\]'$")
+DEV_EXTRAS = {extra for requirement in tomllib.loads((ROOT / "pyproject.toml").read_text())
+              ["project"]["optional-dependencies"]["dev"]
+              for group in re.findall(r"^seqexp\[([\w,]+)\]", requirement)
+              for extra in group.split(",")}
 
 
 def test_the_docs_show_commands():
@@ -228,16 +283,40 @@ def test_the_docs_show_commands():
     assert any("-m" in args for _, args in COMMANDS)
 
 
+def with_cfg_job(args: list[str]) -> list[str]:
+    """A command as `seqexp` runs it up to the point of work: the composed job config printed
+    (`--cfg job`) instead of a run. Informational flags (--help, --info) run as they are."""
+    if any(a in ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i") for a in args):
+        return args
+    return [*args, "--cfg", "job"]
+
+
 @pytest.mark.parametrize(("where", "args"), COMMANDS, ids=[w for w, _ in COMMANDS])
-def test_documented_command_composes(composer, where, args):
+def test_documented_command_runs_through_the_entry_point(composer, seqexp_main, where, args):
+    """Each command goes through seqexp's main: the checks of the command line (unknown keys
+    and group options, missing plugins; for a sweep, every job's keys), then Hydra's own
+    composition and `--cfg job`. A sweep (-m) is checked whole, then each of its jobs is run
+    with `--cfg job` (Hydra shows no config of a multirun)."""
     command = "seqexp " + " ".join(args)
     try:
         multirun, overrides = split_cli(args)
-        for job in composer.jobs(multirun, overrides):
-            composer(job)
+        if multirun:
+            problem = seqexp.preflight.check_command_line(args)
+            if problem:
+                raise CommandFailed(problem)
+            jobs = [with_cfg_job(job) for job in composer.jobs(multirun, overrides)]
+        else:
+            jobs = [with_cfg_job(args)]
+        for job in jobs:
+            assert seqexp_main(job).strip(), f"`seqexp {' '.join(job)}` printed nothing"
+    except CommandFailed as exc:
+        extra = OPTIONAL_EXTRA.search(str(exc))
+        if extra and extra.group(1) not in DEV_EXTRAS:  # the page says to install it first
+            pytest.skip(f"{where}: needs seqexp[{extra.group(1)}], which the dev extra lacks")
+        pytest.fail(f"{where}: `{command}` fails: {exc}", pytrace=False)
     except Exception as exc:  # noqa: BLE001 - one readable line per broken command
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
-        pytest.fail(f"{where}: `{command}` does not compose: {lines[0]}", pytrace=False)
+        pytest.fail(f"{where}: `{command}` fails: {lines[-1]}", pytrace=False)
 
 
 def test_readme_is_short():
