@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import fixtures_raw as fx
 from seqexp import liveness
 from seqexp.data import cache, loading
 from seqexp.data.loading import load_dataset
+from seqexp.data.sequences import inconsistencies
 from seqexp.errors import SeqexpError
 
 USER_TAIL = {"name": "user_tail", "test_frac": 0.2, "val_frac": 0.1}
@@ -195,6 +197,63 @@ def test_a_damaged_entry_is_preprocessed_again(tmp_path, damage):
     assert visible(cache_dir) == [entry]
     rewritten = cache.load_cached(cache_dir / entry)  # written anew, not left damaged
     assert rewritten is not None and rewritten.stats == first.stats
+
+
+def _ids_out_of_range(entry: Path) -> None:
+    items = np.load(entry / "items.npy")
+    items[3] = items.max() + 7
+    np.save(entry / "items.npy", items)
+
+
+def _short_offsets(entry: Path) -> None:
+    np.save(entry / "offsets.npy", np.load(entry / "offsets.npy")[:-1])
+
+
+def _decreasing_offsets(entry: Path) -> None:
+    offsets = np.load(entry / "offsets.npy")
+    offsets[1], offsets[2] = offsets[2], offsets[1]
+    np.save(entry / "offsets.npy", offsets)
+
+
+def _bounds_outside_events(entry: Path) -> None:
+    val_end = np.load(entry / "val_end.npy")
+    val_end[0] += 10_000
+    np.save(entry / "val_end.npy", val_end)
+
+
+def _counts_unlike_meta(entry: Path) -> None:
+    meta = json.loads((entry / "meta.json").read_text())
+    meta["stats"]["test_events"] += 1
+    (entry / "meta.json").write_text(json.dumps(meta))
+
+
+def _item_ids_cut_short(entry: Path) -> None:
+    np.save(entry / "item_ids.npy", np.load(entry / "item_ids.npy")[:-1])
+
+
+@pytest.mark.parametrize(("damage", "named"), [
+    (_ids_out_of_range, "item ids span"), (_short_offsets, "offsets end at"),
+    (_decreasing_offsets, "offsets decrease"), (_bounds_outside_events, "bounds lie outside"),
+    (_counts_unlike_meta, "stats say test_events="), (_item_ids_cut_short, "item_ids has"),
+])
+def test_an_entry_that_parses_but_is_inconsistent_is_rebuilt_with_a_warning(
+        tmp_path, caplog, damage, named):
+    path, cache_dir = fx.write_movielens(tmp_path), tmp_path / "cache"
+    first = load(path, cache_dir)
+    (entry,) = visible(cache_dir)
+    damage(cache_dir / entry)
+    with caplog.at_level("WARNING", logger="seqexp.data.cache"):
+        again = load(path, cache_dir)
+    assert any("is inconsistent" in r.message and named in r.message for r in caplog.records), \
+        [r.message for r in caplog.records]
+    np.testing.assert_array_equal(again.items, first.items)
+    assert again.stats == first.stats
+    rewritten = cache.load_cached(cache_dir / entry)  # written anew, consistent again
+    assert rewritten is not None and not inconsistencies(rewritten)
+
+
+def test_consistent_data_has_no_inconsistencies(tmp_path):
+    assert inconsistencies(load(fx.write_movielens(tmp_path), tmp_path / "cache")) == []
 
 
 def test_read_only_download_folder_is_one_line_naming_it(tmp_path, monkeypatch):

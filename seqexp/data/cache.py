@@ -24,7 +24,7 @@ import numpy as np
 
 from seqexp import liveness
 from seqexp.atomic import write_json
-from seqexp.data.sequences import SequenceData
+from seqexp.data.sequences import SequenceData, inconsistencies
 from seqexp.errors import unwritable
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,8 @@ def cache_key(source: str, params: Mapping) -> str:
 
 def load_cached(folder: Path) -> SequenceData | None:
     """The entry in `folder`, None when there is none. An entry that cannot be read (damaged
-    on disk, edited by hand) is removed, so that this run writes it anew."""
+    on disk, edited by hand) or whose arrays are inconsistent (`inconsistencies`) is removed,
+    so that this run writes it anew."""
     if not (folder / "meta.json").is_file():
         return None
     try:
@@ -98,12 +99,19 @@ def load_cached(folder: Path) -> SequenceData | None:
         arrays = {name: np.load(folder / f"{name}.npy") for name in _ARRAYS}
         ids = {name: np.load(folder / f"{name}.npy") for name in _ID_ARRAYS
                if (folder / f"{name}.npy").is_file()}
-        return SequenceData(**arrays, **ids, n_items=int(meta["n_items"]),
+        data = SequenceData(**arrays, **ids, n_items=int(meta["n_items"]),
                             stats=dict(meta["stats"]))
     except (OSError, ValueError, KeyError, TypeError, EOFError) as exc:
         log.warning("cache entry %s cannot be read (%s); preprocessing again", folder, exc)
         shutil.rmtree(folder, ignore_errors=True)
         return None
+    problems = inconsistencies(data)
+    if problems:  # parses, but is not what save_cached wrote
+        log.warning("cache entry %s is inconsistent (%s); preprocessing again", folder,
+                    "; ".join(problems))
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    return data
 
 
 def remove_stale_temporaries(cache_dir: Path, now: float | None = None) -> list[Path]:

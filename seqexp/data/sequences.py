@@ -60,3 +60,43 @@ class SequenceData:
     def item_popularity(self) -> np.ndarray:
         """Training-event count of every item."""
         return np.bincount(self.items[self.train_mask()], minlength=self.n_items)
+
+
+def inconsistencies(data: SequenceData) -> list[str]:
+    """What is wrong with a SequenceData's arrays (empty when nothing): shapes, item ids in
+    range, offsets starting at 0 and monotone, every user's train/val/test bounds nested inside
+    its events, the id arrays' lengths, and the counts in `stats` equal to those of the arrays.
+    For data read back from disk, which may be damaged or edited although it parses."""
+    problems: list[str] = []
+    offsets, items = data.offsets, data.items
+    if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0:
+        return [f"offsets must be one-dimensional and start at 0 (shape {offsets.shape})"]
+    if np.any(np.diff(offsets) < 0):
+        problems.append("offsets decrease")
+    if offsets[-1] != len(items) or len(data.timestamps) != len(items):
+        problems.append(f"offsets end at {offsets[-1]}, but there are {len(items)} items and "
+                        f"{len(data.timestamps)} timestamps")
+    n_users = len(offsets) - 1
+    for name in ("train_end", "val_end"):
+        if getattr(data, name).shape != (n_users,):
+            problems.append(f"{name} has shape {getattr(data, name).shape}, not ({n_users},)")
+    if problems:
+        return problems
+    if len(items) and (items.min() < 0 or items.max() >= data.n_items):
+        problems.append(f"item ids span [{items.min()}, {items.max()}], outside "
+                        f"[0, n_items={data.n_items})")
+    if np.any(offsets[:-1] > data.train_end) or np.any(data.train_end > data.val_end) or \
+            np.any(data.val_end > offsets[1:]):
+        problems.append("a user's train/val/test bounds lie outside its events")
+    for name, expected in (("user_ids", n_users), ("item_ids", data.n_items)):
+        ids = getattr(data, name)
+        if ids is not None and len(ids) != expected:
+            problems.append(f"{name} has {len(ids)} entries, not {expected}")
+    counts = {"n_users": n_users, "n_items": data.n_items,
+              "train_events": int((data.train_end - offsets[:-1]).sum()),
+              "val_events": int((data.val_end - data.train_end).sum()),
+              "test_events": int((offsets[1:] - data.val_end).sum())}
+    problems += [f"stats say {key}={data.stats[key]}, the arrays hold {value}"
+                 for key, value in counts.items()
+                 if key in data.stats and data.stats[key] != value]
+    return problems
