@@ -33,8 +33,8 @@ from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Overrid
 from omegaconf import DictConfig, OmegaConf
 
 from helpers import sequences
-from seqexp.experiment import build_model
-from seqexp.resources import config_dir
+from seqexp.core.resources import config_dir
+from seqexp.run.experiment import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from seqexp.report import event_values, holm, paired_bootstrap_ci, paired_randomisation_p
+from seqexp.apps.report import event_values, holm, paired_bootstrap_ci, paired_randomisation_p
 
 
 def _mean_diff(x, y, axis=-1):

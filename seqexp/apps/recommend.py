@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from seqexp.core.errors import SeqexpError
 from seqexp.data.batching import PredictionBatch
 from seqexp.data.sequences import SequenceData
-from seqexp.errors import SeqexpError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -180,8 +180,8 @@ def checkpoint_path(source: str | Path, tracking_uri: str | None = None) -> Path
             if candidate.is_file():
                 return candidate
         raise SeqexpError(f"{path}: no checkpoints/best.pt in this folder")
-    from seqexp.resume import OUTPUTS_TAG
-    from seqexp.tracking import Tracker, default_tracking_uri, sqlite_path, with_lock_retry
+    from seqexp.run.resume import OUTPUTS_TAG
+    from seqexp.run.tracking import Tracker, default_tracking_uri, sqlite_path, with_lock_retry
 
     uri = tracking_uri or default_tracking_uri(Path.cwd())
     database = sqlite_path(uri)
@@ -211,8 +211,8 @@ def load(source: str | Path, tracking_uri: str | None = None,
     """The model of a run (id, outputs folder or checkpoint file), ready to recommend."""
     from omegaconf import OmegaConf
 
-    from seqexp.experiment import build_model
-    from seqexp.training import read_checkpoint
+    from seqexp.engine.trainer import read_checkpoint
+    from seqexp.run.experiment import build_model
 
     path = checkpoint_path(source, tracking_uri)
     payload = read_checkpoint(path)

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from seqexp.errors import SeqexpError
+from seqexp.core.errors import SeqexpError
 
 log = logging.getLogger(__name__)
 
@@ -211,8 +211,8 @@ def model_defaults(model: str) -> dict[str, str] | None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from seqexp.resources import config_dir
-    from seqexp.tracking import flatten
+    from seqexp.core.resources import config_dir
+    from seqexp.run.tracking import flatten
 
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
@@ -683,8 +683,8 @@ def plot(table: Table, path: Path) -> None:
 def history_curves(table: Table, dataset: str, metric: str = "mrr_at_20"
                    ) -> tuple[list[tuple[str, np.ndarray]], np.ndarray | None]:
     """Per row with per-event ranks: the metric in each quartile of the users' history length
-    (training events; seqexp.evaluation.history_quartiles), and the quartile edges."""
-    from seqexp.evaluation import history_quartiles
+    (training events; seqexp.engine.evaluator.history_quartiles), and the quartile edges."""
+    from seqexp.engine.evaluator import history_quartiles
 
     curves, edges = [], None
     for row in table.rows:
@@ -748,7 +748,7 @@ def write_report(table: Table, out_dir: Path) -> list[Path]:
 
 def _record(run: Any, client: Any = None) -> RunRecord:
     tags = run.data.tags
-    from seqexp.sweep import PARENT_TAG
+    from seqexp.run.sweep import PARENT_TAG
 
     record = RunRecord(run.info.run_id, tags.get("model", "?"), tags.get("dataset", "?"),
                        dict(run.data.params), dict(run.data.metrics), tags.get(PARENT_TAG))
@@ -761,8 +761,8 @@ def attach_ranks(record: RunRecord, client: Any) -> None:
     """Read the run's test_ranks.parquet artifact, when it has one, into `record`."""
     import hashlib
 
-    from seqexp.evaluation import read_ranks
-    from seqexp.tracking import with_lock_retry
+    from seqexp.engine.evaluator import read_ranks
+    from seqexp.run.tracking import with_lock_retry
 
     listed = {a.path for a in with_lock_retry(client.list_artifacts, record.run_id)}
     if RANKS_ARTIFACT not in listed:
@@ -781,7 +781,7 @@ def collect(tracker: Any, experiment: str | None, sweep_id: str | None
             ) -> tuple[list[RunRecord], str | None, str, int]:
     """Finished runs of the experiment or sweep, the parent run to log the report to (None when
     the runs have no single parent), the experiment id, and how many runs were left out."""
-    from seqexp.sweep import PARENT_ROLE, ROLE_TAG, SWEEP_ID_TAG
+    from seqexp.run.sweep import PARENT_ROLE, ROLE_TAG, SWEEP_ID_TAG
 
     if sweep_id is not None:
         runs = tracker.search(f"tags.{SWEEP_ID_TAG} = '{sweep_id}'",
@@ -812,7 +812,7 @@ def log_report(tracker: Any, files: Sequence[Path], parent: str | None,
                experiment_id: str) -> str:
     """Log the files under report/ of the parent run; runs with no single parent (an
     experiment of several sweeps, or of single runs) get a run of their own for the report."""
-    from seqexp.sweep import ROLE_TAG
+    from seqexp.run.sweep import ROLE_TAG
 
     tracker.experiment_id = experiment_id
     if parent is None:
@@ -856,7 +856,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        from seqexp.tracking import Tracker, default_tracking_uri
+        from seqexp.run.tracking import Tracker, default_tracking_uri
 
         uri = args.tracking_uri or default_tracking_uri(Path.cwd())
         tracker = Tracker(uri, args.experiment, create=False)

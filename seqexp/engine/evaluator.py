@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from seqexp.atomic import atomic_path
+from seqexp.core.atomic import atomic_path
+from seqexp.core.errors import SeqexpError
 from seqexp.data.baskets import basket_starts, check_gap
 from seqexp.data.batching import PredictionBatch, prediction_batches
 from seqexp.data.sequences import SequenceData
-from seqexp.errors import SeqexpError
 from seqexp.models.base import Recommender
 
 

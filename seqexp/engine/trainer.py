@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from seqexp.atomic import atomic_path
+from seqexp.core.atomic import atomic_path
+from seqexp.core.errors import SeqexpError, message_line
 from seqexp.data.sequences import SequenceData
-from seqexp.errors import SeqexpError, message_line
-from seqexp.evaluation import Evaluator
+from seqexp.engine.evaluator import Evaluator
 from seqexp.models.base import Recommender
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class _EpochAbandoned(Exception):
 def save_checkpoint(model: Recommender, path: Path,
                     contents: Mapping[str, Any] | None = None) -> None:
     """The model's weights under "model", with `contents` (the resolved config, the raw ids and
-    the training histories: seqexp.recommend) beside them."""
+    the training histories: seqexp.apps.recommend) beside them."""
     with atomic_path(path) as tmp:
         torch.save({**(contents or {}), "model": model.state_dict()}, tmp)
 

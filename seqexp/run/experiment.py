@@ -16,19 +16,21 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from seqexp.atomic import write_json, write_text
+from seqexp.apps.recommend import checkpoint_contents
+from seqexp.core.atomic import write_json, write_text
+from seqexp.core.errors import SeqexpError, message_line
+from seqexp.core.stopping import StopSignals
 from seqexp.data import SequenceData, load_dataset
-from seqexp.errors import SeqexpError, message_line
-from seqexp.evaluation import (
+from seqexp.engine.evaluator import (
     Evaluator,
     RankCounts,
     write_id_maps,
     write_ranks,
 )
+from seqexp.engine.trainer import Trainer, TrainingStopped
 from seqexp.models.base import Recommender
-from seqexp.options import check_config
-from seqexp.recommend import checkpoint_contents
-from seqexp.resume import (
+from seqexp.run.options import check_config
+from seqexp.run.resume import (
     CLUSTER_JOB_TAG,
     OUTPUTS_TAG,
     RESUMES_TAG,
@@ -36,8 +38,7 @@ from seqexp.resume import (
     data_differences,
     find_run,
 )
-from seqexp.stopping import StopSignals
-from seqexp.tracking import (
+from seqexp.run.tracking import (
     Tracker,
     close_abandoned_runs,
     default_tracking_uri,
@@ -47,7 +48,6 @@ from seqexp.tracking import (
     process_tags,
     run_name,
 )
-from seqexp.training import Trainer, TrainingStopped
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def build_trainer(cfg: DictConfig, evaluator: Evaluator,
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check every key a run reads (seqexp/options.py), so that bad values fail before any work
+    """Check every key a run reads (seqexp/run/options.py), so that bad values fail before any work
     starts."""
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -159,7 +159,7 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
     """Train and evaluate one configuration, tracked as one MLflow run; `tags` are added to the
     run's own (a sweep's job: mlflow.parentRunId, sweep_id). `resume` (config) or a cluster
     `job_key` whose unfinished run has this configuration (a requeued job) continue that run,
-    in its outputs folder, from its resumable training state (seqexp.resume)."""
+    in its outputs folder, from its resumable training state (seqexp.run.resume)."""
     validate(cfg)
     seed_everything(cfg.seed)
     configure_torch(cfg.train)

@@ -29,8 +29,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from seqexp.atomic import write_json
-from seqexp.errors import message_line
+from seqexp.core.atomic import write_json
+from seqexp.core.errors import message_line
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def new_sweep_id() -> str:
 
 def tracking_uri_of(cfg: DictConfig, launch_dir: Path) -> str:
     """mlflow.tracking_uri, or the default SQLite file of the launch directory."""
-    from seqexp.tracking import default_tracking_uri
+    from seqexp.run.tracking import default_tracking_uri
 
     return cfg.mlflow.tracking_uri or default_tracking_uri(launch_dir)
 
@@ -115,7 +115,7 @@ def record_failed_job(info: SweepInfo, tags: Mapping[str, str], name: str,
     """Make a failed job visible under its parent: the run it started (already ended FAILED)
     gets the error as a tag; a job that failed before creating a run (bad config) gets a FAILED
     run of its own. Never raises: the job's own error is what the sweeper must see."""
-    from seqexp.tracking import Tracker
+    from seqexp.run.tracking import Tracker
 
     message = message_line(error, limit=4000)
     try:
@@ -160,7 +160,7 @@ def _parent_name(config: DictConfig, sweep_id: str) -> str:
 
 def end_open_sweeps(status: str = "FAILED") -> None:
     """End the parent run of every sweep this process started and did not finish."""
-    from seqexp.tracking import Tracker
+    from seqexp.run.tracking import Tracker
 
     for sweep_id, info in list(_open_sweeps.items()):
         _open_sweeps.pop(sweep_id, None)
@@ -198,7 +198,7 @@ class SweepCallback(Callback):
         self.info: SweepInfo | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from seqexp.tracking import Tracker, git_tags
+        from seqexp.run.tracking import Tracker, git_tags
 
         launch_dir = Path(config.hydra.runtime.cwd)
         sweep_dir = sweep_dir_of(config.hydra)
@@ -217,7 +217,7 @@ class SweepCallback(Callback):
                  tracker.tracking_uri)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from seqexp.tracking import Tracker
+        from seqexp.run.tracking import Tracker
 
         info = self.info
         if info is None or info.sweep_id not in _open_sweeps:
@@ -241,7 +241,7 @@ class SweepCallback(Callback):
 def sweep_summary(info: SweepInfo, counts: Mapping[str, float], best_run: str | None,
                   monitor: str) -> str:
     """The last lines of a multirun: what its jobs did, the best one, and what to run next."""
-    from seqexp.tracking import ui_hint
+    from seqexp.run.tracking import ui_hint
     jobs = ", ".join(f"{int(counts[f'jobs_{s}'])} {s}" for s in ("finished", "failed", "killed"))
     best = (f"; best {monitor.removeprefix('best_')}={counts[monitor]:.5f} (run {best_run})"
             if best_run is not None else "")

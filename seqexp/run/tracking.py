@@ -1,5 +1,5 @@
 """MLflow: run names, params, metrics, tags and artifacts. Nothing else imports mlflow
-(seqexp.report reads runs back through `Tracker.client`)."""
+(seqexp.apps.report reads runs back through `Tracker.client`)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from seqexp import liveness
-from seqexp.errors import SeqexpError, message_line
+from seqexp.core import liveness
+from seqexp.core.errors import SeqexpError, message_line
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def flatten(tree: Mapping, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]  # seqexp/, above run/
 # Written into the wheel by hatch_build.py: the commit a non-editable install was built from.
 BUILD_INFO = _PACKAGE_DIR / "_build_git.json"
 
@@ -346,13 +346,13 @@ class Tracker:
             with_lock_retry(self.client.set_terminated, self.run_id, status=status)
 
 
-# The process behind a run (seqexp.liveness): a later seqexp on the same host closes the run of
+# The process behind a run (seqexp.core.liveness): a later seqexp on the same host closes the run of
 # a process that is gone (SIGKILL, a power cut) instead of leaving it RUNNING forever.
 ABANDONED_TAG = "failure_reason"
 
 
 def process_tags() -> dict[str, str]:
-    """The tags host, pid and pid_start of this process (seqexp.liveness)."""
+    """The tags host, pid and pid_start of this process (seqexp.core.liveness)."""
     return liveness.identity()
 
 
