@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from helpers import compose_config
-from seqexp.data import load_dataset
+from seqexp.data.loading import load_dataset
 from seqexp.data.sequences import SequenceData
 from seqexp.run.experiment import build_evaluator, build_model, build_trainer, seed_everything
 

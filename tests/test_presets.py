@@ -18,8 +18,8 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from helpers import tiny_overrides
+from seqexp.analysis.table import load_paper, paper_order
 from seqexp.apps import cli
-from seqexp.apps.report import load_paper, paper_order
 from seqexp.core.resources import config_dir, group_options
 
 

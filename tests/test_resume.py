@@ -23,16 +23,11 @@ from mlflow.tracking import MlflowClient
 
 from helpers import compose_config, tiny_overrides
 from seqexp.apps.cli import stop_after_signal
+from seqexp.core.checkpoint import read_checkpoint
 from seqexp.core.errors import SeqexpError
-from seqexp.core.stopping import StopSignals
-from seqexp.data import load_dataset
-from seqexp.engine.trainer import (
-    HOLD_ENV,
-    SIGNAL_ENV,
-    STATE_FORMAT,
-    TrainingStopped,
-    read_checkpoint,
-)
+from seqexp.core.stopping import StopSignals, TrainingStopped
+from seqexp.data.loading import load_dataset
+from seqexp.engine.trainer import HOLD_ENV, SIGNAL_ENV, STATE_FORMAT
 from seqexp.run.experiment import (
     build_evaluator,
     build_model,

@@ -16,19 +16,17 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from seqexp.apps.recommend import checkpoint_contents
 from seqexp.core.atomic import write_json, write_text
 from seqexp.core.errors import SeqexpError, message_line
-from seqexp.core.stopping import StopSignals
-from seqexp.data import SequenceData, load_dataset
-from seqexp.engine.evaluator import (
-    Evaluator,
-    RankCounts,
-    write_id_maps,
-    write_ranks,
-)
-from seqexp.engine.trainer import Trainer, TrainingStopped
+from seqexp.core.flat_config import flatten
+from seqexp.core.stopping import StopSignals, TrainingStopped
+from seqexp.data.loading import load_dataset
+from seqexp.data.sequences import SequenceData
+from seqexp.engine.evaluator import Evaluator
+from seqexp.engine.metrics import RankCounts
+from seqexp.engine.trainer import Trainer
 from seqexp.models.base import Recommender
+from seqexp.run.artifacts import checkpoint_contents, write_id_maps, write_ranks
 from seqexp.run.options import check_config
 from seqexp.run.resume import (
     CLUSTER_JOB_TAG,
@@ -43,7 +41,6 @@ from seqexp.run.tracking import (
     close_abandoned_runs,
     default_tracking_uri,
     environment_tags,
-    flatten,
     git_tags,
     process_tags,
     run_name,

@@ -18,10 +18,11 @@ from typing import Any, TypeVar
 
 from seqexp.core import liveness
 from seqexp.core.errors import SeqexpError, message_line
+from seqexp.core.flat_config import MAX_PARAM_LENGTH
+from seqexp.core.version import __version__
 
 log = logging.getLogger(__name__)
 
-MAX_PARAM_LENGTH = 6000
 # Overrides that change where a run is tracked, not what it computes, stay out of its name.
 _NAME_EXCLUDED_PREFIXES = ("model=", "dataset=", "mlflow.", "hydra.", "paths.")
 # SQLite answers "database is locked" when another process holds the write lock for longer than
@@ -119,18 +120,6 @@ def store_setup_lock(tracking_uri: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def flatten(tree: Mapping, prefix: str = "") -> dict[str, str]:
-    """{"train": {"lr": 0.001}} -> {"train.lr": "0.001"}; lists become their repr."""
-    flat: dict[str, str] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = str(value)[:MAX_PARAM_LENGTH]
-    return flat
-
-
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]  # seqexp/, above run/
 # Written into the wheel by hatch_build.py: the commit a non-editable install was built from.
 BUILD_INFO = _PACKAGE_DIR / "_build_git.json"
@@ -184,9 +173,7 @@ def cpu_model() -> str:
 def environment_tags(device: str = "cpu") -> dict[str, str]:
     """What a run ran on and with: Python, torch, CUDA and cuDNN versions, the GPU's name (on
     CUDA) or the CPU's model, torch's CPU threads and seqexp's version."""
-    import torch
-
-    from seqexp import __version__
+    import torch  # only here: `import seqexp.run.tracking` stays light
 
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     tags = {
