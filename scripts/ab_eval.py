@@ -54,7 +54,9 @@ from bench_models import ml10m_shaped  # noqa: E402
 
 def load_baseline(checkout: Path):
     """The evaluation module of another checkout, imported under its own name."""
-    path = checkout / "seqexp" / "evaluation.py"
+    path = checkout / "seqexp" / "engine" / "evaluator.py"
+    if not path.is_file():  # a checkout from before the layers: seqexp/evaluation.py
+        path = checkout / "seqexp" / "evaluation.py"
     if not path.is_file():
         raise SystemExit(f"--baseline {checkout}: no seqexp/engine/evaluator.py there")
     spec = importlib.util.spec_from_file_location("baseline_evaluation", path)

@@ -55,7 +55,7 @@ def plot(table: Table, path: Path) -> None:
 def history_curves(table: Table, dataset: str, metric: str = "mrr_at_20"
                    ) -> tuple[list[tuple[str, np.ndarray]], np.ndarray | None]:
     """Per row with per-event ranks: the metric in each quartile of the users' history length
-    (training events; seqexp.engine.evaluator.history_quartiles), and the quartile edges."""
+    (training events; seqexp.core.history.history_quartiles), and the quartile edges."""
     curves, edges = [], None
     for row in table.rows:
         cell = row.cells[(dataset, metric)]
