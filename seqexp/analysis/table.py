@@ -22,8 +22,6 @@ from seqexp.core.flat_config import flatten
 from seqexp.core.resources import config_dir
 
 METRICS = (("mrr_at_20", "MRR@20"), ("recall_at_20", "Recall@20"))
-
-
 DATASET_TITLES = {"ml10m": "ML-10M", "lastfm": "LastFM-1K"}
 
 
@@ -155,6 +153,7 @@ class Table:
 
 
 def settings_text(settings: Mapping[str, str]) -> str:
+    """"key=value, ..." sorted by key: the text of a settings footnote."""
     return ", ".join(f"{k}={v}" for k, v in sorted(settings.items()))
 
 
@@ -380,4 +379,5 @@ def add_significance(table: Table, resamples: int, rng: np.random.Generator) -> 
 
 
 def dataset_title(dataset: str) -> str:
+    """The paper's name of a dataset (ML-10M, LastFM-1K), else its config name."""
     return DATASET_TITLES.get(dataset, dataset)

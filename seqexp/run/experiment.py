@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from seqexp.core.atomic import write_json, write_text
 from seqexp.core.errors import SeqexpError, message_line
 from seqexp.core.flat_config import flatten
+from seqexp.core.ranks_file import ID_MAPS_FILE, RANKS_FILE
 from seqexp.core.stopping import StopSignals, TrainingStopped
 from seqexp.data.loading import load_dataset
 from seqexp.data.sequences import SequenceData
@@ -290,7 +291,7 @@ def log_ranks(tracker: Tracker, counts: RankCounts, data: SequenceData, cfg: Dic
         return
     settings = {"exclude_seen": bool(cfg.eval.get("exclude_seen", False)),
                 "dataset": str(cfg.dataset.get("name")), "seed": int(cfg.seed)}
-    tracker.log_artifact(write_ranks(counts, data, output_dir / "test_ranks.parquet", settings))
-    ids = write_id_maps(data, output_dir / "test_ranks_ids.parquet")
+    tracker.log_artifact(write_ranks(counts, data, output_dir / RANKS_FILE, settings))
+    ids = write_id_maps(data, output_dir / ID_MAPS_FILE)
     if ids is not None:
         tracker.log_artifact(ids)
