@@ -1,5 +1,5 @@
 """Build hook: a wheel records the commit it was built from (seqexp/_build_git.json), so that a
-run of an installed seqexp can tag seqexp's own commit (seqexp.tracking.git_tags)."""
+run of an installed seqexp can tag seqexp's own commit (seqexp.run.tracking.git_tags)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ class GitInfoHook(BuildHookInterface):
     def initialize(self, version: str, build_data: dict) -> None:
         sys.path.insert(0, self.root)
         try:
-            from seqexp.tracking import source_git_info
+            from seqexp.run.tracking import source_git_info
         finally:
             sys.path.remove(self.root)
         info = source_git_info(Path(self.root))

@@ -15,7 +15,7 @@ variant's exactly in every round.
 
 Variants, the first being the reference:
 - `current`: the working tree's evaluator with the model's settings;
-- `--baseline DIR`: the evaluator module (seqexp/evaluation.py) of another checkout, e.g. one
+- `--baseline DIR`: the evaluator module (seqexp/engine/evaluator.py) of another checkout, e.g. one
   made with `git worktree add DIR HEAD~1`, on the same model (it must fit the current
   package's interfaces);
 - `--tile-columns N`: the current evaluator scoring N items per CPU tile;
@@ -38,15 +38,15 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 
-import seqexp.evaluation as evaluation
-from seqexp.experiment import (
+import seqexp.engine.evaluator as evaluation
+from seqexp.core.resources import config_dir
+from seqexp.run.experiment import (
     build_evaluator,
     build_model,
     build_trainer,
     configure_torch,
     seed_everything,
 )
-from seqexp.resources import config_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_models import ml10m_shaped  # noqa: E402
@@ -54,9 +54,11 @@ from bench_models import ml10m_shaped  # noqa: E402
 
 def load_baseline(checkout: Path):
     """The evaluation module of another checkout, imported under its own name."""
-    path = checkout / "seqexp" / "evaluation.py"
+    path = checkout / "seqexp" / "engine" / "evaluator.py"
+    if not path.is_file():  # a checkout from before the layers: seqexp/evaluation.py
+        path = checkout / "seqexp" / "evaluation.py"
     if not path.is_file():
-        raise SystemExit(f"--baseline {checkout}: no seqexp/evaluation.py there")
+        raise SystemExit(f"--baseline {checkout}: no seqexp/engine/evaluator.py there")
     spec = importlib.util.spec_from_file_location("baseline_evaluation", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

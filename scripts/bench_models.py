@@ -37,9 +37,10 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 
+from seqexp.core.resources import config_dir
 from seqexp.data.preprocess import build_sequences
 from seqexp.data.synthetic import generate_synthetic
-from seqexp.experiment import (
+from seqexp.run.experiment import (
     build_evaluator,
     build_model,
     build_trainer,
@@ -47,7 +48,6 @@ from seqexp.experiment import (
     resolve_device,
     seed_everything,
 )
-from seqexp.resources import config_dir
 
 ML10M_USERS, ML10M_ITEMS = 69_878, 10_677
 

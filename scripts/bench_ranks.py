@@ -28,8 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_data import user_counts  # noqa: E402
 
+from seqexp.core.ranks_file import read_ranks
 from seqexp.data.sequences import SequenceData  # noqa: E402
-from seqexp.evaluation import RankCounts, read_ranks, write_ranks  # noqa: E402
+from seqexp.engine.metrics import RankCounts  # noqa: E402
+from seqexp.run.artifacts import write_ranks
 
 
 def ml10m_split(users: int, items: int, events: int, seed: int) -> SequenceData:

@@ -31,7 +31,7 @@ assert sys.argv[1] == "cpu" or torch.cuda.is_available(), "no CUDA device"
 PY
 work=$(mktemp -d)
 cli_check() {
-  (cd "$work" && python -m seqexp.cli model=attentional_ugru device="$device" train.amp=true \
+  (cd "$work" && python -m seqexp.apps.cli model=attentional_ugru device="$device" train.amp=true \
       train.epochs=2 train.progress=false model.hidden_size="$hidden" \
       model.loss=sampled_softmax paths.data_dir="$work/data") || return 1
   python - "$work/mlflow.db" "$device" <<'PY'

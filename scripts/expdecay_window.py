@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench_models import ml10m_shaped
 
-from seqexp.evaluation import Evaluator
+from seqexp.engine.evaluator import Evaluator
 from seqexp.models.knn import ExpDecayKNN
 
 

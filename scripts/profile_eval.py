@@ -29,9 +29,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch.profiler import ProfilerActivity, profile
 
-import seqexp.evaluation as evaluation
-from seqexp.experiment import build_evaluator, build_model, build_trainer, seed_everything
-from seqexp.resources import config_dir
+import seqexp.engine.evaluator as evaluation
+from seqexp.core.resources import config_dir
+from seqexp.run.experiment import build_evaluator, build_model, build_trainer, seed_everything
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_models import ml10m_shaped  # noqa: E402

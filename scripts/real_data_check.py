@@ -15,7 +15,7 @@ vocabulary, MRR@20 / Recall@20):
 1. Protocol check, `split.val_frac=0`: a separate numpy/pandas implementation of the split,
    of `pop` and `itemknn` scoring and of pessimistic ranking (nothing of seqexp's evaluator or
    models) against `seqexp model=pop|itemknn dataset=ml100k dataset.path=...`.
-2. Every model (MODELS), each seed, through `python -m seqexp.cli` with the settings in
+2. Every model (MODELS), each seed, through `python -m seqexp.apps.cli` with the settings in
    SETTINGS (default validation split: the trainable models keep the epoch with the best
    validation MRR@20). Results: OUT/real_data.json and OUT/real_data.md (mean ± std over seeds).
 
@@ -221,7 +221,7 @@ REPORT_ONLY = False  # --report-only: tabulate the runs already recorded, start 
 
 def run_seqexp(model: str, seed: int, udata: Path, out: Path,
                extra: list[str]) -> dict | None:
-    """One `python -m seqexp.cli` run: its metrics.json plus the wall time and the command,
+    """One `python -m seqexp.apps.cli` run: its metrics.json plus the wall time and the command,
     also kept as record.json in the run folder. A run folder that already holds a record is
     reused (an interrupted check resumes; several `--models` subsets can run side by side into
     one --out folder, each model with its own MLflow store)."""
@@ -231,7 +231,7 @@ def run_seqexp(model: str, seed: int, udata: Path, out: Path,
         return json.loads((run_dir / "record.json").read_text())
     if REPORT_ONLY:
         return None
-    command = [sys.executable, "-m", "seqexp.cli", f"model={model}", "dataset=ml100k",
+    command = [sys.executable, "-m", "seqexp.apps.cli", f"model={model}", "dataset=ml100k",
                f"dataset.path={udata}", f"seed={seed}", *COMMON, *SETTINGS[model], *extra,
                f"hydra.run.dir={run_dir}", f"mlflow.tracking_uri=sqlite:///{out}/mlflow-{model}.db",
                f"paths.data_dir={cache_folder()}"]

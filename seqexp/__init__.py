@@ -4,18 +4,22 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from seqexp.core.version import __version__
+
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from seqexp.recommend import Recommendations
+    from seqexp.apps.recommend import Recommendations
 
-__version__ = "0.2.0"
+__all__ = ["__version__", "load"]
 
 
 def load(source: str | Path, tracking_uri: str | None = None,
          device: str = "cpu") -> Recommendations:
     """The model of a run (MLflow run id, outputs folder or checkpoint file), ready to
-    recommend: `seqexp.load(run_id).recommend(user="42", k=20)` (seqexp.recommend)."""
-    from seqexp.recommend import load as load_run  # torch and MLflow only when used
+    recommend: `seqexp.load(run_id).recommend(user="42", k=20)` (seqexp.apps.recommend)."""
+    # Imported on the first call only, for start-up speed: every `import seqexp.<anything>`
+    # runs this file, and must not load torch and MLflow (docs/architecture.md).
+    from seqexp.apps.recommend import load as load_run
 
     return load_run(source, tracking_uri, device)

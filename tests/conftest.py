@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from seqexp.tracking import Tracker
+from seqexp.run.tracking import Tracker
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from seqexp.core.resources import config_dir
 from seqexp.data.sequences import SequenceData
-from seqexp.resources import config_dir
 
 
 def tiny_overrides(data_dir: Path, tracking_db: Path | None = None) -> list[str]:

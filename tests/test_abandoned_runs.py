@@ -14,8 +14,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from helpers import tiny_overrides
-from seqexp import liveness
-from seqexp.tracking import ABANDONED_TAG, Tracker, close_abandoned_runs, process_tags
+from seqexp.core import liveness
+from seqexp.run.tracking import ABANDONED_TAG, Tracker, close_abandoned_runs, process_tags
 
 
 def finished_pid() -> int:
@@ -59,7 +59,7 @@ def test_runs_of_gone_processes_on_this_host_are_marked_failed(store_uri):
 def test_resume_refuses_only_a_run_whose_process_still_runs_here():
     from types import SimpleNamespace
 
-    from seqexp.resume import _still_running_here
+    from seqexp.run.resume import _still_running_here
 
     def run(tags, status="RUNNING"):
         return SimpleNamespace(info=SimpleNamespace(status=status),
@@ -84,7 +84,7 @@ def test_resume_refuses_only_a_run_whose_process_still_runs_here():
 @pytest.mark.slow
 def test_a_sigkilled_seqexp_run_is_failed_by_the_next_one(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(sys.path))
-    common = [sys.executable, "-m", "seqexp.cli", *tiny_overrides(tmp_path / "data")]
+    common = [sys.executable, "-m", "seqexp.apps.cli", *tiny_overrides(tmp_path / "data")]
     args = [*common, "model=gru", "model.hidden_size=8", "train.epochs=200",
             "train.patience=200"]
     victim = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE,

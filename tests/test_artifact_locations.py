@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from helpers import tiny_overrides
-from seqexp.tracking import sqlite_path
+from seqexp.run.tracking import sqlite_path
 
 TINY = [o for o in tiny_overrides(Path("unused")) if not o.startswith("paths.")]
 
@@ -78,7 +78,7 @@ def test_a_run_puts_every_artifact_beside_the_default_store_and_says_where(tmp_p
     shutil.copy(empty_store, launch / "mlflow.db")
     tmp_before = set(os.listdir(tmp_path.parent))
 
-    single = _run("seqexp.cli", ["model=pop", *TINY, f"paths.data_dir={data}"], launch, home)
+    single = _run("seqexp.apps.cli", ["model=pop", *TINY, f"paths.data_dir={data}"], launch, home)
 
     last = single.strip().splitlines()[-3:]
     assert last[0].startswith("seqexp: run ") and " finished: test_mrr_at_20=" in last[0]
@@ -103,9 +103,9 @@ def test_run_sweep_and_report_put_every_artifact_beside_the_default_store(tmp_pa
     tmp_before = set(os.listdir(tmp_path.parent))
 
     common = [*TINY, f"paths.data_dir={data}"]
-    single = _run("seqexp.cli", ["model=pop", *common], launch, home)
-    sweep = _run("seqexp.cli", ["-m", "model=pop", "seed=1,2", *common], launch, home)
-    _run("seqexp.report", ["--out", "report", "--experiment", "seqexp"], launch, home)
+    single = _run("seqexp.apps.cli", ["model=pop", *common], launch, home)
+    sweep = _run("seqexp.apps.cli", ["-m", "model=pop", "seed=1,2", *common], launch, home)
+    _run("seqexp.apps.report", ["--out", "report", "--experiment", "seqexp"], launch, home)
 
     # The last lines say where the results went: the run, each job, the sweep.
     last = single.strip().splitlines()[-3:]
@@ -138,7 +138,7 @@ def test_a_run_tracked_in_a_given_sqlite_file_keeps_its_artifacts_beside_it(tmp_
     launch, data, home, store_dir, uri = _layout(tmp_path, store)
     tmp_before = set(os.listdir(tmp_path.parent))
 
-    _run("seqexp.cli", ["model=pop", *TINY, f"paths.data_dir={data}", *uri], launch, home)
+    _run("seqexp.apps.cli", ["model=pop", *TINY, f"paths.data_dir={data}", *uri], launch, home)
 
     _assert_nothing_outside(tmp_path, launch, home, {"outputs", "runs"}, tmp_before)
     artifacts = _files(store_dir / "mlartifacts")

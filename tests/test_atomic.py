@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from seqexp.atomic import atomic_path, write_json
+from seqexp.core.atomic import atomic_path, write_json
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path):

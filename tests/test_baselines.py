@@ -10,16 +10,16 @@ import pytest
 import torch
 
 from helpers import SHAPE_ATOL, SHAPE_RTOL, assert_no_near_ties, sequences
+from seqexp.core.errors import SeqexpError
 from seqexp.data.batching import prediction_batches
 from seqexp.data.preprocess import build_sequences
 from seqexp.data.synthetic import generate_synthetic
-from seqexp.errors import SeqexpError
-from seqexp.evaluation import Evaluator
-from seqexp.experiment import seed_everything
+from seqexp.engine.evaluator import Evaluator
+from seqexp.engine.trainer import Trainer
 from seqexp.models.factorisation import MF, SeqMF
 from seqexp.models.knn import ExpDecayKNN, ItemKNN
 from seqexp.models.popularity import Popularity
-from seqexp.training import Trainer
+from seqexp.run.experiment import seed_everything
 
 # users' training items: u0 {0,1,2}, u1 {0,1}, u2 {2,3}; the last event of each is a test event
 HAND_USERS = [[0, 1, 2, 4], [0, 1, 4], [2, 3, 4]]

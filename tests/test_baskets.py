@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from helpers import compose_config, timed_sequences, tiny_overrides
+from seqexp.core.errors import SeqexpError
 from seqexp.data.baskets import basket_starts, concat_ranges, sample_outside, split_baskets
-from seqexp.errors import SeqexpError
-from seqexp.evaluation import Evaluator
-from seqexp.experiment import run_experiment
+from seqexp.engine.evaluator import Evaluator
 from seqexp.models.base import Recommender
+from seqexp.run.experiment import run_experiment
 
 GAP = 1800
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import fixtures_raw as fx
+from seqexp.core.errors import SeqexpError
 from seqexp.data import cache, loading
 from seqexp.data.loading import load_dataset
 from seqexp.data.sequences import SequenceData
-from seqexp.errors import SeqexpError
 
 USER_TAIL = {"name": "user_tail", "test_frac": 0.2, "val_frac": 0.1}
 

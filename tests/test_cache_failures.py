@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 import fixtures_raw as fx
-from seqexp import liveness
+from seqexp.core import liveness
+from seqexp.core.errors import SeqexpError
 from seqexp.data import cache, loading
 from seqexp.data.loading import load_dataset
 from seqexp.data.sequences import inconsistencies
-from seqexp.errors import SeqexpError
 
 USER_TAIL = {"name": "user_tail", "test_frac": 0.2, "val_frac": 0.1}
 ML = {"name": "ml10m", "format": "movielens", "min_item_support": 1, "drop_repeats": False}

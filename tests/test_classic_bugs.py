@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from helpers import SHAPE_ATOL, SHAPE_RTOL, sequences
 from seqexp.data.batching import prediction_batches
-from seqexp.evaluation import Evaluator
+from seqexp.engine.evaluator import Evaluator
 from seqexp.models.base import Recommender
 from seqexp.models.recurrent import RecurrentRecommender
 

@@ -12,13 +12,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from helpers import compose_config, tiny_overrides
-from seqexp.experiment import run_experiment
-from seqexp.training import Trainer
+from seqexp.engine.trainer import Trainer
+from seqexp.run.experiment import run_experiment
 
 
 def seqexp(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "seqexp.cli", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "seqexp.apps.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 
 

@@ -11,13 +11,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from helpers import compose_config, tiny_overrides
-from seqexp.cli import check_flags
+from seqexp.apps.cli import check_flags
+from seqexp.apps.preflight import check_command_line, split_command_line
+from seqexp.core.errors import SeqexpError
+from seqexp.core.resources import group_options
 from seqexp.data.interactions import Interactions
 from seqexp.data.preprocess import build_sequences
-from seqexp.errors import SeqexpError
-from seqexp.experiment import run_experiment
-from seqexp.preflight import check_command_line, split_command_line
-from seqexp.resources import group_options
+from seqexp.run.experiment import run_experiment
 
 
 @pytest.mark.parametrize(("argv", "expected"), [
@@ -66,7 +66,7 @@ def test_hydra_flags_are_not_taken_for_overrides():
 
 
 def test_help_is_seqexps_own_page_listing_every_option_of_every_group():
-    result = subprocess.run([sys.executable, "-m", "seqexp.cli", "--help"],
+    result = subprocess.run([sys.executable, "-m", "seqexp.apps.cli", "--help"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     page = result.stdout
@@ -105,8 +105,8 @@ def test_an_empty_global_time_test_split_names_a_key_of_that_split():
 def test_a_key_the_model_cannot_take_is_the_configs_fault_but_a_bug_inside_keeps_its_type(
         monkeypatch):
     from helpers import sequences
-    from seqexp.experiment import build_model
     from seqexp.models import factorisation
+    from seqexp.run.experiment import build_model
 
     data = sequences([[0, 1, 2, 3], [1, 2, 3, 0]], n_items=4)
     with pytest.raises(SeqexpError, match="model=mf: got an unexpected keyword argument 'foo'"):

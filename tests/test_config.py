@@ -6,10 +6,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from helpers import compose_config, sequences
-from seqexp.cli import check_group_choices
-from seqexp.experiment import build_model
+from seqexp.apps.cli import check_group_choices
+from seqexp.core.resources import config_dir, group_options
 from seqexp.models.base import Recommender
-from seqexp.resources import config_dir, group_options
+from seqexp.run.experiment import build_model
 
 MODELS = group_options("model")
 DATASETS = group_options("dataset")

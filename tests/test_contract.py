@@ -3,7 +3,7 @@ random bad values for every config key. Each run ends with exit code 0, or with 
 one line `seqexp: error: ...`; never a traceback; and after exit code 2 nothing is left: no
 MLflow run, no cache entry.
 
-The CLI runs in this process (`seqexp.cli.main` with a fixed argv), so an example costs a Hydra
+The CLI runs in this process (`seqexp.apps.cli.main` with a fixed argv), so an example costs a Hydra
 composition, not a Python start. The default profile tries a few examples per property, so that
 the default suite stays fast; the `slow` profile tries thousands:
 
@@ -32,7 +32,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from helpers import compose_config, tiny_overrides
-from seqexp import cli
+from seqexp.apps import cli
 
 _COMMON = dict(deadline=None, derandomize=False, database=None,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,

@@ -2,7 +2,7 @@
 
 - Every `seqexp ...` command in README.md and docs/*.md (shell code blocks, with line
   continuations, environment prefixes and `&&` chains, and inline code) runs through seqexp's
-  own entry point, `seqexp.cli.main`, with `--cfg job` added: its checks of the command line
+  own entry point, `seqexp.apps.cli.main`, with `--cfg job` added: its checks of the command line
   (unknown keys and options, missing plugins, keys whose value is `???`), then Hydra's main.
   A `-m` command is checked whole by the same pre-flight, then expanded into jobs: every value
   of every key it sweeps is run at least once, together with all its fixed overrides (not every
@@ -36,12 +36,12 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
 from omegaconf import DictConfig, OmegaConf
 
-import seqexp.cli
-import seqexp.preflight
-import seqexp.resources
+import seqexp.apps.cli
+import seqexp.apps.preflight
+import seqexp.core.resources
 from helpers import sequences
-from seqexp.experiment import build_model
-from seqexp.resources import config_dir
+from seqexp.core.resources import config_dir
+from seqexp.run.experiment import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -240,20 +240,20 @@ def composer(docs_conf) -> Composer:
 
 @pytest.fixture
 def seqexp_main(docs_conf, monkeypatch, capsys):
-    """`seqexp ARGS` through the installed entry point, seqexp.cli.main (its checks of the
+    """`seqexp ARGS` through the installed entry point, seqexp.apps.cli.main (its checks of the
     command line, then Hydra's main), over the docs' copy of conf/; returns what it printed.
     A non-zero exit fails the calling test with the command's one-line error."""
-    for module in (seqexp.cli, seqexp.preflight, seqexp.resources):
+    for module in (seqexp.apps.cli, seqexp.apps.preflight, seqexp.core.resources):
         monkeypatch.setattr(module, "config_dir", lambda: docs_conf)
-    monkeypatch.setattr(seqexp.cli, "_run", hydra.main(
+    monkeypatch.setattr(seqexp.apps.cli, "_run", hydra.main(
         version_base="1.3", config_path=str(docs_conf), config_name="config")(
-        seqexp.cli._run.__wrapped__))
+        seqexp.apps.cli._run.__wrapped__))
 
     def run(args: list[str]) -> str:
         monkeypatch.setattr(sys, "argv", ["seqexp", *args])
         capsys.readouterr()
         try:
-            seqexp.cli.main()
+            seqexp.apps.cli.main()
         except SystemExit as exc:
             if exc.code not in (0, None):
                 err = capsys.readouterr().err.strip().splitlines() or [f"exit {exc.code}"]
@@ -301,7 +301,7 @@ def test_documented_command_runs_through_the_entry_point(composer, seqexp_main, 
     try:
         multirun, overrides = split_cli(args)
         if multirun:
-            problem = seqexp.preflight.check_command_line(args)
+            problem = seqexp.apps.preflight.check_command_line(args)
             if problem:
                 raise CommandFailed(problem)
             jobs = [with_cfg_job(job) for job in composer.jobs(multirun, overrides)]

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from seqexp.core.errors import SeqexpError
+from seqexp.core.resources import config_dir
 from seqexp.data.download import RemoteFile, extract_member, fetch
-from seqexp.errors import SeqexpError
-from seqexp.resources import config_dir
 
 PAYLOAD = random.Random(0).randbytes(2 * (1 << 20) + 12_345)  # spans several 1 MiB chunks
 PAYLOAD_MD5 = hashlib.md5(PAYLOAD).hexdigest()

@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from helpers import compose_config, timed_sequences, tiny_overrides
+from seqexp.core.errors import SeqexpError
 from seqexp.data.batching import prediction_batches
 from seqexp.data.preprocess import build_sequences
 from seqexp.data.synthetic import generate_synthetic
-from seqexp.errors import SeqexpError
-from seqexp.evaluation import Evaluator
-from seqexp.experiment import run_experiment
+from seqexp.engine.evaluator import Evaluator
+from seqexp.engine.trainer import Trainer
 from seqexp.models.dream import DREAM
 from seqexp.models.popularity import Popularity
-from seqexp.training import Trainer
+from seqexp.run.experiment import run_experiment
 
 GAP = 1800
 

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from helpers import sequences
-from seqexp.errors import SeqexpError
-from seqexp.evaluation import Evaluator, RankCounts, count_ranks
+from seqexp.core.errors import SeqexpError
+from seqexp.engine.evaluator import Evaluator
+from seqexp.engine.metrics import RankCounts
+from seqexp.engine.ranks import count_ranks
 from seqexp.models.base import Recommender
 from seqexp.models.popularity import Popularity
 
@@ -63,7 +65,7 @@ def test_the_two_pass_count_scores_only_the_chunks_that_hold_targets_twice():
 
 
 def test_cpu_score_tiles_rank_like_whole_rows(monkeypatch):
-    from seqexp import evaluation
+    from seqexp.engine import evaluator as evaluation
 
     class Hashed(Oracle):  # scores 0..4 from (target, item): many ties, targets anywhere
         def score_items(self, state, lo, hi):
@@ -143,7 +145,7 @@ def test_infinite_scores_and_ties_at_infinity_count_like_comparisons():
 
 
 def test_sign_sums_over_column_blocks_equal_comparisons_on_many_ties(monkeypatch):
-    import seqexp.evaluation as evaluation
+    import seqexp.engine.ranks as evaluation
 
     monkeypatch.setattr(evaluation, "SIGN_COLUMNS", 3)  # sums over 3-column pieces
     generator = torch.Generator().manual_seed(0)
@@ -329,7 +331,8 @@ def test_metrics_by_history_quartile_by_hand():
 def test_ranks_parquet_round_trip_sorted_compact_and_complete(tmp_path):
     import pyarrow.parquet as pq
 
-    from seqexp.evaluation import read_ranks, write_ranks
+    from seqexp.core.ranks_file import read_ranks
+    from seqexp.run.artifacts import write_ranks
 
     data = _data()
     counts = Evaluator([1]).rank_counts(Oracle(6, 4, data.items), data, "test")
@@ -350,8 +353,8 @@ def test_a_run_logs_its_ranks_ndcg_and_history_quartiles(tmp_path, store_uri):
     from mlflow.tracking import MlflowClient
 
     from helpers import compose_config, tiny_overrides
-    from seqexp.evaluation import read_id_maps, read_ranks
-    from seqexp.experiment import run_experiment
+    from seqexp.core.ranks_file import read_id_maps, read_ranks
+    from seqexp.run.experiment import run_experiment
 
     cfg = compose_config(["model=itemknn", *tiny_overrides(tmp_path / "data"),
                           f"mlflow.tracking_uri={store_uri}"])

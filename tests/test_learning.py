@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from helpers import compose_config
-from seqexp.data import load_dataset
+from seqexp.data.loading import load_dataset
 from seqexp.data.sequences import SequenceData
-from seqexp.experiment import build_evaluator, build_model, build_trainer, seed_everything
+from seqexp.run.experiment import build_evaluator, build_model, build_trainer, seed_everything
 
 # 150 users x 20-40 events over 80 items. Half of the next events are the current item's fixed
 # successor (a sequential signal), a fifth one of the user's favourites.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from seqexp.errors import message_line
+from seqexp.core.errors import message_line
 
 
 def test_the_first_line_by_default_the_last_on_request_and_cut_to_a_limit():

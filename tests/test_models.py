@@ -10,7 +10,7 @@ import torch
 
 from helpers import sequences
 from seqexp.data.batching import prediction_batches, window_batches
-from seqexp.evaluation import Evaluator
+from seqexp.engine.evaluator import Evaluator
 from seqexp.models.cells import GRUCell
 from seqexp.models.knn import ItemKNN, cosine_neighbours
 from seqexp.models.recurrent import RecurrentRecommender
@@ -159,8 +159,8 @@ def test_window_batch_pairs_index_the_masked_pairs_in_row_major_order():
 
 
 def test_a_non_finite_training_loss_stops_training_with_a_clear_error():
-    from seqexp.errors import SeqexpError
-    from seqexp.training import Trainer
+    from seqexp.core.errors import SeqexpError
+    from seqexp.engine.trainer import Trainer
 
     data = sequences([[1, 2, 3, 4, 5], [2, 3, 4, 5, 6]], n_items=8)
     model = RecurrentRecommender(8, 2, hidden_size=4, window=2)
@@ -184,7 +184,7 @@ def test_amp_on_a_cpu_autocasts_only_where_it_has_native_bf16(monkeypatch, caplo
                                                                 native_bf16):
     import logging
 
-    from seqexp.training import Trainer, amp_unavailable
+    from seqexp.engine.trainer import Trainer, amp_unavailable
 
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         monkeypatch.setattr(torch.cpu, probe, lambda: native_bf16, raising=False)
@@ -192,7 +192,7 @@ def test_amp_on_a_cpu_autocasts_only_where_it_has_native_bf16(monkeypatch, caplo
     model = AutocastSpy(8, 2, hidden_size=4, window=2)
     model.autocast_seen = []
     trainer = Trainer(Evaluator([1]), epochs=1, batch_size=2, progress=False, amp=True)
-    with caplog.at_level(logging.WARNING, logger="seqexp.training"):
+    with caplog.at_level(logging.WARNING, logger="seqexp.engine.trainer"):
         stats = trainer.train_epoch(model, data, trainer.make_optimizer(model),
                                     np.random.default_rng(0), 1)
     assert math.isfinite(stats["train_loss"])

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 import fixtures_raw as fx
+from seqexp.core.errors import SeqexpError
 from seqexp.data.interactions import raw_ids
 from seqexp.data.lastfm import read_lastfm
 from seqexp.data.movielens import read_movielens
 from seqexp.data.tabular import read_table
-from seqexp.errors import SeqexpError
 
 LAYOUTS = ["ratings_dat", "u_data", "ratings_csv"]
 

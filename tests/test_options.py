@@ -1,4 +1,4 @@
-"""seqexp/options.py: every key of conf/ has a rule, the shipped configs pass, and bad values
+"""seqexp/run/options.py: every key of conf/ has a rule, the shipped configs pass, and bad values
 are refused before any work with one line naming the key."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from helpers import compose_config
-from seqexp.errors import SeqexpError
-from seqexp.experiment import validate
-from seqexp.options import check_config, rule_of
-from seqexp.resources import config_dir, group_options
+from seqexp.core.errors import SeqexpError
+from seqexp.core.resources import config_dir, group_options
+from seqexp.run.experiment import validate
+from seqexp.run.options import check_config, rule_of
 
 # Every option of the groups that hold keys, in as few compositions as there are models: the
 # i-th model with the i-th dataset and split (cycled). csv needs a path to compose.
@@ -50,7 +50,7 @@ def composed(configs):
 def test_every_key_of_every_config_file_has_a_rule(composed):
     missing = sorted({f"{key} ({' '.join(overrides)})" for overrides, cfg in composed
                       for key in leaf_keys(cfg) if rule_of(cfg, key) is None})
-    assert missing == [], "keys without a rule in seqexp/options.py"
+    assert missing == [], "keys without a rule in seqexp/run/options.py"
 
 
 def test_every_option_of_every_group_is_composed():

@@ -31,8 +31,8 @@ def test_wheel_carries_the_config_tree_and_seqexp_composes_from_it(tmp_path):
         assert f"seqexp/conf/{config}" in names, config
     assert "seqexp/table2_paper.csv" in names  # seqexp-report's side-by-side numbers
     (entry_points,) = site.glob("seqexp-*.dist-info/entry_points.txt")
-    assert "seqexp-report = seqexp.report:main" in entry_points.read_text()
-    assert "seqexp-recommend = seqexp.recommend:main" in entry_points.read_text()
+    assert "seqexp-report = seqexp.apps.report:main" in entry_points.read_text()
+    assert "seqexp-recommend = seqexp.apps.recommend:main" in entry_points.read_text()
     # Launched from a user's own repository: runs are tagged with seqexp's commit, the one the
     # wheel was built from, never the launch folder's.
     elsewhere = tmp_path / "elsewhere"
@@ -45,7 +45,7 @@ def test_wheel_carries_the_config_tree_and_seqexp_composes_from_it(tmp_path):
                           text=True).stdout.strip()
     shown = subprocess.run(
         [sys.executable, "-c",
-         "import sys, seqexp.resources as r, seqexp.cli as c, seqexp.tracking as t;"
+         "import sys, seqexp.core.resources as r, seqexp.apps.cli as c, seqexp.run.tracking as t;"
          "print(r.config_dir()); print(t.git_tags()['git_sha']);"
          "sys.argv=['seqexp','--cfg','job','model=itemknn']; c.main()"],
         cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300,

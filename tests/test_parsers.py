@@ -10,13 +10,13 @@ import pytest
 from omegaconf import OmegaConf
 
 import fixtures_raw as fx
+from seqexp.core.errors import SeqexpError
+from seqexp.core.resources import config_dir
 from seqexp.data.lastfm import read_lastfm
 from seqexp.data.loading import load_dataset
 from seqexp.data.movielens import read_movielens
 from seqexp.data.preprocess import build_sequences
 from seqexp.data.tabular import read_table
-from seqexp.errors import SeqexpError
-from seqexp.resources import config_dir
 
 USER_TAIL = {"name": "user_tail", "test_frac": 0.2, "val_frac": 0.1}
 

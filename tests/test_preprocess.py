@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import fixtures_raw as fx
+from seqexp.core.errors import SeqexpError
 from seqexp.data.interactions import Interactions
 from seqexp.data.movielens import read_movielens
 from seqexp.data.preprocess import (
@@ -20,7 +21,6 @@ from seqexp.data.preprocess import (
     user_tail_split,
 )
 from seqexp.data.sequences import SequenceData
-from seqexp.errors import SeqexpError
 
 
 def raw(user, item, timestamp, source: str = "made-up.dat") -> Interactions:
@@ -393,9 +393,10 @@ def test_invariants_on_random_data(split, min_support, drop_repeats) -> None:
 
 
 def test_raw_ids_follow_users_and_items_through_filtering_and_the_ranks_id_file(tmp_path):
+    from seqexp.core.ranks_file import read_id_maps
     from seqexp.data.interactions import Interactions
     from seqexp.data.preprocess import build_sequences
-    from seqexp.evaluation import read_id_maps, write_id_maps
+    from seqexp.run.artifacts import write_id_maps
 
     # codes 0..3 label users "u-a".."u-d" (u-c has no event) and items "x".."z"; item "z" is
     # seen in training once only and falls under min_item_support

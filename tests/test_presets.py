@@ -18,9 +18,9 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from helpers import tiny_overrides
-from seqexp import cli
-from seqexp.report import load_paper, paper_order
-from seqexp.resources import config_dir, group_options
+from seqexp.analysis.table import load_paper, paper_order
+from seqexp.apps import cli
+from seqexp.core.resources import config_dir, group_options
 
 
 def installed(module: str) -> bool:
@@ -120,7 +120,7 @@ def test_a_preset_without_its_plugin_is_one_line(monkeypatch):
 def run_sweep(launcher: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run(
-        [sys.executable, "-m", "seqexp.cli", "-m", *launcher, "model=pop", "seed=1,2",
+        [sys.executable, "-m", "seqexp.apps.cli", "-m", *launcher, "model=pop", "seed=1,2",
          *tiny_overrides(tmp_path / "data"), f"hydra.sweep.dir={tmp_path / 'sweep'}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 

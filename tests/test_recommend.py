@@ -12,13 +12,14 @@ import torch
 
 import seqexp
 from helpers import compose_config, tiny_overrides
-from seqexp.data import load_dataset
+from seqexp.apps.recommend import Recommendations, main
+from seqexp.core.checkpoint import read_checkpoint
+from seqexp.core.errors import SeqexpError
+from seqexp.core.resources import group_options
 from seqexp.data.batching import prediction_batches
-from seqexp.errors import SeqexpError
-from seqexp.experiment import build_evaluator, build_model, build_trainer, seed_everything
-from seqexp.recommend import Recommendations, checkpoint_contents, main
-from seqexp.resources import group_options
-from seqexp.training import read_checkpoint
+from seqexp.data.loading import load_dataset
+from seqexp.run.artifacts import checkpoint_contents
+from seqexp.run.experiment import build_evaluator, build_model, build_trainer, seed_everything
 
 MODELS = group_options("model")
 

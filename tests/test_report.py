@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from seqexp.report import RunRecord, build_table, load_paper, main, to_csv, to_latex, to_markdown
-from seqexp.tracking import Tracker
+from seqexp.analysis.render import to_csv, to_latex, to_markdown
+from seqexp.analysis.table import RunRecord, build_table, load_paper
+from seqexp.apps.report import main
+from seqexp.run.tracking import Tracker
 
 PAPER = load_paper()
 
@@ -165,7 +167,7 @@ def ranked(model: str, ranks, seed: int = 1, dataset: str = "ml10m", users=None,
     """A run with per-event ranks; test metrics computed from them."""
     import numpy as np
 
-    from seqexp.report import event_values
+    from seqexp.analysis.table import event_values
 
     ranks = np.asarray(ranks)
     run = record(model, dataset, float(event_values(ranks, "mrr_at_20").mean()),
@@ -245,7 +247,7 @@ def test_settings_other_than_the_models_defaults_are_marked_and_named():
 
 
 def test_the_real_gru_defaults_come_from_table_1():
-    from seqexp.report import model_defaults, non_default_settings
+    from seqexp.analysis.table import model_defaults, non_default_settings
 
     defaults = model_defaults("gru")
     assert defaults["model.hidden_size"] == "1000" and defaults["train.epochs"] == "10"
@@ -271,7 +273,7 @@ def test_data_that_is_not_the_papers_is_marked_and_named_in_the_header():
 
 
 def test_history_quartile_curves_from_per_event_ranks():
-    from seqexp.report import history_curves
+    from seqexp.analysis.plots import history_curves
 
     # four users with 1, 2, 3, 4 training events; user u's events all rank u + 1
     users = [0, 0, 1, 2, 3, 3]
@@ -289,7 +291,8 @@ def test_report_with_logged_ranks_tests_and_plots_by_history(tmp_path, store_uri
     import numpy as np
 
     from helpers import sequences
-    from seqexp.evaluation import RankCounts, write_ranks
+    from seqexp.engine.metrics import RankCounts
+    from seqexp.run.artifacts import write_ranks
 
     data = sequences([[0, 1, 2, 3]] * 30, n_items=50, n_test=[2] * 30)
     tracker = Tracker(store_uri, "ranks")

@@ -2,7 +2,7 @@
 ends exactly as the same run uninterrupted; it continues its own MLflow run in its own outputs
 folder; a different configuration is refused; a requeued cluster job resumes its run.
 
-The subprocess tests use the test hook SEQEXP_TEST_HOLD_AFTER_EPOCH=k (seqexp.training): after
+The subprocess tests use the test hook SEQEXP_TEST_HOLD_AFTER_EPOCH=k (seqexp.engine.trainer): after
 writing the state of epoch k the process says so on stderr and waits for a signal, which the
 test then sends (SIGKILL or SIGTERM)."""
 
@@ -22,25 +22,20 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from helpers import compose_config, tiny_overrides
-from seqexp.cli import stop_after_signal
-from seqexp.data import load_dataset
-from seqexp.errors import SeqexpError
-from seqexp.experiment import (
+from seqexp.apps.cli import stop_after_signal
+from seqexp.core.checkpoint import read_checkpoint
+from seqexp.core.errors import SeqexpError
+from seqexp.core.stopping import StopSignals, TrainingStopped
+from seqexp.data.loading import load_dataset
+from seqexp.engine.trainer import HOLD_ENV, SIGNAL_ENV, STATE_FORMAT
+from seqexp.run.experiment import (
     build_evaluator,
     build_model,
     build_trainer,
     run_experiment,
     seed_everything,
 )
-from seqexp.resume import CLUSTER_JOB_TAG, differing_keys
-from seqexp.stopping import StopSignals
-from seqexp.training import (
-    HOLD_ENV,
-    SIGNAL_ENV,
-    STATE_FORMAT,
-    TrainingStopped,
-    read_checkpoint,
-)
+from seqexp.run.resume import CLUSTER_JOB_TAG, differing_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 # gru, one user-based cell, DREAM and MF: a carried hidden state, a user vector with its own
@@ -158,8 +153,8 @@ def test_early_stopping_counts_on_across_a_resume(shared):
 
 def test_sigterm_in_the_middle_of_an_epoch_keeps_its_batches(shared, monkeypatch):
     """A real SIGTERM through StopSignals, sent from inside the third batch of epoch 2."""
+    from seqexp.engine.trainer import Trainer
     from seqexp.models.recurrent import RecurrentRecommender
-    from seqexp.training import Trainer
 
     real_loss, real_epoch = RecurrentRecommender.training_loss, Trainer.train_epoch
     calls, epoch_starts, signal_at = [], [], {}
@@ -231,7 +226,7 @@ def start_held(model_name: str, tmp: Path, shared: Path, epoch: int) -> subproce
     env = dict(os.environ, **{HOLD_ENV: str(epoch)}, PYTHONPATH=str(ROOT),
                OMP_NUM_THREADS="1")
     process = subprocess.Popen(
-        [sys.executable, "-m", "seqexp.cli", *overrides(model_name, shared),
+        [sys.executable, "-m", "seqexp.apps.cli", *overrides(model_name, shared),
          f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}", f"hydra.run.dir={tmp / 'run'}"],
         cwd=tmp, env=env, stderr=subprocess.PIPE, text=True)
     lines = []
@@ -367,7 +362,7 @@ def test_a_requeued_cluster_job_resumes_its_own_run(tmp_path, shared, store, bas
     run = only_run(client)
     assert run.data.tags[CLUSTER_JOB_TAG] == "slurm:77_3"
     # the requeued job (the same key, no resume=) continues the run, RUNNING again
-    from seqexp.training import Trainer
+    from seqexp.engine.trainer import Trainer
 
     real_fit, statuses = Trainer.fit, []
 
@@ -387,7 +382,7 @@ def test_submitit_local_requeues_a_signalled_job_which_resumes(tmp_path, shared,
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
                **{SIGNAL_ENV: "2:USR2"})
     result = subprocess.run(
-        [sys.executable, "-m", "seqexp.cli", "-m", "hydra/launcher=submitit_local",
+        [sys.executable, "-m", "seqexp.apps.cli", "-m", "hydra/launcher=submitit_local",
          "hydra.launcher.timeout_min=10", *overrides("gru", shared), "seed=42",
          f"hydra.sweep.dir={tmp_path / 'sweep'}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -402,7 +397,7 @@ def test_submitit_local_requeues_a_signalled_job_which_resumes(tmp_path, shared,
 
 
 def test_environment_is_recorded():
-    from seqexp.tracking import environment_tags
+    from seqexp.run.tracking import environment_tags
 
     tags = environment_tags("cpu")
     assert tags["env.torch"] == torch.__version__

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from seqexp.report import event_values, holm, paired_bootstrap_ci, paired_randomisation_p
+from seqexp.analysis.significance import holm, paired_bootstrap_ci, paired_randomisation_p
+from seqexp.analysis.table import event_values
 
 
 def _mean_diff(x, y, axis=-1):

@@ -18,10 +18,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from helpers import tiny_overrides
-from seqexp.sweep import SWEEP_FILE
+from seqexp.run.sweep import SWEEP_FILE
 
 
-def seqexp(args: list[str], cwd: Path, module: str = "seqexp.cli"
+def seqexp(args: list[str], cwd: Path, module: str = "seqexp.apps.cli"
            ) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
@@ -80,7 +80,7 @@ def test_joblib_multirun_nests_parallel_jobs_under_one_parent_and_reports_them(t
     assert f"seqexp-report --sweep-id {parent.data.tags['sweep_id']}" in summary[1]
 
     report = seqexp(["--sweep-id", parent.data.tags["sweep_id"], "--out", "report"],
-                    cwd=tmp_path, module="seqexp.report")
+                    cwd=tmp_path, module="seqexp.apps.report")
     assert report.returncode == 0, report.stderr[-3000:]
     out = tmp_path / "report"
     mrr = [c.data.metrics["test_mrr_at_20"] for c in children]

@@ -22,8 +22,8 @@ from urllib.parse import urlsplit
 import pytest
 from mlflow.tracking import MlflowClient
 
-from seqexp.errors import SeqexpError
-from seqexp.tracking import Tracker
+from seqexp.core.errors import SeqexpError
+from seqexp.run.tracking import Tracker
 
 SERVER = os.environ.get("SEQEXP_TEST_TRACKING_SERVER")
 EXPERIMENT = os.environ.get("SEQEXP_TEST_TRACKING_EXPERIMENT", "ci-server")
@@ -121,7 +121,7 @@ def test_a_wrong_password_names_the_user_and_the_variables(monkeypatch):
 def test_seqexp_without_a_login_ends_with_one_line_and_no_run(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in LOGIN_VARIABLES}
     result = subprocess.run(
-        [sys.executable, "-m", "seqexp.cli", "model=pop", "dataset.n_users=40",
+        [sys.executable, "-m", "seqexp.apps.cli", "model=pop", "dataset.n_users=40",
          "dataset.n_items=50", "dataset.min_events=10", "dataset.max_events=20",
          "train.progress=false", f"paths.data_dir={DATA_DIR}", f"mlflow.tracking_uri={SERVER}",
          f"mlflow.experiment={EXPERIMENT}"],

@@ -10,8 +10,8 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from seqexp.errors import SeqexpError
-from seqexp.tracking import Tracker, is_locked_error, with_lock_retry
+from seqexp.core.errors import SeqexpError
+from seqexp.run.tracking import Tracker, is_locked_error, with_lock_retry
 
 N_PROCESSES = 4
 N_STEPS = 20

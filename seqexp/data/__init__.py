@@ -1,7 +1,6 @@
 """Data: raw formats, download, preprocessing, splits, cache and batching. Knows nothing of
-models, training or tracking."""
+models, training or tracking.
 
-from seqexp.data.loading import load_dataset
-from seqexp.data.sequences import SequenceData
-
-__all__ = ["SequenceData", "load_dataset"]
+Import the module you need (seqexp.data.loading.load_dataset, seqexp.data.sequences
+.SequenceData, ...): this package file imports nothing, so that a model, which needs only
+sequences and batches, does not load pandas, pyarrow and the downloader."""

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from seqexp.core.errors import SeqexpError
 from seqexp.data.sequences import SequenceData
-from seqexp.errors import SeqexpError
 
 
 def check_gap(gap_s: float, key: str) -> float:

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from seqexp import liveness
-from seqexp.atomic import write_json
+from seqexp.core import liveness
+from seqexp.core.atomic import write_json
+from seqexp.core.errors import unwritable
 from seqexp.data.sequences import SequenceData, inconsistencies
-from seqexp.errors import unwritable
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import IO
 
 from tqdm import tqdm
 
-from seqexp.errors import UNWRITABLE_ERRNOS, SeqexpError
+from seqexp.core.errors import UNWRITABLE_ERRNOS, SeqexpError
 
 CHUNK = 1 << 20  # 1 MiB: large enough for throughput, small enough to keep memory flat
 _USER_AGENT = "seqexp-downloader"  # some hosts reject urllib's default agent

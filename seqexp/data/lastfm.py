@@ -13,9 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from seqexp.core.errors import SeqexpError
 from seqexp.data.interactions import Interactions
 from seqexp.data.text import first_line, read_delimited, skipped_row_counter
-from seqexp.errors import SeqexpError
 
 log = logging.getLogger(__name__)
 

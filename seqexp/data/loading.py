@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from seqexp.core.errors import UNWRITABLE_ERRNOS, SeqexpError, unwritable
 from seqexp.data import download
 from seqexp.data.cache import (
     cache_key,
@@ -24,7 +25,6 @@ from seqexp.data.preprocess import PREPROCESS_VERSION, build_sequences
 from seqexp.data.sequences import SequenceData
 from seqexp.data.synthetic import generate_synthetic
 from seqexp.data.tabular import read_table
-from seqexp.errors import UNWRITABLE_ERRNOS, SeqexpError, unwritable
 
 log = logging.getLogger(__name__)
 

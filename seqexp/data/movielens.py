@@ -14,9 +14,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from seqexp.core.errors import SeqexpError, message_line
 from seqexp.data.interactions import Interactions, dense_codes
 from seqexp.data.text import first_line, read_delimited, skipped_row_counter
-from seqexp.errors import SeqexpError, message_line
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from seqexp.core.errors import SeqexpError
 from seqexp.data.interactions import Interactions, raw_ids
 from seqexp.data.sequences import SequenceData
-from seqexp.errors import SeqexpError
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from seqexp.core.errors import SeqexpError, message_line
 from seqexp.data.interactions import Interactions
 from seqexp.data.text import first_non_utf8_line
-from seqexp.errors import SeqexpError, message_line
 
 # Largest time (seconds, or any unit the file uses) accepted from a numeric column: every integer
 # up to it is exact in float64, and differences of two stay far from int64's overflow.

@@ -46,7 +46,7 @@ class Recommender(nn.Module):
     @property
     def uses_users(self) -> bool:
         """Whether scores depend on the user as well as on the items before the prediction
-        point (a user vector); seqexp.recommend needs a user for such a model."""
+        point (a user vector); seqexp.apps.recommend needs a user for such a model."""
         return False
 
     def training_state(self) -> dict[str, torch.Tensor]:

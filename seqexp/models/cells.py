@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqexp.errors import check_choice, check_option
+from seqexp.core.errors import check_choice, check_option
 
 
 class ItemInputs:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seqexp.core.errors import check_choice, check_option
 from seqexp.data.baskets import (
     Baskets,
     basket_starts,
@@ -32,7 +33,6 @@ from seqexp.data.baskets import (
 )
 from seqexp.data.batching import PredictionBatch
 from seqexp.data.sequences import SequenceData
-from seqexp.errors import check_choice, check_option
 from seqexp.models.base import Recommender
 
 POOLINGS = ("max", "mean")

@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seqexp.core.errors import SeqexpError, check_option
 from seqexp.data.batching import PredictionBatch
 from seqexp.data.sequences import SequenceData
-from seqexp.errors import SeqexpError, check_option
 from seqexp.models.base import Recommender
 
 

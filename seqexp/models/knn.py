@@ -11,9 +11,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from seqexp.core.errors import check_choice, check_option
 from seqexp.data.batching import PredictionBatch
 from seqexp.data.sequences import SequenceData
-from seqexp.errors import check_choice, check_option
 from seqexp.models.base import Recommender
 
 

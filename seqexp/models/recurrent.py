@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seqexp.core.errors import SeqexpError, check_choice, check_option
 from seqexp.data.batching import PredictionBatch, WindowBatch, to_device, window_batches
 from seqexp.data.sequences import SequenceData
-from seqexp.errors import SeqexpError, check_choice, check_option
 from seqexp.models.base import Recommender
 from seqexp.models.cells import CELLS, ItemInputs
 

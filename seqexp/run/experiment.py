@@ -16,19 +16,20 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from seqexp.atomic import write_json, write_text
-from seqexp.data import SequenceData, load_dataset
-from seqexp.errors import SeqexpError, message_line
-from seqexp.evaluation import (
-    Evaluator,
-    RankCounts,
-    write_id_maps,
-    write_ranks,
-)
+from seqexp.core.atomic import write_json, write_text
+from seqexp.core.errors import SeqexpError, message_line
+from seqexp.core.flat_config import flatten
+from seqexp.core.ranks_file import ID_MAPS_FILE, RANKS_FILE
+from seqexp.core.stopping import StopSignals, TrainingStopped
+from seqexp.data.loading import load_dataset
+from seqexp.data.sequences import SequenceData
+from seqexp.engine.evaluator import Evaluator
+from seqexp.engine.metrics import RankCounts
+from seqexp.engine.trainer import Trainer
 from seqexp.models.base import Recommender
-from seqexp.options import check_config
-from seqexp.recommend import checkpoint_contents
-from seqexp.resume import (
+from seqexp.run.artifacts import checkpoint_contents, write_id_maps, write_ranks
+from seqexp.run.options import check_config
+from seqexp.run.resume import (
     CLUSTER_JOB_TAG,
     OUTPUTS_TAG,
     RESUMES_TAG,
@@ -36,18 +37,15 @@ from seqexp.resume import (
     data_differences,
     find_run,
 )
-from seqexp.stopping import StopSignals
-from seqexp.tracking import (
+from seqexp.run.tracking import (
     Tracker,
     close_abandoned_runs,
     default_tracking_uri,
     environment_tags,
-    flatten,
     git_tags,
     process_tags,
     run_name,
 )
-from seqexp.training import Trainer, TrainingStopped
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +139,7 @@ def build_trainer(cfg: DictConfig, evaluator: Evaluator,
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check every key a run reads (seqexp/options.py), so that bad values fail before any work
+    """Check every key a run reads (seqexp/run/options.py), so that bad values fail before any work
     starts."""
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -159,7 +157,7 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
     """Train and evaluate one configuration, tracked as one MLflow run; `tags` are added to the
     run's own (a sweep's job: mlflow.parentRunId, sweep_id). `resume` (config) or a cluster
     `job_key` whose unfinished run has this configuration (a requeued job) continue that run,
-    in its outputs folder, from its resumable training state (seqexp.resume)."""
+    in its outputs folder, from its resumable training state (seqexp.run.resume)."""
     validate(cfg)
     seed_everything(cfg.seed)
     configure_torch(cfg.train)
@@ -293,7 +291,7 @@ def log_ranks(tracker: Tracker, counts: RankCounts, data: SequenceData, cfg: Dic
         return
     settings = {"exclude_seen": bool(cfg.eval.get("exclude_seen", False)),
                 "dataset": str(cfg.dataset.get("name")), "seed": int(cfg.seed)}
-    tracker.log_artifact(write_ranks(counts, data, output_dir / "test_ranks.parquet", settings))
-    ids = write_id_maps(data, output_dir / "test_ranks_ids.parquet")
+    tracker.log_artifact(write_ranks(counts, data, output_dir / RANKS_FILE, settings))
+    ids = write_id_maps(data, output_dir / ID_MAPS_FILE)
     if ids is not None:
         tracker.log_artifact(ids)

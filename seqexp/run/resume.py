@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from seqexp import liveness
-from seqexp.errors import SeqexpError
+from seqexp.core import liveness
+from seqexp.core.errors import SeqexpError
+from seqexp.run.tracking import with_lock_retry
 
 # Keys that may differ between a run and its continuation: where it runs (device, paths, the
 # tracking store), how fast (threads, compilation, TF32, evaluation batching) and what it shows.
@@ -23,7 +24,7 @@ IGNORED_KEYS = frozenset({
     "train.tf32", "eval.batch_users", "eval.max_block_elements", "model.eval_chunk",
 })
 IGNORED_PREFIXES = ("paths.", "mlflow.")
-# Params a run logs besides its configuration (seqexp.experiment: the data's statistics).
+# Params a run logs besides its configuration (seqexp.run.experiment: the data's statistics).
 DATA_PREFIX = "data."
 UNFINISHED = ("RUNNING", "KILLED", "FAILED", "SCHEDULED")
 OUTPUTS_TAG = "outputs_dir"  # the run's outputs folder (checkpoints/, metrics.json, ...)
@@ -128,8 +129,6 @@ def find_run(tracker, resume: str | None, config: Mapping[str, str],
 
 
 def _get_run(tracker, run_id: str):
-    from seqexp.tracking import with_lock_retry
-
     try:
         return with_lock_retry(tracker.client.get_run, run_id)
     except Exception:  # noqa: BLE001 - MLflow's "not found" differs between stores
@@ -149,8 +148,6 @@ def _checked(tracker, run) -> RunToResume:
         raise SeqexpError(f"resume: run {run.info.run_id} is still running (process {pid} on "
                           f"this host); stop it first (kill {pid}) or start a new run")
     found = _describe(run)
-    from seqexp.tracking import with_lock_retry
-
     history = with_lock_retry(tracker.client.get_metric_history, run.info.run_id, "train_loss")
     found.logged_epochs = {m.step for m in history}
     return found

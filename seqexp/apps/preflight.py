@@ -14,8 +14,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from seqexp.errors import message_line
-from seqexp.resources import config_dir
+from seqexp.core.errors import message_line
+from seqexp.core.resources import config_dir
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 # Command-line flags of Hydra's that take a value (the value is no override).

@@ -18,13 +18,16 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from seqexp.errors import SeqexpError, message_line
-from seqexp.preflight import check_command_line, sweeper_ranks_jobs
-from seqexp.resources import config_dir, group_options
-from seqexp.sweep import end_open_sweeps, job_tags, record_failed_job
+from seqexp.apps.preflight import check_command_line, sweeper_ranks_jobs
+from seqexp.core.errors import SeqexpError, message_line
+from seqexp.core.resources import config_dir, group_options
+from seqexp.core.stopping import TrainingStopped, exit_code
+from seqexp.run.resume import cluster_job_key
+from seqexp.run.sweep import end_open_sweeps, job_tags, record_failed_job, tracking_uri_of
+from seqexp.run.tracking import run_name, ui_hint
 
 if TYPE_CHECKING:
-    from seqexp.experiment import RunResult
+    from seqexp.run.experiment import RunResult
 
 log = logging.getLogger("seqexp")
 CHECKED_GROUPS = ("model", "dataset", "split", "train", "eval", "mlflow", "paths", "experiment",
@@ -47,9 +50,9 @@ PLUGIN_PRESETS = {
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def _run(cfg: DictConfig) -> float:
-    from seqexp.experiment import run_experiment  # after Hydra's argument parsing: fast --help
-    from seqexp.resume import cluster_job_key
-    from seqexp.training import TrainingStopped
+    # The one lazy import of the CLI, for start-up speed: the experiment loads torch, which
+    # `seqexp --help` and a refused command line never need (docs/architecture.md).
+    from seqexp.run.experiment import run_experiment
 
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
@@ -98,7 +101,6 @@ def _run(cfg: DictConfig) -> float:
 def stop_after_signal(stopped: Exception, overrides: list[str], multirun: bool) -> None:
     """The end of a run stopped by a signal: say how to resume it, let a launcher's handler
     of the signal act (submitit: requeue the job), else exit with 128 + the signal's number."""
-    from seqexp.stopping import exit_code
 
     run_id = getattr(stopped, "run_id", "?")
     kept = [o for o in overrides if not o.lstrip("+~").startswith("resume=")]
@@ -132,9 +134,7 @@ def run_summary(result: RunResult, cfg: DictConfig, launch_dir: Path, output_dir
                 prefix: str = "") -> str:
     """The last lines of a run: its id, the test metrics at the monitored cutoff, where its
     outputs are and how to look at it in the MLflow UI."""
-    from seqexp.experiment import headline_metrics
-    from seqexp.sweep import tracking_uri_of
-    from seqexp.tracking import ui_hint
+    from seqexp.run.experiment import headline_metrics  # loads torch: see _run
 
     shown = ", ".join(f"{k}={result.metrics[k]:.5f}" for k in headline_metrics(cfg)
                       if k in result.metrics)
@@ -153,7 +153,6 @@ def run_summary(result: RunResult, cfg: DictConfig, launch_dir: Path, output_dir
 
 def _job_identity(cfg: DictConfig, overrides: list[str]) -> tuple[str, dict[str, str]]:
     """Run name and model/dataset/seed tags of a job, from a config that may not resolve."""
-    from seqexp.tracking import run_name
 
     def pick(key: str) -> str:
         try:

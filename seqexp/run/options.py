@@ -15,15 +15,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from seqexp.core.errors import SeqexpError
 from seqexp.data.lastfm import ITEM_KINDS
 from seqexp.data.movielens import LAYOUTS
-from seqexp.errors import SeqexpError
+from seqexp.engine.trainer import OPTIMIZERS
 from seqexp.models.cells import CELLS as RNN_CELLS
 from seqexp.models.dream import CELLS as DREAM_CELLS
 from seqexp.models.dream import POOLINGS
 from seqexp.models.knn import DECAY_UNITS
 from seqexp.models.recurrent import LOSSES
-from seqexp.training import OPTIMIZERS
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def anything() -> Rule:
 
 # ------------------------------------------------------------------------------ the tables
 TOP = {"seed": integer(0, 2**32 - 1), "device": text(),
-       # a run id or "last" (seqexp/resume.py); a run id of digits only reaches here as an int
+       # a run id or "last" (seqexp/run/resume.py); a run id of digits only reaches here as an int
        "resume": Rule("be a run id or last", lambda v: (isinstance(v, str) and v != "")
                       or _is_int(v), nullable=True)}
 

@@ -1,5 +1,5 @@
 """MLflow: run names, params, metrics, tags and artifacts. Nothing else imports mlflow
-(seqexp.report reads runs back through `Tracker.client`)."""
+(seqexp.apps.report reads runs back through `Tracker.client`)."""
 
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from seqexp import liveness
-from seqexp.errors import SeqexpError, message_line
+from seqexp.core import liveness
+from seqexp.core.errors import SeqexpError, message_line
+from seqexp.core.flat_config import MAX_PARAM_LENGTH
+from seqexp.core.version import __version__
 
 log = logging.getLogger(__name__)
 
-MAX_PARAM_LENGTH = 6000
 # Overrides that change where a run is tracked, not what it computes, stay out of its name.
 _NAME_EXCLUDED_PREFIXES = ("model=", "dataset=", "mlflow.", "hydra.", "paths.")
 # SQLite answers "database is locked" when another process holds the write lock for longer than
@@ -119,19 +120,7 @@ def store_setup_lock(tracking_uri: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def flatten(tree: Mapping, prefix: str = "") -> dict[str, str]:
-    """{"train": {"lr": 0.001}} -> {"train.lr": "0.001"}; lists become their repr."""
-    flat: dict[str, str] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = str(value)[:MAX_PARAM_LENGTH]
-    return flat
-
-
-_PACKAGE_DIR = Path(__file__).resolve().parent
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]  # seqexp/, above run/
 # Written into the wheel by hatch_build.py: the commit a non-editable install was built from.
 BUILD_INFO = _PACKAGE_DIR / "_build_git.json"
 
@@ -184,9 +173,7 @@ def cpu_model() -> str:
 def environment_tags(device: str = "cpu") -> dict[str, str]:
     """What a run ran on and with: Python, torch, CUDA and cuDNN versions, the GPU's name (on
     CUDA) or the CPU's model, torch's CPU threads and seqexp's version."""
-    import torch
-
-    from seqexp import __version__
+    import torch  # only here: `import seqexp.run.tracking` stays light
 
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     tags = {
@@ -346,13 +333,13 @@ class Tracker:
             with_lock_retry(self.client.set_terminated, self.run_id, status=status)
 
 
-# The process behind a run (seqexp.liveness): a later seqexp on the same host closes the run of
+# The process behind a run (seqexp.core.liveness): a later seqexp on the same host closes the run of
 # a process that is gone (SIGKILL, a power cut) instead of leaving it RUNNING forever.
 ABANDONED_TAG = "failure_reason"
 
 
 def process_tags() -> dict[str, str]:
-    """The tags host, pid and pid_start of this process (seqexp.liveness)."""
+    """The tags host, pid and pid_start of this process (seqexp.core.liveness)."""
     return liveness.identity()
 
 

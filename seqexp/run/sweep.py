@@ -29,19 +29,21 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from seqexp.atomic import write_json
-from seqexp.errors import message_line
+from seqexp.core.atomic import write_json
+from seqexp.core.errors import message_line
+from seqexp.run.tags import (
+    ERROR_TAG,
+    PARENT_ROLE,
+    PARENT_TAG,
+    ROLE_TAG,
+    SWEEP_ID_TAG,
+    SWEEP_JOB_TAG,
+)
+from seqexp.run.tracking import Tracker, default_tracking_uri, git_tags, ui_hint
 
 log = logging.getLogger(__name__)
 
 SWEEP_FILE = "mlflow_sweep.json"
-# Tags of the parent run; children carry SWEEP_ID_TAG, SWEEP_JOB_TAG and mlflow.parentRunId.
-SWEEP_ID_TAG = "sweep_id"
-SWEEP_JOB_TAG = "sweep_job"
-ROLE_TAG = "seqexp.role"
-PARENT_ROLE = "sweep"
-PARENT_TAG = "mlflow.parentRunId"
-ERROR_TAG = "error"
 # Files a sweeper leaves in the sweep folder that belong with the parent run.
 _SWEEP_ARTIFACTS = ("multirun.yaml", "optimization_results.yaml")
 
@@ -84,8 +86,6 @@ def new_sweep_id() -> str:
 
 def tracking_uri_of(cfg: DictConfig, launch_dir: Path) -> str:
     """mlflow.tracking_uri, or the default SQLite file of the launch directory."""
-    from seqexp.tracking import default_tracking_uri
-
     return cfg.mlflow.tracking_uri or default_tracking_uri(launch_dir)
 
 
@@ -115,8 +115,6 @@ def record_failed_job(info: SweepInfo, tags: Mapping[str, str], name: str,
     """Make a failed job visible under its parent: the run it started (already ended FAILED)
     gets the error as a tag; a job that failed before creating a run (bad config) gets a FAILED
     run of its own. Never raises: the job's own error is what the sweeper must see."""
-    from seqexp.tracking import Tracker
-
     message = message_line(error, limit=4000)
     try:
         tracker = Tracker(info.tracking_uri, info.experiment)
@@ -160,8 +158,6 @@ def _parent_name(config: DictConfig, sweep_id: str) -> str:
 
 def end_open_sweeps(status: str = "FAILED") -> None:
     """End the parent run of every sweep this process started and did not finish."""
-    from seqexp.tracking import Tracker
-
     for sweep_id, info in list(_open_sweeps.items()):
         _open_sweeps.pop(sweep_id, None)
         try:
@@ -198,8 +194,6 @@ class SweepCallback(Callback):
         self.info: SweepInfo | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from seqexp.tracking import Tracker, git_tags
-
         launch_dir = Path(config.hydra.runtime.cwd)
         sweep_dir = sweep_dir_of(config.hydra)
         tracker = Tracker(tracking_uri_of(config, launch_dir), config.mlflow.experiment)
@@ -217,8 +211,6 @@ class SweepCallback(Callback):
                  tracker.tracking_uri)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from seqexp.tracking import Tracker
-
         info = self.info
         if info is None or info.sweep_id not in _open_sweeps:
             return
@@ -241,7 +233,6 @@ class SweepCallback(Callback):
 def sweep_summary(info: SweepInfo, counts: Mapping[str, float], best_run: str | None,
                   monitor: str) -> str:
     """The last lines of a multirun: what its jobs did, the best one, and what to run next."""
-    from seqexp.tracking import ui_hint
     jobs = ", ".join(f"{int(counts[f'jobs_{s}'])} {s}" for s in ("finished", "failed", "killed"))
     best = (f"; best {monitor.removeprefix('best_')}={counts[monitor]:.5f} (run {best_run})"
             if best_run is not None else "")

@@ -14,7 +14,6 @@ import copy
 import logging
 import math
 import os
-import pickle
 import random
 import sys
 import time
@@ -27,10 +26,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from seqexp.atomic import atomic_path
+from seqexp.core.atomic import atomic_path
+from seqexp.core.checkpoint import read_checkpoint, save_checkpoint
+from seqexp.core.errors import SeqexpError
+from seqexp.core.stopping import TrainingStopped
 from seqexp.data.sequences import SequenceData
-from seqexp.errors import SeqexpError, message_line
-from seqexp.evaluation import Evaluator
+from seqexp.engine.evaluator import Evaluator
 from seqexp.models.base import Recommender
 
 log = logging.getLogger(__name__)
@@ -68,51 +69,12 @@ HOLD_ENV = "SEQEXP_TEST_HOLD_AFTER_EPOCH"
 SIGNAL_ENV = "SEQEXP_TEST_SIGNAL_AFTER_EPOCH"
 
 
-class TrainingStopped(Exception):
-    """A stop signal ended training; the resumable state is on disk. `epoch` epochs are done and
-    `batches` batches of the next one are kept in the state."""
-
-    def __init__(self, signal_name: str, epoch: int, batches: int) -> None:
-        kept = (f" and {batches} batch{'es' if batches > 1 else ''} of epoch {epoch + 1}"
-                if batches else "")
-        super().__init__(f"stopped by {signal_name} after epoch {epoch}{kept}")
-        self.signal_name = signal_name
-        self.epoch = epoch
-        self.batches = batches
-
-
 class _EpochAbandoned(Exception):
     """Raised by train_epoch when a stop signal arrived: the partial epoch, to be saved."""
 
     def __init__(self, partial: dict[str, Any]) -> None:
         super().__init__("stop requested")
         self.partial = partial
-
-
-def save_checkpoint(model: Recommender, path: Path,
-                    contents: Mapping[str, Any] | None = None) -> None:
-    """The model's weights under "model", with `contents` (the resolved config, the raw ids and
-    the training histories: seqexp.recommend) beside them."""
-    with atomic_path(path) as tmp:
-        torch.save({**(contents or {}), "model": model.state_dict()}, tmp)
-
-
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint or training state written by seqexp. Only tensors and plain Python values
-    are read (torch.load(weights_only=True)): a file holding any other pickled object is
-    refused, so loading never runs code from the file."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        reason = message_line(exc, limit=300)
-        raise SeqexpError(f"{path}: refused, it holds Python objects other than tensors and plain "
-                          f"values ({reason}); seqexp never unpickles them") from None
-    except (OSError, RuntimeError, EOFError) as exc:
-        reason = message_line(exc, limit=300)
-        raise SeqexpError(f"{path}: cannot read it as a checkpoint ({reason})") from None
-    if not isinstance(payload, dict):
-        raise SeqexpError(f"{path}: not a seqexp checkpoint")
-    return payload
 
 
 def random_states(rng: np.random.Generator) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Recommendations from a finished (or stopped) run, without the original data.
 
 The best checkpoint (checkpoints/best.pt) carries the resolved config, the raw user and item
-ids and each user's training events beside the weights (`checkpoint_contents`), and is read
+ids and each user's training events beside the weights (seqexp.run.artifacts), and is read
 with torch.load(weights_only=True): tensors and plain values only, never pickled code.
 
     model = seqexp.load("<run id or checkpoint path>")
@@ -21,14 +21,20 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
+from seqexp.core.checkpoint import CHECKPOINT_FORMAT, read_checkpoint
+from seqexp.core.errors import SeqexpError
 from seqexp.data.batching import PredictionBatch
 from seqexp.data.sequences import SequenceData
-from seqexp.errors import SeqexpError
+from seqexp.run.artifacts import raw_id_strings
+from seqexp.run.experiment import build_model
+from seqexp.run.resume import OUTPUTS_TAG
+from seqexp.run.tracking import Tracker, default_tracking_uri, sqlite_path, with_lock_retry
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -36,35 +42,9 @@ if TYPE_CHECKING:
 
     from seqexp.models.base import Recommender
 
-CHECKPOINT_FORMAT = "seqexp-checkpoint-1"
 # The prediction point comes this long after the context's last event (a later session: for
 # DREAM a new basket, whatever the basket gap).
 NEXT_EVENT_AFTER_S = 2**31
-
-
-def _ids(values: np.ndarray | None, count: int) -> list[str]:
-    return [str(i) for i in range(count)] if values is None else [str(v) for v in values]
-
-
-def checkpoint_contents(cfg: DictConfig, data: SequenceData) -> dict[str, Any]:
-    """What the best checkpoint carries beside the weights: the resolved config, the raw ids
-    (their codes' order) and every user's training events."""
-    from omegaconf import OmegaConf
-
-    from seqexp import __version__
-
-    lengths = data.train_end - data.offsets[:-1]
-    mask = data.train_mask()
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "seqexp_version": __version__,
-        "config": OmegaConf.to_yaml(cfg, resolve=True),
-        "user_ids": _ids(data.user_ids, data.n_users),
-        "item_ids": _ids(data.item_ids, data.n_items),
-        "train_offsets": torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)])),
-        "train_items": torch.from_numpy(data.items[mask].astype(np.int64)),
-        "train_timestamps": torch.from_numpy(data.timestamps[mask].astype(np.int64)),
-    }
 
 
 def _code(index: dict[str, int], ids: list[str], raw: str | int, what: str, where: str) -> int:
@@ -84,8 +64,8 @@ class Recommendations:
         self.model = model
         self.data = data
         self.config = config
-        self.user_ids = _ids(data.user_ids, data.n_users)
-        self.item_ids = _ids(data.item_ids, data.n_items)
+        self.user_ids = raw_id_strings(data.user_ids, data.n_users)
+        self.item_ids = raw_id_strings(data.item_ids, data.n_items)
         self._user_index = {u: i for i, u in enumerate(self.user_ids)}
         self._item_index = {item: i for i, item in enumerate(self.item_ids)}
 
@@ -180,9 +160,6 @@ def checkpoint_path(source: str | Path, tracking_uri: str | None = None) -> Path
             if candidate.is_file():
                 return candidate
         raise SeqexpError(f"{path}: no checkpoints/best.pt in this folder")
-    from seqexp.resume import OUTPUTS_TAG
-    from seqexp.tracking import Tracker, default_tracking_uri, sqlite_path, with_lock_retry
-
     uri = tracking_uri or default_tracking_uri(Path.cwd())
     database = sqlite_path(uri)
     if database is not None and not database.is_file():
@@ -209,11 +186,6 @@ def checkpoint_path(source: str | Path, tracking_uri: str | None = None) -> Path
 def load(source: str | Path, tracking_uri: str | None = None,
          device: str = "cpu") -> Recommendations:
     """The model of a run (id, outputs folder or checkpoint file), ready to recommend."""
-    from omegaconf import OmegaConf
-
-    from seqexp.experiment import build_model
-    from seqexp.training import read_checkpoint
-
     path = checkpoint_path(source, tracking_uri)
     payload = read_checkpoint(path)
     if payload.get("format") != CHECKPOINT_FORMAT or "model" not in payload:

@@ -17,220 +17,19 @@ hit (the usual protocol; ranking it unreachable would make every repeat a certai
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from seqexp.atomic import atomic_path
+from seqexp.core.errors import SeqexpError
 from seqexp.data.baskets import basket_starts, check_gap
 from seqexp.data.batching import PredictionBatch, prediction_batches
 from seqexp.data.sequences import SequenceData
-from seqexp.errors import SeqexpError
+from seqexp.engine.metrics import RankCounts
+from seqexp.engine.ranks import check_finite, count_ranks
 from seqexp.models.base import Recommender
-
-
-@dataclass
-class RankCounts:
-    """Per-event counts of items scoring above (`greater`) and level with (`equal`) the target,
-    with who and what each event was when the evaluator knows it: the user, the position of the
-    target in the user's sequence (0 = first event) and the target item."""
-
-    greater: np.ndarray
-    equal: np.ndarray
-    users: np.ndarray | None = None
-    positions: np.ndarray | None = None
-    targets: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.greater)
-
-    def rank_pessimistic(self) -> np.ndarray:
-        return 1 + self.greater + self.equal
-
-    def rank_optimistic(self) -> np.ndarray:
-        return 1 + self.greater
-
-    def metrics(self, cutoffs: Sequence[int]) -> dict[str, float]:
-        """mrr_at_k / recall_at_k / ndcg_at_k (pessimistic) plus _optimistic and _expected
-        variants."""
-        n = len(self)
-        if n == 0:
-            raise SeqexpError("no events to evaluate: the split left no targets")
-        out: dict[str, float] = {}
-        pess, opt = self.rank_pessimistic(), self.rank_optimistic()
-        g, e = self.greater.astype(np.float64), self.equal.astype(np.float64)
-        for k in cutoffs:
-            for suffix, rank in (("", pess), ("_optimistic", opt)):
-                hit = rank <= k
-                out[f"recall_at_{k}{suffix}"] = float(hit.mean())
-                out[f"mrr_at_{k}{suffix}"] = float(np.where(hit, 1.0 / rank, 0.0).sum() / n)
-                gain = np.where(hit, 1.0 / np.log2(1.0 + np.minimum(rank, k)), 0.0)
-                out[f"ndcg_at_{k}{suffix}"] = float(gain.sum() / n)
-            # rank uniform on g+1 .. g+e+1: P(rank <= k), E[1/rank; rank <= k] and
-            # E[1/log2(1 + rank); rank <= k] from cumulative sums over ranks 1..k
-            recall = np.clip((k - g) / (e + 1.0), 0.0, 1.0)
-            top = np.minimum(g + e + 1, k).astype(np.int64)
-            low = np.minimum(g, k).astype(np.int64)
-            for name, table in (("mrr", _harmonic(k)), ("ndcg", _discounts(k))):
-                value = (table[top] - table[low]) / (e + 1.0)
-                out[f"{name}_at_{k}_expected"] = float(np.maximum(value, 0.0).mean())
-            out[f"recall_at_{k}_expected"] = float(recall.mean())
-        out["n_events"] = float(n)
-        return out
-
-    def by_history(self, history: np.ndarray, cutoffs: Sequence[int]) -> dict[str, float]:
-        """MRR/Recall/NDCG@k (pessimistic) per quartile of the users' history length:
-        `history[u]` = training events of user u. Quartile edges are taken over the users that
-        have events here; an event belongs to the quartile of its user (hist_q1 = shortest
-        histories, a user at an edge goes to the lower quartile). Keys:
-        hist_q<j>_{mrr,recall,ndcg}_at_<k>, hist_q<j>_n_events, hist_q<j>_max_train_events."""
-        if self.users is None:
-            raise ValueError("by_history needs the events' users")
-        quartile, edges = history_quartiles(history, self.users)
-        out: dict[str, float] = {}
-        for j in range(4):
-            members = quartile == j
-            if not members.any():
-                continue
-            part = RankCounts(self.greater[members], self.equal[members])
-            values = part.metrics(cutoffs)
-            for key, value in values.items():
-                if key == "n_events":
-                    out[f"hist_q{j + 1}_n_events"] = value
-                elif not key.endswith(("_optimistic", "_expected")):
-                    out[f"hist_q{j + 1}_{key}"] = value
-            out[f"hist_q{j + 1}_max_train_events"] = float(edges[j + 1])
-        return out
-
-
-def history_quartiles(history: np.ndarray, users: np.ndarray
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Quartile (0..3) of each event's user by history length, and the five edges (min, the
-    three quartile cuts, max) over the distinct users among `users`."""
-    per_user = np.asarray(history)[np.unique(users)]
-    edges = np.quantile(per_user, [0.0, 0.25, 0.5, 0.75, 1.0])
-    quartile = np.searchsorted(edges[1:4], np.asarray(history)[users], side="left")
-    return quartile, edges
-
-
-def _harmonic(k: int) -> np.ndarray:
-    """H[j] = sum_{r=1..j} 1/r for j = 0..k."""
-    return np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, k + 1))])
-
-
-def _discounts(k: int) -> np.ndarray:
-    """D[j] = sum_{r=1..j} 1/log2(1 + r) for j = 0..k."""
-    return np.concatenate([[0.0], np.cumsum(1.0 / np.log2(np.arange(2, k + 2)))])
-
-
-def count_ranks(
-    score_block: Callable[[int, int], torch.Tensor], targets: torch.Tensor, n_items: int,
-    chunk: int, excluded: tuple[torch.Tensor, torch.Tensor] | None = None,
-    keep_scores: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greater/equal counts for one batch of prediction points, scoring items `chunk` at a time.
-
-    With `keep_scores` (or when the catalogue fits one chunk) every chunk is scored once and
-    kept until its points' target scores are known; otherwise a first pass collects the target
-    scores and a second scores the chunks again to count against them. Either way each target
-    score is read from the same product as the scores it is compared with. `excluded` =
-    (point, item) pairs, distinct and never a point's own target, of items that are not ranked
-    for that point (eval.exclude_seen): they are counted like every other item, then taken back
-    out.
-    """
-    n_points = len(targets)
-    if n_points == 0:
-        empty = torch.zeros(0, dtype=torch.int32, device=targets.device)
-        return empty, empty.clone()
-    bounds = [(lo, min(lo + chunk, n_items)) for lo in range(0, n_items, chunk)]
-    kept = ([score_block(lo, hi) for lo, hi in bounds] if keep_scores or len(bounds) == 1
-            else None)
-    # Each point's target score, read from the tile that holds its target: the points sorted
-    # by that tile once, then one gather per tile.
-    if len(bounds) == 1:  # the usual case on a GPU: no sort, and no wait to learn the sizes
-        by_tile, per_tile = torch.arange(n_points, device=targets.device), [n_points]
-    else:
-        tile = torch.div(targets, chunk, rounding_mode="floor")
-        by_tile = torch.argsort(tile, stable=True)
-        per_tile = torch.bincount(tile, minlength=len(bounds)).tolist()
-    target_scores = None
-    first = 0
-    for index, ((lo, hi), count) in enumerate(zip(bounds, per_tile, strict=True)):
-        if count == 0:
-            continue
-        points = by_tile[first:first + count]
-        first += count
-        scores = kept[index] if kept is not None else score_block(lo, hi)
-        if target_scores is None:  # in the scores' dtype: float64 ties must stay ties
-            target_scores = scores.new_empty(n_points, 1)
-        target_scores[points, 0] = scores[points, targets[points] - lo]
-    # Row sums of sign(s − t) over all tiles: exact integers, in float64 across tiles.
-    net = torch.zeros(n_points, dtype=torch.float64, device=targets.device)
-    moved = torch.zeros_like(net)
-    # One buffer for the differences of every tile, not a new [P, chunk] tensor per tile.
-    differences = target_scores.new_empty(n_points, min(chunk, n_items, SIGN_COLUMNS))
-    greater = torch.zeros(n_points, dtype=torch.int32, device=targets.device)
-    equal = torch.full((n_points,), -1, dtype=torch.int32, device=targets.device)  # − target
-    for index, (lo, hi) in enumerate(bounds):
-        scores = kept[index] if kept is not None else score_block(lo, hi)
-        _sign_sums(scores, target_scores, differences, net, moved)
-        if excluded is not None:
-            _uncount(scores, target_scores, excluded, lo, hi, greater, equal)
-    # sign(s − t) sums to (above − below), its absolute value to (above + below)
-    greater += ((net + moved) / 2).to(torch.int32)
-    equal += (n_items - moved).to(torch.int32)
-    return greater, equal
-
-
-def _uncount(scores: torch.Tensor, target_scores: torch.Tensor,
-             excluded: tuple[torch.Tensor, torch.Tensor], lo: int, hi: int,
-             greater: torch.Tensor, equal: torch.Tensor) -> None:
-    """Take the excluded items of columns lo..hi-1 back out of the counts (in place)."""
-    point, item = excluded
-    inside = (item >= lo) & (item < hi)
-    point, item = point[inside], item[inside] - lo
-    score, target = scores[point, item], target_scores[point, 0]
-    for counts, taken in ((greater, point[score > target]), (equal, point[score == target])):
-        counts.index_add_(0, taken, torch.ones_like(taken, dtype=counts.dtype), alpha=-1)
-
-
-# Columns per float32 sum of signs: exact while partial sums stay below 2**24.
-SIGN_COLUMNS = 1 << 24
-
-
-def _sign_sums(scores: torch.Tensor, target_scores: torch.Tensor, differences: torch.Tensor,
-               net: torch.Tensor, moved: torch.Tensor) -> None:
-    """Add, per row, the sum of sign(s − t) (= above − below the row's target score t) to `net`
-    and the sum of |sign(s − t)| (= above + below) to `moved`: one pass each instead of two
-    comparisons. sign(s − t) is 0 exactly when s = t: subnormal differences stay nonzero
-    (torch.set_flush_denormal(True), which seqexp never sets, would make them ties), and a tie
-    at ±inf gives sign(NaN) = 0. NaN scores are an error (SeqexpError). `differences` is
-    scratch space of at least [P, min(width, SIGN_COLUMNS)]."""
-    for lo in range(0, scores.shape[1], SIGN_COLUMNS):
-        part = scores[:, lo:lo + SIGN_COLUMNS]
-        # into the scratch buffer, never in place: a model may return a view of its tensors
-        difference = torch.sub(part, target_scores, out=differences[:, :part.shape[1]])
-        # A NaN score makes the sum of the differences NaN (and so do +inf and −inf
-        # differences side by side, hence the check of the scores themselves): one pass over
-        # the differences while they are in cache, not one over the scores.
-        if torch.isnan(difference.sum()):
-            _check_finite(part)
-        sign = difference.sign_()
-        net += sign.sum(1, dtype=torch.float32)  # float32 for bf16/fp16 too
-        moved += sign.abs_().sum(1, dtype=torch.float32)
-
-
-def _check_finite(scores: torch.Tensor) -> None:
-    # A NaN compares false with everything and would rank the target first. (amax propagates
-    # NaN and reads without writing a mask: cheaper than isnan().any().)
-    if torch.isnan(scores.amax()):
-        raise SeqexpError("the model produced NaN scores; lower train.lr or check the data")
-
 
 # Users per evaluation batch when eval.batch_users is null: on a GPU, large batches keep the
 # per-step launch cost of replaying sequences small; on a CPU, small ones stay in cache.
@@ -397,7 +196,7 @@ class Evaluator:
         for start in range(0, n_points, points):
             part = slice(start, start + points)
             scores = model.score_items(_slice_state(state, part), 0, n_items)
-            _check_finite(scores)
+            check_finite(scores)
             top = scores.topk(min(k + 1, n_items), dim=1).values
             inside = (pair_point >= start) & (pair_point < start + len(scores))
             local, item = pair_point[inside] - start, pair_item[inside]
@@ -472,76 +271,3 @@ def _slice_state(state, part: slice):
 def train_events(data: SequenceData) -> np.ndarray:
     """Training events of every user (the history length the quartile metrics use)."""
     return data.train_end - data.offsets[:-1]
-
-
-RANKS_FORMAT = "seqexp.ranks/1"
-
-
-def write_ranks(counts: RankCounts, data: SequenceData, path: Path,
-                settings: dict | None = None) -> Path:
-    """Write the per-event ranks as Parquet, one row per event sorted by (user, position):
-    user (index of the user in the processed data), position (of the target in the user's
-    sequence, 0 = first event), item (training-vocabulary code), rank_pessimistic,
-    rank_optimistic and user_train_events (the user's history length), each in the smallest
-    unsigned integer type that holds it. The file's metadata (key `seqexp`) holds the number
-    of items, the tie policies and `settings` (e.g. eval.exclude_seen). Atomic."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    if counts.users is None or counts.positions is None or counts.targets is None:
-        raise ValueError("write_ranks needs the events' users, positions and targets")
-    order = np.lexsort((counts.positions, counts.users))
-    columns = {
-        "user": counts.users, "position": counts.positions, "item": counts.targets,
-        "rank_pessimistic": counts.rank_pessimistic(), "rank_optimistic": counts.rank_optimistic(),
-        "user_train_events": train_events(data)[counts.users],
-    }
-    arrays = {}
-    for name, values in columns.items():
-        values = np.asarray(values)[order]
-        smallest = np.min_scalar_type(int(values.max()) if len(values) else 0)
-        arrays[name] = pa.array(values.astype(smallest, copy=False))
-    meta = {"format": RANKS_FORMAT, "n_items": int(data.n_items), "n_users": int(data.n_users),
-            "rank_pessimistic": "1 + #items scoring higher + #other items scoring the same",
-            "rank_optimistic": "1 + #items scoring higher", **(settings or {})}
-    table = pa.table(arrays).replace_schema_metadata({"seqexp": json.dumps(meta)})
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
-    return path
-
-
-def write_id_maps(data: SequenceData, path: Path) -> Path | None:
-    """The raw ids behind the user indices and item codes of a ranks file, once per run: one
-    row per user and per item (kind "user" / "item", code, raw_id as a string). None when the
-    data carries no raw ids."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    if data.user_ids is None or data.item_ids is None:
-        return None
-    kinds = np.repeat(np.array(["user", "item"]), [len(data.user_ids), len(data.item_ids)])
-    codes = np.concatenate([np.arange(len(data.user_ids)), np.arange(len(data.item_ids))])
-    table = pa.table({"kind": pa.array(kinds).dictionary_encode(), "code": codes,
-                      "raw_id": np.concatenate([data.user_ids, data.item_ids]).astype(str)})
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
-    return path
-
-
-def read_id_maps(path: Path) -> dict[str, np.ndarray]:
-    """{"user": raw ids by user index, "item": raw ids by item code} from write_id_maps."""
-    import pyarrow.parquet as pq
-
-    frame = pq.read_table(path).to_pandas()
-    return {kind: part.sort_values("code")["raw_id"].to_numpy(dtype=str)
-            for kind, part in frame.groupby("kind", observed=True)}
-
-
-def read_ranks(path: Path) -> tuple[dict[str, np.ndarray], dict]:
-    """The columns of a test_ranks.parquet as int64 arrays, and its metadata."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
-    meta = json.loads((table.schema.metadata or {}).get(b"seqexp", b"{}"))
-    return {name: table.column(name).to_numpy().astype(np.int64)
-            for name in table.column_names}, meta

@@ -19,6 +19,19 @@ log = logging.getLogger(__name__)
 _LAUNCHER_SIGNALS = ("SIGUSR1", "SIGUSR2")
 
 
+class TrainingStopped(Exception):
+    """A stop signal ended training; the resumable state is on disk. `epoch` epochs are done and
+    `batches` batches of the next one are kept in the state."""
+
+    def __init__(self, signal_name: str, epoch: int, batches: int) -> None:
+        kept = (f" and {batches} batch{'es' if batches > 1 else ''} of epoch {epoch + 1}"
+                if batches else "")
+        super().__init__(f"stopped by {signal_name} after epoch {epoch}{kept}")
+        self.signal_name = signal_name
+        self.epoch = epoch
+        self.batches = batches
+
+
 def exit_code(signal_name: str) -> int:
     """The shell's code for a process ended by `signal_name`: 128 + its number (SIGTERM 143)."""
     return 128 + int(getattr(signal, signal_name, signal.SIGTERM))
