@@ -4,6 +4,7 @@ difference, the four files, and where they are logged."""
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import statistics
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+import seqexp.apps.report as report_app
 from seqexp.analysis.render import to_csv, to_latex, to_markdown
 from seqexp.analysis.table import RunRecord, build_table, load_paper
 from seqexp.apps.report import main
@@ -312,3 +314,37 @@ def test_report_with_logged_ranks_tests_and_plots_by_history(tmp_path, store_uri
     printed = capsys.readouterr().out
     assert "| linear_ugru | 1.00000 † ‡ |" in printed
     assert (tmp_path / "out" / "mrr_by_history.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _out_is_a_file(out: Path, monkeypatch) -> None:
+    out.write_text("not a folder")
+
+
+def _out_is_read_only(out: Path, monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(report_app.tempfile, "mkdtemp", refuse)
+
+
+def _disk_fills_mid_report(out: Path, monkeypatch) -> None:
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(report_app, "plot", full)  # after three of the files were written
+
+
+@pytest.mark.parametrize(("damage", "expected"), [
+    (_out_is_a_file, "is a file; name a folder"),
+    (_out_is_read_only, "cannot write the report there (Read-only file system)"),
+    (_disk_fills_mid_report, "cannot write the report there (No space left on device)"),
+])
+def test_an_out_folder_that_cannot_take_the_report_is_one_line_and_nothing_half_written(
+        tmp_path, store_uri, capsys, monkeypatch, damage, expected):
+    _tracked(Tracker(store_uri, "table2"), "itemknn", "ml10m", 1, 0.03, 0.12)
+    out = tmp_path / "out"
+    damage(out, monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--tracking-uri", store_uri, "--experiment", "table2", "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("seqexp-report: error: ") and expected in err[0]
+    assert out.is_file() or not out.exists() or list(out.iterdir()) == []

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import multiprocessing
+import random
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 
@@ -11,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from seqexp.core.errors import SeqexpError
-from seqexp.run.tracking import Tracker, is_locked_error, with_lock_retry
+from seqexp.run.tracking import Tracker, half_made_schema, is_locked_error, with_lock_retry
 
 N_PROCESSES = 4
 N_STEPS = 20
@@ -109,3 +112,71 @@ def test_a_server_that_forbids_creating_runs_gives_one_line(store_uri, monkeypat
     assert "\n" not in message
     assert message.startswith("mlflow.experiment=shared: user 'bob' may not create runs")
     assert "(HTTP 403)" in message
+
+
+def test_a_half_made_store_is_one_line_saying_what_to_do(tmp_path):
+    for name, make in (("tmp", "CREATE TABLE _alembic_tmp_tags (x); CREATE TABLE runs (x)"),
+                       ("unversioned", "CREATE TABLE experiments (x); CREATE TABLE runs (x)")):
+        db = tmp_path / name / "mlflow.db"
+        db.parent.mkdir()
+        with sqlite3.connect(db) as connection:
+            connection.executescript(make)
+        with pytest.raises(SeqexpError, match=r"half-created .* move it aside \(mv "):
+            Tracker(f"sqlite:///{db}", "x")
+        assert sorted(p.name for p in db.parent.iterdir()) == [".mlflow.db.lock", "mlflow.db"]
+
+
+def test_a_new_store_is_made_beside_and_moved_into_place(tmp_path):
+    db = tmp_path / "mlflow.db"
+    leftover = tmp_path / ".mlflow.db.creating.99999"  # a creator killed mid-way
+    leftover.write_bytes(b"SQLite format 3\x00 half")
+    Tracker(f"sqlite:///{db}", "x")
+    assert half_made_schema(db) is None and not leftover.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".mlflow.db.lock", "mlflow.db"]
+
+
+def test_a_reader_makes_no_store_where_there_is_none(tmp_path):
+    db = tmp_path / "nonexistent" / "dir" / "mlflow.db"
+    with pytest.raises(SeqexpError, match="there is no MLflow store at"):
+        Tracker(f"sqlite:///{db}", None, create=False)
+    assert not (tmp_path / "nonexistent").exists()
+
+
+_CREATE_STORE = """
+import sys
+from seqexp.run.tracking import Tracker
+print("ready", flush=True)
+Tracker(sys.argv[1], "seqexp")
+"""
+
+
+@pytest.mark.slow  # 20 store creations cut short, each a new interpreter
+def test_sigkill_at_random_moments_of_store_creation_never_loses_the_store(tmp_path):
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+
+    def start() -> subprocess.Popen:
+        child = subprocess.Popen([sys.executable, "-c", _CREATE_STORE, uri],
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert child.stdout.readline().strip() == "ready"
+        return child
+
+    began = time.monotonic()  # how long one whole creation takes on this machine
+    start().wait(timeout=300)
+    whole = time.monotonic() - began
+    db.unlink()
+    rng = random.Random(0)
+    for _ in range(20):
+        child = start()
+        time.sleep(rng.uniform(0.0, whole))
+        child.kill()
+        child.wait()
+        assert not db.exists() or half_made_schema(db) is None
+    tracker = Tracker(uri, "seqexp")  # then a normal run
+    tracker.start("after-the-kills", {})
+    tracker.log_metrics({"m": 1.0})
+    tracker.end("FINISHED")
+    (run,) = MlflowClient(uri).search_runs([tracker.experiment_id])
+    assert run.info.status == "FINISHED" and run.data.metrics == {"m": 1.0}
+    with sqlite3.connect(db) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)

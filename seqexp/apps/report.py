@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -40,17 +41,32 @@ HISTORY_PLOT = "mrr_by_history.png"
 
 def write_report(table: Table, out_dir: Path) -> list[Path]:
     """Table 2 as Markdown, CSV, LaTeX and PNG in `out_dir`, with the history chart when the
-    runs logged their ranks; the files written."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md, table_csv, tex, png = (out_dir / name for name in REPORT_FILES)
-    md.write_text(to_markdown(table))
-    table_csv.write_text(to_csv(table))
-    tex.write_text(to_latex(table))
-    plot(table, png)
-    files = [md, table_csv, tex, png]
-    if plot_history(table, out_dir / HISTORY_PLOT):
-        files.append(out_dir / HISTORY_PLOT)
-    return files
+    runs logged their ranks; the files written. They are made in a temporary folder inside
+    `out_dir` and moved into place, so a failure leaves no half-written report; a folder
+    that cannot be written is one line naming it."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SeqexpError(f"--out {out_dir} is a file; name a folder (it is created if need be)")
+    staging: Path | None = None
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".report.", dir=out_dir))
+        md, table_csv, tex, png = (staging / name for name in REPORT_FILES)
+        md.write_text(to_markdown(table))
+        table_csv.write_text(to_csv(table))
+        tex.write_text(to_latex(table))
+        plot(table, png)
+        made = [md, table_csv, tex, png]
+        if plot_history(table, staging / HISTORY_PLOT):
+            made.append(staging / HISTORY_PLOT)
+        for path in made:
+            os.replace(path, out_dir / path.name)
+    except OSError as exc:
+        raise SeqexpError(f"--out {out_dir}: cannot write the report there "
+                          f"({exc.strerror or exc}); name a folder you can write to") from None
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    return [out_dir / path.name for path in made]
 
 
 def _record(run: Any, client: Any = None) -> RunRecord:

@@ -9,6 +9,7 @@ import logging
 import os
 import platform
 import random
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -115,9 +116,70 @@ def store_setup_lock(tracking_uri: str) -> Iterator[None]:
     with open(db.parent / f".{db.name}.lock", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
+            create_sqlite_store(db)
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _creating_prefix(db: Path) -> str:
+    return f".{db.name}.creating."
+
+
+def create_sqlite_store(db: Path) -> None:
+    """Make a new SQLite store safe against a kill: MLflow creates and migrates the schema in a
+    temporary file beside `db`, renamed into place once complete, so `db` is either absent or
+    whole. Called under store_setup_lock, so a temporary file found here was left by a killed
+    creator and is removed. An existing store is checked for a half-made schema (a kill during
+    an older seqexp's or MLflow's own creation in place), which no later open can repair."""
+    for leftover in db.parent.glob(f"{_creating_prefix(db)}*"):
+        leftover.unlink(missing_ok=True)
+    if db.is_file() and db.stat().st_size > 0:
+        problem = half_made_schema(db)
+        if problem:
+            raise SeqexpError(
+                f"{db}: this MLflow store was left half-created by a process killed while "
+                f"making it ({problem}); nothing can open it again: move it aside (mv {db} "
+                f"{db}.broken) and run again, which creates a new store")
+        return
+    from mlflow.tracking import MlflowClient
+
+    tmp = db.parent / f"{_creating_prefix(db)}{os.getpid()}"
+    try:
+        client = MlflowClient(f"sqlite:///{tmp}")
+        client.search_experiments(max_results=1)  # creates every table and the Default one
+        client._tracking_client.store.engine.dispose()  # no pooled handle on the moved file
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, db)
+    finally:
+        for path in (tmp, tmp.with_name(f"{tmp.name}-journal")):
+            path.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def half_made_schema(db: Path) -> str | None:
+    """What shows that a store's schema creation or migration was cut short, else None: a
+    table that Alembic's batch migrations make and drop within one step, or tables without the
+    record of the schema version they are at."""
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as connection:
+            tables = {row[0] for row in connection.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            versions = (connection.execute("SELECT count(*) FROM alembic_version").fetchone()[0]
+                        if "alembic_version" in tables else 0)
+    except sqlite3.DatabaseError:
+        return None  # not readable as SQLite: MLflow's own message says so
+    temporary = sorted(t for t in tables if t.startswith("_alembic_tmp_"))
+    if temporary:
+        return f"table {temporary[0]} of an unfinished migration"
+    if tables and not versions:
+        return "tables without a schema version"
+    return None
 
 
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]  # seqexp/, above run/
@@ -211,6 +273,10 @@ class Tracker:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.experiment_id: str | None = None
+        db = sqlite_path(tracking_uri)
+        if not create and db is not None and not db.is_file():  # a reader makes no new store
+            raise SeqexpError(f"mlflow.tracking_uri={tracking_uri}: there is no MLflow store "
+                              f"at {db}; name the mlflow.db of the folder seqexp ran in")
         try:
             with store_setup_lock(tracking_uri):
                 self.client = MlflowClient(tracking_uri)
