@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from helpers import tiny_overrides
 from seqexp.core import liveness
+from seqexp.run.tags import PARENT_ROLE, ROLE_TAG
 from seqexp.run.tracking import ABANDONED_TAG, Tracker, close_abandoned_runs, process_tags
 
 
@@ -105,3 +106,35 @@ def test_a_sigkilled_seqexp_run_is_failed_by_the_next_one(tmp_path):
     killed = client.get_run(run.info.run_id)
     assert killed.info.status == "FAILED"
     assert killed.data.tags[ABANDONED_TAG].startswith(f"process {victim.pid} on ")
+
+
+@pytest.mark.slow
+def test_a_sigkilled_sweeps_parent_and_running_job_are_failed_by_the_next_run(tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(sys.path))
+    common = [sys.executable, "-m", "seqexp.apps.cli", *tiny_overrides(tmp_path / "data")]
+    args = [sys.executable, "-m", "seqexp.apps.cli", "-m", *tiny_overrides(tmp_path / "data"),
+            "model=gru", "seed=1,2", "model.hidden_size=8", "train.epochs=200",
+            "train.patience=200", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    victim = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in victim.stdout:
+        seen.append(line)
+        if "epoch 1:" in line:  # the first job's run is training, under the parent
+            break
+    assert victim.poll() is None, "".join(seen[-20:])
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("seqexp").experiment_id
+    left = client.search_runs([experiment])
+    assert {r.info.status for r in left} == {"RUNNING"} and len(left) == 2
+    parent = next(r for r in left if r.data.tags.get(ROLE_TAG) == PARENT_ROLE)
+    assert parent.data.tags["pid"] == str(victim.pid)
+    after = subprocess.run([*common, "model=pop"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert after.returncode == 0, after.stderr[-2000:]
+    for run in left:
+        closed = client.get_run(run.info.run_id)
+        assert closed.info.status == "FAILED", closed.data.tags
+        assert closed.data.tags[ABANDONED_TAG].startswith(f"process {victim.pid} on ")

@@ -348,3 +348,27 @@ def test_an_out_folder_that_cannot_take_the_report_is_one_line_and_nothing_half_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("seqexp-report: error: ") and expected in err[0]
     assert out.is_file() or not out.exists() or list(out.iterdir()) == []
+
+
+def test_the_dagger_tests_users_not_events():
+    """linear_ugru beats gru on every one of user 0's 100 events and loses on the one event of
+    each of four other users: 100 of 104 events say "better", one user of five does. Permuting
+    users (p = 1 by hand: see test_significance) finds no difference; the event level would."""
+    import numpy as np
+
+    users = np.array([0] * 100 + [1, 2, 3, 4])
+    gru = np.array([2] * 100 + [1] * 4)
+    ugru = np.array([1] * 100 + [2] * 4)
+    runs = [ranked("gru", gru, users=users), ranked("linear_ugru", ugru, users=users)]
+    table = build_table(runs, PAPER, defaults=_no_defaults, resamples=2000)
+    comparison = table.rows[[r.model for r in table.rows].index("linear_ugru")].cells[
+        ("ml10m", "mrr_at_20")].comparison
+    assert comparison.level == "users" and comparison.p == 1.0 and not comparison.significant
+    assert "permutes users" in to_markdown(table)
+    for run in runs:  # runs that did not log each event's user: tested event by event
+        run.users = None
+    table = build_table(runs, PAPER, defaults=_no_defaults, resamples=2000)
+    comparison = table.rows[[r.model for r in table.rows].index("linear_ugru")].cells[
+        ("ml10m", "mrr_at_20")].comparison
+    assert comparison.level == "events" and comparison.significant
+    assert "tested event by event" in to_markdown(table)

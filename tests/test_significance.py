@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from seqexp.analysis.significance import holm, paired_bootstrap_ci, paired_randomisation_p
+from seqexp.analysis.significance import (
+    holm,
+    paired_bootstrap_ci,
+    paired_randomisation_p,
+    user_bootstrap_ci,
+    user_randomisation_p,
+    user_totals,
+)
 from seqexp.analysis.table import event_values
 
 
@@ -116,3 +123,29 @@ def test_two_seeds_of_one_model_are_significant_at_most_at_the_nominal_rate(seed
     # and the same test finds a real difference: one model 10 % better on every event
     a, b = _same_model_two_seeds(rng, 3000, seeds)
     assert paired_randomisation_p(1.1 * a - b, 1000, rng) < NOMINAL
+
+
+def test_one_users_many_events_are_significant_event_by_event_but_not_by_users():
+    """User 0: 100 events, each +0.1; users 1-4: one event each, -0.1. By hand, at the user
+    level: totals +10, -0.1 x 4, so every one of the 2^5 sign patterns has |sum| >= 9.6 = the
+    observed |sum|: p = 1. Event by event, 100 of 104 differences share a sign: p tiny."""
+    diff = np.array([0.1] * 100 + [-0.1] * 4)
+    users = np.array([0] * 100 + [1, 2, 3, 4])
+    assert user_randomisation_p(diff, users) == 1.0
+    assert paired_randomisation_p(diff, 10_000, np.random.default_rng(0)) < 1e-3
+
+
+def test_the_user_bootstrap_draws_whole_users():
+    """User 7: one event, difference 1; user 9: three events, difference 0. A resample of 2
+    users is {7, 7}, {7, 9} or {9, 9} (probabilities 1/4, 1/2, 1/4), whose mean per event is
+    2/2 = 1, 1/4 or 0, so the 95 % interval is [0, 1]; resampling the four events instead,
+    the mean 1 needs all four draws to be the one event (1/256): the interval ends below 1."""
+    diff, users = np.array([1.0, 0, 0, 0]), np.array([7, 9, 9, 9])
+    assert user_bootstrap_ci(diff, users, 4000) == (0.0, 1.0)
+    low, high = paired_bootstrap_ci(diff, 4000)
+    assert low == 0.0 and high < 1.0
+
+
+def test_user_totals_sum_each_users_events():
+    totals, counts = user_totals(np.array([1.0, 2, 3, 4]), np.array([5, 2, 5, 2]))
+    assert totals.tolist() == [6.0, 4.0] and counts.tolist() == [2, 2]  # users 2, 5

@@ -44,14 +44,21 @@ def _marks(table: Table, cell: Cell) -> list[str]:
 
 
 def _significance_note(table: Table) -> str:
-    averaged = any(c.comparison is not None and max(c.comparison.seeds) > 1
-                   for row in table.rows for c in row.cells.values())
+    comparisons = [c.comparison for row in table.rows for c in row.cells.values()
+                   if c.comparison is not None]
+    averaged = any(max(c.seeds) > 1 for c in comparisons)
+    by_events = any(c.level == "events" for c in comparisons)
     text = (f"{DAGGER} differs from {table.baseline} on the same test events: paired "
-            f"randomisation test on per-event reciprocal rank (MRR@20) or hit (Recall@20), "
-            f"Holm-corrected over the models of the column, p < {table.alpha:g}.")
+            f"randomisation test on per-event reciprocal rank (MRR@20) or hit (Recall@20) "
+            f"that permutes users (all of a user's test events together), Holm-corrected "
+            f"over the models of the column, p < {table.alpha:g}.")
+    if by_events:
+        text += (" Runs that did not log each event's user are tested event by event, which "
+                 "overstates significance (the CSV's level column says which).")
     if averaged:
         text += (" Where a cell has several seeds, the test runs over the seed-averaged "
-                 "per-event values (the CSV gives the CI, p-values and seeds).")
+                 "per-event values: its CI and p-value leave the seed-to-seed spread out, "
+                 "which the ± std shows (the CSV gives the CI, p-values and seeds).")
     return text
 
 
@@ -97,7 +104,7 @@ def to_markdown(table: Table) -> str:
 
 
 _COMPARISON_PARTS = ("vs", "diff_vs", "ci_low", "ci_high", "p", "p_holm", "significant",
-                     "seeds_averaged", "mean_ci_low", "mean_ci_high", "settings", "data")
+                     "seeds_averaged", "level", "mean_ci_low", "mean_ci_high", "settings", "data")
 
 
 def csv_columns(datasets: Iterable[str]) -> list[str]:
@@ -123,7 +130,7 @@ def to_csv(table: Table) -> str:
                 c = cell.comparison
                 values += ([c.baseline, _repr(c.diff), _repr(c.ci_low), _repr(c.ci_high),
                             _repr(c.p), _repr(c.p_holm), str(c.significant).lower(),
-                            f"{c.seeds[0]}/{c.seeds[1]}"] if c else [""] * 8)
+                            f"{c.seeds[0]}/{c.seeds[1]}", c.level] if c else [""] * 9)
                 values += [_repr(cell.ci[0]), _repr(cell.ci[1])] if cell.ci else ["", ""]
                 values += [settings_text(cell.settings), cell.data_note or ""]
         writer.writerow(values)

@@ -17,7 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from seqexp.analysis.significance import holm, paired_bootstrap_ci, paired_randomisation_p
+from seqexp.analysis.significance import (
+    holm,
+    paired_bootstrap_ci,
+    paired_randomisation_p,
+    user_bootstrap_ci,
+    user_randomisation_p,
+)
 from seqexp.core.flat_config import flatten
 from seqexp.core.resources import config_dir
 
@@ -63,6 +69,7 @@ class Comparison:
     p_holm: float | None = None  # Holm-adjusted over the models of the column
     seeds: tuple[int, int] = (1, 1)  # runs averaged per event: (cell, baseline)
     alpha: float = 0.05
+    level: str = "users"  # what the tests resample and permute: "users" or "events"
 
     @property
     def significant(self) -> bool:
@@ -107,6 +114,12 @@ class Cell:
         if len({r.events for r in self.runs}) != 1:
             return None
         return np.mean([event_values(r.ranks, metric) for r in self.runs], axis=0)
+
+    def event_users(self) -> np.ndarray | None:
+        """Each test event's user (the order of per_event), None when a run did not log it."""
+        if not self.runs or any(r.users is None for r in self.runs):
+            return None
+        return self.runs[0].users
 
 
 def event_values(ranks: np.ndarray, metric: str) -> np.ndarray:
@@ -345,8 +358,9 @@ def add_significance(table: Table, resamples: int, rng: np.random.Generator) -> 
                       for row in table.rows}
             for row in table.rows:
                 if values[id(row)] is not None:
-                    row.cells[(dataset, metric)].ci = paired_bootstrap_ci(
-                        values[id(row)], max(resamples // 5, 200), rng=rng)
+                    cell = row.cells[(dataset, metric)]
+                    cell.ci = _bootstrap_ci(values[id(row)], cell.event_users(),
+                                            max(resamples // 5, 200), rng)
             reference = values[id(base_row)] if base_row else None
             if reference is None:
                 if base_row is not None:
@@ -363,11 +377,14 @@ def add_significance(table: Table, resamples: int, rng: np.random.Generator) -> 
                         or cell.runs[0].events != base.runs[0].events:
                     continue
                 diff = values[id(row)] - reference
-                low, high = paired_bootstrap_ci(diff, max(resamples // 5, 200), rng=rng)
+                users = cell.event_users()  # the same events as the baseline's, so its users
+                low, high = _bootstrap_ci(diff, users, max(resamples // 5, 200), rng)
+                p = (paired_randomisation_p(diff, resamples, rng) if users is None
+                     else user_randomisation_p(diff, users, resamples, rng))
                 cell.comparison = Comparison(
-                    base_row.label, float(diff.mean()), low, high,
-                    paired_randomisation_p(diff, resamples, rng),
-                    seeds=(len(cell.runs), len(base.runs)), alpha=table.alpha)
+                    base_row.label, float(diff.mean()), low, high, p,
+                    seeds=(len(cell.runs), len(base.runs)), alpha=table.alpha,
+                    level="events" if users is None else "users")
                 compared.append(cell.comparison)
             for comparison, adjusted in zip(compared, holm([c.p for c in compared]),
                                             strict=True):
@@ -376,6 +393,14 @@ def add_significance(table: Table, resamples: int, rng: np.random.Generator) -> 
         table.notes.append(f"No significance tests: no {table.baseline} runs (--baseline).")
     for dataset, why in missing.items():
         table.notes.append(f"No significance tests for {dataset}: {why}.")
+
+
+def _bootstrap_ci(values: np.ndarray, users: np.ndarray | None, resamples: int,
+                  rng: np.random.Generator) -> tuple[float, float]:
+    """The user-level (cluster) bootstrap where each event's user is known, else events'."""
+    if users is None:
+        return paired_bootstrap_ci(values, resamples, rng=rng)
+    return user_bootstrap_ci(values, users, resamples, rng=rng)
 
 
 def dataset_title(dataset: str) -> str:

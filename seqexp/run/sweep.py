@@ -39,7 +39,7 @@ from seqexp.run.tags import (
     SWEEP_ID_TAG,
     SWEEP_JOB_TAG,
 )
-from seqexp.run.tracking import Tracker, default_tracking_uri, git_tags, ui_hint
+from seqexp.run.tracking import Tracker, default_tracking_uri, git_tags, process_tags, ui_hint
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,8 @@ class SweepCallback(Callback):
         sweep_id = new_sweep_id()
         tracker.start(_parent_name(config, sweep_id), {
             SWEEP_ID_TAG: sweep_id, ROLE_TAG: PARENT_ROLE, "sweep_dir": str(sweep_dir),
-            **git_tags(),
+            # host/pid: a parent whose process is killed is closed like a run (tracking.py)
+            **git_tags(), **process_tags(),
         })
         tracker.log_params(_sweep_params(config))
         self.info = SweepInfo(sweep_id, tracker.tracking_uri, tracker.experiment,
