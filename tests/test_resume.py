@@ -43,6 +43,7 @@ from seqexp.training import (
     TrainingCallback,
     TrainingStopped,
     TrainSettings,
+    discard_metrics,
     no_stop_signal,
     read_checkpoint,
 )
@@ -89,7 +90,8 @@ def composed(model_name: str, shared: Path):
 
 
 def trainer_run(model_name: str, shared: Path, state: Path, resume: bool = False,
-                stop=no_stop_signal, epochs: int = EPOCHS, callbacks=(), **train_keys):
+                stop=no_stop_signal, epochs: int = EPOCHS, callbacks=(), logged_epochs=None,
+                log_metrics=discard_metrics, **train_keys):
     """The training loop alone (no MLflow): history and test metrics. `train_keys`: train.*
     keys other than the composed config's."""
     cfg = OmegaConf.merge(composed(model_name, shared),
@@ -100,9 +102,9 @@ def trainer_run(model_name: str, shared: Path, state: Path, resume: bool = False
     seed_everything(cfg.seed)  # a new process: every random state from the seed again
     model = build_model(cfg.model, data)
     evaluator = build_evaluator(cfg)
-    trainer = build_trainer(cfg, evaluator, state=ResumableState(state, resume),
+    trainer = build_trainer(cfg, evaluator, state=ResumableState(state, resume, logged_epochs),
                             stop_requested=stop, callbacks=callbacks)
-    result = trainer.fit(model, data)
+    result = trainer.fit(model, data, log_metrics)
     return result, evaluator.evaluate(model, data, "test")
 
 
@@ -164,6 +166,17 @@ def test_early_stopping_counts_on_across_a_resume(shared):
     assert read_checkpoint(state)["stale"] == 1
     resumed, _ = trainer_run("mf", shared, state, resume=True, **settings)
     assert deterministic(resumed.history) == deterministic(full.history)
+
+
+def test_a_resumed_fit_logs_again_the_saved_epochs_the_tracker_lacks(shared):
+    """A process that died between writing the state of epoch 2 and logging its metrics."""
+    state = shared / "relog.pt"
+    trainer_run("mf", shared, state, epochs=2)
+    logged = []
+    resumed, _ = trainer_run("mf", shared, state, resume=True, logged_epochs=frozenset({1}),
+                             log_metrics=lambda metrics, step: logged.append((step, metrics)))
+    assert [step for step, _ in logged] == [2, 3, 4]
+    assert logged[0][1] == resumed.history[1]
 
 
 def test_sigterm_in_the_middle_of_an_epoch_keeps_its_batches(shared, monkeypatch):
