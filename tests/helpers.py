@@ -1,7 +1,12 @@
-"""Shared helpers for tests: tiny configs, tiny datasets, a composed Hydra config."""
+"""Shared helpers for tests: tiny configs, tiny datasets, a composed Hydra config, callbacks
+that stop a run's training at a chosen epoch."""
 
 from __future__ import annotations
 
+import os
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +17,7 @@ from omegaconf import DictConfig
 
 from seqexp.core.resources import config_dir
 from seqexp.data.sequences import SequenceData
+from seqexp.engine.trainer import Trainer, TrainingCallback
 
 
 def tiny_overrides(data_dir: Path, tracking_db: Path | None = None) -> list[str]:
@@ -29,6 +35,42 @@ def tiny_overrides(data_dir: Path, tracking_db: Path | None = None) -> list[str]
 def compose_config(overrides: list[str]) -> DictConfig:
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
+
+
+class HoldAfterEpoch(TrainingCallback):
+    """After the state of `epoch` is written, says so on stderr and waits until a stop signal
+    arrives, so that a test can SIGKILL or SIGTERM the process there."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
+        if epoch == self.epoch:
+            print(f"seqexp-test: holding after epoch {epoch}", file=sys.stderr, flush=True)
+            while trainer.stop_requested() is None:
+                time.sleep(0.02)
+
+
+class SignalAfterEpoch(TrainingCallback):
+    """After the state of `epoch` is written, the process sends itself `signum`: what a SLURM
+    time limit does through submitit."""
+
+    def __init__(self, epoch: int, signum: int) -> None:
+        self.epoch, self.signum = epoch, signum
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
+        if epoch == self.epoch:
+            os.kill(os.getpid(), self.signum)
+            time.sleep(0.1)  # the handler runs before the next bytecode; be sure it has
+
+
+def adding_callback(build_trainer: Callable[..., Trainer],
+                    callback: TrainingCallback) -> Callable[..., Trainer]:
+    """`build_trainer` (seqexp.run.experiment's), whose trainers also call `callback`: to be put in
+    its place, so that the trainer a whole run builds gets the callback."""
+    def build(*args, callbacks=(), **kwargs) -> Trainer:
+        return build_trainer(*args, callbacks=(*callbacks, callback), **kwargs)
+    return build
 
 
 def sequences(users: list[list[int]], n_items: int, n_val: list[int] | None = None,

@@ -15,7 +15,7 @@ from seqexp.data.batching import prediction_batches
 from seqexp.data.preprocess import build_sequences
 from seqexp.data.synthetic import generate_synthetic
 from seqexp.engine.evaluator import Evaluator
-from seqexp.engine.trainer import Trainer
+from seqexp.engine.trainer import Trainer, TrainSettings
 from seqexp.models.factorisation import MF, SeqMF
 from seqexp.models.knn import ExpDecayKNN, ItemKNN
 from seqexp.models.popularity import Popularity
@@ -224,8 +224,9 @@ def test_bpr_negatives_are_uniform_over_the_other_items():
 def _train(model_cls, data, seed: int, epochs: int = 6):
     seed_everything(seed)
     model = model_cls(data.n_items, data.n_users, factors=16)
-    trainer = Trainer(Evaluator([20]), epochs=epochs, batch_size=256, lr=0.01, grad_clip=None,
-                      patience=epochs, progress=False, seed=seed)
+    trainer = Trainer(Evaluator([20]), TrainSettings(epochs=epochs, batch_size=256, lr=0.01,
+                                                     grad_clip=None, patience=epochs,
+                                                     progress=False), seed=seed)
     result = trainer.fit(model, data)
     return model, result
 
@@ -282,7 +283,8 @@ def test_train_optimizer_sgd_takes_plain_gradient_steps():
     model.training_loss(batch).backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
-    optimizer = Trainer(Evaluator([20]), lr=0.5, optimizer="sgd").make_optimizer(model)
+    optimizer = Trainer(Evaluator([20]), TrainSettings(lr=0.5, optimizer="sgd")).make_optimizer(
+        model)
     assert isinstance(optimizer, torch.optim.SGD)
     model.training_loss(batch).backward()
     optimizer.step()
@@ -363,7 +365,8 @@ def test_seen_bias_is_learned_negative_without_repeats_and_positive_with_them():
         data = sequences(users, n_items=30)
         seed_everything(0)
         model = MF(30, 40, factors=8, seen_bias=True)
-        Trainer(Evaluator([20]), epochs=15, batch_size=64, lr=0.05, grad_clip=None,
-                patience=15, progress=False, seed=0).fit(model, data)  # no validation events
+        Trainer(Evaluator([20]), TrainSettings(epochs=15, batch_size=64, lr=0.05, grad_clip=None,
+                                               patience=15, progress=False),
+                seed=0).fit(model, data)  # no validation events
         signs.append(float(model.seen_bias.detach()))
     assert signs[0] < -0.1 and signs[1] > 0.1

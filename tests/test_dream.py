@@ -16,7 +16,7 @@ from seqexp.data.batching import prediction_batches
 from seqexp.data.preprocess import build_sequences
 from seqexp.data.synthetic import generate_synthetic
 from seqexp.engine.evaluator import Evaluator
-from seqexp.engine.trainer import Trainer
+from seqexp.engine.trainer import Trainer, TrainSettings
 from seqexp.models.dream import DREAM
 from seqexp.models.popularity import Popularity
 from seqexp.run.experiment import run_experiment
@@ -158,8 +158,8 @@ def test_weight_decay_is_l2_on_every_parameter():
     model = tiny_model(8)
     reference = copy.deepcopy(model)
     lam, lr = 0.3, 0.01
-    trainer = Trainer(Evaluator(), epochs=1, batch_size=8, lr=lr, weight_decay=lam,
-                      grad_clip=None, progress=False)
+    trainer = Trainer(Evaluator(), TrainSettings(epochs=1, batch_size=8, lr=lr, weight_decay=lam,
+                                                 grad_clip=None, progress=False))
     trainer.train_epoch(model, data, trainer.make_optimizer(model), np.random.default_rng(5), 1)
     batch = next(reference.training_batches(data, 8, np.random.default_rng(5)))
     optimizer = torch.optim.Adam(reference.parameters(), lr=lr)
@@ -170,7 +170,7 @@ def test_weight_decay_is_l2_on_every_parameter():
         assert torch.allclose(got, want, atol=1e-12), name
     # without the decay the step differs
     undecayed = tiny_model(8)
-    Trainer(Evaluator(), lr=lr, grad_clip=None, progress=False).train_epoch(
+    Trainer(Evaluator(), TrainSettings(lr=lr, grad_clip=None, progress=False)).train_epoch(
         undecayed, data, torch.optim.Adam(undecayed.parameters(), lr=lr),
         np.random.default_rng(5), 1)
     assert not torch.allclose(undecayed.item_matrix, model.item_matrix, atol=1e-6)
@@ -196,8 +196,8 @@ def test_dream_beats_popularity_on_synthetic_data():
     pop = Popularity(data.n_items, data.n_users)
     pop.fit(data)
     dream = DREAM(data.n_items, data.n_users, hidden_size=32)
-    Trainer(evaluator, epochs=8, batch_size=16, lr=0.01, weight_decay=1e-5, patience=8,
-            progress=False).fit(dream, data)
+    Trainer(evaluator, TrainSettings(epochs=8, batch_size=16, lr=0.01, weight_decay=1e-5,
+                                     patience=8, progress=False)).fit(dream, data)
     got, floor = (evaluator.evaluate(m, data, "test")["mrr_at_20"] for m in (dream, pop))
     assert got > 1.5 * floor
     got_f1, floor_f1 = (evaluator.next_basket_metrics(m, data, "test", GAP, 5)["basket_f1_at_5"]

@@ -160,12 +160,12 @@ def test_window_batch_pairs_index_the_masked_pairs_in_row_major_order():
 
 def test_a_non_finite_training_loss_stops_training_with_a_clear_error():
     from seqexp.core.errors import SeqexpError
-    from seqexp.engine.trainer import Trainer
+    from seqexp.engine.trainer import Trainer, TrainSettings
 
     data = sequences([[1, 2, 3, 4, 5], [2, 3, 4, 5, 6]], n_items=8)
     model = RecurrentRecommender(8, 2, hidden_size=4, window=2)
     model.output.bias.data[3] = float("nan")  # every softmax over the catalogue turns NaN
-    trainer = Trainer(Evaluator([1]), epochs=1, batch_size=2, progress=False)
+    trainer = Trainer(Evaluator([1]), TrainSettings(epochs=1, batch_size=2, progress=False))
     optimizer = trainer.make_optimizer(model)
     with pytest.raises(SeqexpError, match="training loss became nan in epoch 1; lower train.lr"):
         trainer.train_epoch(model, data, optimizer, np.random.default_rng(0), 1)
@@ -184,14 +184,15 @@ def test_amp_on_a_cpu_autocasts_only_where_it_has_native_bf16(monkeypatch, caplo
                                                                 native_bf16):
     import logging
 
-    from seqexp.engine.trainer import Trainer, amp_unavailable
+    from seqexp.engine.trainer import Trainer, TrainSettings, amp_unavailable
 
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         monkeypatch.setattr(torch.cpu, probe, lambda: native_bf16, raising=False)
     data = sequences([[1, 2, 3, 4, 5], [2, 3, 4, 5, 6]], n_items=8)
     model = AutocastSpy(8, 2, hidden_size=4, window=2)
     model.autocast_seen = []
-    trainer = Trainer(Evaluator([1]), epochs=1, batch_size=2, progress=False, amp=True)
+    trainer = Trainer(Evaluator([1]),
+                      TrainSettings(epochs=1, batch_size=2, progress=False, amp=True))
     with caplog.at_level(logging.WARNING, logger="seqexp.engine.trainer"):
         stats = trainer.train_epoch(model, data, trainer.make_optimizer(model),
                                     np.random.default_rng(0), 1)

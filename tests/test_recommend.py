@@ -57,8 +57,8 @@ def trained(model_name: str, data_dir: Path, folder: Path):
                         Path(cfg.paths.cache_dir), progress=False)
     seed_everything(cfg.seed)
     model = build_model(cfg.model, data)
-    trainer = build_trainer(cfg, build_evaluator(cfg), folder / "checkpoints" / "best.pt")
-    trainer.checkpoint_contents = checkpoint_contents(cfg, data)
+    trainer = build_trainer(cfg, build_evaluator(cfg), folder / "checkpoints" / "best.pt",
+                            checkpoint_contents=checkpoint_contents(cfg, data))
     trainer.fit(model, data)
     return cfg, data, model.eval()
 

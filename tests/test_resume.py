@@ -2,12 +2,13 @@
 ends exactly as the same run uninterrupted; it continues its own MLflow run in its own outputs
 folder; a different configuration is refused; a requeued cluster job resumes its run.
 
-The subprocess tests use the test hook SEQEXP_TEST_HOLD_AFTER_EPOCH=k (seqexp.engine.trainer): after
-writing the state of epoch k the process says so on stderr and waits for a signal, which the
-test then sends (SIGKILL or SIGTERM)."""
+The subprocess tests add a callback to the run's trainer (tests/subprocess_hooks/sitecustomize.py):
+SEQEXP_TEST_HOLD_AFTER_EPOCH=k: after writing the state of epoch k the process says so on stderr
+and waits for a signal, which the test then sends (SIGKILL or SIGTERM)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import shutil
@@ -20,14 +21,23 @@ import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
-from helpers import compose_config, tiny_overrides
+from helpers import SignalAfterEpoch, adding_callback, compose_config, tiny_overrides
 from seqexp.apps.cli import stop_after_signal
 from seqexp.core.checkpoint import read_checkpoint
 from seqexp.core.errors import SeqexpError
 from seqexp.core.stopping import StopSignals, TrainingStopped
 from seqexp.data.loading import load_dataset
-from seqexp.engine.trainer import HOLD_ENV, SIGNAL_ENV, STATE_FORMAT
+from seqexp.engine.trainer import (
+    STATE_FORMAT,
+    ResumableState,
+    TrainingCallback,
+    TrainSettings,
+    discard_metrics,
+    no_stop_signal,
+)
+from seqexp.run import experiment
 from seqexp.run.experiment import (
     build_evaluator,
     build_model,
@@ -38,6 +48,12 @@ from seqexp.run.experiment import (
 from seqexp.run.resume import CLUSTER_JOB_TAG, differing_keys
 
 ROOT = Path(__file__).resolve().parent.parent
+# PYTHONPATH of a `seqexp` process whose trainer a test stops: its sitecustomize adds the callback
+# that HOLD_ENV or SIGNAL_ENV asks for.
+HOOKED_PATH = os.pathsep.join(str(p) for p in (ROOT, ROOT / "tests" / "subprocess_hooks",
+                                               ROOT / "tests"))
+HOLD_ENV = "SEQEXP_TEST_HOLD_AFTER_EPOCH"
+SIGNAL_ENV = "SEQEXP_TEST_SIGNAL_AFTER_EPOCH"
 # gru, one user-based cell, DREAM and MF: a carried hidden state, a user vector with its own
 # dropout, numpy-sampled BPR negatives over baskets, and a torch.Generator seeded per epoch.
 FAMILIES = ["gru", "rectified_ugru", "dream", "mf"]
@@ -73,21 +89,21 @@ def composed(model_name: str, shared: Path):
 
 
 def trainer_run(model_name: str, shared: Path, state: Path, resume: bool = False,
-                stop=lambda: None, epochs: int = EPOCHS, **trainer_settings):
-    """The training loop alone (no MLflow): history and test metrics."""
-    cfg = composed(model_name, shared)
+                stop=no_stop_signal, epochs: int = EPOCHS, callbacks=(), logged_epochs=None,
+                log_metrics=discard_metrics, **train_keys):
+    """The training loop alone (no MLflow): history and test metrics. `train_keys`: train.*
+    keys other than the composed config's."""
+    cfg = OmegaConf.merge(composed(model_name, shared),
+                          {"train": {"epochs": epochs, **train_keys}})
     torch.set_num_threads(1)
     data = load_dataset(cfg.dataset, cfg.split, Path(cfg.paths.raw_dir),
                         Path(cfg.paths.cache_dir), progress=False)
     seed_everything(cfg.seed)  # a new process: every random state from the seed again
     model = build_model(cfg.model, data)
     evaluator = build_evaluator(cfg)
-    trainer = build_trainer(cfg, evaluator)
-    trainer.state_path, trainer.resume, trainer.stop_requested = state, resume, stop
-    trainer.epochs = epochs
-    for key, value in trainer_settings.items():
-        setattr(trainer, key, value)
-    result = trainer.fit(model, data)
+    trainer = build_trainer(cfg, evaluator, state=ResumableState(state, resume, logged_epochs),
+                            stop_requested=stop, callbacks=callbacks)
+    result = trainer.fit(model, data, log_metrics)
     return result, evaluator.evaluate(model, data, "test")
 
 
@@ -151,6 +167,17 @@ def test_early_stopping_counts_on_across_a_resume(shared):
     assert deterministic(resumed.history) == deterministic(full.history)
 
 
+def test_a_resumed_fit_logs_again_the_saved_epochs_the_tracker_lacks(shared):
+    """A process that died between writing the state of epoch 2 and logging its metrics."""
+    state = shared / "relog.pt"
+    trainer_run("mf", shared, state, epochs=2)
+    logged = []
+    resumed, _ = trainer_run("mf", shared, state, resume=True, logged_epochs=frozenset({1}),
+                             log_metrics=lambda metrics, step: logged.append((step, metrics)))
+    assert [step for step, _ in logged] == [2, 3, 4]
+    assert logged[0][1] == resumed.history[1]
+
+
 def test_sigterm_in_the_middle_of_an_epoch_keeps_its_batches(shared, monkeypatch):
     """A real SIGTERM through StopSignals, sent from inside the third batch of epoch 2."""
     from seqexp.engine.trainer import Trainer
@@ -185,6 +212,47 @@ def test_sigterm_in_the_middle_of_an_epoch_keeps_its_batches(shared, monkeypatch
     resumed, resumed_test = trainer_run("gru", shared, state, resume=True)
     assert deterministic(resumed.history) == deterministic(full.history)
     assert resumed_test == full_test
+
+
+class Recorder(TrainingCallback):
+    """Records every hook call; at each epoch's end, the epoch of the state file as well."""
+
+    def __init__(self, state: Path) -> None:
+        self.state, self.batches, self.epochs = state, [], []
+
+    def on_batch_end(self, trainer, epoch: int, batches: int) -> None:
+        self.batches.append((epoch, batches))
+
+    def on_epoch_end(self, trainer, epoch: int) -> None:
+        self.epochs.append((epoch, read_checkpoint(self.state)["epoch"]))
+
+
+def test_callbacks_come_after_every_batch_and_after_each_epochs_state_is_written(shared):
+    state = shared / "callbacks.pt"
+    recorder = Recorder(state)
+    result, _ = trainer_run("mf", shared, state, epochs=2, callbacks=[recorder])
+    assert recorder.epochs == [(1, 1), (2, 2)]
+    for epoch in (1, 2):
+        counts = [batches for at, batches in recorder.batches if at == epoch]
+        assert len(counts) > 1 and counts == list(range(1, len(counts) + 1))
+    assert len(result.history) == 2
+
+
+def test_the_train_settings_are_the_train_keys_with_their_defaults(shared):
+    """Each TrainSettings field is the train.* key of its name, defaulting as in
+    conf/train/default.yaml; the keys without a field are experiment.configure_torch's."""
+    defaults = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "train" / "default.yaml"))
+    fields = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
+    assert set(defaults) == set(fields) | {"num_threads", "tf32"}
+    assert {key: defaults[key] for key in fields} == fields
+    chosen = TrainSettings(epochs=7, batch_size=9, lr=0.5, optimizer="sgd", weight_decay=0.25,
+                           grad_clip=None, patience=5, min_delta=0.125, progress=False,
+                           amp=True, compile=True)
+    assert all(getattr(chosen, key) != value for key, value in fields.items())
+    cfg = compose_config([*overrides("mf", shared), *(
+        f"train.{key}={'null' if value is None else value}"
+        for key, value in dataclasses.asdict(chosen).items())])
+    assert build_trainer(cfg, build_evaluator(cfg)).settings == chosen
 
 
 # ----------------------------------------------------------------------- the whole run, MLflow
@@ -223,7 +291,7 @@ def baselines(shared, tmp_path_factory, empty_store):
 
 def start_held(model_name: str, tmp: Path, shared: Path, epoch: int) -> subprocess.Popen:
     """`seqexp ...` in a process of its own, waiting after the state of `epoch` is written."""
-    env = dict(os.environ, **{HOLD_ENV: str(epoch)}, PYTHONPATH=str(ROOT),
+    env = dict(os.environ, **{HOLD_ENV: str(epoch)}, PYTHONPATH=HOOKED_PATH,
                OMP_NUM_THREADS="1")
     process = subprocess.Popen(
         [sys.executable, "-m", "seqexp.apps.cli", *overrides(model_name, shared),
@@ -295,10 +363,11 @@ def test_sigterm_saves_the_state_marks_the_run_killed_and_says_how_to_resume(
 
 def test_a_different_configuration_is_refused_naming_the_keys(tmp_path, shared, store,
                                                              monkeypatch):
-    monkeypatch.setenv(SIGNAL_ENV, "1:TERM")  # the run sends itself SIGTERM after epoch 1
-    with pytest.raises(TrainingStopped):
-        run_in_process("gru", tmp_path, shared, "run")
-    monkeypatch.delenv(SIGNAL_ENV)
+    with monkeypatch.context() as patched:  # the run sends itself SIGTERM after epoch 1
+        patched.setattr(experiment, "build_trainer", adding_callback(
+            experiment.build_trainer, SignalAfterEpoch(1, signal.SIGTERM)))
+        with pytest.raises(TrainingStopped):
+            run_in_process("gru", tmp_path, shared, "run")
     run = only_run(store)
     assert run.info.status == "KILLED"
     with pytest.raises(SeqexpError) as refused:
@@ -349,16 +418,17 @@ def test_a_requeued_cluster_job_resumes_its_own_run(tmp_path, shared, store, bas
         raise SystemExit(-1)
 
     previous = signal.signal(signal.SIGUSR2, launcher_handler)
-    monkeypatch.setenv(SIGNAL_ENV, "2:USR2")
     try:
-        with pytest.raises(TrainingStopped) as stopped:
-            run_in_process("gru", tmp_path, shared, "run", job_key="slurm:77_3")
+        with monkeypatch.context() as patched:
+            patched.setattr(experiment, "build_trainer", adding_callback(
+                experiment.build_trainer, SignalAfterEpoch(2, signal.SIGUSR2)))
+            with pytest.raises(TrainingStopped) as stopped:
+                run_in_process("gru", tmp_path, shared, "run", job_key="slurm:77_3")
         with pytest.raises(SystemExit) as exited:
             stop_after_signal(stopped.value, ["model=gru"], multirun=True)
     finally:
         signal.signal(signal.SIGUSR2, previous)
     assert exited.value.code == -1 and handed_over == [("SIGUSR2", "KILLED")]
-    monkeypatch.delenv(SIGNAL_ENV)
     run = only_run(client)
     assert run.data.tags[CLUSTER_JOB_TAG] == "slurm:77_3"
     # the requeued job (the same key, no resume=) continues the run, RUNNING again
@@ -379,7 +449,7 @@ def test_a_requeued_cluster_job_resumes_its_own_run(tmp_path, shared, store, bas
 
 @pytest.mark.slow  # submitit's own worker processes, started twice
 def test_submitit_local_requeues_a_signalled_job_which_resumes(tmp_path, shared, baselines):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
+    env = dict(os.environ, PYTHONPATH=HOOKED_PATH, OMP_NUM_THREADS="1",
                **{SIGNAL_ENV: "2:USR2"})
     result = subprocess.run(
         [sys.executable, "-m", "seqexp.apps.cli", "-m", "hydra/launcher=submitit_local",

@@ -2,23 +2,28 @@
 parameters) epochs of mini-batches with per-epoch validation, early stopping and the best
 checkpoint kept. Knows models only through models.base and reports through callbacks.
 
-The resumable training state (`state_path`, checkpoints/last.pt) is written atomically after
+The Trainer runs the loop (`fit`, `train_epoch`) and calls parts with one job each: its
+TrainSettings (the train.* keys, read by name from the config), EarlyStopping, BestCheckpoint
+(best.pt), ResumableState (last.pt), ProgressLog (the bar and the log lines) and a caller's
+TrainingCallbacks, at each batch's and epoch's end.
+
+The resumable training state (ResumableState, checkpoints/last.pt) is written atomically after
 every epoch, and after the batch at which a stop signal arrived: model and optimizer, the epochs
 done, the best state and score, the early-stopping counter, the history, every random state
 (torch, numpy, Python and the training batch generator's) and the model's own carried state.
-A Trainer with `resume=True` continues from it, batch for batch as if never stopped."""
+A Trainer whose state has `resume=True` continues from it, batch for batch as if never
+stopped."""
 
 from __future__ import annotations
 
 import copy
 import logging
 import math
-import os
 import random
-import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -61,12 +66,6 @@ class TrainResult:
 
 
 STATE_FORMAT = "seqexp-training-state-1"
-# Test hook (tests/test_resume.py): after writing the state of this epoch the process says so on
-# stderr and waits until a stop signal arrives, so that a test can SIGKILL or SIGTERM it there.
-HOLD_ENV = "SEQEXP_TEST_HOLD_AFTER_EPOCH"
-# Test hook: after writing the state of epoch N the process sends itself signal S ("N:USR2"),
-# what a SLURM time limit does through submitit (tests/test_resume.py, the requeue path).
-SIGNAL_ENV = "SEQEXP_TEST_SIGNAL_AFTER_EPOCH"
 
 
 class _EpochAbandoned(Exception):
@@ -119,93 +118,291 @@ def amp_unavailable(device: torch.device) -> str | None:
     return f"not supported on {device.type}"
 
 
-@dataclass
-class _Progress:
-    """Where training stands besides the model and the optimizer: the best state, the
-    early-stopping counter, whether training is over, and a partial epoch to continue."""
+# ------------------------------------------------------------------ the parts of the training loop
 
-    best_state: dict[str, torch.Tensor]
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The train.* keys the trainer reads, by their names in conf/train/default.yaml and with its
+    defaults (tests/test_resume.py holds the two together). Values are checked by
+    seqexp.options before a trainer is built."""
+
+    epochs: int = 10
+    batch_size: int = 1000
+    lr: float = 1e-3
+    optimizer: str = "adam"  # a key of OPTIMIZERS
+    weight_decay: float = 0.0
+    grad_clip: float | None = 5.0
+    patience: int = 3
+    min_delta: float = 0.0
+    progress: bool = True
+    amp: bool = False  # bf16 autocast of the training forward pass (see amp_unavailable)
+    compile: bool = False
+
+    @classmethod
+    def from_config(cls, train: Mapping[str, Any]) -> TrainSettings:
+        """The settings of `train` (cfg.train), each field read by its own name, so that a new
+        train.* key needs no wiring. Keys that are no field (train.num_threads, train.tf32)
+        are read by experiment.configure_torch, not by the trainer."""
+        return cls(**{f.name: train[f.name] for f in fields(cls) if f.name in train})
+
+
+class TrainingCallback:
+    """A caller's addition to training (Trainer(callbacks=...)): the trainer calls every hook
+    at its point of the loop; the hooks here do nothing."""
+
+    def on_batch_end(self, trainer: Trainer, epoch: int, batches: int) -> None:
+        """After the `batches`-th batch of `epoch` is trained, before the stop check."""
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
+        """After `epoch` is validated, its resumable state written and its metrics logged,
+        before the stop check."""
+
+
+@dataclass
+class EarlyStopping:
+    """The best validation score so far and its epoch, and the epochs since (`stale`): training
+    is `finished` once `patience` epochs in a row have not beaten the best by `min_delta`."""
+
+    patience: int
+    min_delta: float
+    best_score: float | None = -math.inf  # None (and best_epoch None): no validation events
+    best_epoch: int | None = 0
     stale: int = 0
-    finished: bool = False  # early-stopped: a resumed run trains no further
+    finished: bool = False
+
+    def update(self, score: float, epoch: int) -> bool:
+        """Counts the score of `epoch`; True when it is the new best."""
+        if score > self.best_score + self.min_delta:
+            self.best_score, self.best_epoch, self.stale = score, epoch, 0
+            return True
+        self.stale += 1
+        self.finished = self.stale >= self.patience
+        return False
+
+
+@dataclass(frozen=True)
+class BestCheckpoint:
+    """The best weights on disk (checkpoints/best.pt; no file when `path` is None), with
+    `contents` beside them (the resolved config, the raw ids and the training histories:
+    seqexp.recommend)."""
+
+    path: Path | None = None
+    contents: Mapping[str, Any] | None = None
+
+    def save(self, model: Recommender) -> None:
+        if self.path is not None:
+            save_checkpoint(model, self.path, self.contents)
+
+
+@dataclass
+class FitState:
+    """Where one Trainer.fit stands: what trains, the best weights, early stopping, the result
+    so far and a partial epoch (to continue, or stopped and to be saved). All of it is what the
+    resumable state holds."""
+
+    model: Recommender
+    optimizer: torch.optim.Optimizer
+    rng: np.random.Generator  # the training batch generator's random numbers
+    stopping: EarlyStopping
+    best_state: dict[str, torch.Tensor]
+    result: TrainResult
     partial: dict[str, Any] | None = None
 
-    def update(self, score: float, epoch: int, model: Recommender, result: TrainResult,
-               trainer: Trainer) -> None:
-        if score > result.best_score + trainer.min_delta:
-            result.best_score, result.best_epoch, self.stale = score, epoch, 0
-            self.best_state = copy.deepcopy(model.state_dict())
-            trainer._save(model)
-        else:
-            self.stale += 1
-            self.finished = self.stale >= trainer.patience
+    def finish(self) -> TrainResult:
+        self.result.best_epoch = self.stopping.best_epoch
+        self.result.best_score = self.stopping.best_score
+        return self.result
 
-    def restore(self, saved: Mapping[str, Any], model: Recommender,
-                optimizer: torch.optim.Optimizer, rng: np.random.Generator,
-                result: TrainResult) -> None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        restore_random_states(saved["random"], rng)
-        model.load_training_state(saved["model_training_state"])
+
+@dataclass(frozen=True)
+class ResumableState:
+    """The resumable training state file (checkpoints/last.pt, format STATE_FORMAT), written
+    after every epoch and at a stop; with `resume`, a fit continues from it when it exists.
+    `logged_epochs`: the epochs whose metrics the tracker has (a resumed run): the others of
+    the saved history are logged again, in case the process died between writing the state and
+    logging."""
+
+    path: Path
+    resume: bool = False
+    logged_epochs: frozenset[int] | None = None
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved state to continue from; None when not resuming or there is none."""
+        if not self.resume or not self.path.is_file():
+            return None
+        state = read_checkpoint(self.path)
+        if state.get("format") != STATE_FORMAT:
+            raise SeqexpError(f"{self.path}: not a seqexp training state of this version "
+                              f"(format {state.get('format')!r}, expected {STATE_FORMAT})")
+        return state
+
+    def write(self, fit: FitState) -> None:
+        partial, stopping = fit.partial, fit.stopping
+        best_is_current = stopping.best_epoch == fit.result.epochs_run and partial is None
+        state = {
+            "format": STATE_FORMAT,
+            "epoch": fit.result.epochs_run,
+            "model": fit.model.state_dict(),
+            "optimizer": fit.optimizer.state_dict(),
+            "model_training_state": fit.model.training_state(),
+            # the current weights are the best ones in the common case: not stored twice
+            "best_state": None if best_is_current else fit.best_state,
+            "best_score": stopping.best_score,
+            "best_epoch": stopping.best_epoch,
+            "stale": stopping.stale,
+            "finished": stopping.finished,
+            "history": fit.result.history,
+            # a partial epoch: its batch generator restarts from the epoch's first random state
+            "random": random_states(fit.rng) if partial is None else partial["random"],
+            "partial": None if partial is None else {
+                k: v for k, v in partial.items() if k != "random"},
+        }
+        with atomic_path(self.path) as tmp:
+            torch.save(state, tmp)
+
+    def restore(self, saved: Mapping[str, Any], fit: FitState,
+                log_metrics: MetricsLogger) -> None:
+        """`fit` as the saved state left it; the saved epochs the tracker lacks logged again."""
+        fit.model.load_state_dict(saved["model"])
+        fit.optimizer.load_state_dict(saved["optimizer"])
+        restore_random_states(saved["random"], fit.rng)
+        fit.model.load_training_state(saved["model_training_state"])
         best = saved["best_state"]
-        self.best_state = copy.deepcopy(model.state_dict()) if best is None else best
-        result.best_score, result.best_epoch = saved["best_score"], saved["best_epoch"]
-        result.epochs_run, result.history = saved["epoch"], list(saved["history"])
-        self.stale, self.finished = saved["stale"], saved["finished"]
-        self.partial = saved["partial"]
-        kept = (f" and {self.partial['batches']} batch(es) of epoch {result.epochs_run + 1}"
-                if self.partial else "")
-        log.info("resuming after epoch %d%s", result.epochs_run, kept)
+        fit.best_state = copy.deepcopy(fit.model.state_dict()) if best is None else best
+        stopping = fit.stopping
+        stopping.best_score, stopping.best_epoch = saved["best_score"], saved["best_epoch"]
+        stopping.stale, stopping.finished = saved["stale"], saved["finished"]
+        fit.result.epochs_run, fit.result.history = saved["epoch"], list(saved["history"])
+        fit.partial = saved["partial"]
+        kept = (f" and {fit.partial['batches']} batch(es) of epoch {fit.result.epochs_run + 1}"
+                if fit.partial else "")
+        log.info("resuming after epoch %d%s", fit.result.epochs_run, kept)
+        if self.logged_epochs is not None:
+            for epoch, row in enumerate(fit.result.history, start=1):
+                if epoch not in self.logged_epochs:
+                    log_metrics(row, epoch)
+
+
+class EpochLoss:
+    """The event-weighted mean training loss of an epoch so far. It is summed on the device and
+    read back (`mean`) only when asked: a read per step would make the host wait for the GPU at
+    every batch."""
+
+    def __init__(self, device: torch.device, epoch: int) -> None:
+        self.total = torch.zeros((), dtype=torch.float64, device=device)
+        self.events, self.steps, self.epoch = 0, 0, epoch
+
+    def add(self, loss: torch.Tensor, n_events: int) -> None:
+        self.total += loss.detach().double() * n_events
+        self.events += n_events
+        self.steps += 1
+
+    def continue_from(self, partial: Mapping[str, Any]) -> None:
+        """Goes on from the sums of a partial epoch (its `batches`, `events` and `loss`)."""
+        self.steps, self.events = partial["batches"], partial["events"]
+        self.total += partial["loss"].to(self.total.device)
+
+    def sums(self) -> dict[str, Any]:
+        return {"batches": self.steps, "events": self.events, "loss": self.total.cpu()}
+
+    def mean(self) -> float:
+        """Mean loss so far; a non-finite one stops training (the parameters are ruined)."""
+        mean = self.total.item() / max(self.events, 1)
+        if not math.isfinite(mean):
+            raise SeqexpError(f"training loss became {mean} in epoch {self.epoch}; "
+                              f"lower train.lr")
+        return mean
+
+
+class ProgressLog:
+    """What training shows as it goes: a bar per epoch (`enabled`: train.progress) with the
+    running loss and speed, and the log lines of each epoch's training and validation."""
+
+    def __init__(self, enabled: bool, epochs: int) -> None:
+        self.enabled, self.epochs = enabled, epochs
+        self._bar: tqdm | None = None
+
+    @contextmanager
+    def epoch(self, epoch: int, total_events: int, done_events: int = 0) -> Iterator[None]:
+        """The bar of one epoch while the block runs. A model's batches need not add up to the
+        (input, next) pairs (BPR samples every training event, DREAM drops pairs without a
+        negative): a block that ends normally leaves the bar at 100 %."""
+        self._bar = tqdm(total=total_events, desc=f"epoch {epoch}/{self.epochs}", unit="ev",
+                         unit_scale=True, disable=not self.enabled, leave=False,
+                         mininterval=1.0)
+        self._bar.update(done_events)
+        with self._bar:
+            yield
+            self._bar.total = self._bar.n
+            self._bar.refresh()
+
+    def advance(self, n_events: int) -> None:
+        self._bar.update(n_events)
+
+    def show(self, mean_loss: float, events_per_s: float) -> None:
+        self._bar.set_postfix(loss=f"{mean_loss:.4f}", ev_s=f"{events_per_s:,.0f}")
+
+    @staticmethod
+    def trained(epoch: int, stats: Mapping[str, float], events: int) -> None:
+        log.info("epoch %d: loss %.4f, %d events in %.1f s (%.0f events/s)", epoch,
+                 stats["train_loss"], events, stats["train_epoch_seconds"],
+                 stats["train_events_per_s"])
+
+    @staticmethod
+    def validated(epoch: int, val: Mapping[str, float], monitor: str, seconds: float) -> None:
+        cutoff = monitor.rsplit("_", 1)[1]
+        log.info("epoch %d: val_%s = %.5f, val_recall_at_%s = %.5f (%.1f s)", epoch, monitor,
+                 val[monitor], cutoff, val[f"recall_at_{cutoff}"], seconds)
+
+    @staticmethod
+    def early_stop(epoch: int, monitor: str, stopping: EarlyStopping) -> None:
+        log.info("early stop after epoch %d: val_%s has not improved for %d epochs (best %.5f "
+                 "at epoch %d)", epoch, monitor, stopping.stale, stopping.best_score,
+                 stopping.best_epoch)
+
+
+def training_pairs(data: SequenceData) -> int:
+    """The (input, next) pairs of the training events: an epoch's length on its bar."""
+    return int((data.train_end - data.offsets[:-1] - 1).clip(min=0).sum())
+
+
+def no_stop_signal() -> str | None:
+    return None
+
+
+def discard_metrics(metrics: dict[str, float], step: int) -> None:
+    return None
+
+
+# --------------------------------------------------------------------------------- the trainer
 
 
 class Trainer:
-    def __init__(
-        self,
-        evaluator: Evaluator,
-        epochs: int = 10,
-        batch_size: int = 1000,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        optimizer: str = "adam",
-        grad_clip: float | None = 5.0,
-        patience: int = 3,
-        min_delta: float = 0.0,
-        monitor_cutoff: int = 20,
-        progress: bool = True,
-        seed: int = 0,
-        checkpoint_path: Path | None = None,
-        amp: bool = False,
-        compile: bool = False,
-        state_path: Path | None = None,
-        resume: bool = False,
-        checkpoint_contents: Mapping[str, Any] | None = None,
-        stop_requested: StopCheck = lambda: None,
-    ) -> None:
+    """Fits a model with `settings` (cfg.train), monitoring val_mrr_at_<monitor_cutoff> for
+    early stopping and the best checkpoint. `state`: the resumable state (None: none written);
+    `stop_requested`: the check for a stop signal (seqexp.stopping.StopSignals), made after every
+    batch and at every epoch's start and end; `callbacks`: a caller's additions."""
+
+    def __init__(self, evaluator: Evaluator, settings: TrainSettings | None = None, *,
+                 monitor_cutoff: int = 20, seed: int = 0,
+                 best_checkpoint: BestCheckpoint | None = None,
+                 state: ResumableState | None = None,
+                 stop_requested: StopCheck = no_stop_signal,
+                 callbacks: Sequence[TrainingCallback] = ()) -> None:
         self.evaluator = evaluator
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.optimizer = optimizer  # a key of OPTIMIZERS (experiment.validate checks it)
-        self.grad_clip = grad_clip
-        self.patience = patience
-        self.min_delta = min_delta
+        self.settings = settings or TrainSettings()
         self.monitor = f"mrr_at_{monitor_cutoff}"
-        self.progress = progress
-        self.seed = seed
-        self.checkpoint_path = checkpoint_path
-        self.amp = amp  # bf16 autocast of the training forward pass (see amp_unavailable)
-        self.compile = compile
-        self._compiled: dict[int, object] = {}
-        self.state_path = state_path  # the resumable state (checkpoints/last.pt)
-        self.resume = resume  # continue from state_path when it exists
-        self.checkpoint_contents = checkpoint_contents  # saved beside the best weights
+        self.seed = seed  # of the training batch generator
+        self.best_checkpoint = best_checkpoint or BestCheckpoint()
+        self.state = state
         self.stop_requested = stop_requested
-        # Epochs whose metrics the tracker has (a resumed run): the others of the saved history
-        # are logged again, in case the process died between writing the state and logging.
-        self.logged_epochs: set[int] | None = None
+        self.callbacks = list(callbacks)
+        self.progress = ProgressLog(self.settings.progress, self.settings.epochs)
+        self._compiled: dict[int, object] = {}
 
     def fit(self, model: Recommender, data: SequenceData,
-            log_metrics: MetricsLogger = lambda metrics, step: None) -> TrainResult:
+            log_metrics: MetricsLogger = discard_metrics) -> TrainResult:
         """Fit `model` on the training events, validating on the validation events; on return
         the model holds its best state (by val_<monitor>), or without validation events the
         state after train.epochs epochs. A KeyboardInterrupt stops training and is reported as
@@ -216,148 +413,118 @@ class Trainer:
         if not model.trainable and type(model).fit is not Recommender.fit:
             log.info("closed-form fit in %.1f s", time.perf_counter() - started)
         has_validation = data.stats.get("val_events", 1) > 0
-        result = TrainResult(best_epoch=0 if has_validation else None,
-                             best_score=-math.inf if has_validation else None, epochs_run=0)
-        if not model.trainable or self.epochs == 0:
-            if has_validation:
-                val, seconds = self._validate(model, data, 0)
-                log_metrics(self._val_metrics(val, seconds), 0)
-                result.best_score = val[self.monitor]
-                result.history.append(val)
-            self._save(model)
-            return result
+        if not model.trainable or self.settings.epochs == 0:
+            return self._fit_without_epochs(model, data, has_validation, log_metrics)
         if not has_validation:
             log.info("no validation events: training all %d epochs, keeping the last state",
-                     self.epochs)
-
-        optimizer = self.make_optimizer(model)
-        rng = np.random.default_rng(self.seed)
-        progress = _Progress(best_state=copy.deepcopy(model.state_dict()))
-        saved = self._load_state() if self.resume else None
-        if saved is not None:
-            progress.restore(saved, model, optimizer, rng, result)
-            self._log_missing(result.history, log_metrics)
-        else:
-            self._write_state(model, optimizer, rng, result, progress)
+                     self.settings.epochs)
+        fit = self._start(model, has_validation, log_metrics)
         try:
-            epoch = result.epochs_run
-            while not progress.finished and epoch < self.epochs:
-                epoch += 1
-                self._check_stop(result.epochs_run, 0)
-                resumed_batches, progress.partial = progress.partial, None
-                try:
-                    train_stats = self.train_epoch(model, data, optimizer, rng, epoch,
-                                                   **({"resume_from": resumed_batches}
-                                                      if resumed_batches else {}))
-                except _EpochAbandoned as abandoned:
-                    progress.partial = abandoned.partial
-                    self._write_state(model, optimizer, rng, result, progress)
-                    raise TrainingStopped(str(self.stop_requested()), result.epochs_run,
-                                          abandoned.partial["batches"]) from None
-                metrics, row = dict(train_stats), dict(train_stats)
-                result.epochs_run = epoch
-                if has_validation:
-                    val, seconds = self._validate(model, data, epoch)
-                    metrics |= self._val_metrics(val, seconds)
-                    row.update({f"val_{k}": v for k, v in val.items()})
-                    progress.update(val[self.monitor], epoch, model, result, self)
-                else:
-                    progress.best_state = model.state_dict()  # the last epoch's
-                result.history.append(row)
-                self._write_state(model, optimizer, rng, result, progress)
-                log_metrics(metrics, epoch)
-                self._test_hooks(epoch)
-                if progress.finished:
-                    log.info("early stop after epoch %d: val_%s has not improved for %d "
-                             "epochs (best %.5f at epoch %d)", epoch, self.monitor,
-                             progress.stale, result.best_score, result.best_epoch)
-                self._check_stop(epoch, 0)
+            while not fit.stopping.finished and fit.result.epochs_run < self.settings.epochs:
+                self._run_epoch(fit, data, has_validation, log_metrics)
         except KeyboardInterrupt:
-            log.warning("interrupted: keeping the best state so far (epoch %d)", result.best_epoch)
-            result.interrupted = True
-        model.load_state_dict(progress.best_state)
+            log.warning("interrupted: keeping the best state so far (epoch %d)",
+                        fit.stopping.best_epoch)
+            fit.result.interrupted = True
+        model.load_state_dict(fit.best_state)
         if not has_validation:
-            self._save(model)
+            self.best_checkpoint.save(model)
+        return fit.finish()
+
+    def _fit_without_epochs(self, model: Recommender, data: SequenceData, has_validation: bool,
+                            log_metrics: MetricsLogger) -> TrainResult:
+        """A model without trainable parameters (or train.epochs=0): validated once as it is."""
+        result = TrainResult(best_epoch=0 if has_validation else None, best_score=None,
+                             epochs_run=0)
+        if has_validation:
+            val, seconds = self._validate(model, data, 0)
+            log_metrics(self._val_metrics(val, seconds), 0)
+            result.best_score = val[self.monitor]
+            result.history.append(val)
+        self.best_checkpoint.save(model)
         return result
+
+    def _start(self, model: Recommender, has_validation: bool,
+               log_metrics: MetricsLogger) -> FitState:
+        """A new fit, or the saved one when resuming (its state written either way)."""
+        stopping = EarlyStopping(self.settings.patience, self.settings.min_delta)
+        if not has_validation:
+            stopping.best_score = stopping.best_epoch = None
+        fit = FitState(model, self.make_optimizer(model), np.random.default_rng(self.seed),
+                       stopping, copy.deepcopy(model.state_dict()), TrainResult(None, None, 0))
+        saved = None if self.state is None else self.state.load()
+        if saved is not None:
+            self.state.restore(saved, fit, log_metrics)
+        elif self.state is not None:
+            self.state.write(fit)
+        return fit
+
+    def _run_epoch(self, fit: FitState, data: SequenceData, has_validation: bool,
+                   log_metrics: MetricsLogger) -> None:
+        """The next epoch: trained, validated, counted by early stopping, the best weights
+        kept, the resumable state written, the metrics logged and the callbacks called."""
+        epoch = fit.result.epochs_run + 1
+        self._check_stop(epoch - 1, 0)
+        resumed_batches, fit.partial = fit.partial, None
+        try:
+            train_stats = self.train_epoch(fit.model, data, fit.optimizer, fit.rng, epoch,
+                                           **({"resume_from": resumed_batches}
+                                              if resumed_batches else {}))
+        except _EpochAbandoned as abandoned:
+            fit.partial = abandoned.partial
+            self._write_state(fit)
+            raise TrainingStopped(str(self.stop_requested()), epoch - 1,
+                                  abandoned.partial["batches"]) from None
+        metrics, row = dict(train_stats), dict(train_stats)
+        fit.result.epochs_run = epoch
+        if has_validation:
+            val, seconds = self._validate(fit.model, data, epoch)
+            metrics |= self._val_metrics(val, seconds)
+            row.update({f"val_{k}": v for k, v in val.items()})
+            if fit.stopping.update(val[self.monitor], epoch):
+                fit.best_state = copy.deepcopy(fit.model.state_dict())
+                self.best_checkpoint.save(fit.model)
+        else:
+            fit.best_state = fit.model.state_dict()  # the last epoch's
+        fit.result.history.append(row)
+        self._write_state(fit)
+        log_metrics(metrics, epoch)
+        for callback in self.callbacks:
+            callback.on_epoch_end(self, epoch)
+        if fit.stopping.finished:
+            self.progress.early_stop(epoch, self.monitor, fit.stopping)
+        self._check_stop(epoch, 0)
+
+    def _write_state(self, fit: FitState) -> None:
+        if self.state is not None:
+            self.state.write(fit)
 
     def _check_stop(self, epoch: int, batches: int) -> None:
         name = self.stop_requested()
         if name is not None:
             raise TrainingStopped(name, epoch, batches)
 
-    def _test_hooks(self, epoch: int) -> None:
-        """The test-only hooks HOLD_ENV and SIGNAL_ENV (inert unless set)."""
-        hold = os.environ.get(HOLD_ENV)
-        if hold and int(hold) == epoch:
-            print(f"seqexp-test: holding after epoch {epoch}", file=sys.stderr, flush=True)
-            while self.stop_requested() is None:
-                time.sleep(0.02)
-        send = os.environ.get(SIGNAL_ENV)
-        if send and int(send.split(":")[0]) == epoch:
-            import signal
-
-            os.kill(os.getpid(), getattr(signal, f"SIG{send.split(':')[1]}"))
-            time.sleep(0.1)  # the handler runs before the next bytecode; be sure it has
-
-    def _load_state(self) -> dict[str, Any] | None:
-        if self.state_path is None or not self.state_path.is_file():
-            return None
-        state = read_checkpoint(self.state_path)
-        if state.get("format") != STATE_FORMAT:
-            raise SeqexpError(f"{self.state_path}: not a seqexp training state of this version "
-                              f"(format {state.get('format')!r}, expected {STATE_FORMAT})")
-        return state
-
-    def _write_state(self, model: Recommender, optimizer: torch.optim.Optimizer,
-                     rng: np.random.Generator, result: TrainResult,
-                     progress: _Progress) -> None:
-        if self.state_path is None:
-            return
-        partial = progress.partial
-        best_is_current = result.best_epoch == result.epochs_run and partial is None
-        state = {
-            "format": STATE_FORMAT,
-            "epoch": result.epochs_run,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "model_training_state": model.training_state(),
-            # the current weights are the best ones in the common case: not stored twice
-            "best_state": None if best_is_current else progress.best_state,
-            "best_score": result.best_score,
-            "best_epoch": result.best_epoch,
-            "stale": progress.stale,
-            "finished": progress.finished,
-            "history": result.history,
-            # a partial epoch: its batch generator restarts from the epoch's first random state
-            "random": random_states(rng) if partial is None else partial["random"],
-            "partial": None if partial is None else {
-                k: v for k, v in partial.items() if k != "random"},
-        }
-        with atomic_path(self.state_path) as tmp:
-            torch.save(state, tmp)
-
-    def _log_missing(self, history: list[dict[str, float]], log_metrics: MetricsLogger) -> None:
-        if self.logged_epochs is None:
-            return
-        for epoch, row in enumerate(history, start=1):
-            if epoch not in self.logged_epochs:
-                log_metrics(row, epoch)
-
     def make_optimizer(self, model: Recommender) -> torch.optim.Optimizer:
-        optimizer = OPTIMIZERS[self.optimizer]
+        optimizer = OPTIMIZERS[self.settings.optimizer]
+        lr, weight_decay = self.settings.lr, self.settings.weight_decay
         try:  # the fused kernel: one pass over each tensor (several times faster on a CPU)
-            return optimizer(model.parameters(), lr=self.lr, weight_decay=self.weight_decay,
-                             fused=True)
+            return optimizer(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
         except (RuntimeError, TypeError, ValueError):  # this torch or device has none
-            return optimizer(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+            return optimizer(model.parameters(), lr=lr, weight_decay=weight_decay)
 
     def _loss_function(self, model: Recommender):
         """model.training_loss, through torch.compile when asked (compiled once per model)."""
-        if not self.compile:
+        if not self.settings.compile:
             return model.training_loss
         if id(model) not in self._compiled:
             self._compiled[id(model)] = torch.compile(model.training_loss, dynamic=True)
         return self._compiled[id(model)]
+
+    def _uses_amp(self, device: torch.device, epoch: int) -> bool:
+        why_not = amp_unavailable(device) if self.settings.amp else None
+        if why_not and epoch == 1:
+            log.warning("train.amp: %s; training in float32", why_not)
+        return self.settings.amp and why_not is None
 
     def train_epoch(self, model: Recommender, data: SequenceData,
                     optimizer: torch.optim.Optimizer, rng: np.random.Generator,
@@ -369,69 +536,56 @@ class Trainer:
         (_EpochAbandoned, with the partial epoch to save)."""
         model.train()
         epoch_random = rng.bit_generator.state  # the batch generator's, at the epoch's start
-        total_events, steps = 0, 0
-        # The loss is summed on the device and read back only every REPORT_EVERY steps: a read
-        # per step would make the host wait for the GPU at every batch.
-        total_loss = torch.zeros((), dtype=torch.float64, device=model.device)
-        started = time.perf_counter()
-        pairs = (data.train_end - data.offsets[:-1] - 1).clip(min=0)  # (input, next) pairs
-        n_train = int(pairs.sum())
-        bar = tqdm(total=n_train, desc=f"epoch {epoch}/{self.epochs}", unit="ev",
-                   unit_scale=True, disable=not self.progress, leave=False, mininterval=1.0)
-        device = model.device
-        why_not = amp_unavailable(device) if self.amp else None
-        use_amp = self.amp and why_not is None
-        if why_not and epoch == 1:
-            log.warning("train.amp: %s; training in float32", why_not)
-        loss_function = self._loss_function(model)
-        batches = model.training_batches(data, self.batch_size, rng)
+        loss, started = EpochLoss(model.device, epoch), time.perf_counter()
+        use_amp, loss_function = self._uses_amp(model.device, epoch), self._loss_function(model)
+        batches = model.training_batches(data, self.settings.batch_size, rng)
         if resume_from is not None:
             batches = self._skip_kept_batches(batches, model, resume_from)
-            steps, total_events = resume_from["batches"], resume_from["events"]
-            total_loss += resume_from["loss"].to(device)
-            bar.update(total_events)
-        with bar:
+            loss.continue_from(resume_from)
+        with self.progress.epoch(epoch, training_pairs(data), loss.events):
             for batch in batches:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    loss = loss_function(batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if self.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
-                optimizer.step()
-                total_loss += loss.detach().double() * batch.n_events
-                total_events += batch.n_events
-                steps += 1
-                bar.update(batch.n_events)
-                if steps % REPORT_EVERY == 0:
-                    mean_loss = self._checked_loss(total_loss, total_events, epoch)
+                loss.add(self._step(model, optimizer, loss_function, batch, use_amp),
+                         batch.n_events)
+                self.progress.advance(batch.n_events)
+                for callback in self.callbacks:
+                    callback.on_batch_end(self, epoch, loss.steps)
+                if loss.steps % REPORT_EVERY == 0:
                     elapsed = time.perf_counter() - started
-                    bar.set_postfix(loss=f"{mean_loss:.4f}",
-                                    ev_s=f"{total_events / elapsed:,.0f}")
-                if max_batches is not None and steps >= max_batches:
+                    self.progress.show(loss.mean(), loss.events / elapsed)
+                if max_batches is not None and loss.steps >= max_batches:
                     break
                 if self.stop_requested() is not None:
-                    states = random_states(rng)
-                    states["batches"] = epoch_random
-                    raise _EpochAbandoned({
-                        "batches": steps, "events": total_events, "loss": total_loss.cpu(),
-                        "random": states, "torch": states["torch"],
-                        "model_training_state": model.training_state(),
-                    })
-            # A model's batches need not add up to the (input, next) pairs (BPR samples every
-            # training event, DREAM drops pairs without a negative): the bar ends at 100 %.
-            bar.total = bar.n
-            bar.refresh()
-        mean_loss = self._checked_loss(total_loss, total_events, epoch)  # waits for the device
+                    raise _EpochAbandoned(self._partial_epoch(model, rng, epoch_random, loss))
+        mean_loss = loss.mean()  # waits for the device
         elapsed = time.perf_counter() - started
-        stats = {
-            "train_loss": mean_loss,
-            "train_events_per_s": total_events / max(elapsed, 1e-9),
-            "train_epoch_seconds": elapsed,
-        }
-        log.info("epoch %d: loss %.4f, %d events in %.1f s (%.0f events/s)", epoch,
-                 stats["train_loss"], total_events, elapsed, stats["train_events_per_s"])
+        stats = {"train_loss": mean_loss, "train_events_per_s": loss.events / max(elapsed, 1e-9),
+                 "train_epoch_seconds": elapsed}
+        self.progress.trained(epoch, stats, loss.events)
         return stats
+
+    def _step(self, model: Recommender, optimizer: torch.optim.Optimizer,
+              loss_function: Callable[[Any], torch.Tensor], batch: Any,
+              use_amp: bool) -> torch.Tensor:
+        """One optimiser step on `batch`; its loss."""
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss = loss_function(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.settings.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.settings.grad_clip)
+        optimizer.step()
+        return loss
+
+    @staticmethod
+    def _partial_epoch(model: Recommender, rng: np.random.Generator,
+                       epoch_random: Mapping[str, Any], loss: EpochLoss) -> dict[str, Any]:
+        """What the resumable state keeps of an epoch stopped after `loss.steps` batches: the
+        sums so far, the random states (the batch generator's as at the epoch's start, since
+        its batches are drawn again) and the model's carried state."""
+        states = random_states(rng)
+        states["batches"] = epoch_random
+        return {**loss.sums(), "random": states, "torch": states["torch"],
+                "model_training_state": model.training_state()}
 
     @staticmethod
     def _skip_kept_batches(batches: Iterator[Any], model: Recommender,
@@ -445,28 +599,14 @@ class Trainer:
         torch.set_rng_state(resume_from["torch"])
         return batches
 
-    @staticmethod
-    def _checked_loss(total_loss: torch.Tensor, total_events: int, epoch: int) -> float:
-        """Mean loss so far; a non-finite one stops training (the parameters are ruined)."""
-        mean = total_loss.item() / max(total_events, 1)
-        if not math.isfinite(mean):
-            raise SeqexpError(f"training loss became {mean} in epoch {epoch}; lower train.lr")
-        return mean
-
     def _validate(self, model: Recommender, data: SequenceData,
                   epoch: int) -> tuple[dict[str, float], float]:
         started = time.perf_counter()
         val = self.evaluator.evaluate(model, data, "val")
         seconds = time.perf_counter() - started
-        log.info("epoch %d: val_%s = %.5f, val_recall_at_%s = %.5f (%.1f s)", epoch,
-                 self.monitor, val[self.monitor], self.monitor.rsplit("_", 1)[1],
-                 val[f"recall_at_{self.monitor.rsplit('_', 1)[1]}"], seconds)
+        self.progress.validated(epoch, val, self.monitor, seconds)
         return val, seconds
 
     @staticmethod
     def _val_metrics(val: Mapping[str, float], seconds: float) -> dict[str, float]:
         return {f"val_{k}": v for k, v in val.items()} | {"val_seconds": seconds}
-
-    def _save(self, model: Recommender) -> None:
-        if self.checkpoint_path is not None:
-            save_checkpoint(model, self.checkpoint_path, self.checkpoint_contents)

@@ -8,6 +8,7 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +26,15 @@ from seqexp.data.loading import load_dataset
 from seqexp.data.sequences import SequenceData
 from seqexp.engine.evaluator import Evaluator
 from seqexp.engine.metrics import RankCounts
-from seqexp.engine.trainer import Trainer
+from seqexp.engine.trainer import (
+    BestCheckpoint,
+    ResumableState,
+    StopCheck,
+    Trainer,
+    TrainingCallback,
+    TrainSettings,
+    no_stop_signal,
+)
 from seqexp.models.base import Recommender
 from seqexp.run.artifacts import checkpoint_contents, write_id_maps, write_ranks
 from seqexp.run.options import check_config
@@ -125,17 +134,18 @@ def build_evaluator(cfg: DictConfig) -> Evaluator:
                      progress=bool(cfg.train.progress))
 
 
-def build_trainer(cfg: DictConfig, evaluator: Evaluator,
-                  checkpoint: Path | None = None) -> Trainer:
-    train = cfg.train
-    return Trainer(
-        evaluator, epochs=train.epochs, batch_size=train.batch_size, lr=train.lr,
-        weight_decay=train.weight_decay, optimizer=train.optimizer, grad_clip=train.grad_clip,
-        patience=train.patience,
-        min_delta=train.min_delta, monitor_cutoff=cfg.eval.monitor_cutoff,
-        progress=train.progress, seed=cfg.seed, checkpoint_path=checkpoint,
-        amp=bool(train.get("amp", False)), compile=bool(train.get("compile", False)),
-    )
+def build_trainer(cfg: DictConfig, evaluator: Evaluator, checkpoint: Path | None = None,
+                  state: ResumableState | None = None, *,
+                  checkpoint_contents: Mapping[str, Any] | None = None,
+                  stop_requested: StopCheck = no_stop_signal,
+                  callbacks: Sequence[TrainingCallback] = ()) -> Trainer:
+    """The trainer of cfg.train (TrainSettings reads every key by its name), monitoring
+    val_mrr_at_<eval.monitor_cutoff>; the best weights go to `checkpoint` with
+    `checkpoint_contents` beside them, the resumable state to `state`."""
+    return Trainer(evaluator, TrainSettings.from_config(cfg.train),
+                   monitor_cutoff=cfg.eval.monitor_cutoff, seed=cfg.seed,
+                   best_checkpoint=BestCheckpoint(checkpoint, checkpoint_contents), state=state,
+                   stop_requested=stop_requested, callbacks=callbacks)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -203,13 +213,13 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
             tracker.log_artifact(output_dir / "config.yaml")
             if hydra_dir is not None:
                 tracker.log_artifact(hydra_dir, ".hydra")
-        trainer = build_trainer(cfg, evaluator, checkpoint)
-        trainer.state_path = output_dir / "checkpoints" / "last.pt"
-        trainer.resume = resumed is not None
-        trainer.logged_epochs = None if resumed is None else resumed.logged_epochs
-        trainer.checkpoint_contents = checkpoint_contents(cfg, data)
+        state = ResumableState(
+            output_dir / "checkpoints" / "last.pt", resume=resumed is not None,
+            logged_epochs=None if resumed is None else frozenset(resumed.logged_epochs))
         with StopSignals() as stop_signals:
-            trainer.stop_requested = stop_signals
+            trainer = build_trainer(cfg, evaluator, checkpoint, state,
+                                    checkpoint_contents=checkpoint_contents(cfg, data),
+                                    stop_requested=stop_signals)
             try:
                 result = trainer.fit(model, data, tracker.log_metrics)
             except TrainingStopped as stopped:
