@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from seqexp.core.checkpoint import read_checkpoint
 from seqexp.core.errors import SeqexpError
 from seqexp.core.stopping import StopSignals, TrainingStopped
 from seqexp.data.loading import load_dataset
+from seqexp.engine.evaluator import Evaluator
 from seqexp.engine.trainer import (
     STATE_FORMAT,
     ResumableState,
@@ -481,3 +483,84 @@ def test_environment_is_recorded():
     if cpuinfo.is_file() and "model name" in cpuinfo.read_text():
         assert tags["env.cpu"] in cpuinfo.read_text()
     assert np.all([isinstance(v, str) and v for v in tags.values()])
+
+
+def _sigterm_once(real: Callable, when: Callable[..., bool]) -> Callable:
+    """`real`, which sends this process SIGTERM on its first call where `when(*args)` holds
+    (a real signal, through seqexp's StopSignals handler)."""
+    sent = []
+
+    def wrapped(*args, **kwargs):
+        if not sent and when(*args, **kwargs):
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+    return wrapped
+
+
+@pytest.mark.parametrize("moment", ["test evaluation", "artifact logging"])
+def test_sigterm_after_training_ends_the_run_killed_and_a_resume_finishes_it(
+        moment, tmp_path, shared, store, baselines, monkeypatch):
+    baseline, _ = baselines("gru")
+    with monkeypatch.context() as patched:
+        if moment == "test evaluation":  # arrives inside the first batch of test points
+            patched.setattr(Evaluator, "_batch_counts", _sigterm_once(
+                Evaluator._batch_counts, lambda *a, **k: not a[1].training and _in_test[0]))
+            patched.setattr(Evaluator, "rank_counts", _marking_test(Evaluator.rank_counts))
+        else:  # arrives while the ranks artifact is being written
+            patched.setattr(experiment, "log_ranks", _sigterm_once(
+                experiment.log_ranks, lambda *a, **k: True))
+        with pytest.raises(TrainingStopped, match=f"stopped by SIGTERM after epoch {EPOCHS}"):
+            run_in_process("gru", tmp_path, shared, "run")
+    run = only_run(store)
+    assert run.info.status == "KILLED"
+    assert "test_mrr_at_20" not in run.data.metrics or moment == "artifact logging"
+    resumed = run_in_process("gru", tmp_path, shared, "again", [f"resume={run.info.run_id}"])
+    assert resumed.run_id == run.info.run_id and resumed.metrics == baseline.metrics
+    assert store.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+_in_test = [False]
+
+
+def _marking_test(real: Callable) -> Callable:
+    def wrapped(self, model, data, phase, *args, **kwargs):
+        _in_test[0] = phase == "test"
+        try:
+            return real(self, model, data, phase, *args, **kwargs)
+        finally:
+            _in_test[0] = False
+    return wrapped
+
+
+def test_a_stop_during_validation_ends_within_one_batch_from_the_epoch_before(shared):
+    """A stop check that turns on during epoch 2's validation: the evaluator stops after that
+    batch, and the fit reports the state of epoch 1, the last one written."""
+    calls = {"validating": False, "batches": 0}
+
+    def stop() -> str | None:
+        if calls["validating"]:
+            calls["batches"] += 1
+            return "SIGTERM"
+        return None
+
+    class Validating(TrainingCallback):
+        def on_epoch_end(self, trainer, epoch):  # noqa: ARG002 - the hook's signature
+            if epoch == 1:  # the next evaluation is epoch 2's validation, in 10 batches
+                trainer.evaluator.batch_users = 4
+                real = trainer.evaluator.rank_counts
+
+                def counting(*args, **kwargs):
+                    calls["validating"] = True
+                    return real(*args, **kwargs)
+                trainer.evaluator.rank_counts = counting
+
+    with pytest.raises(TrainingStopped, match="stopped by SIGTERM after epoch 1$") as stopped:
+        trainer_run("gru", shared, shared / "validation-stop.pt", stop=stop,
+                    callbacks=[Validating()])
+    assert stopped.value.epoch == 1 and calls["batches"] == 1  # asked once: after one batch
+    # the stop left epoch 1's state: a resume trains epoch 2 again and ends as if never stopped
+    resumed, test = trainer_run("gru", shared, shared / "validation-stop.pt", resume=True)
+    uninterrupted, expected = trainer_run("gru", shared, shared / "validation-none.pt")
+    assert deterministic(resumed.history) == deterministic(uninterrupted.history)
+    assert test == expected

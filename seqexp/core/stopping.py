@@ -32,6 +32,15 @@ class TrainingStopped(Exception):
         self.batches = batches
 
 
+class EvaluationStopped(Exception):
+    """A stop signal arrived while a model was being evaluated; raised after the current batch
+    of prediction points, so that a stop never waits for a whole validation or test pass."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(f"stopped by {signal_name} during an evaluation")
+        self.signal_name = signal_name
+
+
 def exit_code(signal_name: str) -> int:
     """The shell's code for a process ended by `signal_name`: 128 + its number (SIGTERM 143)."""
     return 128 + int(getattr(signal, signal_name, signal.SIGTERM))

@@ -17,13 +17,14 @@ hit (the usual protocol; ranking it unreachable would make every repeat a certai
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from seqexp.core.errors import SeqexpError
+from seqexp.core.stopping import EvaluationStopped
 from seqexp.data.baskets import basket_starts, check_gap
 from seqexp.data.batching import PredictionBatch, prediction_batches
 from seqexp.data.sequences import SequenceData
@@ -74,7 +75,10 @@ class Evaluator:
         return self.max_block_elements or _for_device(AUTO_BLOCK_ELEMENTS, device)
 
     @torch.no_grad()
-    def rank_counts(self, model: Recommender, data: SequenceData, phase: str) -> RankCounts:
+    def rank_counts(self, model: Recommender, data: SequenceData, phase: str,
+                    stop_requested: Callable[[], str | None] | None = None) -> RankCounts:
+        """Every target's rank counts in `phase`. `stop_requested` is asked after each batch:
+        a stop signal ends the evaluation there (EvaluationStopped)."""
         was_training = model.training
         model.eval()
         device = model.device
@@ -94,6 +98,9 @@ class Evaluator:
                     parts["greater"].append(g.cpu())
                     parts["equal"].append(e.cpu())
                     bar.update(batch.n_targets)
+                    stop = None if stop_requested is None else stop_requested()
+                    if stop is not None:
+                        raise EvaluationStopped(stop)
                 bar.refresh()  # its last state shows 100 % (mininterval skips the last draw)
         finally:
             model.train(was_training)
@@ -129,8 +136,9 @@ class Evaluator:
             e_parts.append(e)
         return torch.cat(g_parts), torch.cat(e_parts)
 
-    def evaluate(self, model: Recommender, data: SequenceData, phase: str) -> dict[str, float]:
-        return self.rank_counts(model, data, phase).metrics(self.cutoffs)
+    def evaluate(self, model: Recommender, data: SequenceData, phase: str,
+                 stop_requested: Callable[[], str | None] | None = None) -> dict[str, float]:
+        return self.rank_counts(model, data, phase, stop_requested).metrics(self.cutoffs)
 
     def full_metrics(self, counts: RankCounts, data: SequenceData) -> dict[str, float]:
         """The metrics of `counts` overall and by history-length quartile (hist_q<j>_...)."""

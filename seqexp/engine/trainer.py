@@ -34,7 +34,7 @@ from tqdm import tqdm
 from seqexp.core.atomic import atomic_path
 from seqexp.core.checkpoint import read_checkpoint, save_checkpoint
 from seqexp.core.errors import SeqexpError
-from seqexp.core.stopping import TrainingStopped
+from seqexp.core.stopping import EvaluationStopped, TrainingStopped
 from seqexp.data.sequences import SequenceData
 from seqexp.engine.evaluator import Evaluator
 from seqexp.models.base import Recommender
@@ -602,7 +602,12 @@ class Trainer:
     def _validate(self, model: Recommender, data: SequenceData,
                   epoch: int) -> tuple[dict[str, float], float]:
         started = time.perf_counter()
-        val = self.evaluator.evaluate(model, data, "val")
+        try:
+            val = self.evaluator.evaluate(model, data, "val", self.stop_requested)
+        except EvaluationStopped as stopped:
+            # The state of the epoch before stays the resumable one: this epoch's training
+            # is done again on resume, as it would be had the signal come a moment earlier.
+            raise TrainingStopped(stopped.signal_name, max(epoch - 1, 0), 0) from None
         seconds = time.perf_counter() - started
         self.progress.validated(epoch, val, self.monitor, seconds)
         return val, seconds

@@ -21,7 +21,7 @@ from seqexp.core.atomic import write_json, write_text
 from seqexp.core.errors import SeqexpError, message_line
 from seqexp.core.flat_config import flatten
 from seqexp.core.ranks_file import ID_MAPS_FILE, RANKS_FILE
-from seqexp.core.stopping import StopSignals, TrainingStopped
+from seqexp.core.stopping import EvaluationStopped, StopSignals, TrainingStopped
 from seqexp.data.loading import load_dataset
 from seqexp.data.sequences import SequenceData
 from seqexp.engine.evaluator import Evaluator
@@ -216,38 +216,51 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
         state = ResumableState(
             output_dir / "checkpoints" / "last.pt", resume=resumed is not None,
             logged_epochs=None if resumed is None else frozenset(resumed.logged_epochs))
+        # Stop signals end the run KILLED at any moment from here on: within a training or
+        # evaluation batch, and between the steps that log the results.
         with StopSignals() as stop_signals:
-            trainer = build_trainer(cfg, evaluator, checkpoint, state,
-                                    checkpoint_contents=checkpoint_contents(cfg, data),
-                                    stop_requested=stop_signals)
+            epochs_done = 0
+
+            def stop_if_asked() -> None:
+                if stop_signals() is not None:
+                    raise TrainingStopped(str(stop_signals()), epochs_done, 0)
+
             try:
+                trainer = build_trainer(cfg, evaluator, checkpoint, state,
+                                        checkpoint_contents=checkpoint_contents(cfg, data),
+                                        stop_requested=stop_signals)
                 result = trainer.fit(model, data, tracker.log_metrics)
+                epochs_done = result.epochs_run
+                summary = {"epochs_run": result.epochs_run}
+                if result.best_score is not None:
+                    summary |= {"best_epoch": result.best_epoch,
+                                f"best_val_mrr_at_{cfg.eval.monitor_cutoff}": result.best_score}
+                if result.interrupted:
+                    status = "KILLED"
+                    raise KeyboardInterrupt
+                counts = evaluator.rank_counts(model, data, "test", stop_signals)
+                test = {f"test_{k}": v for k, v in evaluator.full_metrics(counts, data).items()}
+                if cfg.eval.get("basket_gap_s") is not None:
+                    baskets = evaluator.next_basket_metrics(
+                        model, data, "test", cfg.eval.basket_gap_s, cfg.eval.basket_k)
+                    test |= {f"test_{k}": v for k, v in baskets.items()}
+                stop_if_asked()
+                tracker.log_metrics(test | summary)
+                metrics = test | summary
+                log.info("test: %s", ", ".join(f"{k}={v:.5f}" for k, v in test.items()
+                                              if k in headline_metrics(cfg)))
+                log_ranks(tracker, counts, data, cfg, output_dir)
+                stop_if_asked()
+                write_json(output_dir / "metrics.json", metrics | {"data": data.stats})
+                tracker.log_artifact(output_dir / "metrics.json")
+                if cfg.mlflow.log_checkpoint:
+                    tracker.log_artifact(checkpoint, "checkpoints")
+                stop_if_asked()
+            except EvaluationStopped as stopped:  # the test evaluation, cut short
+                raise _stopped(TrainingStopped(stopped.signal_name, epochs_done, 0), run_id,
+                               stop_signals) from None
             except TrainingStopped as stopped:
-                stopped.run_id = run_id
-                stopped.pass_on = stop_signals.pass_on
-                raise
-        summary = {"epochs_run": result.epochs_run}
-        if result.best_score is not None:
-            summary |= {"best_epoch": result.best_epoch,
-                        f"best_val_mrr_at_{cfg.eval.monitor_cutoff}": result.best_score}
-        if result.interrupted:
-            status = "KILLED"
-            raise KeyboardInterrupt
-        counts = evaluator.rank_counts(model, data, "test")
-        test = {f"test_{k}": v for k, v in evaluator.full_metrics(counts, data).items()}
-        if cfg.eval.get("basket_gap_s") is not None:
-            baskets = evaluator.next_basket_metrics(model, data, "test", cfg.eval.basket_gap_s,
-                                                    cfg.eval.basket_k)
-            test |= {f"test_{k}": v for k, v in baskets.items()}
-        tracker.log_metrics(test | summary)
-        metrics = test | summary
-        log.info("test: %s", ", ".join(f"{k}={v:.5f}" for k, v in test.items()
-                                      if k in headline_metrics(cfg)))
-        log_ranks(tracker, counts, data, cfg, output_dir)
-        write_json(output_dir / "metrics.json", metrics | {"data": data.stats})
-        tracker.log_artifact(output_dir / "metrics.json")
-        if cfg.mlflow.log_checkpoint:
-            tracker.log_artifact(checkpoint, "checkpoints")
+                raise _stopped(stopped, run_id, stop_signals) from None
         status = "FINISHED"
         return RunResult(run_id, result.best_score, metrics, output_dir)
     except (KeyboardInterrupt, TrainingStopped):
@@ -257,6 +270,15 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
         raise
     finally:
         tracker.end(status)
+
+
+def _stopped(stopped: TrainingStopped, run_id: str, stop_signals: StopSignals
+             ) -> TrainingStopped:
+    """The stop, with what the CLI needs to end it: the run to resume and the launcher's
+    handler of the signal (submitit requeues the job)."""
+    stopped.run_id = run_id
+    stopped.pass_on = stop_signals.pass_on
+    return stopped
 
 
 def _check_resumable(resumed: RunToResume, data: SequenceData) -> Path:
