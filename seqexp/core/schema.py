@@ -197,27 +197,30 @@ SPLIT: dict[str, dict[str, Key]] = {
     },
 }
 
-_FILE_DATASET: dict[str, Key] = {
+_LOCAL_FILE: dict[str, Key] = {
     "name": Key(text(), "the dataset's name (the report's column)"),
     "format": Key(text(), "the reader: movielens, lastfm, tabular or synthetic"),
     # the raw file's sha256 (the param data.sha256) tells which data a run had, wherever it was
     "path": _speed(text(nullable=True), "a local raw file (null = download the archive)"),
+    "min_item_support": Key(integer(0), "items with fewer training events are dropped"),
+    "drop_repeats": Key(flag(), "drop immediate repeats of the same item"),
+}
+_PUBLISHED_FILE: dict[str, Key] = _LOCAL_FILE | {
     "url": Key(text(nullable=True), "where the archive is downloaded from"),
     "archive_member": Key(text(nullable=True), "the raw file inside the archive"),
     "archive_size": Key(integer(1, nullable=True), "the archive's size in bytes, checked"),
     "archive_md5": Key(text(nullable=True, pattern="[0-9a-fA-F]{32}",
                             what="be 32 hex digits"), "the archive's md5, checked"),
     "verify": Key(flag(), "check the download's size and md5 (false: a warning)"),
-    "min_item_support": Key(integer(0), "items with fewer training events are dropped"),
-    "drop_repeats": Key(flag(), "drop immediate repeats of the same item"),
 }
 DATASET: dict[str, dict[str, Key]] = {
-    "movielens": _FILE_DATASET | {
+    "movielens": _PUBLISHED_FILE | {
         "layout": Key(listed("movielens_layouts"), "the file's layout"),
         "basket_gap_s": Key(number(0.0), "what a basket is for dream: a gap above this many "
                             "seconds")},
-    "lastfm": _FILE_DATASET | {"item": Key(listed("lastfm_items"), "what an item is")},
-    "tabular": _FILE_DATASET | {
+    "lastfm": _PUBLISHED_FILE | {"item": Key(listed("lastfm_items"), "what an item is")},
+    "tabular": _LOCAL_FILE | {
+        "path": _speed(text(), "the table file (CSV, TSV or Parquet)"),
         "user_col": Key(text(), "the user column"), "item_col": Key(text(), "the item column"),
         "time_col": Key(text(), "the timestamp column"),
         "sep": Key(text(nullable=True), "field separator (null: from the extension)")},
