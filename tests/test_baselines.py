@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from helpers import SHAPE_ATOL, SHAPE_RTOL, assert_no_near_ties, sequences
-from seqexp.core.errors import SeqexpError
 from seqexp.data.batching import prediction_batches
 from seqexp.data.preprocess import build_sequences
 from seqexp.data.synthetic import generate_synthetic
@@ -123,13 +122,6 @@ def test_expdecay_scores_do_not_depend_on_item_chunks_or_the_anchor_block_size()
     assert torch.allclose(chunk, catalogue[:, 3:50], atol=1e-6)
     model.anchor_block = 1  # one anchor column per step
     assert torch.allclose(model.score_items(state, 3, 50), chunk, atol=1e-6)
-
-
-def test_expdecay_rejects_bad_settings():
-    with pytest.raises(SeqexpError, match="model.decay_unit"):
-        ExpDecayKNN(5, 2, decay_unit="days")
-    with pytest.raises(SeqexpError, match="model.window"):
-        ExpDecayKNN(5, 2, window=0)
 
 
 def _one_state(model, batch, point: int):
@@ -265,13 +257,6 @@ def test_expdecay_is_deterministic():
         counts.append(Evaluator([20]).rank_counts(model, data, "test"))
     assert np.array_equal(counts[0].greater, counts[1].greater)
     assert np.array_equal(counts[0].equal, counts[1].equal)
-
-
-def test_factorisation_rejects_bad_settings():
-    with pytest.raises(SeqexpError, match="model.window"):
-        SeqMF(5, 2, window=0)
-    with pytest.raises(SeqexpError, match="model.factors"):
-        MF(5, 2, factors=0)
 
 
 def test_train_optimizer_sgd_takes_plain_gradient_steps():

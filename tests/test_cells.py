@@ -391,11 +391,3 @@ def test_dropout_drops_a_share_p_and_scales_the_rest_by_one_over_keep():
     assert dropout(x) is x
 
 
-@pytest.mark.parametrize("options, key", [({"threshold": "step"}, "model.threshold"),
-                                          ({"omega": 1.5}, "model.omega"),
-                                          ({"temperature": 0.0}, "model.temperature")])
-def test_rectified_options_out_of_range_are_one_line_errors_naming_the_key(options, key):
-    from seqexp.core.errors import SeqexpError
-
-    with pytest.raises(SeqexpError, match=key):
-        RectifiedUserGRUCell(4, **options)

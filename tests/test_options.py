@@ -9,6 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from helpers import compose_config
+from seqexp.core import schema
 from seqexp.core.errors import SeqexpError
 from seqexp.core.resources import config_dir, group_options
 from seqexp.run.experiment import validate
@@ -50,7 +51,27 @@ def composed(configs):
 def test_every_key_of_every_config_file_has_a_rule(composed):
     missing = sorted({f"{key} ({' '.join(overrides)})" for overrides, cfg in composed
                       for key in leaf_keys(cfg) if rule_of(cfg, key) is None})
-    assert missing == [], "keys without a rule in seqexp/run/options.py"
+    assert missing == [], "keys without an entry in seqexp/core/schema.py"
+
+
+# Entries for a constructor parameter that no preset sets: checked when a command line adds it
+# (`seqexp model=mf +model.window=2`, which preflight lets through because MF takes `window`).
+ADDED_ONLY = {"seqexp.models.factorisation.MF": {"window"}}
+
+
+def test_every_entry_of_the_schema_is_a_key_of_a_composed_config(composed):
+    """The other direction: no entry is left over from a key that conf/ no longer has."""
+    seen: dict[tuple[str, str], set[str]] = {}  # (group, the table's kind) -> leaves composed
+    for _, cfg in composed:
+        for group, table in schema.group_tables(cfg).items():
+            kind = next(k for k, t in schema.GROUPS[group].tables.items() if t is table)
+            seen.setdefault((group, kind), set()).update(cfg[group])
+    unused = sorted(f"{group}.{leaf} ({kind or 'its table'})"
+                    for group, g in schema.GROUPS.items() for kind, table in g.tables.items()
+                    for leaf in set(table) - seen.get((group, kind), set())
+                    - ADDED_ONLY.get(kind, set()))
+    assert unused == [], "entries of seqexp/core/schema.py that no composed config has"
+    assert set(schema.TOP) <= set(composed[0][1])
 
 
 def test_every_option_of_every_group_is_composed():
@@ -72,6 +93,10 @@ DEFAULT = ()
 
 def having(model: str) -> tuple[str, ...]:
     return next(c for c in COMPOSITIONS if c[0] == f"model={model}")
+
+
+def with_dataset(dataset: str) -> tuple[str, ...]:
+    return next(c for c in COMPOSITIONS if c and c[1] == f"dataset={dataset}")
 
 
 BAD = [
@@ -107,6 +132,26 @@ BAD = [
     (DEFAULT, "mlflow.log_checkpoint", 2, "mlflow.log_checkpoint=2 must be true or false"),
     (DEFAULT, "dataset.format", [], "dataset.format=[] is unknown; choose one of movielens"),
     (having("gru"), "model._target_", "x.Y", "model._target_='x.Y' is unknown; choose one of"),
+    # checked by the constructors, readers and evaluator before the schema took them over
+    (having("dream"), "model.pooling", "sum", "model.pooling='sum' must be one of max, mean"),
+    (having("dream"), "model.cell", "lstm", "model.cell='lstm' must be one of rnn, gru"),
+    (having("rectified_ugru"), "model.threshold", "step", "model.threshold='step' must be one "
+                                                           "of soft, hard"),
+    (having("rectified_ugru"), "model.temperature", 0.0, "model.temperature=0.0 must be"),
+    (having("expdecay_knn"), "model.decay_unit", "days", "model.decay_unit='days' must be one "
+                                                          "of position, time"),
+    (having("expdecay_knn"), "model.window", 0, "model.window=0 must be an integer >= 1"),
+    (having("mf"), "model.factors", 0, "model.factors=0 must be an integer >= 1"),
+    (having("gru"), "model.loss", "bpr", "model.loss='bpr' must be one of full_softmax"),
+    (having("gru"), "model.eval_chunk", 0, "model.eval_chunk=0 must be an integer >= 1"),
+    (DEFAULT, "eval.basket_k", 0, "eval.basket_k=0 must be an integer >= 1"),
+    (DEFAULT, "eval.batch_users", 0, "eval.batch_users=0 must be an integer >= 1 (or null)"),
+    (DEFAULT, "eval.exclude_seen", "yes", "eval.exclude_seen='yes' must be true or false"),
+    (with_dataset("ml100k"), "dataset.layout", "tsv", "dataset.layout='tsv' must be one of "
+                                                       "ratings_dat, u_data"),
+    (with_dataset("lastfm"), "dataset.item", "album", "dataset.item='album' must be one of "
+                                                       "track, artist"),
+    (having("gru"), "split.name", "random", "split.name='random' is unknown; choose one of"),
 ]
 
 

@@ -190,11 +190,6 @@ def test_val_frac_zero_is_allowed() -> None:
     assert data.train_end.tolist() == data.val_end.tolist() == [8]
 
 
-def test_unknown_split_name() -> None:
-    with pytest.raises(SeqexpError, match=r"split='random'"):
-        build_sequences(raw([0, 0], [0, 1], [1, 2]), {"name": "random"})
-
-
 # ------------------------------------------------------------------------------ global_time
 def test_global_time_split_cuts() -> None:
     ts = np.arange(10, 101, 10)  # 10..100

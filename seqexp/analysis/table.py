@@ -26,15 +26,17 @@ from seqexp.analysis.significance import (
 )
 from seqexp.core.flat_config import flatten
 from seqexp.core.resources import config_dir
+from seqexp.core.schema import affects_results
 
 METRICS = (("mrr_at_20", "MRR@20"), ("recall_at_20", "Recall@20"))
 DATASET_TITLES = {"ml10m": "ML-10M", "lastfm": "LastFM-1K"}
 
 
-# Params that say where or how fast a run ran, not what it computed: runs differing only in
-# these (and the seed) are repetitions of one configuration.
-_NOT_CONFIGURATION = ("seed", "device", "mlflow.", "paths.", "data.", "train.progress",
-                      "train.num_threads", "eval.batch_users", "eval.max_block_elements")
+# The params a run logs besides its config (seqexp.run.experiment: the data's statistics), and
+# the one of them that tells which raw file it read: runs on different files are different
+# configurations, wherever the file was (dataset.path does not count, its sha256 does).
+_DATA_PREFIX = "data."
+_DATA_FILE = "data.sha256"
 
 
 @dataclass
@@ -192,8 +194,12 @@ def paper_order(paper: Mapping[tuple[str, str, str], float]) -> tuple[list[str],
 
 
 def _configuration(params: Mapping[str, str]) -> dict[str, str]:
+    """The params that make a configuration: runs with equal ones, differing only in the seed
+    and in keys that cannot change results (the schema's `affects_results`, which resume asks
+    too), are seeds of one configuration."""
     return {k: v for k, v in params.items()
-            if not (k in _NOT_CONFIGURATION or k.startswith(_NOT_CONFIGURATION))}
+            if k == _DATA_FILE or (k != "seed" and not k.startswith(_DATA_PREFIX)
+                                   and affects_results(k))}
 
 
 # Keys whose value changes what a model computes, compared with the model's defaults

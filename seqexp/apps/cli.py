@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from seqexp.apps.preflight import check_command_line, sweeper_ranks_jobs
+from seqexp.core import schema
 from seqexp.core.errors import SeqexpError, message_line
 from seqexp.core.resources import config_dir, group_options
 from seqexp.core.stopping import TrainingStopped, exit_code
@@ -46,6 +47,28 @@ PLUGIN_PRESETS = {
     ("hparams_search", None): ("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper",
                                "seqexp[optuna]"),
 }
+
+
+def config_keys_help(cfg: DictConfig) -> str:
+    """The `seqexp --help` lines of every key of this config (its model's, dataset's and
+    split's tables) with the one-line doc of the schema (seqexp/core/schema.py)."""
+    try:
+        keys = schema.keys_of(cfg)
+    except SeqexpError as exc:
+        return f"  (no key listing: {exc})"
+    width = max(len(key) for key in keys) + 1
+    return "\n".join(f"  {key:<{width}}{' ' if entry.affects_results else '~'} {entry.doc}"
+                     for key, entry in keys.items())
+
+
+def _help_keys(*, _root_: DictConfig) -> str:
+    # The page goes through string.Template, where $ starts a placeholder.
+    return config_keys_help(_root_).replace("$", "$$")
+
+
+# conf/hydra/help/seqexp.yaml's ${seqexp_config_keys:}: the listing is made from the schema
+# when the page is shown, for the config that `seqexp --help [overrides]` composes.
+OmegaConf.register_new_resolver("seqexp_config_keys", _help_keys, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")

@@ -13,8 +13,10 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from seqexp.core.errors import message_line
+from seqexp.core import schema
+from seqexp.core.errors import SeqexpError, message_line
 from seqexp.core.resources import config_dir
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
@@ -69,9 +71,20 @@ def _has_key(cfg: DictConfig, key: str) -> bool:
     return isinstance(node, DictConfig) and leaf in node.keys()  # noqa: SIM118
 
 
+def known_keys(cfg: DictConfig) -> list[str]:
+    """The keys of this config that the schema has (seqexp/core/schema.py: this model's,
+    dataset's and split's tables), with their groups; the composed config's own keys where a
+    group has no table in the schema (a `model._target_` of another package)."""
+    try:
+        keys = list(schema.keys_of(cfg))
+    except (SeqexpError, OmegaConfBaseException):  # no table, or a selector that won't resolve
+        return [k for k in _leaf_keys(cfg) if not k.startswith("hydra")]
+    return sorted({k.split(".", 1)[0] for k in keys if "." in k} | set(keys))
+
+
 def unknown_key_message(cfg: DictConfig, key: str) -> str:
     """`train.epoch is not a config key; did you mean train.epochs? (train keys: ...)`."""
-    keys = [k for k in _leaf_keys(cfg) if not k.startswith("hydra")]
+    keys = known_keys(cfg)
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
     group = key.split(".", 1)[0]
     siblings = sorted(k.split(".", 1)[1] for k in keys

@@ -30,8 +30,6 @@ def read_lastfm(path: Path, item: str = "track") -> Interactions:
     the row-order tie-break for equal timestamps follow the listening order.
     """
     path = Path(path)
-    if item not in ITEM_KINDS:
-        raise SeqexpError(f"dataset.item={item!r} is not one of {', '.join(ITEM_KINDS)}")
     skipped = skipped_row_counter()
     try:
         table = read_delimited(

@@ -67,9 +67,6 @@ def read_movielens(path: Path, layout: str = "ratings_dat") -> Interactions:
     integers, or a `ratings_csv` file without its header, is an error naming the file.
     """
     path = Path(path)
-    if layout not in LAYOUTS:
-        raise SeqexpError(f"dataset.layout={layout!r} is unknown; choose one of "
-                          f"{', '.join(LAYOUTS)}")
     spec = LAYOUTS[layout]
     what = f"MovieLens ratings file ({spec.description})"
     if spec.header is not None and path.stat().st_size:

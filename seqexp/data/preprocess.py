@@ -101,8 +101,6 @@ def build_sequences(
 ) -> SequenceData:
     """Order, split, filter on training counts, encode and group by user."""
     split_name = split.get("name")
-    if split_name not in SPLITS:
-        raise SeqexpError(f"split={split_name!r} is unknown; choose one of {', '.join(SPLITS)}")
     if len(raw) == 0:
         raise SeqexpError(f"{raw.source}: no interactions to work with")
     order = order_events(raw.user, raw.timestamp)

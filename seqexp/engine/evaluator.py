@@ -55,13 +55,6 @@ class Evaluator:
                  max_block_elements: int | None = None, exclude_seen: bool = False,
                  progress: bool = False) -> None:
         cutoffs = list(cutoffs)
-        if not cutoffs or any(not isinstance(k, int) or k < 1 for k in cutoffs):
-            raise SeqexpError(f"eval.cutoffs={cutoffs} must be a list of positive integers")
-        if any(value is not None and value < 1 for value in (batch_users, max_block_elements)):
-            raise SeqexpError("eval.batch_users and eval.max_block_elements must be positive "
-                              "(or null: chosen for the device)")
-        if not isinstance(exclude_seen, bool):
-            raise SeqexpError(f"eval.exclude_seen={exclude_seen!r} must be true or false")
         self.cutoffs = sorted(set(cutoffs))
         self.batch_users = batch_users
         self.max_block_elements = max_block_elements
@@ -259,9 +252,7 @@ def seen_items(batch: PredictionBatch, n_items: int) -> tuple[torch.Tensor, torc
 
 
 def check_basket_settings(gap_s: float, k: int) -> tuple[float, int]:
-    """eval.basket_gap_s and eval.basket_k, or a SeqexpError naming the bad key."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise SeqexpError(f"eval.basket_k={k!r} must be a positive integer")
+    """eval.basket_gap_s in seconds and eval.basket_k (checked by the schema with the config)."""
     return check_gap(gap_s, "eval.basket_gap_s"), k
 
 

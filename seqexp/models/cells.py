@@ -13,8 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqexp.core.errors import check_choice, check_option
-
 
 class ItemInputs:
     """Item inputs as ids into the embedding table, for a replay without dropout: a cell's
@@ -143,10 +141,6 @@ class RectifiedUserGRUCell(GRUCell):
     def __init__(self, hidden_size: int, threshold: str = "soft", temperature: float = 0.1,
                  omega: float | None = None) -> None:
         super().__init__(hidden_size)
-        check_choice("threshold", threshold, ("soft", "hard"))
-        check_option("omega", omega, omega is None or 0.0 <= omega <= 1.0,
-                     "lie in [0, 1] (or null to learn it)")
-        check_option("temperature", temperature, temperature > 0, "be positive")
         n = hidden_size
         self.temperature = temperature if threshold == "soft" else None
         self.user_proj = nn.Linear(n, 3 * n, bias=False)  # ṽ terms of z, r, k

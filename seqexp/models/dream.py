@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqexp.core.errors import check_choice, check_option
 from seqexp.data.baskets import (
     Baskets,
     basket_starts,
@@ -83,12 +82,6 @@ class DREAM(Recommender):
         init_std: float = 0.1,
     ) -> None:
         super().__init__(n_items, n_users)
-        check_choice("pooling", pooling, POOLINGS)
-        check_choice("cell", cell, CELLS)
-        check_option("hidden_size", hidden_size, hidden_size >= 1, "be a positive integer")
-        check_option("init_std", init_std, init_std > 0, "be positive")
-        check_option("max_baskets", max_baskets, max_baskets is None or max_baskets >= 2,
-                     "be at least 2, or null for no limit")
         self.basket_gap_s = check_gap(basket_gap_s, "model.basket_gap_s")
         self.hidden_size = hidden_size
         self.cell_name = cell

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqexp.core.errors import SeqexpError, check_option
+from seqexp.core.errors import SeqexpError
 from seqexp.data.batching import PredictionBatch
 from seqexp.data.sequences import SequenceData
 from seqexp.models.base import Recommender
@@ -67,10 +67,6 @@ class BPRFactorisation(Recommender):
                  item_bias: bool = True, init_std: float = 0.1, l2: float = 0.01,
                  seen_bias: bool = False) -> None:
         super().__init__(n_items, n_users)
-        check_option("factors", factors, factors >= 1, "be a positive integer")
-        check_option("window", window, window >= 0, "be a non-negative integer")
-        check_option("init_std", init_std, init_std > 0, "be positive")
-        check_option("l2", l2, l2 >= 0, "be non-negative")
         self.factors = factors
         self.window = window
         self.l2 = l2
@@ -241,7 +237,5 @@ class SeqMF(BPRFactorisation):
     def __init__(self, n_items: int, n_users: int, factors: int = 20, window: int = 2,
                  item_bias: bool = False, init_std: float = 0.1, l2: float = 0.01,
                  seen_bias: bool = False) -> None:
-        if window < 1:
-            raise SeqexpError(f"model.window={window} must be >= 1 for seqmf (0 is model=mf)")
         super().__init__(n_items, n_users, factors=factors, window=window, item_bias=item_bias,
                          init_std=init_std, l2=l2, seen_bias=seen_bias)

@@ -11,7 +11,6 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from seqexp.core.errors import check_choice, check_option
 from seqexp.data.batching import PredictionBatch
 from seqexp.data.sequences import SequenceData
 from seqexp.models.base import Recommender
@@ -152,12 +151,6 @@ class ExpDecayKNN(ItemKNN):
                  window: int | None = 20, popularity_tiebreak: bool = True,
                  anchor_block: int = 20_000_000) -> None:
         super().__init__(n_items, n_users, neighbours, popularity_tiebreak)
-        check_choice("decay_unit", decay_unit, DECAY_UNITS)
-        check_option("decay", decay, decay >= 0, "be non-negative")
-        check_option("time_unit_s", time_unit_s, time_unit_s > 0, "be positive (seconds)")
-        check_option("window", window, window is None or window >= 1,
-                     "be a positive integer or null")
-        check_option("anchor_block", anchor_block, anchor_block >= 1, "be positive")
         self.decay = decay
         self.decay_unit = decay_unit
         self.time_unit_s = time_unit_s

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqexp.core.errors import SeqexpError, check_choice, check_option
+from seqexp.core.errors import SeqexpError
 from seqexp.data.batching import PredictionBatch, WindowBatch, to_device, window_batches
 from seqexp.data.sequences import SequenceData
 from seqexp.models.base import Recommender
@@ -66,13 +66,6 @@ class RecurrentRecommender(Recommender):
         **cell_options,
     ) -> None:
         super().__init__(n_items, n_users)
-        check_choice("cell", cell, CELLS)
-        check_choice("loss", loss, LOSSES)
-        for key, value in (("dropout", dropout), ("user_dropout", user_dropout)):
-            check_option(key, value, 0.0 <= value <= 1.0, "lie in [0, 1]")
-        for key, value in (("hidden_size", hidden_size), ("window", window),
-                           ("eval_chunk", eval_chunk), ("n_negatives", n_negatives)):
-            check_option(key, value, value >= 1, "be a positive integer")
         self.hidden_size = hidden_size
         self.window = window
         self.eval_chunk = eval_chunk

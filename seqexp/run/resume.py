@@ -2,8 +2,9 @@
 with the same configuration), or, for a job a cluster requeued, the unfinished run of the same
 cluster job with the same configuration.
 
-A run continues only with the configuration it was started with, except for keys that say where
-and how fast it runs (`IGNORED_KEYS`, `IGNORED_PREFIXES`): the comparison is between the
+A run continues only with the configuration it was started with, except for keys that cannot
+change its results (where and how fast it runs: `affects_results` of seqexp/core/schema.py, the
+same notion the report's seeds-of-one-configuration use): the comparison is between the
 flattened resolved configuration and the run's MLflow params, which are the same flattening."""
 
 from __future__ import annotations
@@ -15,15 +16,9 @@ from pathlib import Path
 
 from seqexp.core import liveness
 from seqexp.core.errors import SeqexpError
+from seqexp.core.schema import affects_results
 from seqexp.run.tracking import with_lock_retry
 
-# Keys that may differ between a run and its continuation: where it runs (device, paths, the
-# tracking store), how fast (threads, compilation, TF32, evaluation batching) and what it shows.
-IGNORED_KEYS = frozenset({
-    "device", "resume", "dataset.path", "train.num_threads", "train.progress", "train.compile",
-    "train.tf32", "eval.batch_users", "eval.max_block_elements", "model.eval_chunk",
-})
-IGNORED_PREFIXES = ("paths.", "mlflow.")
 # Params a run logs besides its configuration (seqexp.run.experiment: the data's statistics).
 DATA_PREFIX = "data."
 UNFINISHED = ("RUNNING", "KILLED", "FAILED", "SCHEDULED")
@@ -55,16 +50,13 @@ def cluster_job_key(multirun_job: int | None = None) -> str | None:
     return None
 
 
-def ignored(key: str) -> bool:
-    return key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES)
-
-
 def differing_keys(config: Mapping[str, str], logged: Mapping[str, str]) -> list[str]:
     """Config keys (flattened) whose values differ from a run's params, or that only one has;
-    keys about where and how fast it runs do not count."""
+    keys that cannot change the results (where and how fast it runs) do not count; the data.*
+    params are compared on their own (data_differences)."""
     logged = {k: v for k, v in logged.items() if not k.startswith(DATA_PREFIX)}
     keys = (set(config) | set(logged))
-    return sorted(k for k in keys if not ignored(k) and config.get(k) != logged.get(k))
+    return sorted(k for k in keys if affects_results(k) and config.get(k) != logged.get(k))
 
 
 def data_differences(stats: Mapping[str, object], logged: Mapping[str, str]) -> list[str]:

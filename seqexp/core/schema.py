@@ -1,0 +1,433 @@
+"""The config schema: every key's rule (type, allowed values or range), its one-line doc and
+whether it changes a run's results, in one table per group (docs/configuration.md, "Key
+reference", is generated from it).
+
+The defaults are not here: they are the choices of conf/ (each model preset has its own
+values). Everything else about a key is, and drives:
+- `check_config`: every value refused before any work, with one line naming the key;
+- `affects_results`: which keys make two runs different configurations, for both resume
+  (seqexp/run/resume.py) and the report's seeds-of-one-configuration (seqexp/analysis/table.py);
+- the key suggestions of the command-line check (seqexp/apps/preflight.py), the key listing of
+  `seqexp --help` (seqexp/apps/cli.py) and the reference section of docs/configuration.md
+  (scripts/config_reference.py).
+
+This module sits in seqexp.core so that the report, which must not import torch, the models or
+the data pipeline, can ask `affects_results`. A choice whose options are defined by the code
+that implements them (the trainer's optimisers, a model's losses and cells, a reader's
+layouts) names that list (`listed("losses")`) instead of copying it; seqexp/run/options.py, the
+one module above all those layers, passes the lists in (`VALUE_LISTS`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from seqexp.core.errors import SeqexpError
+
+# {list name: its options}: the implementations' lists that `listed` rules name.
+ValueLists = Mapping[str, Sequence[str]]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a key's value must be; `check(value)` is False when it is not. A rule with
+    `listed` set is a choice among the options of that value list."""
+
+    requirement: str  # completes "<key>=<value> must ..."
+    check: Callable[[Any], bool]
+    nullable: bool = False
+    listed: str | None = None  # the name of the value list its options come from
+
+    def bound(self, values: ValueLists) -> Rule:
+        """The rule with a named list's options filled in."""
+        if self.listed is None:
+            return self
+        return choice(*values[self.listed], nullable=self.nullable)
+
+    def describe(self, values: ValueLists) -> str:
+        """"must ..." as a text of its own, e.g. `be an integer >= 1 (or null)`."""
+        rule = self.bound(values)
+        return f"{rule.requirement}{' (or null)' if rule.nullable else ''}"
+
+    def complain(self, key: str, value: Any, values: ValueLists) -> None:
+        rule = self.bound(values)
+        if value is None and rule.nullable:
+            return
+        if not rule.check(value):
+            raise SeqexpError(f"{key}={value!r} must {rule.describe(values)}")
+
+
+@dataclass(frozen=True)
+class Key:
+    """One config key: its rule, what it does (one line) and whether a different value can
+    change what a run computes (False: where it runs, how fast, what it shows or logs)."""
+
+    rule: Rule
+    doc: str
+    affects_results: bool = True
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def integer(low: int, high: int | None = None, nullable: bool = False) -> Rule:
+    bounds = f"be an integer >= {low}" if high is None else f"be an integer in [{low}, {high}]"
+    return Rule(bounds, lambda v: _is_int(v) and v >= low and (high is None or v <= high),
+                nullable)
+
+
+def number(low: float = -math.inf, high: float = math.inf, low_open: bool = False,
+           high_open: bool = False, nullable: bool = False) -> Rule:
+    """A finite number (never nan or inf) within the bounds."""
+    left = "(" if low_open else "["
+    right = ")" if high_open else "]"
+    if high == math.inf:
+        text = f"be a finite number {'>' if low_open else '>='} {low:g}"
+    else:
+        text = f"be a number in {left}{low:g}, {high:g}{right}"
+
+    def ok(v: Any) -> bool:
+        return (_is_number(v) and (v > low if low_open else v >= low)
+                and (v < high if high_open else v <= high))
+    return Rule(text, ok, nullable)
+
+
+def flag() -> Rule:
+    return Rule("be true or false", lambda v: isinstance(v, bool))
+
+
+def choice(*options: str, nullable: bool = False) -> Rule:
+    return Rule(f"be one of {', '.join(options)}", lambda v: v in options, nullable)
+
+
+def listed(name: str, nullable: bool = False) -> Rule:
+    """One of the options of the value list `name` (see the module's docstring)."""
+    return Rule(f"be one of {name}", lambda v: False, nullable, listed=name)
+
+
+def text(nullable: bool = False, pattern: str | None = None, what: str = "be a text") -> Rule:
+    return Rule(what, lambda v: isinstance(v, str) and v != "" and (
+        pattern is None or re.fullmatch(pattern, v) is not None), nullable)
+
+
+def integers(low: int) -> Rule:
+    return Rule(f"be a non-empty list of integers >= {low}",
+                lambda v: isinstance(v, (list, tuple)) and len(v) > 0
+                and all(_is_int(x) and x >= low for x in v))
+
+
+def _speed(rule: Rule, doc: str) -> Key:
+    """A key that says where or how fast a run runs, or what it shows: not its results."""
+    return Key(rule, doc, affects_results=False)
+
+
+# ------------------------------------------------------------------------------ the tables
+TOP: dict[str, Key] = {
+    "seed": Key(integer(0, 2**32 - 1), "seed of every random draw (data order, dropout, "
+                "initialisation, sampling)"),
+    "device": _speed(text(), "auto (CUDA when available, else CPU), cpu, cuda or cuda:N"),
+    # a run id or "last" (seqexp/run/resume.py); a run id of digits only reaches here as an int
+    "resume": _speed(Rule("be a run id or last", lambda v: (isinstance(v, str) and v != "")
+                          or _is_int(v), nullable=True),
+                     "continue an unfinished run: its MLflow run id, or last"),
+}
+
+TRAIN: dict[str, Key] = {
+    "epochs": Key(integer(0), "maximum epochs (a model file may set its own)"),
+    "batch_size": Key(integer(1), "sequences (RNNs), basket rows (dream) or events (BPR) per step"),
+    "lr": Key(number(0.0, low_open=True), "learning rate"),
+    "optimizer": Key(listed("optimizers"), "torch.optim optimiser, with lr and weight_decay"),
+    "weight_decay": Key(number(0.0), "the optimiser's L2 term"),
+    "grad_clip": Key(number(0.0, low_open=True, nullable=True),
+                     "gradient-norm cap (null = none)"),
+    "patience": Key(integer(1), "epochs without improvement of the validation MRR before "
+                    "early stopping"),
+    "min_delta": Key(number(0.0), "least improvement of the monitored metric that resets "
+                     "patience"),
+    "progress": _speed(flag(), "progress bars"),
+    "num_threads": _speed(integer(1, nullable=True), "CPU threads for torch (null keeps "
+                          "torch's default)"),
+    "tf32": _speed(flag(), "TF32 tensor cores for float32 products on CUDA"),
+    "amp": Key(flag(), "bf16 autocast of training (CUDA, CPUs with native bf16); "
+               "evaluation stays float32"),
+    "compile": _speed(flag(), "torch.compile of the training loss"),
+}
+
+EVAL: dict[str, Key] = {
+    "cutoffs": Key(integers(1), "the k of Recall@k, MRR@k and NDCG@k"),
+    "monitor_cutoff": Key(integer(1), "the cutoff whose validation MRR drives early stopping "
+                          "and sweepers"),
+    "batch_users": _speed(integer(1, nullable=True), "users per evaluation batch (null: 256 "
+                          "on a CPU, 8192 on CUDA)"),
+    "max_block_elements": _speed(integer(1, nullable=True), "largest score block scored at "
+                                 "once (null: chosen for the device)"),
+    "basket_gap_s": Key(number(0.0, nullable=True), "gap in seconds that starts a new test "
+                        "basket for next-basket metrics (null = none)"),
+    "basket_k": Key(integer(1), "the k of next-basket F1@k and NDCG@k"),
+    "exclude_seen": Key(flag(), "items seen before a prediction point are not ranked "
+                        "(except the target)"),
+    "save_ranks": _speed(flag(), "log the per-event test ranks as test_ranks.parquet"),
+}
+
+SPLIT: dict[str, dict[str, Key]] = {
+    "user_tail": {
+        "name": Key(choice("user_tail"), "the split: each user's last events are test"),
+        "test_frac": Key(number(0.0, 1.0, low_open=True, high_open=True),
+                         "fraction of each user's last events that is test"),
+        "val_frac": Key(number(0.0, 1.0, high_open=True), "fraction of the rest's last events "
+                        "that is validation"),
+    },
+    "global_time": {
+        "name": Key(choice("global_time"), "the split: events after a time cut are test"),
+        "test_quantile": Key(number(0.0, 1.0, low_open=True, high_open=True),
+                             "quantile of all timestamps after which events are test"),
+        "val_quantile": Key(number(0.0, 1.0, low_open=True, high_open=True),
+                            "quantile of the training timestamps after which events are "
+                            "validation"),
+    },
+}
+
+_LOCAL_FILE: dict[str, Key] = {
+    "name": Key(text(), "the dataset's name (the report's column)"),
+    "format": Key(text(), "the reader: movielens, lastfm, tabular or synthetic"),
+    # the raw file's sha256 (the param data.sha256) tells which data a run had, wherever it was
+    "path": _speed(text(nullable=True), "a local raw file (null = download the archive)"),
+    "min_item_support": Key(integer(0), "items with fewer training events are dropped"),
+    "drop_repeats": Key(flag(), "drop immediate repeats of the same item"),
+}
+_PUBLISHED_FILE: dict[str, Key] = _LOCAL_FILE | {
+    "url": Key(text(nullable=True), "where the archive is downloaded from"),
+    "archive_member": Key(text(nullable=True), "the raw file inside the archive"),
+    "archive_size": Key(integer(1, nullable=True), "the archive's size in bytes, checked"),
+    "archive_md5": Key(text(nullable=True, pattern="[0-9a-fA-F]{32}",
+                            what="be 32 hex digits"), "the archive's md5, checked"),
+    "verify": Key(flag(), "check the download's size and md5 (false: a warning)"),
+}
+DATASET: dict[str, dict[str, Key]] = {
+    "movielens": _PUBLISHED_FILE | {
+        "layout": Key(listed("movielens_layouts"), "the file's layout"),
+        "basket_gap_s": Key(number(0.0), "what a basket is for dream: a gap above this many "
+                            "seconds")},
+    "lastfm": _PUBLISHED_FILE | {"item": Key(listed("lastfm_items"), "what an item is")},
+    "tabular": _LOCAL_FILE | {
+        "path": _speed(text(), "the table file (CSV, TSV or Parquet)"),
+        "user_col": Key(text(), "the user column"), "item_col": Key(text(), "the item column"),
+        "time_col": Key(text(), "the timestamp column"),
+        "sep": Key(text(nullable=True), "field separator (null: from the extension)")},
+    "synthetic": {
+        "name": Key(text(), "the dataset's name (the report's column)"),
+        "format": Key(text(), "the reader: synthetic"),
+        "n_users": Key(integer(1), "users generated"),
+        "n_items": Key(integer(1), "items generated"),
+        "n_clusters": Key(integer(1), "item clusters users prefer among"),
+        "min_events": Key(integer(1), "fewest events of a user"),
+        "max_events": Key(integer(1), "most events of a user"),
+        "p_successor": Key(number(0.0, 1.0), "probability that the next event is the "
+                           "item's successor"),
+        "p_favourite": Key(number(0.0, 1.0), "probability that it is one of the user's "
+                           "favourites"),
+        "n_favourites": Key(integer(1), "favourites per user"),
+        "generator_seed": Key(integer(0), "seed of the generator"),
+        "min_item_support": Key(integer(0), "items with fewer training events are dropped"),
+        "drop_repeats": Key(flag(), "drop immediate repeats of the same item"),
+    },
+}
+
+# Where a run is tracked and its files are: never what it computes.
+MLFLOW: dict[str, Key] = {
+    "tracking_uri": _speed(text(nullable=True), "the MLflow store (null: sqlite mlflow.db "
+                           "where seqexp started)"),
+    "experiment": _speed(text(), "the MLflow experiment"),
+    "run_name": _speed(text(nullable=True), "the run's name (null: from model, dataset and "
+                       "overrides)"),
+    "log_checkpoint": _speed(flag(), "log the best checkpoint as an artifact"),
+}
+PATHS: dict[str, Key] = {
+    "data_dir": _speed(text(), "downloads and caches ($SEQEXP_DATA_DIR, else ~/.cache/seqexp)"),
+    "raw_dir": _speed(text(), "downloaded archives and raw files"),
+    "cache_dir": _speed(text(), "preprocessed data"),
+}
+
+_MODEL: dict[str, Key] = {
+    "name": Key(text(), "the model's name (the report's row)"),
+    "_target_": Key(text(), "the model's class"),
+    "_partial_": Key(flag(), "completed with n_items and n_users once the data is loaded"),
+}
+_FRACTION = number(0.0, 1.0)
+_RNN: dict[str, Key] = _MODEL | {
+    "hidden_size": Key(integer(1), "hidden units of the recurrent layer"),
+    "window": Key(integer(1), "truncated-BPTT unfold: events per training window"),
+    "dropout": Key(_FRACTION, "dropout of the recurrent output"),
+    "dropout_is_keep_prob": Key(flag(), "read dropout as a keep probability (0.8 drops 0.2)"),
+    "user_dropout": Key(_FRACTION, "dropout of the user vector (user-based cells)"),
+    "loss": Key(listed("losses"), "training loss"),
+    "n_negatives": Key(integer(1), "shared negatives of the sampled softmax"),
+    "sample_alpha": Key(number(0.0), "negatives sampled by popularity^sample_alpha"),
+    "eval_chunk": _speed(integer(1), "time steps replayed per chunk at evaluation (memory)"),
+    "cell": Key(listed("rnn_cells"), "the recurrent cell"),
+    # rectified_ugru's cell
+    "threshold": Key(choice("soft", "hard"), "rectified_ugru: sigmoid-relaxed or step "
+                     "thresholds"),
+    "temperature": Key(number(0.0, low_open=True), "rectified_ugru: temperature of the soft "
+                       "thresholds"),
+    "omega": Key(number(0.0, 1.0, nullable=True), "rectified_ugru: fixed omega (null = "
+                 "learned)"),
+}
+_FACTORISATION: dict[str, Key] = _MODEL | {
+    "factors": Key(integer(1), "latent factors"),
+    "item_bias": Key(flag(), "a learned bias per item"),
+    "init_std": Key(number(0.0, low_open=True), "std of the normal initialisation"),
+    "l2": Key(number(0.0), "BPR's L2 penalty per sample"),
+    "seen_bias": Key(flag(), "a learned offset for items in the user's history"),
+}
+MODEL: dict[str, dict[str, Key]] = {
+    "seqexp.models.recurrent.RecurrentRecommender": _RNN,
+    "seqexp.models.dream.DREAM": _MODEL | {
+        "hidden_size": Key(integer(1), "size of the item vectors and the hidden state"),
+        "pooling": Key(listed("dream_poolings"), "pooling of a basket's item vectors"),
+        "cell": Key(listed("dream_cells"), "the recurrence"),
+        "basket_gap_s": Key(number(0.0), "a gap above this many seconds starts a new basket"),
+        "max_baskets": Key(integer(2, nullable=True), "baskets per training row (null = "
+                           "whole histories)"),
+        "init_std": Key(number(0.0, low_open=True), "std of the item vectors' "
+                        "initialisation")},
+    "seqexp.models.knn.ItemKNN": _MODEL | {
+        "neighbours": Key(integer(1), "neighbours kept per item"),
+        "popularity_tiebreak": Key(flag(), "order items outside the neighbours by "
+                                   "popularity")},
+    "seqexp.models.knn.ExpDecayKNN": _MODEL | {
+        "neighbours": Key(integer(1), "neighbours kept per item"),
+        "decay": Key(number(0.0), "lambda of exp(-lambda * distance)"),
+        "decay_unit": Key(listed("decay_units"), "distance in positions or in time"),
+        "time_unit_s": Key(number(0.0, low_open=True), "seconds per time unit of the decay"),
+        "window": Key(integer(1, nullable=True), "last events entering the sum (null = all)"),
+        "popularity_tiebreak": Key(flag(), "order items outside the neighbours by "
+                                   "popularity"),
+        "anchor_block": _speed(integer(1), "scattered entries per step (memory)")},
+    "seqexp.models.factorisation.MF": _FACTORISATION | {
+        "window": Key(integer(0), "last items of the sequential term (0 for mf)")},
+    "seqexp.models.factorisation.SeqMF": _FACTORISATION | {
+        "window": Key(integer(1), "last items whose transitions are averaged")},
+    "seqexp.models.popularity.Popularity": _MODEL,
+}
+
+
+@dataclass(frozen=True)
+class Group:
+    """A config group's tables: one, or one per kind when `selector` (a key of the group)
+    picks it (the dataset's format, the split's name, the model's class)."""
+
+    tables: Mapping[str, Mapping[str, Key]]
+    selector: str | None = None
+    affects_results: bool = True  # False: no key of it does, also one the schema lacks
+
+    def table(self, name: str, node: Mapping) -> Mapping[str, Key]:
+        """The table of the group `name` whose config is `node`."""
+        if self.selector is None:
+            return next(iter(self.tables.values()))
+        kind = node.get(self.selector)
+        if not isinstance(kind, str) or kind not in self.tables:
+            raise SeqexpError(f"{name}.{self.selector}={kind!r} is unknown; choose one of "
+                              f"{', '.join(self.tables)}")
+        return self.tables[kind]
+
+
+GROUPS: dict[str, Group] = {
+    "train": Group({"": TRAIN}),
+    "eval": Group({"": EVAL}),
+    "mlflow": Group({"": MLFLOW}, affects_results=False),
+    "paths": Group({"": PATHS}, affects_results=False),
+    "dataset": Group(DATASET, "format"),
+    "split": Group(SPLIT, "name"),
+    "model": Group(MODEL, "_target_"),
+}
+
+
+def group_tables(cfg: Mapping) -> dict[str, Mapping[str, Key]]:
+    """{group: its key -> Key table} for this config (the dataset's table by its format, the
+    model's by its class, the split's by its name); a group without a table is refused."""
+    return {name: group.table(name, cfg.get(name) or {}) for name, group in GROUPS.items()}
+
+
+def keys_of(cfg: Mapping) -> dict[str, Key]:
+    """{dotted key: Key} of every key this config's tables have."""
+    keys = dict(TOP)
+    for group, table in group_tables(cfg).items():
+        keys |= {f"{group}.{leaf}": entry for leaf, entry in table.items()}
+    return keys
+
+
+def key_of(cfg: Mapping, key: str) -> Key | None:
+    """The entry of a dotted key (`train.lr`, `seed`) in this config, None when it has none."""
+    group, _, leaf = key.rpartition(".")
+    if not group:
+        return TOP.get(leaf)
+    return group_tables(cfg).get(group, {}).get(leaf)
+
+
+def every_key() -> dict[str, list[Key]]:
+    """{dotted key: its entries in every table of its group} (a leaf such as model.window is in
+    several model tables)."""
+    keys: dict[str, list[Key]] = {key: [entry] for key, entry in TOP.items()}
+    for name, group in GROUPS.items():
+        for table in group.tables.values():
+            for leaf, entry in table.items():
+                keys.setdefault(f"{name}.{leaf}", []).append(entry)
+    return keys
+
+
+def affects_results(key: str) -> bool:
+    """Whether runs that differ in this flattened key (`train.lr`, `paths.raw_dir`) can differ
+    in their results: False for where and how fast a run runs and what it shows. A key the
+    schema lacks counts as one that does, unless its whole group does not (paths.*, mlflow.*).
+    Resume and the report both ask this, so they agree on what the same configuration is."""
+    group, _, leaf = key.partition(".")
+    if leaf and group in GROUPS and not GROUPS[group].affects_results:
+        return False
+    entries = every_key().get(key)
+    # tests/test_options.py asserts that every table of a group marks a leaf alike
+    return entries is None or entries[0].affects_results
+
+
+def check_config(cfg: Mapping, values: ValueLists) -> None:
+    """Every key with an entry, then the rules that tie keys together. `cfg`: the resolved
+    config as plain containers; `values`: the value lists that `listed` rules name. Keys
+    without an entry (an added `+model.x` a constructor takes) are left to their reader."""
+    for key, entry in TOP.items():
+        entry.rule.complain(key, cfg.get(key), values)
+    for group, table in group_tables(cfg).items():
+        node = cfg.get(group) or {}
+        for leaf, entry in table.items():
+            if leaf in node:
+                entry.rule.complain(f"{group}.{leaf}", node[leaf], values)
+    _check_together(cfg)
+
+
+def _check_together(cfg: Mapping) -> None:
+    evaluation, dataset = cfg["eval"], cfg["dataset"]
+    if evaluation.get("monitor_cutoff") not in evaluation.get("cutoffs", []):
+        raise SeqexpError(f"eval.monitor_cutoff={evaluation.get('monitor_cutoff')} must be one "
+                          f"of eval.cutoffs={list(evaluation.get('cutoffs', []))}")
+    if dataset.get("format") != "synthetic":
+        return
+    pairs = [("min_events", "max_events", "must not exceed"),
+             ("n_clusters", "n_items", "must not exceed"),
+             ("n_favourites", "n_items", "must not exceed")]
+    for small, large, relation in pairs:
+        if small in dataset and large in dataset and dataset[small] > dataset[large]:
+            raise SeqexpError(f"dataset.{small}={dataset[small]} {relation} "
+                              f"dataset.{large}={dataset[large]}")
+    p_successor, p_favourite = dataset.get("p_successor", 0), dataset.get("p_favourite", 0)
+    if p_successor + p_favourite > 1:
+        raise SeqexpError(f"dataset.p_successor={p_successor} + dataset.p_favourite="
+                          f"{p_favourite} must not exceed 1")
