@@ -17,6 +17,7 @@ as one more event after the context: the evaluator's question, asked once.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -223,8 +224,14 @@ def load(source: str | Path, tracking_uri: str | None = None,
 
     where_to = _device(device)
     with tempfile.TemporaryDirectory(prefix="seqexp-") as scratch:
-        path = checkpoint_path(source, tracking_uri, Path(scratch))
-        payload = read_checkpoint(path)
+        local = checkpoint_path(source, tracking_uri, Path(scratch))
+        # A downloaded checkpoint is named by its run: its temporary folder will be gone.
+        path: Path | str = (f"run {source}'s artifact checkpoints/best.pt"
+                            if local.is_relative_to(scratch) else local)
+        try:
+            payload = read_checkpoint(local)
+        except SeqexpError as exc:
+            raise SeqexpError(str(exc).replace(str(local), str(path))) from None
     if payload.get("format") != CHECKPOINT_FORMAT or "model" not in payload:
         raise SeqexpError(f"{path}: not a seqexp best checkpoint with its config and ids "
                           f"(written by an older seqexp?); rerun the experiment")
@@ -255,7 +262,7 @@ def load(source: str | Path, tracking_uri: str | None = None,
 _HISTORY = ("user_ids", "item_ids", "train_offsets", "train_items", "train_timestamps")
 
 
-def _history(payload: dict[str, Any], path: Path) -> SequenceData:
+def _history(payload: dict[str, Any], path: Path | str) -> SequenceData:
     """The checkpoint's raw ids and training events, checked to fit together."""
     missing = [key for key in _HISTORY if key not in payload]
     if missing:
@@ -330,6 +337,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="MLflow store of the run (default: sqlite mlflow.db here)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
+    # MLflow's download bar would come before the one line of an error.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         if args.user is None and args.items is None:
             raise SeqexpError("pass --user U, --items a,b,c or both")
