@@ -2,7 +2,9 @@
 
 The best checkpoint (checkpoints/best.pt) carries the resolved config, the raw user and item
 ids and each user's training events beside the weights (`checkpoint_contents`), and is read
-with torch.load(weights_only=True): tensors and plain values only, never pickled code.
+with torch.load(weights_only=True): tensors and plain values only, never pickled code. Its model
+is built from the config without Hydra's instantiate: one of seqexp's own model classes, plain
+values only (seqexp.safe_config, docs/long-runs.md).
 
     model = seqexp.load("<run id or checkpoint path>")
     model.recommend(user="42", k=20)            # after the user's last training event
