@@ -2,7 +2,9 @@
 
 The best checkpoint (checkpoints/best.pt) carries the resolved config, the raw user and item
 ids and each user's training events beside the weights (seqexp.run.artifacts), and is read
-with torch.load(weights_only=True): tensors and plain values only, never pickled code.
+with torch.load(weights_only=True): tensors and plain values only, never pickled code. Its model
+is built from the config without Hydra's instantiate: one of seqexp's own model classes, plain
+values only (seqexp.core.safe_config, docs/long-runs.md).
 
     model = seqexp.load("<run id or checkpoint path>")
     model.recommend(user="42", k=20)            # after the user's last training event
@@ -17,22 +19,23 @@ as one more event after the context: the evaluator's question, asked once.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from seqexp.core.checkpoint import CHECKPOINT_FORMAT, read_checkpoint
-from seqexp.core.errors import SeqexpError
+from seqexp.core.errors import SeqexpError, message_line
+from seqexp.core.resources import config_dir
+from seqexp.core.safe_config import checkpoint_config, model_arguments, model_targets
 from seqexp.data.batching import PredictionBatch
 from seqexp.data.sequences import SequenceData
 from seqexp.run.artifacts import raw_id_strings
-from seqexp.run.experiment import build_model
 from seqexp.run.resume import OUTPUTS_TAG
 from seqexp.run.tracking import Tracker, default_tracking_uri, sqlite_path, with_lock_retry
 
@@ -149,9 +152,11 @@ class Recommendations:
         return f"model={name}" if name else type(self.model).__name__
 
 
-def checkpoint_path(source: str | Path, tracking_uri: str | None = None) -> Path:
+def checkpoint_path(source: str | Path, tracking_uri: str | None = None,
+                    download_dir: Path | None = None) -> Path:
     """The best checkpoint of `source`: a checkpoint file, a run's outputs folder, or an MLflow
-    run id (its outputs folder when it is on this machine, else its logged artifact)."""
+    run id (its outputs folder when it is on this machine, else its logged artifact, downloaded
+    into `download_dir`: the caller removes it; default a new seqexp-* temporary folder)."""
     path = Path(source)
     if path.is_file():
         return path
@@ -160,6 +165,7 @@ def checkpoint_path(source: str | Path, tracking_uri: str | None = None) -> Path
             if candidate.is_file():
                 return candidate
         raise SeqexpError(f"{path}: no checkpoints/best.pt in this folder")
+
     uri = tracking_uri or default_tracking_uri(Path.cwd())
     database = sqlite_path(uri)
     if database is not None and not database.is_file():
@@ -176,7 +182,8 @@ def checkpoint_path(source: str | Path, tracking_uri: str | None = None) -> Path
         return Path(folder) / "checkpoints" / "best.pt"
     try:
         local = with_lock_retry(tracker.client.download_artifacts, run.info.run_id,
-                                "checkpoints/best.pt", tempfile.mkdtemp(prefix="seqexp-"))
+                                "checkpoints/best.pt",
+                                str(download_dir or tempfile.mkdtemp(prefix="seqexp-")))
     except Exception:  # noqa: BLE001 - no such artifact
         raise SeqexpError(f"run {source} has no best checkpoint here or in its artifacts "
                           f"(mlflow.log_checkpoint=false?)") from None
@@ -185,25 +192,111 @@ def checkpoint_path(source: str | Path, tracking_uri: str | None = None) -> Path
 
 def load(source: str | Path, tracking_uri: str | None = None,
          device: str = "cpu") -> Recommendations:
-    """The model of a run (id, outputs folder or checkpoint file), ready to recommend."""
-    path = checkpoint_path(source, tracking_uri)
-    payload = read_checkpoint(path)
+    """The model of a run (id, outputs folder or checkpoint file), ready to recommend.
+
+    Nothing from the file is executed: the checkpoint is read with torch.load(weights_only=True)
+    and its model is built only from seqexp's own model classes with plain values
+    (seqexp.core.safe_config); a checkpoint that does not fit together is one SeqexpError naming it.
+    A checkpoint downloaded from MLflow goes to a temporary folder, removed before returning."""
+
+    where_to = _device(device)
+    with tempfile.TemporaryDirectory(prefix="seqexp-") as scratch:
+        local = checkpoint_path(source, tracking_uri, Path(scratch))
+        # A downloaded checkpoint is named by its run: its temporary folder will be gone.
+        path: Path | str = (f"run {source}'s artifact checkpoints/best.pt"
+                            if local.is_relative_to(scratch) else local)
+        try:
+            payload = read_checkpoint(local)
+        except SeqexpError as exc:
+            raise SeqexpError(str(exc).replace(str(local), str(path))) from None
     if payload.get("format") != CHECKPOINT_FORMAT or "model" not in payload:
         raise SeqexpError(f"{path}: not a seqexp best checkpoint with its config and ids "
                           f"(written by an older seqexp?); rerun the experiment")
-    config = OmegaConf.create(payload["config"])
-    offsets = payload["train_offsets"].numpy().astype(np.int64)
-    data = SequenceData(
-        items=payload["train_items"].numpy().astype(np.int32),
-        timestamps=payload["train_timestamps"].numpy().astype(np.int64),
+    config = checkpoint_config(payload.get("config"), path)
+    cls, arguments = model_arguments(config.model, model_targets(config_dir()), path)
+    data = _history(payload, path)
+    try:
+        model = cls(n_items=data.n_items, n_users=data.n_users, **arguments)
+    except SeqexpError as exc:
+        raise SeqexpError(f"{path}: {exc}; the checkpoint's config does not build its model"
+                          ) from None
+    weights = payload["model"]
+    if not isinstance(weights, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
+        raise SeqexpError(f"{path}: its model weights are not a mapping of names to tensors; "
+                          f"the checkpoint is damaged, rerun the experiment")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = (lines[1] if len(lines) > 1 else message_line(exc))[:200]
+        raise SeqexpError(f"{path}: the weights do not fit the model its config describes "
+                          f"({reason}); the checkpoint is inconsistent, rerun the experiment"
+                          ) from None
+    return Recommendations(model.to(where_to).eval(), data, config)
+
+
+_HISTORY = ("user_ids", "item_ids", "train_offsets", "train_items", "train_timestamps")
+
+
+def _history(payload: dict[str, Any], path: Path | str) -> SequenceData:
+    """The checkpoint's raw ids and training events, checked to fit together."""
+    missing = [key for key in _HISTORY if key not in payload]
+    if missing:
+        raise SeqexpError(f"{path}: the checkpoint has no {missing[0]}; it is damaged or not a "
+                          f"seqexp best checkpoint, rerun the experiment")
+    for key in ("user_ids", "item_ids"):
+        ids = payload[key]
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+            raise SeqexpError(f"{path}: {key} is not a non-empty list of ids; the checkpoint is "
+                              f"damaged, rerun the experiment")
+    arrays = {}
+    for key in ("train_offsets", "train_items", "train_timestamps"):
+        value = payload[key]
+        if (not isinstance(value, torch.Tensor) or value.ndim != 1
+                or value.dtype.is_floating_point or value.dtype.is_complex):
+            raise SeqexpError(f"{path}: {key} is not a 1-d integer tensor; the checkpoint is "
+                              f"damaged, rerun the experiment")
+        arrays[key] = value.numpy().astype(np.int64)
+    offsets, items = arrays["train_offsets"], arrays["train_items"]
+    n_users, n_items = len(payload["user_ids"]), len(payload["item_ids"])
+    problem = None
+    if len(offsets) != n_users + 1:
+        problem = f"{len(offsets) - 1} users' offsets for {n_users} user_ids"
+    elif offsets[0] != 0 or np.any(np.diff(offsets) < 0) or offsets[-1] != len(items):
+        problem = f"train_offsets do not cut the {len(items)} train_items into users"
+    elif len(arrays["train_timestamps"]) != len(items):
+        problem = f"{len(arrays['train_timestamps'])} train_timestamps for {len(items)} items"
+    elif len(items) and (items.min() < 0 or items.max() >= n_items):
+        problem = f"train_items holds item codes up to {items.max()} for {n_items} item_ids"
+    if problem is not None:
+        raise SeqexpError(f"{path}: {problem}; the checkpoint is inconsistent, rerun the "
+                          f"experiment")
+    return SequenceData(
+        items=items.astype(np.int32), timestamps=arrays["train_timestamps"],
         offsets=offsets, train_end=offsets[1:].copy(), val_end=offsets[1:].copy(),
-        n_items=len(payload["item_ids"]),
-        user_ids=np.array(payload["user_ids"], dtype=str),
+        n_items=n_items, user_ids=np.array(payload["user_ids"], dtype=str),
         item_ids=np.array(payload["item_ids"], dtype=str),
     )
-    model = build_model(config.model, data)
-    model.load_state_dict(payload["model"])
-    return Recommendations(model.to(torch.device(device)).eval(), data, config)
+
+
+def _device(name: str) -> torch.device:
+    """The device to load onto, or one line saying it cannot be used here."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise SeqexpError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N"
+                          ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SeqexpError(f"--device {name}: CUDA is not available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SeqexpError(f"--device {name}: this machine has {torch.cuda.device_count()} "
+                              f"CUDA device(s); use cuda:0 or cpu")
+    elif device.type != "cpu":
+        raise SeqexpError(f"--device {name!r}: seqexp-recommend runs on cpu or cuda; use one "
+                          f"of those")
+    return device
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -221,6 +314,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="MLflow store of the run (default: sqlite mlflow.db here)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
+    # MLflow's download bar would come before the one line of an error.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         if args.user is None and args.items is None:
             raise SeqexpError("pass --user U, --items a,b,c or both")

@@ -25,6 +25,7 @@ import numpy as np
 from seqexp.core import liveness
 from seqexp.core.atomic import write_json
 from seqexp.core.errors import unwritable
+from seqexp.core.safe_config import folder_mode
 from seqexp.data.sequences import SequenceData, inconsistencies
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,7 @@ def save_cached(folder: Path, data: SequenceData, params: Mapping) -> None:
         me = liveness.identity()
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp.{me['pid']}.{me['pid_start']}.",
                                     suffix=f"@{me['host']}", dir=folder.parent))
+        os.chmod(tmp, folder_mode())  # mkdtemp's 700 would hide the entry from teammates
         for name in _ARRAYS:
             np.save(tmp / f"{name}.npy", getattr(data, name))
         for name in _ID_ARRAYS:  # fixed-width unicode: loads without pickle

@@ -22,6 +22,7 @@ from typing import IO
 from tqdm import tqdm
 
 from seqexp.core.errors import UNWRITABLE_ERRNOS, SeqexpError
+from seqexp.core.safe_config import file_mode
 
 CHUNK = 1 << 20  # 1 MiB: large enough for throughput, small enough to keep memory flat
 _USER_AGENT = "seqexp-downloader"  # some hosts reject urllib's default agent
@@ -198,6 +199,7 @@ def extract_member(archive: Path, member: str, dest: Path) -> Path:
         with os.fdopen(fd, "wb") as out, _open_member(archive, member) as src:
             while block := src.read(CHUNK):
                 out.write(block)
+        os.chmod(tmp, file_mode())  # mkstemp's 600: the mode a new file gets under the umask
         os.replace(tmp, dest)
     except (zipfile.BadZipFile, tarfile.TarError, gzip.BadGzipFile, EOFError, zlib.error) as exc:
         tmp.unlink(missing_ok=True)
