@@ -196,7 +196,8 @@ def test_the_seqexp_recommend_command_refuses_the_pickle_exploit(checkpoints, tm
     marker = tmp_path / "marker"
     path = _rewrite(checkpoints["gru"], tmp_path / "crafted.pt",
                     lambda model: CRAFTED["read_pickle"](model, marker))
-    result = subprocess.run([sys.executable, "-m", "seqexp.apps.recommend", str(path), "--user", "0"],
+    result = subprocess.run([sys.executable, "-m", "seqexp.apps.recommend", str(path),
+                             "--user", "0"],
                             capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, TMPDIR=str(tmp_path)))
     assert result.returncode == 2 and result.stdout == ""
