@@ -189,7 +189,8 @@ MODEL = {
     "seqexp.models.dream.DREAM": _MODEL | {
         "hidden_size": integer(1), "pooling": choice(*POOLINGS), "cell": choice(*DREAM_CELLS),
         "basket_gap_s": number(0.0), "max_baskets": integer(2, nullable=True),
-        "init_std": number(0.0, low_open=True)},
+        "init_std": number(0.0, low_open=True),
+        "l2": number(0.0)},
     "seqexp.models.knn.ItemKNN": _MODEL | {"neighbours": integer(1),
                                            "popularity_tiebreak": flag()},
     "seqexp.models.knn.ExpDecayKNN": _MODEL | {
