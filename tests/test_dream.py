@@ -1,5 +1,5 @@
-"""DREAM: pooling, the sigmoid recurrence, BPR pairs and negatives, prediction states, weight
-decay, and a win over popularity."""
+"""DREAM: pooling, the sigmoid recurrence, BPR pairs and negatives, the state carried across a
+user's training windows, prediction states, the L2 penalty, and a win over popularity."""
 
 from __future__ import annotations
 
@@ -39,9 +39,10 @@ def reference_states(model: DREAM, baskets: list[list[int]]) -> list[list[float]
     return out
 
 
-def tiny_model(n_items: int, **kwargs) -> DREAM:
+def tiny_model(n_items: int, n_users: int = 2, l2: float = 0.0, **kwargs) -> DREAM:
+    """No L2 unless asked: most tests check the recurrence and the BPR term alone."""
     torch.manual_seed(0)
-    model = DREAM(n_items, 2, hidden_size=3, init_std=0.5, **kwargs).double()
+    model = DREAM(n_items, n_users, hidden_size=3, init_std=0.5, l2=l2, **kwargs).double()
     with torch.no_grad():
         model.initial.uniform_(-1, 1)  # a non-trivial h_0
     return model
@@ -90,7 +91,7 @@ def test_training_pairs_and_bpr_loss_match_a_hand_reference():
     losses, pairs = [], []
     for s, pos, neg in zip(batch.pair_states.tolist(), batch.positives.tolist(),
                            batch.negatives.tolist(), strict=True):
-        if s == -1:
+        if s >= batch.sequences.n_rows * steps:  # the state a row enters with: h_0 here
             user = None
             h, basket = model.initial_state().detach().double().numpy(), None
         else:
@@ -123,14 +124,17 @@ def test_sampled_negatives_never_fall_in_the_positive_basket():
         # the predicted basket of a pair: the one after its state's step (or the row's first)
         basket_at = {(int(r), int(s)): set(seq.items[a:b].tolist()) for r, s, a, b in zip(
             seq.basket_rows, seq.basket_steps, bounds[:-1], bounds[1:], strict=True)}
+        inner = seq.n_rows * seq.n_steps
         for state, pos, neg in zip(batch.pair_states.tolist(), batch.positives.tolist(),
                                    batch.negatives.tolist(), strict=True):
-            if state >= 0:
-                basket = basket_at[(state // seq.n_steps, state % seq.n_steps + 1)]
-                assert pos in basket and neg not in basket
-                assert 0 <= neg < data.n_items
+            row, step = (state // seq.n_steps, state % seq.n_steps + 1) if state < inner else (
+                state - inner, 0)
+            basket = basket_at[(row, step)]
+            assert pos in basket and neg not in basket
+            assert 0 <= neg < data.n_items
         seq_items.append(batch.n_events)
-    # windows of 3 baskets overlapping by one: every training event is a positive once
+        model.training_loss(batch)  # carries the states on, as the trainer's step does
+    # windows of 3 baskets that do not overlap: every training event is a positive once
     assert sum(seq_items) == data.stats["train_events"]
 
 
@@ -149,31 +153,70 @@ def test_prediction_states_use_the_last_basket_before_the_targets_basket():
     assert torch.allclose(states, model.initial_state().detach().expand(2, -1))
 
 
-def test_weight_decay_is_l2_on_every_parameter():
+def test_a_later_training_window_starts_where_the_users_previous_window_ended():
+    """Users with 7, 4 and 2 training baskets in windows of 2, run on 2 lanes: every state the
+    training recurrence reaches equals the whole-history replay from h_0 (the evaluation's),
+    each later window enters with the detached state at the end of the previous one, and the
+    test prediction state after the whole history is the state training ended the user at."""
+    gaps = {7: [0, 5000, 9000, 13000, 17000, 21000, 25000, 29000],
+            4: [0, 4000, 8000, 12000, 16000], 2: [0, 4000, 4010, 8000]}
+    histories = [[3, 0, 5, 2, 1, 4, 6, 7], [2, 5, 1, 0, 3], [4, 4, 6, 1]]
+    times = [gaps[7], gaps[4], gaps[2]]
+    data = timed_sequences(histories, times, 8, n_test=[1, 1, 1])
+    training_baskets = {0: [[3], [0], [5], [2], [1], [4], [6]], 1: [[2], [5], [1], [0]],
+                        2: [[4], [4, 6]]}
+    model = tiny_model(8, n_users=3, max_baskets=2)
+    replay = {u: reference_states(model, b) for u, b in training_baskets.items()}
+    h0 = model.initial_state().detach().numpy()
+    reached: dict[int, list] = {u: [] for u in training_baskets}  # states training produced
+    later_windows = 0
+    for batch in model.training_batches(data, 2, np.random.default_rng(0)):
+        entering, states = (t.detach().numpy() for t in model.window_states(batch))
+        for row, user in enumerate(batch.users.tolist()):
+            expected = h0 if bool(batch.fresh[row]) else reached[user][-1]
+            later_windows += not bool(batch.fresh[row])
+            np.testing.assert_allclose(entering[row], expected, rtol=0, atol=1e-12)
+            reached[user].extend(states[row, :int(batch.last_steps[row]) + 1])
+        model.training_loss(batch)  # moves the carried states on, as the trainer's step does
+        assert not model.training_state()["carry"].requires_grad  # detached at the border
+    assert later_windows == 3 + 1  # users 0 and 1 have 4 and 2 windows
+    for user, states in reached.items():
+        np.testing.assert_allclose(np.array(states), np.array(replay[user]), rtol=0, atol=1e-12)
+    test_batch = next(prediction_batches(data, "test", 8))
+    test_states = model.prediction_states(test_batch).detach().numpy()
+    target_users = test_batch.users[test_batch.target_rows].tolist()
+    assert sorted(target_users) == [0, 1, 2]
+    np.testing.assert_allclose(test_states, np.array([reached[u][-1] for u in target_users]),
+                               rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru"])
+def test_l2_penalty_is_on_x_r_and_n_not_on_the_fused_kernels_weights(cell):
     cfg = compose_config(["model=dream"])
-    assert cfg.train.weight_decay > 0
-    data = timed_sequences([[3, 0, 5, 2, 1, 4, 0], [2, 2, 5, 1]],
-                 [[0, 5000, 5010, 5020, 9000, 9060, 20000], [0, 100, 4000, 9000]], 8,
-                 n_test=[1, 1])  # items 6 and 7 never occur: only the decay moves them
-    model = tiny_model(8)
-    reference = copy.deepcopy(model)
-    lam, lr = 0.3, 0.01
-    trainer = Trainer(Evaluator(), TrainSettings(epochs=1, batch_size=8, lr=lr, weight_decay=lam,
-                                                 grad_clip=None, progress=False))
-    trainer.train_epoch(model, data, trainer.make_optimizer(model), np.random.default_rng(5), 1)
-    batch = next(reference.training_batches(data, 8, np.random.default_rng(5)))
-    optimizer = torch.optim.Adam(reference.parameters(), lr=lr)
-    penalty = sum((p ** 2).sum() for p in reference.parameters())
-    (reference.training_loss(batch) + lam / 2 * penalty).backward()
-    optimizer.step()
-    for (name, got), want in zip(model.named_parameters(), reference.parameters(), strict=True):
-        assert torch.allclose(got, want, atol=1e-12), name
-    # without the decay the step differs
-    undecayed = tiny_model(8)
-    Trainer(Evaluator(), TrainSettings(lr=lr, grad_clip=None, progress=False)).train_epoch(
-        undecayed, data, torch.optim.Adam(undecayed.parameters(), lr=lr),
-        np.random.default_rng(5), 1)
-    assert not torch.allclose(undecayed.item_matrix, model.item_matrix, atol=1e-6)
+    assert cfg.train.weight_decay == 0 and cfg.model.l2 > 0  # one L2, the model's
+    lam = 0.3
+    model = tiny_model(5, cell=cell, l2=lam)
+    plain = copy.deepcopy(model)
+    plain.l2 = 0.0
+    rnn = model.recurrent
+    w_ih, w_hh = (w.detach().double().numpy() for w in (rnn.weight_ih_l0, rnn.weight_hh_l0))
+    # cell=rnn: X = 2 W_ih and R = 4 W_hh (the sigmoid recurrence's matrices)
+    x_scale, r_scale = (2.0, 4.0) if cell == "rnn" else (1.0, 1.0)
+    squares = (sum((x_scale * v) ** 2 for v in w_ih.ravel())
+               + sum((r_scale * v) ** 2 for v in w_hh.ravel())
+               + sum(v ** 2 for v in model.item_matrix.detach().numpy().ravel()))
+    assert model.l2_penalty().item() == pytest.approx(lam / 2 * squares, rel=1e-12)
+    data = timed_sequences([[3, 0, 4, 2, 1]], [[0, 5000, 9000, 9010, 20000]], 5, n_test=[1])
+    batch = next(model.training_batches(data, 4, np.random.default_rng(0)))
+    next(plain.training_batches(data, 4, np.random.default_rng(0)))  # its carry, as the model's
+    assert (model.training_loss(batch) - plain.training_loss(batch)).item() == pytest.approx(
+        lam / 2 * squares, rel=1e-10)
+    # the biases and h_0 are not the paper's and are not pulled anywhere
+    model.l2_penalty().backward()
+    for name in ("bias_ih_l0", "bias_hh_l0"):
+        grad = getattr(rnn, name).grad
+        assert grad is None or not grad.any(), name
+    assert model.initial.grad is None or not model.initial.grad.any()
 
 
 def test_bad_dream_settings_are_one_line_errors():
@@ -190,8 +233,8 @@ def test_dream_beats_popularity_on_synthetic_data():
     pop = Popularity(data.n_items, data.n_users)
     pop.fit(data)
     dream = DREAM(data.n_items, data.n_users, hidden_size=32)
-    Trainer(evaluator, TrainSettings(epochs=8, batch_size=16, lr=0.01, weight_decay=1e-5,
-                                     patience=8, progress=False)).fit(dream, data)
+    Trainer(evaluator, TrainSettings(epochs=8, batch_size=16, lr=0.01, patience=8,
+                                     progress=False)).fit(dream, data)
     got, floor = (evaluator.evaluate(m, data, "test")["mrr_at_20"] for m in (dream, pop))
     assert got > 1.5 * floor
     got_f1, floor_f1 = (evaluator.next_basket_metrics(m, data, "test", GAP, 5)["basket_f1_at_5"]

@@ -115,6 +115,7 @@ BAD = [
     (having("gru"), "model.dropout", NAN, "model.dropout=nan"),
     (having("gru"), "model.hidden_size", 0, "model.hidden_size=0"),
     (having("dream"), "model.max_baskets", 1, "model.max_baskets=1"),
+    (having("dream"), "model.l2", -1.0, "model.l2=-1.0"),
     (having("mf"), "model.l2", -0.1, "model.l2=-0.1"),
     (having("seqmf"), "model.window", 0, "model.window=0 must be an integer >= 1"),
     (DEFAULT, "eval.cutoffs", [0, 20], "eval.cutoffs=[0, 20]"),

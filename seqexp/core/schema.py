@@ -300,7 +300,9 @@ MODEL: dict[str, dict[str, Key]] = {
         "max_baskets": Key(integer(2, nullable=True), "baskets per training row (null = "
                            "whole histories)"),
         "init_std": Key(number(0.0, low_open=True), "std of the item vectors' "
-                        "initialisation")},
+                        "initialisation"),
+        "l2": Key(number(0.0), "L2 penalty (λ/2)·(‖X‖² + ‖R‖² + ‖N‖²) added to each batch's "
+                  "BPR loss, on DREAM's own parameters")},
     "seqexp.models.knn.ItemKNN": _MODEL | {
         "neighbours": Key(integer(1), "neighbours kept per item"),
         "popularity_tiebreak": Key(flag(), "order items outside the neighbours by "

@@ -4,8 +4,14 @@ A basket is a run of a user's events without a gap above `basket_gap_s` (seqexp.
 Its vector b_t pools the item vectors n_i of its events (max or mean, nn.EmbeddingBag), the
 recurrence is h_t = f(X b_t + R h_{t-1} + c), and the scores of all items are o_t = N^T h_t with
 the same item matrix N as the input. Training: BPR over the events of basket t+1 scored with
-h_t, one uniformly sampled negative per event, never an item of that basket; L2 weight decay is
-the trainer's `train.weight_decay` (Adam's coupled L2, the gradient of (λ/2)·||θ||²).
+h_t, one uniformly sampled negative per event, never an item of that basket, plus DREAM's L2
+regulariser (λ/2)·(||X||² + ||R||² + ||N||²) with λ = `l2` (`DREAM.l2_penalty`).
+
+Training and evaluation run the same recurrence: evaluation replays a user's whole history from
+h_0, and training cuts a long history into windows of `max_baskets` baskets that are run in the
+user's order, each starting from the (detached) state at the end of the previous one, as the
+truncated BPTT of the recurrent models does; so the state that predicts a basket in evaluation
+is one that training produced and trained on.
 
 The initial state h_0 is learned and predicts a user's first basket, so that prediction points
 in a first basket get a non-constant (popularity-like) ranking instead of the all-zero scores
@@ -59,14 +65,20 @@ class BasketSequences:
 
 @dataclass
 class BasketBatch:
-    """Training rows plus one BPR pair per event of every predicted basket. `pair_states` is
-    the flat index row * n_steps + step of the state that predicts the pair, -1 for h_0."""
+    """Training windows (one per lane, a window is a row) plus one BPR pair per event of every
+    basket. `pair_states` is the flat index of the state that predicts the pair: row * n_steps +
+    step for the state after step `step` of its row, n_rows * n_steps + row for the state the
+    row enters with (its first basket's predictor)."""
 
     sequences: BasketSequences
     pair_states: torch.Tensor  # [P]
     positives: torch.Tensor  # [P]
     negatives: torch.Tensor  # [P]
     n_events: int
+    users: torch.Tensor  # [R] the user of each row
+    lanes: torch.Tensor  # [R] the lane of each row, whose carried state a later window enters with
+    fresh: torch.Tensor  # [R] bool: the row starts its user's history (enters with h_0)
+    last_steps: torch.Tensor  # [R] step of each row's last basket (its state is carried on)
 
 
 class DREAM(Recommender):
@@ -80,12 +92,14 @@ class DREAM(Recommender):
         basket_gap_s: float = 1800.0,
         max_baskets: int | None = 64,
         init_std: float = 0.1,
+        l2: float = 1e-5,
     ) -> None:
         super().__init__(n_items, n_users)
         self.basket_gap_s = check_gap(basket_gap_s, "model.basket_gap_s")
         self.hidden_size = hidden_size
         self.cell_name = cell
         self.max_baskets = max_baskets
+        self.l2 = l2
         # N: the input vectors n_i of the basket items and, transposed, the output layer.
         self.item_vectors = nn.EmbeddingBag(n_items, hidden_size, mode=pooling)
         nn.init.normal_(self.item_vectors.weight, std=init_std)
@@ -99,6 +113,9 @@ class DREAM(Recommender):
         with torch.no_grad():
             self.recurrent.weight_ih_l0.div_(init_std)
         self.initial = nn.Parameter(torch.zeros(hidden_size))  # h_0 before the squashing
+        # Per training lane, the recurrent module's hidden state (g for cell=rnn) at the end of
+        # the lane's last window, detached: a user's next window starts from it.
+        self._carry: torch.Tensor | None = None
 
     @property
     def item_matrix(self) -> torch.Tensor:
@@ -128,15 +145,34 @@ class DREAM(Recommender):
         """b for each basket: the max (or mean) of its items' vectors n_i, per dimension."""
         return self.item_vectors(items, bag_offsets)
 
-    def basket_states(self, sequences: BasketSequences) -> torch.Tensor:
-        """h_t after every step of every row, [n_rows, n_steps, hidden]. Steps after a row's
-        last basket run on zero inputs; their states are never read."""
+    def l2_penalty(self) -> torch.Tensor:
+        """(λ/2)·(||X||² + ||R||² + ||N||²): DREAM's regulariser on its own parameters, not on the
+        fused kernel's (X = 2 W_ih and R = 4 W_hh for cell=rnn, so decaying W_ih and W_hh
+        would put λ/4 on X, λ/16 on R and pull the bias towards -2 W_hh 1). For cell=gru, X
+        and R are the GRU's input and recurrent weights. The biases and h_0, which the paper
+        does not have, are not penalised."""
+        if self.cell_name == "rnn":
+            inputs, recurrent, _ = self.sigmoid_rnn_parameters()
+        else:
+            inputs, recurrent = self.recurrent.weight_ih_l0, self.recurrent.weight_hh_l0
+        squares = (inputs.square().sum() + recurrent.square().sum()
+                   + self.item_matrix.square().sum())
+        return self.l2 / 2 * squares
+
+    def _recurrence(self, sequences: BasketSequences, entering: torch.Tensor) -> torch.Tensor:
+        """The recurrent module's hidden state after every step of every row, [n_rows, n_steps,
+        hidden], from `entering` [n_rows, hidden] (its coordinates: g = 2h - 1 for cell=rnn).
+        Steps after a row's last basket run on zero inputs; their states are never read."""
         pooled = self.basket_vectors(sequences.items, sequences.bag_offsets)
         inputs = pooled.new_zeros(sequences.n_rows, sequences.n_steps, self.hidden_size)
         inputs[sequences.basket_rows, sequences.basket_steps] = pooled
-        g0 = torch.tanh(self.initial).expand(1, sequences.n_rows, -1).contiguous()
-        g, _ = self.recurrent(inputs, g0)
-        return self._to_state(g)
+        g, _ = self.recurrent(inputs, entering[None].contiguous())
+        return g
+
+    def basket_states(self, sequences: BasketSequences) -> torch.Tensor:
+        """h_t after every step of every row, each row from h_0, [n_rows, n_steps, hidden]."""
+        g0 = torch.tanh(self.initial).expand(sequences.n_rows, -1)
+        return self._to_state(self._recurrence(sequences, g0))
 
     def _states_with_initial(self, sequences: BasketSequences) -> torch.Tensor:
         """All states as [n_rows * n_steps + 1, hidden], h_0 last, so index -1 picks h_0."""
@@ -146,75 +182,127 @@ class DREAM(Recommender):
         states = self.basket_states(sequences).reshape(-1, self.hidden_size)
         return torch.cat([states, initial])
 
+    def training_state(self) -> dict[str, torch.Tensor]:
+        return {} if self._carry is None else {"carry": self._carry}
+
+    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
+        if "carry" in state:
+            self._carry = state["carry"].to(self.device)
+
     def training_batches(
         self, train: SequenceData, batch_size: int, rng: np.random.Generator
     ) -> Iterator[BasketBatch]:
-        """Rows of training baskets in random order, `batch_size` rows per batch.
+        """One epoch of training windows, users in random order, `batch_size` lanes per batch.
 
-        A row is a user's whole training basket sequence, or, for a user with more than
-        `max_baskets` baskets, a window of `max_baskets` consecutive baskets; windows overlap
-        by one basket, which is input only in the later window, so every basket is predicted
-        exactly once. Each row starts from h_0 (states are not carried across windows); a
-        user's first basket is predicted from h_0.
+        A window is up to `max_baskets` consecutive training baskets of one user (all of them
+        for null); windows do not overlap, so every basket is predicted once. Each lane runs
+        one user's windows in order, one window per batch, and takes the next user when its
+        user is done; a user's first window enters with h_0 (which predicts the first basket),
+        every later one with the detached state at the end of the user's previous window,
+        which is the state the whole-history replay of the evaluation reaches there.
         """
         baskets = split_baskets(train, self.basket_gap_s, train.train_end)
         counts = np.diff(baskets.user_offsets)
-        stride = None if self.max_baskets is None else self.max_baskets - 1
-        if stride is None:
-            windows = (counts > 0).astype(np.int64)
-        else:
-            windows = np.where(counts > 0, np.maximum(1, -(-(counts - 1) // stride)), 0)
-        row_user = np.repeat(np.arange(train.n_users), windows)
-        row_window = concat_ranges(np.zeros(len(windows), np.int64), windows)
-        row_first = baskets.user_offsets[row_user] + row_window * (stride or 0)
-        row_stop = baskets.user_offsets[row_user + 1]
-        if self.max_baskets is not None:
-            row_stop = np.minimum(row_stop, row_first + self.max_baskets)
-        order = rng.permutation(len(row_user))
-        for begin in range(0, len(order), batch_size):
-            rows = order[begin:begin + batch_size]
-            yield self._basket_batch(train, baskets, row_first[rows], row_stop[rows],
-                                     row_window[rows] == 0, rng)
+        users = rng.permutation(np.flatnonzero(counts > 0))
+        if len(users) == 0:
+            return
+        window = int(counts.max()) if self.max_baskets is None else self.max_baskets
+        n_lanes = min(batch_size, len(users))
+        self._carry = self.initial.detach().new_zeros(n_lanes, self.hidden_size)
+        lane_user = users[:n_lanes].copy()
+        lane_next = baskets.user_offsets[lane_user]  # the next basket of each lane
+        lane_stop = baskets.user_offsets[lane_user + 1]
+        fresh = np.ones(n_lanes, dtype=bool)
+        active = np.ones(n_lanes, dtype=bool)
+        queued = n_lanes
+        while True:
+            lanes = np.flatnonzero(active)
+            if len(lanes) == 0:
+                return
+            first = lane_next[lanes]
+            stop = np.minimum(lane_stop[lanes], first + window)
+            yield self._basket_batch(train, baskets, lanes, lane_user[lanes], first, stop,
+                                     fresh[lanes].copy(), rng)
+            fresh[lanes] = False
+            lane_next[lanes] = stop
+            done = lanes[stop >= lane_stop[lanes]]
+            refill = done[:len(users) - queued]
+            taken = users[queued:queued + len(refill)]
+            queued += len(refill)
+            lane_user[refill] = taken
+            lane_next[refill] = baskets.user_offsets[taken]
+            lane_stop[refill] = baskets.user_offsets[taken + 1]
+            fresh[refill] = True
+            active[done[len(refill):]] = False
 
-    def _basket_batch(self, train: SequenceData, baskets: Baskets, first: np.ndarray,
-                      stop: np.ndarray, predict_first: np.ndarray,
+    def _basket_batch(self, train: SequenceData, baskets: Baskets, lanes: np.ndarray,
+                      users: np.ndarray, first: np.ndarray, stop: np.ndarray, fresh: np.ndarray,
                       rng: np.random.Generator) -> BasketBatch:
         per_row = stop - first
-        n_steps = int(per_row.max())
+        n_rows, n_steps = len(first), int(per_row.max())
         basket_ids = concat_ranges(first, per_row)
-        basket_rows = np.repeat(np.arange(len(first)), per_row)
+        basket_rows = np.repeat(np.arange(n_rows), per_row)
         basket_steps = basket_ids - np.repeat(first, per_row)
         sizes = baskets.sizes()[basket_ids]
         events = baskets.events[concat_ranges(baskets.offsets[basket_ids], sizes)]
         items = train.items[events].astype(np.int64)
         bag_bounds = np.concatenate([[0], np.cumsum(sizes)])
-        # A basket is predicted by the state before it: step - 1 of its row, or h_0 (-1) for
-        # a user's first basket; the first basket of a later window is input only.
-        predicted = (basket_steps > 0) | predict_first[basket_rows]
-        state = np.where(basket_steps > 0, basket_rows * n_steps + basket_steps - 1, -1)
+        # A basket is predicted by the state before it: step - 1 of its row, or the state the
+        # row enters with (h_0 or the carried state) for the row's first basket.
+        state = np.where(basket_steps > 0, basket_rows * n_steps + basket_steps - 1,
+                         n_rows * n_steps + basket_rows)
         event_basket = np.repeat(np.arange(len(basket_ids)), sizes)
-        pairs = np.flatnonzero(predicted[event_basket])
-        negatives = sample_outside(event_basket[pairs], items, bag_bounds, self.n_items, rng)
-        pairs, negatives = pairs[negatives >= 0], negatives[negatives >= 0]
+        negatives = sample_outside(event_basket, items, bag_bounds, self.n_items, rng)
+        pairs = np.flatnonzero(negatives >= 0)
         sequences = BasketSequences(
             items=torch.from_numpy(items), bag_offsets=torch.from_numpy(bag_bounds[:-1]),
             basket_rows=torch.from_numpy(basket_rows), basket_steps=torch.from_numpy(basket_steps),
-            n_rows=len(first), n_steps=n_steps,
+            n_rows=n_rows, n_steps=n_steps,
         )
         return BasketBatch(
             sequences=sequences, pair_states=torch.from_numpy(state[event_basket[pairs]]),
-            positives=torch.from_numpy(items[pairs]), negatives=torch.from_numpy(negatives),
-            n_events=len(pairs),
+            positives=torch.from_numpy(items[pairs]),
+            negatives=torch.from_numpy(negatives[pairs]), n_events=len(pairs),
+            users=torch.from_numpy(users), lanes=torch.from_numpy(lanes),
+            fresh=torch.from_numpy(fresh),
+            last_steps=torch.from_numpy(per_row - 1),
         )
 
-    def training_loss(self, batch: BasketBatch) -> torch.Tensor:
-        """BPR: mean over pairs of -log σ(o_pos - o_neg), both scored with the same h_t."""
+    def _window_recurrence(self, batch: BasketBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(entering [n_rows, hidden], after every step [n_rows, n_steps, hidden]) of a
+        training batch, in the recurrent module's coordinates."""
         device = self.device
-        states = self._states_with_initial(batch.sequences.to(device))
-        h = states[batch.pair_states.to(device)]
+        fresh = batch.fresh.to(device)
+        initial = torch.tanh(self.initial).expand(len(fresh), -1)
+        if self._carry is None:  # a batch made before training_batches ran: nothing carried
+            entering = initial
+        else:
+            entering = torch.where(fresh[:, None], initial, self._carry[batch.lanes.to(device)])
+        return entering, self._recurrence(batch.sequences.to(device), entering)
+
+    def window_states(self, batch: BasketBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h each row enters with [n_rows, hidden], h after every step [n_rows, n_steps,
+        hidden]) of a training batch, with the carried states as they are now."""
+        entering, states = self._window_recurrence(batch)
+        return self._to_state(entering), self._to_state(states)
+
+    def training_loss(self, batch: BasketBatch) -> torch.Tensor:
+        """BPR: mean over pairs of -log σ(o_pos - o_neg), both scored with the same h_t, plus
+        the L2 penalty; the state at each row's end is carried (detached) to its lane."""
+        device = self.device
+        entering, states = self._window_recurrence(batch)
+        rows = torch.arange(len(entering), device=device)
+        ends = states[rows, batch.last_steps.to(device)]
+        if self._carry is not None:
+            # in the carry's dtype: under train.amp the recurrence may run in bfloat16
+            self._carry[batch.lanes.to(device)] = ends.detach().to(self._carry.dtype)
+        every_state = torch.cat([self._to_state(states).reshape(-1, self.hidden_size),
+                                 self._to_state(entering)])
+        h = every_state[batch.pair_states.to(device)]
         n_pos = self.item_matrix[batch.positives.to(device)]
         n_neg = self.item_matrix[batch.negatives.to(device)]
-        return -F.logsigmoid(((n_pos - n_neg) * h).sum(1)).mean()
+        loss = -F.logsigmoid(((n_pos - n_neg) * h).sum(1)).mean()
+        return loss + self.l2_penalty() if self.l2 else loss
 
     def prediction_states(self, batch: PredictionBatch) -> torch.Tensor:
         """For each target, h after the last basket that ends before the target's basket

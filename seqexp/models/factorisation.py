@@ -19,14 +19,15 @@ drawn uniformly from all items other than the positive. Items the user has seen 
 drawn as negatives, as in the usual vectorised BPR samplers; with thousands of items the share
 is small. Sampling runs in torch on the model's device, seeded from the trainer's generator.
 
-`seen_bias=True` adds one learned scalar β to the score of every item already in the user's
-history before the prediction point: score + β·[i seen before]. The evaluation protocol keeps
-seen items rankable, and the factor term scores a user's own training items highest (they are
-its BPR positives), so without β they fill the top of the list: on MovieLens, where nobody
-rates a movie twice, that holds plain MF at popularity's Recall@20 (docs/real-data.md). β is
-trained by the same BPR pairs (whether the positive and the negative were seen before the
-positive's position): it turns negative where items do not repeat and positive where they do
-(listening logs), so it is learned, not a filter.
+`seen_bias=True`, a variant that is not the paper's equation (off by default; the presets
+`mf_seen` and `seqmf_seen`), adds one learned scalar β to the score of every item already in
+the user's history before the prediction point: score + β·[i seen before]. The evaluation
+protocol keeps seen items rankable, and the factor term scores a user's own training items
+highest (they are its BPR positives), so without β they fill the top of the list: on
+MovieLens, where nobody rates a movie twice, that holds plain MF at popularity's Recall@20
+(docs/real-data.md). β is trained by the same BPR pairs (whether the positive and the
+negative were seen before the positive's position): it turns negative where items do not
+repeat and positive where they do (listening logs), so it is learned, not a filter.
 """
 
 from __future__ import annotations
