@@ -166,7 +166,7 @@ DATASET = {
 }
 
 MLFLOW = {"tracking_uri": text(nullable=True), "experiment": text(), "run_name": text(
-    nullable=True), "log_checkpoint": flag()}
+    nullable=True), "log_checkpoint": flag(), "system_metrics": flag()}
 PATHS = {"data_dir": text(), "raw_dir": text(), "cache_dir": text()}
 
 _MODEL = {"name": text(), "_target_": text(), "_partial_": flag()}
