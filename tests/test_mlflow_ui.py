@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import compose_config, tiny_overrides
+from helpers import compose_config, sequences, tiny_overrides
+from seqexp.run.datasets import split_counts
 from seqexp.run.experiment import run_experiment
 from seqexp.run.naming import run_name
 from seqexp.run.tracking import (
@@ -97,6 +98,14 @@ def test_runs_log_their_splits_as_datasets_whose_digest_follows_the_data(tmp_pat
     assert source["tags"]["n_users"] == "40" and source["tags"]["generator_seed"] == "7"
 
 
+def test_split_counts_are_events_users_and_distinct_items_of_the_split():
+    # user 0: train 0 1 | val 2 | test 3; user 1: train 4 5 1 | test 1
+    data = sequences([[0, 1, 2, 3], [4, 5, 1, 1]], n_items=6, n_val=[1, 0], n_test=[1, 1])
+    assert split_counts(data, "train") == {"events": 5, "users": 2, "items": 4}
+    assert split_counts(data, "val") == {"events": 1, "users": 1, "items": 1}
+    assert split_counts(data, "test") == {"events": 2, "users": 2, "items": 2}
+
+
 def test_a_raw_files_datasets_name_the_file_and_follow_its_content(tmp_path, store_uri,
                                                                     one_torch_thread):
     events = tmp_path / "events.csv"
@@ -113,6 +122,12 @@ def test_a_raw_files_datasets_name_the_file_and_follow_its_content(tmp_path, sto
     write(1)  # other items: another file, another SHA-256
     changed = datasets_by_context(pop_run(tmp_path, "c", file=events))
     training = first["training"]
+    # user_tail: the last 2 of each user's 10 events are test, no validation event (10 % of 8)
+    counts = {context: {k: json.loads(d.profile)[k] for k in ("events", "users", "items")}
+              for context, d in first.items()}
+    assert counts == {"training": {"events": 240, "users": 30, "items": 12},
+                      "validation": {"events": 0, "users": 0, "items": 0},
+                      "test": {"events": 60, "users": 30, "items": 12}}
     assert training.name == "csv" and training.source_type == "local"
     assert json.loads(training.source)["uri"] == events.resolve().as_uri()
     assert same["training"].digest == training.digest != changed["training"].digest
