@@ -9,12 +9,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
 from helpers import compose_config, sequences, tiny_overrides
+from seqexp.core.resources import config_dir
 from seqexp.run.datasets import split_counts
 from seqexp.run.experiment import run_experiment
 from seqexp.run.naming import run_name
+from seqexp.run.sweep import SweepCallback, end_open_sweeps
 from seqexp.run.tracking import (
     EXPERIMENT_KIND_TAG,
     MODEL_TRAINING_KIND,
@@ -143,6 +147,27 @@ def test_runs_carry_mlflows_source_tags(tmp_path, store_uri, monkeypatch, one_to
     assert tags["mlflow.user"]
     sha = git_tags()["git_sha"]
     assert sha != "unknown" and tags["mlflow.source.git.commit"] == sha == tags["git_sha"]
+
+
+def test_a_sweeps_parent_run_carries_the_source_tags_in_a_model_training_experiment(
+        tmp_path, store_uri, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["/somewhere/bin/seqexp", "-m", "seed=1,2"])
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True, overrides=[
+            f"mlflow.tracking_uri={store_uri}", "mlflow.experiment=sweeps",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    OmegaConf.update(cfg, "hydra.runtime.cwd", str(tmp_path))
+    callback = SweepCallback()
+    callback.on_multirun_start(cfg)
+    client = MlflowClient(store_uri)
+    # before end_open_sweeps, whose Tracker would give the experiment a kind it lacked
+    experiment = client.get_experiment(callback.info.experiment_id)
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING_KIND
+    end_open_sweeps("KILLED")
+    tags = client.get_run(callback.info.parent_run_id).data.tags
+    assert tags["seqexp.role"] == "sweep"
+    assert (tags["mlflow.source.name"], tags["mlflow.source.type"]) == ("seqexp", "LOCAL")
+    assert tags["mlflow.source.git.commit"] == tags["git_sha"] and tags["mlflow.user"]
 
 
 @pytest.mark.parametrize(("argv0", "expected"), [
