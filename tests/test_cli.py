@@ -39,8 +39,7 @@ def test_seqexp_run_is_recorded_in_mlflow_db_of_the_launch_directory(tmp_path):
     assert run.info.status == "FINISHED"
     assert run.info.run_name == (
         "gru-synthetic-dataset.max_events=20,dataset.min_events=10,dataset.n_items=50,"
-        "dataset.n_users=40,model.hidden_size=16,train.batch_size=16,train.epochs=2,"
-        "train.progress=false")
+        "dataset.n_users=40,model.hidden_size=16,train.batch_size=16,train.epochs=2")
     m, p, tags = run.data.metrics, run.data.params, run.data.tags
     for key in ("test_mrr_at_20", "test_recall_at_20", "test_mrr_at_20_optimistic",
                 "test_mrr_at_20_expected", "train_loss", "train_events_per_s",

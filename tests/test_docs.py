@@ -54,7 +54,8 @@ OPERATORS = {"&&", "||", ";", "|", "&"}
 # Written on other branches of this change; a missing one is not a broken link until then.
 PAGES_FROM_OTHER_BRANCHES = {"docs/real-data.md", "docs/significance.md"}
 # Inline code that looks like a config key but is not one.
-NOT_KEYS = {"mlflow.db"}  # the default SQLite store
+NOT_KEYS = {"mlflow.db",  # the default SQLite store
+            "mlflow.user"}  # MLflow's run tag of the user (docs/tracking.md)
 CONFIG_KEY = re.compile(r"^(model|dataset|split|train|eval|mlflow|paths)\.([a-z_][a-z0-9_]*)"
                         r"(=.*)?$")
 REPO_PATH = re.compile(r"^(conf|seqexp|scripts|tests|docs|\.ci)/[\w./-]*$")

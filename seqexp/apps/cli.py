@@ -23,9 +23,10 @@ from seqexp.core import schema
 from seqexp.core.errors import SeqexpError, message_line
 from seqexp.core.resources import config_dir, group_options
 from seqexp.core.stopping import TrainingStopped, exit_code
+from seqexp.run.naming import run_name
 from seqexp.run.resume import cluster_job_key
 from seqexp.run.sweep import end_open_sweeps, job_tags, record_failed_job, tracking_uri_of
-from seqexp.run.tracking import run_name, ui_hint
+from seqexp.run.tracking import ui_hint
 
 if TYPE_CHECKING:
     from seqexp.run.experiment import RunResult

@@ -251,6 +251,8 @@ MLFLOW: dict[str, Key] = {
     "run_name": _speed(text(nullable=True), "the run's name (null: from model, dataset and "
                        "overrides)"),
     "log_checkpoint": _speed(flag(), "log the best checkpoint as an artifact"),
+    "system_metrics": _speed(flag(), "log CPU/GPU utilisation and memory with MLflow's "
+                             "system metrics monitor"),
 }
 PATHS: dict[str, Key] = {
     "data_dir": _speed(text(), "downloads and caches ($SEQEXP_DATA_DIR, else ~/.cache/seqexp)"),

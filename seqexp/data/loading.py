@@ -51,11 +51,7 @@ def load_dataset(dataset: Mapping, split: Mapping, raw_dir: Path, cache_dir: Pat
     """The processed dataset for these settings, from the cache when it holds it."""
     dataset = dict(dataset)
     fmt = dataset.get("format")
-    params = {
-        "dataset": {k: v for k, v in dataset.items() if k not in _LOCATION_KEYS},
-        "split": dict(split),
-        "version": PREPROCESS_VERSION,
-    }
+    params = cache_params(dataset, split)
     remember = False  # a digest computed now, kept once the data is cached
     version: dict = {}  # the raw file's size, mtime and inode when its digest was looked up
     if fmt == "synthetic":
@@ -82,6 +78,24 @@ def load_dataset(dataset: Mapping, split: Mapping, raw_dir: Path, cache_dir: Pat
     if remember:
         remember_digest(raw_path, Path(cache_dir), source, version)
     return data
+
+
+def cache_params(dataset: Mapping, split: Mapping) -> dict:
+    """The parameters of the cache key besides the raw data's identity: every dataset key that
+    is not a location, the split, and the preprocessing version. A run's MLflow datasets are
+    fingerprinted from the same (seqexp.run.datasets): they change exactly when the cache does."""
+    return {
+        "dataset": {k: v for k, v in dict(dataset).items() if k not in _LOCATION_KEYS},
+        "split": dict(split),
+        "version": PREPROCESS_VERSION,
+    }
+
+
+def data_source(stats: Mapping) -> str:
+    """The raw data's identity in the cache key: the raw file's SHA-256 (the stat `sha256`,
+    set by load_dataset), or "synthetic" for generated data (whose settings are in
+    cache_params)."""
+    return str(stats.get("sha256", "synthetic"))
 
 
 def _preprocess(dataset: Mapping, split: Mapping, raw_path: Path | None, folder: Path,

@@ -37,6 +37,8 @@ from seqexp.engine.trainer import (
 )
 from seqexp.models.base import Recommender
 from seqexp.run.artifacts import checkpoint_contents, write_id_maps, write_ranks
+from seqexp.run.datasets import split_datasets
+from seqexp.run.naming import run_name
 from seqexp.run.options import check_config
 from seqexp.run.resume import (
     CLUSTER_JOB_TAG,
@@ -53,7 +55,6 @@ from seqexp.run.tracking import (
     environment_tags,
     git_tags,
     process_tags,
-    run_name,
 )
 
 log = logging.getLogger(__name__)
@@ -204,8 +205,12 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
     status = "FAILED"
     checkpoint = output_dir / "checkpoints" / "best.pt"
     try:
+        if cfg.mlflow.get("system_metrics", False):
+            tracker.monitor_system(resumed=resumed is not None)
         if resumed is None:
             tracker.log_params(params)
+            tracker.log_datasets(split_datasets(cfg.dataset, cfg.split, Path(cfg.paths.raw_dir),
+                                                data))
             tracker.log_params({f"data.{k}": v for k, v in data.stats.items()})
             tracker.log_metrics({"test_oov_dropped": data.stats.get("test_oov_dropped", 0)})
             # The configuration goes in first, so that a failed or killed run still shows it.

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import fcntl
+import getpass
 import json
 import logging
 import os
@@ -11,9 +12,12 @@ import platform
 import random
 import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,8 +28,18 @@ from seqexp.core.version import __version__
 
 log = logging.getLogger(__name__)
 
-# Overrides that change where a run is tracked, not what it computes, stay out of its name.
-_NAME_EXCLUDED_PREFIXES = ("model=", "dataset=", "mlflow.", "hydra.", "paths.")
+# The kind the MLflow 3 UI opens an experiment as (its JS bundle's ExperimentKind values:
+# genai_development, custom_model_development and their *_inferred guesses): without the tag the
+# UI guesses, and may open a GenAI experiment's traces page instead of the runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+# MLflow's standard run tags (mlflow.utils.mlflow_tags) that the UI shows as the run's source.
+SOURCE_COMMIT_TAG = "mlflow.source.git.commit"
+SOURCE_NAME_TAG = "mlflow.source.name"
+SOURCE_TYPE_TAG = "mlflow.source.type"
+USER_TAG = "mlflow.user"
+# What MLflow records about a split's data (MetaDataset): the columns of the processed events.
+DATASET_COLUMNS = ("user", "item", "timestamp")
 # SQLite answers "database is locked" when another process holds the write lock for longer than
 # its busy timeout (5 s); parallel jobs retry for this long before giving up.
 LOCK_RETRY_DEADLINE_S = 300.0
@@ -55,13 +69,6 @@ def ui_hint(tracking_uri: str) -> str:
     if tracking_uri.startswith(("http://", "https://")):
         return f"MLflow UI: open {tracking_uri}"
     return f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri}"
-
-
-def run_name(model: str, dataset: str, overrides: Sequence[str] = ()) -> str:
-    """Deterministic: `model-dataset` plus the remaining command-line overrides, sorted."""
-    extra = sorted(o.lstrip("+~") for o in overrides
-                   if not o.lstrip("+~").startswith(_NAME_EXCLUDED_PREFIXES))
-    return "-".join([model, dataset]) + (f"-{','.join(extra)}" if extra else "")
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:
@@ -254,6 +261,56 @@ def environment_tags(device: str = "cpu") -> dict[str, str]:
     return tags
 
 
+def entry_point(argv0: str | None = None) -> str:
+    """The program a run was started with, as its user typed it: seqexp's console script
+    (`seqexp`, `seqexp-report`, ...) also when started as `python -m seqexp.apps.cli`; else the
+    file name of sys.argv[0] (`pytest`, a script), else "python"."""
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    if not argv0:
+        return "python"
+    started = Path(argv0)
+    try:
+        scripts = [ep for ep in metadata.entry_points(group="console_scripts")
+                   if ep.dist is not None and ep.dist.name == "seqexp"]
+    except Exception:  # noqa: BLE001 - a broken environment's metadata: the plain file name
+        scripts = []
+    for script in scripts:
+        module = script.module.replace(".", "/")
+        if started.name == script.name or started.with_suffix("").as_posix().endswith(module):
+            return script.name
+    return started.name or "python"
+
+
+def _user_name() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container's uid without a passwd entry or $USER
+        return "unknown"
+
+
+def source_tags(git_sha: str | None = None) -> dict[str, str]:
+    """MLflow's standard source tags, which its UI shows in the runs table and on the run's page:
+    seqexp's commit (git_sha, else git_tags()'s), the entry point, LOCAL, and the user."""
+    sha = git_sha if git_sha is not None else git_tags()["git_sha"]
+    tags = {SOURCE_NAME_TAG: entry_point(), SOURCE_TYPE_TAG: "LOCAL", USER_TAG: _user_name()}
+    if sha != "unknown":
+        tags[SOURCE_COMMIT_TAG] = sha
+    return tags
+
+
+@dataclass(frozen=True)
+class SplitDataset:
+    """One split of a run's data as an MLflow dataset input (seqexp.run.datasets builds them).
+    Plain values: this module imports neither the data pipeline nor, until it logs, MLflow."""
+
+    context: str  # MLflow's mlflow.data.context input tag: training, validation or test
+    name: str  # the dataset preset (dataset.name)
+    digest: str  # the same for the same data, split and preprocessing
+    source_file: Path | None  # the raw file; None for generated data
+    generator: Mapping[str, Any] = field(default_factory=dict)  # the generator's settings
+    profile: Mapping[str, Any] = field(default_factory=dict)  # counts of events, users, items
+
+
 def _chunks(items: list, size: int) -> Iterable[list]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
@@ -298,10 +355,12 @@ class Tracker:
         if experiment is not None and self.experiment_id is None:
             raise SeqexpError(f"no MLflow experiment named {experiment!r} in {tracking_uri}")
         self.run_id = run_id
+        self._system_monitor: Any = None  # MLflow's SystemMetricsMonitor while one runs
 
     def _experiment_id(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)
         if found is not None:
+            self._mark_kind(found)
             return found.experiment_id
         location = None
         db = sqlite_path(self.tracking_uri)
@@ -309,17 +368,35 @@ class Tracker:
             # Artifacts next to the database, whatever the working directory.
             location = (db.parent / "mlartifacts" / name).as_uri()
         try:
-            return self.client.create_experiment(name, artifact_location=location)
+            return self.client.create_experiment(
+                name, artifact_location=location,
+                tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
         except Exception:  # noqa: BLE001 - created meanwhile by a parallel run
             found = self.client.get_experiment_by_name(name)
             if found is None:
                 raise
+            self._mark_kind(found)
             return found.experiment_id
 
+    def _mark_kind(self, experiment: Any) -> None:
+        """Give an existing experiment without a kind (made by an older seqexp or by hand) the
+        model-training kind; a kind someone chose is kept. A store that refuses the tag (a
+        server user without MANAGE permission) costs only the UI's first page, not the run."""
+        if EXPERIMENT_KIND_TAG in (experiment.tags or {}):
+            return
+        try:
+            with_lock_retry(self.client.set_experiment_tag, experiment.experiment_id,
+                            EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+        except Exception as exc:  # noqa: BLE001 - cosmetic: logged, and the run goes on
+            log.warning("could not mark MLflow experiment %s as %s: %s", experiment.name,
+                        MODEL_TRAINING_KIND, message_line(exc))
+
     def start(self, name: str, tags: Mapping[str, str]) -> str:
+        """A new run named `name` with `tags` and MLflow's source tags (`tags` win)."""
+        tags = {**source_tags(tags.get("git_sha")), **tags}
         try:
             run = with_lock_retry(self.client.create_run, self.experiment_id, run_name=name,
-                                  tags=dict(tags))
+                                  tags=tags)
         except Exception as exc:  # noqa: BLE001 - e.g. a server's 403: one clear line
             reason = message_line(exc)
             if _FORBIDDEN in reason:
@@ -393,8 +470,61 @@ class Tracker:
             if not token:
                 return ids
 
+    def log_datasets(self, datasets: Sequence[SplitDataset]) -> None:
+        """The run's inputs, one MLflow dataset per split (the UI's Datasets column and the
+        run page's Datasets section), each tagged with its mlflow.data.context."""
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.data.sources import LocalArtifactDatasetSource
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.types import ColSpec, DataType, Schema
+
+        schema = Schema([ColSpec(DataType.long, column) for column in DATASET_COLUMNS])
+        inputs = []
+        for split in datasets:
+            if split.source_file is not None:  # a local file: MLflow's "local" source, its URI
+                source = LocalArtifactDatasetSource(Path(split.source_file).resolve().as_uri())
+            else:
+                source = CodeDatasetSource({"generator": "seqexp.data.synthetic",
+                                            **{k: str(v) for k, v in split.generator.items()}})
+            entity = MetaDataset(source, name=split.name, digest=split.digest,
+                                 schema=schema)._to_mlflow_entity()
+            # MetaDataset has no profile; MLflow's entity keeps it as a JSON text.
+            entity = Dataset(name=entity.name, digest=entity.digest,
+                             source_type=entity.source_type, source=entity.source,
+                             schema=entity.schema,
+                             profile=json.dumps(dict(split.profile), sort_keys=True))
+            inputs.append(DatasetInput(entity, tags=[InputTag("mlflow.data.context",
+                                                              split.context)]))
+        with_lock_retry(self.client.log_inputs, self.run_id, datasets=inputs)
+
+    def monitor_system(self, resumed: bool = False) -> None:
+        """Log CPU, memory, disk, network and (with nvidia-ml-py) GPU use as system/* metrics
+        with MLflow's SystemMetricsMonitor until `end`; a continued run goes on from its last
+        step. Sampled every 10 s unless MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL says otherwise."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._system_monitor = SystemMetricsMonitor(
+            self.run_id, resume_logging=resumed, tracking_uri=self.tracking_uri)
+        self._system_monitor.start()
+
+    def _stop_system_monitor(self) -> None:
+        """Stop the monitor and log what it sampled since its last logging, which MLflow's
+        finish() drops: a run shorter than one interval still gets its system metrics."""
+        monitor, self._system_monitor = self._system_monitor, None
+        if monitor is None:
+            return
+        try:
+            monitor.finish()
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
+        except Exception as exc:  # noqa: BLE001 - monitoring must not cost the run
+            log.warning("could not log the last system metrics: %s", message_line(exc))
+
     def end(self, status: str) -> None:
-        """status: FINISHED, FAILED or KILLED."""
+        """status: FINISHED, FAILED or KILLED. Stops the system metrics monitor first."""
+        self._stop_system_monitor()
         if self.run_id is not None:
             with_lock_retry(self.client.set_terminated, self.run_id, status=status)
 
