@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import multiprocessing
-import os
 import random
 import sqlite3
 import subprocess
@@ -195,13 +194,3 @@ def test_sigkill_at_random_moments_of_store_creation_never_loses_the_store(tmp_p
     assert run.info.status == "FINISHED" and run.data.metrics == {"m": 1.0}
     with sqlite3.connect(db) as connection:
         assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-
-
-def test_a_new_store_follows_the_umask(tmp_path):
-    """Under umask 002 (a group sharing a folder) the store is 0664; SQLite alone makes 0644."""
-    old = os.umask(0o002)
-    try:
-        Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "x")
-    finally:
-        os.umask(old)
-    assert (tmp_path / "mlflow.db").stat().st_mode & 0o777 == 0o664

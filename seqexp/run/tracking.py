@@ -24,7 +24,6 @@ from typing import Any, TypeVar
 from seqexp.core import liveness
 from seqexp.core.errors import SeqexpError, message_line
 from seqexp.core.flat_config import MAX_PARAM_LENGTH
-from seqexp.core.safe_config import file_mode
 from seqexp.core.version import __version__
 
 log = logging.getLogger(__name__)
@@ -157,11 +156,17 @@ def create_sqlite_store(db: Path) -> None:
         client = MlflowClient(f"sqlite:///{tmp}")
         client.search_experiments(max_results=1)  # creates every table and the Default one
         client._tracking_client.store.engine.dispose()  # no pooled handle on the moved file
-        os.chmod(tmp, file_mode())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, db)
     finally:
         for path in (tmp, tmp.with_name(f"{tmp.name}-journal")):
             path.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def half_made_schema(db: Path) -> str | None:
