@@ -276,6 +276,9 @@ _RNN: dict[str, Key] = _MODEL | {
     "n_negatives": Key(integer(1), "shared negatives of the sampled softmax"),
     "sample_alpha": Key(number(0.0), "negatives sampled by popularity^sample_alpha"),
     "eval_chunk": _speed(integer(1), "time steps replayed per chunk at evaluation (memory)"),
+    "session_gap_s": Key(number(0.0, nullable=True), "a gap above this many seconds ends a "
+                         "session and the state restarts from h0, in training and evaluation "
+                         "(null = one state over the user's whole history)"),
     "cell": Key(listed("rnn_cells"), "the recurrent cell"),
     # rectified_ugru's cell
     "threshold": Key(choice("soft", "hard"), "rectified_ugru: sigmoid-relaxed or step "

@@ -4,6 +4,7 @@
   through one user's training sequence, one window of `window` (input, next-item) pairs per step;
   a lane that finishes its user takes the next user of the epoch's permutation and is flagged for
   a state reset, so a hidden state is carried across a user's windows and never across users.
+  With a session gap, each pair also says whether its target starts a new session.
 - `prediction_batches`: users grouped by sequence length, each user's events up to the end of an
   evaluation phase padded into a matrix, plus the positions of that phase's targets.
 """
@@ -12,11 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from seqexp.data.sequences import SequenceData
+
+ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -39,12 +43,23 @@ class WindowBatch:
     # [n_events] positions of the pairs in the flattened [B * T] window, row-major; computed
     # here on the CPU so that a model on a GPU gathers its outputs without a device sync
     pairs: torch.Tensor
+    # [B, T] bool, true where the target comes more than the session gap after the input (it
+    # starts a new session); None when the batches were made without a session gap
+    session_break: torch.Tensor | None = None
+
+
+def session_breaks(before: ArrayT, after: ArrayT, gap_s: float) -> ArrayT:
+    """True where the event at time `after` starts a new session after the one at `before`:
+    the gap between them exceeds `gap_s` seconds (events in the same second never split)."""
+    return (after - before) > gap_s
 
 
 def window_batches(
-    data: SequenceData, lanes: int, window: int, rng: np.random.Generator
+    data: SequenceData, lanes: int, window: int, rng: np.random.Generator,
+    session_gap_s: float | None = None,
 ) -> Iterator[WindowBatch]:
-    """One epoch of training windows in a random user order."""
+    """One epoch of training windows in a random user order; with `session_gap_s`, each
+    batch carries `session_break` (see WindowBatch)."""
     starts = data.offsets[:-1]
     stops = data.train_end - 1  # the last training event is a target only
     users = rng.permutation(np.flatnonzero(stops > starts))
@@ -65,6 +80,10 @@ def window_batches(
         pos = lane_pos[rows, None] + steps
         mask = pos < lane_stop[rows, None]
         safe = np.where(mask, pos, 0)
+        breaks = None
+        if session_gap_s is not None:
+            breaks = torch.from_numpy(mask & session_breaks(
+                data.timestamps[safe], data.timestamps[safe + 1], session_gap_s))
         yield WindowBatch(
             lanes=rows,
             users=torch.from_numpy(lane_user[rows]),
@@ -74,6 +93,7 @@ def window_batches(
             reset=torch.from_numpy(reset[rows].copy()),
             n_events=int(mask.sum()),
             pairs=torch.from_numpy(np.flatnonzero(mask)),
+            session_break=breaks,
         )
         reset[rows] = False
         lane_pos[rows] += window

@@ -1,8 +1,11 @@
 """Recurrent cells for RecurrentRecommender, looked up by name (`model.cell`).
 
-A cell runs a whole window: `forward(x, h0, user)` takes item inputs x [B, T, n], the initial
-hidden state h0 [B, n] and the user vector v [B, n] (constant along the window; ignored by
-item-only cells) and returns the outputs [B, T, n] and the last state [B, n]. Every term that
+A cell runs a whole window: `forward(x, h0, user, carry_mask)` takes item inputs x [B, T, n],
+the initial hidden state h0 [B, n], the user vector v [B, n] (constant along the window; ignored
+by item-only cells) and optionally carry_mask [B, T] of 0/1: after step t the state is
+multiplied by carry_mask[:, t], so a 0 restarts the recurrence from h0 = 0 there (a session
+end); the outputs [B, T, n] hold the states so masked. It returns the outputs and the last
+state [B, n]. Every term that
 does not depend on h is computed for all T steps in one matrix product before the step loop,
 which does only the h-dependent work. Equations: SPEC §4 (Donkers et al., RecSys 2017).
 """
@@ -12,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from seqexp.core.errors import SeqexpError
 
 
 class ItemInputs:
@@ -60,6 +65,12 @@ def gated_update(gate_inputs: torch.Tensor, candidate_input: torch.Tensor,
     return h + z * (k - h)
 
 
+def carried(h: torch.Tensor, carry_mask: torch.Tensor | None, step: int) -> torch.Tensor:
+    """The state after `step` as the next step and the output see it: zeroed where the
+    sequence's session ends (carry_mask 0); unchanged without a mask."""
+    return h if carry_mask is None else h * carry_mask[:, step, None]
+
+
 def split_steps(terms: torch.Tensor, sizes: list[int]) -> list[tuple[torch.Tensor, ...]]:
     """[B, T, sum(sizes)] -> per step, the pieces [B, size] (views; one backward op each)."""
     pieces = [part.unbind(1) for part in terms.split(sizes, dim=-1)]
@@ -71,6 +82,7 @@ class GRUCell(nn.Module):
     h' = (1 − z) ⊙ h + z ⊙ k (item input only)."""
 
     uses_user = False
+    takes_carry_mask = True
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
@@ -84,13 +96,16 @@ class GRUCell(nn.Module):
         return project(self.input_proj, x)
 
     def forward(
-        self, x: torch.Tensor, h0: torch.Tensor, user: torch.Tensor | None = None
+        self, x: torch.Tensor, h0: torch.Tensor, user: torch.Tensor | None = None,
+        carry_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n = h0.shape[-1]
         h, outputs = h0, []
-        for gate_in, candidate_in in split_steps(self.input_terms(x, user), [2 * n, n]):
+        steps = split_steps(self.input_terms(x, user), [2 * n, n])
+        for t, (gate_in, candidate_in) in enumerate(steps):
             h = gated_update(gate_in, candidate_in, self.hidden_gates(h), h,
                              self.hidden_candidate)
+            h = carried(h, carry_mask, t)
             outputs.append(h)
         return torch.stack(outputs, dim=1), h
 
@@ -160,19 +175,22 @@ class RectifiedUserGRUCell(GRUCell):
         return torch.sigmoid(self.omega_logit)
 
     def forward(
-        self, x: torch.Tensor, h0: torch.Tensor, user: torch.Tensor | None = None
+        self, x: torch.Tensor, h0: torch.Tensor, user: torch.Tensor | None = None,
+        carry_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n = h0.shape[-1]
         item_terms = project(self.input_proj, x)  # [B, T, 3n]
         kappa_terms = project(self.kappa_input, x) + self.kappa_user(user).unsqueeze(1)
         omega = self.omega
         h, outputs = h0, []
-        for item_t, kappa_t in zip(item_terms.unbind(1), kappa_terms.unbind(1), strict=True):
+        steps = zip(item_terms.unbind(1), kappa_terms.unbind(1), strict=True)
+        for t, (item_t, kappa_t) in enumerate(steps):
             hidden_gates, hidden_kappa = self.hidden_gates(h).split([2 * n, 2 * n], dim=-1)
             kappa1, kappa2 = (kappa_t + hidden_kappa).chunk(2, dim=-1)
             v_rect = rectify(user, kappa1, kappa2, omega, self.temperature)
             gate_in, candidate_in = (item_t + self.user_proj(v_rect)).split([2 * n, n], dim=-1)
             h = gated_update(gate_in, candidate_in, hidden_gates, h, self.hidden_candidate)
+            h = carried(h, carry_mask, t)
             outputs.append(h)
         return torch.stack(outputs, dim=1), h
 
@@ -193,17 +211,20 @@ class AttentionalUserGRUCell(GRUCell):
         self.hidden_gates = nn.Linear(n, 3 * n, bias=False)  # h terms of z, r and ξ
 
     def forward(
-        self, x: torch.Tensor, h0: torch.Tensor, user: torch.Tensor | None = None
+        self, x: torch.Tensor, h0: torch.Tensor, user: torch.Tensor | None = None,
+        carry_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n = h0.shape[-1]
         xi_terms = project(self.xi_input, x) + self.xi_user(user).unsqueeze(1)  # [B, T, n]
         h, outputs = h0, []
-        for x_t, xi_t in zip(dense(x).unbind(1), xi_terms.unbind(1), strict=True):
+        steps = zip(dense(x).unbind(1), xi_terms.unbind(1), strict=True)
+        for t, (x_t, xi_t) in enumerate(steps):
             hidden_gates, hidden_xi = self.hidden_gates(h).split([2 * n, n], dim=-1)
             xi = torch.sigmoid(xi_t + hidden_xi)
             mixed = torch.cat([(1.0 - xi) * x_t, xi * user], dim=-1)
             gate_in, candidate_in = self.input_proj(mixed).split([2 * n, n], dim=-1)
             h = gated_update(gate_in, candidate_in, hidden_gates, h, self.hidden_candidate)
+            h = carried(h, carry_mask, t)
             outputs.append(h)
         return torch.stack(outputs, dim=1), h
 
@@ -214,14 +235,19 @@ class CudnnGRU(nn.Module):
     faster on a GPU but not the SPEC's equation, hence a separate name."""
 
     uses_user = False
+    takes_carry_mask = False  # the fused kernel runs a whole window from one state
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
         self.rnn = nn.GRU(hidden_size, hidden_size, batch_first=True)
 
     def forward(
-        self, x: torch.Tensor, h0: torch.Tensor, user: torch.Tensor | None = None
+        self, x: torch.Tensor, h0: torch.Tensor, user: torch.Tensor | None = None,
+        carry_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if carry_mask is not None:
+            raise SeqexpError("model.cell=cudnn_gru cannot restart its state inside a window; "
+                              "use model.cell=gru with model.session_gap_s")
         out, h = self.rnn(dense(x), h0.unsqueeze(0).contiguous())
         return out, h.squeeze(0)
 

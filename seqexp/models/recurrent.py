@@ -12,7 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqexp.core.errors import SeqexpError
-from seqexp.data.batching import PredictionBatch, WindowBatch, to_device, window_batches
+from seqexp.data.batching import (
+    PredictionBatch,
+    WindowBatch,
+    session_breaks,
+    to_device,
+    window_batches,
+)
 from seqexp.data.sequences import SequenceData
 from seqexp.models.base import Recommender
 from seqexp.models.cells import CELLS, ItemInputs
@@ -47,6 +53,12 @@ class RecurrentRecommender(Recommender):
     """o^t = T h^t over all items, h^t from the cell. Hidden state is carried across a user's
     windows (detached at window borders) and reset between users; evaluation replays each
     user's whole history, so the state at a prediction point is warm from the training events.
+
+    `session_gap_s` scopes the state to sessions instead: a gap above it between two events of
+    a user ends a session, and the state restarts from h0 = 0 after the session's last event,
+    in training and in evaluation alike, so the first event of a session is predicted from h0
+    and later ones from that session's events only. The user vector v of the user-based cells
+    is the same in every session: it is then the only memory across sessions.
     """
 
     def __init__(
@@ -63,6 +75,7 @@ class RecurrentRecommender(Recommender):
         n_negatives: int = 2048,
         sample_alpha: float = 1.0,
         eval_chunk: int = 64,
+        session_gap_s: float | None = None,
         **cell_options,
     ) -> None:
         super().__init__(n_items, n_users)
@@ -81,6 +94,10 @@ class RecurrentRecommender(Recommender):
             raise SeqexpError(f"model.{unknown[0]} is not an option of model.cell={cell} "
                               f"(its options: {', '.join(accepted) or 'none'})")
         self.cell = CELLS[cell](hidden_size, **cell_options)
+        if session_gap_s is not None and not self.cell.takes_carry_mask:
+            raise SeqexpError(f"model.session_gap_s needs a cell that can restart its state "
+                              f"inside a window; model.cell={cell} cannot (use model.cell=gru)")
+        self.session_gap_s = session_gap_s
         self.user_embedding = nn.Embedding(n_users, hidden_size) if self.cell.uses_user else None
         self.dropout = Dropout(self.drop_p)
         # v is constant along a user's sequence; its dropout mask is drawn per window
@@ -119,7 +136,7 @@ class RecurrentRecommender(Recommender):
         self, train: SequenceData, batch_size: int, rng: np.random.Generator
     ) -> Iterator[WindowBatch]:
         self._carry = torch.zeros(batch_size, self.hidden_size, device=self.device)
-        yield from window_batches(train, batch_size, self.window, rng)
+        yield from window_batches(train, batch_size, self.window, rng, self.session_gap_s)
 
     def training_loss(self, batch: WindowBatch) -> torch.Tensor:
         device = self.device
@@ -127,7 +144,11 @@ class RecurrentRecommender(Recommender):
         keep = to_device(~batch.reset, device).unsqueeze(1)
         h0 = self._carry[lanes] * keep
         x = self.dropout(self.embedding(to_device(batch.inputs, device)))
-        out, h = self.cell(x, h0, self._user_vectors(to_device(batch.users, device)))
+        carry_mask = None
+        if batch.session_break is not None:
+            carry_mask = to_device(~batch.session_break, device).to(x.dtype)
+        out, h = self.cell(x, h0, self._user_vectors(to_device(batch.users, device)),
+                           carry_mask)
         self._carry[lanes] = h.detach()
         # Only the existing (input, next) pairs, gathered by positions computed on the CPU.
         pairs = to_device(batch.pairs, device)
@@ -180,6 +201,12 @@ class RecurrentRecommender(Recommender):
         fold = (FOLD_ITEM_INPUTS.get(items.device.type, False) and not self.training
                 and int(lengths.sum()) > self.n_items)
         tables: dict = {}
+        carry_mask = None
+        if self.session_gap_s is not None:
+            stamps = batch.timestamps
+            carry_mask = torch.ones(n_rows, width, device=items.device)
+            carry_mask[:, :-1] = (~session_breaks(stamps[:, :-1], stamps[:, 1:],
+                                                  self.session_gap_s)).float()
         for lo in range(0, width, step):
             hi = min(lo + step, width)
             running = rows_all[lengths > lo]
@@ -189,7 +216,8 @@ class RecurrentRecommender(Recommender):
             x = (ItemInputs(chunk, self.embedding.weight, tables) if fold
                  else self.embedding(chunk))
             user = None if users is None else users[running]
-            out, h_last = self.cell(x, h[running], user)
+            mask = None if carry_mask is None else carry_mask[running, lo:hi]
+            out, h_last = self.cell(x, h[running], user, mask)
             h[running] = h_last
             wanted = (context_end >= lo) & (context_end < hi)
             if wanted.any():
