@@ -1,0 +1,178 @@
+"""Whole-history against session-scoped RNN states on real MovieLens 100K (model.session_gap_s).
+
+    python scripts/session_check.py [--path FILE] [--out DIR] [--seeds 1 2 3] [--gap 1800]
+                                    [--models gru linear_ugru ...] [--settings whole sessions]
+                                    [--report-only]
+
+The paper's user-based GRUs should help most where the hidden state cannot remember the user:
+when it restarts at every session, the user vector v is the only memory across sessions. This
+runs `gru` and the three user-based GRUs with each seed in two settings, each in its own MLflow
+experiment of one store (OUT/mlflow.db):
+
+- `whole`: one state over each user's whole history (`model.session_gap_s=null`, the default);
+- `sessions`: the state restarts after a gap of more than `--gap` seconds
+  (`model.session_gap_s=GAP`; 1800 s, the 30-minute session gap of session-based
+  recommenders, by default).
+
+Data as in scripts/real_data_check.py (the RecBole wheel's copy of ML-100K, in the cache
+folder). Then `seqexp-report --experiment ml100k-<setting> --baseline gru` tabulates each
+setting with the paired user-level tests of every user-based GRU against `gru`. Writes
+OUT/session_check.json and OUT/session_check.md (mean ± std over seeds, the report's
+differences, p-values after Holm's correction, and the session statistics of the data).
+Each run is recorded in its folder under OUT/runs/, so an interrupted check resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from real_data_check import COMMON, TEST_FRAC, cache_folder, obtain_udata
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ["gru", "linear_ugru", "rectified_ugru", "attentional_ugru"]
+# ML-100K is small: hidden 100 and batch 64 instead of Table 1's 1000/1000, at most 10 epochs
+# with early stopping on the validation MRR@20 (patience 3).
+RNN = ["model.hidden_size=100", "train.batch_size=64", "train.epochs=10"]
+SETTINGS = ("whole", "sessions")
+
+
+def session_facts(udata: Path, gap_s: float) -> dict[str, float]:
+    """How `gap_s` splits ML-100K: sessions, their mean length, users with more than one, and
+    the share of test ratings (each user's last floor(0.2 L), as split=user_tail) that lie in
+    a later session than the user's first, where the two settings' states differ."""
+    frame = pd.read_csv(udata, sep="\t", header=None, names=["user", "item", "rating", "ts"])
+    frame["row"] = np.arange(len(frame))
+    frame = frame.sort_values(["user", "ts", "row"]).reset_index(drop=True)
+    gap = frame.groupby("user")["ts"].diff()
+    starts = gap.isna() | (gap > gap_s)
+    session = starts.groupby(frame["user"]).cumsum()  # 1 for the user's first session
+    per_user = starts.groupby(frame["user"]).sum()
+    length = frame.groupby("user")["item"].transform("size").to_numpy()
+    position = frame.groupby("user").cumcount().to_numpy()
+    is_test = position >= length - np.floor(length * TEST_FRAC + 1e-9).astype(int)
+    return {"gap_s": gap_s, "sessions": int(starts.sum()),
+            "mean_session_length": float(len(frame) / starts.sum()),
+            "users": int(len(per_user)), "users_with_several_sessions": int((per_user > 1).sum()),
+            "test_ratings": int(is_test.sum()),
+            "test_ratings_after_the_first_session": int((is_test & (session > 1)).sum()),
+            "test_ratings_starting_a_session": int((is_test & starts.to_numpy()).sum())}
+
+
+def run_one(model: str, seed: int, setting: str, gap_s: float, udata: Path, out: Path,
+            report_only: bool) -> dict | None:
+    run_dir = out / "runs" / f"{setting}-{model}-seed{seed}"
+    if (run_dir / "record.json").is_file():
+        return json.loads((run_dir / "record.json").read_text())
+    if report_only:
+        return None
+    gap = "null" if setting == "whole" else f"{gap_s:g}"
+    command = [sys.executable, "-m", "seqexp.apps.cli", f"model={model}", "dataset=ml100k",
+               f"dataset.path={udata}", f"seed={seed}", *COMMON, *RNN,
+               f"model.session_gap_s={gap}", f"mlflow.experiment=ml100k-{setting}",
+               f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db", f"hydra.run.dir={run_dir}",
+               f"paths.data_dir={cache_folder()}"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"seqexp failed ({done.returncode}): {' '.join(command)}\n"
+                         f"{done.stderr[-3000:]}")
+    record = json.loads((run_dir / "metrics.json").read_text())
+    record |= {"wall_s": time.perf_counter() - started, "command": " ".join(command[1:])}
+    (run_dir / "record.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+def report(setting: str, out: Path) -> list[dict]:
+    """seqexp-report on one setting's experiment; its CSV rows."""
+    folder = out / f"report-{setting}"
+    subprocess.run(["seqexp-report", "--tracking-uri", f"sqlite:///{out}/mlflow.db",
+                    "--experiment", f"ml100k-{setting}", "--baseline", "gru",
+                    "--out", str(folder)], check=True, cwd=ROOT)
+    with open(folder / "table2.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def markdown(summary: dict, facts: dict, reports: dict[str, list[dict]], command: str) -> str:
+    lines = [f"Command: `{command}`", "",
+             f"Sessions at a gap of {facts['gap_s']:g} s: {facts['sessions']:,} sessions, "
+             f"mean length {facts['mean_session_length']:.1f} ratings; "
+             f"{facts['users_with_several_sessions']} of {facts['users']} users have more than "
+             f"one; {facts['test_ratings_after_the_first_session']:,} of "
+             f"{facts['test_ratings']:,} test ratings lie after the user's first session, "
+             f"{facts['test_ratings_starting_a_session']:,} start a session.", "",
+             "| setting | model | seeds | MRR@20 | Recall@20 | MRR@20 vs gru | p (Holm) | "
+             "Recall@20 vs gru | p (Holm) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for setting, models in summary.items():
+        rows = {row["model"]: row for row in reports.get(setting, [])}
+        for model, row in models.items():
+            tests = []
+            for metric in ("mrr_at_20", "recall_at_20"):
+                found = rows.get(model, {})
+                diff = next((v for k, v in found.items() if k.endswith(f"{metric}_diff_vs")), "")
+                p = next((v for k, v in found.items() if k.endswith(f"{metric}_p_holm")), "")
+                tests += [f"{float(diff):+.4f}" if diff else "", f"{float(p):.3f}" if p else ""]
+            lines.append(f"| {setting} | {model} | {row['seeds']} | {row['mrr']:.4f} ± "
+                         f"{row['mrr_std']:.4f} | {row['recall']:.4f} ± {row['recall_std']:.4f} "
+                         f"| {' | '.join(tests)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--path", type=Path, help="a local u.data or RecBole ml-100k.inter")
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "session_check")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--gap", type=float, default=1800.0, help="session gap in seconds")
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
+    parser.add_argument("--report-only", action="store_true",
+                        help="tabulate the runs already recorded in --out, start no run")
+    args = parser.parse_args()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    udata = obtain_udata(args.path)
+    facts = session_facts(udata, args.gap)
+    print(json.dumps(facts), flush=True)
+    summary: dict[str, dict[str, dict]] = {}
+    for setting in args.settings:
+        for model in args.models:
+            runs = [run for seed in args.seeds
+                    if (run := run_one(model, seed, setting, args.gap, udata, out,
+                                       args.report_only)) is not None]
+            for seed, run in zip(args.seeds, runs, strict=False):
+                print(f"{setting:8s} {model:16s} seed {seed}: MRR@20 {run['test_mrr_at_20']:.4f}"
+                      f" Recall@20 {run['test_recall_at_20']:.4f} ({run['wall_s']:.0f} s)",
+                      flush=True)
+            if not runs:
+                continue
+            mrr = [run["test_mrr_at_20"] for run in runs]
+            recall = [run["test_recall_at_20"] for run in runs]
+            spread = statistics.stdev if len(runs) > 1 else (lambda _: 0.0)
+            summary.setdefault(setting, {})[model] = {
+                "seeds": len(runs), "mrr": statistics.fmean(mrr), "mrr_std": spread(mrr),
+                "recall": statistics.fmean(recall), "recall_std": spread(recall),
+                "wall_s": statistics.fmean(run["wall_s"] for run in runs)}
+    reports = {setting: report(setting, out) for setting in summary}
+    command = "python scripts/session_check.py " + " ".join(sys.argv[1:])
+    payload = {"command": command, "rnn": RNN, "common": COMMON, "facts": facts,
+               "summary": summary, "reports": reports}
+    (out / "session_check.json").write_text(json.dumps(payload, indent=1))
+    (out / "session_check.md").write_text(markdown(summary, facts, reports, command.strip()))
+    print((out / "session_check.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
