@@ -181,7 +181,7 @@ def ranked(model: str, ranks, seed: int = 1, dataset: str = "ml10m", users=None,
     return run
 
 
-def _no_defaults(model):
+def _no_defaults(model, dataset):
     return None
 
 
@@ -240,7 +240,7 @@ def test_settings_other_than_the_models_defaults_are_marked_and_named():
                         "train.lr": "0.001"},
                 "itemknn": {"model.name": "itemknn", "model.neighbours": "100",
                             "train.lr": "0.001"}}
-    table = build_table(runs, PAPER, defaults=defaults.get)
+    table = build_table(runs, PAPER, defaults=lambda model, dataset: defaults[model])
     md = to_markdown(table)
     assert "| gru | 0.05000 [a] |" in md and "| itemknn | 0.03000 |" in md
     assert "[a] settings other than the model's defaults: model.extra=7, " \
@@ -257,6 +257,26 @@ def test_the_real_gru_defaults_come_from_table_1():
     assert non_default_settings(params, defaults) == {"train.epochs": "1"}
 
 
+def test_a_dataset_presets_own_values_are_defaults_of_the_report():
+    from seqexp.analysis.table import model_defaults, non_default_settings
+
+    # the MovieLens presets set DREAM's basket gap to 0; elsewhere it is SPEC's 1800 s
+    ml100k = model_defaults("dream", "ml100k")
+    assert ml100k["model.basket_gap_s"] == "0"
+    assert model_defaults("dream", "a-csv-files-own-name")["model.basket_gap_s"] == "1800"
+    assert "model.basket_gap_s" in non_default_settings(ml100k, model_defaults("dream"))
+    run = record("dream", "ml100k", 0.02, 0.1, **{k: v for k, v in ml100k.items()
+                                                  if k != "seed"})
+    table = build_table([run], PAPER, defaults=model_defaults)
+    assert table.rows[0].cells["ml100k", "mrr_at_20"].settings == {}
+
+
+def test_a_dataset_the_paper_does_not_use_is_named_not_circularly():
+    table = build_table([record("gru", "ml1m", 0.05, 0.15)], PAPER, defaults=_no_defaults)
+    assert table.data["ml1m"] == ("ml1m: not the paper's data (the paper reports ML-10M and "
+                                  "LastFM-1K only)")
+
+
 def test_data_that_is_not_the_papers_is_marked_and_named_in_the_header():
     official = record("gru", "ml10m", 0.05, 0.15, **{"data.sha256": "aaa"})
     same_file = record("itemknn", "ml10m", 0.03, 0.1,
@@ -269,7 +289,7 @@ def test_data_that_is_not_the_papers_is_marked_and_named_in_the_header():
     md = to_markdown(table)
     assert md.splitlines()[0] == (
         "Data: ML-10M: partly not the paper's data (dataset.path=/y/ml1m.dat, a file that is "
-        "not the published ML-10M file); synthetic: not the paper's data (synthetic data).")
+        "not the published ML-10M file); synthetic: not the paper's data (generated data).")
     assert "| mf | 0.02000 ‡ |" in md and "| itemknn | 0.03000 |" in md
     assert "| 0.10000 ‡ |" in md and "‡ not the paper's data (see Data above)." in md
 

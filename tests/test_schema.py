@@ -84,7 +84,7 @@ def test_runs_differing_only_where_and_how_fast_they_ran_are_one_configuration()
     assert differing_keys(_config(first), second) == []
     # one row of the report, the two runs averaged as seeds
     table = build_table([_run("a", 1, 0.1, first), _run("b", 2, 0.3, second)], {},
-                        defaults=lambda model: None)
+                        defaults=lambda model, dataset: None)
     assert [row.label for row in table.rows] == ["gru"]
     cell = table.rows[0].cells[("synthetic", "mrr_at_20")]
     assert cell.n == 2 and cell.mean == pytest.approx(0.2)
@@ -94,7 +94,7 @@ def test_runs_differing_in_the_learning_rate_are_two_configurations():
     first, other = _params(), _params(train__lr="0.01")
     assert differing_keys(_config(other), first) == ["train.lr"]
     table = build_table([_run("a", 1, 0.1, first), _run("b", 2, 0.3, other)], {},
-                        defaults=lambda model: None)
+                        defaults=lambda model, dataset: None)
     assert sorted(row.label for row in table.rows) == ["gru (train.lr=0.001)",
                                                       "gru (train.lr=0.01)"]
 
@@ -103,7 +103,7 @@ def test_runs_on_different_raw_files_are_two_configurations_in_the_report():
     first = _params(dataset__path="/a.csv") | {"data.sha256": "aaa"}
     other = _params(dataset__path="/b.csv") | {"data.sha256": "bbb"}
     table = build_table([_run("a", 1, 0.1, first), _run("b", 2, 0.3, other)], {},
-                        defaults=lambda model: None)
+                        defaults=lambda model, dataset: None)
     assert len(table.rows) == 2
 
 

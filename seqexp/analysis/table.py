@@ -208,15 +208,20 @@ _SETTINGS_PREFIXES = ("model.", "train.", "split.", "eval.exclude_seen")
 
 
 @functools.cache
-def model_defaults(model: str) -> dict[str, str] | None:
-    """The flattened default configuration of `seqexp model=<model>`, as a run logs it; None
-    when it cannot be composed (an unknown model)."""
+def model_defaults(model: str, dataset: str | None = None) -> dict[str, str] | None:
+    """The flattened default configuration of `seqexp model=<model> dataset=<dataset>`, as a run
+    logs it, so that a preset's own values (the MovieLens presets' basket gap) count as
+    defaults; `dataset` is left out when conf/dataset/ has no preset of that name (a CSV file's
+    own name). None when it cannot be composed (a model this checkout does not know)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    overrides = [f"model={model}"]
+    if dataset is not None and (config_dir() / "dataset" / f"{dataset}.yaml").is_file():
+        overrides.append(f"dataset={dataset}")
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=[f"model={model}"])
+            cfg = compose(config_name="config", overrides=overrides)
         return flatten(OmegaConf.to_container(cfg, resolve=True))
     except Exception:  # noqa: BLE001 - a model this checkout does not know
         return None
@@ -235,6 +240,7 @@ def non_default_settings(params: Mapping[str, str], defaults: Mapping[str, str] 
 # sha256 of the data files inside the published archives, when known (the archives themselves
 # are md5-checked on download); runs that downloaded the archive add theirs (data.sha256).
 PUBLISHED_SHA256: dict[str, set[str]] = {"ml10m": set(), "lastfm": set()}
+NOT_A_PAPER_DATASET = "the paper reports ML-10M and LastFM-1K only"
 
 
 def data_notes(runs: Sequence[RunRecord]) -> dict[str, str | None]:
@@ -250,8 +256,8 @@ def data_notes(runs: Sequence[RunRecord]) -> dict[str, str | None]:
     for run in runs:
         fmt = run.params.get("dataset.format", "")
         if run.dataset not in published:
-            notes[run.run_id] = "synthetic data" if (fmt == "synthetic" or run.dataset ==
-                                                     "synthetic") else f"{run.dataset} data"
+            notes[run.run_id] = ("generated data" if (fmt == "synthetic" or run.dataset ==
+                                                      "synthetic") else NOT_A_PAPER_DATASET)
         elif (_unset(run.params.get("dataset.path"))
               or run.params.get("data.sha256") in published[run.dataset]):
             notes[run.run_id] = None
@@ -303,13 +309,13 @@ def build_table(runs: Sequence[RunRecord], paper: Mapping[tuple[str, str, str], 
             varying[model] |= {k for k in keys if len({d.get(k) for d in dicts}) > 1}
 
     notes = data_notes(runs)
-    model_default = {m: defaults(m) for m in {run.model for run in runs}}
+    model_default = {key: defaults(*key) for key in {(run.model, run.dataset) for run in runs}}
     rows: dict[tuple[str, str], Row] = {}
     for (model, dataset, config), members in groups.items():
         settings = dict(config)
         variant = ", ".join(f"{k}={settings.get(k, '-')}" for k in sorted(varying[model]))
         row = rows.setdefault((model, variant), Row(model, variant))
-        differ = non_default_settings(settings, model_default[model])
+        differ = non_default_settings(settings, model_default[model, dataset])
         reasons = sorted({notes[r.run_id] for r in members if notes[r.run_id]})
         for metric, _ in METRICS:
             cell = row.cells.setdefault((dataset, metric),
