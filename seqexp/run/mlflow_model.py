@@ -17,7 +17,10 @@ MLflow is imported inside the functions: importing seqexp.run.experiment must st
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +38,8 @@ if TYPE_CHECKING:
     from mlflow.models import ModelSignature
 
     from seqexp.run.tracking import Tracker
+
+log = logging.getLogger(__name__)
 
 # The logged model's name: the run's model is runs:/<run id>/model.
 MODEL_NAME = "model"
@@ -102,13 +107,26 @@ def pip_requirements() -> list[str]:
 
 
 @contextlib.contextmanager
-def _tracking_uri(uri: str) -> Iterator[None]:
+def _logging_to(uri: str) -> Iterator[None]:
     """MLflow's model logging and registry calls go through its global tracking URI: the run's
-    store for their duration, the previous one afterwards."""
+    store for their duration, the previous one afterwards. Meanwhile no download bar and no
+    INFO line from the check of the input example: a run's log stays its own."""
+    from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    with _use_tracking_uri(uri):
-        yield
+    quiet = logging.getLogger("mlflow.pyfunc")
+    level, bar = quiet.level, os.environ.get(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name)
+    quiet.setLevel(logging.WARNING)
+    os.environ[MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name] = "false"
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        quiet.setLevel(level)
+        if bar is None:
+            os.environ.pop(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name, None)
+        else:
+            os.environ[MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name] = bar
 
 
 def log_model(tracker: Tracker, checkpoint: Path, example_user: str,
@@ -121,10 +139,18 @@ def log_model(tracker: Tracker, checkpoint: Path, example_user: str,
     from mlflow.models import Model
 
     example = pd.DataFrame({"user": [example_user], "k": [10]})
+    started = time.perf_counter()
     try:
-        with _tracking_uri(tracker.tracking_uri):
+        with _logging_to(tracker.tracking_uri):
+            # Made here, in the run's experiment: Model.log would put it in MLflow's
+            # current experiment (the Default one), where runs:/<id>/model does not look.
+            experiment_id = (tracker.experiment_id or tracker.client.get_run(
+                tracker.run_id).info.experiment_id)
+            logged = tracker.client.create_logged_model(
+                experiment_id, name=MODEL_NAME, source_run_id=tracker.run_id)
             info = Model.log(
-                name=MODEL_NAME, flavor=pyfunc, run_id=tracker.run_id,
+                None, name=MODEL_NAME, flavor=pyfunc, run_id=tracker.run_id,
+                model_id=logged.model_id,
                 python_model=str(MODEL_CODE),
                 artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)},
                 signature=signature(), input_example=example,
@@ -135,6 +161,7 @@ def log_model(tracker: Tracker, checkpoint: Path, example_user: str,
     except Exception as exc:  # noqa: BLE001 - any store or MLflow failure: one line
         raise SeqexpError(f"mlflow.log_model: cannot log the run's MLflow Model "
                           f"({message_line(exc)}); mlflow.log_model=false skips it") from None
+    log.info("MLflow Model %s logged in %.2f s", info.model_uri, time.perf_counter() - started)
     return info.model_uri
 
 

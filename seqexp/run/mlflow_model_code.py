@@ -2,10 +2,10 @@
 the model and takes the PythonModel it hands to set_model). It builds the model only from the
 model's checkpoint artifact, with seqexp.run.recommender (docs/tracking.md)."""
 
-from __future__ import annotations
-
 from pathlib import Path
+from typing import Any
 
+import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import set_model
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
@@ -23,11 +23,12 @@ class SeqexpModel(PythonModel):
     def __init__(self) -> None:
         self.recommendations: Recommendations | None = None
 
-    def load_context(self, context) -> None:  # noqa: ANN001 - MLflow's PythonModelContext
+    def load_context(self, context: Any) -> None:
         self.recommendations = from_checkpoint(Path(context.artifacts[CHECKPOINT_ARTIFACT]))
 
-    # No type hints on predict: MLflow would read them as a second signature.
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201, ARG002
+    # A DataFrame hint: MLflow checks requests against the logged signature, and infers none.
+    def predict(self, context: Any, model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> pd.DataFrame:
         try:
             return predict_frame(self.recommendations, model_input)
         except SeqexpError as exc:  # a bad request: HTTP 400 from `mlflow models serve`
