@@ -31,7 +31,13 @@ from seqexp.core.errors import SeqexpError
 from seqexp.run.mlflow_model import MODEL_NAME, model_checkpoint
 from seqexp.run.recommender import Recommendations, from_checkpoint
 from seqexp.run.resume import OUTPUTS_TAG
-from seqexp.run.tracking import Tracker, default_tracking_uri, sqlite_path, with_lock_retry
+from seqexp.run.tracking import (
+    Tracker,
+    default_tracking_uri,
+    mlflow_store,
+    sqlite_path,
+    with_lock_retry,
+)
 
 __all__ = ["Recommendations", "load", "main"]
 
@@ -93,11 +99,12 @@ def _download(uri: str, artifact: str | None, tracking_uri: str, scratch: Path) 
 
     target = Path(tempfile.mkdtemp(dir=scratch))
     try:
-        local = with_lock_retry(mlflow.artifacts.download_artifacts,
-                                artifact_uri=None if artifact else uri,
-                                run_id=uri if artifact else None, artifact_path=artifact,
-                                dst_path=str(target), tracking_uri=tracking_uri,
-                                registry_uri=tracking_uri)
+        with mlflow_store(tracking_uri):
+            local = with_lock_retry(mlflow.artifacts.download_artifacts,
+                                    artifact_uri=None if artifact else uri,
+                                    run_id=uri if artifact else None, artifact_path=artifact,
+                                    dst_path=str(target), tracking_uri=tracking_uri,
+                                    registry_uri=tracking_uri)
     except Exception:  # noqa: BLE001 - MLflow's "not found" differs between stores
         return None
     return Path(local)

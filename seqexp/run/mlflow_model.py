@@ -32,6 +32,7 @@ import yaml
 from seqexp.core.errors import SeqexpError, message_line
 from seqexp.core.version import __version__
 from seqexp.run.recommender import Recommendations
+from seqexp.run.tracking import mlflow_store
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -108,18 +109,17 @@ def pip_requirements() -> list[str]:
 
 @contextlib.contextmanager
 def _logging_to(uri: str) -> Iterator[None]:
-    """MLflow's model logging and registry calls go through its global tracking URI: the run's
-    store for their duration, the previous one afterwards. Meanwhile no download bar and no
-    INFO line from the check of the input example: a run's log stays its own."""
+    """The run's store as MLflow's global one (Model.log and the registry use that), no
+    download bar and no INFO line from the check of the input example: a run's log stays its
+    own."""
     from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
     quiet = logging.getLogger("mlflow.pyfunc")
     level, bar = quiet.level, os.environ.get(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name)
     quiet.setLevel(logging.WARNING)
     os.environ[MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name] = "false"
     try:
-        with _use_tracking_uri(uri):
+        with mlflow_store(uri):
             yield
     finally:
         quiet.setLevel(level)
