@@ -50,8 +50,8 @@ def store(tmp_path_factory) -> dict:
     for name, extra in (("gru", ["model=gru", "model.hidden_size=8",
                                  f"mlflow.register_model={REGISTERED}"]),
                         ("pop", ["model=pop"])):
-        cfg = compose_config([*tiny_overrides(root / "data", root / "mlflow.db"), *extra,
-                              "mlflow.log_model=true"])
+        cfg = compose_config([*tiny_overrides(root / "data", root / "mlflow.db", log_model=True),
+                              *extra])
         runs[name] = run_experiment(cfg, launch_dir=root, output_dir=root / name).run_id
     return {"root": root, "uri": uri, "client": MlflowClient(uri), **runs}
 
@@ -144,6 +144,7 @@ def test_the_registered_model_and_the_uris_load_with_seqexp_load(store, tmp_path
 
 
 def test_a_run_without_a_model_logs_none_and_registering_needs_one(tmp_path):
+    assert compose_config([]).mlflow.log_model is True  # off only where asked for
     cfg = compose_config(["model=pop", *tiny_overrides(tmp_path / "data", tmp_path / "m.db"),
                           "mlflow.log_model=false"])
     run_id = run_experiment(cfg, launch_dir=tmp_path, output_dir=tmp_path / "pop").run_id
