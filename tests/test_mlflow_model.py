@@ -105,12 +105,15 @@ def test_pyfunc_predict_answers_what_seqexp_recommend_prints(store, capsys, monk
     local = seqexp.load(run_id, uri)  # the run's outputs folder: not the model's artifact
     user, other = local.user_ids[0], local.user_ids[7]
     history = local.item_ids[3:6]
-    requests = pd.DataFrame({"user": [user, None, other], "k": [5, 4, 3],
-                             "items": [None, history, history],
-                             "exclude_seen": [None, True, False]})
+    # rows as a server parses them: a key a row lacks is NaN in it
+    requests = pd.DataFrame.from_records([
+        {"user": user, "k": 5}, {"k": 4, "items": history, "exclude_seen": True},
+        {"user": other, "k": 3, "items": history, "exclude_seen": False}])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
     answer = model.predict(requests)
+    with pytest.raises(mlflow.exceptions.MlflowException, match="items='a,b' is not a list"):
+        model.predict(pd.DataFrame({"user": [user], "k": [3], "items": ["a,b"]}))
     assert list(answer.columns) == ["request", "rank", "item", "score"]
     assert list(answer["request"]) == [0] * 5 + [1] * 4 + [2] * 3
     expected = [

@@ -56,12 +56,14 @@ def signature() -> ModelSignature:
     `exclude_seen`, each but k optional; one answer row per recommended item: the request's row
     number, rank, raw item id, score."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, DataType, Schema
+    from mlflow.types.schema import AnyType, ColSpec, DataType, Schema
 
+    # `items` is Any, not Array(string): a request whose rows do not all give items reaches
+    # the model with NaN in the others, which MLflow's check of an array column refuses.
     inputs = Schema([
         ColSpec(DataType.string, "user", required=False),
         ColSpec(DataType.long, "k"),
-        ColSpec(Array(DataType.string), "items", required=False),
+        ColSpec(AnyType(), "items", required=False),
         ColSpec(DataType.boolean, "exclude_seen", required=False),
     ])
     outputs = Schema([ColSpec(DataType.long, "request"), ColSpec(DataType.long, "rank"),
@@ -88,6 +90,9 @@ def predict_frame(model: Recommendations, requests: pd.DataFrame) -> pd.DataFram
     for number, row in enumerate(requests.to_dict("records")):
         user, items = row.get("user"), row.get("items")
         exclude_seen = row.get("exclude_seen")
+        if not _missing(items) and not isinstance(items, (list, tuple, np.ndarray)):
+            raise SeqexpError(f"request {number}: items={items!r} is not a list of raw item "
+                              f"ids (oldest first)")
         table = model.recommend(
             user=None if _missing(user) else str(user),
             items=None if _missing(items) else [str(i) for i in np.asarray(items).tolist()],
