@@ -32,7 +32,7 @@ import yaml
 from seqexp.core.errors import SeqexpError, message_line
 from seqexp.core.version import __version__
 from seqexp.run.recommender import Recommendations
-from seqexp.run.tracking import mlflow_store
+from seqexp.run.tracking import mlflow_store, with_lock_retry
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -151,10 +151,12 @@ def log_model(tracker: Tracker, checkpoint: Path, example_user: str,
             # current experiment (the Default one), where runs:/<id>/model does not look.
             experiment_id = (tracker.experiment_id or tracker.client.get_run(
                 tracker.run_id).info.experiment_id)
-            logged = tracker.client.create_logged_model(
-                experiment_id, name=MODEL_NAME, source_run_id=tracker.run_id)
-            info = Model.log(
-                None, name=MODEL_NAME, flavor=pyfunc, run_id=tracker.run_id,
+            logged = with_lock_retry(tracker.client.create_logged_model, experiment_id,
+                                     name=MODEL_NAME, source_run_id=tracker.run_id)
+            # Retried as a whole when parallel jobs hold the SQLite store: each step of
+            # Model.log writes the same model again.
+            info = with_lock_retry(
+                Model.log, None, name=MODEL_NAME, flavor=pyfunc, run_id=tracker.run_id,
                 model_id=logged.model_id,
                 python_model=str(MODEL_CODE),
                 artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)},
