@@ -20,12 +20,15 @@ from seqexp.data.sequences import SequenceData
 from seqexp.engine.trainer import Trainer, TrainingCallback
 
 
-def tiny_overrides(data_dir: Path, tracking_db: Path | None = None) -> list[str]:
-    """A run small enough for a test: ~40 users, 2 epochs, hidden 16."""
+def tiny_overrides(data_dir: Path, tracking_db: Path | None = None,
+                   log_model: bool = False) -> list[str]:
+    """A run small enough for a test: ~40 users, 2 epochs, hidden 16. Without its MLflow
+    Model unless `log_model` (it costs the run about a second; tests/test_mlflow_model.py)."""
     overrides = [
         "dataset.n_users=40", "dataset.n_items=50", "dataset.min_events=10",
         "dataset.max_events=20", "train.epochs=2", "train.batch_size=16",
         "train.progress=false", f"paths.data_dir={data_dir}",
+        f"mlflow.log_model={str(log_model).lower()}",
     ]
     if tracking_db is not None:
         overrides.append(f"mlflow.tracking_uri=sqlite:///{tracking_db}")

@@ -15,6 +15,8 @@ from helpers import tiny_overrides
 from seqexp.run.tracking import sqlite_path
 
 TINY = [o for o in tiny_overrides(Path("unused")) if not o.startswith("paths.")]
+TINY_WITH_MODEL = [o for o in tiny_overrides(Path("unused"), log_model=True)
+                   if not o.startswith("paths.")]
 
 
 @pytest.mark.parametrize(("uri", "expected"), [
@@ -78,7 +80,8 @@ def test_a_run_puts_every_artifact_beside_the_default_store_and_says_where(tmp_p
     shutil.copy(empty_store, launch / "mlflow.db")
     tmp_before = set(os.listdir(tmp_path.parent))
 
-    single = _run("seqexp.apps.cli", ["model=pop", *TINY, f"paths.data_dir={data}"], launch, home)
+    single = _run("seqexp.apps.cli", ["model=pop", *TINY_WITH_MODEL, f"paths.data_dir={data}"],
+                  launch, home)
 
     last = single.strip().splitlines()[-3:]
     assert last[0].startswith("seqexp: run ") and " finished: test_mrr_at_20=" in last[0]
@@ -91,7 +94,11 @@ def test_a_run_puts_every_artifact_beside_the_default_store_and_says_where(tmp_p
     assert {"config.yaml", "metrics.json", "best.pt"} <= {p.name for p in artifacts}
     assert any(".hydra" in p.parts for p in artifacts)
     assert {p.parts[0] for p in artifacts} == {"seqexp"}
-    assert len({p.parts[1] for p in artifacts}) == 1
+    # the run's artifacts in its folder, its MLflow Model's under models/ of the experiment
+    run_folders = {p.parts[1] for p in artifacts} - {"models"}
+    assert len(run_folders) == 1
+    model_files = {p.name for p in artifacts if p.parts[1] == "models"}
+    assert {"MLmodel", "best.pt", "mlflow_model_code.py"} <= model_files
 
 
 @pytest.mark.slow  # three commands; the run above checks the same store by default

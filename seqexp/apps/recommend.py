@@ -1,17 +1,17 @@
-"""Recommendations from a finished (or stopped) run, without the original data.
+"""Recommendations from a run's model, without the original data: `seqexp.load` and
+`seqexp-recommend`.
 
-The best checkpoint (checkpoints/best.pt) carries the resolved config, the raw user and item
-ids and each user's training events beside the weights (seqexp.run.artifacts), and is read
-with torch.load(weights_only=True): tensors and plain values only, never pickled code. Its model
-is built from the config without Hydra's instantiate: one of seqexp's own model classes, plain
-values only (seqexp.core.safe_config, docs/long-runs.md).
+Every source comes down to one best checkpoint, read by one function
+(seqexp.run.recommender.from_checkpoint, which the run's MLflow Model calls too): an MLflow
+Model (runs:/<id>/model, models:/<name>/<version>, or its folder here), whose checkpoint
+artifact is found through its MLmodel file without running its code; an MLflow run id (its
+outputs folder when it is on this machine, else its logged model, else its logged
+checkpoints/best.pt); a run's outputs folder; a checkpoint file. Loading never runs code from
+a file (seqexp.core.checkpoint, seqexp.core.safe_config, docs/long-runs.md).
 
-    model = seqexp.load("<run id or checkpoint path>")
+    model = seqexp.load("<run id, runs:/ or models:/ URI, folder or checkpoint>")
     model.recommend(user="42", k=20)            # after the user's last training event
     model.recommend(items=["a", "b"], k=20)      # after this sequence of items
-
-A prediction point goes through the models' own contract (prediction_states / score_items),
-as one more event after the context: the evaluator's question, asked once.
 
 `seqexp-recommend RUN --user U [--k 20]` or `--items a,b,c` prints the ranked table.
 """
@@ -24,260 +24,115 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
-from seqexp.core.checkpoint import CHECKPOINT_FORMAT, read_checkpoint
-from seqexp.core.errors import SeqexpError, message_line
-from seqexp.core.resources import config_dir
-from seqexp.core.safe_config import checkpoint_config, model_arguments, model_targets
-from seqexp.data.batching import PredictionBatch
-from seqexp.data.sequences import SequenceData
-from seqexp.run.artifacts import raw_id_strings
+from seqexp.core.errors import SeqexpError
+from seqexp.run.mlflow_model import MODEL_NAME, model_checkpoint
+from seqexp.run.recommender import Recommendations, from_checkpoint
 from seqexp.run.resume import OUTPUTS_TAG
-from seqexp.run.tracking import Tracker, default_tracking_uri, sqlite_path, with_lock_retry
+from seqexp.run.tracking import (
+    Tracker,
+    default_tracking_uri,
+    mlflow_store,
+    sqlite_path,
+    with_lock_retry,
+)
 
-if TYPE_CHECKING:
-    import pandas as pd
-    from omegaconf import DictConfig
+__all__ = ["Recommendations", "load", "main"]
 
-    from seqexp.models.base import Recommender
-
-# The prediction point comes this long after the context's last event (a later session: for
-# DREAM a new basket, whatever the basket gap).
-NEXT_EVENT_AFTER_S = 2**31
-
-
-def _code(index: dict[str, int], ids: list[str], raw: str | int, what: str, where: str) -> int:
-    """The code of a raw user or item id, or one line saying it is unknown."""
-    try:
-        return index[str(raw)]
-    except KeyError:
-        raise SeqexpError(f"{what} {raw!r} is not {where} ({len(ids)} {what}s, "
-                          f"e.g. {ids[0]!r})") from None
-
-
-class Recommendations:
-    """A trained model with its users' training histories and raw ids: `recommend`."""
-
-    def __init__(self, model: Recommender, data: SequenceData,
-                 config: DictConfig | None = None) -> None:
-        self.model = model
-        self.data = data
-        self.config = config
-        self.user_ids = raw_id_strings(data.user_ids, data.n_users)
-        self.item_ids = raw_id_strings(data.item_ids, data.n_items)
-        self._user_index = {u: i for i, u in enumerate(self.user_ids)}
-        self._item_index = {item: i for i, item in enumerate(self.item_ids)}
-
-    def recommend(self, user: str | int | None = None, items: Sequence[str | int] | None = None,
-                  k: int = 20, exclude_seen: bool = False,
-                  timestamps: Sequence[int] | None = None) -> pd.DataFrame:
-        """The top k items (raw ids) with their scores, as a DataFrame (rank, item, score).
-
-        `user` alone: after the user's last training event. `items`: after this sequence
-        (raw item ids, oldest first; `timestamps` in seconds, default one second apart), for
-        `user` if given; a model that scores with a user vector needs one. `exclude_seen`
-        leaves out the context's items."""
-        import pandas as pd
-
-        if k < 1:
-            raise SeqexpError(f"k={k} must be a positive integer")
-        if user is None and items is None:
-            raise SeqexpError("recommend needs user=..., items=[...] or both")
-        user_index = 0 if user is None else self._user(user)
-        if items is None:
-            start, stop = self.data.offsets[user_index], self.data.train_end[user_index]
-            context = self.data.items[start:stop].astype(np.int64)
-            times = self.data.timestamps[start:stop].astype(np.int64)
-            if len(context) == 0:
-                raise SeqexpError(f"user {user} has no training events to recommend from; "
-                                  f"pass items=[...]")
-        else:
-            if user is None and self.model.uses_users:
-                raise SeqexpError(f"{self._model_name()} scores with a user vector: pass a "
-                                  f"known user (--user) with the items")
-            context = np.array([self._item(i) for i in items], dtype=np.int64)
-            if len(context) == 0:
-                raise SeqexpError("items=[...] is empty; give at least one item")
-            times = (np.arange(len(context), dtype=np.int64) if timestamps is None
-                     else np.asarray(timestamps, dtype=np.int64))
-            if len(times) != len(context):
-                raise SeqexpError(f"{len(times)} timestamps for {len(context)} items")
-        scores = self._scores(user_index, context, times)
-        if exclude_seen:
-            scores[torch.from_numpy(np.unique(context))] = -torch.inf
-        top = torch.topk(scores, min(k, int(torch.isfinite(scores).sum())))
-        return pd.DataFrame({
-            "rank": np.arange(1, len(top.indices) + 1),
-            "item": [self.item_ids[i] for i in top.indices.tolist()],
-            "score": top.values.numpy().astype(np.float64),
-        })
-
-    def _scores(self, user: int, context: np.ndarray, times: np.ndarray) -> torch.Tensor:
-        """Scores of every item for the point after `context`: one prediction point, in a row
-        that holds the context and a placeholder target one column later."""
-        length = len(context)
-        items = np.append(context, 0)[None]
-        stamps = np.append(times, times[-1] + NEXT_EVENT_AFTER_S)[None]
-        device = self.model.device
-        batch = PredictionBatch(
-            users=torch.tensor([user]), items=torch.from_numpy(items),
-            timestamps=torch.from_numpy(stamps), lengths=torch.tensor([length + 1]),
-            target_rows=torch.tensor([0]), target_cols=torch.tensor([length]),
-            targets=torch.tensor([0]),
-        ).to(device)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                state = self.model.prediction_states(batch)
-                scores = self.model.score_items(state, 0, self.model.n_items)
-        finally:
-            self.model.train(was_training)
-        return scores[0].float().cpu()
-
-    def _user(self, user: str | int) -> int:
-        return _code(self._user_index, self.user_ids, user, "user",
-                     "a user of this run's training data")
-
-    def _item(self, item: str | int) -> int:
-        return _code(self._item_index, self.item_ids, item, "item",
-                     "in this run's training vocabulary")
-
-    def _model_name(self) -> str:
-        name = None if self.config is None else self.config.get("model", {}).get("name")
-        return f"model={name}" if name else type(self.model).__name__
-
-
-def checkpoint_path(source: str | Path, tracking_uri: str | None = None,
-                    download_dir: Path | None = None) -> Path:
-    """The best checkpoint of `source`: a checkpoint file, a run's outputs folder, or an MLflow
-    run id (its outputs folder when it is on this machine, else its logged artifact, downloaded
-    into `download_dir`: the caller removes it; default a new seqexp-* temporary folder)."""
-    path = Path(source)
-    if path.is_file():
-        return path
-    if path.is_dir():
-        for candidate in (path / "checkpoints" / "best.pt", path / "best.pt"):
-            if candidate.is_file():
-                return candidate
-        raise SeqexpError(f"{path}: no checkpoints/best.pt in this folder")
-
-    uri = tracking_uri or default_tracking_uri(Path.cwd())
-    database = sqlite_path(uri)
-    if database is not None and not database.is_file():
-        raise SeqexpError(f"{source}: neither a checkpoint file, a run folder nor a run id "
-                          f"(there is no MLflow store {database}; pass --tracking-uri)")
-    tracker = Tracker(uri, None)
-    try:
-        run = with_lock_retry(tracker.client.get_run, str(source))
-    except Exception:  # noqa: BLE001 - MLflow's "not found" differs between stores
-        raise SeqexpError(f"{source}: neither a checkpoint file, a run folder nor a run id in "
-                          f"{uri} (pass --tracking-uri for another store)") from None
-    folder = run.data.tags.get(OUTPUTS_TAG)
-    if folder and (Path(folder) / "checkpoints" / "best.pt").is_file():
-        return Path(folder) / "checkpoints" / "best.pt"
-    try:
-        local = with_lock_retry(tracker.client.download_artifacts, run.info.run_id,
-                                "checkpoints/best.pt",
-                                str(download_dir or tempfile.mkdtemp(prefix="seqexp-")))
-    except Exception:  # noqa: BLE001 - no such artifact
-        raise SeqexpError(f"run {source} has no best checkpoint here or in its artifacts "
-                          f"(mlflow.log_checkpoint=false?)") from None
-    return Path(local)
+MODEL_URI_SCHEMES = ("runs:/", "models:/")
 
 
 def load(source: str | Path, tracking_uri: str | None = None,
          device: str = "cpu") -> Recommendations:
-    """The model of a run (id, outputs folder or checkpoint file), ready to recommend.
+    """The model of `source` (an MLflow run id, a runs:/ or models:/ URI, an MLflow Model
+    folder, a run's outputs folder or a checkpoint file), ready to recommend.
 
-    Nothing from the file is executed: the checkpoint is read with torch.load(weights_only=True)
-    and its model is built only from seqexp's own model classes with plain values
-    (seqexp.core.safe_config); a checkpoint that does not fit together is one SeqexpError naming it.
-    A checkpoint downloaded from MLflow goes to a temporary folder, removed before returning."""
-
+    Whatever MLflow downloads goes to a seqexp-* temporary folder, removed before returning."""
     where_to = _device(device)
     with tempfile.TemporaryDirectory(prefix="seqexp-") as scratch:
-        local = checkpoint_path(source, tracking_uri, Path(scratch))
-        # A downloaded checkpoint is named by its run: its temporary folder will be gone.
-        path: Path | str = (f"run {source}'s artifact checkpoints/best.pt"
-                            if local.is_relative_to(scratch) else local)
-        try:
-            payload = read_checkpoint(local)
-        except SeqexpError as exc:
-            raise SeqexpError(str(exc).replace(str(local), str(path))) from None
-    if payload.get("format") != CHECKPOINT_FORMAT or "model" not in payload:
-        raise SeqexpError(f"{path}: not a seqexp best checkpoint with its config and ids "
-                          f"(written by an older seqexp?); rerun the experiment")
-    config = checkpoint_config(payload.get("config"), path)
-    cls, arguments = model_arguments(config.model, model_targets(config_dir()), path)
-    data = _history(payload, path)
+        local, where = checkpoint_path(source, tracking_uri, Path(scratch))
+        return from_checkpoint(local, where, where_to)
+
+
+def checkpoint_path(source: str | Path, tracking_uri: str | None, scratch: Path
+                    ) -> tuple[Path, Path | str]:
+    """The best checkpoint of `source` (downloaded into `scratch` if need be), with the name
+    errors give it."""
+    text = str(source)
+    if text.startswith(MODEL_URI_SCHEMES):
+        folder = _download(text, None, _store(text, tracking_uri), scratch)
+        if folder is None:
+            raise SeqexpError(f"{text}: no such MLflow Model in {_store(text, tracking_uri)} "
+                              f"(pass --tracking-uri for another store)")
+        return model_checkpoint(folder, text), f"{text} (its checkpoint)"
+    path = Path(source)
+    if path.is_file():
+        return path, path
+    if path.is_dir():
+        if (path / "MLmodel").is_file():
+            checkpoint = model_checkpoint(path, path)
+            return checkpoint, checkpoint
+        for candidate in (path / "checkpoints" / "best.pt", path / "best.pt"):
+            if candidate.is_file():
+                return candidate, candidate
+        raise SeqexpError(f"{path}: no checkpoints/best.pt and no MLmodel in this folder")
+    return _run_checkpoint(text, _store(text, tracking_uri), scratch)
+
+
+def _store(source: str, tracking_uri: str | None) -> str:
+    """The MLflow store to look `source` up in: `tracking_uri`, else mlflow.db here."""
+    uri = tracking_uri or default_tracking_uri(Path.cwd())
+    database = sqlite_path(uri)
+    if database is not None and not database.is_file():
+        raise SeqexpError(f"{source}: neither a checkpoint file, a folder nor a run id or model "
+                          f"URI of a store here (there is no MLflow store {database}; pass "
+                          f"--tracking-uri)")
+    return uri
+
+
+def _download(uri: str, artifact: str | None, tracking_uri: str, scratch: Path) -> Path | None:
+    """MLflow's download of `uri` (with `artifact`: that artifact of run `uri`) into a new
+    folder in `scratch`; None when there is no such thing."""
+    import mlflow.artifacts
+
+    target = Path(tempfile.mkdtemp(dir=scratch))
     try:
-        model = cls(n_items=data.n_items, n_users=data.n_users, **arguments)
-    except SeqexpError as exc:
-        raise SeqexpError(f"{path}: {exc}; the checkpoint's config does not build its model"
-                          ) from None
-    weights = payload["model"]
-    if not isinstance(weights, dict) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
-        raise SeqexpError(f"{path}: its model weights are not a mapping of names to tensors; "
-                          f"the checkpoint is damaged, rerun the experiment")
+        with mlflow_store(tracking_uri):
+            local = with_lock_retry(mlflow.artifacts.download_artifacts,
+                                    artifact_uri=None if artifact else uri,
+                                    run_id=uri if artifact else None, artifact_path=artifact,
+                                    dst_path=str(target), tracking_uri=tracking_uri,
+                                    registry_uri=tracking_uri)
+    except Exception:  # noqa: BLE001 - MLflow's "not found" differs between stores
+        return None
+    return Path(local)
+
+
+def _run_checkpoint(run_id: str, uri: str, scratch: Path) -> tuple[Path, str]:
+    """The best checkpoint of MLflow run `run_id`: in its outputs folder when that is here, else
+    in its logged model, else its logged checkpoints/best.pt."""
+    tracker = Tracker(uri, None)
     try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        reason = (lines[1] if len(lines) > 1 else message_line(exc))[:200]
-        raise SeqexpError(f"{path}: the weights do not fit the model its config describes "
-                          f"({reason}); the checkpoint is inconsistent, rerun the experiment"
-                          ) from None
-    return Recommendations(model.to(where_to).eval(), data, config)
-
-
-_HISTORY = ("user_ids", "item_ids", "train_offsets", "train_items", "train_timestamps")
-
-
-def _history(payload: dict[str, Any], path: Path | str) -> SequenceData:
-    """The checkpoint's raw ids and training events, checked to fit together."""
-    missing = [key for key in _HISTORY if key not in payload]
-    if missing:
-        raise SeqexpError(f"{path}: the checkpoint has no {missing[0]}; it is damaged or not a "
-                          f"seqexp best checkpoint, rerun the experiment")
-    for key in ("user_ids", "item_ids"):
-        ids = payload[key]
-        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
-            raise SeqexpError(f"{path}: {key} is not a non-empty list of ids; the checkpoint is "
-                              f"damaged, rerun the experiment")
-    arrays = {}
-    for key in ("train_offsets", "train_items", "train_timestamps"):
-        value = payload[key]
-        if (not isinstance(value, torch.Tensor) or value.ndim != 1
-                or value.dtype.is_floating_point or value.dtype.is_complex):
-            raise SeqexpError(f"{path}: {key} is not a 1-d integer tensor; the checkpoint is "
-                              f"damaged, rerun the experiment")
-        arrays[key] = value.numpy().astype(np.int64)
-    offsets, items = arrays["train_offsets"], arrays["train_items"]
-    n_users, n_items = len(payload["user_ids"]), len(payload["item_ids"])
-    problem = None
-    if len(offsets) != n_users + 1:
-        problem = f"{len(offsets) - 1} users' offsets for {n_users} user_ids"
-    elif offsets[0] != 0 or np.any(np.diff(offsets) < 0) or offsets[-1] != len(items):
-        problem = f"train_offsets do not cut the {len(items)} train_items into users"
-    elif len(arrays["train_timestamps"]) != len(items):
-        problem = f"{len(arrays['train_timestamps'])} train_timestamps for {len(items)} items"
-    elif len(items) and (items.min() < 0 or items.max() >= n_items):
-        problem = f"train_items holds item codes up to {items.max()} for {n_items} item_ids"
-    if problem is not None:
-        raise SeqexpError(f"{path}: {problem}; the checkpoint is inconsistent, rerun the "
-                          f"experiment")
-    return SequenceData(
-        items=items.astype(np.int32), timestamps=arrays["train_timestamps"],
-        offsets=offsets, train_end=offsets[1:].copy(), val_end=offsets[1:].copy(),
-        n_items=n_items, user_ids=np.array(payload["user_ids"], dtype=str),
-        item_ids=np.array(payload["item_ids"], dtype=str),
-    )
+        run = with_lock_retry(tracker.client.get_run, run_id)
+    except Exception:  # noqa: BLE001 - MLflow's "not found" differs between stores
+        raise SeqexpError(f"{run_id}: neither a checkpoint file, a folder nor a run id or model "
+                          f"URI in {uri} (pass --tracking-uri for another store)") from None
+    folder = run.data.tags.get(OUTPUTS_TAG)
+    if folder and (Path(folder) / "checkpoints" / "best.pt").is_file():
+        local = Path(folder) / "checkpoints" / "best.pt"
+        return local, local
+    model_uri = f"runs:/{run.info.run_id}/{MODEL_NAME}"
+    model = _download(model_uri, None, uri, scratch)
+    if model is not None and (model / "MLmodel").is_file():
+        return model_checkpoint(model, model_uri), f"{model_uri} (its checkpoint)"
+    checkpoint = _download(run.info.run_id, "checkpoints/best.pt", uri, scratch)
+    if checkpoint is None:
+        raise SeqexpError(f"run {run_id} has no best checkpoint here or in its artifacts, and "
+                          f"no MLflow Model (mlflow.log_model=false and "
+                          f"mlflow.log_checkpoint=false?)")
+    return checkpoint, f"run {run_id}'s artifact checkpoints/best.pt"
 
 
 def _device(name: str) -> torch.device:
@@ -304,7 +159,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="seqexp-recommend",
         description="Top-k items of a seqexp run's model for a user or an item sequence.")
-    parser.add_argument("run", help="MLflow run id, run outputs folder or checkpoint file")
+    parser.add_argument("run", help="MLflow run id, runs:/ or models:/ URI, MLflow Model "
+                        "folder, run outputs folder or checkpoint file")
     parser.add_argument("--user", help="raw user id: after the user's training events")
     parser.add_argument("--items", help="raw item ids, comma-separated, oldest first")
     parser.add_argument("--k", type=int, default=20, help="how many items (default 20)")

@@ -251,6 +251,10 @@ MLFLOW: dict[str, Key] = {
     "run_name": _speed(text(nullable=True), "the run's name (null: from model, dataset and "
                        "overrides)"),
     "log_checkpoint": _speed(flag(), "log the best checkpoint as an artifact"),
+    "log_model": _speed(flag(), "log the run's model as the MLflow Model runs:/<id>/model "
+                        "(mlflow.pyfunc: serve it, register it, seqexp.load it)"),
+    "register_model": _speed(text(nullable=True), "register the run's MLflow Model under this "
+                             "name in the Model Registry (null: not registered)"),
     "system_metrics": _speed(flag(), "log CPU/GPU utilisation and memory with MLflow's "
                              "system metrics monitor"),
 }

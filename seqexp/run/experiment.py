@@ -38,6 +38,7 @@ from seqexp.engine.trainer import (
 from seqexp.models.base import Recommender
 from seqexp.run.artifacts import checkpoint_contents, write_id_maps, write_ranks
 from seqexp.run.datasets import split_datasets
+from seqexp.run.mlflow_model import log_model
 from seqexp.run.naming import run_name
 from seqexp.run.options import check_config
 from seqexp.run.resume import (
@@ -159,6 +160,10 @@ def validate(cfg: DictConfig) -> None:
         reason = message_line(exc)
         raise SeqexpError(f"{key}: cannot resolve ({reason})") from None
     check_config(resolved)
+    mlflow = resolved.get("mlflow", {})
+    if mlflow.get("register_model") is not None and not mlflow.get("log_model", True):
+        raise SeqexpError(f"mlflow.register_model={mlflow['register_model']} needs the run's "
+                          f"MLflow Model: drop mlflow.log_model=false")
 
 
 def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
@@ -261,6 +266,10 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
                 if cfg.mlflow.log_checkpoint:
                     tracker.log_artifact(checkpoint, "checkpoints")
                 stop_if_asked()
+                if cfg.mlflow.get("log_model", True) and checkpoint.is_file():
+                    log_model(tracker, checkpoint, example_user(data),
+                              cfg.mlflow.get("register_model"))
+                stop_if_asked()
             except EvaluationStopped as stopped:  # the test evaluation, cut short
                 raise _stopped(TrainingStopped(stopped.signal_name, epochs_done, 0), run_id,
                                stop_signals) from None
@@ -299,6 +308,13 @@ def _check_resumable(resumed: RunToResume, data: SequenceData) -> Path:
                           f"{resumed.outputs_dir} is not on this machine; it holds the training "
                           f"state checkpoints/last.pt: resume where that folder is")
     return resumed.outputs_dir
+
+
+def example_user(data: SequenceData) -> str:
+    """The raw id of the first user with training events: the MLflow Model's input example."""
+    codes = np.flatnonzero(data.train_end > data.offsets[:-1])
+    code = int(codes[0]) if len(codes) else 0
+    return str(code) if data.user_ids is None else str(data.user_ids[code])
 
 
 def close_abandoned_runs_quietly(tracker: Tracker) -> None:

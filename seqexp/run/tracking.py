@@ -111,6 +111,18 @@ def with_lock_retry(call: Callable[..., T], *args: Any,
 
 
 @contextmanager
+def mlflow_store(tracking_uri: str) -> Iterator[None]:
+    """MLflow's global tracking URI set to `tracking_uri` for the block, the previous one
+    afterwards. For the MLflow calls that take no store of their own or do not pass it on:
+    Model.log, the registry, and the download of a logged model (runs:/<id>/model resolves to
+    models:/<model id>, looked up in the global store)."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _use_tracking_uri(tracking_uri):
+        yield
+
+
+@contextmanager
 def store_setup_lock(tracking_uri: str) -> Iterator[None]:
     """Serialise the first contact with a SQLite store across processes: MLflow creates and
     migrates the schema on first use, and two processes doing that at once fail ("duplicate
