@@ -44,6 +44,7 @@ MODELS = ["gru", "linear_ugru", "rectified_ugru", "attentional_ugru"]
 # with early stopping on the validation MRR@20 (patience 3).
 RNN = ["model.hidden_size=100", "train.batch_size=64", "train.epochs=10"]
 SETTINGS = ("whole", "sessions")
+OTHER_GAPS = (600.0, 3600.0, 86400.0)
 
 
 def session_facts(udata: Path, gap_s: float) -> dict[str, float]:
@@ -110,7 +111,9 @@ def markdown(summary: dict, facts: dict, reports: dict[str, list[dict]], command
              f"{facts['users_with_several_sessions']} of {facts['users']} users have more than "
              f"one; {facts['test_ratings_after_the_first_session']:,} of "
              f"{facts['test_ratings']:,} test ratings lie after the user's first session, "
-             f"{facts['test_ratings_starting_a_session']:,} start a session.", "",
+             f"{facts['test_ratings_starting_a_session']:,} start a session. Sessions at "
+             + ", ".join(f"{gap} s: {count:,}"
+                         for gap, count in facts["sessions_at_other_gaps"].items()) + ".", "",
              "| setting | model | seeds | MRR@20 | Recall@20 | MRR@20 vs gru | p (Holm) | "
              "Recall@20 vs gru | p (Holm) |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -145,6 +148,9 @@ def main() -> int:
     udata = obtain_udata(args.path)
     facts = session_facts(udata, args.gap)
     print(json.dumps(facts), flush=True)
+    # how much the count depends on the gap
+    facts["sessions_at_other_gaps"] = {f"{gap:g}": session_facts(udata, gap)["sessions"]
+                                       for gap in OTHER_GAPS}
     summary: dict[str, dict[str, dict]] = {}
     for setting in args.settings:
         for model in args.models:
