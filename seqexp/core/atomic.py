@@ -10,7 +10,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from seqexp.core.safe_config import file_mode
+from seqexp.core.file_modes import file_mode
 
 
 @contextmanager

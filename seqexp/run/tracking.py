@@ -11,7 +11,6 @@ import os
 import platform
 import random
 import sqlite3
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -23,7 +22,9 @@ from typing import Any, TypeVar
 
 from seqexp.core import liveness
 from seqexp.core.errors import SeqexpError, message_line
+from seqexp.core.file_modes import file_mode
 from seqexp.core.flat_config import MAX_PARAM_LENGTH
+from seqexp.core.source_git import source_git_info
 from seqexp.core.version import __version__
 
 log = logging.getLogger(__name__)
@@ -156,17 +157,11 @@ def create_sqlite_store(db: Path) -> None:
         client = MlflowClient(f"sqlite:///{tmp}")
         client.search_experiments(max_results=1)  # creates every table and the Default one
         client._tracking_client.store.engine.dispose()  # no pooled handle on the moved file
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, file_mode())  # MLflow's file has the mode of a new file, as open() gives
         os.replace(tmp, db)
     finally:
         for path in (tmp, tmp.with_name(f"{tmp.name}-journal")):
             path.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def half_made_schema(db: Path) -> str | None:
@@ -192,28 +187,6 @@ def half_made_schema(db: Path) -> str | None:
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]  # seqexp/, above run/
 # Written into the wheel by hatch_build.py: the commit a non-editable install was built from.
 BUILD_INFO = _PACKAGE_DIR / "_build_git.json"
-
-
-def _git(folder: Path, *args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True,
-                             timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def source_git_info(root: Path) -> dict[str, str] | None:
-    """{"git_sha", "git_dirty"} of the git checkout whose top folder is `root`, else None.
-    Dirty = tracked files differ from the commit."""
-    top = _git(root, "rev-parse", "--show-toplevel")
-    if top is None or Path(top).resolve() != Path(root).resolve():
-        return None  # not a checkout, or a folder inside some other repository
-    sha = _git(root, "rev-parse", "HEAD")
-    status = _git(root, "status", "--porcelain", "--untracked-files=no")
-    if sha is None or status is None:
-        return None
-    return {"git_sha": sha, "git_dirty": str(bool(status)).lower()}
 
 
 def git_tags() -> dict[str, str]:
