@@ -15,13 +15,10 @@ the default suite stays fast; the `slow` profile tries thousands:
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
-import io
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -31,8 +28,7 @@ from hypothesis import strategies as st
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from helpers import compose_config, tiny_overrides
-from seqexp.apps import cli
+from helpers import compose_config, run_seqexp, tiny_overrides
 
 _COMMON = dict(deadline=None, derandomize=False, database=None,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -73,23 +69,6 @@ class Workspace:
         return [*overrides, f"paths.data_dir={self.data}", f"mlflow.tracking_uri={self.uri}",
                 f"hydra.run.dir={self.root / 'outputs'}", "train.progress=false",
                 "mlflow.log_checkpoint=false"]
-
-
-def run_seqexp(argv: list[str]) -> tuple[int, str]:
-    """(exit code, stdout + stderr) of `seqexp argv`, in this process."""
-    out = io.StringIO()
-    saved = sys.argv
-    sys.argv = ["seqexp", *argv]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            try:
-                cli.main()
-                code = 0
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = saved
-    return code, out.getvalue()
 
 
 def assert_contract(space: Workspace, argv: list[str], refused_key: str | None = None,
