@@ -51,9 +51,12 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         reason = message_line(exc, limit=300)
         raise SeqexpError(f"{path}: refused, it holds Python objects other than tensors and plain "
                           f"values ({reason}); seqexp never unpickles them") from None
-    except (OSError, RuntimeError, EOFError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a damaged file: the unpickler's IndexError, ...
         reason = message_line(exc, limit=300)
-        raise SeqexpError(f"{path}: cannot read it as a checkpoint ({reason})") from None
+        if reason != type(exc).__name__ and not isinstance(exc, (OSError, RuntimeError)):
+            reason = f"{type(exc).__name__}: {reason}"  # "pop from empty list" says little
+        raise SeqexpError(f"{path}: cannot read it as a checkpoint ({reason}); it is damaged or "
+                          f"not a seqexp checkpoint") from None
     if not isinstance(payload, dict):
         raise SeqexpError(f"{path}: not a seqexp checkpoint")
     return payload
