@@ -471,9 +471,8 @@ def store_damages(draw):
 def _check_store(space: DamageSpace, how) -> None:
     import sqlite3
 
-    folder = space.root / "store"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir()
+    # A new path each time: MLflow keeps an engine per store URI in the process.
+    folder = Path(tempfile.mkdtemp(prefix="store-", dir=space.root))
     db = folder / "mlflow.db"
     if how[0] == "drop":
         shutil.copy(space.pristine_db, db)

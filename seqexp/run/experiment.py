@@ -282,8 +282,11 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
         error = _unwritable(exc, output_dir, resumed is not None)
         raise error from None
     except Exception as exc:
-        error = exc
-        raise
+        error = tracker.failure(exc)
+        if error is None:
+            error = exc
+            raise
+        raise error from None
     finally:
         _end_run(tracker, status, error)
 
