@@ -194,3 +194,51 @@ def test_a_read_only_launch_folder_is_one_line(tmp_path, monkeypatch):
         f"seqexp: error: cannot write the run's outputs in {launch / 'outputs'} (Permission "
         f"denied); set hydra.run.dir=/a/writable/folder (or start seqexp in a writable folder)"]
     assert list(launch.iterdir()) == []
+
+
+# --------------------------------------------------------------------- a damaged store
+@pytest.mark.parametrize("table", ["runs", "datasets"])
+def test_a_store_missing_a_table_is_refused_before_the_run(table, tmp_path, empty_store):
+    """`runs` (of MLflow's first schema, which MLflow would make again in that form, unusable)
+    is refused before MLflow opens the store; `datasets` (a later table) once it is open:
+    either way before a run exists, not with a traceback in the middle of one."""
+    import sqlite3
+
+    db = tmp_path / "mlflow.db"
+    shutil.copy(empty_store, db)
+    with sqlite3.connect(db) as connection:
+        connection.execute(f"DROP TABLE {table}")
+    code, output = run_seqexp(["model=pop", *tiny_overrides(tmp_path / "data", db),
+                               f"hydra.run.dir={tmp_path / 'run'}"])
+    assert code == 2 and "Traceback" not in output, output[-3000:]
+    assert error_lines(output) == [
+        f"seqexp: error: mlflow.tracking_uri=sqlite:///{db}: the MLflow store is damaged (its "
+        f"table {table} is missing); move it aside (mv {db} {db}.broken) and run again, which "
+        f"creates a new store"]
+
+
+def test_a_store_damaged_in_the_middle_of_a_run_is_one_line_and_a_failed_run(
+        tmp_path, empty_store, monkeypatch):
+    """The metrics table goes (for real, with sqlite3) once the run has started: the next
+    metrics fail, and the run ends FAILED with that line."""
+    import sqlite3
+
+    db = tmp_path / "mlflow.db"
+    shutil.copy(empty_store, db)
+    real = experiment.split_datasets
+
+    def dropping_metrics(*args, **kwargs):
+        with sqlite3.connect(db) as connection:
+            connection.execute("DROP TABLE metrics")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(experiment, "split_datasets", dropping_metrics)
+    code, output = run_seqexp(["model=pop", *tiny_overrides(tmp_path / "data", db),
+                               f"hydra.run.dir={tmp_path / 'run'}"])
+    assert code == 2 and "Traceback" not in output, output[-3000:]
+    expected = (f"seqexp: error: mlflow.tracking_uri=sqlite:///{db}: the MLflow store is "
+                f"damaged ((sqlite3.OperationalError) no such table: metrics); move it aside "
+                f"(mv {db} {db}.broken) and run again, which creates a new store")
+    assert error_lines(output) == [expected]
+    run = only_run(db)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"] == expected.removeprefix("seqexp: error: ")

@@ -342,6 +342,10 @@ class Tracker:
         import mlflow  # noqa: F401 - imported lazily: it takes seconds
         from mlflow.tracking import MlflowClient
 
+        # MLflow logs a failed SQL statement with its traceback, then raises it: the raised
+        # error is what seqexp reports, in one line.
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.experiment_id: str | None = None
