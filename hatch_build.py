@@ -1,27 +1,34 @@
 """Build hook: a wheel records the commit it was built from (seqexp/_build_git.json), so that a
-run of an installed seqexp can tag seqexp's own commit (seqexp.run.tracking.git_tags)."""
+run of an installed seqexp can tag seqexp's own commit (seqexp.run.tracking.git_tags).
+
+seqexp/core/source_git.py is loaded by its path, not imported as part of the package: pip builds
+in an isolated environment without seqexp's dependencies (omegaconf, torch, MLflow)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
 
+def _source_git(root: Path):
+    """seqexp/core/source_git.py as a module of its own (stdlib only)."""
+    spec = importlib.util.spec_from_file_location("_seqexp_source_git",
+                                                  root / "seqexp" / "core" / "source_git.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 class GitInfoHook(BuildHookInterface):
     PLUGIN_NAME = "custom"
 
     def initialize(self, version: str, build_data: dict) -> None:
-        sys.path.insert(0, self.root)
-        try:
-            from seqexp.run.tracking import source_git_info
-        finally:
-            sys.path.remove(self.root)
-        info = source_git_info(Path(self.root))
+        info = _source_git(Path(self.root)).source_git_info(Path(self.root))
         if info is None:  # an sdist or a copy without .git: nothing to record
             return
         self._folder = tempfile.mkdtemp(prefix="seqexp-build-")

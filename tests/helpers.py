@@ -3,6 +3,8 @@ that stop a run's training at a chosen epoch."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
 import time
@@ -15,6 +17,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from seqexp.apps import cli
 from seqexp.core.resources import config_dir
 from seqexp.data.sequences import SequenceData
 from seqexp.engine.trainer import Trainer, TrainingCallback
@@ -38,6 +41,24 @@ def tiny_overrides(data_dir: Path, tracking_db: Path | None = None,
 def compose_config(overrides: list[str]) -> DictConfig:
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
+
+
+def run_seqexp(argv: list[str]) -> tuple[int, str]:
+    """(exit code, stdout + stderr) of `seqexp argv`, in this process (an example costs a Hydra
+    composition, not a Python start)."""
+    out = io.StringIO()
+    saved = sys.argv
+    sys.argv = ["seqexp", *argv]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            try:
+                cli.main()
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = saved
+    return code, out.getvalue()
 
 
 class HoldAfterEpoch(TrainingCallback):

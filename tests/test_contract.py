@@ -21,7 +21,7 @@ import functools
 import io
 import os
 import shutil
-import sys
+import signal
 import tempfile
 from pathlib import Path
 
@@ -31,8 +31,7 @@ from hypothesis import strategies as st
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from helpers import compose_config, tiny_overrides
-from seqexp.apps import cli
+from helpers import compose_config, run_seqexp, tiny_overrides
 
 _COMMON = dict(deadline=None, derandomize=False, database=None,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -73,23 +72,6 @@ class Workspace:
         return [*overrides, f"paths.data_dir={self.data}", f"mlflow.tracking_uri={self.uri}",
                 f"hydra.run.dir={self.root / 'outputs'}", "train.progress=false",
                 "mlflow.log_checkpoint=false"]
-
-
-def run_seqexp(argv: list[str]) -> tuple[int, str]:
-    """(exit code, stdout + stderr) of `seqexp argv`, in this process."""
-    out = io.StringIO()
-    saved = sys.argv
-    sys.argv = ["seqexp", *argv]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            try:
-                cli.main()
-                code = 0
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = saved
-    return code, out.getvalue()
 
 
 def assert_contract(space: Workspace, argv: list[str], refused_key: str | None = None,
@@ -281,3 +263,273 @@ def test_unwritable_data_dir_through_the_command(space, monkeypatch, code):
     assert line.startswith(f"seqexp: error: cannot write the processed-data cache in "
                            f"{space.data / 'processed'} ({os.strerror(code)}); ")
     assert "paths.cache_dir=" in line
+
+
+# --------------------------------------------------------------------------- damaged files
+# A checkpoint, a cache entry or an MLflow store damaged on disk (a disk error, a copy cut
+# short, a hand edit): one line `seqexp: error: ...` / `seqexp-recommend: error: ...` with exit
+# code 2, a cache entry rebuilt with a warning, or a run that goes through; never a traceback,
+# nothing half-written left.
+@st.composite
+def damaged(draw, size: int):
+    """(kind, argument) of a damage to a file of `size` bytes: cut at a byte, or bytes flipped."""
+    if draw(st.booleans()):
+        return "truncate", draw(st.integers(0, size - 1))
+    return "flip", draw(st.lists(st.tuples(st.integers(0, size - 1), st.integers(1, 255)),
+                                 min_size=1, max_size=8))
+
+
+def damage(content: bytes, how) -> bytes:
+    kind, argument = how
+    if kind == "truncate":
+        return content[:argument]
+    out = bytearray(content)
+    for position, mask in argument:
+        out[position] ^= mask
+    return bytes(out)
+
+
+def assert_one_line(code: int, output: str, prog: str, where: str) -> None:
+    """Exit code 0, or 2 with exactly one line `prog: error: ...`; never a traceback."""
+    assert code in (0, 2), where
+    assert "Traceback" not in output and "Exception ignored" not in output, where
+    if code == 2:
+        assert len([x for x in output.splitlines() if x.startswith(f"{prog}: error: ")]) == 1, \
+            where
+
+
+def run_recommend(argv: list[str]) -> tuple[int, str]:
+    """(exit code, stdout + stderr) of `seqexp-recommend argv`, in this process."""
+    from seqexp.apps import recommend
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            recommend.main(argv)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return code, out.getvalue()
+
+
+class DamageSpace(Workspace):
+    """A workspace with one gru run stopped by SIGTERM after epoch 1 (KILLED, resumable): its
+    best.pt and last.pt, its cache entry and its store, kept whole to damage copies of."""
+
+    def __init__(self, root: Path, store: Path) -> None:
+        super().__init__(root, store)
+        from helpers import SignalAfterEpoch, adding_callback
+        from seqexp.run import experiment
+
+        self.run_args = self.argv("model=gru", "model.hidden_size=8", "train.num_threads=1",
+                                  *[o for o in tiny_overrides(self.data)
+                                    if not o.startswith(("paths.", "train.prog"))])
+        with pytest.MonkeyPatch.context() as patched:
+            patched.setattr(experiment, "build_trainer", adding_callback(
+                experiment.build_trainer, SignalAfterEpoch(1, signal.SIGTERM)))
+            code, output = run_seqexp(self.run_args)
+        assert code == 143, output[-3000:]
+        (self.run_id,) = self.run_ids()
+        self.checkpoints = root / "outputs" / "checkpoints"
+        self.best = (self.checkpoints / "best.pt").read_bytes()
+        self.state = (self.checkpoints / "last.pt").read_bytes()
+        (self.entry,) = [root / "data" / "processed" / e for e in self.cache_entries()]
+        self.pristine_entry = root / "pristine-entry"
+        shutil.copytree(self.entry, self.pristine_entry)
+        self.pristine_db = root / "pristine.db"
+        shutil.copy(self.db, self.pristine_db)
+
+    def pop_args(self, tracking_uri: str | None = None) -> list[str]:
+        """A quick run (model=pop) on the same data, in a folder of its own."""
+        args = self.argv("model=pop", *[o for o in tiny_overrides(self.data)
+                                        if o.startswith("dataset.")])
+        changed = {"hydra.run.dir": self.root / "pop", "mlflow.tracking_uri": tracking_uri}
+        return [f"{o.split('=', 1)[0]}={changed[o.split('=', 1)[0]]}"
+                if changed.get(o.split("=", 1)[0]) else o for o in args]
+
+    def run_status(self) -> tuple[str, dict]:
+        run = MlflowClient(self.uri).get_run(self.run_id)
+        return run.info.status, run.data.tags
+
+
+@pytest.fixture(scope="module")
+def damage_space(empty_store):
+    root = Path(tempfile.mkdtemp(prefix="seqexp-damage-"))
+    yield DamageSpace(root, empty_store)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _check_checkpoint(space: DamageSpace, how) -> None:
+    broken = space.root / "broken" / "best.pt"
+    broken.parent.mkdir(exist_ok=True)
+    broken.write_bytes(damage(space.best, how))
+    code, output = run_recommend([str(broken), "--user", "0", "--k", "3"])
+    assert_one_line(code, output, "seqexp-recommend", f"{how}\n{output[-3000:]}")
+    assert sorted(p.name for p in broken.parent.iterdir()) == ["best.pt"]
+
+
+def _check_state(space: DamageSpace, cut: int) -> None:
+    """resume=last with last.pt cut short: refused before the run is changed."""
+    state = space.checkpoints / "last.pt"
+    state.write_bytes(space.state[:cut])
+    try:
+        code, output = run_seqexp([*space.run_args, "resume=last"])
+    finally:
+        state.write_bytes(space.state)
+    where = f"last.pt cut at {cut}\n{output[-3000:]}"
+    assert_one_line(code, output, "seqexp", where)
+    assert code == 2 and f"seqexp: error: resume: run {space.run_id} cannot continue" in output, \
+        where
+    status, tags = space.run_status()
+    assert status == "KILLED" and "resumes" not in tags, where
+    assert [p.name for p in space.checkpoints.iterdir() if ".tmp" in p.name] == [], where
+
+
+CACHE_FILES = ("items.npy", "offsets.npy", "meta.json")
+
+
+@st.composite
+def cache_damages(draw):
+    """A damage to one file of a cache entry: bytes cut or flipped, or a change that parses but
+    does not fit (ids beyond n_items, offsets cut short or out of order, meta.json's counts)."""
+    name = draw(st.sampled_from(CACHE_FILES))
+    kind = draw(st.sampled_from(["bytes", "bytes", "semantic"]))
+    if kind == "bytes":
+        return name, draw(damaged(4096))  # positions beyond the file wrap around
+    if name == "items.npy":
+        return name, ("item_beyond", draw(st.integers(0, 10**6)), draw(st.integers(0, 100)))
+    if name == "offsets.npy":
+        return name, draw(st.sampled_from([("offsets_short",), ("offsets_swapped",)]))
+    return name, draw(st.sampled_from([("n_items", -1), ("n_items", 7), ("drop", "n_items"),
+                                       ("drop", "stats"), ("not_json",)]))
+
+
+def _damage_entry(entry: Path, name: str, how) -> bool:
+    """Damage the file; True when the damage is one the cache must notice (every semantic one,
+    a cut), False for flipped bytes, which may land where nothing can tell (a value in range)."""
+    import json
+
+    import numpy as np
+
+    path = entry / name
+    if how[0] in ("truncate", "flip"):
+        content = path.read_bytes()
+        kind, argument = how
+        if kind == "truncate":
+            path.write_bytes(content[:argument % max(len(content), 1)])
+            return True
+        path.write_bytes(damage(content, ("flip", [(p % len(content), m) for p, m in argument])))
+        return False
+    if name == "items.npy":
+        items = np.load(path)
+        items[how[1] % len(items)] = int(json.loads((entry / "meta.json").read_text())[
+            "n_items"]) + how[2]
+        np.save(path, items)
+    elif how[0] == "offsets_short":
+        np.save(path, np.load(path)[:-2])
+    elif how[0] == "offsets_swapped":
+        offsets = np.load(path)
+        offsets[[1, 2]] = offsets[[2, 1]] + [0, 1]  # out of order
+        np.save(path, offsets)
+    else:
+        meta = json.loads((entry / "meta.json").read_text())
+        if how[0] == "n_items":
+            meta["n_items"] = int(meta["n_items"]) + how[1]
+        elif how[0] == "drop":
+            del meta[how[1]]
+        path.write_text("{not json" if how[0] == "not_json" else json.dumps(meta))
+    return True
+
+
+def _check_cache(space: DamageSpace, case) -> None:
+    name, how = case
+    shutil.rmtree(space.entry, ignore_errors=True)
+    shutil.copytree(space.pristine_entry, space.entry)
+    noticed = _damage_entry(space.entry, name, how)
+    code, output = run_seqexp(space.pop_args())
+    where = f"{name}: {how}\n{output[-3000:]}"
+    assert_one_line(code, output, "seqexp", where)
+    if noticed:  # rebuilt with a warning, and the run goes through
+        assert code == 0 and f"cache entry {space.entry}" in output, where
+        assert "preprocessing again" in output, where
+    processed = space.entry.parent
+    assert [p.name for p in processed.glob(".*") if p.name != ".digests"] == [], where
+    assert (space.entry / "meta.json").is_file(), where
+
+
+STORE_TABLES = ("experiments", "runs", "metrics", "latest_metrics", "params", "tags",
+                "experiment_tags", "alembic_version", "datasets", "inputs", "input_tags")
+
+
+@st.composite
+def store_damages(draw):
+    if draw(st.booleans()):
+        return "drop", draw(st.sampled_from(STORE_TABLES))
+    return draw(damaged(1 << 20))
+
+
+def _check_store(space: DamageSpace, how) -> None:
+    import sqlite3
+
+    # A new path each time: MLflow keeps an engine per store URI in the process.
+    folder = Path(tempfile.mkdtemp(prefix="store-", dir=space.root))
+    db = folder / "mlflow.db"
+    if how[0] == "drop":
+        shutil.copy(space.pristine_db, db)
+        with sqlite3.connect(db) as connection:
+            connection.execute(f"DROP TABLE {how[1]}")
+    else:
+        content = space.pristine_db.read_bytes()
+        kind, argument = how
+        if kind == "flip":
+            argument = [(p % len(content), m) for p, m in argument]
+        else:
+            argument %= len(content)
+        db.write_bytes(damage(content, (kind, argument)))
+    code, output = run_seqexp(space.pop_args(f"sqlite:///{db}"))
+    where = f"store {how}\n{output[-3000:]}"
+    assert_one_line(code, output, "seqexp", where)
+    left = sorted(p.name for p in folder.iterdir())
+    assert set(left) <= {"mlflow.db", ".mlflow.db.lock", "mlartifacts"}, where
+
+
+@QUICK
+@given(how=damaged(4096))
+def test_a_damaged_checkpoint_keeps_the_contract(damage_space, how):
+    size = len(damage_space.best)
+    kind, argument = how
+    how = (kind, argument % size) if kind == "truncate" else (
+        kind, [(p % size, m) for p, m in argument])
+    _check_checkpoint(damage_space, how)
+
+
+@settings(QUICK, max_examples=2) if "HYPOTHESIS_PROFILE" not in os.environ else QUICK
+@given(fraction=st.floats(0, 1, exclude_max=True))
+def test_a_cut_training_state_is_refused_without_changing_the_run(damage_space, fraction):
+    _check_state(damage_space, int(fraction * len(damage_space.state)))
+
+
+@QUICK
+@given(case=cache_damages())
+def test_a_damaged_cache_entry_is_rebuilt_with_a_warning(damage_space, case):
+    _check_cache(damage_space, case)
+
+
+@QUICK
+@given(how=store_damages())
+def test_a_damaged_mlflow_store_keeps_the_contract(damage_space, how):
+    _check_store(damage_space, how)
+
+
+@pytest.mark.fuzz
+@THOROUGH
+@given(how=damaged(1 << 16), fraction=st.floats(0, 1, exclude_max=True),
+       case=cache_damages(), store=store_damages())
+def test_damaged_files_keep_the_contract_thoroughly(damage_space, how, fraction, case, store):
+    size = len(damage_space.best)
+    kind, argument = how
+    _check_checkpoint(damage_space, (kind, argument % size) if kind == "truncate" else (
+        kind, [(p % size, m) for p, m in argument]))
+    _check_state(damage_space, int(fraction * len(damage_space.state)))
+    _check_cache(damage_space, case)
+    _check_store(damage_space, store)

@@ -15,7 +15,7 @@ import pytest
 
 from helpers import compose_config, sequences, tiny_overrides
 from seqexp.core.atomic import atomic_path, write_json, write_text
-from seqexp.core.safe_config import current_umask, file_mode, folder_mode
+from seqexp.core.file_modes import current_umask, file_mode, folder_mode
 from seqexp.data.cache import save_cached
 from seqexp.data.download import extract_member
 from seqexp.run.experiment import run_experiment
@@ -101,3 +101,13 @@ def test_a_runs_files_and_their_mlflow_copies_get_the_umasks_mode(mask, tmp_path
     for entry in entries:
         assert mode(entry) == folders, entry
         assert all(mode(p) == files for p in entry.iterdir()), entry
+
+
+def test_a_new_mlflow_store_follows_the_umask(tmp_path):
+    """Under umask 002 (a group sharing a folder) a new store is 664, where SQLite alone makes
+    644: the mode comes from file_modes, read without a umask round-trip."""
+    from seqexp.run.tracking import Tracker
+
+    with umask(0o002):
+        Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "x")
+    assert mode(tmp_path / "mlflow.db") == 0o664

@@ -564,3 +564,57 @@ def test_a_stop_during_validation_ends_within_one_batch_from_the_epoch_before(sh
     uninterrupted, expected = trainer_run("gru", shared, shared / "validation-none.pt")
     assert deterministic(resumed.history) == deterministic(uninterrupted.history)
     assert test == expected
+
+
+def _killed_run(tmp_path: Path, shared: Path, store: MlflowClient):
+    """A gru run in tmp_path/run that SIGTERM stopped after epoch 1: KILLED, resumable."""
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(experiment, "build_trainer", adding_callback(
+            experiment.build_trainer, SignalAfterEpoch(1, signal.SIGTERM)))
+        with pytest.raises(TrainingStopped):
+            run_in_process("gru", tmp_path, shared, "run")
+    run = only_run(store)
+    assert run.info.status == "KILLED" and "resumes" not in run.data.tags
+    return run
+
+
+def test_a_refused_training_state_leaves_the_run_as_it_was(tmp_path, shared, store, baselines):
+    """A truncated last.pt is refused before the run is touched: still KILLED, its resumes
+    count unchanged, its process tags those of the stopped process; with the whole file back,
+    the same run resumes."""
+    run = _killed_run(tmp_path, shared, store)
+    state = tmp_path / "run" / "checkpoints" / "last.pt"
+    whole = state.read_bytes()
+    state.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(SeqexpError) as refused:
+        run_in_process("gru", tmp_path, shared, "x", ["resume=last"])
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith(f"resume: run {run.info.run_id} cannot continue, {state}: ")
+    assert message.endswith("the run is left as it was: start a new run (without resume=)")
+    after = store.get_run(run.info.run_id)
+    assert after.info.status == "KILLED" and "resumes" not in after.data.tags
+    assert after.data.tags["pid"] == run.data.tags["pid"]
+    assert after.info.end_time == run.info.end_time
+    state.write_bytes(whole)
+    resumed = run_in_process("gru", tmp_path, shared, "x", ["resume=last"])
+    assert resumed.run_id == run.info.run_id
+    assert resumed.metrics == baselines("gru")[0].metrics
+    assert store.get_run(run.info.run_id).data.tags["resumes"] == "1"
+
+
+def test_a_resumed_run_removes_the_temporary_files_a_kill_left(tmp_path, shared, store):
+    """What atomic_path leaves when a kill cuts a write short (its mkstemp names) goes when the
+    run is continued; other files, even ending in .tmp, stay."""
+    run = _killed_run(tmp_path, shared, store)
+    folder = tmp_path / "run"
+    left = [folder / ".test_ranks.parquet.k3x_9q1z.tmp", folder / ".metrics.json.abcdefgh.tmp",
+            folder / "checkpoints" / ".last.pt.0a1b2c3d.tmp"]
+    kept = [folder / "notes.tmp", folder / ".last.pt.short.tmp", folder / "checkpoints" / "a.pt"]
+    for path in left + kept:
+        path.write_bytes(b"half a file")
+    resumed = run_in_process("gru", tmp_path, shared, "x", [f"resume={run.info.run_id}"])
+    assert resumed.run_id == run.info.run_id
+    assert [p for p in left if p.exists()] == []
+    assert all(p.read_bytes() == b"half a file" for p in kept)
+    assert sorted(p.name for p in folder.rglob("*.tmp")) == [".last.pt.short.tmp", "notes.tmp"]

@@ -6,17 +6,21 @@ a silent no-op) and come only once a sweep's first job has started."""
 from __future__ import annotations
 
 import difflib
+import errno
 import importlib
 import inspect
 import itertools
+import os
+import tempfile
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from seqexp.core import schema
-from seqexp.core.errors import SeqexpError, message_line
+from seqexp.core.errors import SeqexpError, message_line, unwritable
 from seqexp.core.resources import config_dir
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
@@ -192,8 +196,35 @@ def check_command_line(argv: Sequence[str]) -> str | None:
             return f"{override.input_line}: nothing would read it; {message}"
         return message
 
+    folder_problem = check_outputs_folder(base, parsed, swept)
+    if folder_problem:
+        return folder_problem
     if swept:
         return _check_sweeper_score(configs, parsed)
+    return None
+
+
+def check_outputs_folder(base: DictConfig, parsed: list, swept: bool) -> str | None:
+    """One line when the folder that Hydra makes for the run's (sweep's) outputs cannot be
+    made: a read-only launch folder, a file where a folder belongs. Hydra's own is a traceback.
+    Checked on the part of hydra.run.dir (hydra.sweep.dir) before its first interpolation, by
+    making and removing a folder in the nearest existing one: the real test, also for root."""
+    key = "hydra.sweep.dir" if swept else "hydra.run.dir"
+    pattern = next((str(o.value()) for o in reversed(parsed) if o.key_or_group == key), None)
+    if pattern is None:
+        pattern = str(OmegaConf.to_container(base.hydra, resolve=False)[key.split(".")[1]]["dir"])
+    static = pattern.split("${", 1)[0]
+    folder = Path(static if static.endswith("/") or "${" not in pattern else Path(static).parent)
+    folder = Path(os.path.abspath(folder))
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
+    also = None if key in {o.key_or_group for o in parsed} else "start seqexp in a writable folder"
+    if not existing.is_dir():
+        refused = OSError(errno.ENOTDIR, f"{existing} is a file, not a folder")
+        return message_line(unwritable(folder, refused, "the run's outputs", key, also))
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".seqexp-check-", dir=existing))
+    except OSError as exc:
+        return message_line(unwritable(folder, exc, "the run's outputs", key, also))
     return None
 
 

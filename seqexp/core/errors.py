@@ -4,8 +4,10 @@ import errno
 from collections.abc import Iterable
 from pathlib import Path
 
-# Errors of a file system that cannot take a write, as opposed to a network's or a bug's.
-UNWRITABLE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+# Errors of a file system that cannot take a write, as opposed to a network's or a bug's
+# (EFBIG: the process's file size limit, `ulimit -f`).
+UNWRITABLE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES,
+                     errno.EPERM}
 
 
 class SeqexpError(Exception):
@@ -33,12 +35,19 @@ def check_choice(key: str, value: object, choices: Iterable[str]) -> None:
         raise SeqexpError(f"model.{key}={value!r} is unknown; choose one of {', '.join(choices)}")
 
 
-def unwritable(where: Path, exc: OSError, what: str, key: str) -> SeqexpError:
-    """The one-line error for a folder seqexp cannot write in (read-only, no permission, full):
-    which folder, why, and the key that moves the writes elsewhere."""
+def unwritable(where: Path, exc: OSError, what: str, key: str | None,
+               also: str = "paths.data_dir=") -> SeqexpError:
+    """The one-line error for a folder seqexp cannot write in (read-only, no permission, full,
+    a file over the size limit): which folder, why, and the key that moves the writes elsewhere
+    (`also`: another one that does; None: nothing can move them)."""
     reason = exc.strerror or str(exc)
+    other = f" (or {also})" if also else ""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        advice = f"free some space there or set {key}=/a/folder/with/space (or paths.data_dir=)"
+        advice = ("free some space there" if key is None else
+                  f"free some space there or set {key}=/a/folder/with/space{other}")
+    elif exc.errno == errno.EFBIG:
+        advice = "the file outgrows this process's file size limit: raise it (ulimit -f)"
     else:
-        advice = f"set {key}=/a/writable/folder (or paths.data_dir=)"
+        advice = ("make it writable" if key is None else
+                  f"set {key}=/a/writable/folder{other}")
     return SeqexpError(f"cannot write {what} in {where} ({reason}); {advice}")

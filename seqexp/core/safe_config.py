@@ -1,5 +1,4 @@
-"""What a file may make seqexp do: nothing but build one of seqexp's own models, and the modes
-of the files and folders seqexp writes.
+"""What a file may make seqexp do: nothing but build one of seqexp's own models.
 
 A checkpoint's config (and any model config read back from a file) is never handed to Hydra's
 `instantiate`: its `model` block must name one of the classes of conf/model/*.yaml (looked up
@@ -8,10 +7,6 @@ those) for keys that class's constructor takes. Anything else, a nested `_target
 `_partial_`, `_recursive_`, `_convert_`, a nested mapping or an interpolation, is refused in
 one line before any class is imported.
 
-Files and folders written atomically are made under a private temporary name (mode 600 / 700)
-and get the mode a plain `open`/`mkdir` would give them (`file_mode` / `folder_mode`: 666 / 777
-less the umask) before they take their final name.
-
 Imports only the standard library, omegaconf and seqexp.core.errors.
 """
 
@@ -19,7 +14,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
@@ -34,32 +28,6 @@ HYDRA_KEYS = ("_target_", "_args_", "_partial_", "_recursive_", "_convert_")
 SIZE_KEYS = ("n_items", "n_users")
 _PLAIN = (str, int, float, bool, type(None))
 _ADVICE = "seqexp loads only configs it wrote; use the checkpoint of a seqexp run"
-
-
-# ----------------------------------------------------------------------------- file modes
-def current_umask() -> int:
-    """The process's umask, read without changing it (Linux: /proc/self/status), so that no
-    other thread ever creates a file under a different one; elsewhere set and put back."""
-    try:
-        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    old = os.umask(0o077)
-    os.umask(old)
-    return old
-
-
-def file_mode() -> int:
-    """The mode `open(path, "w")` gives a new file: 0o666 less the umask."""
-    return 0o666 & ~current_umask()
-
-
-def folder_mode() -> int:
-    """The mode `mkdir` gives a new folder: 0o777 less the umask."""
-    return 0o777 & ~current_umask()
 
 
 # ------------------------------------------------------------------------- the model allowlist

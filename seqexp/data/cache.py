@@ -25,7 +25,7 @@ import numpy as np
 from seqexp.core import liveness
 from seqexp.core.atomic import write_json
 from seqexp.core.errors import unwritable
-from seqexp.core.safe_config import folder_mode
+from seqexp.core.file_modes import folder_mode
 from seqexp.data.sequences import SequenceData, inconsistencies
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from typing import IO
 from tqdm import tqdm
 
 from seqexp.core.errors import UNWRITABLE_ERRNOS, SeqexpError
-from seqexp.core.safe_config import file_mode
+from seqexp.core.file_modes import file_mode
 
 CHUNK = 1 << 20  # 1 MiB: large enough for throughput, small enough to keep memory flat
 _USER_AGENT = "seqexp-downloader"  # some hosts reject urllib's default agent

@@ -31,8 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from seqexp.core.atomic import atomic_path
-from seqexp.core.checkpoint import read_checkpoint, save_checkpoint
+from seqexp.core.checkpoint import read_checkpoint, save_checkpoint, save_tensors
 from seqexp.core.errors import SeqexpError
 from seqexp.core.stopping import EvaluationStopped, TrainingStopped
 from seqexp.data.sequences import SequenceData
@@ -226,9 +225,13 @@ class ResumableState:
     path: Path
     resume: bool = False
     logged_epochs: frozenset[int] | None = None
+    # The state `load` read already (seqexp.run.experiment reads it before the run is changed).
+    saved: dict[str, Any] | None = None
 
     def load(self) -> dict[str, Any] | None:
         """The saved state to continue from; None when not resuming or there is none."""
+        if self.saved is not None:
+            return self.saved
         if not self.resume or not self.path.is_file():
             return None
         state = read_checkpoint(self.path)
@@ -258,8 +261,7 @@ class ResumableState:
             "partial": None if partial is None else {
                 k: v for k, v in partial.items() if k != "random"},
         }
-        with atomic_path(self.path) as tmp:
-            torch.save(state, tmp)
+        save_tensors(state, self.path)
 
     def restore(self, saved: Mapping[str, Any], fit: FitState,
                 log_metrics: MetricsLogger) -> None:

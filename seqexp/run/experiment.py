@@ -6,7 +6,7 @@ import inspect
 import logging
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from seqexp.core.atomic import write_json, write_text
-from seqexp.core.errors import SeqexpError, message_line
+from seqexp.core.atomic import remove_temporaries, write_json, write_text
+from seqexp.core.errors import UNWRITABLE_ERRNOS, SeqexpError, message_line, unwritable
 from seqexp.core.flat_config import flatten
 from seqexp.core.ranks_file import ID_MAPS_FILE, RANKS_FILE
 from seqexp.core.stopping import EvaluationStopped, StopSignals, TrainingStopped
@@ -49,6 +49,7 @@ from seqexp.run.resume import (
     data_differences,
     find_run,
 )
+from seqexp.run.tags import ERROR_TAG
 from seqexp.run.tracking import (
     Tracker,
     close_abandoned_runs,
@@ -190,8 +191,12 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
     params = flatten(OmegaConf.to_container(cfg, resolve=True))
     resume = cfg.get("resume")
     resumed = find_run(tracker, None if resume is None else str(resume), params, job_key)
+    state = ResumableState(output_dir / "checkpoints" / "last.pt")
     if resumed is not None:
         output_dir = _check_resumable(resumed, data)
+        state = _saved_state(resumed, output_dir)  # refused here, the run is left as it was
+        for leftover in remove_temporaries(output_dir):  # a write the kill cut short
+            log.info("removed %s, left by the killed process", leftover)
     model_name, dataset_name = str(cfg.model.get("name")), str(cfg.dataset.get("name"))
     run_tags = {"device": str(device), **environment_tags(str(device))}
     if resumed is not None:
@@ -207,7 +212,7 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
             OUTPUTS_TAG: str(Path(output_dir).resolve()),
             **({CLUSTER_JOB_TAG: job_key} if job_key else {}), **(tags or {}),
         })
-    status = "FAILED"
+    status, error = "FAILED", None
     checkpoint = output_dir / "checkpoints" / "best.pt"
     try:
         if cfg.mlflow.get("system_metrics", False):
@@ -223,9 +228,6 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
             tracker.log_artifact(output_dir / "config.yaml")
             if hydra_dir is not None:
                 tracker.log_artifact(hydra_dir, ".hydra")
-        state = ResumableState(
-            output_dir / "checkpoints" / "last.pt", resume=resumed is not None,
-            logged_epochs=None if resumed is None else frozenset(resumed.logged_epochs))
         # Stop signals end the run KILLED at any moment from here on: within a training or
         # evaluation batch, and between the steps that log the results.
         with StopSignals() as stop_signals:
@@ -282,8 +284,20 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
         if cfg.mlflow.log_checkpoint:
             tracker.log_artifact(checkpoint, "checkpoints")
         raise
+    except OSError as exc:
+        if exc.errno not in UNWRITABLE_ERRNOS:
+            error = exc
+            raise
+        error = _unwritable(exc, output_dir, resumed is not None)
+        raise error from None
+    except Exception as exc:
+        error = tracker.failure(exc)
+        if error is None:
+            error = exc
+            raise
+        raise error from None
     finally:
-        tracker.end(status)
+        _end_run(tracker, status, error)
 
 
 def _stopped(stopped: TrainingStopped, run_id: str, stop_signals: StopSignals
@@ -315,6 +329,47 @@ def example_user(data: SequenceData) -> str:
     codes = np.flatnonzero(data.train_end > data.offsets[:-1])
     code = int(codes[0]) if len(codes) else 0
     return str(code) if data.user_ids is None else str(data.user_ids[code])
+
+
+def _saved_state(resumed: RunToResume, output_dir: Path) -> ResumableState:
+    """The resumable training state of the run to continue, read before anything of the run is
+    changed: a state that cannot be used is refused with the run as it was (its status, its
+    resumes count)."""
+    state = ResumableState(output_dir / "checkpoints" / "last.pt", resume=True,
+                           logged_epochs=frozenset(resumed.logged_epochs))
+    try:
+        return replace(state, saved=state.load())
+    except SeqexpError as exc:
+        raise SeqexpError(f"resume: run {resumed.run_id} cannot continue, {exc}; the run is "
+                          f"left as it was: start a new run (without resume=)") from None
+
+
+def _unwritable(exc: OSError, output_dir: Path, resumed: bool) -> SeqexpError:
+    """The one line for a run's file that the file system refused (full, the file size limit):
+    the file, its folder, and what to do. A copy into the artifact store names the store's
+    folder (shutil puts it second)."""
+    target = Path(exc.filename2 or exc.filename or output_dir / "?")
+    outputs = Path(output_dir).resolve()
+    inside = target.resolve().is_relative_to(outputs)
+    what = target.resolve().relative_to(outputs) if inside else target.name
+    key = "mlflow.tracking_uri" if not inside else None if resumed else "hydra.run.dir"
+    return unwritable(outputs if inside else target.parent, exc, what, key, also="")
+
+
+def _end_run(tracker: Tracker, status: str, error: BaseException | None) -> None:
+    """End the run with `status`, a failed one with its error in the tag `error`. A store that
+    cannot record it (a full disk holds the SQLite file too) is said in the failure's one line;
+    the next seqexp on this host marks the run FAILED (close_abandoned_runs)."""
+    try:
+        if error is not None and status == "FAILED":
+            tracker.set_tags({ERROR_TAG: message_line(error, limit=4000)})
+        tracker.end(status)
+    except Exception as exc:  # noqa: BLE001 - said in the run's one line
+        if not isinstance(error, SeqexpError):
+            raise
+        raise SeqexpError(f"{error}; the MLflow run {tracker.run_id} could not be marked "
+                          f"{status} ({message_line(exc, limit=200)}): the next seqexp run in "
+                          f"this store marks it FAILED") from None
 
 
 def close_abandoned_runs_quietly(tracker: Tracker) -> None:

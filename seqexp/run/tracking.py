@@ -11,7 +11,6 @@ import os
 import platform
 import random
 import sqlite3
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -23,7 +22,9 @@ from typing import Any, TypeVar
 
 from seqexp.core import liveness
 from seqexp.core.errors import SeqexpError, message_line
+from seqexp.core.file_modes import file_mode
 from seqexp.core.flat_config import MAX_PARAM_LENGTH
+from seqexp.core.source_git import source_git_info
 from seqexp.core.version import __version__
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ SOURCE_TYPE_TAG = "mlflow.source.type"
 USER_TAG = "mlflow.user"
 # What MLflow records about a split's data (MetaDataset): the columns of the processed events.
 DATASET_COLUMNS = ("user", "item", "timestamp")
+# The tables of MLflow's first schema: when one is missing from a store, MLflow makes it again
+# in that first form (mlflow.store.db.utils._initialize_tables), which later steps cannot use.
+INITIAL_TABLES = ("experiments", "runs", "tags", "metrics", "params")
 # SQLite answers "database is locked" when another process holds the write lock for longer than
 # its busy timeout (5 s); parallel jobs retry for this long before giving up.
 LOCK_RETRY_DEADLINE_S = 300.0
@@ -160,6 +164,9 @@ def create_sqlite_store(db: Path) -> None:
                 f"{db}: this MLflow store was left half-created by a process killed while "
                 f"making it ({problem}); nothing can open it again: move it aside (mv {db} "
                 f"{db}.broken) and run again, which creates a new store")
+        missing = _missing_initial_table(db)
+        if missing:  # MLflow would make it again in its first form, unusable
+            raise damaged_store_error(f"sqlite:///{db}", f"its table {missing} is missing")
         return
     from mlflow.tracking import MlflowClient
 
@@ -168,17 +175,11 @@ def create_sqlite_store(db: Path) -> None:
         client = MlflowClient(f"sqlite:///{tmp}")
         client.search_experiments(max_results=1)  # creates every table and the Default one
         client._tracking_client.store.engine.dispose()  # no pooled handle on the moved file
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, file_mode())  # MLflow's file has the mode of a new file, as open() gives
         os.replace(tmp, db)
     finally:
         for path in (tmp, tmp.with_name(f"{tmp.name}-journal")):
             path.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def half_made_schema(db: Path) -> str | None:
@@ -201,31 +202,45 @@ def half_made_schema(db: Path) -> str | None:
     return None
 
 
+def _missing_initial_table(db: Path) -> str | None:
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as connection:
+            tables = {row[0] for row in connection.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError:
+        return None  # not readable as SQLite: MLflow's own message says so
+    return next((t for t in INITIAL_TABLES if tables and t not in tables), None)
+
+
+def _sql_reason(exc: BaseException) -> str:
+    """SQLAlchemy's line naming the database's own error, `(sqlite3.X) ...`."""
+    lines = str(exc).splitlines()
+    return next((line for line in lines if line.startswith("(sqlite3.")), lines[0])[:300]
+
+
+def missing_tables(client: Any) -> list[str]:
+    """The tables of MLflow's schema that an opened (so migrated) SQLite store lacks: a store
+    damaged by hand or by a tool, which MLflow would only notice in the middle of a run."""
+    from mlflow.store.db.base_sql_model import Base
+    from sqlalchemy import inspect
+
+    present = set(inspect(client._tracking_client.store.engine).get_table_names())
+    return sorted(set(Base.metadata.tables) - present)
+
+
+def damaged_store_error(tracking_uri: str, reason: str) -> SeqexpError:
+    """The one line for a store that cannot be used: what is wrong and, for a SQLite file, how
+    to start afresh."""
+    db = sqlite_path(tracking_uri)
+    advice = (f"move it aside (mv {db} {db}.broken) and run again, which creates a new store"
+              if db is not None else "check the tracking server")
+    return SeqexpError(f"mlflow.tracking_uri={tracking_uri}: the MLflow store is damaged "
+                       f"({reason}); {advice}")
+
+
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]  # seqexp/, above run/
 # Written into the wheel by hatch_build.py: the commit a non-editable install was built from.
 BUILD_INFO = _PACKAGE_DIR / "_build_git.json"
-
-
-def _git(folder: Path, *args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True,
-                             timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def source_git_info(root: Path) -> dict[str, str] | None:
-    """{"git_sha", "git_dirty"} of the git checkout whose top folder is `root`, else None.
-    Dirty = tracked files differ from the commit."""
-    top = _git(root, "rev-parse", "--show-toplevel")
-    if top is None or Path(top).resolve() != Path(root).resolve():
-        return None  # not a checkout, or a folder inside some other repository
-    sha = _git(root, "rev-parse", "HEAD")
-    status = _git(root, "status", "--porcelain", "--untracked-files=no")
-    if sha is None or status is None:
-        return None
-    return {"git_sha": sha, "git_dirty": str(bool(status)).lower()}
 
 
 def git_tags() -> dict[str, str]:
@@ -339,6 +354,10 @@ class Tracker:
         import mlflow  # noqa: F401 - imported lazily: it takes seconds
         from mlflow.tracking import MlflowClient
 
+        # MLflow logs a failed SQL statement with its traceback, then raises it: the raised
+        # error is what seqexp reports, in one line.
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.experiment_id: str | None = None
@@ -349,6 +368,11 @@ class Tracker:
         try:
             with store_setup_lock(tracking_uri):
                 self.client = MlflowClient(tracking_uri)
+                if db is not None:
+                    missing = missing_tables(self.client)
+                    if missing:
+                        raise damaged_store_error(tracking_uri, f"its table {missing[0]} is "
+                                                                f"missing")
                 if experiment is None:
                     # The first query creates (or migrates) the schema, inside the lock.
                     with_lock_retry(self.client.search_experiments, max_results=1)
@@ -357,6 +381,8 @@ class Tracker:
                 else:
                     found = with_lock_retry(self.client.get_experiment_by_name, experiment)
                     self.experiment_id = found.experiment_id if found is not None else None
+        except SeqexpError:
+            raise
         except Exception as exc:  # noqa: BLE001 - any store failure becomes one clear line
             reason = message_line(exc)
             if _UNAUTHENTICATED in reason:
@@ -368,6 +394,18 @@ class Tracker:
             raise SeqexpError(f"no MLflow experiment named {experiment!r} in {tracking_uri}")
         self.run_id = run_id
         self._system_monitor: Any = None  # MLflow's SystemMetricsMonitor while one runs
+
+    def failure(self, exc: BaseException) -> SeqexpError | None:
+        """The one line for a store call that failed in the middle of a run (a SQLite file
+        damaged on disk, a server gone), else None: the error is not the store's."""
+        from mlflow.exceptions import MlflowException
+        from sqlalchemy.exc import SQLAlchemyError
+
+        if not isinstance(exc, (MlflowException, SQLAlchemyError, sqlite3.Error)):
+            return None
+        return damaged_store_error(self.tracking_uri, message_line(exc, which=-1, limit=300)
+                                   if "Background on this error" not in str(exc) else
+                                   _sql_reason(exc))
 
     def _experiment_id(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)
