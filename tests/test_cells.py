@@ -9,8 +9,11 @@ import pytest
 import torch
 
 from helpers import sequences
+from seqexp.core.errors import SeqexpError
 from seqexp.models.cells import (
+    CELLS,
     AttentionalUserGRUCell,
+    CudnnGRU,
     GRUCell,
     LinearUserGRUCell,
     RectifiedUserGRUCell,
@@ -391,3 +394,38 @@ def test_dropout_drops_a_share_p_and_scales_the_rest_by_one_over_keep():
     assert dropout(x) is x
 
 
+
+
+@pytest.mark.parametrize("cell", ["gru", "linear_ugru", "rectified_ugru", "attentional_ugru"])
+def test_a_zero_in_carry_mask_ends_the_state_and_the_next_step_starts_from_h0(cell):
+    torch.manual_seed(0)
+    model = CELLS[cell](N).double()
+    x, h0, v = inputs(seed=3, steps=5)
+    x, h0, v = x.repeat(2, 1, 1), h0.repeat(2, 1), v.repeat(2, 1)
+    mask = torch.ones(2, 5, dtype=torch.float64)
+    mask[0, 2] = 0.0  # row 0: a session ends after step 2; row 1 runs through
+    out, h_last = model(x, h0, v, carry_mask=mask)
+    plain, plain_last = model(x, h0, v)
+    assert torch.equal(out[1], plain[1]) and torch.equal(h_last[1], plain_last[1])
+    assert torch.equal(out[0, :2], plain[0, :2])
+    assert not out[0, 2].any()
+    fresh, fresh_last = model(x[:1, 3:], torch.zeros(1, N, dtype=torch.float64), v[:1])
+    assert torch.allclose(out[0, 3:], fresh[0], atol=1e-12)
+    assert torch.allclose(h_last[0], fresh_last[0], atol=1e-12)
+    assert not torch.allclose(out[0, 3:], plain[0, 3:])
+
+
+def test_without_carry_mask_the_outputs_are_those_of_an_all_ones_mask():
+    torch.manual_seed(0)
+    model = GRUCell(N).double()
+    x, h0, _ = inputs(seed=4, steps=4)
+    out, _ = model(x, h0)
+    assert torch.equal(model(x, h0, carry_mask=torch.ones(1, 4, dtype=torch.float64))[0], out)
+
+
+def test_cudnn_gru_refuses_a_carry_mask_in_one_line():
+    model = CudnnGRU(N)
+    x, h0 = torch.randn(1, 2, N), torch.zeros(1, N)
+    with pytest.raises(SeqexpError, match="cudnn_gru cannot reset") as error:
+        model(x, h0, carry_mask=torch.ones(1, 2))
+    assert "\n" not in str(error.value)
