@@ -84,7 +84,7 @@ def test_training_windows_continue_each_users_own_state_and_pair_outputs_with_ta
                                                   reduction="sum"))
                 n_pairs += n_valid
                 if n_valid == model.window:
-                    assert torch.allclose(model._carry[lane], states[-1], atol=1e-6)
+                    assert torch.allclose(batch.carry.states[lane], states[-1], atol=1e-6)
                     checked_carries += 1
             assert loss.item() == pytest.approx(expected / n_pairs, rel=1e-5)
     assert misaligned_windows >= 5 and checked_carries >= 8
@@ -228,7 +228,7 @@ def test_the_user_dropout_mask_is_one_draw_for_all_steps_of_a_window(cell):
             vectors = model.user_embedding(torch.tensor([user])) * masks
             matches = [mask for mask, vector in zip(masks, vectors, strict=True)
                        if torch.allclose(_replay(model, items, user, vector[None])[-1],
-                                         model._carry[lane], atol=1e-6)]
+                                         batch.carry.states[lane], atol=1e-6)]
             assert len(matches) == 1, f"row {row}: {len(matches)} masks fit the carried state"
             drew_some |= bool((matches[0] == 0).any())
             states = _replay(model, items, user, model.user_embedding(

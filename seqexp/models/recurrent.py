@@ -12,7 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqexp.core.errors import SeqexpError
-from seqexp.data.batching import PredictionBatch, WindowBatch, to_device, window_batches
+from seqexp.data.batching import (
+    LaneStates,
+    PredictionBatch,
+    WindowBatch,
+    to_device,
+    window_batches,
+)
 from seqexp.data.sequences import SequenceData
 from seqexp.models.base import Recommender
 from seqexp.models.cells import CELLS, ItemInputs
@@ -89,7 +95,6 @@ class RecurrentRecommender(Recommender):
         # log of the expected count of each item among the shared negatives (logQ correction)
         self.register_buffer("negative_log_q", torch.zeros(n_items))
         self.register_buffer("negative_probs", torch.full((n_items,), 1.0 / n_items))
-        self._carry: torch.Tensor | None = None
 
     def fit(self, train: SequenceData) -> None:
         """The popularity distribution of the sampled-softmax negatives (training events)."""
@@ -103,12 +108,15 @@ class RecurrentRecommender(Recommender):
     def uses_users(self) -> bool:
         return self.user_embedding is not None
 
-    def training_state(self) -> dict[str, torch.Tensor]:
-        return {} if self._carry is None else {"carry": self._carry}
+    def training_state(self, batch: WindowBatch | None = None) -> dict[str, torch.Tensor]:
+        if batch is None or batch.carry is None:
+            return {}
+        return {"carry": batch.carry.states.clone()}
 
-    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
-        if "carry" in state:
-            self._carry = state["carry"].to(self.device)
+    def load_training_state(self, state: dict[str, torch.Tensor],
+                            batch: WindowBatch | None = None) -> None:
+        if batch is not None and batch.carry is not None and "carry" in state:
+            batch.carry.states.copy_(state["carry"])
 
     def _user_vectors(self, users: torch.Tensor) -> torch.Tensor | None:
         if self.user_embedding is None:
@@ -118,17 +126,21 @@ class RecurrentRecommender(Recommender):
     def training_batches(
         self, train: SequenceData, batch_size: int, rng: np.random.Generator
     ) -> Iterator[WindowBatch]:
-        self._carry = torch.zeros(batch_size, self.hidden_size, device=self.device)
-        yield from window_batches(train, batch_size, self.window, rng)
+        carry = LaneStates(torch.zeros(batch_size, self.hidden_size, device=self.device))
+        yield from window_batches(train, batch_size, self.window, rng, carry)
 
     def training_loss(self, batch: WindowBatch) -> torch.Tensor:
         device = self.device
         lanes = to_device(torch.from_numpy(batch.lanes), device)
         keep = to_device(~batch.reset, device).unsqueeze(1)
-        h0 = self._carry[lanes] * keep
+        if batch.carry is None:
+            h0 = torch.zeros(len(batch.lanes), self.hidden_size, device=device)
+        else:
+            h0 = batch.carry.entering(lanes, keep)
         x = self.dropout(self.embedding(to_device(batch.inputs, device)))
         out, h = self.cell(x, h0, self._user_vectors(to_device(batch.users, device)))
-        self._carry[lanes] = h.detach()
+        if batch.carry is not None:
+            batch.carry.leave(lanes, h)
         # Only the existing (input, next) pairs, gathered by positions computed on the CPU.
         pairs = to_device(batch.pairs, device)
         hidden = self.dropout(out.reshape(-1, self.hidden_size).index_select(0, pairs))
