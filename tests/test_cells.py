@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import sequences
+from helpers import sequences, switch_cpu_kernel
 from seqexp.core.errors import SeqexpError
+from seqexp.models import cpu_kernels
 from seqexp.models.cells import (
     CELLS,
     AttentionalUserGRUCell,
@@ -19,7 +20,11 @@ from seqexp.models.cells import (
     RectifiedUserGRUCell,
     rectify,
 )
-from seqexp.models.recurrent import RecurrentRecommender
+from seqexp.models.cpu_kernels import Dropout
+from seqexp.models.recurrent import RecurrentRecommender, SampledSoftmaxCE
+
+# every test with the CPU kernels and with the shared (CUDA) code path on the CPU
+pytestmark = pytest.mark.usefixtures("cpu_kernels_switch")
 
 N = 3
 
@@ -260,9 +265,7 @@ def test_sampled_softmax_is_cross_entropy_against_shared_negatives_with_logq(mon
 
 @pytest.mark.parametrize("merge_repeats", [True, False])
 def test_repeated_negatives_count_once_per_draw_merged_or_not(monkeypatch, merge_repeats):
-    from seqexp.models.recurrent import DATA_SIZED_INDEXING
-
-    monkeypatch.setitem(DATA_SIZED_INDEXING, "cpu", merge_repeats)
+    switch_cpu_kernel(monkeypatch, "sparse_negatives", merge_repeats)
     torch.manual_seed(0)
     model = RecurrentRecommender(6, 2, hidden_size=3, loss="sampled_softmax", n_negatives=7)
     model.negative_log_q.copy_(torch.randn(6))
@@ -289,9 +292,7 @@ def test_repeated_negatives_count_once_per_draw_merged_or_not(monkeypatch, merge
 @pytest.mark.parametrize("sparse_hits", [True, False])
 def test_blocked_sampled_softmax_gradients_equal_autograd_of_the_plain_formula(
         monkeypatch, sparse_hits):
-    from seqexp.models.recurrent import DATA_SIZED_INDEXING, SampledSoftmaxCE
-
-    monkeypatch.setitem(DATA_SIZED_INDEXING, "cpu", sparse_hits)
+    switch_cpu_kernel(monkeypatch, "sparse_negatives", sparse_hits)
     torch.manual_seed(1)
     n_rows, n, n_neg = 7, 4, 5
     hidden = torch.randn(n_rows, n, dtype=torch.float64, requires_grad=True)
@@ -301,7 +302,8 @@ def test_blocked_sampled_softmax_gradients_equal_autograd_of_the_plain_formula(
     negatives = torch.tensor([3, 0, 6, 3, 2])
     targets = torch.tensor([3, 1, 2, 0, 5, 6, 3])  # rows 0, 2, 3, 5, 6 have accidental hits
     # 2 rows per block: four blocks, the last one short
-    monkeypatch.setitem(SampledSoftmaxCE.BLOCK_ELEMENTS, "cpu", 2 * n_neg)
+    switch_cpu_kernel(monkeypatch, "softmax_blocks", True)
+    monkeypatch.setattr(cpu_kernels, "SOFTMAX_BLOCK_ELEMENTS", 2 * n_neg)
     blocked = SampledSoftmaxCE.apply(hidden, weight, bias, positive, targets, negatives)
     blocked_grads = torch.autograd.grad(3.0 * blocked, (hidden, weight, bias, positive))
     logits = hidden @ weight.T + bias
@@ -377,8 +379,6 @@ def test_under_autocast_only_the_sampled_softmax_products_change_dtype(monkeypat
 
 
 def test_dropout_drops_a_share_p_and_scales_the_rest_by_one_over_keep():
-    from seqexp.models.recurrent import Dropout
-
     torch.manual_seed(0)
     dropout = Dropout(0.2)
     x = torch.full((400, 500), 3.0, requires_grad=True)

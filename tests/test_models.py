@@ -15,6 +15,9 @@ from seqexp.models.cells import GRUCell
 from seqexp.models.knn import ItemKNN, cosine_neighbours
 from seqexp.models.recurrent import RecurrentRecommender
 
+# every test with the CPU kernels and with the shared (CUDA) code path on the CPU
+pytestmark = pytest.mark.usefixtures("cpu_kernels_switch")
+
 
 def _sigmoid(a):
     return 1.0 / (1.0 + math.exp(-a))

@@ -10,41 +10,10 @@ which does only the h-dependent work. Equations: SPEC §4 (Donkers et al., RecSy
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from seqexp.core.errors import SeqexpError
-
-
-class ItemInputs:
-    """Item inputs as ids into the embedding table, for a replay without dropout: a cell's
-    products of the input alone (W x, ...) are then made once per item of the catalogue and
-    looked up per event. The same values (each row of a product is computed alone), at a
-    fraction of the cost when the replayed events far outnumber the items. `tables` holds the
-    products made so far and is shared by every chunk of one replay."""
-
-    def __init__(self, items: torch.Tensor, embedding: torch.Tensor,
-                 tables: dict[nn.Module, torch.Tensor]) -> None:
-        self.items = items
-        self.embedding = embedding
-        self.tables = tables
-
-    def project(self, layer: nn.Module) -> torch.Tensor:
-        if layer not in self.tables:
-            self.tables[layer] = layer(self.embedding)
-        return F.embedding(self.items, self.tables[layer])
-
-    def dense(self) -> torch.Tensor:
-        return F.embedding(self.items, self.embedding)
-
-
-def project(layer: nn.Module, x: torch.Tensor | ItemInputs) -> torch.Tensor:
-    """layer(x), through the per-item table when x is given as ItemInputs."""
-    return x.project(layer) if isinstance(x, ItemInputs) else layer(x)
-
-
-def dense(x: torch.Tensor | ItemInputs) -> torch.Tensor:
-    return x.dense() if isinstance(x, ItemInputs) else x
+from seqexp.models.cpu_kernels import ItemInputs, dense, project
 
 
 def gated_update(gate_inputs: torch.Tensor, candidate_input: torch.Tensor,

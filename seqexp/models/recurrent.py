@@ -20,33 +20,12 @@ from seqexp.data.batching import (
     window_batches,
 )
 from seqexp.data.sequences import SequenceData
+from seqexp.models import cpu_kernels
 from seqexp.models.base import Recommender
-from seqexp.models.cells import CELLS, ItemInputs
+from seqexp.models.cells import CELLS
+from seqexp.models.cpu_kernels import Dropout, ItemInputs
 
 LOSSES = ("full_softmax", "sampled_softmax")
-# Index work whose output size depends on the data (merging repeated negatives, finding
-# accidental hits): on a CPU it saves work, on a GPU it would make the host wait for the device.
-DATA_SIZED_INDEXING = {"cpu": True, "cuda": False}
-# Time steps between re-selections of the rows still running when replaying histories: a row
-# runs to the end of the chunk it ends in, so long chunks waste cell steps on padding (24 % of
-# them at 64 steps on the default synthetic data). On a CPU the waste costs more than the extra
-# chunks; on a GPU each chunk costs launches, so it replays model.eval_chunk steps at once.
-REPLAY_STEPS = {"cpu": 8}
-# Replay with the cell's input-only products made once per item (cells.ItemInputs) when the
-# replayed events outnumber the items; CUDA keeps the per-event products (not measured there).
-FOLD_ITEM_INPUTS = {"cpu": True, "cuda": False}
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout (inverted: kept values scaled by 1/(1 − p)); on a CPU the mask is drawn as
-    uniform < 1 − p, faster there than the bernoulli_ that F.dropout uses."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or x.device.type != "cpu" or self.p in (0.0, 1.0):
-            return super().forward(x)
-        keep = 1.0 - self.p
-        scale = torch.rand(x.shape).lt_(keep)  # 1.0 where kept, in place: no bool mask
-        return x * scale.to(x.dtype).mul_(1.0 / keep)
 
 
 class RecurrentRecommender(Recommender):
@@ -162,7 +141,7 @@ class RecurrentRecommender(Recommender):
                     + bias.index_select(0, targets))
         positive = positive - self.negative_log_q[targets]
         log_count = 0.0
-        if DATA_SIZED_INDEXING.get(hidden.device.type, False):
+        if cpu_kernels.active("sparse_negatives", hidden.device):
             # c copies of a negative share one logit l, and c·e^l = e^(l + log c): one column
             # each, the same loss and gradients.
             negatives, counts = torch.unique(negatives, return_counts=True)
@@ -188,8 +167,11 @@ class RecurrentRecommender(Recommender):
         states = torch.empty(batch.n_targets, self.hidden_size, device=items.device)
         context_end = batch.target_cols - 1  # state after this column predicts the target
         h = torch.zeros(n_rows, self.hidden_size, device=items.device)
-        step = min(self.eval_chunk, REPLAY_STEPS.get(items.device.type, self.eval_chunk))
-        fold = (FOLD_ITEM_INPUTS.get(items.device.type, False) and not self.training
+        # a row runs to the end of the chunk it ends in: with the replay_steps kernel the rows
+        # still running are re-selected every few steps (less padding, more chunks)
+        step = (min(self.eval_chunk, cpu_kernels.REPLAY_STEPS)
+                if cpu_kernels.active("replay_steps", items.device) else self.eval_chunk)
+        fold = (cpu_kernels.active("item_inputs", items.device) and not self.training
                 and int(lengths.sum()) > self.n_items)
         tables: dict = {}
         for lo in range(0, width, step):
@@ -255,17 +237,18 @@ class SampledSoftmaxCE(torch.autograd.Function):
     the softmax and the gradient sums over blocks stay in the input's dtype.
     """
 
-    BLOCK_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 27}  # rows x negatives per block
+    BLOCK_ELEMENTS = 1 << 27  # rows x negatives per block (softmax_blocks kernel: smaller)
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, neg_weight: torch.Tensor, neg_bias: torch.Tensor,
                 positive: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor,
                 matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
         n_rows, n_neg = len(hidden), len(negatives)
-        blocks = SampledSoftmaxCE.BLOCK_ELEMENTS
-        budget = blocks.get(hidden.device.type, blocks["cpu"])
+        budget = (cpu_kernels.SOFTMAX_BLOCK_ELEMENTS
+                  if cpu_kernels.active("softmax_blocks", hidden.device)
+                  else SampledSoftmaxCE.BLOCK_ELEMENTS)
         rows = max(1, budget // n_neg)
-        sparse = DATA_SIZED_INDEXING.get(hidden.device.type, False)
+        sparse = cpu_kernels.active("sparse_negatives", hidden.device)
         hits = accidental_hits(targets, negatives, rows) if sparse else None
         mm_dtype = matmul_dtype or hidden.dtype
         fused = mm_dtype == hidden.dtype  # products that write or add in place, no temporaries
