@@ -2,7 +2,7 @@
 
 Usage: python scripts/ab_eval.py [--model gru] [--scale 0.05] [--train-batches 300]
            [--train-seed S] [--rounds 5] [--baseline DIR] [--tile-columns N ...]
-           [--batch-users N ...]
+           [--batch-users N ...] [--kernels [--kernel-batches 30]]
            [--out ab_eval.json] [-o model.hidden_size=100 model.loss=sampled_softmax ...]
 
 On a shared machine the same code runs 10-20 % faster or slower from one minute to the next,
@@ -22,12 +22,21 @@ Variants, the first being the reference:
 - `--batch-users N`: the current evaluator with eval.batch_users=N.
 Prints one line per variant and writes JSON {variant: {"best_s", "median_s", "ratio",
 "identical"}, "_meta": {...}}.
+
+`--kernels` measures instead each CPU kernel of seqexp/models/cpu_kernels.py against the
+shared code path: per round, the variants `all` (every kernel) and `without K` (every kernel
+but K) take turns, each timing what K speeds up: `--kernel-batches` training steps from a copy
+of the trained model and its optimiser, the same batches for every variant (training kernels),
+or the ranking of the test events (evaluation kernels). A kernel's ratio = median seconds
+without it / median seconds with all. Writes {"train"|"eval": {variant: {...}}, "_meta"}.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
+import itertools
 import json
 import statistics
 import sys
@@ -40,6 +49,7 @@ from hydra import compose, initialize_config_dir
 
 import seqexp.engine.evaluator as evaluation
 from seqexp.core.resources import config_dir
+from seqexp.models import cpu_kernels
 from seqexp.run.experiment import (
     build_evaluator,
     build_model,
@@ -66,8 +76,8 @@ def load_baseline(checkout: Path):
 
 
 def variants(args, evaluator) -> dict:
-    """name -> (evaluator, TILE_COLUMNS["cpu"] to set for it)."""
-    tile = evaluation.TILE_COLUMNS["cpu"]
+    """name -> (evaluator, cpu_kernels.SCORE_TILE_COLUMNS to set for it)."""
+    tile = cpu_kernels.SCORE_TILE_COLUMNS
     settings = {"cutoffs": evaluator.cutoffs, "batch_users": evaluator.batch_users,
                 "max_block_elements": evaluator.max_block_elements,
                 "exclude_seen": evaluator.exclude_seen}
@@ -83,6 +93,61 @@ def variants(args, evaluator) -> dict:
     return out
 
 
+TRAIN_KERNELS = ("dropout", "sparse_negatives", "softmax_blocks")
+EVAL_KERNELS = ("item_inputs", "replay_steps", "score_tiles", "eval_blocks")
+
+
+def time_training(model, trainer, data, seed: int, batches: int) -> float:
+    """Seconds of `batches` training steps of a copy of `model` (fresh optimiser)."""
+    model = copy.deepcopy(model)
+    optimizer = trainer.make_optimizer(model)
+    use_amp, loss_function = trainer._uses_amp(model.device, 1), trainer._loss_function(model)
+    model.train()
+    chosen = list(itertools.islice(
+        model.training_batches(data, trainer.settings.batch_size, np.random.default_rng(seed)),
+        batches))
+    torch.manual_seed(seed)
+    started = time.perf_counter()
+    for batch in chosen:
+        trainer._step(model, optimizer, loss_function, batch, use_amp)
+    return time.perf_counter() - started
+
+
+def measure_kernels(args, model, trainer, evaluator, data, seed: int) -> dict:
+    """{"train"|"eval": {variant: {"median_s", "best_s", "ratio", "seconds"}}}."""
+    groups = {"train": TRAIN_KERNELS, "eval": EVAL_KERNELS}
+    seconds = {group: {name: [] for name in ["all", *(f"without {k}" for k in kernels)]}
+               for group, kernels in groups.items()}
+    try:
+        for round_ in range(args.rounds + 1):  # round 0 warms every variant up, untimed
+            for group in groups:
+                for name in seconds[group]:
+                    off = name.removeprefix("without ")
+                    cpu_kernels.set_enabled(set(cpu_kernels.KERNELS) - {off})
+                    if group == "train":
+                        took = time_training(model, trainer, data, seed, args.kernel_batches)
+                    else:
+                        started = time.perf_counter()
+                        evaluator.rank_counts(model, data, "test")
+                        took = time.perf_counter() - started
+                    if round_:
+                        seconds[group][name].append(took)
+                        print(f"round {round_} {group} {name}: {took:.2f} s", flush=True)
+    finally:
+        cpu_kernels.set_enabled(True)
+    report: dict = {}
+    for group, variants_ in seconds.items():
+        reference = statistics.median(variants_["all"])
+        report[group] = {}
+        for name, times in variants_.items():
+            median = statistics.median(times)
+            report[group][name] = {"best_s": min(times), "median_s": median,
+                                   "ratio": median / reference, "seconds": times}
+            print(f"{group:>5} {name:>26}: median {median:.2f} s, best {min(times):.2f} s; "
+                  f"all kernels run {median / reference:.3f}x as fast", flush=True)
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="gru")
@@ -94,6 +159,9 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, default=None)
     parser.add_argument("--tile-columns", type=int, nargs="*", default=[])
     parser.add_argument("--batch-users", type=int, nargs="*", default=[])
+    parser.add_argument("--kernels", action="store_true",
+                        help="measure each CPU kernel against the shared path")
+    parser.add_argument("--kernel-batches", type=int, default=30)
     parser.add_argument("--out", default="ab_eval.json")
     parser.add_argument("-o", "--override", nargs="*", default=[])
     args = parser.parse_args()
@@ -112,16 +180,27 @@ def main() -> None:
                             np.random.default_rng(cfg.seed if args.train_seed is None
                                                   else args.train_seed),
                             1, max_batches=args.train_batches)
+    if args.kernels:
+        report = measure_kernels(args, model, trainer, evaluator, data, cfg.seed)
+        report["_meta"] = {"model": args.model, "scale": args.scale, "rounds": args.rounds,
+                           "train_batches": args.train_batches,
+                           "kernel_batches": args.kernel_batches, "overrides": args.override,
+                           "threads": torch.get_num_threads(),
+                           "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                           "torch": torch.__version__}
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.out}")
+        return
     runs = variants(args, evaluator)
     seconds: dict[str, list[float]] = {name: [] for name in runs}
     reference = next(iter(runs))
     first = None  # the reference's counts in the warm-up round
     same = dict.fromkeys(runs, True)
-    default_tile = evaluation.TILE_COLUMNS["cpu"]
+    default_tile = cpu_kernels.SCORE_TILE_COLUMNS
     try:
         for round_ in range(args.rounds + 1):  # round 0 warms every variant up, untimed
             for name, (variant, tile) in runs.items():
-                evaluation.TILE_COLUMNS["cpu"] = tile
+                cpu_kernels.SCORE_TILE_COLUMNS = tile
                 started = time.perf_counter()
                 counts = variant.rank_counts(model, data, "test")
                 if round_:
@@ -132,7 +211,7 @@ def main() -> None:
                                   for field in ("greater", "equal", "users", "positions",
                                                 "targets"))
     finally:
-        evaluation.TILE_COLUMNS["cpu"] = default_tile
+        cpu_kernels.SCORE_TILE_COLUMNS = default_tile
     report = {}
     for name, times in seconds.items():
         report[name] = {"best_s": min(times), "median_s": statistics.median(times),

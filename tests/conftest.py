@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from seqexp.models import cpu_kernels
 from seqexp.run.tracking import Tracker
 
 
@@ -36,3 +37,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=[True, False], ids=["cpu_kernels", "shared_path"])
+def cpu_kernels_switch(request, monkeypatch) -> bool:
+    """The test once with every CPU kernel (train.cpu_kernels=true) and once with none: the
+    code path CUDA takes, run on the CPU."""
+    monkeypatch.setattr(cpu_kernels, "_enabled", set(cpu_kernels.KERNELS) if request.param
+                        else set())
+    return request.param

@@ -21,6 +21,7 @@ from seqexp.apps import cli
 from seqexp.core.resources import config_dir
 from seqexp.data.sequences import SequenceData
 from seqexp.engine.trainer import Trainer, TrainingCallback
+from seqexp.models import cpu_kernels
 
 
 def tiny_overrides(data_dir: Path, tracking_db: Path | None = None,
@@ -137,3 +138,10 @@ def assert_no_near_ties(scores, margin: float = TIE_MARGIN) -> None:
     gaps = ordered[:, 1:] - ordered[:, :-1]
     near = (gaps > 0) & (gaps < margin)
     assert not bool(near.any()), f"{int(near.sum())} score pairs within {margin} of each other"
+
+
+def switch_cpu_kernel(monkeypatch, kernel: str, on: bool) -> None:
+    """Turn one kernel of seqexp.models.cpu_kernels on or off for the test, the rest as set."""
+    assert kernel in cpu_kernels.KERNELS
+    current = set(cpu_kernels.enabled())
+    monkeypatch.setattr(cpu_kernels, "_enabled", current | {kernel} if on else current - {kernel})

@@ -8,15 +8,23 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import sequences
+from helpers import sequences, switch_cpu_kernel
+from seqexp.core.errors import SeqexpError
+from seqexp.models import cpu_kernels
 from seqexp.models.cells import (
+    CELLS,
     AttentionalUserGRUCell,
+    CudnnGRU,
     GRUCell,
     LinearUserGRUCell,
     RectifiedUserGRUCell,
     rectify,
 )
-from seqexp.models.recurrent import RecurrentRecommender
+from seqexp.models.cpu_kernels import Dropout
+from seqexp.models.recurrent import RecurrentRecommender, SampledSoftmaxCE
+
+# every test with the CPU kernels and with the shared (CUDA) code path on the CPU
+pytestmark = pytest.mark.usefixtures("cpu_kernels_switch")
 
 N = 3
 
@@ -257,9 +265,7 @@ def test_sampled_softmax_is_cross_entropy_against_shared_negatives_with_logq(mon
 
 @pytest.mark.parametrize("merge_repeats", [True, False])
 def test_repeated_negatives_count_once_per_draw_merged_or_not(monkeypatch, merge_repeats):
-    from seqexp.models.recurrent import DATA_SIZED_INDEXING
-
-    monkeypatch.setitem(DATA_SIZED_INDEXING, "cpu", merge_repeats)
+    switch_cpu_kernel(monkeypatch, "sparse_negatives", merge_repeats)
     torch.manual_seed(0)
     model = RecurrentRecommender(6, 2, hidden_size=3, loss="sampled_softmax", n_negatives=7)
     model.negative_log_q.copy_(torch.randn(6))
@@ -286,9 +292,7 @@ def test_repeated_negatives_count_once_per_draw_merged_or_not(monkeypatch, merge
 @pytest.mark.parametrize("sparse_hits", [True, False])
 def test_blocked_sampled_softmax_gradients_equal_autograd_of_the_plain_formula(
         monkeypatch, sparse_hits):
-    from seqexp.models.recurrent import DATA_SIZED_INDEXING, SampledSoftmaxCE
-
-    monkeypatch.setitem(DATA_SIZED_INDEXING, "cpu", sparse_hits)
+    switch_cpu_kernel(monkeypatch, "sparse_negatives", sparse_hits)
     torch.manual_seed(1)
     n_rows, n, n_neg = 7, 4, 5
     hidden = torch.randn(n_rows, n, dtype=torch.float64, requires_grad=True)
@@ -298,7 +302,8 @@ def test_blocked_sampled_softmax_gradients_equal_autograd_of_the_plain_formula(
     negatives = torch.tensor([3, 0, 6, 3, 2])
     targets = torch.tensor([3, 1, 2, 0, 5, 6, 3])  # rows 0, 2, 3, 5, 6 have accidental hits
     # 2 rows per block: four blocks, the last one short
-    monkeypatch.setitem(SampledSoftmaxCE.BLOCK_ELEMENTS, "cpu", 2 * n_neg)
+    switch_cpu_kernel(monkeypatch, "softmax_blocks", True)
+    monkeypatch.setattr(cpu_kernels, "SOFTMAX_BLOCK_ELEMENTS", 2 * n_neg)
     blocked = SampledSoftmaxCE.apply(hidden, weight, bias, positive, targets, negatives)
     blocked_grads = torch.autograd.grad(3.0 * blocked, (hidden, weight, bias, positive))
     logits = hidden @ weight.T + bias
@@ -374,8 +379,6 @@ def test_under_autocast_only_the_sampled_softmax_products_change_dtype(monkeypat
 
 
 def test_dropout_drops_a_share_p_and_scales_the_rest_by_one_over_keep():
-    from seqexp.models.recurrent import Dropout
-
     torch.manual_seed(0)
     dropout = Dropout(0.2)
     x = torch.full((400, 500), 3.0, requires_grad=True)
@@ -391,3 +394,38 @@ def test_dropout_drops_a_share_p_and_scales_the_rest_by_one_over_keep():
     assert dropout(x) is x
 
 
+
+
+@pytest.mark.parametrize("cell", ["gru", "linear_ugru", "rectified_ugru", "attentional_ugru"])
+def test_a_zero_in_carry_mask_ends_the_state_and_the_next_step_starts_from_h0(cell):
+    torch.manual_seed(0)
+    model = CELLS[cell](N).double()
+    x, h0, v = inputs(seed=3, steps=5)
+    x, h0, v = x.repeat(2, 1, 1), h0.repeat(2, 1), v.repeat(2, 1)
+    mask = torch.ones(2, 5, dtype=torch.float64)
+    mask[0, 2] = 0.0  # row 0: a session ends after step 2; row 1 runs through
+    out, h_last = model(x, h0, v, carry_mask=mask)
+    plain, plain_last = model(x, h0, v)
+    assert torch.equal(out[1], plain[1]) and torch.equal(h_last[1], plain_last[1])
+    assert torch.equal(out[0, :2], plain[0, :2])
+    assert not out[0, 2].any()
+    fresh, fresh_last = model(x[:1, 3:], torch.zeros(1, N, dtype=torch.float64), v[:1])
+    assert torch.allclose(out[0, 3:], fresh[0], atol=1e-12)
+    assert torch.allclose(h_last[0], fresh_last[0], atol=1e-12)
+    assert not torch.allclose(out[0, 3:], plain[0, 3:])
+
+
+def test_without_carry_mask_the_outputs_are_those_of_an_all_ones_mask():
+    torch.manual_seed(0)
+    model = GRUCell(N).double()
+    x, h0, _ = inputs(seed=4, steps=4)
+    out, _ = model(x, h0)
+    assert torch.equal(model(x, h0, carry_mask=torch.ones(1, 4, dtype=torch.float64))[0], out)
+
+
+def test_cudnn_gru_refuses_a_carry_mask_in_one_line():
+    model = CudnnGRU(N)
+    x, h0 = torch.randn(1, 2, N), torch.zeros(1, N)
+    with pytest.raises(SeqexpError, match="cudnn_gru cannot reset") as error:
+        model(x, h0, carry_mask=torch.ones(1, 2))
+    assert "\n" not in str(error.value)

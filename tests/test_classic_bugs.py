@@ -12,11 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import SHAPE_ATOL, SHAPE_RTOL, sequences
+from helpers import SHAPE_ATOL, SHAPE_RTOL, sequences, switch_cpu_kernel
 from seqexp.data.batching import prediction_batches
 from seqexp.engine.evaluator import Evaluator
+from seqexp.models import cpu_kernels
 from seqexp.models.base import Recommender
 from seqexp.models.recurrent import RecurrentRecommender
+
+# every test with the CPU kernels and with the shared (CUDA) code path on the CPU
+pytestmark = pytest.mark.usefixtures("cpu_kernels_switch")
 
 CELLS = ["gru", "linear_ugru", "rectified_ugru", "attentional_ugru"]
 USER_CELLS = CELLS[1:]
@@ -84,7 +88,7 @@ def test_training_windows_continue_each_users_own_state_and_pair_outputs_with_ta
                                                   reduction="sum"))
                 n_pairs += n_valid
                 if n_valid == model.window:
-                    assert torch.allclose(model._carry[lane], states[-1], atol=1e-6)
+                    assert torch.allclose(batch.carry.states[lane], states[-1], atol=1e-6)
                     checked_carries += 1
             assert loss.item() == pytest.approx(expected / n_pairs, rel=1e-5)
     assert misaligned_windows >= 5 and checked_carries >= 8
@@ -109,9 +113,8 @@ def _replayed_prediction_states(model: RecurrentRecommender, data, phase: str):
                          [(cell, 4, 8) for cell in CELLS] + [("gru", 64, 3), ("gru", 5, 2)])
 def test_prediction_states_equal_a_replay_of_the_events_before_each_target(
         cell, eval_chunk, replay_steps, monkeypatch):
-    from seqexp.models import recurrent
-
-    monkeypatch.setitem(recurrent.REPLAY_STEPS, "cpu", replay_steps)
+    switch_cpu_kernel(monkeypatch, "replay_steps", True)
+    monkeypatch.setattr(cpu_kernels, "REPLAY_STEPS", replay_steps)
     data = sequences(UNEQUAL_USERS, n_items=N_ITEMS, n_test=[2, 5, 3, 6, 1])
     # rows stop at different chunks
     model = _model(cell, len(UNEQUAL_USERS), eval_chunk=eval_chunk)
@@ -133,24 +136,23 @@ def test_prediction_states_equal_a_replay_of_the_events_before_each_target(
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_replay_from_per_item_input_tables_gives_the_same_states(cell, monkeypatch):
     """With more replayed events than items, a CPU replay makes each input-only product once
-    per item (cells.ItemInputs): the states are exactly those of per-event products."""
-    from seqexp.models import cells, recurrent
-
+    per item (cpu_kernels.ItemInputs): the states are exactly those of per-event products."""
+    switch_cpu_kernel(monkeypatch, "item_inputs", True)
     data = sequences(UNEQUAL_USERS, n_items=N_ITEMS, n_test=[2, 5, 3, 6, 1])
-    model = _model(cell, len(UNEQUAL_USERS), hidden_size=16)
+    model = _model(cell, len(UNEQUAL_USERS), hidden_size=16, eval_chunk=4)  # several chunks
     model.eval()
     (batch,) = prediction_batches(data, "test", batch_users=len(UNEQUAL_USERS))
     tables_made = []
-    real_project = cells.ItemInputs.project
+    real_project = cpu_kernels.ItemInputs.project
 
     def counted(self, layer):
         tables_made.append(layer not in self.tables)
         return real_project(self, layer)
 
-    monkeypatch.setattr(cells.ItemInputs, "project", counted)
+    monkeypatch.setattr(cpu_kernels.ItemInputs, "project", counted)
     with torch.no_grad():
         folded = model.prediction_states(batch)
-        monkeypatch.setitem(recurrent.FOLD_ITEM_INPUTS, "cpu", False)
+        switch_cpu_kernel(monkeypatch, "item_inputs", False)
         per_event = model.prediction_states(batch)
     if cell != "cudnn_gru":  # its input product is inside nn.GRU
         assert sum(tables_made) >= 1 and len(tables_made) > sum(tables_made)  # made once, reused
@@ -228,7 +230,7 @@ def test_the_user_dropout_mask_is_one_draw_for_all_steps_of_a_window(cell):
             vectors = model.user_embedding(torch.tensor([user])) * masks
             matches = [mask for mask, vector in zip(masks, vectors, strict=True)
                        if torch.allclose(_replay(model, items, user, vector[None])[-1],
-                                         model._carry[lane], atol=1e-6)]
+                                         batch.carry.states[lane], atol=1e-6)]
             assert len(matches) == 1, f"row {row}: {len(matches)} masks fit the carried state"
             drew_some |= bool((matches[0] == 0).any())
             states = _replay(model, items, user, model.user_embedding(

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import sequences
+from helpers import sequences, switch_cpu_kernel
 from seqexp.core.errors import SeqexpError
 from seqexp.engine.evaluator import Evaluator
 from seqexp.engine.metrics import RankCounts
 from seqexp.engine.ranks import count_ranks
+from seqexp.models import cpu_kernels
 from seqexp.models.base import Recommender
 from seqexp.models.popularity import Popularity
 
@@ -65,7 +66,6 @@ def test_the_two_pass_count_scores_only_the_chunks_that_hold_targets_twice():
 
 
 def test_cpu_score_tiles_rank_like_whole_rows(monkeypatch):
-    from seqexp.engine import evaluator as evaluation
 
     class Hashed(Oracle):  # scores 0..4 from (target, item): many ties, targets anywhere
         def score_items(self, state, lo, hi):
@@ -85,7 +85,8 @@ def test_cpu_score_tiles_rank_like_whole_rows(monkeypatch):
         return score_items(state, lo, hi)
 
     model.score_items = spy
-    monkeypatch.setitem(evaluation.TILE_COLUMNS, "cpu", 4)
+    switch_cpu_kernel(monkeypatch, "score_tiles", True)
+    monkeypatch.setattr(cpu_kernels, "SCORE_TILE_COLUMNS", 4)
     tiled = Evaluator([1, 3], batch_users=2).rank_counts(model, data, "test")
     assert sorted(set(widths)) == [2, 4]  # 6 items in tiles of 4 and 2, each scored once
     assert tiled.greater.tolist() == whole.greater.tolist()

@@ -15,6 +15,9 @@ from seqexp.models.cells import GRUCell
 from seqexp.models.knn import ItemKNN, cosine_neighbours
 from seqexp.models.recurrent import RecurrentRecommender
 
+# every test with the CPU kernels and with the shared (CUDA) code path on the CPU
+pytestmark = pytest.mark.usefixtures("cpu_kernels_switch")
+
 
 def _sigmoid(a):
     return 1.0 / (1.0 + math.exp(-a))
@@ -79,7 +82,7 @@ def test_hidden_state_carries_across_windows_of_a_user_and_resets_between_users(
         model.training_loss(batch)
         if bool(batch.mask.all()):
             carried.append((int(batch.users[0]), batch.inputs[0].tolist(),
-                            model._carry[0].clone()))
+                            batch.carry.states[0].clone()))
     starts = {0: 0, 1: 9}
     replayed = set()
     for user, inputs, state in carried:
@@ -91,6 +94,30 @@ def test_hidden_state_carries_across_windows_of_a_user_and_resets_between_users(
         replayed.add((user, prefix_end - starts[user]))
     assert replayed == {(0, 3), (0, 6), (1, 3)}  # a second window of user 0 was checked
 
+
+
+def test_the_carried_state_travels_with_the_batches_of_its_epoch():
+    """Two epochs' batch iterators taken in turns: each batch's loss is the one it has when
+    its epoch runs alone, so no batch reads a state another iterator's batch left."""
+    torch.manual_seed(0)
+    data = sequences([list(range(9)), [5, 6, 7, 8, 1], [2, 3, 4, 5, 6, 7, 8]], n_items=10)
+    model = RecurrentRecommender(10, 3, hidden_size=4, window=2, dropout=0.0,
+                                 dropout_is_keep_prob=False)
+    model.eval()
+    with torch.no_grad():
+        alone = [[float(model.training_loss(batch)) for batch in
+                  model.training_batches(data, 2, np.random.default_rng(seed))]
+                 for seed in (0, 1)]
+        first = model.training_batches(data, 2, np.random.default_rng(0))
+        second = model.training_batches(data, 2, np.random.default_rng(1))
+        turns: list[list[float]] = [[], []]
+        for a, b in zip(first, second, strict=False):
+            turns[0].append(float(model.training_loss(a)))
+            turns[1].append(float(model.training_loss(b)))
+        turns[0] += [float(model.training_loss(a)) for a in first]
+        turns[1] += [float(model.training_loss(b)) for b in second]
+    assert len(alone[0]) >= 4
+    assert turns == alone
 
 def test_prediction_states_do_not_depend_on_eval_chunking():
     torch.manual_seed(0)

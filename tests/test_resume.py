@@ -245,7 +245,7 @@ def test_the_train_settings_are_the_train_keys_with_their_defaults(shared):
     conf/train/default.yaml; the keys without a field are experiment.configure_torch's."""
     defaults = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "train" / "default.yaml"))
     fields = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
-    assert set(defaults) == set(fields) | {"num_threads", "tf32"}
+    assert set(defaults) == set(fields) | {"num_threads", "tf32", "cpu_kernels"}
     assert {key: defaults[key] for key in fields} == fields
     chosen = TrainSettings(epochs=7, batch_size=9, lr=0.5, optimizer="sgd", weight_decay=0.25,
                            grad_clip=None, patience=5, min_delta=0.125, progress=False,

@@ -110,14 +110,14 @@ def test_training_restarts_the_carried_state_at_a_session_start(cell):
     first = next(batches)  # pairs 1->2, 2->3, 3->4 (break), 4->5
     assert first.session_break.tolist() == [[False, False, True, False]]
     recommender.training_loss(first)
-    carried = recommender.training_state()["carry"]
+    carried = first.carry.states
     assert torch.count_nonzero(carried) > 0  # the window's last step is inside a session
     gap_at_end = timed_sequences([[1, 2, 3, 4, 5, 6]], [[0, 1, 2, 3, 900, 901]], n_items=10)
     batches = recommender.training_batches(gap_at_end, 1, np.random.default_rng(0))
     batch = next(batches)  # pairs 1->2, 2->3, 3->4, 4->5 (break at the window's end)
     assert batch.session_break.tolist() == [[False, False, False, True]]
     recommender.training_loss(batch)
-    assert torch.count_nonzero(recommender.training_state()["carry"]) == 0
+    assert torch.count_nonzero(batch.carry.states) == 0
 
 
 def test_whole_history_states_are_unchanged_by_an_unreachable_gap():

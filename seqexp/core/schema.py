@@ -158,6 +158,9 @@ TRAIN: dict[str, Key] = {
     "num_threads": _speed(integer(1, nullable=True), "CPU threads for torch (null keeps "
                           "torch's default)"),
     "tf32": _speed(flag(), "TF32 tensor cores for float32 products on CUDA"),
+    # changes results: the CPU dropout kernel draws other masks than the shared path
+    "cpu_kernels": Key(flag(), "the CPU-only kernels of seqexp/models/cpu_kernels.py (false: "
+                       "a CPU runs the code path CUDA takes)"),
     "amp": Key(flag(), "bf16 autocast of training (CUDA, CPUs with native bf16); "
                "evaluation stays float32"),
     "compile": _speed(flag(), "torch.compile of the training loss"),

@@ -31,6 +31,24 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
+class LaneStates:
+    """The state each training lane carries from one window into its next: one buffer per
+    epoch's batch iterator, referenced by each batch it yields, so the carry travels with the
+    batches (two epochs' iterators never share one) instead of living on the model. A model
+    reads a batch's entering states with `entering` and writes the leaving ones with `leave`."""
+
+    def __init__(self, states: torch.Tensor) -> None:
+        self.states = states  # [lanes, ...]
+
+    def entering(self, lanes: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The states lanes `lanes` carry in, zero where `keep` [B, 1] is false (a user start)."""
+        return self.states[lanes] * keep
+
+    def leave(self, lanes: torch.Tensor, states: torch.Tensor) -> None:
+        """Store the states at the end of the window of lanes `lanes` (detached)."""
+        self.states[lanes] = states.detach()
+
+
 @dataclass
 class WindowBatch:
     lanes: np.ndarray  # [B] lane of each row (rows are the lanes still active)
@@ -43,6 +61,8 @@ class WindowBatch:
     # [n_events] positions of the pairs in the flattened [B * T] window, row-major; computed
     # here on the CPU so that a model on a GPU gathers its outputs without a device sync
     pairs: torch.Tensor
+    # the states carried between the windows of each lane (None: every window starts from 0)
+    carry: LaneStates | None = None
     # [B, T] bool, true where the target comes more than the session gap after the input (it
     # starts a new session); None when the batches were made without a session gap
     session_break: torch.Tensor | None = None
@@ -56,10 +76,10 @@ def session_breaks(before: ArrayT, after: ArrayT, gap_s: float) -> ArrayT:
 
 def window_batches(
     data: SequenceData, lanes: int, window: int, rng: np.random.Generator,
-    session_gap_s: float | None = None,
+    session_gap_s: float | None = None, carry: LaneStates | None = None,
 ) -> Iterator[WindowBatch]:
-    """One epoch of training windows in a random user order; with `session_gap_s`, each
-    batch carries `session_break` (see WindowBatch)."""
+    """One epoch of training windows in a random user order, each batch referencing `carry`;
+    with `session_gap_s`, each batch carries `session_break` (see WindowBatch)."""
     starts = data.offsets[:-1]
     stops = data.train_end - 1  # the last training event is a target only
     users = rng.permutation(np.flatnonzero(stops > starts))
@@ -94,6 +114,7 @@ def window_batches(
             n_events=int(mask.sum()),
             pairs=torch.from_numpy(np.flatnonzero(mask)),
             session_break=breaks,
+            carry=carry,
         )
         reset[rows] = False
         lane_pos[rows] += window

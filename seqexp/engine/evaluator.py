@@ -30,20 +30,15 @@ from seqexp.data.batching import PredictionBatch, prediction_batches
 from seqexp.data.sequences import SequenceData
 from seqexp.engine.metrics import RankCounts
 from seqexp.engine.ranks import check_finite, count_ranks
+from seqexp.models import cpu_kernels
 from seqexp.models.base import Recommender
 
 # Users per evaluation batch when eval.batch_users is null: on a GPU, large batches keep the
 # per-step launch cost of replaying sequences small; on a CPU, small ones stay in cache.
 AUTO_BATCH_USERS = {"cpu": 256, "cuda": 8192}
-# Score-block size (points x items) when eval.max_block_elements is null: on a CPU a block that
-# stays in the last-level cache (12 MB of float32) while it is compared and summed ranked 2.1x
-# faster than a 200 MB one (scripts/bench_models.py, gru, scale 0.05); a GPU wants few, large
-# blocks.
-AUTO_BLOCK_ELEMENTS = {"cpu": 3_000_000, "cuda": 50_000_000}
-# Items per score product on a CPU: a block's points are scored against the catalogue in tiles
-# whose output (points x TILE_COLUMNS float32, about 1 MB) stays in a core's L2 cache while it
-# is written and then ranked; the whole-row block is 12 MB. A GPU scores whole rows at once.
-TILE_COLUMNS = {"cpu": 1024}
+# Score-block size (points x items) when eval.max_block_elements is null: few, large blocks
+# (the eval_blocks CPU kernel: blocks that stay in the last-level cache).
+AUTO_BLOCK_ELEMENTS = 50_000_000
 
 
 def _for_device(table: dict[str, int], device: torch.device) -> int:
@@ -65,7 +60,11 @@ class Evaluator:
         return self.batch_users or _for_device(AUTO_BATCH_USERS, device)
 
     def block_elements(self, device: torch.device) -> int:
-        return self.max_block_elements or _for_device(AUTO_BLOCK_ELEMENTS, device)
+        if self.max_block_elements:
+            return self.max_block_elements
+        if cpu_kernels.active("eval_blocks", device):
+            return cpu_kernels.EVAL_BLOCK_ELEMENTS
+        return AUTO_BLOCK_ELEMENTS
 
     @torch.no_grad()
     def rank_counts(self, model: Recommender, data: SequenceData, phase: str,
@@ -110,7 +109,8 @@ class Evaluator:
         points = max(1, min(batch.n_targets, block // max(n_items, 1)))
         chunk = max(1, block // points)
         keep = points * n_items <= block  # every point's whole row of scores fits the block
-        chunk = min(chunk, TILE_COLUMNS.get(device.type, chunk))
+        if cpu_kernels.active("score_tiles", device):  # tiles of items that stay in cache
+            chunk = min(chunk, cpu_kernels.SCORE_TILE_COLUMNS)
         g_parts, e_parts = [], []
         for start in range(0, batch.n_targets, points):
             part = slice(start, start + points)

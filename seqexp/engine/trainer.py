@@ -17,6 +17,7 @@ stopped."""
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import random
@@ -557,7 +558,8 @@ class Trainer:
                 if max_batches is not None and loss.steps >= max_batches:
                     break
                 if self.stop_requested() is not None:
-                    raise _EpochAbandoned(self._partial_epoch(model, rng, epoch_random, loss))
+                    raise _EpochAbandoned(self._partial_epoch(model, batch, rng, epoch_random,
+                                                              loss))
         mean_loss = loss.mean()  # waits for the device
         elapsed = time.perf_counter() - started
         stats = {"train_loss": mean_loss, "train_events_per_s": loss.events / max(elapsed, 1e-9),
@@ -579,27 +581,30 @@ class Trainer:
         return loss
 
     @staticmethod
-    def _partial_epoch(model: Recommender, rng: np.random.Generator,
+    def _partial_epoch(model: Recommender, batch: Any, rng: np.random.Generator,
                        epoch_random: Mapping[str, Any], loss: EpochLoss) -> dict[str, Any]:
-        """What the resumable state keeps of an epoch stopped after `loss.steps` batches: the
-        sums so far, the random states (the batch generator's as at the epoch's start, since
-        its batches are drawn again) and the model's carried state."""
+        """What the resumable state keeps of an epoch stopped after `loss.steps` batches, the
+        last one `batch`: the sums so far, the random states (the batch generator's as at the
+        epoch's start, since its batches are drawn again) and the state carried from it."""
         states = random_states(rng)
         states["batches"] = epoch_random
         return {**loss.sums(), "random": states, "torch": states["torch"],
-                "model_training_state": model.training_state()}
+                "model_training_state": model.training_state(batch)}
 
     @staticmethod
     def _skip_kept_batches(batches: Iterator[Any], model: Recommender,
                            resume_from: Mapping[str, Any]) -> Iterator[Any]:
         """The epoch's batch generator past the batches the partial epoch trained on: they are
         drawn again from the same random state (so the rest follow as they would have), then
-        the model's carried state and torch's random state at the stop are put back."""
+        the carried state (into the next batch) and torch's random state at the stop are put
+        back."""
         for _ in range(resume_from["batches"]):
             next(batches, None)
-        model.load_training_state(resume_from["model_training_state"])
+        following = list(itertools.islice(batches, 1))
+        model.load_training_state(resume_from["model_training_state"],
+                                  following[0] if following else None)
         torch.set_rng_state(resume_from["torch"])
-        return batches
+        return itertools.chain(following, batches)
 
     def _validate(self, model: Recommender, data: SequenceData,
                   epoch: int) -> tuple[dict[str, float], float]:

@@ -49,13 +49,15 @@ class Recommender(nn.Module):
         point (a user vector); seqexp.apps.recommend needs a user for such a model."""
         return False
 
-    def training_state(self) -> dict[str, torch.Tensor]:
-        """State the model carries from batch to batch of an epoch besides its parameters and
-        buffers (a recurrent model's hidden states): saved in the resumable training state."""
+    def training_state(self, batch: Any = None) -> dict[str, torch.Tensor]:
+        """State carried from batch to batch of an epoch besides the parameters and buffers
+        (a recurrent model's hidden states), as it stands after training on `batch`: saved in
+        the resumable training state."""
         return {}
 
-    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Put back what training_state() returned."""
+    def load_training_state(self, state: dict[str, torch.Tensor], batch: Any = None) -> None:
+        """Put back what training_state() returned, before training on `batch` (the first
+        batch after those the saved state had trained on)."""
 
     def fit(self, train: SequenceData) -> None:
         """Closed-form fitting on the training events (train.train_mask()); default: nothing."""

@@ -2,10 +2,9 @@
 
 A cell runs a whole window: `forward(x, h0, user, carry_mask)` takes item inputs x [B, T, n],
 the initial hidden state h0 [B, n], the user vector v [B, n] (constant along the window; ignored
-by item-only cells) and optionally carry_mask [B, T] of 0/1: after step t the state is
-multiplied by carry_mask[:, t], so a 0 restarts the recurrence from h0 = 0 there (a session
-end); the outputs [B, T, n] hold the states so masked. It returns the outputs and the last
-state [B, n]. Every term that
+by item-only cells) and optionally carry_mask [B, T] of 0/1 that restarts the state from h0 = 0
+after a step (the end of a session, model.session_gap_s); it returns the outputs [B, T, n] and
+the last state [B, n]. Every term that
 does not depend on h is computed for all T steps in one matrix product before the step loop,
 which does only the h-dependent work. Equations: SPEC §4 (Donkers et al., RecSys 2017).
 """
@@ -13,41 +12,10 @@ which does only the h-dependent work. Equations: SPEC §4 (Donkers et al., RecSy
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from seqexp.core.errors import SeqexpError
-
-
-class ItemInputs:
-    """Item inputs as ids into the embedding table, for a replay without dropout: a cell's
-    products of the input alone (W x, ...) are then made once per item of the catalogue and
-    looked up per event. The same values (each row of a product is computed alone), at a
-    fraction of the cost when the replayed events far outnumber the items. `tables` holds the
-    products made so far and is shared by every chunk of one replay."""
-
-    def __init__(self, items: torch.Tensor, embedding: torch.Tensor,
-                 tables: dict[nn.Module, torch.Tensor]) -> None:
-        self.items = items
-        self.embedding = embedding
-        self.tables = tables
-
-    def project(self, layer: nn.Module) -> torch.Tensor:
-        if layer not in self.tables:
-            self.tables[layer] = layer(self.embedding)
-        return F.embedding(self.items, self.tables[layer])
-
-    def dense(self) -> torch.Tensor:
-        return F.embedding(self.items, self.embedding)
-
-
-def project(layer: nn.Module, x: torch.Tensor | ItemInputs) -> torch.Tensor:
-    """layer(x), through the per-item table when x is given as ItemInputs."""
-    return x.project(layer) if isinstance(x, ItemInputs) else layer(x)
-
-
-def dense(x: torch.Tensor | ItemInputs) -> torch.Tensor:
-    return x.dense() if isinstance(x, ItemInputs) else x
+from seqexp.models.cpu_kernels import ItemInputs, dense, project
 
 
 def gated_update(gate_inputs: torch.Tensor, candidate_input: torch.Tensor,
@@ -65,24 +33,72 @@ def gated_update(gate_inputs: torch.Tensor, candidate_input: torch.Tensor,
     return h + z * (k - h)
 
 
-def carried(h: torch.Tensor, carry_mask: torch.Tensor | None, step: int) -> torch.Tensor:
-    """The state after `step` as the next step and the output see it: zeroed where the
-    sequence's session ends (carry_mask 0); unchanged without a mask."""
-    return h if carry_mask is None else h * carry_mask[:, step, None]
+# Seeded initial weights: each user cell registers and initialises its layers in the order
+# (and with the random draws) of the cells that were built as subclasses of the item-only GRU
+# with some of its layers replaced, so a given seed still gives the same weights, hence the
+# same metrics. Registration order matters too: the gradient-norm clip sums over parameters
+# in that order.
 
 
-def split_steps(terms: torch.Tensor, sizes: list[int]) -> list[tuple[torch.Tensor, ...]]:
-    """[B, T, sum(sizes)] -> per step, the pieces [B, size] (views; one backward op each)."""
-    pieces = [part.unbind(1) for part in terms.split(sizes, dim=-1)]
-    return list(zip(*pieces, strict=True))
+def skip_initial_draws(*shapes: tuple[int, ...]) -> None:
+    """Advance torch's random generator by the draws that initialising a tensor of each shape
+    with uniform_ (an nn.Linear weight or bias) makes, keeping nothing."""
+    with torch.no_grad():
+        for shape in shapes:
+            torch.empty(shape).uniform_()
 
 
-class GRUCell(nn.Module):
-    """`gru`: z = σ(W_z x + U_z h), r = σ(W_r x + U_r h), k = tanh(W x + U (r ⊙ h)),
-    h' = (1 − z) ⊙ h + z ⊙ k (item input only)."""
+def uninitialised_linear(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
+    """An nn.Linear registered now and initialised later (`reset_parameters()`), no draws yet."""
+    return torch.nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias)
+
+
+class UserGRUCell(nn.Module):
+    """The step loop shared by every SPEC §4 cell.
+
+    A cell states its equations in two parts: `input_terms` computes, for all T steps at once,
+    every term that does not depend on h (one product over the window) and the per-window
+    constants; `step` does the h-dependent work of one step. `forward(x, h0, user,
+    carry_mask)` runs the window: x [B, T, n] (or ItemInputs), h0 [B, n], user [B, n] (ignored
+    by item-only cells); carry_mask [B, T] of 0/1, when given, multiplies the state after
+    step t by carry_mask[:, t], so a 0 makes output t zero and starts step t + 1 from h0 = 0.
+    Returns the outputs [B, T, n] and the last state [B, n].
+    """
 
     uses_user = False
-    takes_carry_mask = True
+    takes_carry_mask = True  # session-scoped states (model.session_gap_s) can use the cell
+
+    def input_terms(self, x: torch.Tensor | ItemInputs, user: torch.Tensor | None
+                    ) -> tuple[tuple[torch.Tensor, ...], tuple]:
+        """(per-step terms, each [B, T, ·]; per-window constants passed to every step)."""
+        raise NotImplementedError
+
+    def step(self, h: torch.Tensor, terms: tuple[torch.Tensor, ...], constants: tuple
+             ) -> torch.Tensor:
+        """h' from h [B, n] and this step's input terms (each [B, ·])."""
+        raise NotImplementedError
+
+    def forward(
+        self, x: torch.Tensor | ItemInputs, h0: torch.Tensor, user: torch.Tensor | None = None,
+        carry_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        per_step, constants = self.input_terms(x, user)
+        # views, one backward op each
+        steps = list(zip(*(terms.unbind(1) for terms in per_step), strict=True))
+        keeps = ([None] * len(steps) if carry_mask is None
+                 else carry_mask.to(h0.dtype).unsqueeze(-1).unbind(1))
+        h, outputs = h0, []
+        for terms, keep in zip(steps, keeps, strict=True):
+            h = self.step(h, terms, constants)
+            if keep is not None:
+                h = h * keep
+            outputs.append(h)
+        return torch.stack(outputs, dim=1), h
+
+
+class GRUCell(UserGRUCell):
+    """`gru`: z = σ(W_z x + U_z h), r = σ(W_r x + U_r h), k = tanh(W x + U (r ⊙ h)),
+    h' = (1 − z) ⊙ h + z ⊙ k (item input only)."""
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
@@ -91,23 +107,21 @@ class GRUCell(nn.Module):
         self.hidden_gates = nn.Linear(n, 2 * n, bias=False)  # [U_z; U_r] h
         self.hidden_candidate = nn.Linear(n, n, bias=False)  # U (r ⊙ h)
 
-    def input_terms(self, x: torch.Tensor | ItemInputs, user: torch.Tensor | None
-                    ) -> torch.Tensor:
+    def item_terms(self, x: torch.Tensor | ItemInputs, user: torch.Tensor | None
+                   ) -> torch.Tensor:
+        """The non-recurrent parts of z, r and k, [B, T, 3n]."""
         return project(self.input_proj, x)
 
-    def forward(
-        self, x: torch.Tensor, h0: torch.Tensor, user: torch.Tensor | None = None,
-        carry_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        n = h0.shape[-1]
-        h, outputs = h0, []
-        steps = split_steps(self.input_terms(x, user), [2 * n, n])
-        for t, (gate_in, candidate_in) in enumerate(steps):
-            h = gated_update(gate_in, candidate_in, self.hidden_gates(h), h,
-                             self.hidden_candidate)
-            h = carried(h, carry_mask, t)
-            outputs.append(h)
-        return torch.stack(outputs, dim=1), h
+    def input_terms(self, x: torch.Tensor | ItemInputs, user: torch.Tensor | None
+                    ) -> tuple[tuple[torch.Tensor, ...], tuple]:
+        n = self.hidden_candidate.in_features
+        return self.item_terms(x, user).split([2 * n, n], dim=-1), ()
+
+    def step(self, h: torch.Tensor, terms: tuple[torch.Tensor, ...], constants: tuple
+             ) -> torch.Tensor:
+        gate_in, candidate_in = terms
+        return gated_update(gate_in, candidate_in, self.hidden_gates(h), h,
+                            self.hidden_candidate)
 
 
 class LinearUserGRUCell(GRUCell):
@@ -121,8 +135,8 @@ class LinearUserGRUCell(GRUCell):
         super().__init__(hidden_size)
         self.user_proj = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
 
-    def input_terms(self, x: torch.Tensor | ItemInputs, user: torch.Tensor | None
-                    ) -> torch.Tensor:
+    def item_terms(self, x: torch.Tensor | ItemInputs, user: torch.Tensor | None
+                   ) -> torch.Tensor:
         return project(self.input_proj, x) + self.user_proj(user).unsqueeze(1)
 
 
@@ -141,7 +155,7 @@ def rectify(v: torch.Tensor, kappa1: torch.Tensor, kappa2: torch.Tensor, omega: 
     return v * above1 * (omega + (1.0 - omega) * above2)
 
 
-class RectifiedUserGRUCell(GRUCell):
+class RectifiedUserGRUCell(UserGRUCell):
     """`rectified_ugru`: as linear_ugru, with v rectified element-wise at every step by
     thresholds [κ1; κ2] = T_{3n,2n} [h; x; v] and a factor ω ∈ [0, 1].
 
@@ -155,14 +169,18 @@ class RectifiedUserGRUCell(GRUCell):
 
     def __init__(self, hidden_size: int, threshold: str = "soft", temperature: float = 0.1,
                  omega: float | None = None) -> None:
-        super().__init__(hidden_size)
+        super().__init__()
         n = hidden_size
         self.temperature = temperature if threshold == "soft" else None
+        self.input_proj = nn.Linear(n, 3 * n)  # x terms of z, r, k + biases
+        # the h parts of the gates and of κ share one product per step
+        self.hidden_gates = uninitialised_linear(n, 4 * n, bias=False)
+        skip_initial_draws((2 * n, n))
+        self.hidden_candidate = nn.Linear(n, n, bias=False)  # U (r ⊙ h)
         self.user_proj = nn.Linear(n, 3 * n, bias=False)  # ṽ terms of z, r, k
         self.kappa_input = nn.Linear(n, 2 * n)  # x part of T_{3n,2n} for [κ1; κ2], + bias
         self.kappa_user = nn.Linear(n, 2 * n, bias=False)  # v part
-        # the h parts of the gates and of κ share one product per step
-        self.hidden_gates = nn.Linear(n, 4 * n, bias=False)
+        self.hidden_gates.reset_parameters()
         if omega is None:
             self.omega_logit = nn.Parameter(torch.zeros(()))  # ω = σ(0) = 0.5 at the start
         else:
@@ -174,28 +192,24 @@ class RectifiedUserGRUCell(GRUCell):
             return self.omega_fixed
         return torch.sigmoid(self.omega_logit)
 
-    def forward(
-        self, x: torch.Tensor, h0: torch.Tensor, user: torch.Tensor | None = None,
-        carry_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        n = h0.shape[-1]
+    def input_terms(self, x: torch.Tensor | ItemInputs, user: torch.Tensor | None
+                    ) -> tuple[tuple[torch.Tensor, ...], tuple]:
         item_terms = project(self.input_proj, x)  # [B, T, 3n]
         kappa_terms = project(self.kappa_input, x) + self.kappa_user(user).unsqueeze(1)
-        omega = self.omega
-        h, outputs = h0, []
-        steps = zip(item_terms.unbind(1), kappa_terms.unbind(1), strict=True)
-        for t, (item_t, kappa_t) in enumerate(steps):
-            hidden_gates, hidden_kappa = self.hidden_gates(h).split([2 * n, 2 * n], dim=-1)
-            kappa1, kappa2 = (kappa_t + hidden_kappa).chunk(2, dim=-1)
-            v_rect = rectify(user, kappa1, kappa2, omega, self.temperature)
-            gate_in, candidate_in = (item_t + self.user_proj(v_rect)).split([2 * n, n], dim=-1)
-            h = gated_update(gate_in, candidate_in, hidden_gates, h, self.hidden_candidate)
-            h = carried(h, carry_mask, t)
-            outputs.append(h)
-        return torch.stack(outputs, dim=1), h
+        return (item_terms, kappa_terms), (user, self.omega)
+
+    def step(self, h: torch.Tensor, terms: tuple[torch.Tensor, ...], constants: tuple
+             ) -> torch.Tensor:
+        (item_t, kappa_t), (user, omega) = terms, constants
+        n = h.shape[-1]
+        hidden_gates, hidden_kappa = self.hidden_gates(h).split([2 * n, 2 * n], dim=-1)
+        kappa1, kappa2 = (kappa_t + hidden_kappa).chunk(2, dim=-1)
+        v_rect = rectify(user, kappa1, kappa2, omega, self.temperature)
+        gate_in, candidate_in = (item_t + self.user_proj(v_rect)).split([2 * n, n], dim=-1)
+        return gated_update(gate_in, candidate_in, hidden_gates, h, self.hidden_candidate)
 
 
-class AttentionalUserGRUCell(GRUCell):
+class AttentionalUserGRUCell(UserGRUCell):
     """`attentional_ugru`: an attention regulation gate ξ = σ(T h + T x + T v) mixes item and
     user, x̃ = (1 − ξ) ⊙ x, ṽ = ξ ⊙ v, then [z; r] = σ(T_{3n,2n} [h; x̃; ṽ]) and
     k = tanh(T (r ⊙ h) + T x̃ + T ṽ). ξ → 0 gives an item-only GRU, ξ → 1 drops the item."""
@@ -203,30 +217,31 @@ class AttentionalUserGRUCell(GRUCell):
     uses_user = True
 
     def __init__(self, hidden_size: int) -> None:
-        super().__init__(hidden_size)
+        super().__init__()
         n = hidden_size
-        self.input_proj = nn.Linear(2 * n, 3 * n)  # [x̃; ṽ] terms of z, r, k + biases
+        self.input_proj = uninitialised_linear(2 * n, 3 * n)  # [x̃; ṽ] terms of z, r, k + biases
+        self.hidden_gates = uninitialised_linear(n, 3 * n, bias=False)  # h terms of z, r and ξ
+        skip_initial_draws((3 * n, n), (3 * n,), (2 * n, n))
+        self.hidden_candidate = nn.Linear(n, n, bias=False)  # U (r ⊙ h)
+        self.input_proj.reset_parameters()
         self.xi_input = nn.Linear(n, n)  # x term of ξ + bias
         self.xi_user = nn.Linear(n, n, bias=False)  # v term of ξ
-        self.hidden_gates = nn.Linear(n, 3 * n, bias=False)  # h terms of z, r and ξ
+        self.hidden_gates.reset_parameters()
 
-    def forward(
-        self, x: torch.Tensor, h0: torch.Tensor, user: torch.Tensor | None = None,
-        carry_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        n = h0.shape[-1]
+    def input_terms(self, x: torch.Tensor | ItemInputs, user: torch.Tensor | None
+                    ) -> tuple[tuple[torch.Tensor, ...], tuple]:
         xi_terms = project(self.xi_input, x) + self.xi_user(user).unsqueeze(1)  # [B, T, n]
-        h, outputs = h0, []
-        steps = zip(dense(x).unbind(1), xi_terms.unbind(1), strict=True)
-        for t, (x_t, xi_t) in enumerate(steps):
-            hidden_gates, hidden_xi = self.hidden_gates(h).split([2 * n, n], dim=-1)
-            xi = torch.sigmoid(xi_t + hidden_xi)
-            mixed = torch.cat([(1.0 - xi) * x_t, xi * user], dim=-1)
-            gate_in, candidate_in = self.input_proj(mixed).split([2 * n, n], dim=-1)
-            h = gated_update(gate_in, candidate_in, hidden_gates, h, self.hidden_candidate)
-            h = carried(h, carry_mask, t)
-            outputs.append(h)
-        return torch.stack(outputs, dim=1), h
+        return (dense(x), xi_terms), (user,)
+
+    def step(self, h: torch.Tensor, terms: tuple[torch.Tensor, ...], constants: tuple
+             ) -> torch.Tensor:
+        (x_t, xi_t), (user,) = terms, constants
+        n = h.shape[-1]
+        hidden_gates, hidden_xi = self.hidden_gates(h).split([2 * n, n], dim=-1)
+        xi = torch.sigmoid(xi_t + hidden_xi)
+        mixed = torch.cat([(1.0 - xi) * x_t, xi * user], dim=-1)
+        gate_in, candidate_in = self.input_proj(mixed).split([2 * n, n], dim=-1)
+        return gated_update(gate_in, candidate_in, hidden_gates, h, self.hidden_candidate)
 
 
 class CudnnGRU(nn.Module):
@@ -242,12 +257,12 @@ class CudnnGRU(nn.Module):
         self.rnn = nn.GRU(hidden_size, hidden_size, batch_first=True)
 
     def forward(
-        self, x: torch.Tensor, h0: torch.Tensor, user: torch.Tensor | None = None,
+        self, x: torch.Tensor | ItemInputs, h0: torch.Tensor, user: torch.Tensor | None = None,
         carry_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if carry_mask is not None:
-            raise SeqexpError("model.cell=cudnn_gru cannot restart its state inside a window; "
-                              "use model.cell=gru with model.session_gap_s")
+            raise SeqexpError("model.cell=cudnn_gru cannot reset its state inside a window "
+                              "(carry_mask); use model.cell=gru")
         out, h = self.rnn(dense(x), h0.unsqueeze(0).contiguous())
         return out, h.squeeze(0)
 

@@ -182,10 +182,11 @@ class DREAM(Recommender):
         states = self.basket_states(sequences).reshape(-1, self.hidden_size)
         return torch.cat([states, initial])
 
-    def training_state(self) -> dict[str, torch.Tensor]:
+    def training_state(self, batch: BasketBatch | None = None) -> dict[str, torch.Tensor]:
         return {} if self._carry is None else {"carry": self._carry}
 
-    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
+    def load_training_state(self, state: dict[str, torch.Tensor],
+                            batch: BasketBatch | None = None) -> None:
         if "carry" in state:
             self._carry = state["carry"].to(self.device)
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from seqexp.core.errors import SeqexpError
 from seqexp.data.batching import (
+    LaneStates,
     PredictionBatch,
     WindowBatch,
     session_breaks,
@@ -20,33 +21,12 @@ from seqexp.data.batching import (
     window_batches,
 )
 from seqexp.data.sequences import SequenceData
+from seqexp.models import cpu_kernels
 from seqexp.models.base import Recommender
-from seqexp.models.cells import CELLS, ItemInputs
+from seqexp.models.cells import CELLS
+from seqexp.models.cpu_kernels import Dropout, ItemInputs
 
 LOSSES = ("full_softmax", "sampled_softmax")
-# Index work whose output size depends on the data (merging repeated negatives, finding
-# accidental hits): on a CPU it saves work, on a GPU it would make the host wait for the device.
-DATA_SIZED_INDEXING = {"cpu": True, "cuda": False}
-# Time steps between re-selections of the rows still running when replaying histories: a row
-# runs to the end of the chunk it ends in, so long chunks waste cell steps on padding (24 % of
-# them at 64 steps on the default synthetic data). On a CPU the waste costs more than the extra
-# chunks; on a GPU each chunk costs launches, so it replays model.eval_chunk steps at once.
-REPLAY_STEPS = {"cpu": 8}
-# Replay with the cell's input-only products made once per item (cells.ItemInputs) when the
-# replayed events outnumber the items; CUDA keeps the per-event products (not measured there).
-FOLD_ITEM_INPUTS = {"cpu": True, "cuda": False}
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout (inverted: kept values scaled by 1/(1 − p)); on a CPU the mask is drawn as
-    uniform < 1 − p, faster there than the bernoulli_ that F.dropout uses."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or x.device.type != "cpu" or self.p in (0.0, 1.0):
-            return super().forward(x)
-        keep = 1.0 - self.p
-        scale = torch.rand(x.shape).lt_(keep)  # 1.0 where kept, in place: no bool mask
-        return x * scale.to(x.dtype).mul_(1.0 / keep)
 
 
 class RecurrentRecommender(Recommender):
@@ -106,7 +86,6 @@ class RecurrentRecommender(Recommender):
         # log of the expected count of each item among the shared negatives (logQ correction)
         self.register_buffer("negative_log_q", torch.zeros(n_items))
         self.register_buffer("negative_probs", torch.full((n_items,), 1.0 / n_items))
-        self._carry: torch.Tensor | None = None
 
     def fit(self, train: SequenceData) -> None:
         """The popularity distribution of the sampled-softmax negatives (training events)."""
@@ -120,12 +99,15 @@ class RecurrentRecommender(Recommender):
     def uses_users(self) -> bool:
         return self.user_embedding is not None
 
-    def training_state(self) -> dict[str, torch.Tensor]:
-        return {} if self._carry is None else {"carry": self._carry}
+    def training_state(self, batch: WindowBatch | None = None) -> dict[str, torch.Tensor]:
+        if batch is None or batch.carry is None:
+            return {}
+        return {"carry": batch.carry.states.clone()}
 
-    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
-        if "carry" in state:
-            self._carry = state["carry"].to(self.device)
+    def load_training_state(self, state: dict[str, torch.Tensor],
+                            batch: WindowBatch | None = None) -> None:
+        if batch is not None and batch.carry is not None and "carry" in state:
+            batch.carry.states.copy_(state["carry"])
 
     def _user_vectors(self, users: torch.Tensor) -> torch.Tensor | None:
         if self.user_embedding is None:
@@ -135,21 +117,25 @@ class RecurrentRecommender(Recommender):
     def training_batches(
         self, train: SequenceData, batch_size: int, rng: np.random.Generator
     ) -> Iterator[WindowBatch]:
-        self._carry = torch.zeros(batch_size, self.hidden_size, device=self.device)
-        yield from window_batches(train, batch_size, self.window, rng, self.session_gap_s)
+        carry = LaneStates(torch.zeros(batch_size, self.hidden_size, device=self.device))
+        yield from window_batches(train, batch_size, self.window, rng, self.session_gap_s, carry)
 
     def training_loss(self, batch: WindowBatch) -> torch.Tensor:
         device = self.device
         lanes = to_device(torch.from_numpy(batch.lanes), device)
         keep = to_device(~batch.reset, device).unsqueeze(1)
-        h0 = self._carry[lanes] * keep
+        if batch.carry is None:
+            h0 = torch.zeros(len(batch.lanes), self.hidden_size, device=device)
+        else:
+            h0 = batch.carry.entering(lanes, keep)
         x = self.dropout(self.embedding(to_device(batch.inputs, device)))
         carry_mask = None
         if batch.session_break is not None:
             carry_mask = to_device(~batch.session_break, device).to(x.dtype)
         out, h = self.cell(x, h0, self._user_vectors(to_device(batch.users, device)),
                            carry_mask)
-        self._carry[lanes] = h.detach()
+        if batch.carry is not None:
+            batch.carry.leave(lanes, h)
         # Only the existing (input, next) pairs, gathered by positions computed on the CPU.
         pairs = to_device(batch.pairs, device)
         hidden = self.dropout(out.reshape(-1, self.hidden_size).index_select(0, pairs))
@@ -171,7 +157,7 @@ class RecurrentRecommender(Recommender):
                     + bias.index_select(0, targets))
         positive = positive - self.negative_log_q[targets]
         log_count = 0.0
-        if DATA_SIZED_INDEXING.get(hidden.device.type, False):
+        if cpu_kernels.active("sparse_negatives", hidden.device):
             # c copies of a negative share one logit l, and c·e^l = e^(l + log c): one column
             # each, the same loss and gradients.
             negatives, counts = torch.unique(negatives, return_counts=True)
@@ -197,8 +183,11 @@ class RecurrentRecommender(Recommender):
         states = torch.empty(batch.n_targets, self.hidden_size, device=items.device)
         context_end = batch.target_cols - 1  # state after this column predicts the target
         h = torch.zeros(n_rows, self.hidden_size, device=items.device)
-        step = min(self.eval_chunk, REPLAY_STEPS.get(items.device.type, self.eval_chunk))
-        fold = (FOLD_ITEM_INPUTS.get(items.device.type, False) and not self.training
+        # a row runs to the end of the chunk it ends in: with the replay_steps kernel the rows
+        # still running are re-selected every few steps (less padding, more chunks)
+        step = (min(self.eval_chunk, cpu_kernels.REPLAY_STEPS)
+                if cpu_kernels.active("replay_steps", items.device) else self.eval_chunk)
+        fold = (cpu_kernels.active("item_inputs", items.device) and not self.training
                 and int(lengths.sum()) > self.n_items)
         tables: dict = {}
         carry_mask = None
@@ -271,17 +260,18 @@ class SampledSoftmaxCE(torch.autograd.Function):
     the softmax and the gradient sums over blocks stay in the input's dtype.
     """
 
-    BLOCK_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 27}  # rows x negatives per block
+    BLOCK_ELEMENTS = 1 << 27  # rows x negatives per block (softmax_blocks kernel: smaller)
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, neg_weight: torch.Tensor, neg_bias: torch.Tensor,
                 positive: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor,
                 matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
         n_rows, n_neg = len(hidden), len(negatives)
-        blocks = SampledSoftmaxCE.BLOCK_ELEMENTS
-        budget = blocks.get(hidden.device.type, blocks["cpu"])
+        budget = (cpu_kernels.SOFTMAX_BLOCK_ELEMENTS
+                  if cpu_kernels.active("softmax_blocks", hidden.device)
+                  else SampledSoftmaxCE.BLOCK_ELEMENTS)
         rows = max(1, budget // n_neg)
-        sparse = DATA_SIZED_INDEXING.get(hidden.device.type, False)
+        sparse = cpu_kernels.active("sparse_negatives", hidden.device)
         hits = accidental_hits(targets, negatives, rows) if sparse else None
         mm_dtype = matmul_dtype or hidden.dtype
         fused = mm_dtype == hidden.dtype  # products that write or add in place, no temporaries

@@ -35,6 +35,7 @@ from seqexp.engine.trainer import (
     TrainSettings,
     no_stop_signal,
 )
+from seqexp.models import cpu_kernels
 from seqexp.models.base import Recommender
 from seqexp.run.artifacts import checkpoint_contents, write_id_maps, write_ranks
 from seqexp.run.datasets import split_datasets
@@ -81,8 +82,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def configure_torch(train: Mapping) -> None:
-    """CPU threads (`train.num_threads`) and TF32 tensor cores for float32 matrix products on
-    CUDA (`train.tf32`: several times faster on Ampere and later, products rounded to ~1e-3)."""
+    """CPU threads (`train.num_threads`), TF32 tensor cores for float32 matrix products on
+    CUDA (`train.tf32`: several times faster on Ampere and later, products rounded to ~1e-3)
+    and the CPU-only kernels (`train.cpu_kernels`)."""
+    cpu_kernels.set_enabled(bool(train.get("cpu_kernels", True)))
     if train.get("num_threads"):
         torch.set_num_threads(int(train["num_threads"]))
     tf32 = bool(train.get("tf32", True))
