@@ -3,12 +3,19 @@ the launchers whose plugin is installed accept their preset and run a sweep."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
 import os
+import secrets
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -117,15 +124,19 @@ def test_a_preset_without_its_plugin_is_one_line(monkeypatch):
         "experiment=tabel2 is not a known experiment; choose one of table2")
 
 
-def run_sweep(launcher: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def run_sweep(launcher: list[str], tmp_path: Path,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`seqexp -m LAUNCHER model=pop seed=1,2` (tiny) through the installed entry point, from
+    tmp_path: its default store is tmp_path/mlflow.db."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run(
-        [sys.executable, "-m", "seqexp.apps.cli", "-m", *launcher, "model=pop", "seed=1,2",
-         *tiny_overrides(tmp_path / "data"), f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        [str(Path(sys.executable).with_name("seqexp")), "-m", *launcher, "model=pop",
+         "seed=1,2", *tiny_overrides(tmp_path / "data"), f"hydra.sweep.dir={tmp_path / 'sweep'}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 
 
-def assert_two_nested_runs(tmp_path: Path) -> None:
+def assert_two_nested_runs(tmp_path: Path) -> list:
+    """The sweep's parent and its two jobs' runs, FINISHED, in tmp_path/mlflow.db; the jobs."""
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("seqexp").experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("seqexp.role") == "sweep"]
@@ -134,6 +145,8 @@ def assert_two_nested_runs(tmp_path: Path) -> None:
     for child in children:
         assert child.info.status == "FINISHED"
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert sorted(child.data.params["seed"] for child in children) == ["1", "2"]
+    return children
 
 
 @pytest.mark.skipif(not installed("hydra_plugins.hydra_submitit_launcher"),
@@ -148,9 +161,107 @@ def test_submitit_jobs_in_their_own_processes_nest_under_the_parent(tmp_path, st
     assert_two_nested_runs(tmp_path)
 
 
-@pytest.mark.skipif(not installed("hydra_plugins.hydra_ray_launcher"),
-                    reason="hydra-ray-launcher not installed (pip install 'seqexp[ray]')")
-def test_ray_jobs_nest_under_the_parent(tmp_path, store_uri):
-    result = run_sweep(["hydra/launcher=ray_cluster"], tmp_path)
+needs_ray = pytest.mark.skipif(
+    not installed("hydra_plugins.hydra_ray_launcher"),
+    reason="hydra-ray-launcher not installed (pip install 'seqexp[ray]')")
+
+
+@needs_ray
+@pytest.mark.slow  # Ray starts a one-machine cluster (~10 s), its workers import seqexp
+def test_ray_jobs_without_a_cluster_nest_under_the_parent(tmp_path, store_uri, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    result = run_sweep(["hydra/launcher=ray_cluster"], tmp_path, ray_token(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert_two_nested_runs(tmp_path)
+
+
+def ray_token(folder: Path) -> dict[str, str]:
+    """Ray's token authentication with a token file in `folder`: the environment of the Ray
+    node and of its drivers. Ray 2.60 turns token auth on for a cluster that ray.init starts,
+    and for `ray start` where a token exists, generating ~/.ray/auth_token when there is none;
+    with a file of its own a test leaves the home folder alone, and its head takes no
+    connection from a driver without the token (Ray binds its ports to every interface)."""
+    token = folder / "ray_auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# Set in the environment of `ray start`, so inherited by every process of that Ray node (GCS,
+# raylet, agents, workers): how the teardown finds them, whatever became of their parents.
+RAY_HEAD_MARK = "SEQEXP_TEST_RAY_HEAD"
+
+
+def processes_marked(mark: str) -> list[int]:
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"{RAY_HEAD_MARK}={mark}".encode() in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
+
+
+def stop_processes(pids: list[int], grace_s: float = 3.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while pids and time.monotonic() < deadline:
+            pids = [pid for pid in pids if Path(f"/proc/{pid}").exists()
+                    and "Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[-1][:3]]
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def ray_head():
+    """A Ray head node of its own (`ray start --head`): free ports, its own temp dir and auth
+    token; yields (the environment of a driver: RAY_ADDRESS=127.0.0.1:PORT and the token, the
+    temp dir). Ray 2.60 takes no loopback address for a node (it replaces 127.0.0.1 by the
+    machine's address and listens on every interface), hence the token. Afterwards, pass or
+    fail, every process of that node is ended: found by the mark in their environment, not by
+    `ray stop`, which ends every Ray node of the machine."""
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths
+    auth = ray_token(temp)
+    port = free_port()
+    ports = {flag: free_port() for flag in (
+        "--ray-client-server-port", "--node-manager-port", "--object-manager-port",
+        "--metrics-export-port", "--runtime-env-agent-port", "--dashboard-agent-grpc-port",
+        "--dashboard-agent-listen-port")}
+    command = [str(Path(sys.executable).with_name("ray")), "start", "--head",
+               f"--port={port}", f"--temp-dir={temp}", "--include-dashboard=false",
+               "--disable-usage-stats", "--num-cpus=2", "--object-store-memory=78643200",
+               "--min-worker-port=0", "--max-worker-port=0",  # 0: ports the system picks
+               *(f"{flag}={value}" for flag, value in ports.items())]
+    env = dict(os.environ, **auth, **{RAY_HEAD_MARK: str(temp)})
+    try:
+        started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180,
+                                 start_new_session=True)
+        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+        yield {"RAY_ADDRESS": f"127.0.0.1:{port}", **auth}, temp
+    finally:
+        stop_processes(processes_marked(str(temp)))
+        leftover = processes_marked(str(temp))
+        shutil.rmtree(temp, ignore_errors=True)
+        assert not leftover, f"processes of the Ray head still running: {leftover}"
+
+
+@needs_ray
+@pytest.mark.slow  # a Ray head node, and its workers import seqexp
+def test_ray_jobs_on_a_running_cluster_nest_under_the_parent(tmp_path, store_uri, ray_head):
+    driver_env, temp = ray_head
+    result = run_sweep(["hydra/launcher=ray_cluster"], tmp_path, driver_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = assert_two_nested_runs(tmp_path)
+    # each job ran in a worker of that head: Ray names a worker's log file by its pid
+    worker_logs = {log.stem.rsplit("-", 1)[-1]
+                   for log in (temp / "session_latest" / "logs").glob("worker-*.out")}
+    assert {job.data.tags["pid"] for job in jobs} <= worker_logs, worker_logs
