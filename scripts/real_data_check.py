@@ -228,25 +228,32 @@ def run_seqexp(model: str, seed: int, udata: Path, out: Path,
     one --out folder, each model with its own MLflow store)."""
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", row_name(model, extra)).strip("_")
     run_dir = out / "runs" / f"{slug}-seed{seed}"
+    return recorded_run(run_dir, [] if REPORT_ONLY else [
+        f"model={model}", "dataset=ml100k", f"dataset.path={udata}", f"seed={seed}", *COMMON,
+        *SETTINGS[model], *extra, f"hydra.run.dir={run_dir}",
+        f"mlflow.tracking_uri=sqlite:///{out}/mlflow-{model}.db",
+        f"paths.data_dir={cache_folder()}"])
+
+
+def recorded_run(run_dir: Path, overrides: list[str]) -> dict | None:
+    """The record.json of the run in `run_dir` when there is one; else, given `overrides`, one
+    `python -m seqexp.apps.cli` run with them, one torch thread, recorded there as its
+    metrics.json plus the wall time and the command (none given: None, nothing is run)."""
     if (run_dir / "record.json").is_file():
         return json.loads((run_dir / "record.json").read_text())
-    if REPORT_ONLY:
+    if not overrides:
         return None
-    command = [sys.executable, "-m", "seqexp.apps.cli", f"model={model}", "dataset=ml100k",
-               f"dataset.path={udata}", f"seed={seed}", *COMMON, *SETTINGS[model], *extra,
-               f"hydra.run.dir={run_dir}", f"mlflow.tracking_uri=sqlite:///{out}/mlflow-{model}.db",
-               f"paths.data_dir={cache_folder()}"]
+    command = [sys.executable, "-m", "seqexp.apps.cli", *overrides]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     started = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"seqexp failed ({done.returncode}): {' '.join(command)}\n"
                          f"{done.stderr[-3000:]}")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    metrics["wall_s"] = time.perf_counter() - started
-    metrics["command"] = " ".join(command[1:])
-    (run_dir / "record.json").write_text(json.dumps(metrics, indent=1))
-    return metrics
+    record = json.loads((run_dir / "metrics.json").read_text())
+    record |= {"wall_s": time.perf_counter() - started, "command": " ".join(command[1:])}
+    (run_dir / "record.json").write_text(json.dumps(record, indent=1))
+    return record
 
 
 def row_name(model: str, extra: list[str]) -> str:

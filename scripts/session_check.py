@@ -27,16 +27,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from real_data_check import COMMON, TEST_FRAC, cache_folder, obtain_udata
+from real_data_check import COMMON, TEST_FRAC, cache_folder, obtain_udata, recorded_run
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["gru", "linear_ugru", "rectified_ugru", "attentional_ugru"]
@@ -72,26 +70,12 @@ def session_facts(udata: Path, gap_s: float) -> dict[str, float]:
 def run_one(model: str, seed: int, setting: str, gap_s: float, udata: Path, out: Path,
             report_only: bool) -> dict | None:
     run_dir = out / "runs" / f"{setting}-{model}-seed{seed}"
-    if (run_dir / "record.json").is_file():
-        return json.loads((run_dir / "record.json").read_text())
-    if report_only:
-        return None
     gap = "null" if setting == "whole" else f"{gap_s:g}"
-    command = [sys.executable, "-m", "seqexp.apps.cli", f"model={model}", "dataset=ml100k",
-               f"dataset.path={udata}", f"seed={seed}", *COMMON, *RNN,
-               f"model.session_gap_s={gap}", f"mlflow.experiment=ml100k-{setting}",
-               f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db", f"hydra.run.dir={run_dir}",
-               f"paths.data_dir={cache_folder()}"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    started = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"seqexp failed ({done.returncode}): {' '.join(command)}\n"
-                         f"{done.stderr[-3000:]}")
-    record = json.loads((run_dir / "metrics.json").read_text())
-    record |= {"wall_s": time.perf_counter() - started, "command": " ".join(command[1:])}
-    (run_dir / "record.json").write_text(json.dumps(record, indent=1))
-    return record
+    return recorded_run(run_dir, [] if report_only else [
+        f"model={model}", "dataset=ml100k", f"dataset.path={udata}", f"seed={seed}", *COMMON,
+        *RNN, f"model.session_gap_s={gap}", f"mlflow.experiment=ml100k-{setting}",
+        f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db", f"hydra.run.dir={run_dir}",
+        f"paths.data_dir={cache_folder()}"])
 
 
 def report(setting: str, out: Path) -> list[dict]:
