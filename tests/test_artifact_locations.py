@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,16 @@ def _run(module: str, args: list[str], cwd: Path, home: Path) -> str:
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
+
+
+def _ui_hint(store: Path, experiment: str = "seqexp") -> str:
+    """The UI line a run prints: the command that serves `store`, and the address of the
+    experiment's runs table (its id read from the SQLite file)."""
+    with sqlite3.connect(store) as db:
+        (experiment_id,), = db.execute("SELECT experiment_id FROM experiments WHERE name = ?",
+                                       (experiment,)).fetchall()
+    return (f"MLflow UI: mlflow ui --backend-store-uri sqlite:///{store}, then open "
+            f"http://127.0.0.1:5000/#/experiments/{experiment_id}?workflowType=machine_learning")
 
 
 def _files(folder: Path) -> set[Path]:
@@ -86,8 +97,7 @@ def test_a_run_puts_every_artifact_beside_the_default_store_and_says_where(tmp_p
     last = single.strip().splitlines()[-3:]
     assert last[0].startswith("seqexp: run ") and " finished: test_mrr_at_20=" in last[0]
     assert (launch / last[1].split("outputs: ", 1)[1] / "config.yaml").is_file()
-    assert last[2].strip() == (f"MLflow UI: mlflow ui --backend-store-uri "
-                               f"sqlite:///{launch / 'mlflow.db'}  (experiment seqexp)")
+    assert last[2].strip() == f"{_ui_hint(launch / 'mlflow.db')}  (experiment seqexp)"
     _assert_nothing_outside(tmp_path, launch, home, {"outputs", "mlflow.db", ".mlflow.db.lock",
                                                      "mlartifacts"}, tmp_before)
     artifacts = _files(store_dir / "mlartifacts")
@@ -118,13 +128,13 @@ def test_run_sweep_and_report_put_every_artifact_beside_the_default_store(tmp_pa
     last = single.strip().splitlines()[-3:]
     assert last[0].startswith("seqexp: run ") and " finished: test_mrr_at_20=" in last[0]
     assert (launch / last[1].split("outputs: ", 1)[1] / "config.yaml").is_file()
-    assert last[2].strip() == (f"MLflow UI: mlflow ui --backend-store-uri "
-                               f"sqlite:///{launch / 'mlflow.db'}  (experiment seqexp)")
+    assert last[2].strip() == f"{_ui_hint(launch / 'mlflow.db')}  (experiment seqexp)"
     for job in (0, 1):
         assert f"[job {job}] seqexp: run " in sweep
     summary = sweep.strip().splitlines()[-3:]
     assert summary[0].startswith("seqexp: sweep ") and " done: 2 finished, 0 failed" in summary[0]
     assert summary[1].strip().startswith("report: seqexp-report --sweep-id ")
+    assert summary[2].strip().startswith(f"{_ui_hint(launch / 'mlflow.db')}  (experiment seqexp, ")
 
     _assert_nothing_outside(tmp_path, launch, home, {"outputs", "report", "mlflow.db",
                                                      ".mlflow.db.lock", "mlartifacts"},

@@ -25,6 +25,7 @@ from seqexp.run.tracking import (
     Tracker,
     entry_point,
     git_tags,
+    ui_hint,
 )
 
 
@@ -72,6 +73,20 @@ def test_a_reader_leaves_the_experiment_alone(store_uri):
     bare = client.create_experiment("read-only")
     Tracker(store_uri, "read-only", create=False)
     assert EXPERIMENT_KIND_TAG not in client.get_experiment(bare).tags
+
+
+@pytest.mark.parametrize(("uri", "experiment_id", "expected"), [
+    ("sqlite:////abs/mlflow.db", "3",
+     "MLflow UI: mlflow ui --backend-store-uri sqlite:////abs/mlflow.db, then open "
+     "http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning"),
+    ("http://mlflow.example:5000", "17",
+     "MLflow UI: open http://mlflow.example:5000/#/experiments/17?workflowType=machine_learning"),
+    ("https://mlflow.example/team/", "8",
+     "MLflow UI: open https://mlflow.example/team/#/experiments/8?workflowType=machine_learning"),
+])
+def test_the_ui_hint_lands_on_the_experiments_runs_table(uri, experiment_id, expected):
+    # without ?workflowType=machine_learning MLflow 3.17.2's UI opens on the GenAI overview
+    assert ui_hint(uri, experiment_id) == expected
 
 
 def test_runs_log_their_splits_as_datasets_whose_digest_follows_the_data(tmp_path, store_uri,

@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class RunResult:
     run_id: str
+    experiment_id: str  # of the run's MLflow experiment
     val_score: float | None  # None without validation events: nothing for a sweeper to rank
     metrics: dict[str, float]
     output_dir: Path | None = None  # the run's outputs folder (a resumed run keeps its own)
@@ -281,7 +282,8 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
             except TrainingStopped as stopped:
                 raise _stopped(stopped, run_id, stop_signals) from None
         status = "FINISHED"
-        return RunResult(run_id, result.best_score, metrics, output_dir)
+        return RunResult(run_id, tracker.experiment_id, result.best_score, metrics,
+                         output_dir)
     except (KeyboardInterrupt, TrainingStopped):
         status = "KILLED"
         if cfg.mlflow.log_checkpoint:

@@ -240,5 +240,5 @@ def sweep_summary(info: SweepInfo, counts: Mapping[str, float], best_run: str | 
     return (f"seqexp: sweep {info.sweep_id} done: {jobs}{best}\n"
             f"  report: seqexp-report --sweep-id {info.sweep_id} "
             f"--tracking-uri {info.tracking_uri} --out report-{info.sweep_id}\n"
-            f"  {ui_hint(info.tracking_uri)}  "
+            f"  {ui_hint(info.tracking_uri, info.experiment_id)}  "
             f"(experiment {info.experiment}, parent run {info.parent_run_id})")

@@ -34,6 +34,11 @@ log = logging.getLogger(__name__)
 # UI guesses, and may open a GenAI experiment's traces page instead of the runs.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
+# MLflow 3.17.2's UI opens an experiment on its GenAI overview whatever that tag says, unless the
+# address asks for the runs table (docs/tracking.md "Where the UI opens").
+RUNS_TABLE_QUERY = "?workflowType=machine_learning"
+# Where `mlflow ui` serves by default (its --host and --port).
+LOCAL_UI_ADDRESS = "http://127.0.0.1:5000"
 # MLflow's standard run tags (mlflow.utils.mlflow_tags) that the UI shows as the run's source.
 SOURCE_COMMIT_TAG = "mlflow.source.git.commit"
 SOURCE_NAME_TAG = "mlflow.source.name"
@@ -68,11 +73,18 @@ def login_hint() -> str:
             "MLFLOW_TRACKING_PASSWORD to your user name and password on it")
 
 
-def ui_hint(tracking_uri: str) -> str:
-    """How to look at a store in the MLflow UI: a tracking server is its own UI."""
+def experiment_page(ui_address: str, experiment_id: str) -> str:
+    """The address of an experiment's runs table in the MLflow UI at `ui_address`."""
+    return f"{ui_address.rstrip('/')}/#/experiments/{experiment_id}{RUNS_TABLE_QUERY}"
+
+
+def ui_hint(tracking_uri: str, experiment_id: str) -> str:
+    """How to look at an experiment of a store in the MLflow UI: a tracking server is its own
+    UI, a local store is served by `mlflow ui` at its default address."""
     if tracking_uri.startswith(("http://", "https://")):
-        return f"MLflow UI: open {tracking_uri}"
-    return f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri}"
+        return f"MLflow UI: open {experiment_page(tracking_uri, experiment_id)}"
+    return (f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri}, then open "
+            f"{experiment_page(LOCAL_UI_ADDRESS, experiment_id)}")
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:
