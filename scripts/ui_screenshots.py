@@ -1,0 +1,186 @@
+"""Screenshots of seqexp's runs in the MLflow UI, taken in headless Chromium.
+
+Usage: python scripts/ui_screenshots.py [--store FOLDER] [--out docs/img]
+
+Makes three tiny runs (models pop, itemknn and gru on a small synthetic data set, each with
+its MLflow Model) in FOLDER/mlflow.db, kept there (without --store, a temporary folder), serves
+the store with `mlflow ui`, opens the experiment's runs table at the address seqexp prints in
+headless Chromium (/usr/bin/chromium, Debian's `chromium` package, driven by Playwright) and
+writes
+
+- OUT/mlflow-runs-table.png: the runs table, with each run's datasets and MLflow Model;
+- OUT/mlflow-compare.png: MLflow's comparison of the pop and the gru run.
+
+tests/test_mlflow_ui_browser.py uses the same functions to check what the page shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from playwright.sync_api import Page, sync_playwright
+
+from seqexp.core.resources import config_dir
+from seqexp.run.experiment import run_experiment
+from seqexp.run.tracking import RUNS_TABLE_QUERY, experiment_page
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Headless Chromium on a machine without a network: without the background-networking flags it
+# keeps dialling Google's services, whose refused connections slow the page down.
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+VIEWPORT = {"width": 1280, "height": 800}
+MODELS = ("pop", "itemknn", "gru")
+# Small enough to make in seconds: ~40 users, 2 epochs, hidden size 16, one thread.
+TINY_RUN = ["dataset.n_users=40", "dataset.n_items=50", "dataset.min_events=10",
+            "dataset.max_events=20", "train.epochs=2", "train.batch_size=16",
+            "train.progress=false", "train.num_threads=1", "mlflow.log_model=true"]
+SERVER_START_S = 180.0  # `mlflow ui` imports for a while on a busy machine
+PAGE_TIMEOUT_MS = 60_000
+
+
+def make_store(folder: Path, models: tuple[str, ...] = MODELS) -> tuple[str, str, list[str]]:
+    """One tiny run per model in folder/mlflow.db: (tracking URI, experiment id, run ids)."""
+    uri = f"sqlite:///{folder.resolve() / 'mlflow.db'}"
+    experiment_id, run_ids = "", []
+    for model in models:
+        overrides = [f"model={model}", *TINY_RUN, f"paths.data_dir={folder / 'data'}",
+                     f"mlflow.tracking_uri={uri}"]
+        if model == "gru":
+            overrides.append("model.hidden_size=16")
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+        result = run_experiment(cfg, launch_dir=folder, output_dir=folder / "outputs" / model)
+        experiment_id = result.experiment_id
+        run_ids.append(result.run_id)
+    return uri, experiment_id, run_ids
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def mlflow_ui(tracking_uri: str, log: Path) -> Iterator[str]:
+    """`mlflow ui` serving the store on a free port of 127.0.0.1 (its output in `log`) while
+    the block runs: its address. The server and its worker are ended afterwards."""
+    port = free_port()
+    address = f"http://127.0.0.1:{port}"
+    with open(log, "w") as output:
+        # its own process group, so that the worker uvicorn starts ends with it
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri,
+             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        while True:
+            try:
+                urllib.request.urlopen(f"{address}/health", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"mlflow ui did not start: {log.read_text()[-2000:]}") from None
+                time.sleep(0.5)
+        yield address
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+
+@contextmanager
+def chromium_page() -> Iterator[Page]:
+    """A page of headless Chromium with a fresh profile: the UI remembers choices (its
+    GenAI / Model training switch) in the browser, which a fresh profile has not made."""
+    with tempfile.TemporaryDirectory() as profile, sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            profile, executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True,
+            viewport=VIEWPORT)
+        try:
+            page = context.pages[0] if context.pages else context.new_page()
+            page.set_default_timeout(PAGE_TIMEOUT_MS)
+            yield page
+        finally:
+            context.close()
+
+
+def close_assistant(page: Page) -> None:
+    """Closes MLflow's assistant panel, which takes a third of the page, where it is open."""
+    close = page.get_by_role("button", name="Close")
+    if close.count():
+        close.first.click()
+
+
+def open_runs_table(page: Page, address: str, experiment_id: str, run_ids: list[str]) -> None:
+    """The experiment's runs table, at the address seqexp prints, once every run's row is
+    drawn."""
+    page.goto(experiment_page(address, experiment_id))
+    for run_id in run_ids:
+        page.locator(f'[role="row"][row-id="{run_id}"]').first.wait_for()
+    close_assistant(page)
+
+
+def open_comparison(page: Page, address: str, experiment_id: str, run_ids: list[str]) -> None:
+    """MLflow's comparison of the runs: its plots folded away, the parameters and metrics that
+    differ between the runs."""
+    runs, experiments = json.dumps(run_ids), json.dumps([experiment_id])
+    page.goto(f"{address}/#/compare-runs?runs={runs}&experiments={experiments}"
+              f"&{RUNS_TABLE_QUERY.lstrip('?')}")
+    page.get_by_text("Run details").first.wait_for()
+    close_assistant(page)
+    page.get_by_role("button", name="Visualizations").first.click()
+    for section in ("Parameters", "Metrics"):
+        page.get_by_role("switch", name=f"{section} - Show diff only").click()
+    page.get_by_text("Comparing ").first.scroll_into_view_if_needed()  # the clicks scrolled
+
+
+def screenshots(tracking_uri: str, experiment_id: str, run_ids: list[str], compared: list[str],
+                out: Path, log: Path) -> list[Path]:
+    """The runs table and the comparison of the runs `compared`, as PNG files in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    table, comparison = out / "mlflow-runs-table.png", out / "mlflow-compare.png"
+    with mlflow_ui(tracking_uri, log) as address, chromium_page() as page:
+        open_runs_table(page, address, experiment_id, run_ids)
+        page.screenshot(path=table)
+        open_comparison(page, address, experiment_id, compared)
+        page.screenshot(path=comparison)
+    return [table, comparison]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--store", type=Path, help="folder of the runs (default: a temporary one)")
+    parser.add_argument("--out", type=Path, default=Path("docs/img"))
+    args = parser.parse_args()
+    if not CHROMIUM.exists():
+        sys.exit(f"ui_screenshots: no {CHROMIUM}; install Debian's package: "
+                 "apt-get install chromium")
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = args.store or Path(scratch)
+        folder.mkdir(parents=True, exist_ok=True)
+        uri, experiment_id, run_ids = make_store(folder)
+        written = screenshots(uri, experiment_id, run_ids, [run_ids[0], run_ids[-1]], args.out,
+                              folder / "mlflow-ui.log")
+    for path in written:
+        print(f"ui_screenshots: wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
