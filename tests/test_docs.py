@@ -359,7 +359,7 @@ def test_named_paths_and_keys_exist():
             if REPO_PATH.match(path) and "*" not in path and path not in declared \
                     and not (ROOT / path).exists():
                 problems.append(f"{page_name(page)}: `{code}` names no file")
-        for target in re.findall(r"\]\(([^)#:]+\.md)(?:#[^)]*)?\)", page.read_text()):
+        for target in re.findall(r"\]\(([^)#:]+\.(?:md|png))(?:#[^)]*)?\)", page.read_text()):
             resolved = (page.parent / target).resolve()
             name = str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else target
             if not resolved.exists() and name not in PAGES_FROM_OTHER_BRANCHES:
