@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from playwright.sync_api import Page, sync_playwright
 
 from seqexp.core.resources import config_dir
 from seqexp.run.experiment import run_experiment
-from seqexp.run.tracking import RUNS_TABLE_QUERY, experiment_page
+from seqexp.run.tracking import RUNS_TABLE_QUERY, Tracker, experiment_page
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Headless Chromium on a machine without a network: without the background-networking flags it
@@ -53,9 +53,13 @@ SERVER_START_S = 180.0  # `mlflow ui` imports for a while on a busy machine
 PAGE_TIMEOUT_MS = 60_000
 
 
-def make_store(folder: Path, models: tuple[str, ...] = MODELS) -> tuple[str, str, list[str]]:
-    """One tiny run per model in folder/mlflow.db: (tracking URI, experiment id, run ids)."""
-    uri = f"sqlite:///{folder.resolve() / 'mlflow.db'}"
+def store_uri(folder: Path) -> str:
+    return f"sqlite:///{folder.resolve() / 'mlflow.db'}"
+
+
+def make_runs(uri: str, folder: Path, models: tuple[str, ...] = MODELS) -> tuple[str, list[str]]:
+    """One tiny run per model in the store `uri`, its data and outputs in `folder`: the
+    experiment's id and the runs' ids."""
     experiment_id, run_ids = "", []
     for model in models:
         overrides = [f"model={model}", *TINY_RUN, f"paths.data_dir={folder / 'data'}",
@@ -67,7 +71,7 @@ def make_store(folder: Path, models: tuple[str, ...] = MODELS) -> tuple[str, str
         result = run_experiment(cfg, launch_dir=folder, output_dir=folder / "outputs" / model)
         experiment_id = result.experiment_id
         run_ids.append(result.run_id)
-    return uri, experiment_id, run_ids
+    return experiment_id, run_ids
 
 
 def free_port() -> int:
@@ -77,9 +81,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def mlflow_ui(tracking_uri: str, log: Path) -> Iterator[str]:
+def mlflow_ui(tracking_uri: str, log: Path) -> Iterator[Callable[[], str]]:
     """`mlflow ui` serving the store on a free port of 127.0.0.1 (its output in `log`) while
-    the block runs: its address. The server and its worker are ended afterwards."""
+    the block runs: a function that waits until the server answers and gives its address. The
+    server starts in the background, so that the block can make its runs meanwhile; the store
+    must have its schema already (two processes making it at once fail). The server and its
+    worker are ended afterwards."""
     port = free_port()
     address = f"http://127.0.0.1:{port}"
     with open(log, "w") as output:
@@ -88,18 +95,21 @@ def mlflow_ui(tracking_uri: str, log: Path) -> Iterator[str]:
             [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri,
              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
             stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + SERVER_START_S
+    deadline = time.monotonic() + SERVER_START_S
+
+    def answering() -> str:
         while True:
             try:
                 urllib.request.urlopen(f"{address}/health", timeout=2)
-                break
+                return address
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(
                         f"mlflow ui did not start: {log.read_text()[-2000:]}") from None
                 time.sleep(0.5)
-        yield address
+
+    try:
+        yield answering
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
@@ -151,16 +161,15 @@ def open_comparison(page: Page, address: str, experiment_id: str, run_ids: list[
     page.get_by_text("Comparing ").first.scroll_into_view_if_needed()  # the clicks scrolled
 
 
-def screenshots(tracking_uri: str, experiment_id: str, run_ids: list[str], compared: list[str],
-                out: Path, log: Path) -> list[Path]:
+def screenshots(page: Page, address: str, experiment_id: str, run_ids: list[str],
+                compared: list[str], out: Path) -> list[Path]:
     """The runs table and the comparison of the runs `compared`, as PNG files in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     table, comparison = out / "mlflow-runs-table.png", out / "mlflow-compare.png"
-    with mlflow_ui(tracking_uri, log) as address, chromium_page() as page:
-        open_runs_table(page, address, experiment_id, run_ids)
-        page.screenshot(path=table)
-        open_comparison(page, address, experiment_id, compared)
-        page.screenshot(path=comparison)
+    open_runs_table(page, address, experiment_id, run_ids)
+    page.screenshot(path=table)
+    open_comparison(page, address, experiment_id, compared)
+    page.screenshot(path=comparison)
     return [table, comparison]
 
 
@@ -175,9 +184,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         folder = args.store or Path(scratch)
         folder.mkdir(parents=True, exist_ok=True)
-        uri, experiment_id, run_ids = make_store(folder)
-        written = screenshots(uri, experiment_id, run_ids, [run_ids[0], run_ids[-1]], args.out,
-                              folder / "mlflow-ui.log")
+        uri = store_uri(folder)
+        Tracker(uri, None)  # the schema, before the server and the runs use the store
+        with mlflow_ui(uri, folder / "mlflow-ui.log") as answering:
+            experiment_id, run_ids = make_runs(uri, folder)
+            address = answering()
+            with chromium_page() as page:
+                written = screenshots(page, address, experiment_id, run_ids,
+                                      [run_ids[0], run_ids[-1]], args.out)
     for path in written:
         print(f"ui_screenshots: wrote {path}")
 

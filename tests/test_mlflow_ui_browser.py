@@ -36,24 +36,26 @@ def _cell(page, run_id: str, column: str):
 def test_the_runs_table_shows_each_run_with_its_dataset_and_model(tmp_path, empty_store):
     ui = _ui_screenshots()
     shutil.copy(empty_store, tmp_path / "mlflow.db")  # its schema: seconds saved
-    uri, experiment_id, run_ids = ui.make_store(tmp_path, ("pop", "gru"))
+    uri = ui.store_uri(tmp_path)
     client = MlflowClient(uri)
-    with ui.mlflow_ui(uri, tmp_path / "mlflow-ui.log") as address, ui.chromium_page() as page:
-        ui.open_runs_table(page, address, experiment_id, run_ids)  # waits for every run's row
-        for run_id in run_ids:
-            run = client.get_run(run_id)
-            name = _cell(page, run_id, "Run Name").locator("a")
-            assert name.inner_text().strip() == run.info.run_name
-            assert name.get_attribute("href").endswith(f"/runs/{run_id}")
-            # the first of its three inputs, with its context
-            training = run.inputs.dataset_inputs[0]
-            assert [t.value for t in training.tags if t.key == "mlflow.data.context"] == [
-                "training"]
-            shown = _cell(page, run_id, "Dataset").inner_text()
-            assert f"{training.dataset.name} ({training.dataset.digest})" in shown
-            assert "Training" in shown
-            logged, = client.search_logged_models([experiment_id],
-                                                  filter_string=f"source_run_id = '{run_id}'")
-            link = _cell(page, run_id, "Models").locator("a")
-            assert link.inner_text().strip() == logged.name
-            assert link.get_attribute("href").endswith(f"/models/{logged.model_id}")
+    with ui.mlflow_ui(uri, tmp_path / "mlflow-ui.log") as answering:
+        experiment_id, run_ids = ui.make_runs(uri, tmp_path, ("pop", "gru"))  # while it starts
+        with ui.chromium_page() as page:
+            ui.open_runs_table(page, answering(), experiment_id, run_ids)  # waits for the rows
+            for run_id in run_ids:
+                run = client.get_run(run_id)
+                name = _cell(page, run_id, "Run Name").locator("a")
+                assert name.inner_text().strip() == run.info.run_name
+                assert name.get_attribute("href").endswith(f"/runs/{run_id}")
+                # the first of its three inputs, with its context
+                training = run.inputs.dataset_inputs[0]
+                assert [t.value for t in training.tags if t.key == "mlflow.data.context"] == [
+                    "training"]
+                shown = _cell(page, run_id, "Dataset").inner_text()
+                assert f"{training.dataset.name} ({training.dataset.digest})" in shown
+                assert "Training" in shown
+                logged, = client.search_logged_models([experiment_id],
+                                                      filter_string=f"source_run_id = '{run_id}'")
+                link = _cell(page, run_id, "Models").locator("a")
+                assert link.inner_text().strip() == logged.name
+                assert link.get_attribute("href").endswith(f"/models/{logged.model_id}")
