@@ -260,17 +260,14 @@ class SampledSoftmaxCE(torch.autograd.Function):
     the softmax and the gradient sums over blocks stay in the input's dtype.
     """
 
-    BLOCK_ELEMENTS = 1 << 27  # rows x negatives per block (softmax_blocks kernel: smaller)
+    BLOCK_ELEMENTS = 1 << 27  # rows x negatives per block
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, neg_weight: torch.Tensor, neg_bias: torch.Tensor,
                 positive: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor,
                 matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
         n_rows, n_neg = len(hidden), len(negatives)
-        budget = (cpu_kernels.SOFTMAX_BLOCK_ELEMENTS
-                  if cpu_kernels.active("softmax_blocks", hidden.device)
-                  else SampledSoftmaxCE.BLOCK_ELEMENTS)
-        rows = max(1, budget // n_neg)
+        rows = max(1, SampledSoftmaxCE.BLOCK_ELEMENTS // n_neg)
         sparse = cpu_kernels.active("sparse_negatives", hidden.device)
         hits = accidental_hits(targets, negatives, rows) if sparse else None
         mm_dtype = matmul_dtype or hidden.dtype
