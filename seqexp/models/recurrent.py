@@ -252,9 +252,10 @@ def accidental_hits(targets: torch.Tensor, negatives: torch.Tensor, rows_per_blo
 
 class SampledSoftmaxCE(torch.autograd.Function):
     """mean_p [log(e^{s_p} + sum_j e^{h_p·w_j + b_j}) − s_p], with s_p the positive logit and
-    the negatives j equal to p's target left out, computed in row blocks whose logits stay in
-    cache: each block's softmax gives its gradients at once (probabilities − one-hot), so the
-    [P, K] logit matrix never exists as a whole and backward only scales.
+    the negatives j equal to p's target left out, computed in row blocks of at most
+    BLOCK_ELEMENTS logits: each block's softmax gives its gradients at once (probabilities −
+    one-hot), so a [P, K] logit matrix larger than a block never exists as a whole and backward
+    only scales.
 
     `matmul_dtype` bfloat16 (under train.amp) runs the three products in bfloat16; the logits,
     the softmax and the gradient sums over blocks stay in the input's dtype.
