@@ -1,24 +1,26 @@
 """Evaluation time of one trained model under several variants, taking turns in one process.
 
-Usage: python scripts/ab_eval.py [--model gru] [--scale 0.05] [--train-batches 300]
-           [--train-seed S] [--rounds 5] [--baseline DIR] [--tile-columns N ...]
+Usage: python scripts/ab_eval.py [--data bench|default] [--model M] [--scale 0.05]
+           [--train-batches 300] [--train-seed S] [--rounds 5] [--baseline DIR]
            [--batch-users N ...] [--kernels [--kernel-batches 30]]
            [--out ab_eval.json] [-o model.hidden_size=100 model.loss=sampled_softmax ...]
 
 On a shared machine the same code runs 10-20 % faster or slower from one minute to the next,
 more than most single changes move it, so two separate runs say little about a change. This
-script builds the data of scripts/bench_models.py, trains one model for `--train-batches`
-batches, then ranks the test events with the shared Evaluator once per variant per round, the
-variants taking turns after one untimed round, and reports each variant's best and median
-seconds, its ratio of medians to the first variant, and whether its counts equal the first
-variant's exactly in every round.
+script loads the data (`--data bench`, the default: the ML-10M-shaped data of
+scripts/bench_models.py at `--scale`; `--data default`: the dataset and split of the composed
+configuration, loaded as a run loads it, i.e. the embedded synthetic data of the default
+`seqexp` run unless -o overrides it), composes the model (`--model`, else the configuration's
+default, gru), trains it for `--train-batches` batches, then ranks the test events with the
+shared Evaluator once per variant per round, the variants taking turns after one untimed round,
+and reports each variant's best and median seconds, its ratio of medians to the first variant,
+and whether its counts equal the first variant's exactly in every round.
 
 Variants, the first being the reference:
 - `current`: the working tree's evaluator with the model's settings;
 - `--baseline DIR`: the evaluator module (seqexp/engine/evaluator.py) of another checkout, e.g. one
   made with `git worktree add DIR HEAD~1`, on the same model (it must fit the current
   package's interfaces);
-- `--tile-columns N`: the current evaluator scoring N items per CPU tile;
 - `--batch-users N`: the current evaluator with eval.batch_users=N.
 Prints one line per variant and writes JSON {variant: {"best_s", "median_s", "ratio",
 "identical"}, "_meta": {...}}.
@@ -49,6 +51,7 @@ from hydra import compose, initialize_config_dir
 
 import seqexp.engine.evaluator as evaluation
 from seqexp.core.resources import config_dir
+from seqexp.data.loading import load_dataset
 from seqexp.models import cpu_kernels
 from seqexp.run.experiment import (
     build_evaluator,
@@ -76,25 +79,20 @@ def load_baseline(checkout: Path):
 
 
 def variants(args, evaluator) -> dict:
-    """name -> (evaluator, cpu_kernels.SCORE_TILE_COLUMNS to set for it)."""
-    tile = cpu_kernels.SCORE_TILE_COLUMNS
+    """name -> evaluator."""
     settings = {"cutoffs": evaluator.cutoffs, "batch_users": evaluator.batch_users,
                 "max_block_elements": evaluator.max_block_elements,
                 "exclude_seen": evaluator.exclude_seen}
-    out = {"current": (evaluator, tile)}
+    out = {"current": evaluator}
     if args.baseline is not None:
-        out[f"baseline {args.baseline}"] = (load_baseline(args.baseline).Evaluator(**settings),
-                                            tile)
-    for columns in args.tile_columns:
-        out[f"tile_columns={columns}"] = (evaluator, columns)
+        out[f"baseline {args.baseline}"] = load_baseline(args.baseline).Evaluator(**settings)
     for users in args.batch_users:
-        out[f"batch_users={users}"] = (
-            evaluation.Evaluator(**(settings | {"batch_users": users})), tile)
+        out[f"batch_users={users}"] = evaluation.Evaluator(**(settings | {"batch_users": users}))
     return out
 
 
-TRAIN_KERNELS = ("dropout", "sparse_negatives", "softmax_blocks")
-EVAL_KERNELS = ("item_inputs", "replay_steps", "score_tiles", "eval_blocks")
+TRAIN_KERNELS = ("dropout", "sparse_negatives")
+EVAL_KERNELS = ("item_inputs", "replay_steps", "eval_blocks")
 
 
 def time_training(model, trainer, data, seed: int, batches: int) -> float:
@@ -150,14 +148,17 @@ def measure_kernels(args, model, trainer, evaluator, data, seed: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="gru")
+    parser.add_argument("--data", choices=["bench", "default"], default="bench",
+                        help="bench: bench_models.py's ML-10M-shaped data at --scale; default: "
+                             "the configuration's dataset, as `seqexp` loads it")
+    parser.add_argument("--model", default=None,
+                        help="a conf/model name (default: the configuration's, gru)")
     parser.add_argument("--scale", type=float, default=0.05)
     parser.add_argument("--train-batches", type=int, default=300)
     parser.add_argument("--train-seed", type=int, default=None,
                         help="seed of the training batches' order (default: the config's seed)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--baseline", type=Path, default=None)
-    parser.add_argument("--tile-columns", type=int, nargs="*", default=[])
     parser.add_argument("--batch-users", type=int, nargs="*", default=[])
     parser.add_argument("--kernels", action="store_true",
                         help="measure each CPU kernel against the shared path")
@@ -165,10 +166,13 @@ def main() -> None:
     parser.add_argument("--out", default="ab_eval.json")
     parser.add_argument("-o", "--override", nargs="*", default=[])
     args = parser.parse_args()
-    data = ml10m_shaped(args.scale)
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
-            f"model={args.model}", "train.progress=false", *args.override])
+            *([] if args.model is None else [f"model={args.model}"]), "train.progress=false",
+            *args.override])
+    data = (ml10m_shaped(args.scale) if args.data == "bench" else
+            load_dataset(cfg.dataset, cfg.split, Path(cfg.paths.raw_dir),
+                         Path(cfg.paths.cache_dir), progress=False))
     seed_everything(cfg.seed)
     configure_torch(cfg.train)
     model = build_model(cfg.model, data)
@@ -182,8 +186,9 @@ def main() -> None:
                             1, max_batches=args.train_batches)
     if args.kernels:
         report = measure_kernels(args, model, trainer, evaluator, data, cfg.seed)
-        report["_meta"] = {"model": args.model, "scale": args.scale, "rounds": args.rounds,
-                           "train_batches": args.train_batches,
+        report["_meta"] = {"data": args.data, "model": str(cfg.model.name),
+                           "scale": args.scale if args.data == "bench" else None,
+                           "rounds": args.rounds, "train_batches": args.train_batches,
                            "kernel_batches": args.kernel_batches, "overrides": args.override,
                            "threads": torch.get_num_threads(),
                            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -196,22 +201,17 @@ def main() -> None:
     reference = next(iter(runs))
     first = None  # the reference's counts in the warm-up round
     same = dict.fromkeys(runs, True)
-    default_tile = cpu_kernels.SCORE_TILE_COLUMNS
-    try:
-        for round_ in range(args.rounds + 1):  # round 0 warms every variant up, untimed
-            for name, (variant, tile) in runs.items():
-                cpu_kernels.SCORE_TILE_COLUMNS = tile
-                started = time.perf_counter()
-                counts = variant.rank_counts(model, data, "test")
-                if round_:
-                    seconds[name].append(time.perf_counter() - started)
-                if first is None:
-                    first = counts
-                same[name] &= all(np.array_equal(getattr(counts, field), getattr(first, field))
-                                  for field in ("greater", "equal", "users", "positions",
-                                                "targets"))
-    finally:
-        cpu_kernels.SCORE_TILE_COLUMNS = default_tile
+    for round_ in range(args.rounds + 1):  # round 0 warms every variant up, untimed
+        for name, variant in runs.items():
+            started = time.perf_counter()
+            counts = variant.rank_counts(model, data, "test")
+            if round_:
+                seconds[name].append(time.perf_counter() - started)
+            if first is None:
+                first = counts
+            same[name] &= all(np.array_equal(getattr(counts, field), getattr(first, field))
+                              for field in ("greater", "equal", "users", "positions",
+                                            "targets"))
     report = {}
     for name, times in seconds.items():
         report[name] = {"best_s": min(times), "median_s": statistics.median(times),
@@ -220,7 +220,9 @@ def main() -> None:
         print(f"{name:>28}: best {min(times):.2f} s, median {statistics.median(times):.2f} s, "
               f"{report[name]['ratio']:.3f}x the speed of {reference}, "
               f"{'identical counts' if same[name] else 'DIFFERENT counts'}", flush=True)
-    report["_meta"] = {"model": args.model, "scale": args.scale, "rounds": args.rounds,
+    report["_meta"] = {"data": args.data, "model": str(cfg.model.name),
+                       "scale": args.scale if args.data == "bench" else None,
+                       "rounds": args.rounds,
                        "train_batches": args.train_batches, "train_seed": args.train_seed,
                        "overrides": args.override,
                        "events": len(first), "threads": torch.get_num_threads(),

@@ -9,7 +9,7 @@ Shapes (hidden 100, 256 lanes x 20 steps, 2048 sampled negatives, ML-10M's 10,67
 - softmax_grad_weight [2049 x 256] . [256 x 100]  its gradient with respect to the negatives
 - recurrence_step    [256 x 100] . [100 x 300]    one GRU step's hidden-state product
 - eval_scores        [280 x 100] . [100 x 10677]  one evaluation score block, whole rows
-- eval_score_tile    [280 x 100] . [100 x 1024]   the tile the evaluator scores on a CPU
+- eval_score_tile    [280 x 100] . [100 x 1024]   a 1,024-item tile of that block (1.1 MB of scores)
 
 Each product is timed on fresh random operands after two untimed calls; the best of `--repeats`
 rounds of 20 calls is reported. Prints a table and writes JSON

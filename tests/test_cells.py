@@ -10,7 +10,6 @@ import torch
 
 from helpers import sequences, switch_cpu_kernel
 from seqexp.core.errors import SeqexpError
-from seqexp.models import cpu_kernels
 from seqexp.models.cells import (
     CELLS,
     AttentionalUserGRUCell,
@@ -302,8 +301,7 @@ def test_blocked_sampled_softmax_gradients_equal_autograd_of_the_plain_formula(
     negatives = torch.tensor([3, 0, 6, 3, 2])
     targets = torch.tensor([3, 1, 2, 0, 5, 6, 3])  # rows 0, 2, 3, 5, 6 have accidental hits
     # 2 rows per block: four blocks, the last one short
-    switch_cpu_kernel(monkeypatch, "softmax_blocks", True)
-    monkeypatch.setattr(cpu_kernels, "SOFTMAX_BLOCK_ELEMENTS", 2 * n_neg)
+    monkeypatch.setattr(SampledSoftmaxCE, "BLOCK_ELEMENTS", 2 * n_neg)
     blocked = SampledSoftmaxCE.apply(hidden, weight, bias, positive, targets, negatives)
     blocked_grads = torch.autograd.grad(3.0 * blocked, (hidden, weight, bias, positive))
     logits = hidden @ weight.T + bias

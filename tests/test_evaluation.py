@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import sequences, switch_cpu_kernel
+from helpers import sequences
 from seqexp.core.errors import SeqexpError
 from seqexp.engine.evaluator import Evaluator
 from seqexp.engine.metrics import RankCounts
 from seqexp.engine.ranks import count_ranks
-from seqexp.models import cpu_kernels
 from seqexp.models.base import Recommender
 from seqexp.models.popularity import Popularity
 
@@ -36,18 +35,18 @@ def test_count_ranks_hand_computed_with_and_without_item_chunks(chunk):
     assert equal.tolist() == [2, 4, 0, 0]
 
 
-@pytest.mark.parametrize("chunk", [5, 2, 1])
-def test_kept_chunks_are_scored_once_and_give_the_hand_computed_counts(chunk):
+@pytest.mark.parametrize("chunk", [5, 100])
+def test_a_catalogue_in_one_chunk_is_scored_once_and_gives_the_hand_computed_counts(chunk):
     calls = []
 
     def block(lo, hi):
         calls.append((lo, hi))
         return SCORES[:, lo:hi].clone()  # a fresh tensor per call, as a model's product is
 
-    greater, equal = count_ranks(block, TARGETS, 5, chunk, keep_scores=True)
+    greater, equal = count_ranks(block, TARGETS, 5, chunk)
     assert greater.tolist() == [1, 0, 0, 4]
     assert equal.tolist() == [2, 4, 0, 0]
-    assert calls == [(lo, min(lo + chunk, 5)) for lo in range(0, 5, chunk)]
+    assert calls == [(0, 5)]
 
 
 def test_the_two_pass_count_scores_only_the_chunks_that_hold_targets_twice():
@@ -65,7 +64,7 @@ def test_the_two_pass_count_scores_only_the_chunks_that_hold_targets_twice():
     assert equal.tolist() == [2, 4, 0, 0]
 
 
-def test_cpu_score_tiles_rank_like_whole_rows(monkeypatch):
+def test_whole_rows_rank_like_the_counts_by_comparison():
 
     class Hashed(Oracle):  # scores 0..4 from (target, item): many ties, targets anywhere
         def score_items(self, state, lo, hi):
@@ -77,20 +76,6 @@ def test_cpu_score_tiles_rank_like_whole_rows(monkeypatch):
     scores = model.score_items(torch.from_numpy(whole.targets), 0, 6)
     greater, equal = _counts_by_comparison(scores, torch.from_numpy(whole.targets))
     assert whole.greater.tolist() == greater and whole.equal.tolist() == equal
-    widths = []
-    score_items = model.score_items
-
-    def spy(state, lo, hi):
-        widths.append(hi - lo)
-        return score_items(state, lo, hi)
-
-    model.score_items = spy
-    switch_cpu_kernel(monkeypatch, "score_tiles", True)
-    monkeypatch.setattr(cpu_kernels, "SCORE_TILE_COLUMNS", 4)
-    tiled = Evaluator([1, 3], batch_users=2).rank_counts(model, data, "test")
-    assert sorted(set(widths)) == [2, 4]  # 6 items in tiles of 4 and 2, each scored once
-    assert tiled.greater.tolist() == whole.greater.tolist()
-    assert tiled.equal.tolist() == whole.equal.tolist()
 
 
 def test_metrics_pessimistic_optimistic_expected_by_hand():

@@ -108,9 +108,6 @@ class Evaluator:
         block = self.block_elements(device)
         points = max(1, min(batch.n_targets, block // max(n_items, 1)))
         chunk = max(1, block // points)
-        keep = points * n_items <= block  # every point's whole row of scores fits the block
-        if cpu_kernels.active("score_tiles", device):  # tiles of items that stay in cache
-            chunk = min(chunk, cpu_kernels.SCORE_TILE_COLUMNS)
         g_parts, e_parts = [], []
         for start in range(0, batch.n_targets, points):
             part = slice(start, start + points)
@@ -123,7 +120,7 @@ class Evaluator:
                 sub_excluded = (point[lo:hi] - start, item[lo:hi])
             g, e = count_ranks(
                 lambda lo, hi, s=sub_state: model.score_items(s, lo, hi),
-                batch.targets[part], n_items, chunk, sub_excluded, keep,
+                batch.targets[part], n_items, chunk, sub_excluded,
             )
             g_parts.append(g)
             e_parts.append(e)

@@ -13,14 +13,12 @@ from seqexp.core.errors import SeqexpError
 def count_ranks(
     score_block: Callable[[int, int], torch.Tensor], targets: torch.Tensor, n_items: int,
     chunk: int, excluded: tuple[torch.Tensor, torch.Tensor] | None = None,
-    keep_scores: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greater/equal counts for one batch of prediction points, scoring items `chunk` at a time.
 
-    With `keep_scores` (or when the catalogue fits one chunk) every chunk is scored once and
-    kept until its points' target scores are known; otherwise a first pass collects the target
-    scores and a second scores the chunks again to count against them. Either way each target
-    score is read from the same product as the scores it is compared with. `excluded` =
+    When the catalogue fits one chunk it is scored once; otherwise a first pass collects the
+    target scores and a second scores the chunks again to count against them. Either way each
+    target score is read from the same product as the scores it is compared with. `excluded` =
     (point, item) pairs, distinct and never a point's own target, of items that are not ranked
     for that point (eval.exclude_seen): they are counted like every other item, then taken back
     out.
@@ -30,8 +28,7 @@ def count_ranks(
         empty = torch.zeros(0, dtype=torch.int32, device=targets.device)
         return empty, empty.clone()
     bounds = [(lo, min(lo + chunk, n_items)) for lo in range(0, n_items, chunk)]
-    kept = ([score_block(lo, hi) for lo, hi in bounds] if keep_scores or len(bounds) == 1
-            else None)
+    kept = [score_block(0, n_items)] if len(bounds) == 1 else None
     # Each point's target score, read from the tile that holds its target: the points sorted
     # by that tile once, then one gather per tile.
     if len(bounds) == 1:  # the usual case on a GPU: no sort, and no wait to learn the sizes

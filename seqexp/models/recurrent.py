@@ -252,25 +252,23 @@ def accidental_hits(targets: torch.Tensor, negatives: torch.Tensor, rows_per_blo
 
 class SampledSoftmaxCE(torch.autograd.Function):
     """mean_p [log(e^{s_p} + sum_j e^{h_p·w_j + b_j}) − s_p], with s_p the positive logit and
-    the negatives j equal to p's target left out, computed in row blocks whose logits stay in
-    cache: each block's softmax gives its gradients at once (probabilities − one-hot), so the
-    [P, K] logit matrix never exists as a whole and backward only scales.
+    the negatives j equal to p's target left out, computed in row blocks of at most
+    BLOCK_ELEMENTS logits: each block's softmax gives its gradients at once (probabilities −
+    one-hot), so a [P, K] logit matrix larger than a block never exists as a whole and backward
+    only scales.
 
     `matmul_dtype` bfloat16 (under train.amp) runs the three products in bfloat16; the logits,
     the softmax and the gradient sums over blocks stay in the input's dtype.
     """
 
-    BLOCK_ELEMENTS = 1 << 27  # rows x negatives per block (softmax_blocks kernel: smaller)
+    BLOCK_ELEMENTS = 1 << 27  # rows x negatives per block
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, neg_weight: torch.Tensor, neg_bias: torch.Tensor,
                 positive: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor,
                 matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
         n_rows, n_neg = len(hidden), len(negatives)
-        budget = (cpu_kernels.SOFTMAX_BLOCK_ELEMENTS
-                  if cpu_kernels.active("softmax_blocks", hidden.device)
-                  else SampledSoftmaxCE.BLOCK_ELEMENTS)
-        rows = max(1, budget // n_neg)
+        rows = max(1, SampledSoftmaxCE.BLOCK_ELEMENTS // n_neg)
         sparse = cpu_kernels.active("sparse_negatives", hidden.device)
         hits = accidental_hits(targets, negatives, rows) if sparse else None
         mm_dtype = matmul_dtype or hidden.dtype
