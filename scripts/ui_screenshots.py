@@ -148,16 +148,15 @@ def open_runs_table(page: Page, address: str, experiment_id: str, run_ids: list[
 
 
 def open_comparison(page: Page, address: str, experiment_id: str, run_ids: list[str]) -> None:
-    """MLflow's comparison of the runs: its plots folded away, the parameters and metrics that
-    differ between the runs."""
+    """MLflow's comparison of the runs: its plots and parameters folded away, the metrics side
+    by side."""
     runs, experiments = json.dumps(run_ids), json.dumps([experiment_id])
     page.goto(f"{address}/#/compare-runs?runs={runs}&experiments={experiments}"
               f"&{RUNS_TABLE_QUERY.lstrip('?')}")
     page.get_by_text("Run details").first.wait_for()
     close_assistant(page)
-    page.get_by_role("button", name="Visualizations").first.click()
-    for section in ("Parameters", "Metrics"):
-        page.get_by_role("switch", name=f"{section} - Show diff only").click()
+    for section in ("Visualizations", "Parameters"):
+        page.get_by_role("button", name=section).first.click()
     page.get_by_text("Comparing ").first.scroll_into_view_if_needed()  # the clicks scrolled
 
 
