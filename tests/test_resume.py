@@ -603,6 +603,18 @@ def test_a_refused_training_state_leaves_the_run_as_it_was(tmp_path, shared, sto
     assert store.get_run(run.info.run_id).data.tags["resumes"] == "1"
 
 
+def test_a_run_resumed_by_id_from_another_experiment_stays_in_its_own(tmp_path, shared, store):
+    """mlflow.experiment does not change results, so resume=<id> may name a run of another
+    experiment: the run continues there, and the run's result (the UI address the CLI prints)
+    names that experiment, not mlflow.experiment's."""
+    run = _killed_run(tmp_path, shared, store)
+    resumed = run_in_process("gru", tmp_path, shared, "x",
+                             [f"resume={run.info.run_id}", "mlflow.experiment=elsewhere"])
+    assert resumed.run_id == run.info.run_id
+    assert (resumed.experiment_id, resumed.experiment) == (run.info.experiment_id, "seqexp")
+    assert store.get_run(run.info.run_id).info.experiment_id == run.info.experiment_id
+
+
 def test_a_resumed_run_removes_the_temporary_files_a_kill_left(tmp_path, shared, store):
     """What atomic_path leaves when a kill cuts a write short (its mkstemp names) goes when the
     run is continued; other files, even ending in .tmp, stay."""

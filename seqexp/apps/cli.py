@@ -172,7 +172,7 @@ def run_summary(result: RunResult, cfg: DictConfig, launch_dir: Path, output_dir
     return (f"seqexp: run {result.run_id} finished: {shown}\n"
             f"  outputs: {where}\n"
             f"  {ui_hint(tracking_uri_of(cfg, launch_dir), result.experiment_id)}  "
-            f"(experiment {cfg.mlflow.experiment})")
+            f"(experiment {result.experiment})")
 
 
 def _job_identity(cfg: DictConfig, overrides: list[str]) -> tuple[str, dict[str, str]]:

@@ -66,7 +66,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class RunResult:
     run_id: str
-    experiment_id: str  # of the run's MLflow experiment
+    experiment_id: str  # the run's MLflow experiment (a resumed run keeps its own)
+    experiment: str  # that experiment's name
     val_score: float | None  # None without validation events: nothing for a sweeper to rank
     metrics: dict[str, float]
     output_dir: Path | None = None  # the run's outputs folder (a resumed run keeps its own)
@@ -282,8 +283,8 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
             except TrainingStopped as stopped:
                 raise _stopped(stopped, run_id, stop_signals) from None
         status = "FINISHED"
-        return RunResult(run_id, tracker.experiment_id, result.best_score, metrics,
-                         output_dir)
+        return RunResult(run_id, tracker.experiment_id, tracker.experiment, result.best_score,
+                         metrics, output_dir)
     except (KeyboardInterrupt, TrainingStopped):
         status = "KILLED"
         if cfg.mlflow.log_checkpoint:

@@ -474,8 +474,12 @@ class Tracker:
         return self.run_id
 
     def resume(self, run_id: str, tags: Mapping[str, str]) -> str:
-        """Continue an ended (or abandoned) run: status back to RUNNING, `tags` updated."""
+        """Continue an ended (or abandoned) run: status back to RUNNING, `tags` updated. The
+        tracker's experiment becomes the run's: `resume=<run id>` may name a run of another
+        experiment than mlflow.experiment (a key that does not change results)."""
         with_lock_retry(self.client.update_run, run_id, status="RUNNING")
+        self.experiment_id = with_lock_retry(self.client.get_run, run_id).info.experiment_id
+        self.experiment = with_lock_retry(self.client.get_experiment, self.experiment_id).name
         self.run_id = run_id
         self.set_tags(tags)
         log.info("MLflow run %s continued in %s", run_id, self.tracking_uri)
