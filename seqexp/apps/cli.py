@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from seqexp.apps.preflight import check_command_line, sweeper_ranks_jobs
-from seqexp.core import schema
+from seqexp.core import run_folder, schema
 from seqexp.core.errors import SeqexpError, message_line
 from seqexp.core.resources import config_dir, group_options
 from seqexp.core.stopping import TrainingStopped, exit_code
@@ -70,6 +70,11 @@ def _help_keys(*, _root_: DictConfig) -> str:
 # conf/hydra/help/seqexp.yaml's ${seqexp_config_keys:}: the listing is made from the schema
 # when the page is shown, for the config that `seqexp --help [overrides]` composes.
 OmegaConf.register_new_resolver("seqexp_config_keys", _help_keys, replace=True)
+# conf/config.yaml's ${seqexp_run_token:} in hydra.run.dir / hydra.sweep.dir: a fresh token per
+# run, cached like Hydra's ${now:} so that every read of the folder's name (and a sweep's jobs,
+# which get the cache copied) sees the same one.
+OmegaConf.register_new_resolver("seqexp_run_token", run_folder.run_token, use_cache=True,
+                                replace=True)
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from seqexp.core import run_folder
 from seqexp.core.errors import SeqexpError
 from seqexp.run.mlflow_model import MODEL_NAME, model_checkpoint
 from seqexp.run.recommender import Recommendations, from_checkpoint
@@ -120,7 +121,8 @@ def _run_checkpoint(run_id: str, uri: str, scratch: Path) -> tuple[Path, str]:
         raise SeqexpError(f"{run_id}: neither a checkpoint file, a folder nor a run id or model "
                           f"URI in {uri} (pass --tracking-uri for another store)") from None
     folder = run.data.tags.get(OUTPUTS_TAG)
-    if folder and (Path(folder) / "checkpoints" / "best.pt").is_file():
+    if (folder and (Path(folder) / "checkpoints" / "best.pt").is_file()
+            and run_folder.belongs_to(Path(folder), run.info.run_id)):
         local = Path(folder) / "checkpoints" / "best.pt"
         return local, local
     model_uri = f"runs:/{run.info.run_id}/{MODEL_NAME}"

@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from seqexp.core import run_folder
 from seqexp.core.atomic import remove_temporaries, write_json, write_text
 from seqexp.core.errors import UNWRITABLE_ERRNOS, SeqexpError, message_line, unwritable
 from seqexp.core.flat_config import flatten
@@ -211,7 +212,7 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
         log.info("continuing run %s in %s", run_id, output_dir)
     else:
         name = cfg.mlflow.run_name or run_name(model_name, dataset_name, overrides)
-        run_id = tracker.start(name, {
+        run_id = _start_in_own_folder(tracker, output_dir, name, {
             "model": model_name, "dataset": dataset_name, "split": str(cfg.split.name),
             "seed": str(cfg.seed), **git_tags(), **run_tags, **process_tags(),
             OUTPUTS_TAG: str(Path(output_dir).resolve()),
@@ -306,6 +307,20 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
         _end_run(tracker, status, error)
 
 
+def _start_in_own_folder(tracker: Tracker, output_dir: Path, name: str,
+                         tags: Mapping[str, str]) -> str:
+    """Start the MLflow run in an outputs folder no other run has (seqexp.core.run_folder):
+    claimed before the run exists, so that a refused folder leaves no run behind."""
+    run_folder.claim(output_dir)
+    try:
+        run_id = tracker.start(name, tags)
+    except BaseException:
+        run_folder.release(output_dir)
+        raise
+    run_folder.record_owner(output_dir, run_id)
+    return run_id
+
+
 def _stopped(stopped: TrainingStopped, run_id: str, stop_signals: StopSignals
              ) -> TrainingStopped:
     """The stop, with what the CLI needs to end it: the run to resume and the launcher's
@@ -327,6 +342,11 @@ def _check_resumable(resumed: RunToResume, data: SequenceData) -> Path:
         raise SeqexpError(f"resume: run {resumed.run_id}'s outputs folder "
                           f"{resumed.outputs_dir} is not on this machine; it holds the training "
                           f"state checkpoints/last.pt: resume where that folder is")
+    if not run_folder.belongs_to(resumed.outputs_dir, resumed.run_id):
+        raise SeqexpError(f"resume: run {resumed.run_id}'s outputs folder "
+                          f"{resumed.outputs_dir} holds run "
+                          f"{run_folder.owner(resumed.outputs_dir)}'s files now, not its "
+                          f"training state: start a new run (without resume=)")
     return resumed.outputs_dir
 
 
