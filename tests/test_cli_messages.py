@@ -3,6 +3,7 @@ validation events, the words at the end of a run."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -124,3 +125,51 @@ def test_a_config_view_of_a_sweep_is_one_line_not_hydras_traceback():
     assert "drop -m" in check_flags(["-m", "model=gru,mf", "--cfg", "job"])
     assert check_flags(["model=gru", "--cfg", "job"]) is None
     assert check_flags(["-m", "model=gru,mf"]) is None
+
+
+def _table2_without_data(tmp_path, *extra: str) -> subprocess.CompletedProcess:
+    """`seqexp experiment=table2` where no raw file is and nothing can be downloaded (a closed
+    port on this machine)."""
+    return subprocess.run(
+        [sys.executable, "-m", "seqexp.apps.cli", "experiment=table2",
+         f"paths.data_dir={tmp_path / 'data'}", "dataset.url=http://127.0.0.1:9/missing.zip",
+         *extra], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+
+def test_a_multirun_names_every_missing_dataset_before_any_job_starts(tmp_path):
+    result = _table2_without_data(tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    raw = tmp_path / "data" / "raw"
+    assert [line.split(":", 2)[:2] for line in lines] == [
+        ["seqexp", " error"], ["seqexp", " error"]]
+    assert lines[0].startswith("seqexp: error: dataset ml10m: could not download "
+                               "http://127.0.0.1:9/missing.zip")
+    assert lines[0].endswith(f"put ratings.dat at {raw / 'ml10m' / 'ratings.dat'}, or pass "
+                             f"dataset.path=/path/to/ratings.dat")
+    assert lines[1].startswith("seqexp: error: dataset lastfm: could not download")
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()
+
+
+def test_a_multirun_whose_data_are_here_is_not_held_up_by_them(tmp_path):
+    """Only the dataset without its file is named."""
+    ratings = tmp_path / "data" / "raw" / "ml10m" / "ratings.dat"
+    ratings.parent.mkdir(parents=True)
+    ratings.write_text("1::10::5::978300760\n")
+    result = _table2_without_data(tmp_path)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("seqexp: error: dataset lastfm: could not download")
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "device"])
+def test_a_data_path_that_is_not_a_file_says_what_it_is(tmp_path, kind):
+    path = {"folder": tmp_path, "device": "/dev/zero"}.get(kind, tmp_path / "pipe")
+    if kind == "fifo":
+        os.mkfifo(path)
+    cfg = compose_config(["dataset=csv", f"dataset.path={path}", f"paths.data_dir={tmp_path}"])
+    with pytest.raises(SeqexpError) as refused:
+        run_experiment(cfg, launch_dir=tmp_path, output_dir=tmp_path / "run")
+    expected = ("is a folder; pass the data file in it" if kind == "folder" else
+                "is not a regular file (a pipe or a device); pass a data file")
+    assert str(refused.value) == f"dataset.path={path} {expected}"

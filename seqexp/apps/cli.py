@@ -247,7 +247,8 @@ def main() -> None:
     problem = (check_flags(args) or check_group_choices(args) or check_plugins(args)
                or check_command_line(args))
     if problem:
-        print(f"seqexp: error: {problem}", file=sys.stderr)
+        for line in problem.splitlines():  # a multirun's missing datasets: one line each
+            print(f"seqexp: error: {line}", file=sys.stderr)
         sys.exit(2)
     try:
         _run()

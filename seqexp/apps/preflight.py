@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from seqexp.core import schema
 from seqexp.core.errors import SeqexpError, message_line, unwritable
 from seqexp.core.resources import config_dir
+from seqexp.data.raw_files import resolve_raw_file
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 # Command-line flags of Hydra's that take a value (the value is no override).
@@ -200,8 +201,31 @@ def check_command_line(argv: Sequence[str]) -> str | None:
     if folder_problem:
         return folder_problem
     if swept:
-        return _check_sweeper_score(configs, parsed)
+        fixed_keys = [o.input_line for o in key_overrides if not o.is_sweep_override()]
+        return (check_sweep_data([combo + fixed_keys for combo, _ in configs], fixed_groups)
+                or _check_sweeper_score(configs, parsed))
     return None
+
+
+def check_sweep_data(combinations: list[list[str]], fixed_groups: list[str]) -> str | None:
+    """One line per dataset of a multirun whose raw file is neither here nor downloadable
+    (where to get it, where to put it, or dataset.path=), before any job starts: otherwise each
+    job would fail on its own, each leaving a FAILED run. What can be downloaded is, once."""
+    sources: dict[tuple, tuple[dict, Path]] = {}
+    for combo in combinations:
+        cfg = _compose(fixed_groups + combo)
+        dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+        if dataset.get("format") == "synthetic":
+            continue
+        key = (dataset.get("name"), dataset.get("path"), dataset.get("url"))
+        sources.setdefault(key, (dataset, Path(str(cfg.paths.raw_dir))))
+    missing = []
+    for dataset, raw_dir in sources.values():
+        try:
+            resolve_raw_file(dataset, raw_dir, progress=True)
+        except SeqexpError as exc:
+            missing.append(f"dataset {dataset.get('name')}: {exc}")
+    return "\n".join(missing) or None
 
 
 def check_outputs_folder(base: DictConfig, parsed: list, swept: bool) -> str | None:

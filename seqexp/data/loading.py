@@ -8,8 +8,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from seqexp.core.errors import UNWRITABLE_ERRNOS, SeqexpError, unwritable
-from seqexp.data import download
+from seqexp.core.errors import SeqexpError
 from seqexp.data.cache import (
     cache_key,
     file_digest,
@@ -22,6 +21,7 @@ from seqexp.data.interactions import Interactions
 from seqexp.data.lastfm import read_lastfm
 from seqexp.data.movielens import read_movielens
 from seqexp.data.preprocess import PREPROCESS_VERSION, build_sequences
+from seqexp.data.raw_files import resolve_raw_file
 from seqexp.data.sequences import SequenceData
 from seqexp.data.synthetic import generate_synthetic
 from seqexp.data.tabular import read_table
@@ -116,58 +116,6 @@ def _preprocess(dataset: Mapping, split: Mapping, raw_path: Path | None, folder:
     save_cached(folder, data, params)
     log.info("preprocessed in %.1f s, cached in %s", time.perf_counter() - started, folder)
     return data
-
-
-def resolve_raw_file(dataset: Mapping, raw_dir: Path, progress: bool) -> Path:
-    """The local raw file: dataset.path when given, else the official archive's member,
-    downloaded and unpacked into raw_dir on first use."""
-    if dataset.get("path") not in (None, ""):
-        path = Path(str(dataset["path"])).expanduser()
-        if not path.is_file():
-            raise SeqexpError(f"dataset.path={path}: file not found; pass an existing file")
-        return path
-    url, member = dataset.get("url"), dataset.get("archive_member")
-    if not url or not member:
-        raise SeqexpError(
-            f"dataset {dataset.get('name')!r} has no download source: pass dataset.path=FILE"
-        )
-    folder = raw_dir / str(dataset.get("name"))
-    target = folder / Path(member).name
-    if target.is_file():
-        return target
-    # The archive's name: the URL's last segment, without a query (?download=1).
-    archive = folder / url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
-    remote = verified_source(dataset)
-    try:
-        download.fetch(remote, archive, progress=progress)
-        download.extract_member(archive, member, target)
-    except SeqexpError as exc:
-        raise SeqexpError(
-            f"{exc}; download {url} by hand and put {Path(member).name} at {target}, "
-            f"or pass dataset.path=/path/to/{Path(member).name}"
-        ) from None
-    except OSError as exc:
-        if exc.errno not in UNWRITABLE_ERRNOS:
-            raise
-        raise unwritable(folder, exc, "the downloaded data", "paths.raw_dir") from None
-    return target
-
-
-def verified_source(dataset: Mapping) -> download.RemoteFile:
-    """The archive to download with the size and md5 it must have. Only an explicit
-    dataset.verify=false downloads without that check (with a warning); a dataset that names no
-    md5 must say so."""
-    url, size, md5 = dataset["url"], dataset.get("archive_size"), dataset.get("archive_md5")
-    if not dataset.get("verify", True):
-        log.warning("dataset.verify=false: %s is downloaded WITHOUT checking its size and md5; "
-                    "the run's data.sha256 param still records which file it used", url)
-        return download.RemoteFile(url, None, None)
-    if md5 is None:
-        raise SeqexpError(
-            f"dataset {dataset.get('name')!r}: no dataset.archive_md5 to verify {url} against; "
-            "set dataset.archive_md5=<the publisher's md5> (and dataset.archive_size=<bytes>), "
-            "or pass dataset.verify=false to download it unverified")
-    return download.RemoteFile(url, size, md5)
 
 
 def _int(cfg: Mapping, key: str, default: int) -> int:
