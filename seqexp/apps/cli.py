@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from seqexp.apps.preflight import check_command_line, sweeper_ranks_jobs
-from seqexp.core import run_folder, schema
+from seqexp.core import liveness, run_folder, schema
 from seqexp.core.errors import SeqexpError, message_line
 from seqexp.core.resources import config_dir, group_options
 from seqexp.core.stopping import TrainingStopped, exit_code
@@ -89,6 +89,7 @@ def _run(cfg: DictConfig) -> float:
     sweep, tags = job_tags(hydra_cfg, cfg) if multirun else (None, {})
     if multirun:  # parallel jobs (joblib) write to one terminal: say whose line it is
         prefix_job_lines(hydra_cfg.job.num)
+        liveness.end_with_sweep()  # a worker of a killed sweep does not live on
     # As typed: iterating the ListConfig would resolve a `${...}` in an override's text.
     overrides = list(OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False))
     try:

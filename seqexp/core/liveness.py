@@ -6,7 +6,10 @@ new process under an old pid from the old one."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import threading
+import time
 from functools import cache
 from pathlib import Path
 
@@ -62,3 +65,30 @@ def is_gone(writer_host: str, pid: str | int, pid_start: str = "") -> bool:
         now = start_time(number)
         return now is not None and now != pid_start
     return False
+
+
+# Set by a multirun's main process (seqexp.run.sweep) for the workers it starts (joblib's loky
+# processes), which otherwise outlive a SIGKILLed sweep for minutes, each holding a model.
+SWEEP_PID_ENV = "SEQEXP_SWEEP_PID"
+_watching: list[int] = []
+
+
+def end_with_sweep(poll_s: float = 0.5, grace_s: float = 3.0) -> None:
+    """In a worker process that a sweep's main process started: once that process is gone
+    (this one is handed to init), stop as SIGTERM stops a run (its MLflow run KILLED, its state
+    saved), and leave after `grace_s` whatever it is doing. Elsewhere (a sequential sweep runs
+    its jobs in the main process; a cluster's jobs have other parents) nothing is watched."""
+    parent = os.getppid()
+    if os.environ.get(SWEEP_PID_ENV) != str(parent) or _watching:
+        return
+    _watching.append(parent)
+    threading.Thread(target=_watch, args=(parent, poll_s, grace_s), daemon=True,
+                     name="seqexp-sweep-watch").start()
+
+
+def _watch(parent: int, poll_s: float, grace_s: float) -> None:
+    while os.getppid() == parent:
+        time.sleep(poll_s)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(grace_s)
+    os._exit(128 + signal.SIGTERM)

@@ -19,6 +19,7 @@ import atexit
 import json
 import logging
 import math
+import os
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -29,6 +30,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from seqexp.core import liveness
 from seqexp.core.atomic import write_json
 from seqexp.core.errors import message_line
 from seqexp.run.tags import (
@@ -194,6 +196,7 @@ class SweepCallback(Callback):
         self.info: SweepInfo | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        os.environ[liveness.SWEEP_PID_ENV] = str(os.getpid())  # for the workers it starts
         launch_dir = Path(config.hydra.runtime.cwd)
         sweep_dir = sweep_dir_of(config.hydra)
         tracker = Tracker(tracking_uri_of(config, launch_dir), config.mlflow.experiment)
