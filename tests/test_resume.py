@@ -242,10 +242,11 @@ def test_callbacks_come_after_every_batch_and_after_each_epochs_state_is_written
 
 def test_the_train_settings_are_the_train_keys_with_their_defaults(shared):
     """Each TrainSettings field is the train.* key of its name, defaulting as in
-    conf/train/default.yaml; the keys without a field are experiment.configure_torch's."""
+    conf/train/default.yaml; the keys without a field are experiment.configure_torch's and
+    keep_last (run_experiment's, once a run has finished)."""
     defaults = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "train" / "default.yaml"))
     fields = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
-    assert set(defaults) == set(fields) | {"num_threads", "tf32", "cpu_kernels"}
+    assert set(defaults) == set(fields) | {"num_threads", "tf32", "cpu_kernels", "keep_last"}
     assert {key: defaults[key] for key in fields} == fields
     chosen = TrainSettings(epochs=7, batch_size=9, lr=0.5, optimizer="sgd", weight_decay=0.25,
                            grad_clip=None, patience=5, min_delta=0.125, progress=False,

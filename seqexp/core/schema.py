@@ -164,6 +164,8 @@ TRAIN: dict[str, Key] = {
     "amp": Key(flag(), "bf16 autocast of training (CUDA, CPUs with native bf16); "
                "evaluation stays float32"),
     "compile": _speed(flag(), "torch.compile of the training loss"),
+    "keep_last": _speed(flag(), "keep checkpoints/last.pt once the run has finished (resuming "
+                        "needs it only while a run is unfinished)"),
 }
 
 EVAL: dict[str, Key] = {
@@ -253,7 +255,8 @@ MLFLOW: dict[str, Key] = {
     "experiment": _speed(text(), "the MLflow experiment"),
     "run_name": _speed(text(nullable=True), "the run's name (null: from model, dataset and "
                        "overrides)"),
-    "log_checkpoint": _speed(flag(), "log the best checkpoint as an artifact"),
+    "log_checkpoint": _speed(flag(), "log the best checkpoint as an artifact where the run "
+                             "logs no MLflow Model (which holds it)"),
     "log_model": _speed(flag(), "log the run's model as the MLflow Model runs:/<id>/model "
                         "(mlflow.pyfunc: serve it, register it, seqexp.load it)"),
     "register_model": _speed(text(nullable=True), "register the run's MLflow Model under this "

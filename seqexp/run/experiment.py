@@ -40,7 +40,7 @@ from seqexp.models import cpu_kernels
 from seqexp.models.base import Recommender
 from seqexp.run.artifacts import checkpoint_contents, write_id_maps, write_ranks
 from seqexp.run.datasets import split_datasets
-from seqexp.run.mlflow_model import log_model
+from seqexp.run.mlflow_model import link_to_model, log_model
 from seqexp.run.naming import run_name
 from seqexp.run.options import check_config
 from seqexp.run.resume import (
@@ -271,13 +271,17 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
                 stop_if_asked()
                 write_json(output_dir / "metrics.json", metrics | {"data": data.stats})
                 tracker.log_artifact(output_dir / "metrics.json")
-                if cfg.mlflow.log_checkpoint:
+                logs_model = cfg.mlflow.get("log_model", True) and checkpoint.is_file()
+                if cfg.mlflow.log_checkpoint and not logs_model:  # else the model holds it
                     tracker.log_artifact(checkpoint, "checkpoints")
                 stop_if_asked()
-                if cfg.mlflow.get("log_model", True) and checkpoint.is_file():
-                    log_model(tracker, checkpoint, example_user(data),
-                              cfg.mlflow.get("register_model"))
+                if logs_model:
+                    model_uri = log_model(tracker, checkpoint, example_user(data),
+                                          cfg.mlflow.get("register_model"))
+                    link_to_model(tracker, model_uri, checkpoint)
                 stop_if_asked()
+                if not cfg.train.get("keep_last", False):  # only an unfinished run resumes
+                    state.path.unlink(missing_ok=True)
             except EvaluationStopped as stopped:  # the test evaluation, cut short
                 raise _stopped(TrainingStopped(stopped.signal_name, epochs_done, 0), run_id,
                                stop_signals) from None

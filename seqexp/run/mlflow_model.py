@@ -24,6 +24,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 import numpy as np
 import torch
@@ -170,6 +172,32 @@ def log_model(tracker: Tracker, checkpoint: Path, example_user: str,
                           f"({message_line(exc)}); mlflow.log_model=false skips it") from None
     log.info("MLflow Model %s logged in %.2f s", info.model_uri, time.perf_counter() - started)
     return info.model_uri
+
+
+def link_to_model(tracker: Tracker, model_uri: str, checkpoint: Path) -> bool:
+    """Make the run's `checkpoint` a link to the copy its MLflow Model holds, where the model's
+    artifacts are files on this machine, so that the best weights are stored once; True when
+    it is one now. Elsewhere (a tracking server's store) the outputs folder keeps its copy."""
+    model_id = model_uri.rstrip("/").rsplit("/", 1)[-1]
+    try:
+        location = with_lock_retry(tracker.client.get_logged_model, model_id).artifact_location
+    except Exception:  # noqa: BLE001 - any store's failure: the file stays as it is
+        return False
+    parsed = urlsplit(location)
+    if parsed.scheme not in ("", "file"):
+        return False
+    folder = Path(url2pathname(parsed.path))
+    try:
+        target = model_checkpoint(folder, model_uri).resolve()
+    except SeqexpError:
+        return False
+    if not target.is_file() or target.stat().st_size != checkpoint.stat().st_size:
+        return False
+    link = checkpoint.with_name(f".{checkpoint.name}.link")
+    link.unlink(missing_ok=True)
+    link.symlink_to(target)
+    os.replace(link, checkpoint)
+    return True
 
 
 def model_checkpoint(folder: Path, where: object) -> Path:
