@@ -295,6 +295,12 @@ def test_mlflow_models_serve_answers_the_same_top_k(store, tmp_path):
         status, body = _post(f"{base}/invocations",
                              {"dataframe_records": [{"user": "nobody", "k": 5}]})
         assert status == 400 and "user 'nobody' is not a user" in body["message"]
+        # values the signature's types would coerce: refused, not cut or read as true
+        for record, message in (({"user": "3", "k": 2.5}, "k=2.5 is not a whole number"),
+                                ({"user": "3", "k": 3, "exclude_seen": "yes"},
+                                 "exclude_seen='yes' is not true or false")):
+            status, body = _post(f"{base}/invocations", {"dataframe_records": [record]})
+            assert status == 400 and message in body["message"], (record, body)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:

@@ -318,3 +318,15 @@ def test_a_checkpoint_downloaded_from_mlflow_leaves_no_temporary_folder(checkpoi
     assert "has no best checkpoint" in _cli([empty, "--user", "0", "--tracking-uri", uri],
                                             capsys)
     assert seqexp_entries() == before
+
+
+def test_weights_that_are_not_finite_are_one_line_not_an_empty_table(checkpoints, tmp_path,
+                                                                      capsys):
+    source = checkpoints["gru"]
+    weights = torch.load(source, weights_only=True)["model"]
+    crafted = _rewrite(source, tmp_path / "nan.pt",
+                       model={k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                              for k, v in weights.items()})
+    line = _cli([str(crafted), "--user", "0", "--k", "5"], capsys)
+    assert line == ("seqexp-recommend: error: model=gru scores NaN: its checkpoint holds weights "
+                    "that are not finite (a diverged training?); use another run\n")

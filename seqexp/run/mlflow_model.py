@@ -61,12 +61,14 @@ def signature() -> ModelSignature:
     from mlflow.types.schema import AnyType, ColSpec, DataType, Schema
 
     # `items` is Any, not Array(string): a request whose rows do not all give items reaches
-    # the model with NaN in the others, which MLflow's check of an array column refuses.
+    # the model with NaN in the others, which MLflow's check of an array column refuses. `k`
+    # and `exclude_seen` are Any too, checked by predict_frame: MLflow's server casts a long
+    # column's 2.5 to 2 and a boolean column's "yes" to true, answering what nobody asked.
     inputs = Schema([
         ColSpec(DataType.string, "user", required=False),
-        ColSpec(DataType.long, "k"),
+        ColSpec(AnyType(), "k"),
         ColSpec(AnyType(), "items", required=False),
-        ColSpec(DataType.boolean, "exclude_seen", required=False),
+        ColSpec(AnyType(), "exclude_seen", required=False),
     ])
     outputs = Schema([ColSpec(DataType.long, "request"), ColSpec(DataType.long, "rank"),
                       ColSpec(DataType.string, "item"), ColSpec(DataType.double, "score")])
@@ -98,11 +100,27 @@ def predict_frame(model: Recommendations, requests: pd.DataFrame) -> pd.DataFram
         table = model.recommend(
             user=None if _missing(user) else str(user),
             items=None if _missing(items) else [str(i) for i in np.asarray(items).tolist()],
-            k=int(row["k"]), exclude_seen=False if _missing(exclude_seen) else bool(exclude_seen))
+            k=_whole_k(row["k"], number),
+            exclude_seen=False if _missing(exclude_seen) else _flag(exclude_seen, number))
         answers.append(table.assign(request=number))
     if not answers:
         return pd.DataFrame({c: [] for c in OUTPUT_COLUMNS})
     return pd.concat(answers, ignore_index=True)[list(OUTPUT_COLUMNS)]
+
+
+def _whole_k(value: Any, number: int) -> int:
+    """A request's k as the whole number it must be (2.5, "3" or True are refused, not cut)."""
+    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number))
+            or not math.isfinite(value) or value != int(value)):
+        raise SeqexpError(f"request {number}: k={value!r} is not a whole number of items")
+    return int(value)
+
+
+def _flag(value: Any, number: int) -> bool:
+    """A request's exclude_seen as the true or false it must be ("yes" or 1 are refused)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise SeqexpError(f"request {number}: exclude_seen={value!r} is not true or false")
+    return bool(value)
 
 
 def pip_requirements() -> list[str]:

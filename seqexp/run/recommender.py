@@ -97,6 +97,9 @@ class Recommendations:
             if len(times) != len(context):
                 raise SeqexpError(f"{len(times)} timestamps for {len(context)} items")
         scores = self._scores(user_index, context, times)
+        if bool(torch.isnan(scores).any()):
+            raise SeqexpError(f"{self._model_name()} scores NaN: its checkpoint holds weights "
+                              f"that are not finite (a diverged training?); use another run")
         if exclude_seen:
             scores[torch.from_numpy(np.unique(context))] = -torch.inf
         top = torch.topk(scores, min(k, int(torch.isfinite(scores).sum())))
