@@ -70,7 +70,9 @@ class Workspace:
 
     def argv(self, *overrides: str) -> list[str]:
         return [*overrides, f"paths.data_dir={self.data}", f"mlflow.tracking_uri={self.uri}",
-                f"hydra.run.dir={self.root / 'outputs'}", "train.progress=false",
+                # a folder of its own for each run (seqexp refuses a folder another run holds)
+                f"hydra.run.dir={self.root / 'outputs'}/${{seqexp_run_token:}}",
+                "train.progress=false",
                 "mlflow.log_checkpoint=false"]
 
 
@@ -330,7 +332,8 @@ class DamageSpace(Workspace):
             code, output = run_seqexp(self.run_args)
         assert code == 143, output[-3000:]
         (self.run_id,) = self.run_ids()
-        self.checkpoints = root / "outputs" / "checkpoints"
+        outputs = MlflowClient(self.uri).get_run(self.run_id).data.tags["outputs_dir"]
+        self.checkpoints = Path(outputs) / "checkpoints"
         self.best = (self.checkpoints / "best.pt").read_bytes()
         self.state = (self.checkpoints / "last.pt").read_bytes()
         (self.entry,) = [root / "data" / "processed" / e for e in self.cache_entries()]
@@ -343,7 +346,8 @@ class DamageSpace(Workspace):
         """A quick run (model=pop) on the same data, in a folder of its own."""
         args = self.argv("model=pop", *[o for o in tiny_overrides(self.data)
                                         if o.startswith("dataset.")])
-        changed = {"hydra.run.dir": self.root / "pop", "mlflow.tracking_uri": tracking_uri}
+        changed = {"hydra.run.dir": f"{self.root / 'pop'}/${{seqexp_run_token:}}",
+                   "mlflow.tracking_uri": tracking_uri}
         return [f"{o.split('=', 1)[0]}={changed[o.split('=', 1)[0]]}"
                 if changed.get(o.split("=", 1)[0]) else o for o in args]
 

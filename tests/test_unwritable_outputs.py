@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from helpers import run_seqexp, tiny_overrides
 from seqexp.core.checkpoint import read_checkpoint
 from seqexp.run import experiment
-from seqexp.run.tracking import Tracker
+from seqexp.run.tracking import Tracker, store_failure_error
 
 ROOT = Path(__file__).resolve().parent.parent
 FSIZE_LIMIT = 3 << 20  # above the store (about 1 MiB), below the training state of epoch 1
@@ -242,3 +242,78 @@ def test_a_store_damaged_in_the_middle_of_a_run_is_one_line_and_a_failed_run(
     run = only_run(db)
     assert run.info.status == "FAILED"
     assert run.data.tags["error"] == expected.removeprefix("seqexp: error: ")
+
+
+# --------------------------------------------------------------------- a full disk
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 4 MiB tmpfs (CI runs as root), unmounted after the test."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(folder: Path) -> Path:
+    """Write until the device is full; the filler file, to free the space again."""
+    filler = folder / "filler"
+    with filler.open("wb") as out:
+        try:
+            while True:
+                out.write(b"\0" * 65536)
+                out.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    return filler
+
+
+def test_a_full_disk_is_said_as_such_and_the_run_closed_later_carries_it(
+        tmp_path, small_disk, empty_store, monkeypatch):
+    """The store's disk fills up once the run has started (a real tmpfs, filled for real): the
+    line says no space is left, where and how much is free, and gives no advice to move a
+    healthy store aside; the run the store could not mark is closed later with that reason,
+    and the store works again once space is freed."""
+    db = small_disk / "mlflow.db"
+    shutil.copy(empty_store, db)
+    real = experiment.split_datasets
+    filled = []
+
+    def filling_the_disk(*args, **kwargs):
+        filled.append(_fill(small_disk))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(experiment, "split_datasets", filling_the_disk)
+    code, output = run_seqexp(["model=pop", *tiny_overrides(tmp_path / "data", db),
+                               f"hydra.run.dir={tmp_path / 'run'}"])
+    assert code == 2 and "Traceback" not in output, output[-3000:]
+    (line,) = error_lines(output)
+    assert line.startswith(f"seqexp: error: mlflow.tracking_uri=sqlite:///{db}: no space left "
+                           f"for the MLflow store ((sqlite3.OperationalError) database or disk "
+                           f"is full; ")
+    assert f"MiB free on the device of {small_disk}); free some space there, then continue " \
+           f"with resume=" in line
+    assert "damaged" not in line and "mv " not in line
+    filled[0].unlink()
+    run = only_run(db)
+    assert run.info.status == "RUNNING"  # the full disk kept the store from marking it
+    client = MlflowClient(f"sqlite:///{db}")
+    client.set_tag(run.info.run_id, "pid", "999999999")  # as seen by a later process
+    experiment.close_abandoned_runs(Tracker(f"sqlite:///{db}", None))
+    closed = client.get_run(run.info.run_id)
+    assert closed.info.status == "FAILED"
+    reason = closed.data.tags["failure_reason"]
+    assert "no space left for the MLflow store" in reason and "SIGKILL" not in reason
+
+
+def test_a_store_failure_on_a_healthy_file_does_not_call_it_damaged(tmp_path, empty_store):
+    db = tmp_path / "mlflow.db"
+    shutil.copy(empty_store, db)
+    line = str(store_failure_error(f"sqlite:///{db}", "(sqlite3.OperationalError) disk I/O "
+                                   "error", "abc"))
+    assert "its file passes SQLite's integrity check" in line and "mv " not in line
+    db.write_bytes(db.read_bytes()[:4096] + b"\xff" * 8192)  # pages no SQLite wrote
+    line = str(store_failure_error(f"sqlite:///{db}", "(sqlite3.DatabaseError) x", "abc"))
+    assert "the MLflow store is damaged" in line and f"mv {db} {db}.broken" in line

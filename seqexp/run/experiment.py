@@ -59,6 +59,7 @@ from seqexp.run.tracking import (
     environment_tags,
     git_tags,
     process_tags,
+    record_unrecorded_failure,
 )
 
 log = logging.getLogger(__name__)
@@ -308,7 +309,7 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
             raise
         raise error from None
     finally:
-        _end_run(tracker, status, error)
+        _end_run(tracker, status, error, output_dir)
 
 
 def _start_in_own_folder(tracker: Tracker, output_dir: Path, name: str,
@@ -386,7 +387,8 @@ def _unwritable(exc: OSError, output_dir: Path, resumed: bool) -> SeqexpError:
     return unwritable(outputs if inside else target.parent, exc, what, key, also="")
 
 
-def _end_run(tracker: Tracker, status: str, error: BaseException | None) -> None:
+def _end_run(tracker: Tracker, status: str, error: BaseException | None,
+             output_dir: Path) -> None:
     """End the run with `status`, a failed one with its error in the tag `error`. A store that
     cannot record it (a full disk holds the SQLite file too) is said in the failure's one line;
     the next seqexp on this host marks the run FAILED (close_abandoned_runs)."""
@@ -397,6 +399,7 @@ def _end_run(tracker: Tracker, status: str, error: BaseException | None) -> None
     except Exception as exc:  # noqa: BLE001 - said in the run's one line
         if not isinstance(error, SeqexpError):
             raise
+        record_unrecorded_failure(output_dir, str(error))
         raise SeqexpError(f"{error}; the MLflow run {tracker.run_id} could not be marked "
                           f"{status} ({message_line(exc, limit=200)}): the next seqexp run in "
                           f"this store marks it FAILED") from None

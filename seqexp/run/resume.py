@@ -17,12 +17,11 @@ from pathlib import Path
 from seqexp.core import liveness
 from seqexp.core.errors import SeqexpError
 from seqexp.core.schema import affects_results
-from seqexp.run.tracking import with_lock_retry
+from seqexp.run.tracking import OUTPUTS_TAG, with_lock_retry
 
 # Params a run logs besides its configuration (seqexp.run.experiment: the data's statistics).
 DATA_PREFIX = "data."
 UNFINISHED = ("RUNNING", "KILLED", "FAILED", "SCHEDULED")
-OUTPUTS_TAG = "outputs_dir"  # the run's outputs folder (checkpoints/, metrics.json, ...)
 CLUSTER_JOB_TAG = "cluster_job"  # the SLURM / submitit job that ran it (cluster_job_key)
 RESUMES_TAG = "resumes"  # how many times the run was continued
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import getpass
 import json
@@ -10,6 +11,7 @@ import logging
 import os
 import platform
 import random
+import shutil
 import sqlite3
 import sys
 import time
@@ -240,6 +242,35 @@ def missing_tables(client: Any) -> list[str]:
     return sorted(set(Base.metadata.tables) - present)
 
 
+def store_failure_error(tracking_uri: str, reason: str, run_id: str | None) -> SeqexpError:
+    """The one line for a store call that failed: a full disk said as such (where, how much is
+    free, what to do), a damaged store only where its schema lacks a table or SQLite's
+    integrity check fails (then moving it aside is the advice), else the failure as it is."""
+    db = sqlite_path(tracking_uri)
+    lowered = reason.lower()
+    if "disk is full" in lowered or "no space left" in lowered:
+        where = db.parent if db is not None else None
+        free = (f"{shutil.disk_usage(where).free / 2**20:.1f} MiB free on the device of {where}"
+                if where is not None and where.is_dir() else "the server's disk is full")
+        resume = f", then continue with resume={run_id}" if run_id else ""
+        return SeqexpError(f"mlflow.tracking_uri={tracking_uri}: no space left for the MLflow "
+                           f"store ({reason}; {free}); free some space there{resume}")
+    if db is None or "no such table" in lowered or not sqlite_intact(db):
+        return damaged_store_error(tracking_uri, reason)
+    return SeqexpError(f"mlflow.tracking_uri={tracking_uri}: the MLflow store failed ({reason}); "
+                       f"its file passes SQLite's integrity check, so it is not damaged: run "
+                       f"again")
+
+
+def sqlite_intact(db: Path) -> bool:
+    """Whether SQLite's own integrity check passes on the database file `db` (read-only)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as connection:
+            return connection.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+    except sqlite3.Error:
+        return False
+
+
 def damaged_store_error(tracking_uri: str, reason: str) -> SeqexpError:
     """The one line for a store that cannot be used: what is wrong and, for a SQLite file, how
     to start afresh."""
@@ -415,9 +446,9 @@ class Tracker:
 
         if not isinstance(exc, (MlflowException, SQLAlchemyError, sqlite3.Error)):
             return None
-        return damaged_store_error(self.tracking_uri, message_line(exc, which=-1, limit=300)
+        return store_failure_error(self.tracking_uri, message_line(exc, which=-1, limit=300)
                                    if "Background on this error" not in str(exc) else
-                                   _sql_reason(exc))
+                                   _sql_reason(exc), self.run_id)
 
     def _experiment_id(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)
@@ -605,6 +636,33 @@ def process_tags() -> dict[str, str]:
     return liveness.identity()
 
 
+OUTPUTS_TAG = "outputs_dir"  # the run's outputs folder (checkpoints/, metrics.json, ...)
+# In a run's outputs folder: the error that ended a run the store could not mark (its disk
+# full), for the later seqexp that closes the run.
+UNRECORDED_FAILURE = ".seqexp-run-failure"
+
+
+_KILLED = "killed, e.g. by SIGKILL or the out-of-memory killer"
+
+
+def record_unrecorded_failure(outputs: Path, line: str) -> None:
+    """Keep `line` beside the run for close_abandoned_runs; best effort (the same disk may be
+    full)."""
+    with contextlib.suppress(OSError):
+        (outputs / UNRECORDED_FAILURE).write_text(line[:4000])
+
+
+def unrecorded_failure(tags: dict[str, str]) -> str | None:
+    """The error a run's process kept in its outputs folder, if any."""
+    folder = tags.get(OUTPUTS_TAG)
+    if not folder:
+        return None
+    try:
+        return (Path(folder) / UNRECORDED_FAILURE).read_text().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def close_abandoned_runs(tracker: Tracker) -> list[str]:
     """Mark FAILED, with a reason tag, every RUNNING run of the store whose process ran on this
     host and has ended (pid gone, or reused by a later process); runs of other hosts and runs
@@ -620,7 +678,7 @@ def close_abandoned_runs(tracker: Tracker) -> list[str]:
             continue
         process = f"process {tags['pid']} on {tags['host']}"
         reason = (f"{process} ended without closing the run "
-                  "(killed, e.g. by SIGKILL or the out-of-memory killer)")
+                  f"({unrecorded_failure(tags) or _KILLED})")
         with_lock_retry(tracker.client.log_batch, run.info.run_id,
                         tags=[RunTag(ABANDONED_TAG, reason)])
         with_lock_retry(tracker.client.set_terminated, run.info.run_id, status="FAILED")
