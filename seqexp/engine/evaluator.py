@@ -29,7 +29,7 @@ from seqexp.data.baskets import basket_starts, check_gap
 from seqexp.data.batching import PredictionBatch, prediction_batches
 from seqexp.data.sequences import SequenceData
 from seqexp.engine.metrics import RankCounts
-from seqexp.engine.ranks import check_finite, count_ranks
+from seqexp.engine.ranks import check_finite, count_ranks, count_sparse_ranks
 from seqexp.models import cpu_kernels
 from seqexp.models.base import Recommender
 
@@ -39,6 +39,9 @@ AUTO_BATCH_USERS = {"cpu": 256, "cuda": 8192}
 # Score-block size (points x items) when eval.max_block_elements is null: few, large blocks
 # (the eval_blocks CPU kernel: blocks that stay in the last-level cache).
 AUTO_BLOCK_ELEMENTS = 50_000_000
+# Prediction points per step of a model with shared + sparse scores (their entries: a few
+# hundred to a few thousand per point).
+SPARSE_POINTS = 4096
 
 
 def _for_device(table: dict[str, int], device: torch.device) -> int:
@@ -76,6 +79,7 @@ class Evaluator:
         device = model.device
         parts: dict[str, list[torch.Tensor]] = {
             "greater": [], "equal": [], "users": [], "positions": [], "targets": []}
+        shared = sorted_shared_scores(model)
         bar = tqdm(total=phase_targets(data, phase), desc=phase, unit="ev", unit_scale=True,
                    disable=not self.progress, leave=False, mininterval=1.0)
         try:
@@ -86,7 +90,7 @@ class Evaluator:
                     parts["positions"].append(batch.target_cols)
                     parts["targets"].append(batch.targets)
                     batch = batch.to(device)
-                    g, e = self._batch_counts(model, batch, data.n_items)
+                    g, e = self._batch_counts(model, batch, data.n_items, shared)
                     parts["greater"].append(g.cpu())
                     parts["equal"].append(e.cpu())
                     bar.update(batch.n_targets)
@@ -100,13 +104,18 @@ class Evaluator:
             return RankCounts(*(np.zeros(0, np.int64) for _ in parts))
         return RankCounts(**{k: torch.cat(v).numpy() for k, v in parts.items()})
 
-    def _batch_counts(self, model: Recommender, batch: PredictionBatch, n_items: int):
+    def _batch_counts(self, model: Recommender, batch: PredictionBatch, n_items: int,
+                      shared: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Greater/equal counts of a batch's points: from dense score blocks, or with `shared`
+        = (the model's shared scores, sorted) from those and its sparse entries."""
         state = model.prediction_states(batch)
         excluded = seen_items(batch, n_items) if self.exclude_seen else None
         # B x N must fit: split the prediction points if needed, then the items.
         device = batch.targets.device
         block = self.block_elements(device)
         points = max(1, min(batch.n_targets, block // max(n_items, 1)))
+        if shared is not None:
+            points = SPARSE_POINTS
         chunk = max(1, block // points)
         g_parts, e_parts = [], []
         for start in range(0, batch.n_targets, points):
@@ -118,10 +127,14 @@ class Evaluator:
                 lo, hi = torch.searchsorted(point, torch.tensor(
                     [start, start + points], device=point.device)).tolist()
                 sub_excluded = (point[lo:hi] - start, item[lo:hi])
-            g, e = count_ranks(
-                lambda lo, hi, s=sub_state: model.score_items(s, lo, hi),
-                batch.targets[part], n_items, chunk, sub_excluded,
-            )
+            if shared is not None:
+                g, e = count_sparse_ranks(*shared, batch.targets[part],
+                                          *model.sparse_scores(sub_state), sub_excluded)
+            else:
+                g, e = count_ranks(
+                    lambda lo, hi, s=sub_state: model.score_items(s, lo, hi),
+                    batch.targets[part], n_items, chunk, sub_excluded,
+                )
             g_parts.append(g)
             e_parts.append(e)
         return torch.cat(g_parts), torch.cat(e_parts)
@@ -211,6 +224,16 @@ class Evaluator:
         ideal = discounts.cumsum(0)[size.clamp(max=k) - 1]
         f1 = 2 * hits / (k + size)
         return f1, dcg / ideal, batch.users[rows[openers]]
+
+
+def sorted_shared_scores(model: Recommender) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(shared scores, the same sorted) of a model whose scores are a shared vector plus sparse
+    entries (docs/evaluation.md), else None: its ranks come from dense score blocks."""
+    shared = model.shared_scores()
+    if shared is None:
+        return None
+    check_finite(shared)
+    return shared, torch.sort(shared).values
 
 
 def phase_targets(data: SequenceData, phase: str) -> int:
