@@ -39,9 +39,10 @@ AUTO_BATCH_USERS = {"cpu": 256, "cuda": 8192}
 # Score-block size (points x items) when eval.max_block_elements is null: few, large blocks
 # (the eval_blocks CPU kernel: blocks that stay in the last-level cache).
 AUTO_BLOCK_ELEMENTS = 50_000_000
-# Prediction points per step of a model with shared + sparse scores (their entries: a few
-# hundred to a few thousand per point).
-SPARSE_POINTS = 4096
+# Steps of a model with shared + sparse scores: the first SPARSE_POINTS prediction points,
+# then as many as make about SPARSE_ENTRIES entries (cache-sized; at least SPARSE_POINTS).
+SPARSE_POINTS = 64
+SPARSE_ENTRIES = 1 << 18
 
 
 def _for_device(table: dict[str, int], device: torch.device) -> int:
@@ -114,11 +115,12 @@ class Evaluator:
         device = batch.targets.device
         block = self.block_elements(device)
         points = max(1, min(batch.n_targets, block // max(n_items, 1)))
-        if shared is not None:
+        if shared is not None:  # a first step, then steps of about SPARSE_ENTRIES entries
             points = SPARSE_POINTS
         chunk = max(1, block // points)
         g_parts, e_parts = [], []
-        for start in range(0, batch.n_targets, points):
+        start = 0
+        while start < batch.n_targets:
             part = slice(start, start + points)
             sub_state = _slice_state(state, part)
             sub_excluded = None
@@ -128,13 +130,17 @@ class Evaluator:
                     [start, start + points], device=point.device)).tolist()
                 sub_excluded = (point[lo:hi] - start, item[lo:hi])
             if shared is not None:
-                g, e = count_sparse_ranks(*shared, batch.targets[part],
-                                          *model.sparse_scores(sub_state), sub_excluded)
+                ids, scores = model.sparse_scores(sub_state)
+                g, e = count_sparse_ranks(*shared, batch.targets[part], ids, scores,
+                                          sub_excluded)
+                start += points
+                points = max(SPARSE_POINTS, SPARSE_ENTRIES // max(ids.shape[1], 1))
             else:
                 g, e = count_ranks(
                     lambda lo, hi, s=sub_state: model.score_items(s, lo, hi),
                     batch.targets[part], n_items, chunk, sub_excluded,
                 )
+                start += points
             g_parts.append(g)
             e_parts.append(e)
         return torch.cat(g_parts), torch.cat(e_parts)

@@ -94,28 +94,27 @@ def count_sparse_ranks(
     the score it has for that point. Comparisons only: the counts are those of count_ranks.
     """
     n_points = len(targets)
-    valid = ids >= 0
     safe = ids.clamp_min(0)
-    own = torch.where(valid, scores, 0.0)
+    base = shared[safe]
+    # a padding entry "moves" its item from the shared score to the same score: no change
+    own = torch.where(ids >= 0, scores.to(shared.dtype), base)
     if torch.isnan(own.sum()):
         check_finite(own)
-    at_target = valid & (ids == targets[:, None])
-    column = at_target.to(torch.int8).argmax(1, keepdim=True) if ids.shape[1] else None
     target_score = shared[targets]
-    if column is not None:
-        target_score = torch.where(at_target.any(1), own.gather(1, column)[:, 0].to(
-            shared.dtype), target_score)
+    if ids.shape[1]:
+        at_target = ids == targets[:, None]
+        column = at_target.to(torch.int8).argmax(1, keepdim=True)
+        target_score = torch.where(at_target.any(1), own.gather(1, column)[:, 0], target_score)
     level_or_below = torch.searchsorted(ordered, target_score, right=True)
     below = torch.searchsorted(ordered, target_score)
     greater = (len(shared) - level_or_below).to(torch.int32)
     equal = (level_or_below - below - 1).to(torch.int32)  # − the target itself
     if ids.shape[1]:
-        score, base = own.to(shared.dtype), shared[safe]
         point_score = target_score[:, None]
-        greater += (((score > point_score) & valid).sum(1, dtype=torch.int32)
-                    - ((base > point_score) & valid).sum(1, dtype=torch.int32))
-        equal += (((score == point_score) & valid).sum(1, dtype=torch.int32)
-                  - ((base == point_score) & valid).sum(1, dtype=torch.int32))
+        greater += ((own > point_score).sum(1, dtype=torch.int32)
+                    - (base > point_score).sum(1, dtype=torch.int32))
+        equal += ((own == point_score).sum(1, dtype=torch.int32)
+                  - (base == point_score).sum(1, dtype=torch.int32))
     if excluded is not None and n_points:
         point, item = excluded
         score = _excluded_scores(shared, ids, own, point, item)

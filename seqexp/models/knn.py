@@ -247,9 +247,8 @@ class ExpDecayKNN(ItemKNN):
         anchors, weights = state
         ids = self.neighbours[anchors].flatten(1)  # [P, A*k], an item may repeat in a row
         n_points, width = ids.shape
-        rows = max(1, min(n_points, SCRATCH_ELEMENTS // self.n_items))
-        scratch = self.prior.new_empty(rows, self.n_items)
-        claims = torch.empty(rows, self.n_items, dtype=torch.int32, device=ids.device)
+        scratch, claims = self._scratch_rows()
+        rows = len(scratch)
         column = torch.arange(width, dtype=torch.int32, device=ids.device).expand(rows, width)
         scores = self.prior.new_empty(n_points, width)
         kept = torch.empty(n_points, width, dtype=torch.bool, device=ids.device)
@@ -263,3 +262,14 @@ class ExpDecayKNN(ItemKNN):
             claim = claims[:n].scatter_(1, block_ids, column[:n])
             kept[part] = claim.gather(1, block_ids) == column[:n]
         return torch.where(kept, ids, -1), scores
+
+    def _scratch_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score and claim rows [R, N], kept between calls: new memory would be paged in
+        again by every call's scattered writes."""
+        rows = max(1, SCRATCH_ELEMENTS // self.n_items)
+        kept = getattr(self, "_scratch", None)
+        if kept is None or kept[0].device != self.prior.device:
+            kept = (self.prior.new_empty(rows, self.n_items),
+                    torch.empty(rows, self.n_items, dtype=torch.int32, device=self.prior.device))
+            self._scratch = kept
+        return kept
