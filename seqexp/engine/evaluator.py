@@ -43,6 +43,10 @@ AUTO_BLOCK_ELEMENTS = 50_000_000
 # then as many as make about SPARSE_ENTRIES entries (cache-sized; at least SPARSE_POINTS).
 SPARSE_POINTS = 64
 SPARSE_ENTRIES = 1 << 18
+# A point's sparse entries cost several times a dense score each: with more entries than
+# 1/DENSE_WIDTH_RATIO of the catalogue (expdecay_knn's 2,000 on a few thousand items) the rest
+# of the batch is scored densely (the counts are the same either way; docs/benchmarks.md).
+DENSE_WIDTH_RATIO = 4
 
 
 def _for_device(table: dict[str, int], device: torch.device) -> int:
@@ -114,10 +118,10 @@ class Evaluator:
         # B x N must fit: split the prediction points if needed, then the items.
         device = batch.targets.device
         block = self.block_elements(device)
-        points = max(1, min(batch.n_targets, block // max(n_items, 1)))
-        if shared is not None:  # a first step, then steps of about SPARSE_ENTRIES entries
-            points = SPARSE_POINTS
-        chunk = max(1, block // points)
+        dense_points = max(1, min(batch.n_targets, block // max(n_items, 1)))
+        chunk = max(1, block // dense_points)
+        # sparse: a first step, then steps of about SPARSE_ENTRIES entries
+        points = dense_points if shared is None else SPARSE_POINTS
         g_parts, e_parts = [], []
         start = 0
         while start < batch.n_targets:
@@ -135,6 +139,8 @@ class Evaluator:
                                           sub_excluded)
                 start += points
                 points = max(SPARSE_POINTS, SPARSE_ENTRIES // max(ids.shape[1], 1))
+                if ids.shape[1] * DENSE_WIDTH_RATIO > n_items:  # dense rows cost less
+                    shared, points = None, dense_points
             else:
                 g, e = count_ranks(
                     lambda lo, hi, s=sub_state: model.score_items(s, lo, hi),
