@@ -43,10 +43,11 @@ AUTO_BLOCK_ELEMENTS = 50_000_000
 # then as many as make about SPARSE_ENTRIES entries (cache-sized; at least SPARSE_POINTS).
 SPARSE_POINTS = 64
 SPARSE_ENTRIES = 1 << 18
-# A point's sparse entries cost several times a dense score each: with more entries than
-# 1/DENSE_WIDTH_RATIO of the catalogue (expdecay_knn's 2,000 on a few thousand items) the rest
-# of the batch is scored densely (the counts are the same either way; docs/benchmarks.md).
-DENSE_WIDTH_RATIO = 4
+# A sparse entry costs tens of times a dense score (random access against streaming): with
+# more entries per point than 1/DENSE_WIDTH_RATIO of the catalogue (expdecay_knn's 2,000 on
+# fewer than 128,000 items) the rest of the batch is scored densely. The counts are the same
+# either way; the crossover is measured in docs/benchmarks.md.
+DENSE_WIDTH_RATIO = 64
 
 
 def _for_device(table: dict[str, int], device: torch.device) -> int:
