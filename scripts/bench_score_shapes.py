@@ -1,11 +1,12 @@
 """Fit and evaluation speed of pop, itemknn and expdecay_knn on a LastFM-1K-shaped split: the
 evaluator's shared + sparse ranking against dense score rows (the code at --main, e.g. a
 checkout of the main branch, measured for --before-s seconds a phase), one model at a time in
-its own process (its peak RSS), 2 threads.
+its own process (its peak RSS), 2 threads. --dense ranks the after side through dense rows too
+(the crossover of the two paths).
 
 Usage: flock /work/heavy.lock python scripts/bench_score_shapes.py [--scale 1.0]
            [--models pop itemknn expdecay_knn] [--main /path/to/main] [--before-s 60]
-           [--after-s S] [--fit-s S] [--work /work/scale/score_shapes]
+           [--after-s S] [--fit-s S] [--threads 2] [--dense] [--work /work/scale/score_shapes]
            [--out bench_score_shapes.json]
 
 The split is drawn in memory (no raw file): 992 users with log-normal event counts (at most
@@ -36,6 +37,7 @@ import torch
 from seqexp.core import stopping
 from seqexp.core.stopping import EvaluationStopped
 from seqexp.data.sequences import SequenceData
+from seqexp.engine import evaluator as evaluator_module
 from seqexp.engine.evaluator import Evaluator
 from seqexp.models import knn
 from seqexp.models.knn import ExpDecayKNN, ItemKNN
@@ -104,7 +106,9 @@ def timed_partial_fit(model: ItemKNN, data: SequenceData, seconds: float) -> dic
 
 def child(args: argparse.Namespace) -> dict:
     """One model on one side: fit (or load the after side's fit), then each phase."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    if args.dense:  # every model through dense score rows (the after side's code)
+        evaluator_module.sorted_shared_scores = lambda model: None
     data = lastfm_split(args.scale)
     kinds = {"pop": Popularity, "itemknn": ItemKNN, "expdecay_knn": ExpDecayKNN}
     model = kinds[args.model](data.n_items, data.n_users)
@@ -151,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--after-s", type=float, help="limit of each phase, after")
     parser.add_argument("--fit-s", type=float, help="stop the kNN fit after this long: its "
                         "rate, then random neighbour lists")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dense", action="store_true", help="rank through dense rows, after")
     parser.add_argument("--work", type=Path, default=Path("/work/scale/score_shapes"))
     parser.add_argument("--out", type=Path, default=Path("bench_score_shapes.json"))
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -167,8 +173,10 @@ def main(argv: list[str] | None = None) -> int:
             command = [sys.executable, __file__, "--model", model, "--side", side,
                        "--scale", str(args.scale), "--before-s", str(args.before_s),
                        "--work", str(args.work)]
-            for flag, value in (("--after-s", args.after_s), ("--fit-s", args.fit_s)):
+            for flag, value in (("--after-s", args.after_s), ("--fit-s", args.fit_s),
+                                ("--threads", args.threads)):
                 command += [flag, str(value)] if value else []
+            command += ["--dense"] if args.dense else []
             env = os.environ | {"PYTHONPATH": str(code)}
             done = subprocess.run(command, env=env, capture_output=True, text=True)
             if done.returncode:
