@@ -39,6 +39,7 @@ from seqexp.engine.trainer import (
     discard_metrics,
     no_stop_signal,
 )
+from seqexp.models import knn
 from seqexp.run import experiment
 from seqexp.run.experiment import (
     build_evaluator,
@@ -517,6 +518,27 @@ def test_sigterm_after_training_ends_the_run_killed_and_a_resume_finishes_it(
     assert run.info.status == "KILLED"
     assert "test_mrr_at_20" not in run.data.metrics or moment == "artifact logging"
     resumed = run_in_process("gru", tmp_path, shared, "again", [f"resume={run.info.run_id}"])
+    assert resumed.run_id == run.info.run_id and resumed.metrics == baseline.metrics
+    assert store.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+def test_sigterm_during_a_knn_fit_ends_the_run_killed_and_a_resume_finishes_it(
+        tmp_path, shared, store, baselines, monkeypatch):
+    """item-kNN's fit in blocks of 5 items: SIGTERM after the first block stops the fit at
+    the next block (the stop is asked between blocks), the run ends KILLED, and resume= fits
+    again and ends with the uninterrupted run's metrics."""
+    baseline, _ = baselines("itemknn")
+    blocks = []
+    with monkeypatch.context() as patched:
+        patched.setattr(knn.FitProgress, "done", _sigterm_once(
+            lambda self, count: blocks.append(count), lambda *a, **k: True))
+        with pytest.raises(TrainingStopped, match="stopped by SIGTERM after epoch 0"):
+            run_in_process("itemknn", tmp_path, shared, "run", ["model.fit_block=5"])
+    assert blocks == [5]  # one block done: the signal was heeded before the second
+    run = only_run(store)
+    assert run.info.status == "KILLED"
+    resumed = run_in_process("itemknn", tmp_path, shared, "again",
+                             ["model.fit_block=5", f"resume={run.info.run_id}"])
     assert resumed.run_id == run.info.run_id and resumed.metrics == baseline.metrics
     assert store.get_run(run.info.run_id).info.status == "FINISHED"
 

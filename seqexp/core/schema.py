@@ -321,7 +321,10 @@ MODEL: dict[str, dict[str, Key]] = {
     "seqexp.models.knn.ItemKNN": _MODEL | {
         "neighbours": Key(integer(1), "neighbours kept per item"),
         "popularity_tiebreak": Key(flag(), "order items outside the neighbours by "
-                                   "popularity")},
+                                   "popularity"),
+        "fit_block": _speed(integer(1, nullable=True), "items per block of the similarity "
+                             "fit (null = about 50M similarities a block); a stop signal is "
+                             "checked between blocks")},
     "seqexp.models.knn.ExpDecayKNN": _MODEL | {
         "neighbours": Key(integer(1), "neighbours kept per item"),
         "decay": Key(number(0.0), "lambda of exp(-lambda * distance)"),
@@ -330,7 +333,10 @@ MODEL: dict[str, dict[str, Key]] = {
         "window": Key(integer(1, nullable=True), "last events entering the sum (null = all)"),
         "popularity_tiebreak": Key(flag(), "order items outside the neighbours by "
                                    "popularity"),
-        "anchor_block": _speed(integer(1), "scattered entries per step (memory)")},
+        "anchor_block": _speed(integer(1), "scattered entries per step (memory)"),
+        "fit_block": _speed(integer(1, nullable=True), "items per block of the similarity "
+                             "fit (null = about 50M similarities a block); a stop signal is "
+                             "checked between blocks")},
     "seqexp.models.factorisation.MF": _FACTORISATION | {
         "window": Key(integer(0), "last items of the sequential term (0 for mf)")},
     "seqexp.models.factorisation.SeqMF": _FACTORISATION | {

@@ -93,3 +93,12 @@ class StopSignals:
         handler = self.previous_handler()
         if handler is not None:
             handler(int(getattr(signal, str(self.received))), None)
+
+
+class FitStopped(Exception):
+    """A stop signal arrived during a model's closed-form fit (between two of its blocks);
+    nothing of the fit is kept: a rerun or resume fits again."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(f"stopped by {signal_name} during the fit")
+        self.signal_name = signal_name

@@ -29,7 +29,7 @@ from seqexp.data.baskets import basket_starts, check_gap
 from seqexp.data.batching import PredictionBatch, prediction_batches
 from seqexp.data.sequences import SequenceData
 from seqexp.engine.metrics import RankCounts
-from seqexp.engine.ranks import check_finite, count_ranks
+from seqexp.engine.ranks import check_finite, count_ranks, count_sparse_ranks
 from seqexp.models import cpu_kernels
 from seqexp.models.base import Recommender
 
@@ -39,6 +39,15 @@ AUTO_BATCH_USERS = {"cpu": 256, "cuda": 8192}
 # Score-block size (points x items) when eval.max_block_elements is null: few, large blocks
 # (the eval_blocks CPU kernel: blocks that stay in the last-level cache).
 AUTO_BLOCK_ELEMENTS = 50_000_000
+# Steps of a model with shared + sparse scores: the first SPARSE_POINTS prediction points,
+# then as many as make about SPARSE_ENTRIES entries (cache-sized; at least SPARSE_POINTS).
+SPARSE_POINTS = 64
+SPARSE_ENTRIES = 1 << 18
+# A sparse entry costs tens of times a dense score (random access against streaming): with
+# more entries per point than 1/DENSE_WIDTH_RATIO of the catalogue (expdecay_knn's 2,000 on
+# fewer than 128,000 items) the rest of the batch is scored densely. The counts are the same
+# either way; the crossover is measured in docs/benchmarks.md.
+DENSE_WIDTH_RATIO = 64
 
 
 def _for_device(table: dict[str, int], device: torch.device) -> int:
@@ -76,6 +85,7 @@ class Evaluator:
         device = model.device
         parts: dict[str, list[torch.Tensor]] = {
             "greater": [], "equal": [], "users": [], "positions": [], "targets": []}
+        shared = sorted_shared_scores(model)
         bar = tqdm(total=phase_targets(data, phase), desc=phase, unit="ev", unit_scale=True,
                    disable=not self.progress, leave=False, mininterval=1.0)
         try:
@@ -86,7 +96,7 @@ class Evaluator:
                     parts["positions"].append(batch.target_cols)
                     parts["targets"].append(batch.targets)
                     batch = batch.to(device)
-                    g, e = self._batch_counts(model, batch, data.n_items)
+                    g, e = self._batch_counts(model, batch, data.n_items, shared)
                     parts["greater"].append(g.cpu())
                     parts["equal"].append(e.cpu())
                     bar.update(batch.n_targets)
@@ -100,16 +110,22 @@ class Evaluator:
             return RankCounts(*(np.zeros(0, np.int64) for _ in parts))
         return RankCounts(**{k: torch.cat(v).numpy() for k, v in parts.items()})
 
-    def _batch_counts(self, model: Recommender, batch: PredictionBatch, n_items: int):
+    def _batch_counts(self, model: Recommender, batch: PredictionBatch, n_items: int,
+                      shared: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Greater/equal counts of a batch's points: from dense score blocks, or with `shared`
+        = (the model's shared scores, sorted) from those and its sparse entries."""
         state = model.prediction_states(batch)
         excluded = seen_items(batch, n_items) if self.exclude_seen else None
         # B x N must fit: split the prediction points if needed, then the items.
         device = batch.targets.device
         block = self.block_elements(device)
-        points = max(1, min(batch.n_targets, block // max(n_items, 1)))
-        chunk = max(1, block // points)
+        dense_points = max(1, min(batch.n_targets, block // max(n_items, 1)))
+        chunk = max(1, block // dense_points)
+        # sparse: a first step, then steps of about SPARSE_ENTRIES entries
+        points = dense_points if shared is None else SPARSE_POINTS
         g_parts, e_parts = [], []
-        for start in range(0, batch.n_targets, points):
+        start = 0
+        while start < batch.n_targets:
             part = slice(start, start + points)
             sub_state = _slice_state(state, part)
             sub_excluded = None
@@ -118,10 +134,20 @@ class Evaluator:
                 lo, hi = torch.searchsorted(point, torch.tensor(
                     [start, start + points], device=point.device)).tolist()
                 sub_excluded = (point[lo:hi] - start, item[lo:hi])
-            g, e = count_ranks(
-                lambda lo, hi, s=sub_state: model.score_items(s, lo, hi),
-                batch.targets[part], n_items, chunk, sub_excluded,
-            )
+            if shared is not None:
+                ids, scores = model.sparse_scores(sub_state)
+                g, e = count_sparse_ranks(*shared, batch.targets[part], ids, scores,
+                                          sub_excluded)
+                start += points
+                points = max(SPARSE_POINTS, SPARSE_ENTRIES // max(ids.shape[1], 1))
+                if ids.shape[1] * DENSE_WIDTH_RATIO > n_items:  # dense rows cost less
+                    shared, points = None, dense_points
+            else:
+                g, e = count_ranks(
+                    lambda lo, hi, s=sub_state: model.score_items(s, lo, hi),
+                    batch.targets[part], n_items, chunk, sub_excluded,
+                )
+                start += points
             g_parts.append(g)
             e_parts.append(e)
         return torch.cat(g_parts), torch.cat(e_parts)
@@ -211,6 +237,16 @@ class Evaluator:
         ideal = discounts.cumsum(0)[size.clamp(max=k) - 1]
         f1 = 2 * hits / (k + size)
         return f1, dcg / ideal, batch.users[rows[openers]]
+
+
+def sorted_shared_scores(model: Recommender) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(shared scores, the same sorted) of a model whose scores are a shared vector plus sparse
+    entries (docs/evaluation.md), else None: its ranks come from dense score blocks."""
+    shared = model.shared_scores()
+    if shared is None:
+        return None
+    check_finite(shared)
+    return shared, torch.sort(shared).values
 
 
 def phase_targets(data: SequenceData, phase: str) -> int:

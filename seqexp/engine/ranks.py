@@ -1,5 +1,7 @@
-"""The rank-counting kernel: for each prediction point, how many items score above and level
-with its target, over blocks of item scores, without sorting (seqexp.engine.evaluator)."""
+"""The rank-counting kernels: for each prediction point, how many items score above and level
+with its target (seqexp.engine.evaluator). `count_ranks` reads dense blocks of item scores,
+without sorting; `count_sparse_ranks` reads a score vector shared by every point, sorted once,
+and a few entries per point that differ from it."""
 
 from __future__ import annotations
 
@@ -76,6 +78,67 @@ def _uncount(scores: torch.Tensor, target_scores: torch.Tensor,
     score, target = scores[point, item], target_scores[point, 0]
     for counts, taken in ((greater, point[score > target]), (equal, point[score == target])):
         counts.index_add_(0, taken, torch.ones_like(taken, dtype=counts.dtype), alpha=-1)
+
+
+def count_sparse_ranks(
+    shared: torch.Tensor, ordered: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor,
+    scores: torch.Tensor, excluded: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The counts of `count_ranks` for scores = `shared` [N] except entries [P, W]: point p
+    scores item ids[p, w] at scores[p, w] (each item at most once a row, id -1 pads).
+    `ordered` = `shared` sorted. `excluded` as for count_ranks.
+
+    Two binary searches in `ordered` count the shared scores above and level with the
+    target's score; each entry then moves its item from its shared score to its own score
+    (take its shared comparison out, put its own in), and each excluded item is taken out at
+    the score it has for that point. Comparisons only: the counts are those of count_ranks.
+    """
+    n_points = len(targets)
+    safe = ids.clamp_min(0)
+    base = shared[safe]
+    # a padding entry "moves" its item from the shared score to the same score: no change
+    own = torch.where(ids >= 0, scores.to(shared.dtype), base)
+    if torch.isnan(own.sum()):
+        check_finite(own)
+    target_score = shared[targets]
+    if ids.shape[1]:
+        at_target = ids == targets[:, None]
+        column = at_target.to(torch.int8).argmax(1, keepdim=True)
+        target_score = torch.where(at_target.any(1), own.gather(1, column)[:, 0], target_score)
+    level_or_below = torch.searchsorted(ordered, target_score, right=True)
+    below = torch.searchsorted(ordered, target_score)
+    greater = (len(shared) - level_or_below).to(torch.int32)
+    equal = (level_or_below - below - 1).to(torch.int32)  # − the target itself
+    if ids.shape[1]:
+        point_score = target_score[:, None]
+        greater += ((own > point_score).sum(1, dtype=torch.int32)
+                    - (base > point_score).sum(1, dtype=torch.int32))
+        equal += ((own == point_score).sum(1, dtype=torch.int32)
+                  - (base == point_score).sum(1, dtype=torch.int32))
+    if excluded is not None and n_points:
+        point, item = excluded
+        score = _excluded_scores(shared, ids, own, point, item)
+        target = target_score[point]
+        for counts, taken in ((greater, point[score > target]), (equal, point[score == target])):
+            counts.index_add_(0, taken, torch.ones_like(taken, dtype=counts.dtype), alpha=-1)
+    return greater, equal
+
+
+def _excluded_scores(shared: torch.Tensor, ids: torch.Tensor, own: torch.Tensor,
+                     point: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+    """The score each excluded (point, item) pair has: its entry's if the point has one for
+    the item, else the shared score (entries found by binary search in their sorted keys)."""
+    score = shared[item]
+    if ids.numel() == 0 or len(point) == 0:
+        return score
+    n_items = len(shared)
+    rows = torch.arange(len(ids), device=ids.device)[:, None]
+    keys = torch.where(ids >= 0, rows * n_items + ids, -1).flatten()
+    keys, order = torch.sort(keys)
+    wanted = point * n_items + item
+    at = torch.searchsorted(keys, wanted).clamp_max(len(keys) - 1)
+    found = keys[at] == wanted
+    return torch.where(found, own.flatten()[order[at]].to(shared.dtype), score)
 
 
 # Columns per float32 sum of signs: exact while partial sums stay below 2**24.

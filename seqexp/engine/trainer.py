@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from seqexp.core.checkpoint import read_checkpoint, save_checkpoint, save_tensors
 from seqexp.core.errors import SeqexpError
-from seqexp.core.stopping import EvaluationStopped, TrainingStopped
+from seqexp.core.stopping import EvaluationStopped, FitStopped, TrainingStopped
 from seqexp.data.sequences import SequenceData
 from seqexp.engine.evaluator import Evaluator
 from seqexp.models.base import Recommender
@@ -412,7 +412,10 @@ class Trainer:
         `interrupted` with the best state so far; a stop signal (`stop_requested`) writes the
         resumable state and raises TrainingStopped."""
         started = time.perf_counter()
-        model.fit(data)
+        try:
+            model.fit(data, self.stop_requested)
+        except FitStopped as stopped:  # nothing of the fit is kept: a rerun fits again
+            raise TrainingStopped(stopped.signal_name, 0, 0) from None
         if not model.trainable and type(model).fit is not Recommender.fit:
             log.info("closed-form fit in %.1f s", time.perf_counter() - started)
         has_validation = data.stats.get("val_events", 1) > 0

@@ -7,11 +7,16 @@ Every model answers two questions:
 - score all items for these prediction points: `prediction_states(batch)` summarises each
   target's context (a hidden state, the last item, a user), `score_items(state, lo, hi)` gives
   the scores of items lo..hi-1 for every prediction point, in the batch's target order.
+
+A model whose scores are a vector shared by every prediction point plus a few entries per point
+(popularity, item-kNN) says so through `shared_scores` and `sparse_scores`; the evaluator then
+ranks from the shared vector sorted once and those entries instead of dense score rows
+(seqexp.engine.ranks, docs/evaluation.md). Its `score_items` must give the same scores.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -59,8 +64,11 @@ class Recommender(nn.Module):
         """Put back what training_state() returned, before training on `batch` (the first
         batch after those the saved state had trained on)."""
 
-    def fit(self, train: SequenceData) -> None:
-        """Closed-form fitting on the training events (train.train_mask()); default: nothing."""
+    def fit(self, train: SequenceData,
+            stop_requested: Callable[[], str | None] = lambda: None) -> None:
+        """Closed-form fitting on the training events (train.train_mask()); default: nothing.
+        A fit that takes long asks `stop_requested` between its steps and, when it names a
+        signal, raises seqexp.core.stopping.FitStopped."""
 
     def training_batches(
         self, train: SequenceData, batch_size: int, rng: np.random.Generator
@@ -78,3 +86,16 @@ class Recommender(nn.Module):
     def score_items(self, state: Any, lo: int, hi: int) -> torch.Tensor:
         """Scores [P, hi - lo] of items lo..hi-1 for the P prediction points of `state`."""
         raise NotImplementedError
+
+    def shared_scores(self) -> torch.Tensor | None:
+        """[n_items] scores shared by every prediction point when this model's scores are that
+        vector plus the per-point entries of `sparse_scores`; None (the default): dense scores,
+        read through `score_items` only."""
+        return None
+
+    def sparse_scores(self, state: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """([P, W] item ids, [P, W] scores) for the P points of `state`: point p scores item
+        ids[p, w] at scores[p, w] and every item its row does not name at its shared score. An
+        item appears at most once in a row; id -1 pads (its score is ignored). Only for models
+        whose `shared_scores` is not None."""
+        raise NotImplementedError(f"{type(self).__name__} has dense scores only")

@@ -5,25 +5,38 @@ history with exponentially decaying weights."""
 
 from __future__ import annotations
 
-import warnings
+import logging
+import time
+from collections.abc import Callable
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
+from seqexp.core.stopping import FitStopped
 from seqexp.data.batching import PredictionBatch
 from seqexp.data.sequences import SequenceData
 from seqexp.models.base import Recommender
 
+log = logging.getLogger(__name__)
+# Entries of the dense scratch rows in which expdecay_knn sums a point's history exactly as its
+# dense scores do (sparse_scores).
+SCRATCH_ELEMENTS = 16_000_000
+
 
 def cosine_neighbours(
-    train: SequenceData, k: int, device: torch.device, max_block: int = 50_000_000
+    train: SequenceData, k: int, device: torch.device, block_items: int | None = None,
+    stop_requested: Callable[[], str | None] = lambda: None, max_block: int = 50_000_000,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k cosine neighbours of every item (self excluded, zero similarities dropped).
 
-    Items are binary-coded per user: sim(i, j) = |U_i ∩ U_j| / sqrt(|U_i| |U_j|). The Gram
-    matrix is formed in blocks of item columns (a sparse-dense product), so memory stays at
-    max_block entries. Returns [N, k] neighbour ids and similarities (padding: id 0, sim 0).
+    Items are binary-coded per user: sim(i, j) = |U_i ∩ U_j| / sqrt(|U_i| |U_j|). The
+    co-occurrence counts of a block of `block_items` items (null: max_block entries' worth) with
+    every item are one sparse product (items x users times users x items: work in proportion
+    to the pairs of items a user shares, not to items x items), the similarities of its nonzero
+    counts are spread into a reused dense [block, N] float32 buffer and the top k of each row
+    kept. Between blocks `stop_requested` is asked (FitStopped) and progress is logged.
+    Returns [N, k] neighbour ids and similarities (padding: id 0, sim 0).
     """
     n_items = train.n_items
     mask = train.train_mask()
@@ -36,29 +49,49 @@ def cosine_neighbours(
     matrix.data[:] = 1.0
     by_item = matrix.T.tocsr()
     norms = torch.from_numpy(np.sqrt(np.asarray(by_item.sum(axis=1)).ravel())).to(device)
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": it is used plainly here
-        warnings.simplefilter("ignore", UserWarning)
-        by_item_t = torch.sparse_csr_tensor(
-            torch.from_numpy(by_item.indptr.astype(np.int64)),
-            torch.from_numpy(by_item.indices.astype(np.int64)),
-            torch.from_numpy(by_item.data), size=by_item.shape, check_invariants=False,
-        ).to(device)
     k = min(k, max(n_items - 1, 1))
     neighbours = torch.zeros(n_items, k, dtype=torch.int64, device=device)
     similarity = torch.zeros(n_items, k, dtype=torch.float32, device=device)
-    block = max(1, min(n_items, max_block // max(n_items, train.n_users)))
-    matrix_csc = matrix.tocsc()
-    for lo in range(0, n_items, block):  # blocks of item columns, each a batched product
+    block = block_items or max(1, min(n_items, max_block // max(n_items, train.n_users)))
+    dense = torch.zeros(min(block, n_items), n_items, dtype=torch.float32, device=device)
+    progress = FitProgress("item-kNN similarities", n_items)
+    for lo in range(0, n_items, block):  # blocks of items, each one sparse product
+        name = stop_requested()
+        if name is not None:
+            raise FitStopped(name)
         hi = min(lo + block, n_items)
-        columns = torch.from_numpy(matrix_csc[:, lo:hi].toarray()).to(device)
-        gram = torch.sparse.mm(by_item_t, columns).T  # [hi-lo, N] co-occurrence counts
-        sims = gram / (norms[lo:hi, None] * norms[None, :]).clamp_min(1e-12)
+        gram = (by_item[lo:hi] @ matrix).tocoo()  # co-occurrence counts, exact in float32
+        rows = torch.from_numpy(gram.row.astype(np.int64)).to(device)
+        cols = torch.from_numpy(gram.col.astype(np.int64)).to(device)
+        counts = torch.from_numpy(gram.data).to(device)
+        sims = dense[: hi - lo]
+        sims[rows, cols] = counts / (norms[lo + rows] * norms[cols]).clamp_min(1e-12)
         sims[torch.arange(hi - lo), torch.arange(lo, hi)] = 0.0  # self excluded
         values, ids = sims.topk(k, dim=1)
+        sims[rows, cols] = 0.0  # the buffer back to zeros for the next block
         keep = values > 0
         neighbours[lo:hi] = torch.where(keep, ids, 0)
         similarity[lo:hi] = torch.where(keep, values, 0.0)
+        progress.done(hi)
     return neighbours, similarity
+
+
+class FitProgress:
+    """Log lines of a long fit: items done, rate and ETA, every `every_s` seconds (none for a
+    fit shorter than that)."""
+
+    def __init__(self, what: str, total: int, every_s: float = 10.0) -> None:
+        self.what, self.total, self.every_s = what, total, every_s
+        self.started = self.last = time.perf_counter()
+
+    def done(self, count: int) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every_s or count >= self.total:
+            return
+        self.last = now
+        rate = count / (now - self.started)
+        log.info("%s: %d / %d items (%.1f %%), %.0f items/s, ETA %.0f s", self.what, count,
+                 self.total, 100.0 * count / self.total, rate, (self.total - count) / rate)
 
 
 def neighbour_scores(
@@ -96,17 +129,20 @@ class ItemKNN(Recommender):
     """
 
     def __init__(self, n_items: int, n_users: int, neighbours: int = 100,
-                 popularity_tiebreak: bool = True) -> None:
+                 popularity_tiebreak: bool = True, fit_block: int | None = None) -> None:
         super().__init__(n_items, n_users)
         self.k = neighbours
+        self.fit_block = fit_block
         self.popularity_tiebreak = popularity_tiebreak
         k = max(1, min(neighbours, n_items - 1))
         self.register_buffer("neighbours", torch.zeros(n_items, k, dtype=torch.int64))
         self.register_buffer("similarity", torch.zeros(n_items, k))
         self.register_buffer("prior", torch.zeros(n_items))
 
-    def fit(self, train: SequenceData) -> None:
-        neighbours, similarity = cosine_neighbours(train, self.k, self.device)
+    def fit(self, train: SequenceData,
+            stop_requested: Callable[[], str | None] = lambda: None) -> None:
+        neighbours, similarity = cosine_neighbours(train, self.k, self.device, self.fit_block,
+                                                   stop_requested)
         self.neighbours.copy_(neighbours)
         self.similarity.copy_(similarity)
         if self.popularity_tiebreak:
@@ -119,6 +155,16 @@ class ItemKNN(Recommender):
     def score_items(self, state: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         scores = neighbour_scores(state, None, self.neighbours, self.similarity, lo, hi)
         return scores + self.prior[lo:hi]
+
+    def shared_scores(self) -> torch.Tensor:
+        return self.prior
+
+    def sparse_scores(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last item's neighbours at prior + similarity, as score_items adds them (a zero
+        similarity, padding included, leaves the prior: dropped)."""
+        similarity = self.similarity[state]
+        ids = torch.where(similarity != 0, self.neighbours[state], -1)
+        return ids, similarity + self.prior[ids.clamp_min(0)]
 
 
 DECAY_UNITS = ("position", "time")
@@ -149,8 +195,8 @@ class ExpDecayKNN(ItemKNN):
     def __init__(self, n_items: int, n_users: int, neighbours: int = 100, decay: float = 1.0,
                  decay_unit: str = "position", time_unit_s: float = 3600.0,
                  window: int | None = 20, popularity_tiebreak: bool = True,
-                 anchor_block: int = 20_000_000) -> None:
-        super().__init__(n_items, n_users, neighbours, popularity_tiebreak)
+                 anchor_block: int = 20_000_000, fit_block: int | None = None) -> None:
+        super().__init__(n_items, n_users, neighbours, popularity_tiebreak, fit_block)
         self.decay = decay
         self.decay_unit = decay_unit
         self.time_unit_s = time_unit_s
@@ -178,10 +224,52 @@ class ExpDecayKNN(ItemKNN):
     def score_items(self, state: tuple[torch.Tensor, torch.Tensor], lo: int,
                     hi: int) -> torch.Tensor:
         anchors, weights = state
-        step = max(1, self.anchor_block // max(1, anchors.shape[0] * self.neighbours.shape[1]))
         scores = self.prior[lo:hi].expand(anchors.shape[0], hi - lo).clone()
+        self._add_history(anchors, weights, lo, hi, scores)
+        return scores
+
+    def _add_history(self, anchors: torch.Tensor, weights: torch.Tensor, lo: int, hi: int,
+                     out: torch.Tensor) -> None:
+        """Add the decayed neighbour similarities of the history to `out` (items lo..hi-1), in
+        the same order for every cell whatever the block sizes."""
+        step = max(1, self.anchor_block // max(1, anchors.shape[0] * self.neighbours.shape[1]))
         for start in range(0, anchors.shape[1], step):
             part = slice(start, start + step)
             neighbour_scores(anchors[:, part], weights[:, part], self.neighbours,
-                             self.similarity, lo, hi, out=scores)
-        return scores
+                             self.similarity, lo, hi, out=out)
+
+    def sparse_scores(self, state: tuple[torch.Tensor, torch.Tensor]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every neighbour of the history once, at its score_items score: each block of points
+        is summed in dense scratch rows (only the cells it touches are set and read, so the
+        sums are those of score_items, bit for bit), and of an item named several times in a
+        row one entry is kept (the one whose column wins a scatter of column numbers)."""
+        anchors, weights = state
+        ids = self.neighbours[anchors].flatten(1)  # [P, A*k], an item may repeat in a row
+        n_points, width = ids.shape
+        scratch, claims = self._scratch_rows()
+        rows = len(scratch)
+        column = torch.arange(width, dtype=torch.int32, device=ids.device).expand(rows, width)
+        scores = self.prior.new_empty(n_points, width)
+        kept = torch.empty(n_points, width, dtype=torch.bool, device=ids.device)
+        for start in range(0, n_points, rows):
+            part = slice(start, start + rows)
+            block_ids = ids[part]
+            n = len(block_ids)
+            block = scratch[:n].scatter_(1, block_ids, self.prior[block_ids])
+            self._add_history(anchors[part], weights[part], 0, self.n_items, block)
+            scores[part] = block.gather(1, block_ids)
+            claim = claims[:n].scatter_(1, block_ids, column[:n])
+            kept[part] = claim.gather(1, block_ids) == column[:n]
+        return torch.where(kept, ids, -1), scores
+
+    def _scratch_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score and claim rows [R, N], kept between calls: new memory would be paged in
+        again by every call's scattered writes."""
+        rows = max(1, SCRATCH_ELEMENTS // self.n_items)
+        kept = getattr(self, "_scratch", None)
+        if kept is None or kept[0].device != self.prior.device:
+            kept = (self.prior.new_empty(rows, self.n_items),
+                    torch.empty(rows, self.n_items, dtype=torch.int32, device=self.prior.device))
+            self._scratch = kept
+        return kept

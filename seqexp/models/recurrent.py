@@ -4,7 +4,7 @@ pluggable cell, and a softmax over all items, trained with truncated BPTT over w
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -87,7 +87,8 @@ class RecurrentRecommender(Recommender):
         self.register_buffer("negative_log_q", torch.zeros(n_items))
         self.register_buffer("negative_probs", torch.full((n_items,), 1.0 / n_items))
 
-    def fit(self, train: SequenceData) -> None:
+    def fit(self, train: SequenceData,
+            stop_requested: Callable[[], str | None] = lambda: None) -> None:
         """The popularity distribution of the sampled-softmax negatives (training events)."""
         weights = torch.from_numpy(train.item_popularity()).double().clamp_min(1.0)
         probs = weights**self.sample_alpha

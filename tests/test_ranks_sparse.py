@@ -1,0 +1,178 @@
+"""Ranks from a shared score vector + sparse entries per point (count_sparse_ranks) against
+hand-computed counts and against the dense path (count_ranks) on random scores full of ties;
+the evaluator's two paths on pop, itemknn and expdecay_knn; the item-kNN fit stopped between
+its blocks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from helpers import sequences
+from seqexp.core.errors import SeqexpError
+from seqexp.core.stopping import TrainingStopped
+from seqexp.data.batching import prediction_batches
+from seqexp.engine import evaluator as evaluator_module
+from seqexp.engine.evaluator import Evaluator
+from seqexp.engine.ranks import count_ranks, count_sparse_ranks
+from seqexp.engine.trainer import Trainer
+from seqexp.models.knn import ExpDecayKNN, ItemKNN, cosine_neighbours
+from seqexp.models.popularity import Popularity
+
+SHARED = torch.tensor([3.0, 1.0, 1.0, 2.0, 0.0])
+IDS = torch.tensor([[3, -1], [4, -1], [-1, -1], [1, 0]])
+ENTRIES = torch.tensor([[1.0, 9.0], [5.0, 9.0], [9.0, 9.0], [3.0, 2.0]])  # 9 at padding
+TARGETS = torch.tensor([1, 4, 2, 0])
+
+
+def _sparse(targets, ids, scores, excluded=None, shared=SHARED):
+    return count_sparse_ranks(shared, torch.sort(shared).values, targets, ids, scores,
+                              excluded)
+
+
+def test_hand_computed_counts_of_shared_plus_sparse_scores():
+    # point 0: scores [3, 1, 1, 1, 0], target 1 -> above: item 0; level: items 2, 3
+    # point 1: scores [3, 1, 1, 2, 5], target 4 -> the best item
+    # point 2: scores [3, 1, 1, 2, 0] (padding only), target 2 -> above 0, 3; level 1
+    # point 3: scores [2, 3, 1, 2, 0], target 0 at 2 -> above 1; level 3
+    greater, equal = _sparse(TARGETS, IDS, ENTRIES)
+    assert greater.tolist() == [1, 0, 2, 1]
+    assert equal.tolist() == [2, 0, 1, 1]
+    # excluded: item 3 of point 0 (at its entry's 1: one level less), item 1 of point 2
+    # (shared score 1, level), item 1 of point 3 (its entry's 3: one above less)
+    excluded = (torch.tensor([0, 2, 3]), torch.tensor([3, 1, 1]))
+    greater, equal = _sparse(TARGETS, IDS, ENTRIES, excluded)
+    assert greater.tolist() == [1, 0, 2, 0]
+    assert equal.tolist() == [1, 0, 0, 1]
+
+
+def test_a_nan_entry_or_shared_score_is_refused():
+    with pytest.raises(SeqexpError, match="NaN"):
+        _sparse(TARGETS, IDS, torch.where(IDS == 4, torch.nan, ENTRIES))
+    shared = SHARED.clone()
+    shared[2] = torch.nan
+
+    class Model(Popularity):
+        def shared_scores(self):
+            return shared
+    with pytest.raises(SeqexpError, match="NaN"):
+        Evaluator().rank_counts(Model(5, 1), sequences([[0, 1, 2]], 5), "test")
+
+
+def _dense(shared, ids, scores):
+    dense = shared.expand(len(ids), len(shared)).clone()
+    rows, cols = (ids >= 0).nonzero(as_tuple=True)
+    dense[rows, ids[rows, cols]] = scores[rows, cols]
+    return dense
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(seed=st.integers(0, 2**32 - 1), n_items=st.integers(1, 40), points=st.integers(0, 12),
+       width=st.integers(0, 12), levels=st.integers(1, 6), chunk=st.integers(1, 50))
+def test_sparse_counts_equal_the_dense_counts_with_ties_and_exclusions(
+        seed, n_items, points, width, levels, chunk):
+    """Scores drawn from a few levels (many ties between shared and entry scores, negative
+    zero among them), entries on the target or not, padding anywhere, excluded items with and
+    without an entry."""
+    rng = np.random.default_rng(seed)
+    values = np.array([-1.5, -0.0, 0.0, 0.25, 1.0, 7.0], dtype=np.float32)[:levels]
+    shared = torch.from_numpy(rng.choice(values, n_items))
+    targets = torch.from_numpy(rng.integers(0, n_items, points))
+    width = min(width, n_items)
+    ids = np.full((points, width), -1)
+    for row in range(points):  # distinct items per row; the target among them half the time
+        chosen = rng.permutation(n_items)[:width]
+        if width and rng.random() < 0.5 and targets[row].item() not in chosen:
+            chosen[rng.integers(width)] = targets[row].item()
+        ids[row] = np.where(rng.random(width) < 0.8, chosen, -1)
+    ids = torch.from_numpy(ids)
+    scores = torch.from_numpy(rng.choice(values, (points, width)))
+    pairs = [(p, i) for p in range(points) for i in range(n_items)
+             if i != targets[p] and rng.random() < 0.3]
+    excluded = (torch.tensor([p for p, _ in pairs], dtype=torch.int64),
+                torch.tensor([i for _, i in pairs], dtype=torch.int64))
+    dense = _dense(shared, ids, scores)
+    for exclusion in (None, excluded):
+        expected = count_ranks(lambda lo, hi: dense[:, lo:hi], targets, n_items, chunk,
+                               exclusion)
+        got = _sparse(targets, ids, scores, exclusion, shared)
+        assert got[0].tolist() == expected[0].tolist()
+        assert got[1].tolist() == expected[1].tolist()
+
+
+def _history_data(seed: int = 0, n_items: int = 30):
+    """Users whose histories repeat items (duplicate anchors and neighbours for expdecay)."""
+    rng = np.random.default_rng(seed)
+    users = [list(rng.integers(0, n_items, rng.integers(4, 25))) for _ in range(25)]
+    return sequences(users, n_items, n_val=[1] * 25, n_test=[2] * 25)
+
+
+def _models(n_items: int, n_users: int):
+    return [Popularity(n_items, n_users), ItemKNN(n_items, n_users, neighbours=5),
+            ItemKNN(n_items, n_users, neighbours=5, popularity_tiebreak=False),
+            ExpDecayKNN(n_items, n_users, neighbours=5, window=None),
+            ExpDecayKNN(n_items, n_users, neighbours=8, window=3, anchor_block=7)]
+
+
+@pytest.mark.parametrize("exclude_seen", [False, True])
+@pytest.mark.parametrize("index", range(5))
+def test_the_evaluators_sparse_path_gives_the_dense_paths_counts(index, exclude_seen,
+                                                                  monkeypatch):
+    data = _history_data()
+    model = _models(data.n_items, data.n_users)[index]
+    model.fit(data)
+    evaluator = Evaluator(exclude_seen=exclude_seen)
+    counts = {}
+    for path in ("sparse", "dense"):
+        if path == "dense":
+            monkeypatch.setattr(evaluator_module, "sorted_shared_scores", lambda model: None)
+        for phase in ("val", "test"):
+            counts[path, phase] = evaluator.rank_counts(model, data, phase)
+    for phase in ("val", "test"):
+        sparse, dense = counts["sparse", phase], counts["dense", phase]
+        assert len(sparse.greater) > 0
+        for field in ("greater", "equal", "users", "positions", "targets"):
+            assert getattr(sparse, field).tolist() == getattr(dense, field).tolist(), field
+    # each item at most once a row
+    batch_state = model.prediction_states(next(iter(_batches(data))))
+    ids, scores = model.sparse_scores(batch_state)
+    for row in ids.tolist():
+        named = [item for item in row if item >= 0]
+        assert len(named) == len(set(named))
+
+
+def _batches(data):
+    return prediction_batches(data, "test", 64)
+
+
+def test_the_sparse_entries_are_the_dense_scores_where_they_differ():
+    data = _history_data(1)
+    for model in _models(data.n_items, data.n_users)[1:]:
+        model.fit(data)
+        state = model.prediction_states(next(iter(_batches(data))))
+        ids, scores = model.sparse_scores(state)
+        dense = model.score_items(state, 0, data.n_items)
+        assert torch.equal(_dense(model.shared_scores(), ids, scores), dense)
+        assert (ids >= 0).sum() > 0
+
+
+def test_the_fit_blocks_give_the_neighbours_of_one_block_and_stop_between_blocks(caplog):
+    data = _history_data(2, n_items=40)
+    whole = cosine_neighbours(data, 5, torch.device("cpu"))
+    blocked = cosine_neighbours(data, 5, torch.device("cpu"), block_items=3)
+    assert torch.equal(whole[0], blocked[0]) and torch.equal(whole[1], blocked[1])
+    asked = []
+
+    def stop_on_fourth_ask():
+        asked.append(1)
+        return "SIGTERM" if len(asked) == 4 else None
+
+    model = ItemKNN(data.n_items, data.n_users, neighbours=5, fit_block=3)
+    trainer = Trainer(Evaluator(), stop_requested=stop_on_fourth_ask)
+    with pytest.raises(TrainingStopped, match="stopped by SIGTERM after epoch 0"):
+        trainer.fit(model, data)
+    assert len(asked) == 4  # asked before each block: blocks 1-3 ran, the fourth did not
+    assert not model.similarity.any()  # nothing of an unfinished fit is kept
