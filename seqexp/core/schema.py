@@ -179,6 +179,9 @@ EVAL: dict[str, Key] = {
     "basket_k": Key(integer(1), "the k of next-basket F1@k and NDCG@k"),
     "exclude_seen": Key(flag(), "items seen before a prediction point are not ranked "
                         "(except the target)"),
+    "val_max_scores": Key(integer(1, nullable=True), "validation ranks a fixed sample of "
+                          "users (drawn with seed) whose validation events x items stay "
+                          "within this many scores (null = every user); test ranks all"),
     "save_ranks": _speed(flag(), "log the per-event test ranks as test_ranks.parquet"),
 }
 

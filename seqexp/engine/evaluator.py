@@ -27,7 +27,7 @@ from seqexp.core.errors import SeqexpError
 from seqexp.core.stopping import EvaluationStopped
 from seqexp.data.baskets import basket_starts, check_gap
 from seqexp.data.batching import PredictionBatch, prediction_batches
-from seqexp.data.sequences import SequenceData
+from seqexp.data.sequences import SequenceData, validation_sample
 from seqexp.engine.metrics import RankCounts
 from seqexp.engine.ranks import check_finite, count_ranks
 from seqexp.models import cpu_kernels
@@ -48,13 +48,17 @@ def _for_device(table: dict[str, int], device: torch.device) -> int:
 class Evaluator:
     def __init__(self, cutoffs: Sequence[int] = (5, 10, 20), batch_users: int | None = None,
                  max_block_elements: int | None = None, exclude_seen: bool = False,
-                 progress: bool = False) -> None:
+                 progress: bool = False, val_max_scores: int | None = None,
+                 seed: int = 0) -> None:
         cutoffs = list(cutoffs)
         self.cutoffs = sorted(set(cutoffs))
         self.batch_users = batch_users
         self.max_block_elements = max_block_elements
         self.exclude_seen = exclude_seen
         self.progress = progress
+        # validation ranks a fixed sample of users (drawn with `seed`) within this many scores
+        self.val_max_scores = val_max_scores
+        self.seed = seed
 
     def users_per_batch(self, device: torch.device) -> int:
         return self.batch_users or _for_device(AUTO_BATCH_USERS, device)
@@ -70,7 +74,11 @@ class Evaluator:
     def rank_counts(self, model: Recommender, data: SequenceData, phase: str,
                     stop_requested: Callable[[], str | None] | None = None) -> RankCounts:
         """Every target's rank counts in `phase`. `stop_requested` is asked after each batch:
-        a stop signal ends the evaluation there (EvaluationStopped)."""
+        a stop signal ends the evaluation there (EvaluationStopped). Validation ranks the
+        targets of a fixed sample of users when all of them exceed `val_max_scores`; test
+        ranks every target."""
+        if phase == "val":
+            data = validation_sample(data, self.val_max_scores, self.seed)
         was_training = model.training
         model.eval()
         device = model.device
