@@ -39,6 +39,10 @@ AUTO_BATCH_USERS = {"cpu": 256, "cuda": 8192}
 # Score-block size (points x items) when eval.max_block_elements is null: few, large blocks
 # (the eval_blocks CPU kernel: blocks that stay in the last-level cache).
 AUTO_BLOCK_ELEMENTS = 50_000_000
+# Fewest prediction points per CPU score block: a block of a few points reads the whole item
+# matrix for them alone (a memory-bound product); a catalogue too large for this many rows in
+# EVAL_BLOCK_ELEMENTS gets blocks of this many whole rows (LastFM-1K: 64 x 445,369 scores).
+MIN_BLOCK_POINTS = 64
 
 
 def _for_device(table: dict[str, int], device: torch.device) -> int:
@@ -63,11 +67,11 @@ class Evaluator:
     def users_per_batch(self, device: torch.device) -> int:
         return self.batch_users or _for_device(AUTO_BATCH_USERS, device)
 
-    def block_elements(self, device: torch.device) -> int:
+    def block_elements(self, device: torch.device, n_items: int) -> int:
         if self.max_block_elements:
             return self.max_block_elements
         if cpu_kernels.active("eval_blocks", device):
-            return cpu_kernels.EVAL_BLOCK_ELEMENTS
+            return max(cpu_kernels.EVAL_BLOCK_ELEMENTS, MIN_BLOCK_POINTS * n_items)
         return AUTO_BLOCK_ELEMENTS
 
     @torch.no_grad()
@@ -113,7 +117,7 @@ class Evaluator:
         excluded = seen_items(batch, n_items) if self.exclude_seen else None
         # B x N must fit: split the prediction points if needed, then the items.
         device = batch.targets.device
-        block = self.block_elements(device)
+        block = self.block_elements(device, n_items)
         points = max(1, min(batch.n_targets, block // max(n_items, 1)))
         chunk = max(1, block // points)
         g_parts, e_parts = [], []
@@ -198,7 +202,7 @@ class Evaluator:
         hits = torch.zeros(n_points, dtype=torch.long, device=pairs.device)
         dcg = torch.zeros(n_points, dtype=torch.float64, device=pairs.device)
         state = model.prediction_states(sub)
-        points = max(1, self.block_elements(pairs.device) // max(n_items, 1))
+        points = max(1, self.block_elements(pairs.device, n_items) // max(n_items, 1))
         for start in range(0, n_points, points):
             part = slice(start, start + points)
             scores = model.score_items(_slice_state(state, part), 0, n_items)
