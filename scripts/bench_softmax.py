@@ -3,14 +3,17 @@ conf/rnn/table1.yaml: hidden 1000, batch 1000, window 20, loss full_softmax, Ada
 shape's 445,369 items, trained for `--steps` steps through the shared Trainer.
 
 Usage: python scripts/bench_softmax.py [--model attentional_ugru] [--items 445369]
-           [--users 992] [--steps 2] [--out bench_softmax.json] [-o model.hidden_size=100 ...]
+           [--users 992] [--steps 2] [--device cpu] [--out bench_softmax.json]
+           [-o model.hidden_size=100 ...]
 
 The data are synthetic: `--users` users (LastFM-1K has 992) with `--steps` x window + 1 events
 each, so that every lane of every step is full, items drawn from a Zipf-like popularity over
 `--items` items (every event a training event; no evaluation). Peak RSS is the process's
 (ru_maxrss, data generation included). Prints the breakdown and writes JSON: parameters,
 gradients and Adam's two moments in bytes, their sum (the model's own state), peak RSS and its
-ratio to that sum, the RSS before the model was built, events/s and seconds per step.
+ratio to that sum, the RSS before the model was built, events/s and seconds per step; on CUDA
+also the peak GPU memory torch allocated (`peak_gpu_bytes`, torch.cuda.max_memory_allocated)
+and its ratio to the model's state.
 """
 
 from __future__ import annotations
@@ -27,7 +30,13 @@ from hydra import compose, initialize_config_dir
 
 from seqexp.core.resources import config_dir
 from seqexp.data.sequences import SequenceData
-from seqexp.run.experiment import build_evaluator, build_model, build_trainer, configure_torch
+from seqexp.run.experiment import (
+    build_evaluator,
+    build_model,
+    build_trainer,
+    configure_torch,
+    resolve_device,
+)
 
 GB = 1e9
 
@@ -60,6 +69,7 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=445_369)
     parser.add_argument("--users", type=int, default=992)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--out", default="bench_softmax.json")
     parser.add_argument("-o", "--override", action="append", default=[],
                         help="a config override, e.g. -o model.hidden_size=100")
@@ -71,7 +81,8 @@ def main() -> None:
     torch.manual_seed(cfg.seed)
     data = lastfm_like(args.users, args.items, args.steps * cfg.model.window + 1)
     rss_before_model = current_rss_bytes()
-    model = build_model(cfg.model, data)
+    device = resolve_device(args.device)
+    model = build_model(cfg.model, data).to(device)
     trainer = build_trainer(cfg, build_evaluator(cfg))
     optimizer = trainer.make_optimizer(model)
     parameters = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -92,9 +103,15 @@ def main() -> None:
             peak_rss_bytes() / state, "seconds": seconds, "seconds_per_step":
             seconds / args.steps, "events_per_s": stats["train_events_per_s"], "train_loss":
             stats.get("train_loss"), "overrides": args.override,
+        "device": str(device),
         "_meta": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                   "cpu": platform.processor() or platform.machine()},
     }
+    if device.type == "cuda":
+        result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
+        result["peak_gpu_over_model_state"] = result["peak_gpu_bytes"] / state
+        print(f"peak GPU memory: {result['peak_gpu_bytes'] / GB:.2f} GB "
+              f"({result['peak_gpu_over_model_state']:.3f} x the model's state)")
     for key in ("parameters", "gradients", "adam", "model_state", "rss_before_model",
                 "peak_rss"):
         print(f"{key:>18}: {result[key + '_bytes'] / GB:8.2f} GB")
