@@ -9,7 +9,8 @@ The model (conf/model/<model>.yaml; its width set to --hidden: model.hidden_size
 model.factors for mf/seqmf) is built untrained at --items items; the data are synthetic,
 --users users of --train-events training then --val-events validation events each, items drawn
 from a Zipf-like popularity (LastFM-1K's users have ~12,300 training and ~1,300 validation
-events each: the replay share below is then an upper bound's tenth). For each --block-elements
+events each, the same ratio as the defaults; with a few users each replay step runs a few rows,
+not 256, so the replay's share here is above LastFM-1K's). For each --block-elements
 (eval.max_block_elements; auto = the evaluator's own choice) it times, over the validation
 events:
 - total: the evaluator's rank counting (Evaluator.rank_counts), ranks compared across settings;
