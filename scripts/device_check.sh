@@ -5,18 +5,29 @@
 #    accidental-hit mask and bf16 products) on the synthetic data, its MLflow record read back; 2. the GPU benchmark of the four RNNs (Table 1: hidden 1000, batch 1000,
 #    full softmax; ML-10M-shaped data, scale $SCALE) in float32 with TF32 products, and with
 #    train.amp=true; 3. train.compile=true on gru; 4. GRU4Rec's official code (PEER_DIR, if given)
-#    on the same data. Every step logs to OUT_DIR; a failing step is reported and the rest run.
-# A dry run on a CPU: DEVICE=cpu SCALE=0.002 HIDDEN=16 bash scripts/device_check.sh /tmp/dc
+#    on the same data; 5. Table 1's attentional_ugru and gru on the paper's shapes: the raw
+#    LastFM-1K- and ML-10M-shaped files of scripts/make_paper_shapes.py (SHAPE_SCALE of their
+#    rows, users and items; 1 = the real counts), then scripts/bench_paper_shapes.py at Table 1's
+#    settings (hidden $HIDDEN, batch 1000 kept: --logits-budget-gb 0), one epoch, validation and
+#    the test pass each, with every phase's wall time, events/s and peak RSS (PHASE_CAP_S, when
+#    set, cuts a longer phase and extrapolates it), and scripts/bench_softmax.py: training steps
+#    at LastFM-1K's catalogue with the peak GPU memory against the model's own state.
+#    Every step logs to OUT_DIR; a failing step is reported and the rest run. ONLY="names"
+#    runs only the steps named (e.g. ONLY="paper_shapes_files paper_shapes_table1").
+# A dry run on a CPU: DEVICE=cpu SCALE=0.002 HIDDEN=16 SHAPE_SCALE=0.002 bash scripts/device_check.sh /tmp/dc
 set -uo pipefail
 out=${1:-${OUT:-/tmp/seqexp-device}}
 peer=${2:-}
 device=${DEVICE:-cuda}
 scale=${SCALE:-1.0}
 hidden=${HIDDEN:-1000}
+shape_scale=${SHAPE_SCALE:-1.0}
+phase_cap=${PHASE_CAP_S:-}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 step() {  # step NAME TIMEOUT_S COMMAND...: run, log to OUT/NAME.log, report the outcome
   local name=$1 limit=$2; shift 2
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
   local started=$SECONDS
   timeout "$limit" "$@" >"$out/$name.log" 2>&1
   local rc=$?
@@ -62,4 +73,15 @@ if [ -n "$peer" ]; then
   step bench_peer 150 python scripts/bench_models.py --models pop "${common[@]}" \
       train.batch_size=1000 --peer-dir "$peer" --out "$out/bench_gpu_peer.json"
 fi
+shapes="$work/paper_shapes"  # 2.3 GB of raw files at SHAPE_SCALE=1: not in OUT_DIR
+step paper_shapes_files 900 python scripts/make_paper_shapes.py "$shapes" --scale "$shape_scale"
+step paper_shapes_table1 3000 python scripts/bench_paper_shapes.py --data "$shapes" \
+    --device "$device" --models attentional_ugru gru --rnn-hidden "$hidden" \
+    --logits-budget-gb 0 --epochs 1 ${phase_cap:+--phase-cap-s "$phase_cap"} \
+    --out "$out/bench_paper_shapes_table1.json"
+# LastFM-1K's catalogue at SHAPE_SCALE (445,369 items at 1) and its 992 users
+step softmax_memory 900 python scripts/bench_softmax.py --device "$device" --steps 3 \
+    --items "$(python -c "print(max(1000, round(445369 * $shape_scale)))")" \
+    --users "$(python -c "print(max(4, round(992 * $shape_scale)))")" \
+    -o model.hidden_size="$hidden" --out "$out/bench_softmax_gpu.json"
 exit 0

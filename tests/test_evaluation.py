@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import sequences
+from helpers import sequences, switch_cpu_kernel
 from seqexp.core.errors import SeqexpError
 from seqexp.engine.evaluator import Evaluator
 from seqexp.engine.metrics import RankCounts
@@ -369,3 +369,26 @@ def test_a_user_on_a_quartile_edge_goes_to_the_lower_quartile():
     assert m["hist_q2_n_events"] == 2
     assert m["hist_q2_mrr_at_5"] == pytest.approx((1 / 2 + 1 / 3) / 2)
     assert "hist_q3_n_events" not in m and m["hist_q4_mrr_at_5"] == pytest.approx(1 / 4)
+
+
+def test_cpu_score_blocks_hold_64_whole_rows_at_large_catalogues_and_ranks_stay_exact(
+        monkeypatch):
+    switch_cpu_kernel(monkeypatch, "eval_blocks", True)
+    cpu, evaluator = torch.device("cpu"), Evaluator()
+    assert evaluator.block_elements(cpu, 10_677) == 3_000_000  # ML-10M: as before
+    assert evaluator.block_elements(cpu, 445_369) == 64 * 445_369  # not 6 points per block
+    assert Evaluator(max_block_elements=1000).block_elements(cpu, 445_369) == 1000
+    # 60,000 items: whole-row blocks of 64 points; ranks equal a hand count of the scores
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 50, (70, 60_000), generator=generator).float()  # many ties
+    targets = torch.randint(0, 60_000, (70,), generator=generator)
+    calls = []
+
+    def block(lo: int, hi: int) -> torch.Tensor:
+        calls.append((lo, hi))
+        return scores[:, lo:hi]
+    greater, equal = count_ranks(block, targets, 60_000, 60_000)
+    target_scores = scores[torch.arange(70), targets][:, None]
+    assert torch.equal(greater.long(), (scores > target_scores).sum(1))
+    assert torch.equal(equal.long(), (scores == target_scores).sum(1) - 1)
+    assert calls == [(0, 60_000)]  # one product per block: scored once

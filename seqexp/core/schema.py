@@ -181,6 +181,9 @@ EVAL: dict[str, Key] = {
     "basket_k": Key(integer(1), "the k of next-basket F1@k and NDCG@k"),
     "exclude_seen": Key(flag(), "items seen before a prediction point are not ranked "
                         "(except the target)"),
+    "val_max_scores": Key(integer(1, nullable=True), "validation ranks a fixed sample of "
+                          "users (drawn with seed) whose validation events x items stay "
+                          "within this many scores (null = every user); test ranks all"),
     "save_ranks": _speed(flag(), "log the per-event test ranks as test_ranks.parquet"),
 }
 
@@ -285,6 +288,10 @@ _RNN: dict[str, Key] = _MODEL | {
     "loss": Key(listed("losses"), "training loss"),
     "n_negatives": Key(integer(1), "shared negatives of the sampled softmax"),
     "sample_alpha": Key(number(0.0), "negatives sampled by popularity^sample_alpha"),
+    # changes results by float rounding only (sums taken in another order), so it counts
+    "softmax_block": Key(integer(1), "largest block of full-softmax logits (rows x items) "
+                         "computed at once; more are computed in blocks (memory; another "
+                         "value changes float rounding only)"),
     "eval_chunk": _speed(integer(1), "time steps replayed per chunk at evaluation (memory)"),
     "session_gap_s": Key(number(0.0, nullable=True), "a gap above this many seconds ends a "
                          "session and the state restarts from h0, in training and evaluation "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -60,6 +60,28 @@ class SequenceData:
     def item_popularity(self) -> np.ndarray:
         """Training-event count of every item."""
         return np.bincount(self.items[self.train_mask()], minlength=self.n_items)
+
+
+def validation_sample(data: SequenceData, max_scores: int | None, seed: int) -> SequenceData:
+    """`data` with the validation targets of a fixed sample of users only: users in an order
+    drawn with `seed`, as many as keep (validation targets x n_items), the scores a validation
+    pass computes, within `max_scores` (one user at least). The others' validation events are
+    left out of the validation phase (their train_end moved to val_end): meant for validation
+    only, training and test read `data` itself. `data` when all of it fits or max_scores is
+    None."""
+    first, stop = data.phase_bounds("val")
+    targets = np.clip(stop - np.maximum(first, data.offsets[:-1] + 1), 0, None)
+    if max_scores is None or int(targets.sum()) * data.n_items <= max_scores:
+        return data
+    order = np.random.default_rng(seed).permutation(data.n_users)
+    scores = np.cumsum(targets[order]) * data.n_items
+    kept = max(int(np.searchsorted(scores, max_scores, side="right")),
+               int(np.argmax(scores > 0)) + 1)
+    left_out = np.ones(data.n_users, dtype=bool)
+    left_out[order[:kept]] = False
+    train_end = np.where(left_out, data.val_end, data.train_end)
+    return replace(data, train_end=train_end, stats={
+        **data.stats, "val_events": int((data.val_end - train_end).sum())})
 
 
 def inconsistencies(data: SequenceData) -> list[str]:

@@ -27,7 +27,7 @@ from seqexp.core.errors import SeqexpError
 from seqexp.core.stopping import EvaluationStopped
 from seqexp.data.baskets import basket_starts, check_gap
 from seqexp.data.batching import PredictionBatch, prediction_batches
-from seqexp.data.sequences import SequenceData
+from seqexp.data.sequences import SequenceData, validation_sample
 from seqexp.engine.metrics import RankCounts
 from seqexp.engine.ranks import check_finite, count_ranks, count_sparse_ranks
 from seqexp.models import cpu_kernels
@@ -48,6 +48,10 @@ SPARSE_ENTRIES = 1 << 18
 # fewer than 128,000 items) the rest of the batch is scored densely. The counts are the same
 # either way; the crossover is measured in docs/benchmarks.md.
 DENSE_WIDTH_RATIO = 64
+# Fewest prediction points per CPU score block: a block of a few points reads the whole item
+# matrix for them alone (a memory-bound product); a catalogue too large for this many rows in
+# EVAL_BLOCK_ELEMENTS gets blocks of this many whole rows (LastFM-1K: 64 x 445,369 scores).
+MIN_BLOCK_POINTS = 64
 
 
 def _for_device(table: dict[str, int], device: torch.device) -> int:
@@ -57,29 +61,37 @@ def _for_device(table: dict[str, int], device: torch.device) -> int:
 class Evaluator:
     def __init__(self, cutoffs: Sequence[int] = (5, 10, 20), batch_users: int | None = None,
                  max_block_elements: int | None = None, exclude_seen: bool = False,
-                 progress: bool = False) -> None:
+                 progress: bool = False, val_max_scores: int | None = None,
+                 seed: int = 0) -> None:
         cutoffs = list(cutoffs)
         self.cutoffs = sorted(set(cutoffs))
         self.batch_users = batch_users
         self.max_block_elements = max_block_elements
         self.exclude_seen = exclude_seen
         self.progress = progress
+        # validation ranks a fixed sample of users (drawn with `seed`) within this many scores
+        self.val_max_scores = val_max_scores
+        self.seed = seed
 
     def users_per_batch(self, device: torch.device) -> int:
         return self.batch_users or _for_device(AUTO_BATCH_USERS, device)
 
-    def block_elements(self, device: torch.device) -> int:
+    def block_elements(self, device: torch.device, n_items: int) -> int:
         if self.max_block_elements:
             return self.max_block_elements
         if cpu_kernels.active("eval_blocks", device):
-            return cpu_kernels.EVAL_BLOCK_ELEMENTS
+            return max(cpu_kernels.EVAL_BLOCK_ELEMENTS, MIN_BLOCK_POINTS * n_items)
         return AUTO_BLOCK_ELEMENTS
 
     @torch.no_grad()
     def rank_counts(self, model: Recommender, data: SequenceData, phase: str,
                     stop_requested: Callable[[], str | None] | None = None) -> RankCounts:
         """Every target's rank counts in `phase`. `stop_requested` is asked after each batch:
-        a stop signal ends the evaluation there (EvaluationStopped)."""
+        a stop signal ends the evaluation there (EvaluationStopped). Validation ranks the
+        targets of a fixed sample of users when all of them exceed `val_max_scores`; test
+        ranks every target."""
+        if phase == "val":
+            data = validation_sample(data, self.val_max_scores, self.seed)
         was_training = model.training
         model.eval()
         device = model.device
@@ -118,7 +130,7 @@ class Evaluator:
         excluded = seen_items(batch, n_items) if self.exclude_seen else None
         # B x N must fit: split the prediction points if needed, then the items.
         device = batch.targets.device
-        block = self.block_elements(device)
+        block = self.block_elements(device, n_items)
         dense_points = max(1, min(batch.n_targets, block // max(n_items, 1)))
         chunk = max(1, block // dense_points)
         # sparse: a first step, then steps of about SPARSE_ENTRIES entries
@@ -216,7 +228,7 @@ class Evaluator:
         hits = torch.zeros(n_points, dtype=torch.long, device=pairs.device)
         dcg = torch.zeros(n_points, dtype=torch.float64, device=pairs.device)
         state = model.prediction_states(sub)
-        points = max(1, self.block_elements(pairs.device) // max(n_items, 1))
+        points = max(1, self.block_elements(pairs.device, n_items) // max(n_items, 1))
         for start in range(0, n_points, points):
             part = slice(start, start + points)
             scores = model.score_items(_slice_state(state, part), 0, n_items)

@@ -23,6 +23,7 @@ from seqexp.data.batching import (
 from seqexp.data.sequences import SequenceData
 from seqexp.models import cpu_kernels
 from seqexp.models.base import Recommender
+from seqexp.models.blocked_softmax import FullSoftmaxCE
 from seqexp.models.cells import CELLS
 from seqexp.models.cpu_kernels import Dropout, ItemInputs
 
@@ -54,6 +55,7 @@ class RecurrentRecommender(Recommender):
         loss: str = "full_softmax",
         n_negatives: int = 2048,
         sample_alpha: float = 1.0,
+        softmax_block: int = 1 << 26,
         eval_chunk: int = 64,
         session_gap_s: float | None = None,
         **cell_options,
@@ -67,6 +69,7 @@ class RecurrentRecommender(Recommender):
         self.drop_p = 1.0 - dropout if dropout_is_keep_prob else dropout
         self.n_negatives = n_negatives
         self.sample_alpha = sample_alpha
+        self.softmax_block = softmax_block
         self.embedding = nn.Embedding(n_items, hidden_size)
         accepted = list(inspect.signature(CELLS[cell]).parameters)[1:]
         unknown = [key for key in cell_options if key not in accepted]
@@ -142,8 +145,19 @@ class RecurrentRecommender(Recommender):
         hidden = self.dropout(out.reshape(-1, self.hidden_size).index_select(0, pairs))
         targets = to_device(batch.targets.reshape(-1)[batch.pairs], device)
         if self.loss_name == "full_softmax":
-            return F.cross_entropy(self.output(hidden), targets)
+            return self.full_softmax_loss(hidden, targets)
         return self.sampled_softmax_loss(hidden, targets)
+
+    def full_softmax_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy over every item. Logits that fit in one block (rows × items ≤
+        softmax_block) are one product and F.cross_entropy; larger ones go through
+        FullSoftmaxCE, a block at a time, so that the rows × items matrix never exists."""
+        if len(hidden) * self.n_items <= self.softmax_block:
+            return F.cross_entropy(self.output(hidden), targets)
+        matmul_dtype = autocast_dtype(hidden.device.type)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return FullSoftmaxCE.apply(hidden.float(), self.output.weight, self.output.bias,
+                                       targets, self.softmax_block, matmul_dtype)
 
     def sampled_softmax_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of each target against `n_negatives` popularity-sampled items shared by

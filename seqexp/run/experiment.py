@@ -141,7 +141,8 @@ def build_evaluator(cfg: DictConfig) -> Evaluator:
     return Evaluator(list(cfg.eval.cutoffs), cfg.eval.batch_users,
                      None if block is None else int(block),
                      exclude_seen=cfg.eval.get("exclude_seen", False),
-                     progress=bool(cfg.train.progress))
+                     progress=bool(cfg.train.progress),
+                     val_max_scores=cfg.eval.get("val_max_scores"), seed=int(cfg.seed))
 
 
 def build_trainer(cfg: DictConfig, evaluator: Evaluator, checkpoint: Path | None = None,

@@ -1,0 +1,149 @@
+"""The dense evaluation's achieved FLOP rate at LastFM-1K's catalogue, against this machine's
+float32 GEMM rate for the same products, and where the rest of the time goes.
+
+Usage: python scripts/bench_dense_eval.py [--model gru] [--hidden 100] [--items 445369]
+           [--users 8] [--train-events 2000] [--val-events 200]
+           [--block-elements auto 28500000 ...] [--out bench_dense_eval.json]
+
+The model (conf/model/<model>.yaml; its width set to --hidden: model.hidden_size for the RNNs,
+model.factors for mf/seqmf) is built untrained at --items items; the data are synthetic,
+--users users of --train-events training then --val-events validation events each, items drawn
+from a Zipf-like popularity (LastFM-1K's users have ~12,300 training and ~1,300 validation
+events each, the same ratio as the defaults; with a few users each replay step runs a few rows,
+not 256, so the replay's share here is above LastFM-1K's). For each --block-elements
+(eval.max_block_elements; auto = the evaluator's own choice) it times, over the validation
+events:
+- total: the evaluator's rank counting (Evaluator.rank_counts), ranks compared across settings;
+- replay: the model's prediction states (the history replay), batch by batch as the evaluator;
+- product: the score blocks' products alone (model.score_items), in the evaluator's blocks;
+- counting: the rest (total - replay - product).
+The achieved rate is 2 x hidden x items x events / total; the GEMM rate is that of one score
+block's product of the evaluator's shape, and of 64 points x all items, timed by
+scripts/bench_matmul.py's best_seconds in the same run. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import numpy as np
+import torch
+from bench_matmul import best_seconds
+from hydra import compose, initialize_config_dir
+
+from seqexp.core.resources import config_dir
+from seqexp.data.batching import prediction_batches
+from seqexp.data.sequences import SequenceData
+from seqexp.engine.evaluator import Evaluator
+from seqexp.run.experiment import build_model, configure_torch
+
+WIDTH_KEY = {"mf": "factors", "seqmf": "factors"}  # the RNNs: hidden_size
+
+
+def lastfm_like(n_users: int, n_items: int, n_train: int, n_val: int) -> SequenceData:
+    rng = np.random.default_rng(0)
+    per_user = n_train + n_val + 1  # one test event each
+    items = rng.permutation(n_items)[(rng.zipf(1.1, n_users * per_user) - 1) % n_items]
+    offsets = np.arange(0, n_users * per_user + 1, per_user, dtype=np.int64)
+    return SequenceData(items=items.astype(np.int32),
+                        timestamps=np.arange(len(items), dtype=np.int64) * 180,
+                        offsets=offsets, train_end=offsets[:-1] + n_train,
+                        val_end=offsets[:-1] + n_train + n_val, n_items=n_items)
+
+
+def blocks(evaluator: Evaluator, n_points: int, n_items: int) -> tuple[int, int]:
+    """(points, items) of the evaluator's score blocks, as Evaluator._batch_counts cuts them."""
+    block = evaluator.block_elements(torch.device("cpu"), n_items)
+    points = max(1, min(n_points, block // max(n_items, 1)))
+    return points, max(1, block // points)
+
+
+def time_phases(model, data: SequenceData, evaluator: Evaluator) -> dict:
+    started = time.perf_counter()
+    counts = evaluator.rank_counts(model, data, "val")
+    total = time.perf_counter() - started
+    replay = product = 0.0
+    shapes = set()
+    with torch.no_grad():
+        for batch in prediction_batches(data, "val", evaluator.users_per_batch(model.device)):
+            started = time.perf_counter()
+            states = model.prediction_states(batch)
+            replay += time.perf_counter() - started
+            points, chunk = blocks(evaluator, batch.n_targets, data.n_items)
+            started = time.perf_counter()
+            for first in range(0, batch.n_targets, points):
+                state = states[first:first + points]
+                for lo in range(0, data.n_items, chunk):
+                    model.score_items(state, lo, min(lo + chunk, data.n_items))
+                    shapes.add((len(state), min(chunk, data.n_items)))
+            product += time.perf_counter() - started
+    return {"counts": counts, "total_s": total, "replay_s": replay, "product_s": product,
+            "counting_s": total - replay - product, "block_shapes": sorted(shapes)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gru")
+    parser.add_argument("--hidden", type=int, default=100)
+    parser.add_argument("--items", type=int, default=445_369)
+    parser.add_argument("--users", type=int, default=8)
+    parser.add_argument("--train-events", type=int, default=2000)
+    parser.add_argument("--val-events", type=int, default=200)
+    parser.add_argument("--block-elements", nargs="+", default=["auto"])
+    parser.add_argument("--out", default="bench_dense_eval.json")
+    args = parser.parse_args()
+    width = WIDTH_KEY.get(args.model, "hidden_size")
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            f"model={args.model}", f"model.{width}={args.hidden}", "train.progress=false"])
+    configure_torch(cfg.train)
+    torch.manual_seed(cfg.seed)
+    data = lastfm_like(args.users, args.items, args.train_events, args.val_events)
+    model = build_model(cfg.model, data)
+    model.fit(data)
+    model.eval()
+    results: dict = {"model": args.model, "hidden": args.hidden, "items": args.items,
+                     "users": args.users, "train_events": args.train_events,
+                     "val_events": args.val_events, "settings": {}}
+    reference = None
+    for setting in args.block_elements:
+        evaluator = Evaluator(max_block_elements=None if setting == "auto" else int(setting))
+        row = time_phases(model, data, evaluator)
+        counts = row.pop("counts")
+        events = len(counts)
+        flop = 2 * args.hidden * args.items * events
+        points, chunk = row["block_shapes"][-1]
+        state = torch.randn(points, args.hidden)
+        weight = torch.randn(args.hidden, chunk)
+        gemm_block = 2 * points * args.hidden * chunk / best_seconds(state, weight, 2) / 1e9
+        wide = torch.randn(64, args.hidden)
+        gemm_64 = 2 * 64 * args.hidden * args.items / best_seconds(
+            wide, torch.randn(args.hidden, args.items), 2) / 1e9
+        if reference is None:
+            reference = counts
+        row |= {"events": events, "events_per_s": events / row["total_s"],
+                "achieved_gflops": flop / row["total_s"] / 1e9,
+                "gemm_gflops_same_shape": gemm_block, "gemm_gflops_64_points": gemm_64,
+                "fraction_of_best_gemm": flop / row["total_s"] / 1e9 / max(gemm_block, gemm_64),
+                "ranks_equal_first_setting": bool(
+                    np.array_equal(counts.greater, reference.greater)
+                    and np.array_equal(counts.equal, reference.equal))}
+        results["settings"][setting] = row
+        print(f"{args.model} h{args.hidden} block {setting}: {events} events, "
+              f"{row['events_per_s']:,.0f} events/s, {row['achieved_gflops']:.1f} GFLOP/s "
+              f"= {row['fraction_of_best_gemm']:.0%} of GEMM (block shape {points}x{chunk}: "
+              f"{gemm_block:.1f}, 64 x all items: {gemm_64:.1f} GFLOP/s); total "
+              f"{row['total_s']:.2f} s = replay {row['replay_s']:.2f} + product "
+              f"{row['product_s']:.2f} + counting {row['counting_s']:.2f}; ranks equal: "
+              f"{row['ranks_equal_first_setting']}", flush=True)
+    results["_meta"] = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                        "processor": platform.processor() or platform.machine()}
+    with open(args.out, "w") as out:
+        json.dump(results, out, indent=2)
+
+
+if __name__ == "__main__":
+    main()
