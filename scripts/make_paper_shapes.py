@@ -133,9 +133,9 @@ class LastfmShape:
     user_sigma: float = 1.45  # log-normal spread of listens per user
     max_per_user: int = 183_000
     min_per_user: int = 20
-    tracks: int = 3_000_000  # candidate tracks; ~1.07M of them are drawn
+    tracks: int = 1_135_000  # candidate tracks; ~1.07M of them are drawn
     artists: int = 170_000
-    zipf_s: float = 0.92  # the r-th most popular track has weight 1 / (r + zipf_r0) ** zipf_s
+    zipf_s: float = 0.935  # the r-th most popular track has weight 1 / (r + zipf_r0) ** zipf_s
     zipf_r0: float = 50.0
     repeat_p: float = 0.35  # a listen repeats one of the user's last repeat_window tracks
     repeat_window: int = 30
