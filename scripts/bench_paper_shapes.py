@@ -31,7 +31,8 @@ hidden size), H the hidden size, N the items and S the items the loss scores (N 
 full_softmax, n_negatives + 1 for sampled_softmax). The measured (or extrapolated) time of the
 phase is scaled by the FLOP ratio, which assumes the same FLOP rate at both sizes.
 
-Prints a table and writes JSON. A benchmark, not a test: it exits 0 unless a child failed.
+Prints a table and writes JSON; `--markdown FILE.json` prints a written report as the table of
+docs/benchmarks.md. A benchmark, not a test: it exits 0 unless a child failed.
 """
 
 from __future__ import annotations
@@ -331,6 +332,36 @@ def table1_estimate(rows: list[dict], info: dict) -> dict | None:
     return {"flop_per_event": flop, "full_phase_s_at_table1": estimate}
 
 
+def markdown(report: dict) -> str:
+    """The report as the Markdown table of docs/benchmarks.md: one row per model and phase."""
+    lines = ["| shape | model | phase | wall s | events | events/s | peak RSS MB | note |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    for shape, result in report["shapes"].items():
+        entries = [("(data)", row) for row in result["load"]]
+        for model, entry in result["models"].items():
+            entries += [(model, row) for row in entry["phases"]]
+            if entry.get("error"):
+                entries.append((model, {"phase": "-", "status": f"failed: {entry['error']}"}))
+            estimate = (entry.get("table1_extrapolation") or {}).get("full_phase_s_at_table1")
+            if estimate:
+                entries.append((model, {"phase": "at hidden 1000 (est.)", "status": "; ".join(
+                    f"{phase} ~{seconds:,.0f} s" for phase, seconds in estimate.items())}))
+        for model, row in entries:
+            note = row["status"] if row["status"] != "done" else ""
+            if "full_s_est" in row:
+                note += f"; full phase ~{row['full_s_est']:,.0f} s (extrapolated)"
+            if row.get("note"):
+                note += f"; {row['note']}"
+            shown = {**row, "events_per_s": row.get("events_per_s") if (
+                row.get("seconds") or 0) >= 0.05 else None}  # no rate of a near-empty phase
+            numbers = " | ".join(
+                format(shown[key], ",.1f" if key == "seconds" else ",.0f")
+                if shown.get(key) is not None else ""
+                for key in ("seconds", "events", "events_per_s", "peak_rss_mb"))
+            lines.append(f"| {shape} | {model} | {row['phase']} | {numbers} | {note} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, help="the folder make_paper_shapes.py wrote")
@@ -347,8 +378,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the existing bench cache and skip the two load rows")
     parser.add_argument("-o", "--override", nargs="*", default=[],
                         help="extra config overrides for every model (key=value)")
+    parser.add_argument("--markdown", type=Path, metavar="JSON",
+                        help="print the Markdown table of a written report and exit")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return 0
     if args.child:
         spec = json.loads(args.child)
         (run_model if "model" in spec else load_twice)(spec)
