@@ -116,7 +116,7 @@ LASTFM_T0 = 1_108_296_000  # 2005-02-13, near the real log's first listen
 LASTFM_T1 = 1_241_136_000  # 2009-05-01, near its last
 ODD_ARTISTS = ["Sigur Rós", "Мумий Тролль", "Beyoncé", "AC/DC", '"Weird Al" Yankovic',
                "Guns N' Roses", "東京事変", "Mötley Crüe", "Florence + The Machine", "!!!"]
-# Titles j < len(SHARED_TITLES) are shared by every artist: same track name, another item.
+# Titles j < len(SHARED_TITLES) of every fourth artist: same track name, another item.
 SHARED_TITLES = ["Intro", "Untitled", '"Heroes"', 'Don\'t Stop "Me" Now', "Ágætis byrjun",
                  "Интро", "#1", "Hey Jude (Live)"]
 TITLE_WORDS = ["Song", "Love", "Night", "Track", "Ça plane", "Sommer", "夜", "Reprise",
@@ -209,8 +209,9 @@ def lastfm_columns(user_label: pa.Array, seconds: np.ndarray, track: np.ndarray,
     odd_artist = artist % 23 == 7
     artist_name = _labelled(["Artist", *ODD_ARTISTS], np.where(
         odd_artist, 1 + artist % len(ODD_ARTISTS), 0), artist)
-    shared = title < len(SHARED_TITLES)
-    word = _labelled(TITLE_WORDS, title % len(TITLE_WORDS), title)
+    # A quarter of the artists have tracks named from SHARED_TITLES; the rest are unique names.
+    shared = (title < len(SHARED_TITLES)) & (artist % 4 == 0)
+    word = _labelled(TITLE_WORDS, track % len(TITLE_WORDS), track)
     track_name = pc.if_else(pa.array(shared), pa.array(SHARED_TITLES).take(
         pa.array(np.minimum(title, len(SHARED_TITLES) - 1))), word)
     time_text = pc.strftime(pa.array(seconds.astype("datetime64[s]")),
