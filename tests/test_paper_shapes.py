@@ -5,6 +5,7 @@ counts it was asked for (lines, users, malformed lines of each kind) and the sha
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -83,3 +84,30 @@ def test_ml10m_shape_parses_with_its_counts(tmp_path: Path, shapes, monkeypatch)
     assert np.unique(raw.user, return_counts=True)[1].min() >= shapes.MIN_PER_USER
     lines = path.read_text().splitlines()
     assert len(lines) == 5_000 and all(line.count("::") == 3 for line in lines)
+
+
+@pytest.mark.slow
+def test_bench_paper_shapes_runs_models_end_to_end(tmp_path: Path, shapes) -> None:
+    """The benchmark on a tiny ML-10M shape: its rows count the events the data has."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_paper_shapes", SCRIPT.parent / "bench_paper_shapes.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    (tmp_path / "ml10m").mkdir()
+    shapes.write_ml10m(tmp_path / "ml10m" / shapes.ML10M_FILE, lines=3_000, users=60, items=30,
+                       seed=0)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--data", str(tmp_path), "--shapes", "ml10m", "--models", "pop", "mf",
+                       "--out", str(out), "-o", "train.batch_size=256"]) == 0
+    result = json.loads(out.read_text())["shapes"]["ml10m"]
+    raw, cached = result["load"]
+    assert (raw["phase"], raw["events"], raw["raw_malformed_lines"]) == ("load (raw)", 3_000, 0)
+    assert cached["events"] == raw["train_events"] + raw["val_events"] + raw["test_events"]
+    pop = {row["phase"]: row for row in result["models"]["pop"]["phases"]}
+    assert list(pop) == ["load (cache)", "fit", "validation", "test"]
+    assert pop["test"]["events"] == raw["test_events"]
+    assert pop["validation"]["events"] == raw["val_events"]
+    mf = [row["phase"] for row in result["models"]["mf"]["phases"]]
+    assert mf == ["load (cache)", "fit", "epoch 1 train", "epoch 1 validation", "test"]
+    assert all(row["status"] == "done" for row in result["models"]["mf"]["phases"])
+    assert "| ml10m | mf | epoch 1 train |" in bench.markdown(json.loads(out.read_text()))
