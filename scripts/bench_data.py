@@ -25,16 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-
 ROOT = Path(__file__).resolve().parents[1]
-MIN_PER_USER = 20
-# ML-10M's rating distribution over 0.5, 1.0, ..., 5.0 (half stars are rarer).
-RATINGS = ["0.5", "1", "1.5", "2", "2.5", "3", "3.5", "4", "4.5", "5"]
-RATING_P = np.array([0.9, 3.8, 1.2, 7.9, 3.7, 23.6, 8.8, 28.8, 7.6, 13.6])
-T_MIN, T_MAX = 789_652_009, 1_231_131_736  # ML-10M's first and last timestamps
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from make_paper_shapes import MIN_PER_USER  # noqa: E402
+from make_paper_shapes import write_ml10m as generate  # noqa: E402
+
 TARGETS = {  # key: (limit, unit)
     "first_load_s": (60.0, "s"),
     "first_load_peak_rss_mb": (4096.0, "MB"),
@@ -70,61 +66,6 @@ print(json.dumps({
     "stats": data.stats, "digest": digest.hexdigest(),
 }))
 """
-
-
-def user_counts(rng: np.random.Generator, lines: int, users: int) -> np.ndarray:
-    """Ratings per user: MIN_PER_USER each plus a heavy-tailed share of the rest, summing to
-    exactly `lines`."""
-    weights = rng.lognormal(mean=0.0, sigma=1.3, size=users)
-    extra = rng.multinomial(lines - MIN_PER_USER * users, weights / weights.sum())
-    return MIN_PER_USER + extra
-
-
-def generate(path: Path, lines: int, users: int, items: int, seed: int) -> dict:
-    """Write a ratings.dat with exactly `lines` lines; vectorised, deterministic from `seed`."""
-    rng = np.random.default_rng(seed)
-    counts = user_counts(rng, lines, users)
-    # Sparse ids like the real file (user ids up to 71567, movie ids up to 65133).
-    user_ids = np.sort(rng.choice(int(users * 1.03) + 1, size=users, replace=False)) + 1
-    item_ids = rng.choice(int(items * 6.1) + 1, size=items, replace=False) + 1
-    user_of = np.repeat(np.arange(users), counts)
-
-    # Zipf-like popularity: the r-th most popular item has weight 1 / (r + 10) ** 1.1.
-    popularity = 1.0 / (np.arange(items) + 10.0) ** 1.1
-    item = item_ids[rng.choice(items, size=lines, p=popularity / popularity.sum())]
-    rating = rng.choice(len(RATINGS), size=lines, p=RATING_P / RATING_P.sum())
-
-    # Timestamps: each user starts somewhere in the window and rates in bursts; 60% of steps
-    # add 0 seconds, so a user has many equal timestamps (as when rating a batch at once).
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    gap = rng.exponential(4000.0, size=lines).astype(np.int64)
-    step = np.where(rng.random(lines) < 0.6, 0, gap)
-    step[starts] = 0
-    elapsed = np.cumsum(step)
-    elapsed -= np.repeat(elapsed[starts], counts)
-    room = np.maximum(T_MAX - T_MIN - elapsed[starts + counts - 1], 1)
-    first = T_MIN + (rng.random(users) * room).astype(np.int64)
-    timestamp = np.repeat(first, counts) + elapsed
-    # The file lists a user's ratings together but not in time order (ML-10M sorts by movie id).
-    order = np.lexsort((item, user_of))
-
-    fields = [
-        pc.cast(pa.array(user_ids[user_of[order]]), pa.string()),
-        pc.cast(pa.array(item[order]), pa.string()),
-        pa.array(RATINGS, pa.string()).take(pa.array(rating[order])),
-        pc.cast(pa.array(timestamp[order]), pa.string()),
-    ]
-    del user_of, item, rating, timestamp, step, elapsed, order
-    joined = pc.binary_join_element_wise(*fields, "::")
-    del fields
-    joined = pc.binary_join_element_wise(joined, "", "\n")  # "line" + "\n" + ""
-    joined = pa.concat_arrays([joined]) if isinstance(joined, pa.ChunkedArray) else joined
-    offsets = np.frombuffer(joined.buffers()[1], dtype=np.int32)[joined.offset:]
-    begin, end = int(offsets[0]), int(offsets[len(joined)])
-    with open(path, "wb") as handle:
-        handle.write(memoryview(joined.buffers()[2])[begin:end])
-    return {"lines": lines, "users": users, "distinct_items": int(len(np.unique(item_ids))),
-            "bytes": end - begin}
 
 
 def run_child(spec: dict) -> dict:

@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_data import user_counts  # noqa: E402
+from make_paper_shapes import user_counts  # noqa: E402
 
 from seqexp.core.ranks_file import read_ranks
 from seqexp.data.sequences import SequenceData  # noqa: E402

@@ -55,7 +55,6 @@ OPERATORS = {"&&", "||", ";", "|", "&"}
 PAGES_FROM_OTHER_BRANCHES = {"docs/real-data.md", "docs/significance.md"}
 # scripts that scripts/device_check.sh and docs/benchmarks.md name, written on the bench branch
 # merged with this one (the paper-shaped raw files and their per-phase benchmark)
-FILES_FROM_OTHER_BRANCHES = {"scripts/make_paper_shapes.py", "scripts/bench_paper_shapes.py"}
 # Inline code that looks like a config key but is not one.
 NOT_KEYS = {"mlflow.db",  # the default SQLite store
             "mlflow.user"}  # MLflow's run tag of the user (docs/tracking.md)
@@ -360,7 +359,7 @@ def test_named_paths_and_keys_exist():
                 problems.append(f"{page_name(page)}: `{code}` names no config key")
             path = code.split(" ")[0].rstrip(".,")
             if REPO_PATH.match(path) and "*" not in path and path not in declared \
-                    and path not in FILES_FROM_OTHER_BRANCHES and not (ROOT / path).exists():
+                    and not (ROOT / path).exists():
                 problems.append(f"{page_name(page)}: `{code}` names no file")
         for target in re.findall(r"\]\(([^)#:]+\.(?:md|png))(?:#[^)]*)?\)", page.read_text()):
             resolved = (page.parent / target).resolve()

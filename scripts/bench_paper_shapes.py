@@ -1,0 +1,447 @@
+"""Every model end to end on the paper-shaped files: each phase's wall time, events/s and peak RSS.
+
+Usage: python scripts/bench_paper_shapes.py --data DIR --out bench.json [--shapes ml10m lastfm]
+           [--models pop itemknn ...] [--phase-cap-s 240] [--epochs 1] [--rnn-hidden 100]
+           [--logits-budget-gb 1] [--device cpu]
+
+DIR holds the files of scripts/make_paper_shapes.py (DIR/ml10m/ratings.dat,
+DIR/lastfm/userid-timestamp-artid-artname-traid-traname.tsv). Per shape it times
+`load_dataset` twice in fresh processes, first from the raw file (parse, preprocess, split,
+cache write, into DIR/<shape>/bench_cache, emptied first) and then from that cache. Then each
+model runs in its own child process, through the functions the `seqexp` command uses (the
+config composed by Hydra from conf/, `load_dataset`, `build_model`, `build_evaluator`,
+`build_trainer`, the model's `fit`, the trainer's `train_epoch`, the evaluator's `rank_counts`):
+load (cache), fit, each epoch's training and validation, and the test pass. Per phase: wall
+seconds, events, events/s and the process's peak RSS during the phase (sampled every 0.1 s).
+
+`--phase-cap-s` cuts a phase that runs longer: training and evaluation stop after the batch
+that crosses the cap, and the row says `cut`, with events/s over the part done and the full
+phase's time extrapolated from it (`full_s_est`, an estimate). A closed-form fit cannot be cut
+inside: its child is killed at 3 x the cap + 120 s, and the row says `killed` (no
+extrapolation), and the model's later phases are not run.
+
+Models configured with the Table 1 RNN group (their config has `model.hidden_size` and
+`model.window`) run at `--rnn-hidden` units; their batch is lowered, where needed, until one
+batch's full-softmax logits (batch x window x items float32) fit in `--logits-budget-gb`
+(0: the configured batch). Their rows carry the extrapolation to Table 1's hidden size (1000;
+its batch 1000 and window 20 change the FLOP per event little) by FLOP arithmetic: per event,
+training costs 6 (R + H S) FLOP and evaluation 2 (R + H N), where R is the count of the
+non-item parameters (the multiply-adds of the recurrent part, counted on the model built at each
+hidden size), H the hidden size, N the items and S the items the loss scores (N for
+full_softmax, n_negatives + 1 for sampled_softmax). The measured (or extrapolated) time of the
+phase is scaled by the FLOP ratio, which assumes the same FLOP rate at both sizes.
+
+Prints a table and writes JSON; `--markdown FILE.json` prints a written report as the table of
+docs/benchmarks.md. A benchmark, not a test: it exits 0 unless a child failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FILES = {"ml10m": "ratings.dat", "lastfm": "userid-timestamp-artid-artname-traid-traname.tsv"}
+MODELS = ["pop", "itemknn", "expdecay_knn", "mf", "seqmf", "gru", "linear_ugru",
+          "rectified_ugru", "attentional_ugru", "dream"]
+TABLE1 = {"hidden_size": 1000, "batch_size": 1000, "window": 20}
+
+
+def compose(shape: str, data: Path, model: str, extra: list[str]):
+    """The run's config as `seqexp model=<model> dataset=<shape> ...` composes it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    overrides = [f"model={model}", f"dataset={shape}",
+                 f"dataset.path={data / shape / FILES[shape]}",
+                 f"paths.data_dir={data / shape / 'bench_cache'}",
+                 "train.progress=false", *extra]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+# ---------------------------------------------------------------------------- the child process
+class RssPeak:
+    """The process's resident set, sampled every 0.1 s on a thread: the peak since `reset`."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.peak = 0
+        self._stop = threading.Event()
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def now(self) -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * self.page
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.1):
+            self.peak = max(self.peak, self.now())
+
+    def reset(self) -> None:
+        self.peak = self.now()
+
+    def peak_mb(self) -> float:
+        return max(self.peak, self.now()) / 2**20
+
+
+class PhaseCut(Exception):
+    """A phase ran past its cap."""
+
+
+class Phases:
+    """Times phases, reports each as a JSON line on stdout (the parent reads them as they come)."""
+
+    def __init__(self, cap_s: float | None) -> None:
+        self.cap_s, self.rss = cap_s, RssPeak()
+        self.events, self.started, self.name, self.total = 0, 0.0, "", None
+
+    def start(self, name: str, total: int | None = None) -> None:
+        """Phase `name` starts; `total`: its events (a phase that reached them is not cut)."""
+        self.name, self.events, self.total = name, 0, total
+        self.rss.reset()
+        print(json.dumps({"start": name}), flush=True)
+        self.started = time.perf_counter()
+
+    def over(self) -> bool:
+        if self.total is not None and self.events >= self.total:
+            return False
+        return self.cap_s is not None and time.perf_counter() - self.started > self.cap_s
+
+    def stop_check(self) -> str | None:
+        """For the evaluator: asked after each batch."""
+        return "phase cap" if self.over() else None
+
+    def end(self, total_events: int | None, cut: bool = False, **extra) -> dict:
+        seconds = time.perf_counter() - self.started
+        events = self.events if cut or total_events is None else total_events
+        row = {"phase": self.name, "seconds": round(seconds, 2), "events": events,
+               "events_per_s": round(events / seconds, 1) if events and seconds else None,
+               "peak_rss_mb": round(self.rss.peak_mb(), 1), "status": "cut" if cut else "done"}
+        if cut and events and total_events:
+            row["full_events"] = total_events
+            row["full_s_est"] = round(seconds * total_events / events, 1)
+        row.update(extra)
+        print(json.dumps({"phase_done": row}), flush=True)
+        return row
+
+
+def table1_flop(model_cfg, data, hidden: int) -> dict:
+    """Multiply-adds per event of training and evaluation at `hidden` units (see the module
+    docstring), counted on the model built on the meta device."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from seqexp.run.experiment import build_model
+
+    spec = OmegaConf.to_container(model_cfg, resolve=True)
+    spec["hidden_size"] = hidden
+    with torch.device("meta"):
+        model = build_model(spec, data)
+    recurrent = sum(p.numel() for p in model.parameters()
+                    if p.shape[0] not in (data.n_items, data.n_users))
+    full = spec.get("loss") == "full_softmax"
+    scored = data.n_items if full else spec.get("n_negatives", 0) + 1
+    return {"train": 6 * (recurrent + hidden * scored),
+            "eval": 2 * (recurrent + hidden * data.n_items)}
+
+
+def count_prediction_events(model, phases: Phases) -> None:
+    """Count the targets of each batch the evaluator hands to the model (the model contract's
+    prediction_states), so that a cut evaluation knows how far it got."""
+    original = model.prediction_states
+
+    def counted(batch):
+        phases.events += batch.n_targets
+        return original(batch)
+
+    model.prediction_states = counted
+
+
+def run_model(spec: dict) -> None:
+    """One model through load (cache), fit, epochs (train + validation) and test."""
+    import numpy as np
+    import torch
+
+    from seqexp.core.stopping import EvaluationStopped
+    from seqexp.data.loading import load_dataset
+    from seqexp.engine.evaluator import phase_targets
+    from seqexp.engine.trainer import ProgressLog, TrainingCallback, training_pairs
+    from seqexp.run.experiment import (
+        build_evaluator,
+        build_model,
+        build_trainer,
+        configure_torch,
+        seed_everything,
+    )
+
+    cfg = compose(spec["shape"], Path(spec["data"]), spec["model"], spec["overrides"])
+    seed_everything(cfg.seed)
+    configure_torch(cfg.train)
+    phases = Phases(spec["cap_s"])
+    phases.start("load (cache)")
+    data = load_dataset(cfg.dataset, cfg.split, Path(cfg.paths.raw_dir),
+                        Path(cfg.paths.cache_dir), progress=False)
+    phases.end(data.n_events, n_items=data.n_items, n_users=data.n_users)
+    if is_table1_rnn(cfg.model) and spec["logits_budget_gb"]:
+        per_row = cfg.model.window * data.n_items * 4
+        batch = max(1, min(cfg.train.batch_size, int(spec["logits_budget_gb"] * 2**30 // per_row)))
+        cfg.train.batch_size = batch
+    model = build_model(cfg.model, data).to(torch.device(spec["device"]))
+    evaluator = build_evaluator(cfg)
+    count_prediction_events(model, phases)
+
+    class Cut(TrainingCallback):
+        def on_batch_end(self, trainer, epoch, batches) -> None:
+            if phases.over():
+                raise PhaseCut
+
+    class Counted(ProgressLog):
+        def advance(self, n_events: int) -> None:
+            phases.events += n_events
+
+    trainer = build_trainer(cfg, evaluator, callbacks=[Cut()])
+    trainer.progress = Counted(False, cfg.train.epochs)
+    phases.start("fit")
+    model.fit(data)
+    phases.end(data.stats["train_events"])
+    info = {"batch_size": int(cfg.train.batch_size)}
+    if is_table1_rnn(cfg.model):
+        info["flop_per_event"] = {h: table1_flop(cfg.model, data, h)
+                                  for h in (int(cfg.model.hidden_size), TABLE1["hidden_size"])}
+    print(json.dumps({"info": info}), flush=True)
+
+    def evaluate(phase: str, name: str) -> bool:
+        phases.start(name, phase_targets(data, phase))
+        try:
+            counts = evaluator.rank_counts(model, data, phase, phases.stop_check)
+        except EvaluationStopped:
+            phases.end(phase_targets(data, phase), cut=True)
+            return False
+        metrics = counts.metrics(evaluator.cutoffs)
+        phases.end(len(counts.greater), mrr_at_20=metrics.get("mrr_at_20"),
+                   recall_at_20=metrics.get("recall_at_20"))
+        return True
+
+    if model.trainable:
+        optimizer, rng = trainer.make_optimizer(model), np.random.default_rng(cfg.seed)
+        for epoch in range(1, spec["epochs"] + 1):
+            phases.start(f"epoch {epoch} train", training_pairs(data))
+            try:
+                trainer.train_epoch(model, data, optimizer, rng, epoch)
+                phases.end(phases.events)
+            except PhaseCut:
+                phases.end(training_pairs(data), cut=True)
+            evaluate("val", f"epoch {epoch} validation")
+    else:
+        evaluate("val", "validation")
+    evaluate("test", "test")
+
+
+def load_twice(spec: dict) -> None:
+    """`load_dataset` from the raw file (the cache emptied first), timed; the parent runs this
+    twice, so that the second child reads the cache the first wrote."""
+    from seqexp.data.loading import load_dataset
+
+    cfg = compose(spec["shape"], Path(spec["data"]), "pop", [])
+    phases = Phases(None)
+    phases.start(spec["phase"])
+    data = load_dataset(cfg.dataset, cfg.split, Path(cfg.paths.raw_dir),
+                        Path(cfg.paths.cache_dir), progress=False)
+    phases.end(data.stats["raw_events"] if spec["phase"].endswith("raw") else data.n_events,
+               **{k: data.stats[k] for k in ("n_items", "n_users", "train_events", "val_events",
+                                             "test_events", "raw_malformed_lines")})
+
+
+# ---------------------------------------------------------------------------- the parent process
+def run_child(spec: dict, kill_after_s: float | None) -> tuple[list[dict], dict, str | None]:
+    """Run one child; its phase rows, its info line and an error (None: it finished)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    child = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rows, info, started, phase = [], {}, time.monotonic(), None
+    buffer = ""
+    while True:
+        ready, _, _ = select.select([child.stdout], [], [], 1.0)
+        if ready:
+            line = child.stdout.readline()
+            if not line:
+                break
+            buffer = line.strip()
+            message = json.loads(buffer) if buffer.startswith("{") else {}
+            if "start" in message:
+                phase, started = message["start"], time.monotonic()
+                print(f"  {spec.get('model', spec['shape'])}: {phase} ...", flush=True)
+            elif "phase_done" in message:
+                rows.append(message["phase_done"])
+                phase = None
+                print_row(spec.get("model", "-"), message["phase_done"])
+            elif "info" in message:
+                info = message["info"]
+        if phase and kill_after_s and time.monotonic() - started > kill_after_s:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+            seconds = round(time.monotonic() - started, 1)
+            row = {"phase": phase, "seconds": seconds, "status": "killed",
+                   "note": f"no progress report inside; killed after {seconds} s"}
+            rows.append(row)
+            print_row(spec.get("model", "-"), row)
+            return rows, info, None
+    child.wait()
+    error = None
+    if child.returncode != 0:
+        error = (child.stderr.read().strip().splitlines() or ["?"])[-1]
+        print(f"  {spec.get('model', spec['shape'])}: FAILED (exit {child.returncode}): {error}",
+              flush=True)
+    return rows, info, error
+
+
+def print_row(model: str, row: dict) -> None:
+    rate = row.get("events_per_s")
+    est = f"  full ~{row['full_s_est']:,.0f} s (est.)" if "full_s_est" in row else ""
+    print(f"  {model:<17} {row['phase']:<22} {row['seconds']:>9,.1f} s "
+          f"{row.get('events') or 0:>12,} ev {rate or 0:>12,.0f} ev/s "
+          f"{row.get('peak_rss_mb') or 0:>8,.0f} MB  {row['status']}{est}", flush=True)
+
+
+def table1_estimate(rows: list[dict], info: dict) -> dict | None:
+    """Each RNN phase's full time scaled to Table 1's hidden size by the FLOP ratio."""
+    flop = info.get("flop_per_event")
+    if not flop:
+        return None
+    measured, table1 = (flop[key] for key in sorted(flop, key=int))
+    estimate = {}
+    for row in rows:
+        kind = "train" if row["phase"].endswith("train") else (
+            "eval" if "validation" in row["phase"] or row["phase"] == "test" else None)
+        full_s = row.get("full_s_est", row["seconds"] if row["status"] == "done" else None)
+        if kind and full_s:
+            estimate[row["phase"]] = round(full_s * table1[kind] / measured[kind], 1)
+    return {"flop_per_event": flop, "full_phase_s_at_table1": estimate}
+
+
+def markdown(report: dict) -> str:
+    """The report as the Markdown table of docs/benchmarks.md: one row per model and phase."""
+    lines = ["| shape | model | phase | wall s | events | events/s | peak RSS MB | note |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    for shape, result in report["shapes"].items():
+        entries = [("(data)", row) for row in result["load"]]
+        for model, entry in result["models"].items():
+            entries += [(model, row) for row in entry["phases"]]
+            if entry.get("error"):
+                entries.append((model, {"phase": "-", "status": f"failed: {entry['error']}"}))
+            estimate = (entry.get("table1_extrapolation") or {}).get("full_phase_s_at_table1")
+            if estimate:
+                entries.append((model, {"phase": "at hidden 1000 (est.)", "status": "; ".join(
+                    f"{phase} ~{seconds:,.0f} s" for phase, seconds in estimate.items())}))
+        for model, row in entries:
+            note = row["status"] if row["status"] != "done" else ""
+            if "full_s_est" in row:
+                note += f"; full phase ~{row['full_s_est']:,.0f} s (extrapolated)"
+            if row.get("note"):
+                note += f"; {row['note']}"
+            shown = {**row, "events_per_s": row.get("events_per_s") if (
+                row.get("seconds") or 0) >= 0.05 else None}  # no rate of a near-empty phase
+            numbers = " | ".join(
+                format(shown[key], ",.1f" if key == "seconds" else ",.0f")
+                if shown.get(key) is not None else ""
+                for key in ("seconds", "events", "events_per_s", "peak_rss_mb"))
+            lines.append(f"| {shape} | {model} | {row['phase']} | {numbers} | {note} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, help="the folder make_paper_shapes.py wrote")
+    parser.add_argument("--out", type=Path, default=Path("bench_paper_shapes.json"))
+    parser.add_argument("--shapes", nargs="+", choices=list(FILES), default=list(FILES))
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--phase-cap-s", type=float, default=None,
+                        help="cut a phase after this many seconds and extrapolate it")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs of the trained models")
+    parser.add_argument("--rnn-hidden", type=int, default=100)
+    parser.add_argument("--logits-budget-gb", type=float, default=1.0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--skip-load", action="store_true",
+                        help="keep the existing bench cache and skip the two load rows")
+    parser.add_argument("-o", "--override", nargs="*", default=[],
+                        help="extra config overrides for every model (key=value)")
+    parser.add_argument("--markdown", type=Path, metavar="JSON",
+                        help="print the Markdown table of a written report and exit")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return 0
+    if args.child:
+        spec = json.loads(args.child)
+        (run_model if "model" in spec else load_twice)(spec)
+        return 0
+    if args.data is None:
+        parser.error("--data is required")
+    missing = [str(args.data / s / FILES[s]) for s in args.shapes
+               if not (args.data / s / FILES[s]).is_file()]
+    if missing:
+        parser.error(f"missing {', '.join(missing)}: run scripts/make_paper_shapes.py "
+                     f"{args.data} first")
+    report = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+              "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                          "python": platform.python_version()},
+              "phase_cap_s": args.phase_cap_s, "shapes": {}}
+    failed = False
+    for shape in args.shapes:
+        print(f"{shape}:", flush=True)
+        result = report["shapes"][shape] = {"load": [], "models": {}}
+        base = {"shape": shape, "data": str(args.data.resolve())}
+        if not args.skip_load:
+            shutil.rmtree(args.data / shape / "bench_cache", ignore_errors=True)
+            for phase in ("load (raw)", "load (cache)"):
+                rows, _, error = run_child({**base, "phase": phase}, None)
+                result["load"] += rows
+                failed |= error is not None
+        for model in args.models:
+            spec = {**base, "model": model, "cap_s": args.phase_cap_s, "epochs": args.epochs,
+                    "device": args.device, "logits_budget_gb": args.logits_budget_gb,
+                    "overrides": list(args.override)}
+            rnn = f"model.hidden_size={args.rnn_hidden}"
+            if model_is_table1_rnn(shape, args.data, model):
+                spec["overrides"].append(rnn)
+            kill = None if args.phase_cap_s is None else 3 * args.phase_cap_s + 120
+            rows, info, error = run_child(spec, kill)
+            failed |= error is not None
+            entry = {"phases": rows, **info, **({"error": error} if error else {})}
+            estimate = table1_estimate(rows, info)
+            if estimate:
+                entry["table1_extrapolation"] = estimate
+                print(f"  {model}: at Table 1's hidden 1000 (FLOP ratio, est.): "
+                      f"{estimate['full_phase_s_at_table1']}", flush=True)
+            result["models"][model] = entry
+            args.out.write_text(json.dumps(report, indent=1) + "\n")  # a partial run shows
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 1 if failed else 0
+
+
+def model_is_table1_rnn(shape: str, data: Path, model: str) -> bool:
+    """Whether the model's config is one of Table 1's RNNs (model.hidden_size and .window)."""
+    return is_table1_rnn(compose(shape, data, model, []).model)
+
+
+def is_table1_rnn(model_cfg) -> bool:
+    return "window" in model_cfg and "hidden_size" in model_cfg
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""scripts/make_paper_shapes.py at a tiny size: its files are parsed by the real readers, with the
+counts it was asked for (lines, users, malformed lines of each kind) and the shape it promises
+(newest-first rows, sessions, odd names)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from seqexp.data.lastfm import read_lastfm
+from seqexp.data.movielens import read_movielens
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_paper_shapes.py"
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    spec = importlib.util.spec_from_file_location("make_paper_shapes", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_lastfm_shape_parses_with_its_counts(tmp_path: Path, shapes) -> None:
+    shape = shapes.LastfmShape(lines=2_000, users=5, max_per_user=1_200, tracks=400,
+                               artists=30, bad_every=100)
+    path = tmp_path / shapes.LASTFM_FILE
+    # Chunks of ~300 rows: several chunks, users never split between two of them.
+    facts = shapes.write_lastfm(path, shape, seed=3, chunk_rows=300)
+    assert path.read_bytes().count(b"\n") == 2_000
+    # Rows 100, 200, ..., 2000 are malformed, the four kinds in turn: 5 + 5 + 5 + 5.
+    assert facts["malformed"] == {"wrong_field_count": 5, "bad_time": 5, "no_artist": 5,
+                                  "not_utf8": 5}
+    raw = read_lastfm(path)
+    assert len(raw) == facts["valid_rows"] == 2_000 - 20
+    assert raw.skipped_lines == 20
+    assert raw.notes == {"lines_wrong_field_count": 5, "lines_not_utf8": 5,
+                         "lines_bad_time_or_artist": 10}
+    assert len(raw.user_labels) == 5
+    assert all(label.startswith("user_") and len(label) == 11 for label in raw.user_labels)
+    assert len(raw.item_labels) == facts["distinct_tracks"]
+    per_user = np.bincount(raw.user)
+    assert (facts["user_min"], facts["user_max"]) == (per_user.min(), per_user.max())
+
+    # The reader reverses the newest-first file: each user's listens come out oldest first.
+    order = np.argsort(raw.user, kind="stable")
+    user, seconds = raw.user[order], raw.timestamp[order]
+    same_user = user[1:] == user[:-1]
+    gaps = np.diff(seconds)[same_user]
+    assert (gaps >= 0).all()
+    # Sessions: most listens follow the previous one by a song's length, some by hours.
+    assert np.mean((gaps >= 150) & (gaps <= 360)) > 0.8
+    assert (gaps > 3_600).sum() >= 5 * 10
+    # Odd names survive the round trip: quotes, apostrophes, non-Latin letters.
+    labels = "\n".join(raw.item_labels.tolist())
+    assert '\t"Heroes"' in labels and "Don't" in labels and "Интро" in labels
+
+
+def test_lastfm_shape_is_deterministic_and_seeded(tmp_path: Path, shapes) -> None:
+    shape = shapes.LastfmShape().scaled(1e-4)
+    first, again, other = (tmp_path / name for name in ("a.tsv", "b.tsv", "c.tsv"))
+    shapes.write_lastfm(first, shape, seed=1)
+    shapes.write_lastfm(again, shape, seed=1)
+    shapes.write_lastfm(other, shape, seed=2)
+    assert first.read_bytes() == again.read_bytes() != other.read_bytes()
+
+
+def test_ml10m_shape_parses_with_its_counts(tmp_path: Path, shapes, monkeypatch) -> None:
+    monkeypatch.setattr(shapes, "CHUNK_ROWS", 1_000)  # several chunks
+    path = tmp_path / shapes.ML10M_FILE
+    facts = shapes.write_ml10m(path, lines=5_000, users=100, items=40, seed=0)
+    raw = read_movielens(path, "ratings_dat")
+    assert len(raw) == 5_000 and raw.skipped_lines == 0
+    # Small ids are their own codes: count the distinct ones.
+    assert len(np.unique(raw.user)) == 100
+    assert len(np.unique(raw.item)) == facts["distinct_items"] == 40
+    assert np.unique(raw.user, return_counts=True)[1].min() >= shapes.MIN_PER_USER
+    lines = path.read_text().splitlines()
+    assert len(lines) == 5_000 and all(line.count("::") == 3 for line in lines)
+
+
+@pytest.mark.slow
+def test_bench_paper_shapes_runs_models_end_to_end(tmp_path: Path, shapes) -> None:
+    """The benchmark on a tiny ML-10M shape: its rows count the events the data has."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_paper_shapes", SCRIPT.parent / "bench_paper_shapes.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    (tmp_path / "ml10m").mkdir()
+    shapes.write_ml10m(tmp_path / "ml10m" / shapes.ML10M_FILE, lines=3_000, users=60, items=30,
+                       seed=0)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--data", str(tmp_path), "--shapes", "ml10m", "--models", "pop", "mf",
+                       "--out", str(out), "-o", "train.batch_size=256"]) == 0
+    result = json.loads(out.read_text())["shapes"]["ml10m"]
+    raw, cached = result["load"]
+    assert (raw["phase"], raw["events"], raw["raw_malformed_lines"]) == ("load (raw)", 3_000, 0)
+    assert cached["events"] == raw["train_events"] + raw["val_events"] + raw["test_events"]
+    pop = {row["phase"]: row for row in result["models"]["pop"]["phases"]}
+    assert list(pop) == ["load (cache)", "fit", "validation", "test"]
+    assert pop["test"]["events"] == raw["test_events"]
+    assert pop["validation"]["events"] == raw["val_events"]
+    mf = [row["phase"] for row in result["models"]["mf"]["phases"]]
+    assert mf == ["load (cache)", "fit", "epoch 1 train", "epoch 1 validation", "test"]
+    assert all(row["status"] == "done" for row in result["models"]["mf"]["phases"])
+    assert "| ml10m | mf | epoch 1 train |" in bench.markdown(json.loads(out.read_text()))
