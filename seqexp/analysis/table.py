@@ -57,6 +57,8 @@ class RunRecord:
     events: str | None = None
     history: np.ndarray | None = None
     users: np.ndarray | None = None
+    # the config keys the run marked as unable to change its results (its model's included)
+    results_free: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -193,13 +195,18 @@ def paper_order(paper: Mapping[tuple[str, str, str], float]) -> tuple[list[str],
     return models, datasets
 
 
-def _configuration(params: Mapping[str, str]) -> dict[str, str]:
+def _configuration(params: Mapping[str, str], results_free: frozenset[str] = frozenset()
+                   ) -> dict[str, str]:
     """The params that make a configuration: runs with equal ones, differing only in the seed
     and in keys that cannot change results (the schema's `affects_results`, which resume asks
-    too), are seeds of one configuration."""
+    too, and the model keys the run marked so), are seeds of one configuration."""
     return {k: v for k, v in params.items()
             if k == _DATA_FILE or (k != "seed" and not k.startswith(_DATA_PREFIX)
-                                   and affects_results(k))}
+                                   and affects_results(k) and k not in results_free)}
+
+
+def _configuration_key(run: RunRecord) -> frozenset:
+    return frozenset(_configuration(run.params, run.results_free).items())
 
 
 # Keys whose value changes what a model computes, compared with the model's defaults
@@ -276,7 +283,7 @@ def deduplicate(runs: Sequence[RunRecord]) -> tuple[list[RunRecord], int]:
     newest first); and how many were left out."""
     kept, seen = [], set()
     for run in runs:
-        key = (run.model, run.dataset, frozenset(_configuration(run.params).items()),
+        key = (run.model, run.dataset, _configuration_key(run),
                run.params.get("seed"))
         if key not in seen:
             seen.add(key)
@@ -296,7 +303,7 @@ def build_table(runs: Sequence[RunRecord], paper: Mapping[tuple[str, str, str], 
     runs, duplicates = deduplicate(runs)
     groups: dict[tuple[str, str, frozenset], list[RunRecord]] = defaultdict(list)
     for run in runs:
-        groups[(run.model, run.dataset, frozenset(_configuration(run.params).items()))].append(run)
+        groups[(run.model, run.dataset, _configuration_key(run))].append(run)
 
     varying: dict[str, set[str]] = defaultdict(set)  # model -> keys that split its rows
     by_model_dataset: dict[tuple[str, str], list[frozenset]] = defaultdict(list)

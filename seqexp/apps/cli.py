@@ -19,11 +19,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from seqexp.apps.preflight import check_command_line, sweeper_ranks_jobs
-from seqexp.core import schema
 from seqexp.core.errors import SeqexpError, message_line
-from seqexp.core.resources import config_dir, group_options
+from seqexp.core.resources import config_dir
 from seqexp.core.stopping import TrainingStopped, exit_code
 from seqexp.run.naming import run_name
+from seqexp.run.options import keys_of
+from seqexp.run.plugins import group_options, model_files
 from seqexp.run.resume import cluster_job_key
 from seqexp.run.sweep import end_open_sweeps, job_tags, record_failed_job, tracking_uri_of
 from seqexp.run.tracking import ui_hint
@@ -54,7 +55,7 @@ def config_keys_help(cfg: DictConfig) -> str:
     """The `seqexp --help` lines of every key of this config (its model's, dataset's and
     split's tables) with the one-line doc of the schema (seqexp/core/schema.py)."""
     try:
-        keys = schema.keys_of(cfg)
+        keys = keys_of(cfg)
     except SeqexpError as exc:
         return f"  (no key listing: {exc})"
     width = max(len(key) for key in keys) + 1
@@ -67,9 +68,22 @@ def _help_keys(*, _root_: DictConfig) -> str:
     return config_keys_help(_root_).replace("$", "$$")
 
 
+def models_help() -> str:
+    """The `seqexp --help` lines of every registered model: its name and the first comment
+    line of its file (after `# @package`)."""
+    lines = []
+    for name, file in model_files().items():
+        comments = [line.lstrip("# ").strip() for line in file.read_text().splitlines()
+                    if line.startswith("#") and "@package" not in line]
+        lines.append(f"  {name:<18}{comments[0] if comments else ''}")
+    return "\n".join(lines).replace("$", "$$")
+
+
 # conf/hydra/help/seqexp.yaml's ${seqexp_config_keys:}: the listing is made from the schema
-# when the page is shown, for the config that `seqexp --help [overrides]` composes.
+# when the page is shown, for the config that `seqexp --help [overrides]` composes; its
+# ${seqexp_models:} from the registered model files.
 OmegaConf.register_new_resolver("seqexp_config_keys", _help_keys, replace=True)
+OmegaConf.register_new_resolver("seqexp_models", models_help, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")

@@ -19,9 +19,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from seqexp.core import schema
 from seqexp.core.errors import SeqexpError, message_line, unwritable
 from seqexp.core.resources import config_dir
+from seqexp.run.options import keys_of
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 # Command-line flags of Hydra's that take a value (the value is no override).
@@ -80,7 +80,7 @@ def known_keys(cfg: DictConfig) -> list[str]:
     dataset's and split's tables), with their groups; the composed config's own keys where a
     group has no table in the schema (a `model._target_` of another package)."""
     try:
-        keys = list(schema.keys_of(cfg))
+        keys = list(keys_of(cfg))
     except (SeqexpError, OmegaConfBaseException):  # no table, or a selector that won't resolve
         return [k for k in _leaf_keys(cfg) if not k.startswith("hydra")]
     return sorted({k.split(".", 1)[0] for k in keys if "." in k} | set(keys))

@@ -11,19 +11,25 @@ Every model answers two questions:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
+from seqexp.core.schema import Key
 from seqexp.data.batching import PredictionBatch
 from seqexp.data.sequences import SequenceData
 
 
 class Recommender(nn.Module):
     """Base class: an nn.Module so that devices, train/eval modes and checkpoints are uniform."""
+
+    # {constructor argument: its Key (rule, one-line doc, affects-results mark)}: the config
+    # schema's table of model.* for this class (seqexp/core/schema.py), beside the common
+    # name, _target_ and _partial_. The constructor receives checked values.
+    config_keys: ClassVar[Mapping[str, Key]] = {}
 
     def __init__(self, n_items: int, n_users: int) -> None:
         super().__init__()

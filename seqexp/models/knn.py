@@ -11,6 +11,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from seqexp.core.schema import Key, choice, flag, integer, number
 from seqexp.data.batching import PredictionBatch
 from seqexp.data.sequences import SequenceData
 from seqexp.models.base import Recommender
@@ -95,6 +96,11 @@ class ItemKNN(Recommender):
     ordered by popularity rather than tied; log it, it is a choice the paper does not state.
     """
 
+    config_keys = {
+        "neighbours": Key(integer(1), "neighbours kept per item"),
+        "popularity_tiebreak": Key(flag(), "order items outside the neighbours by popularity"),
+    }
+
     def __init__(self, n_items: int, n_users: int, neighbours: int = 100,
                  popularity_tiebreak: bool = True) -> None:
         super().__init__(n_items, n_users)
@@ -145,6 +151,15 @@ class ExpDecayKNN(ItemKNN):
     point and scattered through the neighbour lists, `anchor_block` scattered entries at a
     time (a loop over blocks of anchor columns, each batched over every prediction point).
     """
+
+    config_keys = ItemKNN.config_keys | {
+        "decay": Key(number(0.0), "lambda of exp(-lambda * distance)"),
+        "decay_unit": Key(choice(*DECAY_UNITS), "distance in positions or in time"),
+        "time_unit_s": Key(number(0.0, low_open=True), "seconds per time unit of the decay"),
+        "window": Key(integer(1, nullable=True), "last events entering the sum (null = all)"),
+        "anchor_block": Key(integer(1), "scattered entries per step (memory)",
+                            affects_results=False),
+    }
 
     def __init__(self, n_items: int, n_users: int, neighbours: int = 100, decay: float = 1.0,
                  decay_unit: str = "position", time_unit_s: float = 3600.0,

@@ -41,7 +41,7 @@ from seqexp.run.artifacts import checkpoint_contents, write_id_maps, write_ranks
 from seqexp.run.datasets import split_datasets
 from seqexp.run.mlflow_model import log_model
 from seqexp.run.naming import run_name
-from seqexp.run.options import check_config
+from seqexp.run.options import check_config, results_free_keys
 from seqexp.run.resume import (
     CLUSTER_JOB_TAG,
     OUTPUTS_TAG,
@@ -50,7 +50,7 @@ from seqexp.run.resume import (
     data_differences,
     find_run,
 )
-from seqexp.run.tags import ERROR_TAG
+from seqexp.run.tags import ERROR_TAG, RESULTS_FREE_TAG
 from seqexp.run.tracking import (
     Tracker,
     close_abandoned_runs,
@@ -215,6 +215,7 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
             "model": model_name, "dataset": dataset_name, "split": str(cfg.split.name),
             "seed": str(cfg.seed), **git_tags(), **run_tags, **process_tags(),
             OUTPUTS_TAG: str(Path(output_dir).resolve()),
+            RESULTS_FREE_TAG: ",".join(results_free_keys(params)),
             **({CLUSTER_JOB_TAG: job_key} if job_key else {}), **(tags or {}),
         })
     status, error = "FAILED", None

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from seqexp.core import liveness
 from seqexp.core.errors import SeqexpError
-from seqexp.core.schema import affects_results
+from seqexp.run.options import affects_results
 from seqexp.run.tracking import with_lock_retry
 
 # Params a run logs besides its configuration (seqexp.run.experiment: the data's statistics).
