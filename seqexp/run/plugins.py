@@ -20,8 +20,8 @@ import importlib.util
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
-from seqexp.core.errors import SeqexpError
 from seqexp.core import resources
+from seqexp.core.errors import SeqexpError
 
 ENTRY_POINT_GROUP = "seqexp.models"
 
