@@ -199,7 +199,7 @@ class Composer:
         if groups not in self.cache:
             try:
                 self.cache[groups] = self.compose(list(groups))
-            except Exception as exc:  # noqa: BLE001 - re-raised for every command that needs it
+            except Exception as exc:  # re-raised for every command that needs it
                 self.cache[groups] = exc
         composed = self.cache[groups]
         if isinstance(composed, Exception):
@@ -341,7 +341,7 @@ def test_documented_command_runs_through_the_entry_point(composer, seqexp_main, 
         if extra and extra.group(1) not in DEV_EXTRAS:  # the page says to install it first
             pytest.skip(f"{where}: needs seqexp[{extra.group(1)}], which the dev extra lacks")
         pytest.fail(f"{where}: `{command}` fails: {exc}", pytrace=False)
-    except Exception as exc:  # noqa: BLE001 - one readable line per broken command
+    except Exception as exc:  # one readable line per broken command
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         pytest.fail(f"{where}: `{command}` fails: {lines[-1]}", pytrace=False)
 

@@ -545,7 +545,7 @@ def test_a_stop_during_validation_ends_within_one_batch_from_the_epoch_before(sh
         return None
 
     class Validating(TrainingCallback):
-        def on_epoch_end(self, trainer, epoch):  # noqa: ARG002 - the hook's signature
+        def on_epoch_end(self, trainer, epoch):  # the hook's signature
             if epoch == 1:  # the next evaluation is epoch 2's validation, in 10 batches
                 trainer.evaluator.batch_users = 4
                 real = trainer.evaluator.rank_counts

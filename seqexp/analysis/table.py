@@ -230,7 +230,7 @@ def model_defaults(model: str, dataset: str | None = None) -> dict[str, str] | N
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
         return flatten(OmegaConf.to_container(cfg, resolve=True))
-    except Exception:  # noqa: BLE001 - a model this checkout does not know
+    except Exception:  # a model this checkout does not know
         return None
 
 

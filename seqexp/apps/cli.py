@@ -195,7 +195,7 @@ def _job_identity(cfg: DictConfig, overrides: list[str]) -> tuple[str, dict[str,
     def pick(key: str) -> str:
         try:
             return str(OmegaConf.select(cfg, key, default="?", throw_on_missing=False))
-        except Exception:  # noqa: BLE001 - an interpolation error is why the job failed
+        except Exception:  # an interpolation error is why the job failed
             return "?"
 
     tags = {"model": pick("model.name"), "dataset": pick("dataset.name"), "seed": pick("seed")}

@@ -163,7 +163,7 @@ def check_command_line(argv: Sequence[str]) -> str | None:
 
     try:
         base = _compose(fixed_groups)
-    except Exception as exc:  # noqa: BLE001 - Hydra's composition errors, reported in one line
+    except Exception as exc:  # Hydra's composition errors, reported in one line
         return f"cannot compose the config: {message_line(exc)}"
     # Presets sweep groups too (experiment=table2: hydra.sweeper.params.model = a,b,...).
     preset_params = OmegaConf.select(base, "hydra.sweeper.params") or {}

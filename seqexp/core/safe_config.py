@@ -37,7 +37,7 @@ def checkpoint_config(text: Any, where: object) -> DictConfig:
                           f"{_ADVICE}")
     try:
         config = OmegaConf.create(text)
-    except Exception as exc:  # noqa: BLE001 - yaml's and OmegaConf's errors have no common base
+    except Exception as exc:  # yaml's and OmegaConf's errors have no common base
         reason = " ".join(str(exc).split())[:200]
         raise SeqexpError(f"{where}: its config is not valid YAML ({reason}); {_ADVICE}"
                           ) from None

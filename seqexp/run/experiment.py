@@ -371,7 +371,7 @@ def _end_run(tracker: Tracker, status: str, error: BaseException | None) -> None
         if error is not None and status == "FAILED":
             tracker.set_tags({ERROR_TAG: message_line(error, limit=4000)})
         tracker.end(status)
-    except Exception as exc:  # noqa: BLE001 - said in the run's one line
+    except Exception as exc:  # said in the run's one line
         if not isinstance(error, SeqexpError):
             raise
         raise SeqexpError(f"{error}; the MLflow run {tracker.run_id} could not be marked "
@@ -383,7 +383,7 @@ def close_abandoned_runs_quietly(tracker: Tracker) -> None:
     """Housekeeping of the store: a failure here must not cost the run."""
     try:
         close_abandoned_runs(tracker)
-    except Exception as exc:  # noqa: BLE001 - logged, and the run goes on
+    except Exception as exc:  # logged, and the run goes on
         log.warning("could not check the store for runs of killed processes: %s",
                     message_line(exc, which=-1))
 

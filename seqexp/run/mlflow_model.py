@@ -165,7 +165,7 @@ def log_model(tracker: Tracker, checkpoint: Path, example_user: str,
                 registered_model_name=registered_name)
     except SeqexpError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any store or MLflow failure: one line
+    except Exception as exc:  # any store or MLflow failure: one line
         raise SeqexpError(f"mlflow.log_model: cannot log the run's MLflow Model "
                           f"({message_line(exc)}); mlflow.log_model=false skips it") from None
     log.info("MLflow Model %s logged in %.2f s", info.model_uri, time.perf_counter() - started)

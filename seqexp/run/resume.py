@@ -123,7 +123,7 @@ def find_run(tracker, resume: str | None, config: Mapping[str, str],
 def _get_run(tracker, run_id: str):
     try:
         return with_lock_retry(tracker.client.get_run, run_id)
-    except Exception:  # noqa: BLE001 - MLflow's "not found" differs between stores
+    except Exception:  # MLflow's "not found" differs between stores
         raise SeqexpError(f"resume={run_id}: no such run in {tracker.tracking_uri}; check "
                           f"the run id and mlflow.tracking_uri") from None
 
