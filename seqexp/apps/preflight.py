@@ -146,21 +146,7 @@ def check_command_line(argv: Sequence[str]) -> str | None:
     except HydraException as exc:
         return f"cannot read the override: {message_line(exc)}"
 
-    fixed_groups: list[str] = []
-    swept_groups: dict[str, list[str]] = {}
-    key_overrides = []
-    for override in parsed:
-        key = override.key_or_group
-        if override.is_delete() or key.startswith("hydra.") or key == "hydra":
-            continue
-        if _is_group(key):
-            if override.is_sweep_override():
-                swept_groups[key] = list(override.sweep_string_iterator())
-            else:
-                fixed_groups.append(override.input_line)
-        else:
-            key_overrides.append(override)
-
+    fixed_groups, swept_groups, key_overrides = _sorted_overrides(parsed)
     try:
         base = _compose(fixed_groups)
     except Exception as exc:  # Hydra's composition errors, reported in one line
@@ -176,32 +162,58 @@ def check_command_line(argv: Sequence[str]) -> str | None:
     configs = [(combo, _compose(fixed_groups + combo) if combo else base)
                for combo in _group_combinations(swept_groups)]
     for override in key_overrides:
-        key = override.key_or_group
-        lacking = [i for i, (_, cfg) in enumerate(configs) if not _has_key(cfg, key)
-                   and not ((override.is_add() or override.is_force_add())
-                            and _constructor_reads(cfg, key))]
-        if not lacking:
-            if override.is_add() and any(_has_key(cfg, key) for _, cfg in configs):
-                return (f"{override.input_line}: {key} exists already; set it without the "
-                        f"'+': {override.input_line[1:]}")
-            continue
-        combo, cfg = configs[lacking[0]]
-        if len(lacking) < len(configs):
-            having = next(c for i, (c, _) in enumerate(configs) if i not in lacking)
-            return (f"{key}: {' '.join(combo)} has no such key (it is a key of "
-                    f"{' '.join(having)}); sweep a per-model key in a sweep of its own model "
-                    f"family, e.g. seqexp -m {' '.join(having)} {override.input_line}")
-        message = unknown_key_message(cfg, key)
-        if override.is_add() or override.is_force_add():
-            return f"{override.input_line}: nothing would read it; {message}"
-        return message
-
+        problem = _check_key_override(override, configs)
+        if problem:
+            return problem
     folder_problem = check_outputs_folder(base, parsed, swept)
     if folder_problem:
         return folder_problem
     if swept:
         return _check_sweeper_score(configs, parsed)
     return None
+
+
+def _sorted_overrides(parsed: list) -> tuple[list[str], dict[str, list[str]], list]:
+    """(fixed group choices, {swept group: its choices}, key overrides) of the parsed
+    overrides; deletions and hydra.* are left to Hydra."""
+    fixed_groups: list[str] = []
+    swept_groups: dict[str, list[str]] = {}
+    key_overrides = []
+    for override in parsed:
+        key = override.key_or_group
+        if override.is_delete() or key.startswith("hydra.") or key == "hydra":
+            continue
+        if _is_group(key):
+            if override.is_sweep_override():
+                swept_groups[key] = list(override.sweep_string_iterator())
+            else:
+                fixed_groups.append(override.input_line)
+        else:
+            key_overrides.append(override)
+    return fixed_groups, swept_groups, key_overrides
+
+
+def _check_key_override(override: Any, configs: list[tuple[list[str], DictConfig]]
+                        ) -> str | None:
+    """One line when a key override names a key that some composed config (of each swept
+    group combination) lacks, or adds with '+' a key that exists."""
+    key = override.key_or_group
+    adds = override.is_add() or override.is_force_add()
+    lacking = [i for i, (_, cfg) in enumerate(configs) if not _has_key(cfg, key)
+               and not (adds and _constructor_reads(cfg, key))]
+    if not lacking:
+        if override.is_add() and any(_has_key(cfg, key) for _, cfg in configs):
+            return (f"{override.input_line}: {key} exists already; set it without the "
+                    f"'+': {override.input_line[1:]}")
+        return None
+    combo, cfg = configs[lacking[0]]
+    if len(lacking) < len(configs):
+        having = next(c for i, (c, _) in enumerate(configs) if i not in lacking)
+        return (f"{key}: {' '.join(combo)} has no such key (it is a key of "
+                f"{' '.join(having)}); sweep a per-model key in a sweep of its own model "
+                f"family, e.g. seqexp -m {' '.join(having)} {override.input_line}")
+    message = unknown_key_message(cfg, key)
+    return f"{override.input_line}: nothing would read it; {message}" if adds else message
 
 
 def check_outputs_folder(base: DictConfig, parsed: list, swept: bool) -> str | None:
