@@ -66,6 +66,8 @@ def overrides(model: str, tmp: Path) -> list[str]:
     extra = ["model.hidden_size=16"] if model in ("gru", "rectified_ugru", "dream") else []
     if model in ("gru", "rectified_ugru"):  # windows shorter than a user: a carried state
         extra.append("model.window=4")
+    if model == "dream":  # windows of fewer baskets than a user has: a carried state
+        extra.append("model.max_baskets=2")
     return [f"model={model}", *extra, *tiny_overrides(tmp / "data"), f"train.epochs={EPOCHS}",
             "train.num_threads=1", "train.patience=10", "mlflow.log_checkpoint=false",
             "eval.save_ranks=false", "device=cpu"]
