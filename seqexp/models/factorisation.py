@@ -6,7 +6,7 @@ both: with a transition window of w last items,
 
     score(u, i) = p_u . q_i  +  mean_{j in last w items} l_j . q'_i  (+ b_i)
 
-which is `mf` for w = 0 (score = p_u . q_i + b_i) and the SPEC's `seqmf` for w = 2 (the mean is
+which is `mf` for w = 0 (score = p_u . q_i + b_i) and `seqmf` for w = 2 (the mean is
 the 1/2 sum). A prediction point with fewer than w earlier events averages over the items it
 has: with a single earlier event the transition term is l_{i1} . q'_i. This is FPMC's 1/|B|
 normalisation (the mean over the previous basket), so the transition term has the same scale
