@@ -25,6 +25,7 @@ from seqexp.analysis.significance import (
     user_randomisation_p,
 )
 from seqexp.core.flat_config import flatten
+from seqexp.core.rank_metrics import event_values
 from seqexp.core.resources import config_dir
 from seqexp.core.schema import affects_results
 
@@ -124,17 +125,6 @@ class Cell:
         if not self.runs or any(r.users is None for r in self.runs):
             return None
         return self.runs[0].users
-
-
-def event_values(ranks: np.ndarray, metric: str) -> np.ndarray:
-    """Per-event reciprocal rank (mrr_at_k) or hit (recall_at_k) from pessimistic ranks."""
-    name, k = metric.rsplit("_at_", 1)
-    hit = ranks <= int(k)
-    if name == "mrr":
-        return np.where(hit, 1.0 / np.maximum(ranks, 1), 0.0)
-    if name == "recall":
-        return hit.astype(np.float64)
-    raise ValueError(f"no per-event form for {metric}")
 
 
 @dataclass

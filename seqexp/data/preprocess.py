@@ -15,7 +15,6 @@ from seqexp.data.sequences import SequenceData
 log = logging.getLogger(__name__)
 
 TRAIN, VAL, TEST = 0, 1, 2
-SPLITS = ("user_tail", "global_time")
 # Bumped whenever the output of build_sequences changes, so stale caches are not reused.
 PREPROCESS_VERSION = 2  # 2: raw user and item ids kept
 
