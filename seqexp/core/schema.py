@@ -402,6 +402,10 @@ def check_config(cfg: Mapping, values: ValueLists, models: ModelTables) -> None:
 
 
 def _check_together(cfg: Mapping) -> None:
+    mlflow = cfg.get("mlflow") or {}
+    if mlflow.get("register_model") is not None and not mlflow.get("log_model", True):
+        raise SeqexpError(f"mlflow.register_model={mlflow['register_model']} needs the run's "
+                          f"MLflow Model: drop mlflow.log_model=false")
     evaluation, dataset = cfg["eval"], cfg["dataset"]
     if evaluation.get("monitor_cutoff") not in evaluation.get("cutoffs", []):
         raise SeqexpError(f"eval.monitor_cutoff={evaluation.get('monitor_cutoff')} must be one "

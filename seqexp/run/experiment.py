@@ -167,10 +167,6 @@ def validate(cfg: DictConfig) -> None:
         reason = message_line(exc)
         raise SeqexpError(f"{key}: cannot resolve ({reason})") from None
     check_config(resolved)
-    mlflow = resolved.get("mlflow", {})
-    if mlflow.get("register_model") is not None and not mlflow.get("log_model", True):
-        raise SeqexpError(f"mlflow.register_model={mlflow['register_model']} needs the run's "
-                          f"MLflow Model: drop mlflow.log_model=false")
 
 
 def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
