@@ -18,14 +18,18 @@ import torch
 import seqexp
 from helpers import compose_config, tiny_overrides
 from seqexp.apps.recommend import Recommendations
+from seqexp.core.checkpoint import read_checkpoint
+from seqexp.core.stopping import TrainingStopped
 from seqexp.data.batching import PredictionBatch, prediction_batches
 from seqexp.data.loading import load_dataset
 from seqexp.data.sequences import SequenceData
+from seqexp.engine.trainer import ResumableState, Trainer, TrainingCallback
 from seqexp.models.base import Recommender
 from seqexp.run.artifacts import checkpoint_contents
 from seqexp.run.experiment import build_evaluator, build_model, build_trainer, seed_everything
 
-CHECKS = ("chunk_invariance", "no_future_leak", "prediction_state", "save_load")
+CHECKS = ("chunk_invariance", "no_future_leak", "prediction_state", "save_load",
+          "resume_mid_epoch")
 
 
 def trained(model_name: str, data_dir: Path, folder: Path):
@@ -125,6 +129,60 @@ def check_save_load(model: Recommender, data: SequenceData, cfg, folder: Path) -
         loaded.recommend(items=items, user=user, k=10, exclude_seen=True), expected)
 
 
+class _StopAfterBatch(TrainingCallback):
+    """A SIGTERM after the `batch`-th batch of `epoch` (the stop check that follows sees it)."""
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        self.at, self.signal = (epoch, batch), None
+
+    def on_batch_end(self, trainer: Trainer, epoch: int, batches: int) -> None:
+        if (epoch, batches) == self.at:
+            self.signal = "SIGTERM"
+
+    def __call__(self) -> str | None:
+        return self.signal
+
+
+def _fit(model_name: str, data_dir: Path, state: Path, resume: bool = False,
+         stop: _StopAfterBatch | None = None) -> tuple[dict, dict]:
+    """(the trained weights, the test metrics) of two epochs from the seed, as a new process
+    would train them (`resume`: from the training state `state`)."""
+    cfg = compose_config([f"model={model_name}", *tiny_overrides(data_dir), "train.epochs=2",
+                          "train.patience=5"])
+    if "hidden_size" in cfg.model:
+        cfg.model.hidden_size = 8
+    data = load_dataset(cfg.dataset, cfg.split, Path(cfg.paths.raw_dir),
+                        Path(cfg.paths.cache_dir), progress=False)
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model, data)
+    evaluator = build_evaluator(cfg)
+    stop = stop or _StopAfterBatch(0, 0)
+    trainer = build_trainer(cfg, evaluator, state=ResumableState(state, resume),
+                            stop_requested=stop, callbacks=[stop])
+    trainer.fit(model, data)
+    return model.state_dict(), evaluator.evaluate(model, data, "test")
+
+
+def check_resume_mid_epoch(model_name: str, data_dir: Path, folder: Path) -> None:
+    """Training stopped after the first batch of the second epoch (a SIGTERM) and resumed from
+    its training state ends with the weights and test metrics of an uninterrupted one, bit
+    for bit."""
+    full_weights, full_test = _fit(model_name, data_dir, folder / "full.pt")
+    state = folder / "stopped.pt"
+    stop = _StopAfterBatch(2, 1)
+    try:
+        _fit(model_name, data_dir, state, stop=stop)
+    except TrainingStopped:
+        saved = read_checkpoint(state)
+        assert saved["epoch"] == 1 and saved["partial"]["batches"] == 1
+    else:  # a model without epochs to train never reaches a batch
+        assert stop.signal is None
+    weights, test = _fit(model_name, data_dir, state, resume=True)
+    assert test == full_test
+    for key, value in full_weights.items():
+        assert torch.equal(weights[key], value), key
+
+
 def check_all(model_name: str, data_dir: Path, folder: Path) -> None:
     """Every check on `model_name` trained once."""
     cfg, data, model = trained(model_name, data_dir, folder)
@@ -132,3 +190,4 @@ def check_all(model_name: str, data_dir: Path, folder: Path) -> None:
     check_no_future_leak(model, data)
     check_prediction_state(model, data)
     check_save_load(model, data, cfg, folder)
+    check_resume_mid_epoch(model_name, data_dir, folder)

@@ -55,3 +55,10 @@ def test_the_prediction_state_has_one_row_per_point(model_name, trained_once):
 def test_a_loaded_checkpoint_recommends_what_the_trained_model_does(model_name, trained_once):
     cfg, data, model, folder = trained_once(model_name)
     conformance.check_save_load(model, data, cfg, Path(folder))
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+def test_a_training_stopped_mid_epoch_resumes_bit_identically(model_name, tmp_path,
+                                                             tmp_path_factory):
+    conformance.check_resume_mid_epoch(model_name, tmp_path_factory.getbasetemp() / "data",
+                                       tmp_path)
