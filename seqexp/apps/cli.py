@@ -88,8 +88,10 @@ OmegaConf.register_new_resolver("seqexp_models", models_help, replace=True)
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def _run(cfg: DictConfig) -> float:
-    # The one lazy import of the CLI, for start-up speed: the experiment loads torch, which
-    # `seqexp --help` and a refused command line never need (docs/architecture.md).
+    # The one lazy import of the CLI, for start-up speed: the experiment loads the data
+    # pipeline, the engine and MLflow, which `seqexp --help` and a refused command line never
+    # need (docs/architecture.md; the registered model classes, and so torch, they do need:
+    # the schema's model keys are declared by the classes).
     from seqexp.run.experiment import run_experiment
 
     hydra_cfg = HydraConfig.get()
