@@ -62,7 +62,7 @@ from seqexp.run.experiment import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_models import ml10m_shaped  # noqa: E402
+from bench_models import ml10m_shaped
 
 
 def load_baseline(checkout: Path):

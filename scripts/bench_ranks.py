@@ -26,11 +26,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from make_paper_shapes import user_counts  # noqa: E402
+from make_paper_shapes import user_counts
 
 from seqexp.core.ranks_file import read_ranks
-from seqexp.data.sequences import SequenceData  # noqa: E402
-from seqexp.engine.metrics import RankCounts  # noqa: E402
+from seqexp.data.sequences import SequenceData
+from seqexp.engine.metrics import RankCounts
 from seqexp.run.artifacts import write_ranks
 
 

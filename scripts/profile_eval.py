@@ -34,7 +34,7 @@ from seqexp.core.resources import config_dir
 from seqexp.run.experiment import build_evaluator, build_model, build_trainer, seed_everything
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_models import ml10m_shaped  # noqa: E402
+from bench_models import ml10m_shaped
 
 PRODUCTS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
 

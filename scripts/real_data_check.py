@@ -9,8 +9,8 @@ of `u.data`, in the same order, under a one-line header. Either way the ratings 
 `u.data` file in the cache folder (`$SEQEXP_DATA_DIR`, else ~/.cache/seqexp, under
 `real_data_check/`), never in the repository.
 
-Then, on the SPEC protocol (split=user_tail, pessimistic ranks over the whole training
-vocabulary, MRR@20 / Recall@20):
+Then, on the evaluation protocol of docs/evaluation.md (split=user_tail, pessimistic ranks over
+the whole training vocabulary, MRR@20 / Recall@20):
 
 1. Protocol check, `split.val_frac=0`: a separate numpy/pandas implementation of the split,
    of `pop` and `itemknn` scoring and of pessimistic ranking (nothing of seqexp's evaluator or
@@ -59,7 +59,7 @@ VARIANTS = ["mf_seen", "seqmf_seen"]
 _RNN = ["model.hidden_size=100", "train.batch_size=32", "train.epochs=20"]
 SETTINGS: dict[str, list[str]] = {model: [] for model in MODELS + VARIANTS} | {
     model: _RNN for model in ("gru", "linear_ugru", "rectified_ugru", "attentional_ugru")}
-# DREAM with SPEC's 1800 s basket gap instead of the MovieLens presets' 0 (one basket per
+# DREAM with the default 1800 s basket gap instead of the MovieLens presets' 0 (one basket per
 # second): the row that shows what the presets' value does.
 ABLATIONS: dict[str, list[str]] = {"dream": ["model.basket_gap_s=1800"]}
 COMMON = ["train.num_threads=1", "train.progress=false", "mlflow.log_checkpoint=false",
@@ -123,7 +123,8 @@ def obtain_udata(path: Path | None) -> Path:
 
 # ------------------------------------------------------------------------------ independent
 def independent_protocol(udata: Path, neighbours: int = 100) -> dict[str, dict[str, float]]:
-    """The SPEC protocol written again from the SPEC's words, in plain numpy/pandas.
+    """The evaluation protocol (docs/evaluation.md) written again from its words, in plain
+    numpy/pandas.
 
     Each user's ratings in (timestamp, file row) order; the last floor(0.2 L) are test, the rest
     train (no validation). Vocabulary = items with a training rating; test ratings of other

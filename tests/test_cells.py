@@ -1,4 +1,5 @@
-"""The user-based GRU cells against direct element-wise transcriptions of SPEC §4."""
+"""The user-based GRU cells against direct element-wise transcriptions of their equations
+(docs/models.md)."""
 
 from __future__ import annotations
 

@@ -9,8 +9,8 @@
   combination, which would be slow and adds little). The jobs a preset sweeps by itself
   (experiment=table2, hparams_search=...) are conf's, checked in tests/test_presets.py.
 - Files a page declares in a fenced block (```yaml conf/model/x.yaml) are added to a copy of
-  conf/, so the worked example of docs/adding-a-model.md composes; its module and its tests are
-  executed too.
+  conf/; the package of docs/adding-a-model.md (declared under my-models/) is installed as the
+  page says, its test run, and its model trained through `seqexp`.
 - Every repository path and config key named in inline code exists.
 - README.md stays at most 200 lines.
 """
@@ -21,9 +21,9 @@ import copy
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 import tomllib
-import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,18 +34,22 @@ from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+import conformance
 import seqexp.apps.cli
 import seqexp.apps.preflight
 import seqexp.core.resources
-from helpers import sequences
+from helpers import run_seqexp, tiny_overrides
+from plugin_package import install_package
 from seqexp.core.resources import config_dir
-from seqexp.run.experiment import build_model
+from seqexp.run.registry import registry
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 README_MAX_LINES = 200
+EXAMPLE_PROJECT = "my-models"  # docs/adding-a-model.md's package, files declared under it
 FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```[ \t]*$", re.M | re.S)
 INLINE = re.compile(r"`([^`\n]+)`")
 SHELL_LANGUAGES = {"", "bash", "sh", "shell", "console"}
@@ -197,7 +201,7 @@ class Composer:
         if groups not in self.cache:
             try:
                 self.cache[groups] = self.compose(list(groups))
-            except Exception as exc:  # noqa: BLE001 - re-raised for every command that needs it
+            except Exception as exc:  # re-raised for every command that needs it
                 self.cache[groups] = exc
         composed = self.cache[groups]
         if isinstance(composed, Exception):
@@ -225,7 +229,7 @@ class Composer:
 
 @pytest.fixture(scope="module")
 def docs_conf(tmp_path_factory) -> Path:
-    """A copy of conf/ with the config files the docs declare (the worked example's model)."""
+    """A copy of conf/ with the config files the docs declare under conf/."""
     conf = tmp_path_factory.mktemp("docs") / "conf"
     shutil.copytree(config_dir(), conf)
     for path, body in all_declared_files().items():
@@ -237,12 +241,34 @@ def docs_conf(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def example_package(tmp_path_factory) -> Iterator[Path]:
+    """docs/adding-a-model.md's package (my-models/), installed as its page says: its project
+    folder on sys.path with the entry points of its pyproject.toml."""
+    files = declared_files(ROOT / "docs" / "adding-a-model.md")
+    project = tmp_path_factory.mktemp("example") / EXAMPLE_PROJECT
+    points = tomllib.loads(files[f"{EXAMPLE_PROJECT}/pyproject.toml"])["project"][
+        "entry-points"]["seqexp.models"]
+    package = next(iter(points.values())).split(".")[0]
+    inside = {path.removeprefix(f"{EXAMPLE_PROJECT}/{package}/"): body
+              for path, body in files.items() if path.startswith(f"{EXAMPLE_PROJECT}/{package}/")}
+    tests = {path: body for path, body in files.items()
+             if path.startswith(f"{EXAMPLE_PROJECT}/tests/")}
+    for path, body in tests.items():
+        (project.parent / path).parent.mkdir(parents=True, exist_ok=True)
+        (project.parent / path).write_text(body)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        install_package(project, package, inside, points, monkeypatch)
+        yield project
+    registry.cache_clear()
+
+
+@pytest.fixture(scope="module")
 def composer(docs_conf) -> Composer:
     return Composer(docs_conf)
 
 
 @pytest.fixture
-def seqexp_main(docs_conf, monkeypatch, capsys):
+def seqexp_main(docs_conf, example_package, monkeypatch, capsys):
     """`seqexp ARGS` through the installed entry point, seqexp.apps.cli.main (its checks of the
     command line, then Hydra's main), over the docs' copy of conf/; returns what it printed.
     A non-zero exit fails the calling test with the command's one-line error."""
@@ -317,7 +343,7 @@ def test_documented_command_runs_through_the_entry_point(composer, seqexp_main, 
         if extra and extra.group(1) not in DEV_EXTRAS:  # the page says to install it first
             pytest.skip(f"{where}: needs seqexp[{extra.group(1)}], which the dev extra lacks")
         pytest.fail(f"{where}: `{command}` fails: {exc}", pytrace=False)
-    except Exception as exc:  # noqa: BLE001 - one readable line per broken command
+    except Exception as exc:  # one readable line per broken command
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         pytest.fail(f"{where}: `{command}` fails: {lines[-1]}", pytrace=False)
 
@@ -369,22 +395,34 @@ def test_named_paths_and_keys_exist():
     assert not problems, "\n".join(problems)
 
 
-def test_the_worked_example_builds_and_passes_its_own_tests(composer, monkeypatch):
-    files = declared_files(ROOT / "docs" / "adding-a-model.md")
-    (module_path,) = [p for p in files if p.startswith("seqexp/models/")]
-    (yaml_path,) = [p for p in files if p.startswith("conf/model/")]
-    (test_path,) = [p for p in files if p.startswith("tests/")]
-    name = module_path.removesuffix(".py").replace("/", ".")
-    module = types.ModuleType(name)
-    module.__file__ = str(ROOT / module_path)
-    monkeypatch.setitem(sys.modules, name, module)
-    exec(compile(files[module_path], module_path, "exec"), module.__dict__)  # noqa: S102
-    cfg = composer([f"model={Path(yaml_path).stem}"])
-    model = build_model(cfg.model, sequences([[0, 1, 2], [2, 1]], n_items=3))
-    assert type(model).__module__ == name and model.n_items == 3
-    namespace: dict = {"__name__": "doc_example_tests"}
-    exec(compile(files[test_path], test_path, "exec"), namespace)  # noqa: S102
-    tests = [f for n, f in namespace.items() if n.startswith("test_") and callable(f)]
-    assert tests
-    for test in tests:
-        test()
+def test_the_worked_example_passes_its_own_tests_and_runs_through_seqexp(example_package,
+                                                                        tmp_path):
+    """docs/adding-a-model.md as written: the package it shows, installed as it says, passes
+    its own test and trains through the real `seqexp`, whose MLflow record is read back (the
+    conformance suite runs over it in tests/test_conformance.py)."""
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             "-n", "0", str(example_package / "tests")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and " passed" in result.stdout, result.stdout[-3000:]
+    db = tmp_path / "mlflow.db"
+    code, output = run_seqexp(["model=recent_items", "model.window=5",
+                               *tiny_overrides(tmp_path / "data", db)])
+    assert code == 0, output[-3000:]
+    client = MlflowClient(f"sqlite:///{db}")
+    (run,) = client.search_runs([client.get_experiment_by_name("seqexp").experiment_id])
+    assert run.data.tags["model"] == "recent_items" and run.data.params["model.window"] == "5"
+    assert run.info.status == "FINISHED" and 0 < run.data.metrics["test_mrr_at_20"] <= 1
+    conformance.check_all("recent_items", tmp_path / "data", tmp_path / "conformance")
+
+
+def test_the_repository_explains_itself_without_an_outside_spec():
+    """Equations and the protocol live in docs/ (models.md, evaluation.md): no file of the
+    repository points to a SPEC document it does not hold."""
+    tracked = [ROOT / p for p in subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split() if p.endswith((".py", ".md", ".yaml", ".toml", ".sh"))]
+    pointing = [f"{path.relative_to(ROOT)}:{number}"
+                for path in tracked if path.is_file()
+                for number, line in enumerate(path.read_text().splitlines(), start=1)
+                if re.search(r"\bSPEC\b", line) and path.name != "test_docs.py"]
+    assert pointing == []

@@ -178,7 +178,7 @@ def test_a_later_training_window_starts_where_the_users_previous_window_ended():
             np.testing.assert_allclose(entering[row], expected, rtol=0, atol=1e-12)
             reached[user].extend(states[row, :int(batch.last_steps[row]) + 1])
         model.training_loss(batch)  # moves the carried states on, as the trainer's step does
-        assert not model.training_state()["carry"].requires_grad  # detached at the border
+        assert not batch.carry.states.requires_grad  # detached at the border
     assert later_windows == 3 + 1  # users 0 and 1 have 4 and 2 windows
     for user, states in reached.items():
         np.testing.assert_allclose(np.array(states), np.array(replay[user]), rtol=0, atol=1e-12)

@@ -13,7 +13,7 @@ from seqexp.core import schema
 from seqexp.core.errors import SeqexpError
 from seqexp.core.resources import config_dir, group_options
 from seqexp.run.experiment import validate
-from seqexp.run.options import check_config, rule_of
+from seqexp.run.options import check_config, model_tables, rule_of
 
 # Every option of the groups that hold keys, in as few compositions as there are models: the
 # i-th model with the i-th dataset and split (cycled). csv needs a path to compose.
@@ -54,22 +54,21 @@ def test_every_key_of_every_config_file_has_a_rule(composed):
     assert missing == [], "keys without an entry in seqexp/core/schema.py"
 
 
-# Entries for a constructor parameter that no preset sets: checked when a command line adds it
-# (`seqexp model=mf +model.window=2`, which preflight lets through because MF takes `window`).
-ADDED_ONLY = {"seqexp.models.factorisation.MF": {"window"}}
-
-
 def test_every_entry_of_the_schema_is_a_key_of_a_composed_config(composed):
     """The other direction: no entry is left over from a key that conf/ no longer has."""
+    models = model_tables()
+    # a model's table is its class's: the models of one class share it (the RNN cells' keys)
+    tables = {group: dict(g.tables) for group, g in schema.GROUPS.items()}
+    tables["model"] = {models.targets[name]: table for name, table in models.tables.items()}
     seen: dict[tuple[str, str], set[str]] = {}  # (group, the table's kind) -> leaves composed
     for _, cfg in composed:
-        for group, table in schema.group_tables(cfg).items():
-            kind = next(k for k, t in schema.GROUPS[group].tables.items() if t is table)
+        for group, table in schema.group_tables(cfg, models).items():
+            kind = (models.targets[cfg["model"]["name"]] if group == "model" else
+                    next(k for k, t in tables[group].items() if t is table))
             seen.setdefault((group, kind), set()).update(cfg[group])
     unused = sorted(f"{group}.{leaf} ({kind or 'its table'})"
-                    for group, g in schema.GROUPS.items() for kind, table in g.tables.items()
-                    for leaf in set(table) - seen.get((group, kind), set())
-                    - ADDED_ONLY.get(kind, set()))
+                    for group, g in tables.items() for kind, table in g.items()
+                    for leaf in set(table) - seen.get((group, kind), set()))
     assert unused == [], "entries of seqexp/core/schema.py that no composed config has"
     assert set(schema.TOP) <= set(composed[0][1])
 
@@ -132,7 +131,8 @@ BAD = [
     (DEFAULT, "seed", -1, "seed=-1 must be an integer in [0, 4294967295]"),
     (DEFAULT, "mlflow.log_checkpoint", 2, "mlflow.log_checkpoint=2 must be true or false"),
     (DEFAULT, "dataset.format", [], "dataset.format=[] is unknown; choose one of movielens"),
-    (having("gru"), "model._target_", "x.Y", "model._target_='x.Y' is unknown; choose one of"),
+    (having("gru"), "model._target_", "x.Y", "model._target_='x.Y' is not the class of model=gru"),
+    (having("gru"), "model.name", "gruu", "model.name='gruu' is not a registered model"),
     # checked by the constructors, readers and evaluator before the schema took them over
     (having("dream"), "model.pooling", "sum", "model.pooling='sum' must be one of max, mean"),
     (having("dream"), "model.cell", "lstm", "model.cell='lstm' must be one of rnn, gru"),

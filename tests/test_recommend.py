@@ -6,22 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
 import seqexp
-from helpers import compose_config, tiny_overrides
-from seqexp.apps.recommend import Recommendations, main
+from conformance import trained
+from seqexp.apps.recommend import main
 from seqexp.core.checkpoint import read_checkpoint
 from seqexp.core.errors import SeqexpError
-from seqexp.core.resources import group_options
 from seqexp.data.batching import prediction_batches
-from seqexp.data.loading import load_dataset
-from seqexp.run.artifacts import checkpoint_contents
-from seqexp.run.experiment import build_evaluator, build_model, build_trainer, seed_everything
-
-MODELS = group_options("model")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,40 +39,6 @@ def trained_once(data_dir, tmp_path_factory):
         return done[model_name]
 
     return get
-
-
-def trained(model_name: str, data_dir: Path, folder: Path):
-    """A model trained for one epoch on tiny data, its best checkpoint in `folder`."""
-    cfg = compose_config([f"model={model_name}", *tiny_overrides(data_dir), "train.epochs=1"])
-    if "hidden_size" in cfg.model:
-        cfg.model.hidden_size = 8
-    data = load_dataset(cfg.dataset, cfg.split, Path(cfg.paths.raw_dir),
-                        Path(cfg.paths.cache_dir), progress=False)
-    seed_everything(cfg.seed)
-    model = build_model(cfg.model, data)
-    trainer = build_trainer(cfg, build_evaluator(cfg), folder / "checkpoints" / "best.pt",
-                            checkpoint_contents=checkpoint_contents(cfg, data))
-    trainer.fit(model, data)
-    return cfg, data, model.eval()
-
-
-@pytest.mark.parametrize("model_name", MODELS)
-def test_a_loaded_checkpoint_recommends_what_the_trained_model_does(model_name, trained_once):
-    cfg, data, model, tmp_path = trained_once(model_name)
-    in_memory = Recommendations(model, data, cfg)
-    loaded = seqexp.load(tmp_path)  # the run's outputs folder
-    assert loaded.user_ids == in_memory.user_ids and loaded.item_ids == in_memory.item_ids
-    for user in in_memory.user_ids[:3]:
-        expected = in_memory.recommend(user=user, k=10)
-        assert len(expected) == 10 and list(expected["rank"]) == list(range(1, 11))
-        assert set(expected["item"]) <= set(in_memory.item_ids)
-        pd.testing.assert_frame_equal(loaded.recommend(user=user, k=10), expected)
-    items = in_memory.item_ids[3:6]
-    user = in_memory.user_ids[0] if model.uses_users else None
-    expected = in_memory.recommend(items=items, user=user, k=10, exclude_seen=True)
-    assert not set(items) & set(expected["item"])
-    pd.testing.assert_frame_equal(
-        loaded.recommend(items=items, user=user, k=10, exclude_seen=True), expected)
 
 
 @pytest.mark.parametrize("model_name", ["gru", "linear_ugru", "mf", "seqmf", "expdecay_knn"])

@@ -260,7 +260,7 @@ def test_the_real_gru_defaults_come_from_table_1():
 def test_a_dataset_presets_own_values_are_defaults_of_the_report():
     from seqexp.analysis.table import model_defaults, non_default_settings
 
-    # the MovieLens presets set DREAM's basket gap to 0; elsewhere it is SPEC's 1800 s
+    # the MovieLens presets set DREAM's basket gap to 0; elsewhere it is the default 1800 s
     ml100k = model_defaults("dream", "ml100k")
     assert ml100k["model.basket_gap_s"] == "0"
     assert model_defaults("dream", "a-csv-files-own-name")["model.basket_gap_s"] == "1800"

@@ -18,6 +18,9 @@ from seqexp.apps.cli import config_keys_help
 from seqexp.apps.preflight import unknown_key_message
 from seqexp.core import schema
 from seqexp.core.flat_config import flatten
+from seqexp.models.dream import DREAM
+from seqexp.models.knn import ItemKNN
+from seqexp.run.options import affects_results, keys_of, model_tables, results_free_keys
 from seqexp.run.resume import differing_keys
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,14 +35,14 @@ NOT_RESULTS = ["device", "resume", "paths.data_dir", "paths.raw_dir", "paths.cac
 
 @pytest.mark.parametrize("key", NOT_RESULTS)
 def test_keys_about_where_and_how_fast_do_not_change_results(key):
-    assert not schema.affects_results(key)
+    assert not affects_results(key)
 
 
 @pytest.mark.parametrize("key", ["seed", "train.lr", "train.amp", "model.hidden_size",
                                  "dataset.min_item_support", "split.test_frac", "eval.cutoffs",
                                  "model.added_by_a_plus", "dataset.archive_member"])
 def test_keys_of_what_is_computed_change_results(key):
-    assert schema.affects_results(key)
+    assert affects_results(key)
 
 
 def test_a_whole_group_that_changes_no_results_covers_keys_the_schema_lacks():
@@ -48,7 +51,7 @@ def test_a_whole_group_that_changes_no_results_covers_keys_the_schema_lacks():
 
 
 def test_every_table_of_a_group_marks_a_leaf_alike():
-    mixed = sorted(key for key, entries in schema.every_key().items()
+    mixed = sorted(key for key, entries in schema.every_key(model_tables()).items()
                    if len({e.affects_results for e in entries}) > 1)
     assert mixed == []
     for group in schema.GROUPS.values():
@@ -70,8 +73,10 @@ def _config(params: dict[str, str]) -> dict[str, str]:
 
 
 def _run(name: str, seed: int, mrr: float, params: dict[str, str]) -> RunRecord:
+    """A run as the report reads it, with the keys its model marks (RESULTS_FREE_TAG)."""
     return RunRecord(name, "gru", "synthetic", params | {"seed": str(seed)},
-                     {"test_mrr_at_20": mrr, "test_recall_at_20": mrr * 2})
+                     {"test_mrr_at_20": mrr, "test_recall_at_20": mrr * 2},
+                     results_free=frozenset(results_free_keys(params)))
 
 
 def test_runs_differing_only_where_and_how_fast_they_ran_are_one_configuration():
@@ -111,7 +116,7 @@ def test_runs_on_different_raw_files_are_two_configurations_in_the_report():
 def test_help_lists_every_key_of_the_composed_config_with_its_doc():
     cfg = compose_config(["model=dream", "dataset=ml10m"])
     lines = config_keys_help(cfg).splitlines()
-    keys = schema.keys_of(cfg)
+    keys = keys_of(cfg)
     assert len(lines) == len(keys)
     for line, (key, entry) in zip(lines, keys.items(), strict=True):
         assert line.split()[0] == key and line.endswith(entry.doc)
@@ -122,7 +127,7 @@ def test_the_help_page_shows_the_listing_of_the_command_lines_config():
     result = subprocess.run([sys.executable, "-m", "seqexp.apps.cli", "--help", "model=dream"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    doc = schema.MODEL["seqexp.models.dream.DREAM"]["pooling"].doc
+    doc = DREAM.config_keys["pooling"].doc
     assert any(line.split()[:1] == ["model.pooling"] and line.endswith(doc)
                for line in result.stdout.splitlines())
     assert "paths.data_dir" in result.stdout and "$SEQEXP_DATA_DIR" in result.stdout
@@ -130,8 +135,8 @@ def test_the_help_page_shows_the_listing_of_the_command_lines_config():
 
 def test_did_you_mean_comes_from_the_schemas_keys(monkeypatch):
     cfg = compose_config(["model=itemknn"])
-    monkeypatch.setitem(schema.MODEL["seqexp.models.knn.ItemKNN"], "shrinkage",
-                        schema.Key(schema.number(0.0), "a key only the schema has"))
+    monkeypatch.setattr(ItemKNN, "config_keys", ItemKNN.config_keys | {
+        "shrinkage": schema.Key(schema.number(0.0), "a key only the schema has")})
     message = unknown_key_message(cfg, "model.shrinkag")
     assert "did you mean model.shrinkage?" in message and "shrinkage" in message.split("(")[1]
 

@@ -14,7 +14,7 @@ from seqexp.analysis.significance import (
     user_randomisation_p,
     user_totals,
 )
-from seqexp.analysis.table import event_values
+from seqexp.core.rank_metrics import event_values
 
 
 def _mean_diff(x, y, axis=-1):

@@ -25,6 +25,7 @@ from seqexp.analysis.significance import (
     user_randomisation_p,
 )
 from seqexp.core.flat_config import flatten
+from seqexp.core.rank_metrics import event_values
 from seqexp.core.resources import config_dir
 from seqexp.core.schema import affects_results
 
@@ -57,6 +58,8 @@ class RunRecord:
     events: str | None = None
     history: np.ndarray | None = None
     users: np.ndarray | None = None
+    # the config keys the run marked as unable to change its results (its model's included)
+    results_free: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -124,17 +127,6 @@ class Cell:
         return self.runs[0].users
 
 
-def event_values(ranks: np.ndarray, metric: str) -> np.ndarray:
-    """Per-event reciprocal rank (mrr_at_k) or hit (recall_at_k) from pessimistic ranks."""
-    name, k = metric.rsplit("_at_", 1)
-    hit = ranks <= int(k)
-    if name == "mrr":
-        return np.where(hit, 1.0 / np.maximum(ranks, 1), 0.0)
-    if name == "recall":
-        return hit.astype(np.float64)
-    raise ValueError(f"no per-event form for {metric}")
-
-
 @dataclass
 class Row:
     model: str
@@ -193,13 +185,18 @@ def paper_order(paper: Mapping[tuple[str, str, str], float]) -> tuple[list[str],
     return models, datasets
 
 
-def _configuration(params: Mapping[str, str]) -> dict[str, str]:
+def _configuration(params: Mapping[str, str], results_free: frozenset[str] = frozenset()
+                   ) -> dict[str, str]:
     """The params that make a configuration: runs with equal ones, differing only in the seed
     and in keys that cannot change results (the schema's `affects_results`, which resume asks
-    too), are seeds of one configuration."""
+    too, and the model keys the run marked so), are seeds of one configuration."""
     return {k: v for k, v in params.items()
             if k == _DATA_FILE or (k != "seed" and not k.startswith(_DATA_PREFIX)
-                                   and affects_results(k))}
+                                   and affects_results(k) and k not in results_free)}
+
+
+def _configuration_key(run: RunRecord) -> frozenset:
+    return frozenset(_configuration(run.params, run.results_free).items())
 
 
 # Keys whose value changes what a model computes, compared with the model's defaults
@@ -223,7 +220,7 @@ def model_defaults(model: str, dataset: str | None = None) -> dict[str, str] | N
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
         return flatten(OmegaConf.to_container(cfg, resolve=True))
-    except Exception:  # noqa: BLE001 - a model this checkout does not know
+    except Exception:  # a model this checkout does not know
         return None
 
 
@@ -276,7 +273,7 @@ def deduplicate(runs: Sequence[RunRecord]) -> tuple[list[RunRecord], int]:
     newest first); and how many were left out."""
     kept, seen = [], set()
     for run in runs:
-        key = (run.model, run.dataset, frozenset(_configuration(run.params).items()),
+        key = (run.model, run.dataset, _configuration_key(run),
                run.params.get("seed"))
         if key not in seen:
             seen.add(key)
@@ -296,7 +293,7 @@ def build_table(runs: Sequence[RunRecord], paper: Mapping[tuple[str, str, str], 
     runs, duplicates = deduplicate(runs)
     groups: dict[tuple[str, str, frozenset], list[RunRecord]] = defaultdict(list)
     for run in runs:
-        groups[(run.model, run.dataset, frozenset(_configuration(run.params).items()))].append(run)
+        groups[(run.model, run.dataset, _configuration_key(run))].append(run)
 
     varying: dict[str, set[str]] = defaultdict(set)  # model -> keys that split its rows
     by_model_dataset: dict[tuple[str, str], list[frozenset]] = defaultdict(list)

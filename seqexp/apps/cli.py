@@ -19,11 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from seqexp.apps.preflight import check_command_line, sweeper_ranks_jobs
-from seqexp.core import liveness, run_folder, schema
+from seqexp.core import liveness, run_folder
 from seqexp.core.errors import SeqexpError, message_line
-from seqexp.core.resources import config_dir, group_options
+from seqexp.core.resources import config_dir
 from seqexp.core.stopping import TrainingStopped, exit_code
 from seqexp.run.naming import run_name
+from seqexp.run.options import keys_of
+from seqexp.run.plugins import group_options, model_files
 from seqexp.run.resume import cluster_job_key
 from seqexp.run.sweep import end_open_sweeps, job_tags, record_failed_job, tracking_uri_of
 from seqexp.run.tracking import ui_hint
@@ -54,7 +56,7 @@ def config_keys_help(cfg: DictConfig) -> str:
     """The `seqexp --help` lines of every key of this config (its model's, dataset's and
     split's tables) with the one-line doc of the schema (seqexp/core/schema.py)."""
     try:
-        keys = schema.keys_of(cfg)
+        keys = keys_of(cfg)
     except SeqexpError as exc:
         return f"  (no key listing: {exc})"
     width = max(len(key) for key in keys) + 1
@@ -67,20 +69,35 @@ def _help_keys(*, _root_: DictConfig) -> str:
     return config_keys_help(_root_).replace("$", "$$")
 
 
+def models_help() -> str:
+    """The `seqexp --help` lines of every registered model: its name and the first comment
+    line of its file (after `# @package`)."""
+    lines = []
+    for name, file in model_files().items():
+        comments = [line.lstrip("# ").strip() for line in file.read_text().splitlines()
+                    if line.startswith("#") and "@package" not in line]
+        lines.append(f"  {name:<18}{comments[0] if comments else ''}")
+    return "\n".join(lines).replace("$", "$$")
+
+
 # conf/hydra/help/seqexp.yaml's ${seqexp_config_keys:}: the listing is made from the schema
-# when the page is shown, for the config that `seqexp --help [overrides]` composes.
+# when the page is shown, for the config that `seqexp --help [overrides]` composes; its
+# ${seqexp_models:} from the registered model files.
 OmegaConf.register_new_resolver("seqexp_config_keys", _help_keys, replace=True)
 # conf/config.yaml's ${seqexp_run_token:} in hydra.run.dir / hydra.sweep.dir: a fresh token per
 # run, cached like Hydra's ${now:} so that every read of the folder's name (and a sweep's jobs,
 # which get the cache copied) sees the same one.
 OmegaConf.register_new_resolver("seqexp_run_token", run_folder.run_token, use_cache=True,
                                 replace=True)
+OmegaConf.register_new_resolver("seqexp_models", models_help, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def _run(cfg: DictConfig) -> float:
-    # The one lazy import of the CLI, for start-up speed: the experiment loads torch, which
-    # `seqexp --help` and a refused command line never need (docs/architecture.md).
+    # The one lazy import of the CLI, for start-up speed: the experiment loads the data
+    # pipeline, the engine and MLflow, which `seqexp --help` and a refused command line never
+    # need (docs/architecture.md; the registered model classes, and so torch, they do need:
+    # the schema's model keys are declared by the classes).
     from seqexp.run.experiment import run_experiment
 
     hydra_cfg = HydraConfig.get()
@@ -187,7 +204,7 @@ def _job_identity(cfg: DictConfig, overrides: list[str]) -> tuple[str, dict[str,
     def pick(key: str) -> str:
         try:
             return str(OmegaConf.select(cfg, key, default="?", throw_on_missing=False))
-        except Exception:  # noqa: BLE001 - an interpolation error is why the job failed
+        except Exception:  # an interpolation error is why the job failed
             return "?"
 
     tags = {"model": pick("model.name"), "dataset": pick("dataset.name"), "seed": pick("seed")}

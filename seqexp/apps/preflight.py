@@ -19,10 +19,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from seqexp.core import schema
 from seqexp.core.errors import SeqexpError, message_line, unwritable
 from seqexp.core.resources import config_dir
 from seqexp.data.raw_files import resolve_raw_file
+from seqexp.run.options import keys_of
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 # Command-line flags of Hydra's that take a value (the value is no override).
@@ -81,7 +81,7 @@ def known_keys(cfg: DictConfig) -> list[str]:
     dataset's and split's tables), with their groups; the composed config's own keys where a
     group has no table in the schema (a `model._target_` of another package)."""
     try:
-        keys = list(schema.keys_of(cfg))
+        keys = list(keys_of(cfg))
     except (SeqexpError, OmegaConfBaseException):  # no table, or a selector that won't resolve
         return [k for k in _leaf_keys(cfg) if not k.startswith("hydra")]
     return sorted({k.split(".", 1)[0] for k in keys if "." in k} | set(keys))
@@ -147,6 +147,38 @@ def check_command_line(argv: Sequence[str]) -> str | None:
     except HydraException as exc:
         return f"cannot read the override: {message_line(exc)}"
 
+    fixed_groups, swept_groups, key_overrides = _sorted_overrides(parsed)
+    try:
+        base = _compose(fixed_groups)
+    except Exception as exc:  # Hydra's composition errors, reported in one line
+        return f"cannot compose the config: {message_line(exc)}"
+    # Presets sweep groups too (experiment=table2: hydra.sweeper.params.model = a,b,...).
+    preset_params = OmegaConf.select(base, "hydra.sweeper.params") or {}
+    for group, value in preset_params.items():
+        if _is_group(group) and group not in swept_groups and not any(
+                g.split("=", 1)[0].lstrip("+~") == group for g in fixed_groups):
+            swept_groups[group] = _choices_of(value)
+    swept = multirun or str(OmegaConf.select(base, "hydra.mode")).endswith("MULTIRUN")
+
+    configs = [(combo, _compose(fixed_groups + combo) if combo else base)
+               for combo in _group_combinations(swept_groups)]
+    for override in key_overrides:
+        problem = _check_key_override(override, configs)
+        if problem:
+            return problem
+    folder_problem = check_outputs_folder(base, parsed, swept)
+    if folder_problem:
+        return folder_problem
+    if swept:
+        fixed_keys = [o.input_line for o in key_overrides if not o.is_sweep_override()]
+        return (check_sweep_data([combo + fixed_keys for combo, _ in configs], fixed_groups)
+                or _check_sweeper_score(configs, parsed))
+    return None
+
+
+def _sorted_overrides(parsed: list) -> tuple[list[str], dict[str, list[str]], list]:
+    """(fixed group choices, {swept group: its choices}, key overrides) of the parsed
+    overrides; deletions and hydra.* are left to Hydra."""
     fixed_groups: list[str] = []
     swept_groups: dict[str, list[str]] = {}
     key_overrides = []
@@ -161,50 +193,30 @@ def check_command_line(argv: Sequence[str]) -> str | None:
                 fixed_groups.append(override.input_line)
         else:
             key_overrides.append(override)
+    return fixed_groups, swept_groups, key_overrides
 
-    try:
-        base = _compose(fixed_groups)
-    except Exception as exc:  # noqa: BLE001 - Hydra's composition errors, reported in one line
-        return f"cannot compose the config: {message_line(exc)}"
-    # Presets sweep groups too (experiment=table2: hydra.sweeper.params.model = a,b,...).
-    preset_params = OmegaConf.select(base, "hydra.sweeper.params") or {}
-    for group, value in preset_params.items():
-        if _is_group(group) and group not in swept_groups and not any(
-                g.split("=", 1)[0].lstrip("+~") == group for g in fixed_groups):
-            swept_groups[group] = _choices_of(value)
-    swept = multirun or str(OmegaConf.select(base, "hydra.mode")).endswith("MULTIRUN")
 
-    configs = [(combo, _compose(fixed_groups + combo) if combo else base)
-               for combo in _group_combinations(swept_groups)]
-    for override in key_overrides:
-        key = override.key_or_group
-        lacking = [i for i, (_, cfg) in enumerate(configs) if not _has_key(cfg, key)
-                   and not ((override.is_add() or override.is_force_add())
-                            and _constructor_reads(cfg, key))]
-        if not lacking:
-            if override.is_add() and any(_has_key(cfg, key) for _, cfg in configs):
-                return (f"{override.input_line}: {key} exists already; set it without the "
-                        f"'+': {override.input_line[1:]}")
-            continue
-        combo, cfg = configs[lacking[0]]
-        if len(lacking) < len(configs):
-            having = next(c for i, (c, _) in enumerate(configs) if i not in lacking)
-            return (f"{key}: {' '.join(combo)} has no such key (it is a key of "
-                    f"{' '.join(having)}); sweep a per-model key in a sweep of its own model "
-                    f"family, e.g. seqexp -m {' '.join(having)} {override.input_line}")
-        message = unknown_key_message(cfg, key)
-        if override.is_add() or override.is_force_add():
-            return f"{override.input_line}: nothing would read it; {message}"
-        return message
-
-    folder_problem = check_outputs_folder(base, parsed, swept)
-    if folder_problem:
-        return folder_problem
-    if swept:
-        fixed_keys = [o.input_line for o in key_overrides if not o.is_sweep_override()]
-        return (check_sweep_data([combo + fixed_keys for combo, _ in configs], fixed_groups)
-                or _check_sweeper_score(configs, parsed))
-    return None
+def _check_key_override(override: Any, configs: list[tuple[list[str], DictConfig]]
+                        ) -> str | None:
+    """One line when a key override names a key that some composed config (of each swept
+    group combination) lacks, or adds with '+' a key that exists."""
+    key = override.key_or_group
+    adds = override.is_add() or override.is_force_add()
+    lacking = [i for i, (_, cfg) in enumerate(configs) if not _has_key(cfg, key)
+               and not (adds and _constructor_reads(cfg, key))]
+    if not lacking:
+        if override.is_add() and any(_has_key(cfg, key) for _, cfg in configs):
+            return (f"{override.input_line}: {key} exists already; set it without the "
+                    f"'+': {override.input_line[1:]}")
+        return None
+    combo, cfg = configs[lacking[0]]
+    if len(lacking) < len(configs):
+        having = next(c for i, (c, _) in enumerate(configs) if i not in lacking)
+        return (f"{key}: {' '.join(combo)} has no such key (it is a key of "
+                f"{' '.join(having)}); sweep a per-model key in a sweep of its own model "
+                f"family, e.g. seqexp -m {' '.join(having)} {override.input_line}")
+    message = unknown_key_message(cfg, key)
+    return f"{override.input_line}: nothing would read it; {message}" if adds else message
 
 
 def check_sweep_data(combinations: list[list[str]], fixed_groups: list[str]) -> str | None:

@@ -106,7 +106,7 @@ def _download(uri: str, artifact: str | None, tracking_uri: str, scratch: Path) 
                                     run_id=uri if artifact else None, artifact_path=artifact,
                                     dst_path=str(target), tracking_uri=tracking_uri,
                                     registry_uri=tracking_uri)
-    except Exception:  # noqa: BLE001 - MLflow's "not found" differs between stores
+    except Exception:  # MLflow's "not found" differs between stores
         return None
     return Path(local)
 
@@ -117,7 +117,7 @@ def _run_checkpoint(run_id: str, uri: str, scratch: Path) -> tuple[Path, str]:
     tracker = Tracker(uri, None)
     try:
         run = with_lock_retry(tracker.client.get_run, run_id)
-    except Exception:  # noqa: BLE001 - MLflow's "not found" differs between stores
+    except Exception:  # MLflow's "not found" differs between stores
         raise SeqexpError(f"{run_id}: neither a checkpoint file, a folder nor a run id or model "
                           f"URI in {uri} (pass --tracking-uri for another store)") from None
     folder = run.data.tags.get(OUTPUTS_TAG)

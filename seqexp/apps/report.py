@@ -29,7 +29,13 @@ from seqexp.analysis.render import to_csv, to_latex, to_markdown
 from seqexp.analysis.table import METRICS, RunRecord, Table, build_table, load_paper
 from seqexp.core.errors import SeqexpError
 from seqexp.core.ranks_file import RANKS_FILE, read_ranks
-from seqexp.run.tags import PARENT_ROLE, PARENT_TAG, ROLE_TAG, SWEEP_ID_TAG
+from seqexp.run.tags import (
+    PARENT_ROLE,
+    PARENT_TAG,
+    RESULTS_FREE_TAG,
+    ROLE_TAG,
+    SWEEP_ID_TAG,
+)
 from seqexp.run.tracking import Tracker, default_tracking_uri, with_lock_retry
 
 log = logging.getLogger(__name__)
@@ -71,8 +77,10 @@ def write_report(table: Table, out_dir: Path) -> list[Path]:
 
 def _record(run: Any, client: Any = None) -> RunRecord:
     tags = run.data.tags
+    results_free = frozenset(filter(None, tags.get(RESULTS_FREE_TAG, "").split(",")))
     record = RunRecord(run.info.run_id, tags.get("model", "?"), tags.get("dataset", "?"),
-                       dict(run.data.params), dict(run.data.metrics), tags.get(PARENT_TAG))
+                       dict(run.data.params), dict(run.data.metrics), tags.get(PARENT_TAG),
+                       results_free=results_free)
     if client is not None:
         attach_ranks(record, client)
     return record

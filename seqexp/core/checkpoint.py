@@ -51,7 +51,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         reason = message_line(exc, limit=300)
         raise SeqexpError(f"{path}: refused, it holds Python objects other than tensors and plain "
                           f"values ({reason}); seqexp never unpickles them") from None
-    except Exception as exc:  # noqa: BLE001 - a damaged file: the unpickler's IndexError, ...
+    except Exception as exc:  # a damaged file: the unpickler's IndexError, ...
         reason = message_line(exc, limit=300)
         if reason != type(exc).__name__ and not isinstance(exc, (OSError, RuntimeError)):
             reason = f"{type(exc).__name__}: {reason}"  # "pop from empty list" says little

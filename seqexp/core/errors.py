@@ -1,7 +1,6 @@
 """User-facing errors: one line, naming the file or config key and what to do."""
 
 import errno
-from collections.abc import Iterable
 from pathlib import Path
 
 # Errors of a file system that cannot take a write, as opposed to a network's or a bug's
@@ -20,19 +19,6 @@ def message_line(exc: BaseException, which: int = 0, limit: int | None = None) -
     type name when the message is empty."""
     line = (str(exc).strip().splitlines() or [type(exc).__name__])[which]
     return line if limit is None else line[:limit]
-
-
-def check_option(key: str, value: object, valid: bool, requirement: str) -> None:
-    """A model option's one-line error: `model.<key>=<value> must <requirement>`."""
-    if not valid:
-        raise SeqexpError(f"model.{key}={value} must {requirement}")
-
-
-def check_choice(key: str, value: object, choices: Iterable[str]) -> None:
-    """A model option that names one of `choices`."""
-    choices = list(choices)
-    if value not in choices:
-        raise SeqexpError(f"model.{key}={value!r} is unknown; choose one of {', '.join(choices)}")
 
 
 def unwritable(where: Path, exc: OSError, what: str, key: str | None,

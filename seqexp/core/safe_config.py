@@ -1,21 +1,20 @@
-"""What a file may make seqexp do: nothing but build one of seqexp's own models.
+"""What a file may make seqexp do: nothing but build one of the installed, registered models.
 
 A checkpoint's config (and any model config read back from a file) is never handed to Hydra's
-`instantiate`: its `model` block must name one of the classes of conf/model/*.yaml (looked up
-by the model's name) and hold only plain values (numbers, strings, booleans, null, lists of
-those) for keys that class's constructor takes. Anything else, a nested `_target_`, `_args_`,
-`_partial_`, `_recursive_`, `_convert_`, a nested mapping or an interpolation, is refused in
-one line before any class is imported.
+`instantiate`: its `model` block must name a registered model (seqexp's own or an installed
+plugin's: the registry of models, seqexp/run/registry.py, hands them in as {name: class}) with
+that model's class as `_target_`, and hold only plain values (numbers, strings, booleans, null,
+lists of those) for keys that class's constructor takes. Anything else, a nested `_target_`,
+`_args_`, `_partial_`, `_recursive_`, `_convert_`, a nested mapping or an interpolation, is
+refused in one line; no module is imported here.
 
 Imports only the standard library, omegaconf and seqexp.core.errors.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, NoReturn
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -30,37 +29,6 @@ _PLAIN = (str, int, float, bool, type(None))
 _ADVICE = "seqexp loads only configs it wrote; use the checkpoint of a seqexp run"
 
 
-# ------------------------------------------------------------------------- the model allowlist
-def model_targets(config_dir: Path) -> dict[str, str]:
-    """{model name: the class its conf/model/<name>.yaml builds}: the file's own
-    `model._target_`, else the one of the file its defaults list names (conf/rnn/table1.yaml
-    for the RNN models)."""
-    targets = {}
-    for file in sorted((Path(config_dir) / "model").glob("*.yaml")):
-        target = _declared_target(file, Path(config_dir))
-        if target is not None:
-            targets[file.stem] = target
-    return targets
-
-
-def _declared_target(file: Path, root: Path, depth: int = 0) -> str | None:
-    node = OmegaConf.load(file)
-    model = node.get("model") if isinstance(node, DictConfig) else None
-    if isinstance(model, DictConfig) and isinstance(model.get("_target_"), str):
-        return model["_target_"]
-    found = None
-    defaults = node.get("defaults") if isinstance(node, DictConfig) and depth < 4 else None
-    for entry in defaults or []:
-        if not isinstance(entry, str) or entry == "_self_":
-            continue
-        name = entry.removeprefix("/")
-        base = root if entry.startswith("/") else file.parent
-        included = base / f"{name}.yaml"
-        if included.is_file():
-            found = _declared_target(included, root, depth + 1) or found
-    return found
-
-
 def checkpoint_config(text: Any, where: object) -> DictConfig:
     """A checkpoint's resolved config (YAML text) as a DictConfig, or one line saying why not;
     OmegaConf's YAML loader builds plain values only (no Python tags)."""
@@ -69,7 +37,7 @@ def checkpoint_config(text: Any, where: object) -> DictConfig:
                           f"{_ADVICE}")
     try:
         config = OmegaConf.create(text)
-    except Exception as exc:  # noqa: BLE001 - yaml's and OmegaConf's errors have no common base
+    except Exception as exc:  # yaml's and OmegaConf's errors have no common base
         reason = " ".join(str(exc).split())[:200]
         raise SeqexpError(f"{where}: its config is not valid YAML ({reason}); {_ADVICE}"
                           ) from None
@@ -107,10 +75,10 @@ def _refuse(value: Any, key: str, where: object) -> NoReturn:
                       f"refused ({_ADVICE})")
 
 
-def model_arguments(model_cfg: DictConfig | Mapping, allowed: Mapping[str, str],
+def model_arguments(model_cfg: DictConfig | Mapping, allowed: Mapping[str, type],
                     where: object) -> tuple[type, dict[str, Any]]:
     """The class and the constructor arguments (less n_items and n_users) of a model config
-    read from a file, checked against `allowed` ({name: class path}, `model_targets`): the
+    read from a file, checked against `allowed` ({model name: its registered class}): the
     name's class only, plain values only, keys its constructor takes only (a constructor with
     **options checks those keys itself)."""
     spec = (OmegaConf.to_container(model_cfg, resolve=False)
@@ -121,9 +89,11 @@ def model_arguments(model_cfg: DictConfig | Mapping, allowed: Mapping[str, str],
     if not isinstance(name, str) or name not in allowed:
         raise SeqexpError(f"{where}: model.name={name!r} is not a model of this seqexp (one of "
                           f"{', '.join(sorted(allowed))}); refused ({_ADVICE})")
-    if target != allowed[name]:
+    cls = allowed[name]
+    expected = f"{cls.__module__}.{cls.__qualname__}"
+    if target != expected:
         raise SeqexpError(f"{where}: model._target_={target!r} is not the class of "
-                          f"model={name} ({allowed[name]}); refused ({_ADVICE})")
+                          f"model={name} ({expected}); refused ({_ADVICE})")
     if spec.pop("_partial_", True) is not True:
         raise SeqexpError(f"{where}: model._partial_ must be true as seqexp writes it; "
                           f"refused ({_ADVICE})")
@@ -133,8 +103,6 @@ def model_arguments(model_cfg: DictConfig | Mapping, allowed: Mapping[str, str],
             raise SeqexpError(f"{where}: model.{key} {what}, not by a checkpoint's config; "
                               f"refused ({_ADVICE})")
     arguments = {str(key): _plain(value, str(key), where) for key, value in spec.items()}
-    module, _, attribute = target.rpartition(".")
-    cls = getattr(importlib.import_module(module), attribute)
     parameters = inspect.signature(cls).parameters
     takes = [p for p in parameters if p not in SIZE_KEYS and parameters[p].kind in (
         inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]

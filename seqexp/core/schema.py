@@ -15,7 +15,9 @@ This module sits in seqexp.core so that the report, which must not import torch,
 the data pipeline, can ask `affects_results`. A choice whose options are defined by the code
 that implements them (the trainer's optimisers, a model's losses and cells, a reader's
 layouts) names that list (`listed("losses")`) instead of copying it; seqexp/run/options.py, the
-one module above all those layers, passes the lists in (`VALUE_LISTS`).
+one module above all those layers, passes the lists in (`VALUE_LISTS`). A model's keys are
+declared by its class (`config_keys`, seqexp/models/base.py) and handed in the same way
+(`ModelTables`, from the registry of models, seqexp/run/registry.py).
 """
 
 from __future__ import annotations
@@ -273,89 +275,32 @@ PATHS: dict[str, Key] = {
     "cache_dir": _speed(text(), "preprocessed data"),
 }
 
-_MODEL: dict[str, Key] = {
-    "name": Key(text(), "the model's name (the report's row)"),
+# The keys of every model's block; the rest of a model's table is its class's `config_keys`
+# (seqexp/models/base.py), handed down by seqexp/run/registry.py as `ModelTables`.
+MODEL_KEYS: dict[str, Key] = {
+    "name": Key(text(), "the model: its file conf/model/<name>.yaml (the report's row)"),
     "_target_": Key(text(), "the model's class"),
     "_partial_": Key(flag(), "completed with n_items and n_users once the data is loaded"),
 }
-_FRACTION = number(0.0, 1.0)
-_RNN: dict[str, Key] = _MODEL | {
-    "hidden_size": Key(integer(1), "hidden units of the recurrent layer"),
-    "window": Key(integer(1), "truncated-BPTT unfold: events per training window"),
-    "dropout": Key(_FRACTION, "dropout of the recurrent output"),
-    "dropout_is_keep_prob": Key(flag(), "read dropout as a keep probability (0.8 drops 0.2)"),
-    "user_dropout": Key(_FRACTION, "dropout of the user vector (user-based cells)"),
-    "loss": Key(listed("losses"), "training loss"),
-    "n_negatives": Key(integer(1), "shared negatives of the sampled softmax"),
-    "sample_alpha": Key(number(0.0), "negatives sampled by popularity^sample_alpha"),
-    # changes results by float rounding only (sums taken in another order), so it counts
-    "softmax_block": Key(integer(1), "largest block of full-softmax logits (rows x items) "
-                         "computed at once; more are computed in blocks (memory; another "
-                         "value changes float rounding only)"),
-    "eval_chunk": _speed(integer(1), "time steps replayed per chunk at evaluation (memory)"),
-    "session_gap_s": Key(number(0.0, nullable=True), "a gap above this many seconds ends a "
-                         "session and the state restarts from h0, in training and evaluation "
-                         "(null = one state over the user's whole history)"),
-    "cell": Key(listed("rnn_cells"), "the recurrent cell"),
-    # rectified_ugru's cell
-    "threshold": Key(choice("soft", "hard"), "rectified_ugru: sigmoid-relaxed or step "
-                     "thresholds"),
-    "temperature": Key(number(0.0, low_open=True), "rectified_ugru: temperature of the soft "
-                       "thresholds"),
-    "omega": Key(number(0.0, 1.0, nullable=True), "rectified_ugru: fixed omega (null = "
-                 "learned)"),
-}
-_FACTORISATION: dict[str, Key] = _MODEL | {
-    "factors": Key(integer(1), "latent factors"),
-    "item_bias": Key(flag(), "a learned bias per item"),
-    "init_std": Key(number(0.0, low_open=True), "std of the normal initialisation"),
-    "l2": Key(number(0.0), "BPR's L2 penalty per sample"),
-    "seen_bias": Key(flag(), "a learned offset for items in the user's history"),
-}
-MODEL: dict[str, dict[str, Key]] = {
-    "seqexp.models.recurrent.RecurrentRecommender": _RNN,
-    "seqexp.models.dream.DREAM": _MODEL | {
-        "hidden_size": Key(integer(1), "size of the item vectors and the hidden state"),
-        "pooling": Key(listed("dream_poolings"), "pooling of a basket's item vectors"),
-        "cell": Key(listed("dream_cells"), "the recurrence"),
-        "basket_gap_s": Key(number(0.0), "a gap above this many seconds starts a new basket"),
-        "max_baskets": Key(integer(2, nullable=True), "baskets per training row (null = "
-                           "whole histories)"),
-        "init_std": Key(number(0.0, low_open=True), "std of the item vectors' "
-                        "initialisation"),
-        "l2": Key(number(0.0), "L2 penalty (λ/2)·(‖X‖² + ‖R‖² + ‖N‖²) added to each batch's "
-                  "BPR loss, on DREAM's own parameters")},
-    "seqexp.models.knn.ItemKNN": _MODEL | {
-        "neighbours": Key(integer(1), "neighbours kept per item"),
-        "popularity_tiebreak": Key(flag(), "order items outside the neighbours by "
-                                   "popularity"),
-        "fit_block": _speed(integer(1, nullable=True), "items per block of the similarity "
-                             "fit (null = about 50M similarities a block); a stop signal is "
-                             "checked between blocks")},
-    "seqexp.models.knn.ExpDecayKNN": _MODEL | {
-        "neighbours": Key(integer(1), "neighbours kept per item"),
-        "decay": Key(number(0.0), "lambda of exp(-lambda * distance)"),
-        "decay_unit": Key(listed("decay_units"), "distance in positions or in time"),
-        "time_unit_s": Key(number(0.0, low_open=True), "seconds per time unit of the decay"),
-        "window": Key(integer(1, nullable=True), "last events entering the sum (null = all)"),
-        "popularity_tiebreak": Key(flag(), "order items outside the neighbours by "
-                                   "popularity"),
-        "anchor_block": _speed(integer(1), "scattered entries per step (memory)"),
-        "fit_block": _speed(integer(1, nullable=True), "items per block of the similarity "
-                             "fit (null = about 50M similarities a block); a stop signal is "
-                             "checked between blocks")},
-    "seqexp.models.factorisation.MF": _FACTORISATION | {
-        "window": Key(integer(0), "last items of the sequential term (0 for mf)")},
-    "seqexp.models.factorisation.SeqMF": _FACTORISATION | {
-        "window": Key(integer(1), "last items whose transitions are averaged")},
-    "seqexp.models.popularity.Popularity": _MODEL,
-}
+
+
+@dataclass(frozen=True)
+class ModelTables:
+    """The registered models, as the schema needs them: {name: its key table (MODEL_KEYS and
+    its class's keys)} and {name: its class path}. Built above the models layer
+    (seqexp/run/registry.py) and handed down, as the value lists are."""
+
+    tables: Mapping[str, Mapping[str, Key]]
+    targets: Mapping[str, str]
+
+
+NO_MODELS = ModelTables({}, {})
 
 
 @dataclass(frozen=True)
 class Group:
     """A config group's tables: one, or one per kind when `selector` (a key of the group)
-    picks it (the dataset's format, the split's name, the model's class)."""
+    picks it (the dataset's format, the split's name)."""
 
     tables: Mapping[str, Mapping[str, Key]]
     selector: str | None = None
@@ -379,63 +324,82 @@ GROUPS: dict[str, Group] = {
     "paths": Group({"": PATHS}, affects_results=False),
     "dataset": Group(DATASET, "format"),
     "split": Group(SPLIT, "name"),
-    "model": Group(MODEL, "_target_"),
 }
 
 
-def group_tables(cfg: Mapping) -> dict[str, Mapping[str, Key]]:
+def model_table(node: Mapping, models: ModelTables) -> Mapping[str, Key]:
+    """The key table of the model block `node`, picked by its name (the file stem of
+    conf/model/<name>.yaml); its `_target_` must be that model's class."""
+    name = node.get("name")
+    if not isinstance(name, str) or name not in models.tables:
+        raise SeqexpError(f"model.name={name!r} is not a registered model; choose one of "
+                          f"{', '.join(sorted(models.tables))} (a model is named by its file "
+                          f"conf/model/<name>.yaml: docs/adding-a-model.md)")
+    target = node.get("_target_")
+    if target != models.targets[name]:
+        raise SeqexpError(f"model._target_={target!r} is not the class of model={name} "
+                          f"({models.targets[name]}); select a model with model=<name>")
+    return models.tables[name]
+
+
+def group_tables(cfg: Mapping, models: ModelTables) -> dict[str, Mapping[str, Key]]:
     """{group: its key -> Key table} for this config (the dataset's table by its format, the
-    model's by its class, the split's by its name); a group without a table is refused."""
-    return {name: group.table(name, cfg.get(name) or {}) for name, group in GROUPS.items()}
+    split's by its name, the model's by its name); a group without a table is refused."""
+    tables = {name: group.table(name, cfg.get(name) or {}) for name, group in GROUPS.items()}
+    return tables | {"model": model_table(cfg.get("model") or {}, models)}
 
 
-def keys_of(cfg: Mapping) -> dict[str, Key]:
+def keys_of(cfg: Mapping, models: ModelTables) -> dict[str, Key]:
     """{dotted key: Key} of every key this config's tables have."""
     keys = dict(TOP)
-    for group, table in group_tables(cfg).items():
+    for group, table in group_tables(cfg, models).items():
         keys |= {f"{group}.{leaf}": entry for leaf, entry in table.items()}
     return keys
 
 
-def key_of(cfg: Mapping, key: str) -> Key | None:
+def key_of(cfg: Mapping, key: str, models: ModelTables) -> Key | None:
     """The entry of a dotted key (`train.lr`, `seed`) in this config, None when it has none."""
     group, _, leaf = key.rpartition(".")
     if not group:
         return TOP.get(leaf)
-    return group_tables(cfg).get(group, {}).get(leaf)
+    return group_tables(cfg, models).get(group, {}).get(leaf)
 
 
-def every_key() -> dict[str, list[Key]]:
+def every_key(models: ModelTables) -> dict[str, list[Key]]:
     """{dotted key: its entries in every table of its group} (a leaf such as model.window is in
     several model tables)."""
     keys: dict[str, list[Key]] = {key: [entry] for key, entry in TOP.items()}
-    for name, group in GROUPS.items():
-        for table in group.tables.values():
-            for leaf, entry in table.items():
-                keys.setdefault(f"{name}.{leaf}", []).append(entry)
+    tables = [(name, table) for name, group in GROUPS.items() for table in group.tables.values()]
+    tables += [("model", table) for table in [MODEL_KEYS, *models.tables.values()]]
+    for name, table in tables:
+        for leaf, entry in table.items():
+            keys.setdefault(f"{name}.{leaf}", []).append(entry)
     return keys
 
 
-def affects_results(key: str) -> bool:
+def affects_results(key: str, models: ModelTables = NO_MODELS) -> bool:
     """Whether runs that differ in this flattened key (`train.lr`, `paths.raw_dir`) can differ
     in their results: False for where and how fast a run runs and what it shows. A key the
-    schema lacks counts as one that does, unless its whole group does not (paths.*, mlflow.*).
+    schema lacks counts as one that does, unless its whole group does not (paths.*, mlflow.*);
+    a model key counts as one that does unless `models` marks it (the report, which loads no
+    model class, reads a run's own mark: seqexp/run/tags.py RESULTS_FREE_TAG).
     Resume and the report both ask this, so they agree on what the same configuration is."""
     group, _, leaf = key.partition(".")
     if leaf and group in GROUPS and not GROUPS[group].affects_results:
         return False
-    entries = every_key().get(key)
+    entries = every_key(models).get(key)
     # tests/test_options.py asserts that every table of a group marks a leaf alike
     return entries is None or entries[0].affects_results
 
 
-def check_config(cfg: Mapping, values: ValueLists) -> None:
+def check_config(cfg: Mapping, values: ValueLists, models: ModelTables) -> None:
     """Every key with an entry, then the rules that tie keys together. `cfg`: the resolved
-    config as plain containers; `values`: the value lists that `listed` rules name. Keys
-    without an entry (an added `+model.x` a constructor takes) are left to their reader."""
+    config as plain containers; `values`: the value lists that `listed` rules name; `models`:
+    the registered models' tables. Keys without an entry (an added `+model.x` a constructor
+    takes) are left to their reader."""
     for key, entry in TOP.items():
         entry.rule.complain(key, cfg.get(key), values)
-    for group, table in group_tables(cfg).items():
+    for group, table in group_tables(cfg, models).items():
         node = cfg.get(group) or {}
         for leaf, entry in table.items():
             if leaf in node:
@@ -444,6 +408,10 @@ def check_config(cfg: Mapping, values: ValueLists) -> None:
 
 
 def _check_together(cfg: Mapping) -> None:
+    mlflow = cfg.get("mlflow") or {}
+    if mlflow.get("register_model") is not None and not mlflow.get("log_model", True):
+        raise SeqexpError(f"mlflow.register_model={mlflow['register_model']} needs the run's "
+                          f"MLflow Model: drop mlflow.log_model=false")
     evaluation, dataset = cfg["eval"], cfg["dataset"]
     if evaluation.get("monitor_cutoff") not in evaluation.get("cutoffs", []):
         raise SeqexpError(f"eval.monitor_cutoff={evaluation.get('monitor_cutoff')} must be one "

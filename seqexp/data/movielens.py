@@ -57,7 +57,6 @@ LAYOUTS: dict[str, Layout] = {
         header="userId,movieId,rating,timestamp",
     ),
 }
-FORMAT = LAYOUTS["ratings_dat"].description
 
 
 def read_movielens(path: Path, layout: str = "ratings_dat") -> Interactions:

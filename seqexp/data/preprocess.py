@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -14,7 +15,6 @@ from seqexp.data.sequences import SequenceData
 log = logging.getLogger(__name__)
 
 TRAIN, VAL, TEST = 0, 1, 2
-SPLITS = ("user_tail", "global_time")
 # Bumped whenever the output of build_sequences changes, so stale caches are not reused.
 PREPROCESS_VERSION = 2  # 2: raw user and item ids kept
 
@@ -92,6 +92,20 @@ def global_time_split(
     return phase
 
 
+@dataclass
+class _Events:
+    """The events being prepared, in (user, timestamp) order: parallel arrays."""
+
+    user: np.ndarray
+    item: np.ndarray
+    ts: np.ndarray
+    phase: np.ndarray | None = None
+
+    def subset(self, keep: np.ndarray) -> _Events:
+        return _Events(self.user[keep], self.item[keep], self.ts[keep],
+                       None if self.phase is None else self.phase[keep])
+
+
 def build_sequences(
     raw: Interactions,
     split: Mapping,
@@ -103,26 +117,53 @@ def build_sequences(
     split_name = split.get("name")
     if len(raw) == 0:
         raise SeqexpError(f"{raw.source}: no interactions to work with")
-    order = order_events(raw.user, raw.timestamp)
-    user, item, ts = raw.user[order], raw.item[order], raw.timestamp[order]
-    del order
     stats: dict[str, int] = {"raw_events": len(raw), "raw_malformed_lines": raw.skipped_lines}
-
-    if drop_repeats:
-        repeat = np.zeros(len(user), dtype=bool)
-        repeat[1:] = (user[1:] == user[:-1]) & (item[1:] == item[:-1])
-        user, item, ts = user[~repeat], item[~repeat], ts[~repeat]
-        stats["repeats_dropped"] = int(repeat.sum())
-
+    events = _ordered(raw, drop_repeats, stats)
     if split_name == "user_tail":
         test_frac, val_frac = _fraction(split, "test_frac"), _fraction(split, "val_frac", False)
-        phase = user_tail_split(_run_starts(user)[1], test_frac, val_frac)
+        events.phase = user_tail_split(_run_starts(events.user)[1], test_frac, val_frac)
     else:
-        phase = global_time_split(
-            ts, _fraction(split, "test_quantile"), _fraction(split, "val_quantile")
+        events.phase = global_time_split(
+            events.ts, _fraction(split, "test_quantile"), _fraction(split, "val_quantile")
         )
+    events, vocabulary = _filtered(events, min_item_support, stats)
+    if len(events.user) == 0 or not (events.phase == TRAIN).any():
+        raise SeqexpError(
+            f"{raw.source}: no training events left after filtering (dataset.min_item_support="
+            f"{min_item_support}, split={split_name}); lower the filter or check the file"
+        )
+    data = _grouped(events, vocabulary, raw, stats)
+    if stats["test_events"] == 0:
+        knob = ("raise split.test_frac" if split_name == "user_tail"
+                else "lower split.test_quantile")
+        raise SeqexpError(f"{raw.source}: the {split_name} split leaves no test events; "
+                          f"{knob} or use a larger file")
+    log.info("%s: %d users, %d items, %d/%d/%d train/val/test events (%d test events of unseen "
+             "items dropped)", name, data.n_users, data.n_items, stats["train_events"],
+             stats["val_events"], stats["test_events"], stats["test_oov_dropped"])
+    return data
 
-    # The vocabulary is what training events keep after the support filter.
+
+def _ordered(raw: Interactions, drop_repeats: bool, stats: dict[str, int]) -> _Events:
+    """The events in (user, timestamp) order, immediate repeats dropped if asked."""
+    order = order_events(raw.user, raw.timestamp)
+    events = _Events(raw.user[order], raw.item[order], raw.timestamp[order])
+    del order
+    if drop_repeats:
+        user, item = events.user, events.item
+        repeat = np.zeros(len(user), dtype=bool)
+        repeat[1:] = (user[1:] == user[:-1]) & (item[1:] == item[:-1])
+        events = events.subset(~repeat)
+        stats["repeats_dropped"] = int(repeat.sum())
+    return events
+
+
+def _filtered(events: _Events, min_item_support: int, stats: dict[str, int]
+              ) -> tuple[_Events, np.ndarray]:
+    """(the events of known items and warm users, the vocabulary): the vocabulary is what
+    training events keep after the support filter; users without a training event cannot be
+    warm-started or embedded, so their events are dropped and counted."""
+    item, phase = events.item, events.phase
     is_train = phase == TRAIN
     support = np.bincount(item[is_train], minlength=int(item.max()) + 1)
     known = support[item] >= max(1, int(min_item_support))
@@ -130,26 +171,24 @@ def build_sequences(
     stats["val_oov_dropped"] = int(((phase == VAL) & ~known).sum())
     stats["test_oov_dropped"] = int(((phase == TEST) & ~known).sum())
     if not known.all():
-        user, item, ts, phase = user[known], item[known], ts[known], phase[known]
+        events = events.subset(known)
     del is_train, known
-
-    # Users without a training event cannot be warm-started or embedded: drop and count.
+    user = events.user
     has_train = np.zeros(int(user.max()) + 1 if len(user) else 0, dtype=bool)
-    has_train[user[phase == TRAIN]] = True
+    has_train[user[events.phase == TRAIN]] = True
     cold = ~has_train[user]
     stats["cold_user_events_dropped"] = int(cold.sum())
     if cold.any():
-        user, item, ts, phase = user[~cold], item[~cold], ts[~cold], phase[~cold]
-    del cold
-    if len(user) == 0 or not (phase == TRAIN).any():
-        raise SeqexpError(
-            f"{raw.source}: no training events left after filtering (dataset.min_item_support="
-            f"{min_item_support}, split={split_name}); lower the filter or check the file"
-        )
-
+        events = events.subset(~cold)
     # The training items left are exactly those whose support passed the filter (dropping cold
     # users removed no training event), so the support count gives the vocabulary.
-    vocabulary = np.flatnonzero(support >= max(1, int(min_item_support)))
+    return events, np.flatnonzero(support >= max(1, int(min_item_support)))
+
+
+def _grouped(events: _Events, vocabulary: np.ndarray, raw: Interactions,
+             stats: dict[str, int]) -> SequenceData:
+    """The events encoded (items by vocabulary position) and grouped by user."""
+    user, item, ts, phase = events.user, events.item, events.ts, events.phase
     item_code = np.full(int(item.max()) + 1, -1, dtype=np.int32)
     item_code[vocabulary] = np.arange(len(vocabulary))
     starts, lengths = _run_starts(user)
@@ -157,7 +196,7 @@ def build_sequences(
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     data = SequenceData(
         items=item_code[item],
-        timestamps=ts.astype(np.int64, copy=False),  # ts is this function's own copy
+        timestamps=ts.astype(np.int64, copy=False),  # ts is build_sequences' own copy
         offsets=offsets,
         train_end=offsets[:-1] + n_phase[0],
         val_end=offsets[:-1] + n_phase[0] + n_phase[1],
@@ -173,14 +212,6 @@ def build_sequences(
         test_events=int((phase == TEST).sum()),
     )
     data.stats = stats
-    if stats["test_events"] == 0:
-        knob = ("raise split.test_frac" if split_name == "user_tail"
-                else "lower split.test_quantile")
-        raise SeqexpError(f"{raw.source}: the {split_name} split leaves no test events; "
-                          f"{knob} or use a larger file")
-    log.info("%s: %d users, %d items, %d/%d/%d train/val/test events (%d test events of unseen "
-             "items dropped)", name, data.n_users, data.n_items, stats["train_events"],
-             stats["val_events"], stats["test_events"], stats["test_oov_dropped"])
     return data
 
 

@@ -16,7 +16,7 @@ import pyarrow.csv as pacsv
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
 
 
-class skipped_row_counter:  # noqa: N801 - used like a function by pyarrow
+class skipped_row_counter:  # lower case: used like a function by pyarrow
     """A pyarrow `invalid_row_handler` that skips malformed rows and remembers how many."""
 
     def __init__(self) -> None:

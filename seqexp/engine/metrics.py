@@ -12,6 +12,7 @@ import numpy as np
 
 from seqexp.core.errors import SeqexpError
 from seqexp.core.history import history_quartiles
+from seqexp.core.rank_metrics import discounted_gains, hits, reciprocal_ranks
 
 
 @dataclass
@@ -46,11 +47,9 @@ class RankCounts:
         g, e = self.greater.astype(np.float64), self.equal.astype(np.float64)
         for k in cutoffs:
             for suffix, rank in (("", pess), ("_optimistic", opt)):
-                hit = rank <= k
-                out[f"recall_at_{k}{suffix}"] = float(hit.mean())
-                out[f"mrr_at_{k}{suffix}"] = float(np.where(hit, 1.0 / rank, 0.0).sum() / n)
-                gain = np.where(hit, 1.0 / np.log2(1.0 + np.minimum(rank, k)), 0.0)
-                out[f"ndcg_at_{k}{suffix}"] = float(gain.sum() / n)
+                out[f"recall_at_{k}{suffix}"] = float(hits(rank, k).mean())
+                out[f"mrr_at_{k}{suffix}"] = float(reciprocal_ranks(rank, k).sum() / n)
+                out[f"ndcg_at_{k}{suffix}"] = float(discounted_gains(rank, k).sum() / n)
             # rank uniform on g+1 .. g+e+1: P(rank <= k), E[1/rank; rank <= k] and
             # E[1/log2(1 + rank); rank <= k] from cumulative sums over ranks 1..k
             recall = np.clip((k - g) / (e + 1.0), 0.0, 1.0)

@@ -17,7 +17,6 @@ stopped."""
 from __future__ import annotations
 
 import copy
-import itertools
 import logging
 import math
 import random
@@ -599,15 +598,14 @@ class Trainer:
                            resume_from: Mapping[str, Any]) -> Iterator[Any]:
         """The epoch's batch generator past the batches the partial epoch trained on: they are
         drawn again from the same random state (so the rest follow as they would have), then
-        the carried state (into the next batch) and torch's random state at the stop are put
-        back."""
+        the state carried after the last of them (which travels with the epoch's batches) and
+        torch's random state at the stop are put back."""
+        last_kept = None
         for _ in range(resume_from["batches"]):
-            next(batches, None)
-        following = list(itertools.islice(batches, 1))
-        model.load_training_state(resume_from["model_training_state"],
-                                  following[0] if following else None)
+            last_kept = next(batches, None)
+        model.load_training_state(resume_from["model_training_state"], last_kept)
         torch.set_rng_state(resume_from["torch"])
-        return itertools.chain(following, batches)
+        return batches
 
     def _validate(self, model: Recommender, data: SequenceData,
                   epoch: int) -> tuple[dict[str, float], float]:

@@ -12,23 +12,39 @@ A model whose scores are a vector shared by every prediction point plus a few en
 (popularity, item-kNN) says so through `shared_scores` and `sparse_scores`; the evaluator then
 ranks from the shared vector sorted once and those entries instead of dense score rows
 (seqexp.engine.ranks, docs/evaluation.md). Its `score_items` must give the same scores.
+
+A model carries no state from call to call: what training carries from one batch to the next
+(a recurrent state per lane) travels with the epoch's batches (seqexp/data/batching.py,
+`LaneStates`), and `training_state`/`load_training_state` read and put it back through a batch.
+Its config keys are the class attribute `config_keys`; a model is registered by its class
+(seqexp/run/registry.py) and named by its file conf/model/<name>.yaml. docs/adding-a-model.md
+shows a complete model; tests/test_conformance.py checks the contract for every registered one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
+from seqexp.core.schema import Key
 from seqexp.data.batching import PredictionBatch
 from seqexp.data.sequences import SequenceData
+
+# What prediction_states returns: one row per prediction point (see there).
+PredictionState = torch.Tensor | int | tuple[torch.Tensor, ...]
 
 
 class Recommender(nn.Module):
     """Base class: an nn.Module so that devices, train/eval modes and checkpoints are uniform."""
+
+    # {constructor argument: its Key (rule, one-line doc, affects-results mark)}: the config
+    # schema's table of model.* for this class (seqexp/core/schema.py), beside the common
+    # name, _target_ and _partial_. The constructor receives checked values.
+    config_keys: ClassVar[Mapping[str, Key]] = {}
 
     def __init__(self, n_items: int, n_users: int) -> None:
         super().__init__()
@@ -37,6 +53,7 @@ class Recommender(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The device of the parameters (else buffers, else the CPU): where batches go."""
         for tensor in self.parameters():
             return tensor.device
         for tensor in self.buffers():
@@ -56,35 +73,47 @@ class Recommender(nn.Module):
 
     def training_state(self, batch: Any = None) -> dict[str, torch.Tensor]:
         """State carried from batch to batch of an epoch besides the parameters and buffers
-        (a recurrent model's hidden states), as it stands after training on `batch`: saved in
-        the resumable training state."""
+        (a recurrent model's hidden states, which travel with the batches), as it stands after
+        training on `batch` (None: between epochs, where nothing is carried): saved in the
+        resumable training state of an epoch stopped after `batch`. Default: nothing."""
         return {}
 
     def load_training_state(self, state: dict[str, torch.Tensor], batch: Any = None) -> None:
-        """Put back what training_state() returned, before training on `batch` (the first
-        batch after those the saved state had trained on)."""
+        """Put back what training_state(batch) returned, into the carry that `batch` (the
+        last batch the saved state had trained on, drawn again from the same random state)
+        shares with the epoch's later batches. Default: nothing."""
 
     def fit(self, train: SequenceData,
             stop_requested: Callable[[], str | None] = lambda: None) -> None:
-        """Closed-form fitting on the training events (train.train_mask()); default: nothing.
-        A fit that takes long asks `stop_requested` between its steps and, when it names a
-        signal, raises seqexp.core.stopping.FitStopped."""
+        """Closed-form fitting on the training events (each user's events before
+        `train.train_end`), once before any epoch; default: nothing. A fit that takes long asks
+        `stop_requested` between its steps and, when it names a signal, raises
+        seqexp.core.stopping.FitStopped."""
 
     def training_batches(
         self, train: SequenceData, batch_size: int, rng: np.random.Generator
     ) -> Iterator[Any]:
-        """One epoch of mini-batches; each has an `n_events` attribute (for events/s)."""
+        """One epoch of mini-batches (drawn with `rng` only, so that an epoch's batches can be
+        drawn again on resume); each has an `n_events` attribute (for events/s)."""
         raise NotImplementedError(f"{type(self).__name__} has no trainable parameters")
 
     def training_loss(self, batch: Any) -> torch.Tensor:
         """Mean loss of one mini-batch (called in train mode, with gradients)."""
         raise NotImplementedError(f"{type(self).__name__} has no trainable parameters")
 
-    def prediction_states(self, batch: PredictionBatch) -> Any:
+    def prediction_states(self, batch: PredictionBatch) -> PredictionState:
+        """A summary of each prediction point's context, read only from the events before it
+        (the context of the target at (target_rows[p], target_cols[p]) is
+        items[target_rows[p], :target_cols[p]]): a tensor whose first dimension is the P
+        points, a tuple of such tensors, or the int P for a state all points share. The
+        evaluator slices it along that first dimension (one row per point) and hands the
+        slices to score_items."""
         raise NotImplementedError
 
-    def score_items(self, state: Any, lo: int, hi: int) -> torch.Tensor:
-        """Scores [P, hi - lo] of items lo..hi-1 for the P prediction points of `state`."""
+    def score_items(self, state: PredictionState, lo: int, hi: int) -> torch.Tensor:
+        """Scores [P, hi - lo] of items lo..hi-1 for the P prediction points of `state`, in
+        evaluation mode and without gradients; the same for any split of the catalogue into
+        chunks (the evaluator scores large catalogues chunk by chunk). Higher is better."""
         raise NotImplementedError
 
     def shared_scores(self) -> torch.Tensor | None:

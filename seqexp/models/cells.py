@@ -6,7 +6,7 @@ by item-only cells) and optionally carry_mask [B, T] of 0/1 that restarts the st
 after a step (the end of a session, model.session_gap_s); it returns the outputs [B, T, n] and
 the last state [B, n]. Every term that
 does not depend on h is computed for all T steps in one matrix product before the step loop,
-which does only the h-dependent work. Equations: SPEC §4 (Donkers et al., RecSys 2017).
+which does only the h-dependent work. Equations: docs/models.md (Donkers et al., RecSys 2017).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def uninitialised_linear(in_features: int, out_features: int, bias: bool = True)
 
 
 class UserGRUCell(nn.Module):
-    """The step loop shared by every SPEC §4 cell.
+    """The step loop shared by every cell of docs/models.md.
 
     A cell states its equations in two parts: `input_terms` computes, for all T steps at once,
     every term that does not depend on h (one product over the window) and the per-window
@@ -247,7 +247,7 @@ class AttentionalUserGRUCell(UserGRUCell):
 class CudnnGRU(nn.Module):
     """`cudnn_gru`: PyTorch's fused GRU (cuDNN on CUDA). It applies the reset gate after the
     recurrent product, k = tanh(W x + r ⊙ (U h + b)), the form GRU4Rec and most libraries use;
-    faster on a GPU but not the SPEC's equation, hence a separate name."""
+    faster on a GPU but not docs/models.md's equation, hence a separate name."""
 
     uses_user = False
     takes_carry_mask = False  # the fused kernel runs a whole window from one state

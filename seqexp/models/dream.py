@@ -21,13 +21,14 @@ of h_0 = 0.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seqexp.core.schema import Key, choice, integer, number
 from seqexp.data.baskets import (
     Baskets,
     basket_starts,
@@ -36,7 +37,7 @@ from seqexp.data.baskets import (
     sample_outside,
     split_baskets,
 )
-from seqexp.data.batching import PredictionBatch
+from seqexp.data.batching import LaneStates, PredictionBatch
 from seqexp.data.sequences import SequenceData
 from seqexp.models.base import Recommender
 
@@ -79,9 +80,24 @@ class BasketBatch:
     lanes: torch.Tensor  # [R] the lane of each row, whose carried state a later window enters with
     fresh: torch.Tensor  # [R] bool: the row starts its user's history (enters with h_0)
     last_steps: torch.Tensor  # [R] step of each row's last basket (its state is carried on)
+    # the states each lane carries from window to window, shared by the batches of one epoch
+    # (None: a batch made on its own, every row enters with h_0 or its lane's zero state)
+    carry: LaneStates | None = None
 
 
 class DREAM(Recommender):
+    config_keys = {
+        "hidden_size": Key(integer(1), "size of the item vectors and the hidden state"),
+        "pooling": Key(choice(*POOLINGS), "pooling of a basket's item vectors"),
+        "cell": Key(choice(*CELLS), "the recurrence"),
+        "basket_gap_s": Key(number(0.0), "a gap above this many seconds starts a new basket"),
+        "max_baskets": Key(integer(2, nullable=True), "baskets per training row (null = whole "
+                           "histories)"),
+        "init_std": Key(number(0.0, low_open=True), "std of the item vectors' initialisation"),
+        "l2": Key(number(0.0), "L2 penalty (λ/2)·(‖X‖² + ‖R‖² + ‖N‖²) added to each batch's "
+                  "BPR loss, on DREAM's own parameters"),
+    }
+
     def __init__(
         self,
         n_items: int,
@@ -113,9 +129,6 @@ class DREAM(Recommender):
         with torch.no_grad():
             self.recurrent.weight_ih_l0.div_(init_std)
         self.initial = nn.Parameter(torch.zeros(hidden_size))  # h_0 before the squashing
-        # Per training lane, the recurrent module's hidden state (g for cell=rnn) at the end of
-        # the lane's last window, detached: a user's next window starts from it.
-        self._carry: torch.Tensor | None = None
 
     @property
     def item_matrix(self) -> torch.Tensor:
@@ -183,12 +196,14 @@ class DREAM(Recommender):
         return torch.cat([states, initial])
 
     def training_state(self, batch: BasketBatch | None = None) -> dict[str, torch.Tensor]:
-        return {} if self._carry is None else {"carry": self._carry}
+        if batch is None or batch.carry is None:
+            return {}
+        return {"carry": batch.carry.states.clone()}
 
     def load_training_state(self, state: dict[str, torch.Tensor],
                             batch: BasketBatch | None = None) -> None:
-        if "carry" in state:
-            self._carry = state["carry"].to(self.device)
+        if batch is not None and batch.carry is not None and "carry" in state:
+            batch.carry.states.copy_(state["carry"])
 
     def training_batches(
         self, train: SequenceData, batch_size: int, rng: np.random.Generator
@@ -209,7 +224,9 @@ class DREAM(Recommender):
             return
         window = int(counts.max()) if self.max_baskets is None else self.max_baskets
         n_lanes = min(batch_size, len(users))
-        self._carry = self.initial.detach().new_zeros(n_lanes, self.hidden_size)
+        # Per lane, the recurrent module's hidden state (g for cell=rnn) at the end of the
+        # lane's last window, detached: a user's next window starts from it.
+        carry = LaneStates(self.initial.detach().new_zeros(n_lanes, self.hidden_size))
         lane_user = users[:n_lanes].copy()
         lane_next = baskets.user_offsets[lane_user]  # the next basket of each lane
         lane_stop = baskets.user_offsets[lane_user + 1]
@@ -222,8 +239,8 @@ class DREAM(Recommender):
                 return
             first = lane_next[lanes]
             stop = np.minimum(lane_stop[lanes], first + window)
-            yield self._basket_batch(train, baskets, lanes, lane_user[lanes], first, stop,
-                                     fresh[lanes].copy(), rng)
+            yield replace(self._basket_batch(train, baskets, lanes, lane_user[lanes], first,
+                                             stop, fresh[lanes].copy(), rng), carry=carry)
             fresh[lanes] = False
             lane_next[lanes] = stop
             done = lanes[stop >= lane_stop[lanes]]
@@ -275,10 +292,11 @@ class DREAM(Recommender):
         device = self.device
         fresh = batch.fresh.to(device)
         initial = torch.tanh(self.initial).expand(len(fresh), -1)
-        if self._carry is None:  # a batch made before training_batches ran: nothing carried
+        if batch.carry is None:  # a batch made on its own: nothing carried
             entering = initial
         else:
-            entering = torch.where(fresh[:, None], initial, self._carry[batch.lanes.to(device)])
+            carried = batch.carry.states[batch.lanes.to(device)]
+            entering = torch.where(fresh[:, None], initial, carried)
         return entering, self._recurrence(batch.sequences.to(device), entering)
 
     def window_states(self, batch: BasketBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -294,9 +312,9 @@ class DREAM(Recommender):
         entering, states = self._window_recurrence(batch)
         rows = torch.arange(len(entering), device=device)
         ends = states[rows, batch.last_steps.to(device)]
-        if self._carry is not None:
+        if batch.carry is not None:
             # in the carry's dtype: under train.amp the recurrence may run in bfloat16
-            self._carry[batch.lanes.to(device)] = ends.detach().to(self._carry.dtype)
+            batch.carry.leave(batch.lanes.to(device), ends.to(batch.carry.states.dtype))
         every_state = torch.cat([self._to_state(states).reshape(-1, self.hidden_size),
                                  self._to_state(entering)])
         h = every_state[batch.pair_states.to(device)]

@@ -6,7 +6,7 @@ both: with a transition window of w last items,
 
     score(u, i) = p_u . q_i  +  mean_{j in last w items} l_j . q'_i  (+ b_i)
 
-which is `mf` for w = 0 (score = p_u . q_i + b_i) and the SPEC's `seqmf` for w = 2 (the mean is
+which is `mf` for w = 0 (score = p_u . q_i + b_i) and `seqmf` for w = 2 (the mean is
 the 1/2 sum). A prediction point with fewer than w earlier events averages over the items it
 has: with a single earlier event the transition term is l_{i1} . q'_i. This is FPMC's 1/|B|
 normalisation (the mean over the previous basket), so the transition term has the same scale
@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqexp.core.errors import SeqexpError
+from seqexp.core.schema import Key, flag, integer, number
 from seqexp.data.batching import PredictionBatch
 from seqexp.data.sequences import SequenceData
 from seqexp.models.base import Recommender
@@ -223,8 +224,19 @@ def seen_block(items: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, lo: 
     return first[rows] < cols[:, None]
 
 
+FACTORISATION_KEYS = {
+    "factors": Key(integer(1), "latent factors"),
+    "item_bias": Key(flag(), "a learned bias per item"),
+    "init_std": Key(number(0.0, low_open=True), "std of the normal initialisation"),
+    "l2": Key(number(0.0), "BPR's L2 penalty per sample"),
+    "seen_bias": Key(flag(), "a learned offset for items in the user's history"),
+}
+
+
 class MF(BPRFactorisation):
     """BPR matrix factorisation: score = p_u . q_i + b_i."""
+
+    config_keys = FACTORISATION_KEYS
 
     def __init__(self, n_items: int, n_users: int, factors: int = 20, item_bias: bool = True,
                  init_std: float = 0.1, l2: float = 0.01, seen_bias: bool = False) -> None:
@@ -234,6 +246,9 @@ class MF(BPRFactorisation):
 
 class SeqMF(BPRFactorisation):
     """FPMC-style: score = p_u . q_i + mean_{j in last `window` items} l_j . q'_i."""
+
+    config_keys = FACTORISATION_KEYS | {
+        "window": Key(integer(1), "last items whose transitions are averaged")}
 
     def __init__(self, n_items: int, n_users: int, factors: int = 20, window: int = 2,
                  item_bias: bool = False, init_std: float = 0.1, l2: float = 0.01,

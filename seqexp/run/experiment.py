@@ -5,7 +5,8 @@ from __future__ import annotations
 import inspect
 import logging
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from seqexp.run.artifacts import checkpoint_contents, write_id_maps, write_ranks
 from seqexp.run.datasets import split_datasets
 from seqexp.run.mlflow_model import link_to_model, log_model
 from seqexp.run.naming import run_name
-from seqexp.run.options import check_config
+from seqexp.run.options import check_config, results_free_keys
 from seqexp.run.resume import (
     CLUSTER_JOB_TAG,
     OUTPUTS_TAG,
@@ -51,7 +52,7 @@ from seqexp.run.resume import (
     data_differences,
     find_run,
 )
-from seqexp.run.tags import ERROR_TAG
+from seqexp.run.tags import ERROR_TAG, RESULTS_FREE_TAG
 from seqexp.run.tracking import (
     Tracker,
     close_abandoned_runs,
@@ -169,10 +170,6 @@ def validate(cfg: DictConfig) -> None:
         reason = message_line(exc)
         raise SeqexpError(f"{key}: cannot resolve ({reason})") from None
     check_config(resolved)
-    mlflow = resolved.get("mlflow", {})
-    if mlflow.get("register_model") is not None and not mlflow.get("log_model", True):
-        raise SeqexpError(f"mlflow.register_model={mlflow['register_model']} needs the run's "
-                          f"MLflow Model: drop mlflow.log_model=false")
 
 
 def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
@@ -205,7 +202,6 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
         state = _saved_state(resumed, output_dir)  # refused here, the run is left as it was
         for leftover in remove_temporaries(output_dir):  # a write the kill cut short
             log.info("removed %s, left by the killed process", leftover)
-    model_name, dataset_name = str(cfg.model.get("name")), str(cfg.dataset.get("name"))
     run_tags = {"device": str(device), **environment_tags(str(device))}
     if resumed is not None:
         run_id = tracker.resume(resumed.run_id, {
@@ -213,95 +209,56 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
             **process_tags()})  # this process runs it now
         log.info("continuing run %s in %s", run_id, output_dir)
     else:
-        name = cfg.mlflow.run_name or run_name(model_name, dataset_name, overrides)
-        run_id = _start_in_own_folder(tracker, output_dir, name, {
-            "model": model_name, "dataset": dataset_name, "split": str(cfg.split.name),
-            "seed": str(cfg.seed), **git_tags(), **run_tags, **process_tags(),
-            OUTPUTS_TAG: str(Path(output_dir).resolve()),
-            **({CLUSTER_JOB_TAG: job_key} if job_key else {}), **(tags or {}),
-        })
-    status, error = "FAILED", None
+        run_id = _start_run(tracker, cfg, params, output_dir, overrides,
+                            {**run_tags, **({CLUSTER_JOB_TAG: job_key} if job_key else {}),
+                             **(tags or {})})
     checkpoint = output_dir / "checkpoints" / "best.pt"
-    try:
+    with tracked_run(tracker, output_dir, resumed is not None,
+                     checkpoint if cfg.mlflow.log_checkpoint else None):
         if cfg.mlflow.get("system_metrics", False):
             tracker.monitor_system(resumed=resumed is not None)
         if resumed is None:
-            tracker.log_params(params)
-            tracker.log_datasets(split_datasets(cfg.dataset, cfg.split, Path(cfg.paths.raw_dir),
-                                                data))
-            tracker.log_params({f"data.{k}": v for k, v in data.stats.items()})
-            tracker.log_metrics({"test_oov_dropped": data.stats.get("test_oov_dropped", 0)})
-            # The configuration goes in first, so that a failed or killed run still shows it.
-            write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-            tracker.log_artifact(output_dir / "config.yaml")
-            if hydra_dir is not None:
-                tracker.log_artifact(hydra_dir, ".hydra")
-        # Stop signals end the run KILLED at any moment from here on: within a training or
-        # evaluation batch, and between the steps that log the results.
-        with StopSignals() as stop_signals:
-            epochs_done = 0
-
-            def stop_if_asked() -> None:
-                if stop_signals() is not None:
-                    raise TrainingStopped(str(stop_signals()), epochs_done, 0)
-
-            try:
-                trainer = build_trainer(cfg, evaluator, checkpoint, state,
-                                        checkpoint_contents=checkpoint_contents(cfg, data),
-                                        stop_requested=stop_signals)
-                result = trainer.fit(model, data, tracker.log_metrics)
-                epochs_done = result.epochs_run
-                summary = {"epochs_run": result.epochs_run}
-                if result.best_score is not None:
-                    summary |= {"best_epoch": result.best_epoch,
-                                f"best_val_mrr_at_{cfg.eval.monitor_cutoff}": result.best_score}
-                if result.interrupted:
-                    status = "KILLED"
-                    raise KeyboardInterrupt
-                counts = evaluator.rank_counts(model, data, "test", stop_signals)
-                test = {f"test_{k}": v for k, v in evaluator.full_metrics(counts, data).items()}
-                if cfg.eval.get("basket_gap_s") is not None:
-                    baskets = evaluator.next_basket_metrics(
-                        model, data, "test", cfg.eval.basket_gap_s, cfg.eval.basket_k)
-                    test |= {f"test_{k}": v for k, v in baskets.items()}
-                stop_if_asked()
-                tracker.log_metrics(test | summary)
-                metrics = test | summary
-                log.info("test: %s", ", ".join(f"{k}={v:.5f}" for k, v in test.items()
-                                              if k in headline_metrics(cfg)))
-                log_ranks(tracker, counts, data, cfg, output_dir)
-                stop_if_asked()
-                write_json(output_dir / "metrics.json", metrics | {"data": data.stats})
-                tracker.log_artifact(output_dir / "metrics.json")
-                logs_model = cfg.mlflow.get("log_model", True) and checkpoint.is_file()
-                if cfg.mlflow.log_checkpoint and not logs_model:  # else the model holds it
-                    tracker.log_artifact(checkpoint, "checkpoints")
-                stop_if_asked()
-                if logs_model:
-                    model_uri = log_model(tracker, checkpoint, example_user(data),
-                                          cfg.mlflow.get("register_model"))
-                    link_to_model(tracker, model_uri, checkpoint)
-                stop_if_asked()
-                if not cfg.train.get("keep_last", False):  # only an unfinished run resumes
-                    state.path.unlink(missing_ok=True)
-            except EvaluationStopped as stopped:  # the test evaluation, cut short
-                raise _stopped(TrainingStopped(stopped.signal_name, epochs_done, 0), run_id,
-                               stop_signals) from None
-            except TrainingStopped as stopped:
-                raise _stopped(stopped, run_id, stop_signals) from None
-        status = "FINISHED"
-        return RunResult(run_id, tracker.experiment_id, tracker.experiment, result.best_score,
+            log_inputs(tracker, cfg, data, params, output_dir, hydra_dir)
+        run = RunParts(cfg, model, data, evaluator, tracker, output_dir, checkpoint)
+        best_score, metrics = train_and_test(run, state)
+        return RunResult(run_id, tracker.experiment_id, tracker.experiment, best_score,
                          metrics, output_dir)
+
+
+def _start_run(tracker: Tracker, cfg: DictConfig, params: Mapping[str, Any], output_dir: Path,
+               overrides: Sequence[str], tags: Mapping[str, str]) -> str:
+    """A new MLflow run: its name (mlflow.run_name, else from the model, the dataset and the
+    overrides that change results) and its tags."""
+    model_name, dataset_name = str(cfg.model.get("name")), str(cfg.dataset.get("name"))
+    name = cfg.mlflow.run_name or run_name(model_name, dataset_name, overrides)
+    return _start_in_own_folder(tracker, output_dir, name, {
+        "model": model_name, "dataset": dataset_name, "split": str(cfg.split.name),
+        "seed": str(cfg.seed), **git_tags(), **tags, **process_tags(),
+        OUTPUTS_TAG: str(Path(output_dir).resolve()),
+        RESULTS_FREE_TAG: ",".join(results_free_keys(params)),
+    })
+
+
+@contextmanager
+def tracked_run(tracker: Tracker, output_dir: Path, resumed: bool,
+                checkpoint_on_kill: Path | None) -> Iterator[None]:
+    """The run's status bookkeeping: FINISHED when the block ends, KILLED on an interrupt or
+    a stop signal (with `checkpoint_on_kill` logged), FAILED otherwise, with its error in the
+    tag `error` and a disk-full or unwritable file said in one line."""
+    status, error = "FAILED", None
+    try:
+        yield
+        status = "FINISHED"
     except (KeyboardInterrupt, TrainingStopped):
         status = "KILLED"
-        if cfg.mlflow.log_checkpoint:
-            tracker.log_artifact(checkpoint, "checkpoints")
+        if checkpoint_on_kill is not None:
+            tracker.log_artifact(checkpoint_on_kill, "checkpoints")
         raise
     except OSError as exc:
         if exc.errno not in UNWRITABLE_ERRNOS:
             error = exc
             raise
-        error = _unwritable(exc, output_dir, resumed is not None)
+        error = _unwritable(exc, output_dir, resumed)
         raise error from None
     except Exception as exc:
         error = tracker.failure(exc)
@@ -325,6 +282,100 @@ def _start_in_own_folder(tracker: Tracker, output_dir: Path, name: str,
         raise
     run_folder.record_owner(output_dir, run_id)
     return run_id
+
+
+def log_inputs(tracker: Tracker, cfg: DictConfig, data: SequenceData,
+               params: Mapping[str, Any], output_dir: Path, hydra_dir: Path | None) -> None:
+    """What a new run starts from: params, dataset inputs and statistics, the configuration
+    (first, so that a failed or killed run still shows it) and Hydra's folder."""
+    tracker.log_params(params)
+    tracker.log_datasets(split_datasets(cfg.dataset, cfg.split, Path(cfg.paths.raw_dir), data))
+    tracker.log_params({f"data.{k}": v for k, v in data.stats.items()})
+    tracker.log_metrics({"test_oov_dropped": data.stats.get("test_oov_dropped", 0)})
+    write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    tracker.log_artifact(output_dir / "config.yaml")
+    if hydra_dir is not None:
+        tracker.log_artifact(hydra_dir, ".hydra")
+
+
+@dataclass
+class RunParts:
+    """What a run's training and test need, built by run_experiment."""
+
+    cfg: DictConfig
+    model: Recommender
+    data: SequenceData
+    evaluator: Evaluator
+    tracker: Tracker
+    output_dir: Path
+    checkpoint: Path
+
+
+def train_and_test(run: RunParts, state: ResumableState) -> tuple[float | None, dict]:
+    """(best validation score, logged metrics) of training, then testing and logging the
+    results. Stop signals end the run KILLED at any moment from here on: within a training or
+    evaluation batch, and between the steps that log the results."""
+    cfg, tracker = run.cfg, run.tracker
+    with StopSignals() as stop_signals:
+        epochs_done = 0
+        try:
+            trainer = build_trainer(cfg, run.evaluator, run.checkpoint, state,
+                                    checkpoint_contents=checkpoint_contents(cfg, run.data),
+                                    stop_requested=stop_signals)
+            result = trainer.fit(run.model, run.data, tracker.log_metrics)
+            epochs_done = result.epochs_run
+            if result.interrupted:
+                raise KeyboardInterrupt
+            summary = {"epochs_run": result.epochs_run}
+            if result.best_score is not None:
+                summary |= {"best_epoch": result.best_epoch,
+                            f"best_val_mrr_at_{cfg.eval.monitor_cutoff}": result.best_score}
+
+            def stop_if_asked() -> None:
+                if stop_signals() is not None:
+                    raise TrainingStopped(str(stop_signals()), epochs_done, 0)
+
+            metrics = test_and_log(run, summary, stop_signals, stop_if_asked)
+        except EvaluationStopped as stopped:  # the test evaluation, cut short
+            raise _stopped(TrainingStopped(stopped.signal_name, epochs_done, 0),
+                           tracker.run_id, stop_signals) from None
+        except TrainingStopped as stopped:
+            raise _stopped(stopped, tracker.run_id, stop_signals) from None
+    return result.best_score, metrics
+
+
+def test_and_log(run: RunParts, summary: Mapping[str, Any], stop_signals: StopSignals,
+                 stop_if_asked: Callable[[], None]) -> dict:
+    """The test metrics (and next-basket ones), logged with `summary`, then the ranks,
+    metrics.json, the checkpoint and the MLflow Model, checking for a stop between steps."""
+    cfg, model, data, evaluator, tracker = run.cfg, run.model, run.data, run.evaluator, run.tracker
+    counts = evaluator.rank_counts(model, data, "test", stop_signals)
+    test = {f"test_{k}": v for k, v in evaluator.full_metrics(counts, data).items()}
+    if cfg.eval.get("basket_gap_s") is not None:
+        baskets = evaluator.next_basket_metrics(
+            model, data, "test", cfg.eval.basket_gap_s, cfg.eval.basket_k)
+        test |= {f"test_{k}": v for k, v in baskets.items()}
+    stop_if_asked()
+    metrics = test | dict(summary)
+    tracker.log_metrics(metrics)
+    log.info("test: %s", ", ".join(f"{k}={v:.5f}" for k, v in test.items()
+                                  if k in headline_metrics(cfg)))
+    log_ranks(tracker, counts, data, cfg, run.output_dir)
+    stop_if_asked()
+    write_json(run.output_dir / "metrics.json", metrics | {"data": data.stats})
+    tracker.log_artifact(run.output_dir / "metrics.json")
+    logs_model = cfg.mlflow.get("log_model", True) and run.checkpoint.is_file()
+    if cfg.mlflow.log_checkpoint and not logs_model:  # else the model holds it
+        tracker.log_artifact(run.checkpoint, "checkpoints")
+    stop_if_asked()
+    if logs_model:
+        model_uri = log_model(tracker, run.checkpoint, example_user(data),
+                              cfg.mlflow.get("register_model"))
+        link_to_model(tracker, model_uri, run.checkpoint)  # the best weights stored once
+    stop_if_asked()
+    if not cfg.train.get("keep_last", False):  # only an unfinished run resumes from it
+        run.checkpoint.with_name("last.pt").unlink(missing_ok=True)
+    return metrics
 
 
 def _stopped(stopped: TrainingStopped, run_id: str, stop_signals: StopSignals
@@ -397,7 +448,7 @@ def _end_run(tracker: Tracker, status: str, error: BaseException | None,
         if error is not None and status == "FAILED":
             tracker.set_tags({ERROR_TAG: message_line(error, limit=4000)})
         tracker.end(status)
-    except Exception as exc:  # noqa: BLE001 - said in the run's one line
+    except Exception as exc:  # said in the run's one line
         if not isinstance(error, SeqexpError):
             raise
         record_unrecorded_failure(output_dir, str(error))
@@ -410,7 +461,7 @@ def close_abandoned_runs_quietly(tracker: Tracker) -> None:
     """Housekeeping of the store: a failure here must not cost the run."""
     try:
         close_abandoned_runs(tracker)
-    except Exception as exc:  # noqa: BLE001 - logged, and the run goes on
+    except Exception as exc:  # logged, and the run goes on
         log.warning("could not check the store for runs of killed processes: %s",
                     message_line(exc, which=-1))
 

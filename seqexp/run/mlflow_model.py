@@ -185,7 +185,7 @@ def log_model(tracker: Tracker, checkpoint: Path, example_user: str,
                 registered_model_name=registered_name)
     except SeqexpError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any store or MLflow failure: one line
+    except Exception as exc:  # any store or MLflow failure: one line
         raise SeqexpError(f"mlflow.log_model: cannot log the run's MLflow Model "
                           f"({message_line(exc)}); mlflow.log_model=false skips it") from None
     log.info("MLflow Model %s logged in %.2f s", info.model_uri, time.perf_counter() - started)
@@ -199,7 +199,7 @@ def link_to_model(tracker: Tracker, model_uri: str, checkpoint: Path) -> bool:
     model_id = model_uri.rstrip("/").rsplit("/", 1)[-1]
     try:
         location = with_lock_retry(tracker.client.get_logged_model, model_id).artifact_location
-    except Exception:  # noqa: BLE001 - any store's failure: the file stays as it is
+    except Exception:
         return False
     parsed = urlsplit(location)
     if parsed.scheme not in ("", "file"):

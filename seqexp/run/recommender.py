@@ -23,11 +23,11 @@ import torch
 
 from seqexp.core.checkpoint import CHECKPOINT_FORMAT, read_checkpoint
 from seqexp.core.errors import SeqexpError, message_line
-from seqexp.core.resources import config_dir
-from seqexp.core.safe_config import checkpoint_config, model_arguments, model_targets
+from seqexp.core.safe_config import checkpoint_config, model_arguments
 from seqexp.data.batching import PredictionBatch
 from seqexp.data.sequences import SequenceData
 from seqexp.run.artifacts import raw_id_strings
+from seqexp.run.registry import registry
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -163,7 +163,9 @@ def from_checkpoint(local: Path, where: Path | str | None = None,
         raise SeqexpError(f"{path}: not a seqexp best checkpoint with its config and ids "
                           f"(written by an older seqexp?); rerun the experiment")
     config = checkpoint_config(payload.get("config"), path)
-    cls, arguments = model_arguments(config.model, model_targets(config_dir()), path)
+    models = registry()
+    allowed = {name: models.model_class(name) for name in models.models}
+    cls, arguments = model_arguments(config.model, allowed, path)
     data = _history(payload, path)
     try:
         model = cls(n_items=data.n_items, n_users=data.n_users, **arguments)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from seqexp.core import liveness
 from seqexp.core.errors import SeqexpError
-from seqexp.core.schema import affects_results
+from seqexp.run.options import affects_results
 from seqexp.run.tracking import OUTPUTS_TAG, with_lock_retry
 
 # Params a run logs besides its configuration (seqexp.run.experiment: the data's statistics).
@@ -122,7 +122,7 @@ def find_run(tracker, resume: str | None, config: Mapping[str, str],
 def _get_run(tracker, run_id: str):
     try:
         return with_lock_retry(tracker.client.get_run, run_id)
-    except Exception:  # noqa: BLE001 - MLflow's "not found" differs between stores
+    except Exception:  # MLflow's "not found" differs between stores
         raise SeqexpError(f"resume={run_id}: no such run in {tracker.tracking_uri}; check "
                           f"the run id and mlflow.tracking_uri") from None
 

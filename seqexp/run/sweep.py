@@ -128,7 +128,7 @@ def record_failed_job(info: SweepInfo, tags: Mapping[str, str], name: str,
             return
         tracker.start(name, {**tags, ERROR_TAG: message})
         tracker.end("FAILED")
-    except Exception as exc:  # noqa: BLE001 - bookkeeping only
+    except Exception as exc:  # bookkeeping only
         log.warning("could not record the failed job in MLflow: %s", exc)
 
 
@@ -165,7 +165,7 @@ def end_open_sweeps(status: str = "FAILED") -> None:
         try:
             Tracker(info.tracking_uri, info.experiment, info.parent_run_id).end(status)
             log.info("sweep %s ended %s", sweep_id, status)
-        except Exception as exc:  # noqa: BLE001 - at exit, after the real error was shown
+        except Exception as exc:  # at exit, after the real error was shown
             log.warning("could not end the parent run of sweep %s: %s", sweep_id, exc)
 
 

@@ -8,3 +8,6 @@ ROLE_TAG = "seqexp.role"
 PARENT_ROLE = "sweep"
 PARENT_TAG = "mlflow.parentRunId"
 ERROR_TAG = "error"
+# The run's config keys (flattened, comma-separated) that cannot change its results, from the
+# schema with the model's own marks: the report, which loads no model class, reads them.
+RESULTS_FREE_TAG = "seqexp.results_free_keys"

@@ -342,7 +342,7 @@ def entry_point(argv0: str | None = None) -> str:
     try:
         scripts = [ep for ep in metadata.entry_points(group="console_scripts")
                    if ep.dist is not None and ep.dist.name == "seqexp"]
-    except Exception:  # noqa: BLE001 - a broken environment's metadata: the plain file name
+    except Exception:  # a broken environment's metadata: the plain file name
         scripts = []
     for script in scripts:
         module = script.module.replace(".", "/")
@@ -426,7 +426,7 @@ class Tracker:
                     self.experiment_id = found.experiment_id if found is not None else None
         except SeqexpError:
             raise
-        except Exception as exc:  # noqa: BLE001 - any store failure becomes one clear line
+        except Exception as exc:  # any store failure becomes one clear line
             reason = message_line(exc)
             if _UNAUTHENTICATED in reason:
                 raise SeqexpError(f"mlflow.tracking_uri={tracking_uri}: {login_hint()}") from None
@@ -464,7 +464,7 @@ class Tracker:
             return self.client.create_experiment(
                 name, artifact_location=location,
                 tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
-        except Exception:  # noqa: BLE001 - created meanwhile by a parallel run
+        except Exception:  # created meanwhile by a parallel run
             found = self.client.get_experiment_by_name(name)
             if found is None:
                 raise
@@ -480,7 +480,7 @@ class Tracker:
         try:
             with_lock_retry(self.client.set_experiment_tag, experiment.experiment_id,
                             EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
-        except Exception as exc:  # noqa: BLE001 - cosmetic: logged, and the run goes on
+        except Exception as exc:  # cosmetic: logged, and the run goes on
             log.warning("could not mark MLflow experiment %s as %s: %s", experiment.name,
                         MODEL_TRAINING_KIND, message_line(exc))
 
@@ -490,7 +490,7 @@ class Tracker:
         try:
             run = with_lock_retry(self.client.create_run, self.experiment_id, run_name=name,
                                   tags=tags)
-        except Exception as exc:  # noqa: BLE001 - e.g. a server's 403: one clear line
+        except Exception as exc:  # e.g. a server's 403: one clear line
             reason = message_line(exc)
             if _FORBIDDEN in reason:
                 user = os.environ.get("MLFLOW_TRACKING_USERNAME", "?")
@@ -616,7 +616,7 @@ class Tracker:
             monitor.collect_metrics()
             monitor.publish_metrics(monitor.aggregate_metrics())
             monitor.mlflow_logger.flush()
-        except Exception as exc:  # noqa: BLE001 - monitoring must not cost the run
+        except Exception as exc:  # monitoring must not cost the run
             log.warning("could not log the last system metrics: %s", message_line(exc))
 
     def end(self, status: str) -> None:
