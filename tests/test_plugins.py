@@ -32,6 +32,8 @@ LAST_ITEM_MODULE = '''\
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from seqexp.core.schema import Key, number
@@ -48,7 +50,8 @@ class LastItem(Recommender):
         self.bonus = bonus
         self.register_buffer("popularity", torch.zeros(n_items))
 
-    def fit(self, train: SequenceData) -> None:
+    def fit(self, train: SequenceData,
+            stop_requested: Callable[[], str | None] | None = None) -> None:
         counts = torch.from_numpy(train.item_popularity()).float()
         self.popularity.copy_(counts / (counts.max() + 1))  # in [0, 1)
 

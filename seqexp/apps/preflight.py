@@ -134,8 +134,10 @@ def _choices_of(value: Any) -> list[str]:
     return [str(v).strip() for v in str(value).split(",")]
 
 
-def check_command_line(argv: Sequence[str]) -> str | None:
-    """One-line message for the first problem with the command line's overrides, else None."""
+def check_command_line(argv: Sequence[str], check_data: bool = True) -> str | None:
+    """One-line message for the first problem with the command line's overrides, else None;
+    for a multirun that would run (not --cfg), with `check_data` also one line per dataset
+    whose raw file can be neither found nor downloaded."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -171,7 +173,9 @@ def check_command_line(argv: Sequence[str]) -> str | None:
         return folder_problem
     if swept:
         fixed_keys = [o.input_line for o in key_overrides if not o.is_sweep_override()]
-        return (check_sweep_data([combo + fixed_keys for combo, _ in configs], fixed_groups)
+        shows_config = any(a.split("=", 1)[0] in ("--cfg", "-c") for a in argv)  # runs nothing
+        return ((None if shows_config or not check_data else check_sweep_data(
+                    [combo + fixed_keys for combo, _ in configs], fixed_groups))
                 or _check_sweeper_score(configs, parsed))
     return None
 
