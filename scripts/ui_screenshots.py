@@ -43,7 +43,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]
-VIEWPORT = {"width": 1280, "height": 800}
+VIEWPORT = {"width": 1600, "height": 800}
 MODELS = ("pop", "itemknn", "gru")
 # Small enough to make in seconds: ~40 users, 2 epochs, hidden size 16, one thread.
 TINY_RUN = ["dataset.n_users=40", "dataset.n_items=50", "dataset.min_events=10",
@@ -51,6 +51,7 @@ TINY_RUN = ["dataset.n_users=40", "dataset.n_items=50", "dataset.min_events=10",
             "train.progress=false", "train.num_threads=1", "mlflow.log_model=true"]
 SERVER_START_S = 180.0  # `mlflow ui` imports for a while on a busy machine
 PAGE_TIMEOUT_MS = 60_000
+VIEW_CUTOFF = 20  # eval.monitor_cutoff of the runs: the view the address opens on
 
 
 def store_uri(folder: Path) -> str:
@@ -141,7 +142,7 @@ def close_assistant(page: Page) -> None:
 def open_runs_table(page: Page, address: str, experiment_id: str, run_ids: list[str]) -> None:
     """The experiment's runs table, at the address seqexp prints, once every run's row is
     drawn."""
-    page.goto(experiment_page(address, experiment_id))
+    page.goto(experiment_page(address, experiment_id, VIEW_CUTOFF))
     for run_id in run_ids:
         page.locator(f'[role="row"][row-id="{run_id}"]').first.wait_for()
     close_assistant(page)

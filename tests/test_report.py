@@ -123,6 +123,7 @@ def test_report_from_an_experiment_writes_four_files_and_logs_them_to_the_parent
     printed = capsys.readouterr().out
     assert "2 runs in 1 rows; 1 unfinished runs left out" in printed
     files = {p.name: p for p in (tmp_path / "out").iterdir()}
+    # named after the experiment
     assert set(files) == {"table2.md", "table2.csv", "table2.tex", "table2.png"}
     assert files["table2.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     row = next(csv.DictReader(files["table2.csv"].open()))
@@ -135,7 +136,7 @@ def test_report_from_an_experiment_writes_four_files_and_logs_them_to_the_parent
     assert logged == {f"report/{name}" for name in files}
     # the same sweep, selected by its id, gives the same table
     main(["--tracking-uri", uri, "--sweep-id", "x", "--out", str(tmp_path / "again")])
-    assert (tmp_path / "again" / "table2.md").read_text() == files["table2.md"].read_text()
+    assert (tmp_path / "again" / "sweep-x.md").read_text() == files["table2.md"].read_text()
 
 
 def test_runs_without_one_parent_get_a_report_run_of_their_own(tmp_path, store_uri):

@@ -217,6 +217,7 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
             OUTPUTS_TAG: str(Path(output_dir).resolve()),
             **({CLUSTER_JOB_TAG: job_key} if job_key else {}), **(tags or {}),
         })
+    tracker.show_runs_view(cfg.eval.monitor_cutoff)
     status, error = "FAILED", None
     checkpoint = output_dir / "checkpoints" / "best.pt"
     try:
