@@ -52,6 +52,35 @@ def test_command_line_check_names_the_key_and_its_closest_neighbour(argv, expect
         assert message is not None and expected in message, message
 
 
+REFUSED_BEFORE_IMPORTS = """
+import sys
+from seqexp.apps.cli import main
+sys.argv = ["seqexp", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as exc:
+    print("exit", exc.code, "torch" in sys.modules, "mlflow" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["train.lr=abc"], "seqexp: error: train.lr='abc' must be a finite number > 0"),
+    (["model=itemknn", "model.neighbours=0"], "seqexp: error: model.neighbours=0 must be"),
+    (["model.hidden_size=-3"], "seqexp: error: model.hidden_size=-3 must be an integer >= 1"),
+])
+def test_a_refused_value_is_said_before_torch_and_mlflow_are_imported(argv, expected):
+    done = subprocess.run([sys.executable, "-c", REFUSED_BEFORE_IMPORTS, *argv],
+                          capture_output=True, text=True, timeout=120)
+    assert done.stderr.strip().startswith(expected), done.stderr
+    assert done.stdout.split() == ["exit", "2", "False", "False"]
+
+
+@pytest.mark.parametrize("argv", [["train.lr=0.003"], ["train.epochs=0"], ["seed=7"],
+                                  ["model=itemknn", "model.neighbours=5"]])
+def test_an_accepted_value_passes_the_check(argv):
+    assert check_command_line(argv) is None
+
+
 def test_unknown_key_message_lists_the_group_keys():
     message = check_command_line(["train.epoch=3"])
     keys = message.split("(train keys: ", 1)[1].rstrip(")").split(", ")

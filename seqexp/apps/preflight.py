@@ -196,11 +196,38 @@ def check_command_line(argv: Sequence[str]) -> str | None:
             return f"{override.input_line}: nothing would read it; {message}"
         return message
 
+    refused = check_override_values(key_overrides, configs)
+    if refused:
+        return refused
+
     folder_problem = check_outputs_folder(base, parsed, swept)
     if folder_problem:
         return folder_problem
     if swept:
         return _check_sweeper_score(configs, parsed)
+    return None
+
+
+def check_override_values(key_overrides: list, configs: list) -> str | None:
+    """The schema's one line for an overridden value its key refuses (train.lr=abc), checked
+    on the composed configs, before the run loads torch and MLflow. Keys whose options are the
+    implementations' lists (optimizers, cells, ...) are left to the run's full check."""
+    for override in key_overrides:
+        key = override.key_or_group
+        if override.is_sweep_override() or override.is_delete():
+            continue
+        for _, cfg in configs:
+            entry = schema.key_of(cfg, key) if _has_key(cfg, key) else None
+            value = override.value()
+            if entry is None or entry.rule.listed is not None or (
+                    isinstance(value, str) and "${" in value):
+                continue
+            try:
+                entry.rule.complain(key, value, {})
+            except SeqexpError as exc:
+                return str(exc)
+            except Exception:  # noqa: BLE001 - an interpolation: the run's check resolves it
+                continue
     return None
 
 
