@@ -12,11 +12,12 @@ from seqexp.analysis.table import METRICS, Table, dataset_title
 from seqexp.core.history import history_quartiles
 
 
-def plot(table: Table, path: Path) -> None:
+def plot(table: Table, path: Path) -> list[str]:
     """Grouped bars, seqexp beside the paper, one panel per dataset and metric. Error bars: the
     bootstrap 95 % CI of the mean over test events where the runs' ranks are logged, else ±
     the standard deviation over seeds; the legend says which, below the panels (it hides no
-    bar), and lists the paper only where a paper value is drawn."""
+    bar), and lists the paper only where a paper value is drawn. Returns the legend's
+    entries."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -55,6 +56,7 @@ def plot(table: Table, path: Path) -> None:
     fig.tight_layout(rect=(0, 0.07 if n_rows == 1 else 0.04, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return list(series)
 
 
 def _error_bars(cells: list) -> str:
