@@ -161,9 +161,33 @@ def test_bad_input_gives_one_line_and_leaves_nothing_behind(tmp_path, case):
     assert not processed.exists() or list(processed.iterdir()) == []
 
 
+SAMPLE_CSV = Path(__file__).resolve().parents[1] / "docs" / "sample-events.csv"
+
+
+def test_the_shipped_sample_csv_runs_with_the_readmes_command(tmp_path):
+    """README: `seqexp model=itemknn dataset=csv dataset.path=docs/sample-events.csv
+    dataset.item_col=song`, from the clone's root (here a copy of the file at that path)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    command = ("seqexp model=itemknn dataset=csv dataset.path=docs/sample-events.csv "
+               "dataset.item_col=song")
+    assert command in readme
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "sample-events.csv").write_bytes(SAMPLE_CSV.read_bytes())
+    result = seqexp([*command.split()[1:], f"paths.data_dir={tmp_path / 'data'}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "finished (itemknn on csv): test_mrr_at_20=" in result.stdout
+    client, run = only_run(tmp_path / "mlflow.db")
+    p = run.data.params
+    assert (p["data.n_users"], run.data.tags["dataset"]) == ("40", "csv")
+    assert int(p["data.train_events"]) + int(p["data.val_events"]) + int(
+        p["data.test_events"]) == 600
+    assert 0 < run.data.metrics["test/mrr_at_20"] <= run.data.metrics["test/recall_at_20"] < 1
+
+
 def test_a_csv_file_of_ones_own_runs_as_the_readme_shows(tmp_path):
-    """README: `seqexp dataset=csv dataset.path=events.csv dataset.item_col=song`, a file with a
-    header, columns named in config; every count and the test metrics read back from MLflow."""
+    """docs/data.md: `seqexp ... dataset=csv dataset.path=events.csv dataset.item_col=song`, a
+    file with a header, columns named in config; every count and the test metrics read back
+    from MLflow."""
     rows = ["user,song,timestamp"]
     for user in range(30):  # 10 events each, on a cycle of 12 items
         rows += [f"u{user},x{(user + t) % 12},{1000 * user + t}" for t in range(10)]
