@@ -425,3 +425,17 @@ def test_an_older_stores_flat_metric_names_are_read_like_the_sectioned_ones(tmp_
     assert (row["lastfm_mrr_at_20_n"], float(row["lastfm_mrr_at_20_mean"])) == ("2",
                                                                                 pytest.approx(0.12))
     assert float(row["lastfm_recall_at_20_mean"]) == pytest.approx(0.21)
+
+
+def test_the_dagger_names_the_baseline_row_when_the_baseline_model_has_several_rows():
+    ranks = list(range(1, 41))
+    runs = [ranked("gru", ranks), ranked("gru", [1] * 40, **{"train.lr": "0.003"}),
+            ranked("linear_ugru", [1] * 40)]
+    table = build_table(runs, PAPER, defaults=_no_defaults, resamples=200)
+    labels = [row.label for row in table.rows]
+    assert "gru (train.lr=0.001)" in labels and "gru (train.lr=0.003)" in labels
+    text = to_markdown(table)
+    assert "† differs from the row gru (train.lr=0.001) (unmarked itself)" in text
+    shown = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()
+             if line.startswith("| gru")}
+    assert "†" not in shown["gru (train.lr=0.001)"] and "†" in shown["gru (train.lr=0.003)"]
