@@ -11,7 +11,7 @@ package, driven by Playwright) and writes
 - OUT/mlflow-runs-table.png: the runs table, with each run's model, dataset, seed and test
   metrics, sorted by test MRR@20;
 - OUT/mlflow-run-charts.png: the gru run's charts, the per-epoch curves first;
-- OUT/mlflow-compare.png: MLflow's comparison of the pop and the gru run, at the test metrics;
+- OUT/mlflow-compare.png: MLflow's comparison of the pop and the gru run;
 - OUT/mlflow-sweep-report.png: the sweep's parent run with its report's chart.
 
 tests/test_mlflow_ui_browser.py uses the same functions to check what the page shows.
@@ -46,7 +46,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]
-VIEWPORT = {"width": 1600, "height": 800}
+VIEWPORT = {"width": 1720, "height": 800}
 MODELS = ("pop", "itemknn", "gru")
 # Small enough to make in seconds: ~40 users, 2 epochs, hidden size 16, one thread.
 TINY_RUN = ["dataset.n_users=40", "dataset.n_items=50", "dataset.min_events=10",
@@ -181,7 +181,8 @@ def open_run_charts(page: Page, address: str, experiment_id: str, run_id: str) -
     """A run's page on its metric charts, once the first section is drawn (MLflow fetches
     every metric's history first: slow on a busy machine)."""
     page.goto(f"{address}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics")
-    page.get_by_text("epoch (").first.wait_for(timeout=3 * PAGE_TIMEOUT_MS)
+    page.get_by_text("train_loss", exact=True).first.wait_for(timeout=3 * PAGE_TIMEOUT_MS)
+    page.get_by_text("Step").first.wait_for(timeout=3 * PAGE_TIMEOUT_MS)  # a drawn curve
     close_assistant(page)
 
 
@@ -191,7 +192,9 @@ def open_sweep_report(page: Page, address: str, experiment_id: str, parent: tupl
     parent_id, name = parent
     page.goto(f"{address}/#/experiments/{experiment_id}/runs/{parent_id}/artifacts/report/"
               f"{name}.png{RUNS_TABLE_QUERY}")
-    page.locator("img").last.wait_for()
+    page.get_by_text(f"report/{name}.png").first.wait_for()
+    page.locator("img[src^='blob:']").first.wait_for(state="attached")  # MLflow's preview
+    page.wait_for_timeout(2000)  # the picture drawn
     close_assistant(page)
 
 
@@ -207,7 +210,7 @@ def screenshots(page: Page, address: str, experiment_id: str, run_ids: list[str]
     open_run_charts(page, address, experiment_id, run_ids[-1])
     page.screenshot(path=shots["run-charts"])
     open_comparison(page, address, experiment_id, compared)
-    page.get_by_text("test/mrr_at_20", exact=True).first.scroll_into_view_if_needed()
+    page.get_by_text("epoch/train_loss", exact=True).first.wait_for()
     page.screenshot(path=shots["compare"])
     open_sweep_report(page, address, experiment_id, parent)
     page.screenshot(path=shots["sweep-report"])

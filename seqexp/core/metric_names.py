@@ -15,7 +15,7 @@ from collections.abc import Mapping
 # (flat prefix, section, flat prefix kept in the logged name), most specific first; MLflow's
 # chart pages and its comparison list sort by name, so the sections' names give their order:
 # the per-epoch curves (epoch/), the run's summary (run/), the test metrics (test/), then the
-# breakdowns. A name matching none keeps its flat form.
+# breakdowns (test_by_history/, test_ties/, val_ties/). A name matching none keeps its flat form.
 SECTIONS: tuple[tuple[str, str, bool], ...] = (
     ("test_hist_", "test_by_history/", False),
     ("test_oov_", "run/", True),
@@ -26,20 +26,22 @@ SECTIONS: tuple[tuple[str, str, bool], ...] = (
     ("val_", "epoch/", True),
     ("test_", "test/", False),
 )
-# Tie-breaking variants of a metric (seqexp.engine.metrics): a section of their own beside
-# their metric's, so that the headline numbers lead theirs.
+# Tie-breaking variants of a metric (seqexp.engine.metrics): sections of their own, test_ties/
+# and val_ties/, named to sort after the test metrics, so that the headline numbers lead.
 TIES_SUFFIXES = ("_optimistic", "_expected")
-TIES_SECTION = "_ties"
+TIES_PREFIXES = ("test_", "val_")
+TIES_SECTION = "_ties/"
 
 
 def logged_name(flat: str) -> str:
     """The name under which MLflow holds the metric `flat`: test_mrr_at_20 -> test/mrr_at_20,
     val_mrr_at_20 -> epoch/val_mrr_at_20, test_mrr_at_20_optimistic ->
-    test_ties/mrr_at_20_optimistic."""
+    test_ties/mrr_at_20_optimistic, val_mrr_at_20_expected -> val_ties/mrr_at_20_expected."""
+    if flat.endswith(TIES_SUFFIXES) and flat.startswith(TIES_PREFIXES):
+        kind, rest = flat.split("_", 1)
+        return f"{kind}{TIES_SECTION}{rest}"
     for prefix, section, kept in SECTIONS:
         if flat.startswith(prefix):
-            if flat.endswith(TIES_SUFFIXES):
-                section = section.rstrip("/") + TIES_SECTION + "/"
             return section + (flat if kept else flat[len(prefix):])
     return flat
 
@@ -49,9 +51,10 @@ def flat_name(logged: str) -> str:
     section, slash, rest = logged.partition("/")
     if not slash:
         return logged
-    plain = section.removesuffix(TIES_SECTION) + "/"
+    if f"{section}/".endswith(TIES_SECTION) and f"{section.split('_')[0]}_" in TIES_PREFIXES:
+        return f"{section.split('_')[0]}_{rest}"
     for prefix, known, kept in SECTIONS:
-        if known == plain and (kept and rest.startswith(prefix) or not kept):
+        if known == f"{section}/" and (not kept or rest.startswith(prefix)):
             return rest if kept else prefix + rest
     return logged
 
