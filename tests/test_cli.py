@@ -164,6 +164,7 @@ def test_bad_input_gives_one_line_and_leaves_nothing_behind(tmp_path, case):
 SAMPLE_CSV = Path(__file__).resolve().parents[1] / "docs" / "sample-events.csv"
 
 
+@pytest.mark.slow  # a whole run through the CLI
 def test_the_shipped_sample_csv_runs_with_the_readmes_command(tmp_path):
     """README: `seqexp model=itemknn dataset=csv dataset.path=docs/sample-events.csv
     dataset.item_col=song`, from the clone's root (here a copy of the file at that path)."""
