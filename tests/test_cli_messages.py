@@ -117,8 +117,9 @@ def test_a_run_without_validation_trains_every_epoch_and_invents_no_score(tmp_pa
     assert result.metrics["epochs_run"] == 3
     assert not any(k.startswith(("best_", "val_")) for k in result.metrics)
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(result.run_id)
-    assert not any(k.startswith(("best_", "val_")) for k in run.data.metrics)
-    assert run.data.metrics["epochs_run"] == 3
+    assert not any(k.startswith(("run/best_", "epoch/val_", "val_ties/"))
+                   for k in run.data.metrics)
+    assert run.data.metrics["run/epochs_run"] == 3
     assert (tmp_path / "run" / "checkpoints" / "best.pt").is_file()
 
 
