@@ -84,7 +84,7 @@ def report(setting: str, out: Path) -> list[dict]:
     subprocess.run(["seqexp-report", "--tracking-uri", f"sqlite:///{out}/mlflow.db",
                     "--experiment", f"ml100k-{setting}", "--baseline", "gru",
                     "--out", str(folder)], check=True, cwd=ROOT)
-    with open(folder / "table2.csv", newline="") as handle:
+    with open(folder / f"ml100k-{setting}.csv", newline="") as handle:  # named after it
         return list(csv.DictReader(handle))
 
 

@@ -3,13 +3,16 @@
 Usage: python scripts/ui_screenshots.py [--store FOLDER] [--out docs/img]
 
 Makes three tiny runs (models pop, itemknn and gru on a small synthetic data set, each with
-its MLflow Model) in FOLDER/mlflow.db, kept there (without --store, a temporary folder), serves
-the store with `mlflow ui`, opens the experiment's runs table at the address seqexp prints in
-headless Chromium (/usr/bin/chromium, Debian's `chromium` package, driven by Playwright) and
-writes
+its MLflow Model) and a two-job sweep (pop, itemknn) in FOLDER/mlflow.db, kept there (without
+--store, a temporary folder), serves the store with `mlflow ui`, opens the experiment's runs
+table at the address seqexp prints in headless Chromium (/usr/bin/chromium, Debian's `chromium`
+package, driven by Playwright) and writes
 
-- OUT/mlflow-runs-table.png: the runs table, with each run's datasets and MLflow Model;
-- OUT/mlflow-compare.png: MLflow's comparison of the pop and the gru run.
+- OUT/mlflow-runs-table.png: the runs table, with each run's model, dataset, seed and test
+  metrics, sorted by test MRR@20;
+- OUT/mlflow-run-charts.png: the gru run's charts, the per-epoch curves first;
+- OUT/mlflow-compare.png: MLflow's comparison of the pop and the gru run;
+- OUT/mlflow-sweep-report.png: the sweep's parent run with its report's chart.
 
 tests/test_mlflow_ui_browser.py uses the same functions to check what the page shows.
 """
@@ -43,7 +46,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]
-VIEWPORT = {"width": 1280, "height": 800}
+VIEWPORT = {"width": 1720, "height": 800}
 MODELS = ("pop", "itemknn", "gru")
 # Small enough to make in seconds: ~40 users, 2 epochs, hidden size 16, one thread.
 TINY_RUN = ["dataset.n_users=40", "dataset.n_items=50", "dataset.min_events=10",
@@ -51,6 +54,7 @@ TINY_RUN = ["dataset.n_users=40", "dataset.n_items=50", "dataset.min_events=10",
             "train.progress=false", "train.num_threads=1", "mlflow.log_model=true"]
 SERVER_START_S = 180.0  # `mlflow ui` imports for a while on a busy machine
 PAGE_TIMEOUT_MS = 60_000
+VIEW_CUTOFF = 20  # eval.monitor_cutoff of the runs: the view the address opens on
 
 
 def store_uri(folder: Path) -> str:
@@ -72,6 +76,19 @@ def make_runs(uri: str, folder: Path, models: tuple[str, ...] = MODELS) -> tuple
         experiment_id = result.experiment_id
         run_ids.append(result.run_id)
     return experiment_id, run_ids
+
+
+def make_sweep(uri: str, folder: Path, models: tuple[str, ...] = ("pop", "itemknn")
+               ) -> tuple[str, str]:
+    """A multirun of one job per model through seqexp's command line, in the store `uri`: its
+    parent run's id and name."""
+    sweep_dir = folder / "sweep"
+    command = [sys.executable, "-m", "seqexp.apps.cli", "-m", f"model={','.join(models)}",
+               *TINY_RUN, f"paths.data_dir={folder / 'data'}", f"mlflow.tracking_uri={uri}",
+               f"hydra.sweep.dir={sweep_dir}"]
+    subprocess.run(command, cwd=folder, check=True, capture_output=True, text=True)
+    parent_id = json.loads((sweep_dir / "mlflow_sweep.json").read_text())["parent_run_id"]
+    return parent_id, Tracker(uri, None).client.get_run(parent_id).info.run_name
 
 
 def free_port() -> int:
@@ -141,7 +158,7 @@ def close_assistant(page: Page) -> None:
 def open_runs_table(page: Page, address: str, experiment_id: str, run_ids: list[str]) -> None:
     """The experiment's runs table, at the address seqexp prints, once every run's row is
     drawn."""
-    page.goto(experiment_page(address, experiment_id))
+    page.goto(experiment_page(address, experiment_id, VIEW_CUTOFF))
     for run_id in run_ids:
         page.locator(f'[role="row"][row-id="{run_id}"]').first.wait_for()
     close_assistant(page)
@@ -160,16 +177,44 @@ def open_comparison(page: Page, address: str, experiment_id: str, run_ids: list[
     page.get_by_text("Comparing ").first.scroll_into_view_if_needed()  # the clicks scrolled
 
 
+def open_run_charts(page: Page, address: str, experiment_id: str, run_id: str) -> None:
+    """A run's page on its metric charts, once the first section is drawn (MLflow fetches
+    every metric's history first: slow on a busy machine)."""
+    page.goto(f"{address}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics")
+    page.get_by_text("train_loss", exact=True).first.wait_for(timeout=3 * PAGE_TIMEOUT_MS)
+    page.get_by_text("Step").first.wait_for(timeout=3 * PAGE_TIMEOUT_MS)  # a drawn curve
+    close_assistant(page)
+
+
+def open_sweep_report(page: Page, address: str, experiment_id: str, parent: tuple[str, str]
+                      ) -> None:
+    """The sweep's parent run (id, name) on its report's chart (report/<name>.png)."""
+    parent_id, name = parent
+    page.goto(f"{address}/#/experiments/{experiment_id}/runs/{parent_id}/artifacts/report/"
+              f"{name}.png{RUNS_TABLE_QUERY}")
+    page.get_by_text(f"report/{name}.png").first.wait_for()
+    page.locator("img[src^='blob:']").first.wait_for(state="attached")  # MLflow's preview
+    page.wait_for_timeout(2000)  # the picture drawn
+    close_assistant(page)
+
+
 def screenshots(page: Page, address: str, experiment_id: str, run_ids: list[str],
-                compared: list[str], out: Path) -> list[Path]:
-    """The runs table and the comparison of the runs `compared`, as PNG files in `out`."""
+                compared: list[str], parent: tuple[str, str], out: Path) -> list[Path]:
+    """The runs table, the last run's charts, the comparison of the runs `compared` and the
+    sweep's parent with its report, as PNG files in `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    table, comparison = out / "mlflow-runs-table.png", out / "mlflow-compare.png"
+    shots = {name: out / f"mlflow-{name}.png"
+             for name in ("runs-table", "run-charts", "compare", "sweep-report")}
     open_runs_table(page, address, experiment_id, run_ids)
-    page.screenshot(path=table)
+    page.screenshot(path=shots["runs-table"])
+    open_run_charts(page, address, experiment_id, run_ids[-1])
+    page.screenshot(path=shots["run-charts"])
     open_comparison(page, address, experiment_id, compared)
-    page.screenshot(path=comparison)
-    return [table, comparison]
+    page.get_by_text("epoch/train_loss", exact=True).first.wait_for()
+    page.screenshot(path=shots["compare"])
+    open_sweep_report(page, address, experiment_id, parent)
+    page.screenshot(path=shots["sweep-report"])
+    return list(shots.values())
 
 
 def main() -> None:
@@ -187,10 +232,11 @@ def main() -> None:
         Tracker(uri, None)  # the schema, before the server and the runs use the store
         with mlflow_ui(uri, folder / "mlflow-ui.log") as answering:
             experiment_id, run_ids = make_runs(uri, folder)
+            parent = make_sweep(uri, folder)
             address = answering()
             with chromium_page() as page:
                 written = screenshots(page, address, experiment_id, run_ids,
-                                      [run_ids[0], run_ids[-1]], args.out)
+                                      [run_ids[0], run_ids[-1]], parent, args.out)
     for path in written:
         print(f"ui_screenshots: wrote {path}")
 

@@ -50,7 +50,8 @@ def _ui_hint(store: Path, experiment: str = "seqexp") -> str:
         (experiment_id,), = db.execute("SELECT experiment_id FROM experiments WHERE name = ?",
                                        (experiment,)).fetchall()
     return (f"MLflow UI: mlflow ui --backend-store-uri sqlite:///{store}, then open "
-            f"http://127.0.0.1:5000/#/experiments/{experiment_id}?workflowType=machine_learning")
+            f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?workflowType="
+            f"machine_learning&viewStateShareKey=seqexp-at-20")
 
 
 def _files(folder: Path) -> set[Path]:
@@ -95,7 +96,8 @@ def test_a_run_puts_every_artifact_beside_the_default_store_and_says_where(tmp_p
                   launch, home)
 
     last = single.strip().splitlines()[-3:]
-    assert last[0].startswith("seqexp: run ") and " finished: test_mrr_at_20=" in last[0]
+    assert last[0].startswith("seqexp: run ")
+    assert " finished (pop on synthetic): test_mrr_at_20=" in last[0]
     assert (launch / last[1].split("outputs: ", 1)[1] / "config.yaml").is_file()
     assert last[2].strip() == f"{_ui_hint(launch / 'mlflow.db')}  (experiment seqexp)"
     _assert_nothing_outside(tmp_path, launch, home, {"outputs", "mlflow.db", ".mlflow.db.lock",
@@ -126,7 +128,8 @@ def test_run_sweep_and_report_put_every_artifact_beside_the_default_store(tmp_pa
 
     # The last lines say where the results went: the run, each job, the sweep.
     last = single.strip().splitlines()[-3:]
-    assert last[0].startswith("seqexp: run ") and " finished: test_mrr_at_20=" in last[0]
+    assert last[0].startswith("seqexp: run ")
+    assert " finished (pop on synthetic): test_mrr_at_20=" in last[0]
     assert (launch / last[1].split("outputs: ", 1)[1] / "config.yaml").is_file()
     assert last[2].strip() == f"{_ui_hint(launch / 'mlflow.db')}  (experiment seqexp)"
     for job in (0, 1):
@@ -140,8 +143,8 @@ def test_run_sweep_and_report_put_every_artifact_beside_the_default_store(tmp_pa
                                                      ".mlflow.db.lock", "mlartifacts"},
                             tmp_before)
     artifacts = _files(store_dir / "mlartifacts")
-    assert {"config.yaml", "metrics.json", "best.pt", "multirun.yaml", "table2.md",
-            "table2.csv", "table2.tex", "table2.png"} <= {p.name for p in artifacts}
+    assert {"config.yaml", "metrics.json", "best.pt", "multirun.yaml", "seqexp.md",
+            "seqexp.csv", "seqexp.tex", "seqexp.png"} <= {p.name for p in artifacts}
     assert any(".hydra" in p.parts for p in artifacts)
     # One experiment folder; a folder per run: the run, 2 jobs, the sweep's parent and the
     # report's own run (a report by experiment has no sweep parent to attach to).

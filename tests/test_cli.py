@@ -41,12 +41,13 @@ def test_seqexp_run_is_recorded_in_mlflow_db_of_the_launch_directory(tmp_path):
         "gru-synthetic-dataset.max_events=20,dataset.min_events=10,dataset.n_items=50,"
         "dataset.n_users=40,model.hidden_size=16,train.batch_size=16,train.epochs=2")
     m, p, tags = run.data.metrics, run.data.params, run.data.tags
-    for key in ("test_mrr_at_20", "test_recall_at_20", "test_mrr_at_20_optimistic",
-                "test_mrr_at_20_expected", "train_loss", "train_events_per_s",
-                "test_oov_dropped", "best_epoch"):
+    # MLflow's names: one section per group (seqexp.core.metric_names)
+    for key in ("test/mrr_at_20", "test/recall_at_20", "test_ties/mrr_at_20_optimistic",
+                "test_ties/mrr_at_20_expected", "epoch/train_loss", "epoch/train_events_per_s",
+                "run/test_oov_dropped", "run/best_epoch", "test_by_history/q1_mrr_at_20"):
         assert key in m, key
-    assert 0.0 <= m["test_mrr_at_20"] <= m["test_recall_at_20"] <= 1.0
-    history = client.get_metric_history(run.info.run_id, "val_mrr_at_20")
+    assert 0.0 <= m["test/mrr_at_20"] <= m["test/recall_at_20"] <= 1.0
+    history = client.get_metric_history(run.info.run_id, "epoch/val_mrr_at_20")
     assert sorted(h.step for h in history) == [1, 2]
     assert p["train.epochs"] == "2" and p["model.hidden_size"] == "16"
     assert p["model.name"] == "gru" and p["split.test_frac"] == "0.2"
@@ -62,7 +63,7 @@ def test_seqexp_run_is_recorded_in_mlflow_db_of_the_launch_directory(tmp_path):
     assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == [
         "checkpoints/best.pt"]
     local = Path(client.download_artifacts(run.info.run_id, "metrics.json", str(tmp_path)))
-    assert json.loads(local.read_text())["test_mrr_at_20"] == pytest.approx(m["test_mrr_at_20"])
+    assert json.loads(local.read_text())["test_mrr_at_20"] == pytest.approx(m["test/mrr_at_20"])
     # Hydra's run folder stays under outputs/ of the launch directory
     assert list((tmp_path / "outputs").glob("*/*/.hydra/config.yaml"))
 
@@ -95,9 +96,9 @@ def test_ctrl_c_ends_the_run_killed_with_finished_epochs_kept(tmp_path, store_ur
         _run_in_process(tmp_path, "run", ["train.epochs=3"])
     client, run = only_run(tmp_path / "mlflow.db")
     assert run.info.status == "KILLED"
-    history = client.get_metric_history(run.info.run_id, "val_mrr_at_20")
+    history = client.get_metric_history(run.info.run_id, "epoch/val_mrr_at_20")
     assert [h.step for h in history] == [1]
-    assert "test_mrr_at_20" not in run.data.metrics
+    assert "test/mrr_at_20" not in run.data.metrics
     assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == [
         "checkpoints/best.pt"]
     assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -160,9 +161,34 @@ def test_bad_input_gives_one_line_and_leaves_nothing_behind(tmp_path, case):
     assert not processed.exists() or list(processed.iterdir()) == []
 
 
+SAMPLE_CSV = Path(__file__).resolve().parents[1] / "docs" / "sample-events.csv"
+
+
+@pytest.mark.slow  # a whole run through the CLI
+def test_the_shipped_sample_csv_runs_with_the_readmes_command(tmp_path):
+    """README: `seqexp model=itemknn dataset=csv dataset.path=docs/sample-events.csv
+    dataset.item_col=song`, from the clone's root (here a copy of the file at that path)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    command = ("seqexp model=itemknn dataset=csv dataset.path=docs/sample-events.csv "
+               "dataset.item_col=song")
+    assert command in readme
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "sample-events.csv").write_bytes(SAMPLE_CSV.read_bytes())
+    result = seqexp([*command.split()[1:], f"paths.data_dir={tmp_path / 'data'}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "finished (itemknn on csv): test_mrr_at_20=" in result.stdout
+    client, run = only_run(tmp_path / "mlflow.db")
+    p = run.data.params
+    assert (p["data.n_users"], run.data.tags["dataset"]) == ("40", "csv")
+    assert int(p["data.train_events"]) + int(p["data.val_events"]) + int(
+        p["data.test_events"]) == 600
+    assert 0 < run.data.metrics["test/mrr_at_20"] <= run.data.metrics["test/recall_at_20"] < 1
+
+
 def test_a_csv_file_of_ones_own_runs_as_the_readme_shows(tmp_path):
-    """README: `seqexp dataset=csv dataset.path=events.csv dataset.item_col=song`, a file with a
-    header, columns named in config; every count and the test metrics read back from MLflow."""
+    """docs/data.md: `seqexp ... dataset=csv dataset.path=events.csv dataset.item_col=song`, a
+    file with a header, columns named in config; every count and the test metrics read back
+    from MLflow."""
     rows = ["user,song,timestamp"]
     for user in range(30):  # 10 events each, on a cycle of 12 items
         rows += [f"u{user},x{(user + t) % 12},{1000 * user + t}" for t in range(10)]
@@ -181,8 +207,8 @@ def test_a_csv_file_of_ones_own_runs_as_the_readme_shows(tmp_path):
     assert (p["data.train_events"], p["data.val_events"], p["data.test_events"]) == (
         "240", "0", "60")
     # every next item is the one after the last in the cycle, the top neighbour of item-kNN
-    assert m["test_n_events"] == 60 and m["test_oov_dropped"] == 0
-    assert 0 < m["test_mrr_at_20"] <= m["test_mrr_at_20_expected"] <= m[
-        "test_mrr_at_20_optimistic"] <= 1
+    assert m["test/n_events"] == 60 and m["run/test_oov_dropped"] == 0
+    assert 0 < m["test/mrr_at_20"] <= m["test_ties/mrr_at_20_expected"] <= m[
+        "test_ties/mrr_at_20_optimistic"] <= 1
     local = Path(client.download_artifacts(run.info.run_id, "metrics.json", str(tmp_path)))
-    assert json.loads(local.read_text())["test_mrr_at_20"] == pytest.approx(m["test_mrr_at_20"])
+    assert json.loads(local.read_text())["test_mrr_at_20"] == pytest.approx(m["test/mrr_at_20"])

@@ -53,6 +53,36 @@ def test_command_line_check_names_the_key_and_its_closest_neighbour(argv, expect
         assert message is not None and expected in message, message
 
 
+REFUSED_BEFORE_IMPORTS = """
+import sys
+from seqexp.apps.cli import main
+sys.argv = ["seqexp", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as exc:
+    print("exit", exc.code, "torch" in sys.modules, "mlflow" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["train.lr=abc"], "seqexp: error: train.lr='abc' must be a finite number > 0"),
+    (["model=itemknn", "model.neighbours=0"], "seqexp: error: model.neighbours=0 must be"),
+    (["model.hidden_size=-3"], "seqexp: error: model.hidden_size=-3 must be an integer >= 1"),
+])
+def test_a_refused_value_is_said_before_torch_and_mlflow_are_imported(argv, expected):
+    done = subprocess.run([sys.executable, "-c", REFUSED_BEFORE_IMPORTS, *argv],
+                          capture_output=True, text=True, timeout=120)
+    # the last line: an environment's warnings (Hydra's, of a plugin) may come before it
+    assert done.stderr.strip().splitlines()[-1].startswith(expected), done.stderr
+    assert done.stdout.split() == ["exit", "2", "False", "False"]
+
+
+@pytest.mark.parametrize("argv", [["train.lr=0.003"], ["train.epochs=0"], ["seed=7"],
+                                  ["model=itemknn", "model.neighbours=5"]])
+def test_an_accepted_value_passes_the_check(argv):
+    assert check_command_line(argv) is None
+
+
 def test_unknown_key_message_lists_the_group_keys():
     message = check_command_line(["train.epoch=3"])
     keys = message.split("(train keys: ", 1)[1].rstrip(")").split(", ")
@@ -89,8 +119,9 @@ def test_a_run_without_validation_trains_every_epoch_and_invents_no_score(tmp_pa
     assert result.metrics["epochs_run"] == 3
     assert not any(k.startswith(("best_", "val_")) for k in result.metrics)
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(result.run_id)
-    assert not any(k.startswith(("best_", "val_")) for k in run.data.metrics)
-    assert run.data.metrics["epochs_run"] == 3
+    assert not any(k.startswith(("run/best_", "epoch/val_", "val_ties/"))
+                   for k in run.data.metrics)
+    assert run.data.metrics["run/epochs_run"] == 3
     assert (tmp_path / "run" / "checkpoints" / "best.pt").is_file()
 
 

@@ -25,6 +25,7 @@ from seqexp.run.tracking import (
     Tracker,
     entry_point,
     git_tags,
+    runs_view_key,
     ui_hint,
 )
 
@@ -78,15 +79,31 @@ def test_a_reader_leaves_the_experiment_alone(store_uri):
 @pytest.mark.parametrize(("uri", "experiment_id", "expected"), [
     ("sqlite:////abs/mlflow.db", "3",
      "MLflow UI: mlflow ui --backend-store-uri sqlite:////abs/mlflow.db, then open "
-     "http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning"),
+     "http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning"
+     "&viewStateShareKey=seqexp-at-20"),
     ("http://mlflow.example:5000", "17",
-     "MLflow UI: open http://mlflow.example:5000/#/experiments/17?workflowType=machine_learning"),
+     "MLflow UI: open http://mlflow.example:5000/#/experiments/17/runs?workflowType="
+     "machine_learning&viewStateShareKey=seqexp-at-20"),
     ("https://mlflow.example/team/", "8",
-     "MLflow UI: open https://mlflow.example/team/#/experiments/8?workflowType=machine_learning"),
+     "MLflow UI: open https://mlflow.example/team/#/experiments/8/runs?workflowType="
+     "machine_learning&viewStateShareKey=seqexp-at-20"),
 ])
 def test_the_ui_hint_lands_on_the_experiments_runs_table(uri, experiment_id, expected):
-    # without ?workflowType=machine_learning MLflow 3.17.2's UI opens on the GenAI overview
-    assert ui_hint(uri, experiment_id) == expected
+    # without ?workflowType=machine_learning MLflow 3.17.2's UI opens on the GenAI overview;
+    # the bare experiment address redirects to /runs and drops the view key
+    assert ui_hint(uri, experiment_id, 20) == expected
+
+
+def test_a_run_stores_the_view_its_address_names(store_uri):
+    tracker = Tracker(store_uri, "viewed")
+    tracker.show_runs_view(10)
+    tags = MlflowClient(store_uri).get_experiment(tracker.experiment_id).tags
+    view = json.loads(tags[f"mlflow.sharedViewState.{runs_view_key(10)}"])
+    assert view["orderByKey"] == "metrics.`test/mrr_at_10`" and view["orderByAsc"] is False
+    assert view["selectedColumns"][:6] == [
+        "tags.`model`", "tags.`dataset`", "tags.`seed`", "metrics.`test/mrr_at_10`",
+        "metrics.`test/recall_at_10`", "metrics.`test/ndcg_at_10`"]
+    assert f"viewStateShareKey={runs_view_key(10)}" in ui_hint(store_uri, "1", 10)
 
 
 def test_runs_log_their_splits_as_datasets_whose_digest_follows_the_data(tmp_path, store_uri,

@@ -1,6 +1,7 @@
 """The MLflow UI looked at in a browser (headless Chromium, driven by Playwright, through
-scripts/ui_screenshots.py): the address seqexp prints after a run opens the runs table, and it
-shows every run with its dataset and its MLflow Model."""
+scripts/ui_screenshots.py): the address seqexp prints after a run opens the runs table on a
+comparison: every run's model, dataset, seed and test MRR/Recall/NDCG@20 as columns, the best
+MRR@20 first."""
 
 from __future__ import annotations
 
@@ -28,12 +29,13 @@ def _ui_screenshots():
     return module
 
 
-def _cell(page, run_id: str, column: str):
-    """A run's cell in the runs table's column `column` (Run Name, Dataset, Models, ...)."""
-    return page.locator(f'[row-id="{run_id}"] [col-id="attributes.`{column}`"]')
+def _cell(page, run_id: str, column: str, kind: str = "attributes"):
+    """A run's cell in the runs table's column `column` (Run Name, Dataset, Models, ...) of
+    the column group `kind` (attributes, tags, metrics)."""
+    return page.locator(f'[row-id="{run_id}"] [col-id="{kind}.`{column}`"]')
 
 
-def test_the_runs_table_shows_each_run_with_its_dataset_and_model(tmp_path, empty_store):
+def test_the_runs_table_shows_each_runs_metrics_sorted_by_mrr(tmp_path, empty_store):
     ui = _ui_screenshots()
     shutil.copy(empty_store, tmp_path / "mlflow.db")  # its schema: seconds saved
     uri = ui.store_uri(tmp_path)
@@ -42,20 +44,27 @@ def test_the_runs_table_shows_each_run_with_its_dataset_and_model(tmp_path, empt
         experiment_id, run_ids = ui.make_runs(uri, tmp_path, ("pop", "gru"))  # while it starts
         with ui.chromium_page() as page:
             ui.open_runs_table(page, answering(), experiment_id, run_ids)  # waits for the rows
+            shown_mrr = {}
             for run_id in run_ids:
                 run = client.get_run(run_id)
+                for tag in ("model", "dataset", "seed"):
+                    shown = _cell(page, run_id, tag, "tags").inner_text().strip()
+                    assert shown == run.data.tags[tag]
+                for metric in ("test/mrr_at_20", "test/recall_at_20", "test/ndcg_at_20"):
+                    text = _cell(page, run_id, metric, "metrics").inner_text().strip()
+                    assert float(text) == pytest.approx(run.data.metrics[metric], rel=1e-9)
+                shown_mrr[run_id] = run.data.metrics["test/mrr_at_20"]
                 name = _cell(page, run_id, "Run Name").locator("a")
                 assert name.inner_text().strip() == run.info.run_name
                 assert name.get_attribute("href").endswith(f"/runs/{run_id}")
-                # the first of its three inputs, with its context
-                training = run.inputs.dataset_inputs[0]
-                assert [t.value for t in training.tags if t.key == "mlflow.data.context"] == [
-                    "training"]
-                shown = _cell(page, run_id, "Dataset").inner_text()
-                assert f"{training.dataset.name} ({training.dataset.digest})" in shown
-                assert "Training" in shown
                 logged, = client.search_logged_models([experiment_id],
                                                       filter_string=f"source_run_id = '{run_id}'")
                 link = _cell(page, run_id, "Models").locator("a")
                 assert link.inner_text().strip() == logged.name
                 assert link.get_attribute("href").endswith(f"/models/{logged.model_id}")
+            rows = page.locator('[role="row"][row-id]')
+            index = {rows.nth(i).get_attribute("row-id"): int(rows.nth(i).get_attribute(
+                "row-index")) for i in range(rows.count())}
+            assert sorted(shown_mrr, key=index.get) == sorted(shown_mrr, key=shown_mrr.get,
+                                                             reverse=True)
+            assert len(set(shown_mrr.values())) == 2  # pop and gru differ: the order means it

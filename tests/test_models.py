@@ -229,3 +229,19 @@ def test_amp_on_a_cpu_autocasts_only_where_it_has_native_bf16(monkeypatch, caplo
     warned = "train.amp: this CPU has no native bfloat16 products" in caplog.text
     assert warned is not native_bf16
     assert (amp_unavailable(torch.device("cpu")) is None) is native_bf16
+
+
+def test_progress_bars_stay_off_when_stderr_is_not_a_terminal_and_each_epoch_logs_a_line(
+        capfd, caplog):
+    from seqexp.engine.trainer import Trainer, TrainSettings
+
+    data = sequences([[1, 2, 3, 4, 5, 6], [2, 3, 4, 5, 6, 7]], n_items=8, n_val=[1, 1])
+    model = RecurrentRecommender(8, 2, hidden_size=4, window=2)
+    trainer = Trainer(Evaluator([1]), TrainSettings(epochs=2, batch_size=2, progress=True),
+                      monitor_cutoff=1)
+    with caplog.at_level("INFO", logger="seqexp.engine.trainer"):
+        trainer.fit(model, data)
+    written = capfd.readouterr().err  # a pipe here, as in a redirected log
+    assert "epoch 1/2" not in written and "ev/s" not in written and "\r" not in written
+    epochs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert [line.split(":")[0] for line in epochs] == ["epoch 1", "epoch 1", "epoch 2", "epoch 2"]

@@ -123,6 +123,7 @@ def test_report_from_an_experiment_writes_four_files_and_logs_them_to_the_parent
     printed = capsys.readouterr().out
     assert "2 runs in 1 rows; 1 unfinished runs left out" in printed
     files = {p.name: p for p in (tmp_path / "out").iterdir()}
+    # named after the experiment
     assert set(files) == {"table2.md", "table2.csv", "table2.tex", "table2.png"}
     assert files["table2.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     row = next(csv.DictReader(files["table2.csv"].open()))
@@ -135,7 +136,7 @@ def test_report_from_an_experiment_writes_four_files_and_logs_them_to_the_parent
     assert logged == {f"report/{name}" for name in files}
     # the same sweep, selected by its id, gives the same table
     main(["--tracking-uri", uri, "--sweep-id", "x", "--out", str(tmp_path / "again")])
-    assert (tmp_path / "again" / "table2.md").read_text() == files["table2.md"].read_text()
+    assert (tmp_path / "again" / "sweep-x.md").read_text() == files["table2.md"].read_text()
 
 
 def test_runs_without_one_parent_get_a_report_run_of_their_own(tmp_path, store_uri):
@@ -333,7 +334,8 @@ def test_report_with_logged_ranks_tests_and_plots_by_history(tmp_path, store_uri
           "--resamples", "500"])
     printed = capsys.readouterr().out
     assert "| linear_ugru | 1.00000 † ‡ |" in printed
-    assert (tmp_path / "out" / "mrr_by_history.png").read_bytes()[:4] == b"\x89PNG"
+    assert "† differs from the row gru (unmarked itself) on the same test events" in printed
+    assert (tmp_path / "out" / "ranks_mrr_by_history.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def _out_is_a_file(out: Path, monkeypatch) -> None:
@@ -392,3 +394,48 @@ def test_the_dagger_tests_users_not_events():
         ("ml10m", "mrr_at_20")].comparison
     assert comparison.level == "events" and comparison.significant
     assert "tested event by event" in to_markdown(table)
+
+
+@pytest.mark.parametrize(("dataset", "expected"), [
+    ("synthetic", ["seqexp (± std over seeds)"]),  # no paper value: no paper series
+    ("lastfm", ["seqexp (± std over seeds)", "paper"]),
+])
+def test_the_charts_legend_lists_only_drawn_series_and_says_what_the_error_bars_are(
+        tmp_path, dataset, expected):
+    from seqexp.analysis.plots import plot
+
+    runs = [record("gru", dataset, 0.10 + s / 100, 0.2, seed=s) for s in (1, 2)]
+    runs += [record("linear_ugru", dataset, 0.12, 0.25, seed=s) for s in (1, 2)]
+    table = build_table(runs, PAPER, defaults=_no_defaults)
+    assert plot(table, tmp_path / "chart.png") == expected
+    assert (tmp_path / "chart.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_older_stores_flat_metric_names_are_read_like_the_sectioned_ones(tmp_path, store_uri,
+                                                                           capsys):
+    tracker = Tracker(store_uri, "mixed")
+    _tracked(tracker, "gru", "lastfm", 1, 0.10, 0.20)  # test/mrr_at_20, test/recall_at_20
+    old = tracker.start("gru-lastfm-2", {"model": "gru", "dataset": "lastfm", "seed": "2"})
+    tracker.log_params({"model.name": "gru", "seed": "2", "train.lr": "0.001"})
+    MlflowClient(store_uri).log_metric(old, "test_mrr_at_20", 0.14)  # as seqexp logged before
+    MlflowClient(store_uri).log_metric(old, "test_recall_at_20", 0.22)
+    tracker.end("FINISHED")
+    main(["--tracking-uri", store_uri, "--experiment", "mixed", "--out", str(tmp_path / "out")])
+    row = next(csv.DictReader((tmp_path / "out" / "mixed.csv").open()))
+    assert (row["lastfm_mrr_at_20_n"], float(row["lastfm_mrr_at_20_mean"])) == ("2",
+                                                                                pytest.approx(0.12))
+    assert float(row["lastfm_recall_at_20_mean"]) == pytest.approx(0.21)
+
+
+def test_the_dagger_names_the_baseline_row_when_the_baseline_model_has_several_rows():
+    ranks = list(range(1, 41))
+    runs = [ranked("gru", ranks), ranked("gru", [1] * 40, **{"train.lr": "0.003"}),
+            ranked("linear_ugru", [1] * 40)]
+    table = build_table(runs, PAPER, defaults=_no_defaults, resamples=200)
+    labels = [row.label for row in table.rows]
+    assert "gru (train.lr=0.001)" in labels and "gru (train.lr=0.003)" in labels
+    text = to_markdown(table)
+    assert "† differs from the row gru (train.lr=0.001) (unmarked itself)" in text
+    shown = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()
+             if line.startswith("| gru")}
+    assert "†" not in shown["gru (train.lr=0.001)"] and "†" in shown["gru (train.lr=0.003)"]

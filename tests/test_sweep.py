@@ -64,40 +64,51 @@ def test_joblib_multirun_nests_parallel_jobs_under_one_parent_and_reports_them(t
     assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}
     assert sorted(c.data.tags["seed"] for c in children) == ["1", "2"]
     assert_nested(parent, children, sweep_dir)
-    best = max(children, key=lambda c: c.data.metrics["best_val_mrr_at_20"])
-    assert parent.data.metrics["jobs_finished"] == 2 and parent.data.metrics["jobs_failed"] == 0
-    assert parent.data.metrics["best_val_mrr_at_20"] == best.data.metrics["best_val_mrr_at_20"]
+    best = max(children, key=lambda c: c.data.metrics["run/best_val_mrr_at_20"])
+    summary = parent.data.metrics
+    assert summary["sweep/jobs_finished"] == 2 and summary["sweep/jobs_failed"] == 0
+    assert summary["run/best_val_mrr_at_20"] == best.data.metrics["run/best_val_mrr_at_20"]
     assert parent.data.tags["best_run_id"] == best.info.run_id
     assert parent.data.params["sweep.launcher"].endswith("JoblibLauncher")
     assert "multirun.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     # each job's lines say whose they are; the sweep ends with its summary and what to run next
     for child in children:
         job = child.data.tags["sweep_job"]
-        assert f"[job {job}] seqexp: run {child.info.run_id} finished: " in result.stdout
+        line = f"[job {job}] seqexp: run {child.info.run_id} finished (gru on synthetic, best "
+        assert line in result.stdout
     summary = result.stdout.strip().splitlines()[-3:]
     assert summary[0].startswith(f"seqexp: sweep {parent.data.tags['sweep_id']} done: "
                                  f"2 finished, 0 failed, 0 killed; best val_mrr_at_20=")
     assert f"seqexp-report --sweep-id {parent.data.tags['sweep_id']}" in summary[1]
+    # the sweep carries its own comparison: its parent holds the report, named after it,
+    # and the best job's numbers
+    name = parent.info.run_name
+    assert name == f"sweep-{parent.data.tags['sweep_id']}"
+    carried = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert carried == {f"report/{name}.{ext}" for ext in ("md", "csv", "tex", "png")} | {
+        f"report/{name}_mrr_by_history.png"}
+    for key in ("test/mrr_at_20", "test/recall_at_20", "run/best_epoch"):
+        assert parent.data.metrics[key] == best.data.metrics[key], key
 
     report = seqexp(["--sweep-id", parent.data.tags["sweep_id"], "--out", "report"],
                     cwd=tmp_path, module="seqexp.apps.report")
     assert report.returncode == 0, report.stderr[-3000:]
     out = tmp_path / "report"
-    mrr = [c.data.metrics["test_mrr_at_20"] for c in children]
-    recall = [c.data.metrics["test_recall_at_20"] for c in children]
-    (row,) = list(csv.DictReader((out / "table2.csv").open()))
+    mrr = [c.data.metrics["test/mrr_at_20"] for c in children]
+    recall = [c.data.metrics["test/recall_at_20"] for c in children]
+    (row,) = list(csv.DictReader((out / f"{name}.csv").open()))
     assert (row["model"], row["synthetic_mrr_at_20_n"]) == ("gru", "2")
     assert float(row["synthetic_mrr_at_20_mean"]) == pytest.approx(statistics.fmean(mrr))
     assert float(row["synthetic_mrr_at_20_std"]) == pytest.approx(statistics.stdev(mrr))
     assert float(row["synthetic_recall_at_20_mean"]) == pytest.approx(statistics.fmean(recall))
     shown = f"{statistics.fmean(mrr):.5f} ± {statistics.stdev(mrr):.5f} (n=2)"
     # ‡ synthetic data, [a] the tiny settings (the footnote names them)
-    assert f"| gru | {shown} ‡ [a] |" in (out / "table2.md").read_text()
-    assert shown.replace("±", r"$\pm$") in (out / "table2.tex").read_text()
-    assert (out / "table2.png").read_bytes()[:4] == b"\x89PNG"
-    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
-    assert logged == {f"report/table2.{ext}" for ext in ("md", "csv", "tex", "png")} | {
-        "report/mrr_by_history.png"}
+    assert f"| gru | {shown} ‡ [a] |" in (out / f"{name}.md").read_text()
+    assert shown.replace("±", r"$\pm$") in (out / f"{name}.tex").read_text()
+    assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / f"{name}.csv").read_text() == (
+        Path(client.download_artifacts(parent.info.run_id, f"report/{name}.csv", str(tmp_path)))
+        .read_text())  # seqexp-report --sweep-id makes the same table
 
 
 @pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None,
@@ -130,10 +141,10 @@ def test_optuna_search_goes_on_past_a_failed_trial(tmp_path):
     results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     assert results["best_params"] == {"train.batch_size": 16}
     assert results["best_value"] == pytest.approx(
-        max(run.data.metrics["best_val_mrr_at_20"] for run in finished))
+        max(run.data.metrics["run/best_val_mrr_at_20"] for run in finished))
     assert parent.info.status == "FINISHED"
-    assert parent.data.metrics["jobs_finished"] == len(finished)
-    assert parent.data.metrics["jobs_failed"] == len(failed)
+    assert parent.data.metrics["sweep/jobs_finished"] == len(finished)
+    assert parent.data.metrics["sweep/jobs_failed"] == len(failed)
     assert parent.data.params["sweep.direction"] == "maximize"
     assert "optimization_results.yaml" in {
         a.path for a in client.list_artifacts(parent.info.run_id)}

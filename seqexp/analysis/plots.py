@@ -12,10 +12,12 @@ from seqexp.analysis.table import METRICS, Table, dataset_title
 from seqexp.core.history import history_quartiles
 
 
-def plot(table: Table, path: Path) -> None:
+def plot(table: Table, path: Path) -> list[str]:
     """Grouped bars, seqexp beside the paper, one panel per dataset and metric. Error bars: the
     bootstrap 95 % CI of the mean over test events where the runs' ranks are logged, else ±
-    the standard deviation over seeds."""
+    the standard deviation over seeds; the legend says which, below the panels (it hides no
+    bar), and lists the paper only where a paper value is drawn. Returns the legend's
+    entries."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -36,8 +38,9 @@ def plot(table: Table, path: Path) -> None:
                 else [cell.std or 0.0, cell.std or 0.0] for i, cell in enumerate(cells)]).T
             paper = [cell.paper if cell.paper is not None else np.nan for cell in cells]
             ax.bar(x - 0.2, ours, 0.4, yerr=np.clip(errors, 0, None), capsize=3,
-                   label="seqexp (95 % CI)")
-            ax.bar(x + 0.2, paper, 0.4, label="paper")
+                   label=f"seqexp ({_error_bars(cells)})", color="C0")
+            if not np.isnan(paper).all():
+                ax.bar(x + 0.2, paper, 0.4, label="paper", color="C1")
             for i, cell in enumerate(cells):
                 if cell.comparison is not None and cell.comparison.significant:
                     ax.annotate(DAGGER, (x[i] - 0.2, ours[i] + errors[1][i]), ha="center",
@@ -46,10 +49,25 @@ def plot(table: Table, path: Path) -> None:
             ax.set_xticks(x, [row.label for row in table.rows], rotation=35, ha="right",
                           fontsize=8)
             ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
+    series = {label: handle for ax in axes.flat
+              for handle, label in zip(*ax.get_legend_handles_labels(), strict=True)}
+    fig.legend(series.values(), series.keys(), loc="lower center", ncol=len(series),
+               fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07 if n_rows == 1 else 0.04, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return list(series)
+
+
+def _error_bars(cells: list) -> str:
+    """What a panel's error bars are: each cell's bootstrap CI where its runs logged their
+    ranks, else the standard deviation over seeds."""
+    with_ci = [cell.ci is not None for cell in cells if cell.mean is not None]
+    if with_ci and all(with_ci):
+        return "bootstrap 95 % CI"
+    if not any(with_ci):
+        return "± std over seeds"
+    return "bootstrap 95 % CI; ± std over seeds without ranks"
 
 
 def history_curves(table: Table, dataset: str, metric: str = "mrr_at_20"

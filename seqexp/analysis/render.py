@@ -48,7 +48,9 @@ def _significance_note(table: Table) -> str:
                    if c.comparison is not None]
     averaged = any(max(c.seeds) > 1 for c in comparisons)
     by_events = any(c.level == "events" for c in comparisons)
-    text = (f"{DAGGER} differs from {table.baseline} on the same test events: paired "
+    # the row itself: a model that ran in several settings has several rows
+    baseline = f"the row {table.baseline_row or table.baseline}"
+    text = (f"{DAGGER} differs from {baseline} (unmarked itself) on the same test events: paired "
             f"randomisation test on per-event reciprocal rank (MRR@20) or hit (Recall@20) "
             f"that permutes users (all of a user's test events together), Holm-corrected "
             f"over the models of the column, p < {table.alpha:g}.")

@@ -148,6 +148,7 @@ class Table:
     notes: list[str] = field(default_factory=list)  # lines printed under the table
     duplicates: int = 0  # runs left out as repeats of a (configuration, seed)
     settings_notes: list[str] = field(default_factory=list)  # footnote i+1 -> its settings
+    baseline_row: str | None = None  # the label of the row every † is relative to
 
     def settings_mark(self, cell: Cell) -> str:
         """'a', 'b', ... for a cell whose runs used non-default settings (footnotes)."""
@@ -360,6 +361,7 @@ def add_significance(table: Table, resamples: int, rng: np.random.Generator) -> 
     own bootstrap CI (for the plot)."""
     baselines = [row for row in table.rows if row.model == table.baseline]
     base_row = min(baselines, key=lambda r: (r.variant != "", r.variant), default=None)
+    table.baseline_row = None if base_row is None else base_row.label
     missing: dict[str, str] = {}
     for dataset in table.datasets:
         for metric, _ in METRICS:

@@ -179,22 +179,28 @@ def prefix_job_lines(job: int | str) -> None:
 
 def run_summary(result: RunResult, cfg: DictConfig, launch_dir: Path, output_dir: Path,
                 prefix: str = "") -> str:
-    """The last lines of a run: its id, the test metrics at the monitored cutoff, where its
-    outputs are and how to look at it in the MLflow UI."""
+    """The last lines of a run: its id, model, dataset and best epoch, the test metrics at the
+    monitored cutoff, where its outputs are and how to look at it in the MLflow UI."""
     from seqexp.run.experiment import headline_metrics  # loads torch: see _run
 
     shown = ", ".join(f"{k}={result.metrics[k]:.5f}" for k in headline_metrics(cfg)
                       if k in result.metrics)
     output_dir = result.output_dir or output_dir
+    cutoff = cfg.eval.monitor_cutoff
     try:
         where = output_dir.relative_to(launch_dir)
     except ValueError:
         where = output_dir
+    what = f"{cfg.model.name} on {cfg.dataset.name}"
+    best, epochs = result.metrics.get("best_epoch"), result.metrics.get("epochs_run", 0)
+    if best is not None and epochs:  # a model without epochs (pop, itemknn) has none
+        what += f", best epoch {int(best)} of {int(epochs)}"
     if prefix:  # a sweep's job: the sweep's own summary says where to look
-        return f"{prefix}seqexp: run {result.run_id} finished: {shown} (outputs: {where})"
-    return (f"seqexp: run {result.run_id} finished: {shown}\n"
+        return (f"{prefix}seqexp: run {result.run_id} finished ({what}): {shown} "
+                f"(outputs: {where})")
+    return (f"seqexp: run {result.run_id} finished ({what}): {shown}\n"
             f"  outputs: {where}\n"
-            f"  {ui_hint(tracking_uri_of(cfg, launch_dir), result.experiment_id)}  "
+            f"  {ui_hint(tracking_uri_of(cfg, launch_dir), result.experiment_id, cutoff)}  "
             f"(experiment {result.experiment})")
 
 

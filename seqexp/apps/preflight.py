@@ -168,6 +168,9 @@ def check_command_line(argv: Sequence[str], check_data: bool = True) -> str | No
         problem = _check_key_override(override, configs)
         if problem:
             return problem
+    refused = check_override_values(key_overrides, configs)
+    if refused:
+        return refused
     folder_problem = check_outputs_folder(base, parsed, swept)
     if folder_problem:
         return folder_problem
@@ -242,6 +245,32 @@ def check_sweep_data(combinations: list[list[str]], fixed_groups: list[str]) -> 
         except SeqexpError as exc:
             missing.append(f"dataset {dataset.get('name')}: {exc}")
     return "\n".join(missing) or None
+
+
+def check_override_values(key_overrides: list, configs: list) -> str | None:
+    """The schema's one line for an overridden value its key refuses (train.lr=abc), checked
+    on the composed configs, before the run loads torch and MLflow. Keys whose options are the
+    implementations' lists (optimizers, cells, ...) are left to the run's full check."""
+    for override in key_overrides:
+        key = override.key_or_group
+        if override.is_sweep_override() or override.is_delete():
+            continue
+        for _, cfg in configs:
+            try:
+                entry = keys_of(cfg).get(key) if _has_key(cfg, key) else None
+            except SeqexpError:  # a model the schema does not know yet: the run's check says
+                continue
+            value = override.value()
+            if entry is None or entry.rule.listed is not None or (
+                    isinstance(value, str) and "${" in value):
+                continue
+            try:
+                entry.rule.complain(key, value, {})
+            except SeqexpError as exc:
+                return str(exc)
+            except Exception:  # noqa: BLE001 - an interpolation: the run's check resolves it
+                continue
+    return None
 
 
 def check_outputs_folder(base: DictConfig, parsed: list, swept: bool) -> str | None:

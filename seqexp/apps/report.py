@@ -28,7 +28,9 @@ from seqexp.analysis.plots import plot, plot_history
 from seqexp.analysis.render import to_csv, to_latex, to_markdown
 from seqexp.analysis.table import METRICS, RunRecord, Table, build_table, load_paper
 from seqexp.core.errors import SeqexpError
+from seqexp.core.metric_names import flat_metrics
 from seqexp.core.ranks_file import RANKS_FILE, read_ranks
+from seqexp.run.sweep import SweepCallback, SweepInfo
 from seqexp.run.tags import (
     PARENT_ROLE,
     PARENT_TAG,
@@ -40,30 +42,35 @@ from seqexp.run.tracking import Tracker, default_tracking_uri, with_lock_retry
 
 log = logging.getLogger(__name__)
 
-REPORT_FILES = ("table2.md", "table2.csv", "table2.tex", "table2.png")
+REPORT_SUFFIXES = (".md", ".csv", ".tex", ".png")
 # MRR@20 by history-length quartile: written when runs logged their per-event ranks.
-HISTORY_PLOT = "mrr_by_history.png"
+HISTORY_PLOT = "_mrr_by_history.png"
 
 
-def write_report(table: Table, out_dir: Path) -> list[Path]:
-    """Table 2 as Markdown, CSV, LaTeX and PNG in `out_dir`, with the history chart when the
-    runs logged their ranks; the files written. They are made in a temporary folder inside
-    `out_dir` and moved into place, so a failure leaves no half-written report; a folder
-    that cannot be written is one line naming it."""
+def report_files(name: str) -> list[str]:
+    """The report's files for an experiment or sweep `name`: NAME.md, .csv, .tex, .png."""
+    return [f"{name}{suffix}" for suffix in REPORT_SUFFIXES]
+
+
+def write_report(table: Table, out_dir: Path, name: str) -> list[Path]:
+    """Table 2 as Markdown, CSV, LaTeX and PNG in `out_dir`, named after the experiment or
+    sweep `name`, with the history chart when the runs logged their ranks; the files written.
+    They are made in a temporary folder inside `out_dir` and moved into place, so a failure
+    leaves no half-written report; a folder that cannot be written is one line naming it."""
     if out_dir.exists() and not out_dir.is_dir():
         raise SeqexpError(f"--out {out_dir} is a file; name a folder (it is created if need be)")
     staging: Path | None = None
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".report.", dir=out_dir))
-        md, table_csv, tex, png = (staging / name for name in REPORT_FILES)
+        md, table_csv, tex, png = (staging / file for file in report_files(name))
         md.write_text(to_markdown(table))
         table_csv.write_text(to_csv(table))
         tex.write_text(to_latex(table))
         plot(table, png)
         made = [md, table_csv, tex, png]
-        if plot_history(table, staging / HISTORY_PLOT):
-            made.append(staging / HISTORY_PLOT)
+        if plot_history(table, staging / f"{name}{HISTORY_PLOT}"):
+            made.append(staging / f"{name}{HISTORY_PLOT}")
         for path in made:
             os.replace(path, out_dir / path.name)
     except OSError as exc:
@@ -79,7 +86,7 @@ def _record(run: Any, client: Any = None) -> RunRecord:
     tags = run.data.tags
     results_free = frozenset(filter(None, tags.get(RESULTS_FREE_TAG, "").split(",")))
     record = RunRecord(run.info.run_id, tags.get("model", "?"), tags.get("dataset", "?"),
-                       dict(run.data.params), dict(run.data.metrics), tags.get(PARENT_TAG),
+                       dict(run.data.params), flat_metrics(run.data.metrics), tags.get(PARENT_TAG),
                        results_free=results_free)
     if client is not None:
         attach_ranks(record, client)
@@ -117,7 +124,7 @@ def collect(tracker: Any, experiment: str | None, sweep_id: str | None
     parents = [r for r in runs if r.data.tags.get(ROLE_TAG) == PARENT_ROLE]
     jobs = [r for r in runs if ROLE_TAG not in r.data.tags]
     finished = [r for r in jobs if r.info.status == "FINISHED"
-                and any(f"test_{m}" in r.data.metrics for m, _ in METRICS)]
+                and any(f"test_{m}" in flat_metrics(r.data.metrics) for m, _ in METRICS)]
     if not finished:
         raise SeqexpError(f"no finished seqexp runs with test metrics in {where} "
                           f"(--tracking-uri {tracker.tracking_uri})")
@@ -160,8 +167,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     which.add_argument("--experiment", help="MLflow experiment name (mlflow.experiment)")
     which.add_argument("--sweep-id", help="the sweep_id tag of a multirun's runs")
     parser.add_argument("--out", type=Path, default=Path("report"),
-                        help="folder for table2.{md,csv,tex,png} and mrr_by_history.png "
-                             "(default: report/)")
+                        help="folder for NAME.{md,csv,tex,png} and NAME_mrr_by_history.png, "
+                             "NAME the experiment or sweep-ID (default: report/)")
     parser.add_argument("--baseline", default="gru",
                         help="the reference model every other model is tested against "
                              "(default: gru)")
@@ -183,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         runs, parent, experiment_id, skipped = collect(tracker, args.experiment, args.sweep_id)
         table = build_table(runs, load_paper(), baseline=args.baseline, alpha=args.alpha,
                             resamples=args.resamples, seed=args.seed)
-        files = write_report(table, args.out)
+        files = write_report(table, args.out, args.experiment or f"sweep-{args.sweep_id}")
         run_id = log_report(tracker, files, parent, experiment_id)
     except SeqexpError as exc:
         print(f"seqexp-report: error: {exc}", file=sys.stderr)
@@ -192,6 +199,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"\n{len(runs)} runs in {len(table.rows)} rows"
           + (f"; {skipped} unfinished runs left out" if skipped else ""))
     print(f"wrote {', '.join(str(f) for f in files)}; logged under report/ of run {run_id}")
+
+
+class SweepReportCallback(SweepCallback):
+    """The sweep callback conf/config.yaml registers: at the end of a multirun its parent run
+    gets this report of its jobs (under report/), as seqexp-report --sweep-id would make it."""
+
+    def report(self, tracker: Tracker, info: SweepInfo, name: str, sweep_dir: Path) -> None:
+        runs, _, _, _ = collect(tracker, None, info.sweep_id)
+        table = build_table(runs, load_paper())
+        for path in write_report(table, sweep_dir / "report", name):
+            tracker.log_artifact(path, "report")
+        log.info("sweep %s: report logged under report/ of its parent run", info.sweep_id)
 
 
 if __name__ == "__main__":

@@ -156,7 +156,8 @@ TRAIN: dict[str, Key] = {
                     "early stopping"),
     "min_delta": Key(number(0.0), "least improvement of the monitored metric that resets "
                      "patience"),
-    "progress": _speed(flag(), "progress bars"),
+    "progress": _speed(flag(), "progress bars, on a terminal only (a log gets one line per "
+                                       "epoch)"),
     "num_threads": _speed(integer(1, nullable=True), "CPU threads for torch (null keeps "
                           "torch's default)"),
     "tf32": _speed(flag(), "TF32 tensor cores for float32 products on CUDA"),

@@ -97,7 +97,7 @@ def _stream(remote: RemoteFile, part: Path, offset: int, progress: bool, timeout
                 unit_scale=True,
                 unit_divisor=1024,
                 desc=part.name.removesuffix(".part"),
-                disable=not progress,
+                disable=None if progress else True,
             ) as bar,
         ):
             while chunk := response.read(CHUNK):

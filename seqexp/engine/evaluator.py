@@ -99,7 +99,7 @@ class Evaluator:
             "greater": [], "equal": [], "users": [], "positions": [], "targets": []}
         shared = sorted_shared_scores(model)
         bar = tqdm(total=phase_targets(data, phase), desc=phase, unit="ev", unit_scale=True,
-                   disable=not self.progress, leave=False, mininterval=1.0)
+                   disable=None if self.progress else True, leave=False, mininterval=1.0)
         try:
             with bar:
                 for batch in prediction_batches(data, phase, self.users_per_batch(device)):

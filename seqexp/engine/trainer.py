@@ -330,8 +330,10 @@ class ProgressLog:
         """The bar of one epoch while the block runs. A model's batches need not add up to the
         (input, next) pairs (BPR samples every training event, DREAM drops pairs without a
         negative): a block that ends normally leaves the bar at 100 %."""
+        # disable=None: no bar when stderr is not a terminal (a log file), where the epoch's
+        # log line says the same once
         self._bar = tqdm(total=total_events, desc=f"epoch {epoch}/{self.epochs}", unit="ev",
-                         unit_scale=True, disable=not self.enabled, leave=False,
+                         unit_scale=True, disable=None if self.enabled else True, leave=False,
                          mininterval=1.0)
         self._bar.update(done_events)
         with self._bar:

@@ -212,6 +212,7 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
         run_id = _start_run(tracker, cfg, params, output_dir, overrides,
                             {**run_tags, **({CLUSTER_JOB_TAG: job_key} if job_key else {}),
                              **(tags or {})})
+    tracker.show_runs_view(cfg.eval.monitor_cutoff)
     checkpoint = output_dir / "checkpoints" / "best.pt"
     with tracked_run(tracker, output_dir, resumed is not None,
                      checkpoint if cfg.mlflow.log_checkpoint else None):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from seqexp.core import liveness
 from seqexp.core.errors import SeqexpError
+from seqexp.core.metric_names import logged_name
 from seqexp.run.options import affects_results
 from seqexp.run.tracking import OUTPUTS_TAG, with_lock_retry
 
@@ -139,6 +140,8 @@ def _checked(tracker, run) -> RunToResume:
         raise SeqexpError(f"resume: run {run.info.run_id} is still running (process {pid} on "
                           f"this host); stop it first (kill {pid}) or start a new run")
     found = _describe(run)
-    history = with_lock_retry(tracker.client.get_metric_history, run.info.run_id, "train_loss")
-    found.logged_epochs = {m.step for m in history}
+    found.logged_epochs = set()
+    for name in (logged_name("train_loss"), "train_loss"):  # an older store: the flat name
+        history = with_lock_retry(tracker.client.get_metric_history, run.info.run_id, name)
+        found.logged_epochs |= {m.step for m in history}
     return found

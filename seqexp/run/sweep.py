@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from seqexp.core import liveness
 from seqexp.core.atomic import write_json
 from seqexp.core.errors import message_line
+from seqexp.core.metric_names import flat_metrics
 from seqexp.run.tags import (
     ERROR_TAG,
     PARENT_ROLE,
@@ -41,7 +42,14 @@ from seqexp.run.tags import (
     SWEEP_ID_TAG,
     SWEEP_JOB_TAG,
 )
-from seqexp.run.tracking import Tracker, default_tracking_uri, git_tags, process_tags, ui_hint
+from seqexp.run.tracking import (
+    Tracker,
+    default_tracking_uri,
+    git_tags,
+    process_tags,
+    ui_hint,
+    with_lock_retry,
+)
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +188,7 @@ def summarise_children(runs: Sequence[Any], monitor: str) -> tuple[dict[str, flo
         key = f"jobs_{run.info.status.lower()}"
         if key in counts:
             counts[key] += 1
-        value = run.data.metrics.get(monitor)
+        value = flat_metrics(run.data.metrics).get(monitor)
         if run.info.status == "FINISHED" and value is not None and value > best_value:
             best_value, best_run = value, run.info.run_id
     if best_run is not None:
@@ -207,12 +215,18 @@ class SweepCallback(Callback):
             **git_tags(), **process_tags(),
         })
         tracker.log_params(_sweep_params(config))
+        tracker.show_runs_view(config.eval.monitor_cutoff)
         self.info = SweepInfo(sweep_id, tracker.tracking_uri, tracker.experiment,
                               tracker.experiment_id, tracker.run_id)
         self.info.write(sweep_dir)
         _open_sweeps[sweep_id] = self.info
         log.info("sweep %s: MLflow parent run %s in %s", sweep_id, tracker.run_id,
                  tracker.tracking_uri)
+
+    def report(self, tracker: Tracker, info: SweepInfo, name: str, sweep_dir: Path) -> None:
+        """The sweep's comparison of its jobs, logged to its parent run (tracker.run_id) as
+        files named `name`: none here; seqexp.apps.report.SweepReportCallback (the one
+        conf/config.yaml registers) makes seqexp-report's tables and charts."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         info = self.info
@@ -223,19 +237,39 @@ class SweepCallback(Callback):
                     if run.info.run_id != info.parent_run_id]
         monitor = f"best_val_mrr_at_{config.eval.monitor_cutoff}"
         summary, best_run = summarise_children(children, monitor)
-        tracker.log_metrics(summary)
+        tracker.log_metrics(summary | best_job_metrics(children, best_run))
         if best_run is not None:
             tracker.set_tags({"best_run_id": best_run})
         sweep_dir = sweep_dir_of(config.hydra)
         for name in _SWEEP_ARTIFACTS:
             tracker.log_artifact(sweep_dir / name)
+        try:
+            self.report(tracker, info, _parent_name_of(tracker), sweep_dir)
+        except Exception as exc:  # noqa: BLE001 - the jobs' runs are kept: said, not raised
+            log.warning("sweep %s: no report in its parent run (%s); run seqexp-report "
+                        "--sweep-id %s", info.sweep_id, message_line(exc), info.sweep_id)
         _open_sweeps.pop(info.sweep_id, None)
         tracker.end("FINISHED")
-        print(sweep_summary(info, summary, best_run, monitor), flush=True)
+        print(sweep_summary(info, summary, best_run, monitor, config.eval.monitor_cutoff),
+              flush=True)
+
+
+def best_job_metrics(children: Sequence[Any], best_run: str | None) -> dict[str, float]:
+    """The test metrics and the best epoch of the best job, for its parent: the runs table
+    shows a sweep by its best job's numbers."""
+    best = next((run for run in children if run.info.run_id == best_run), None)
+    if best is None:
+        return {}
+    return {k: v for k, v in flat_metrics(best.data.metrics).items()
+            if k.startswith(("test_", "best_epoch"))}
+
+
+def _parent_name_of(tracker: Tracker) -> str:
+    return with_lock_retry(tracker.client.get_run, tracker.run_id).info.run_name
 
 
 def sweep_summary(info: SweepInfo, counts: Mapping[str, float], best_run: str | None,
-                  monitor: str) -> str:
+                  monitor: str, cutoff: int | None = None) -> str:
     """The last lines of a multirun: what its jobs did, the best one, and what to run next."""
     jobs = ", ".join(f"{int(counts[f'jobs_{s}'])} {s}" for s in ("finished", "failed", "killed"))
     best = (f"; best {monitor.removeprefix('best_')}={counts[monitor]:.5f} (run {best_run})"
@@ -243,5 +277,5 @@ def sweep_summary(info: SweepInfo, counts: Mapping[str, float], best_run: str | 
     return (f"seqexp: sweep {info.sweep_id} done: {jobs}{best}\n"
             f"  report: seqexp-report --sweep-id {info.sweep_id} "
             f"--tracking-uri {info.tracking_uri} --out report-{info.sweep_id}\n"
-            f"  {ui_hint(info.tracking_uri, info.experiment_id)}  "
+            f"  {ui_hint(info.tracking_uri, info.experiment_id, cutoff)}  "
             f"(experiment {info.experiment}, parent run {info.parent_run_id})")

@@ -26,6 +26,7 @@ from seqexp.core import liveness
 from seqexp.core.errors import SeqexpError, message_line
 from seqexp.core.file_modes import file_mode
 from seqexp.core.flat_config import MAX_PARAM_LENGTH
+from seqexp.core.metric_names import logged_name, test_metric
 from seqexp.core.source_git import source_git_info
 from seqexp.core.version import __version__
 
@@ -39,6 +40,15 @@ MODEL_TRAINING_KIND = "custom_model_development"
 # MLflow 3.17.2's UI opens an experiment on its GenAI overview whatever that tag says, unless the
 # address asks for the runs table (docs/tracking.md "Where the UI opens").
 RUNS_TABLE_QUERY = "?workflowType=machine_learning"
+# The runs tab's own route: the experiment's bare address redirects there and drops the view key.
+RUNS_TABLE_ROUTE = "/runs"
+# The runs table seqexp opens on: MLflow's shared view state (its "Share" button), an experiment
+# tag `mlflow.sharedViewState.<key>` holding the table's search facets and UI state as JSON,
+# applied when the address carries `viewStateShareKey=<key>` (MLflow's
+# useSharedExperimentViewState; docs/tracking.md "Where the UI opens").
+SHARED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+RUN_COLUMNS_TAGS = ("model", "dataset", "seed")
+RUN_COLUMNS_METRICS = ("mrr", "recall", "ndcg")
 # Where `mlflow ui` serves by default (its --host and --port).
 LOCAL_UI_ADDRESS = "http://127.0.0.1:5000"
 # MLflow's standard run tags (mlflow.utils.mlflow_tags) that the UI shows as the run's source.
@@ -75,18 +85,43 @@ def login_hint() -> str:
             "MLFLOW_TRACKING_PASSWORD to your user name and password on it")
 
 
-def experiment_page(ui_address: str, experiment_id: str) -> str:
-    """The address of an experiment's runs table in the MLflow UI at `ui_address`."""
-    return f"{ui_address.rstrip('/')}/#/experiments/{experiment_id}{RUNS_TABLE_QUERY}"
+def runs_view_key(cutoff: int) -> str:
+    """The share key of seqexp's runs table sorted by test MRR@cutoff."""
+    return f"seqexp-at-{int(cutoff)}"
 
 
-def ui_hint(tracking_uri: str, experiment_id: str) -> str:
+def runs_view(cutoff: int) -> dict[str, Any]:
+    """The runs table as MLflow's UI state: each run's model, dataset and seed tags, its test
+    MRR, Recall and NDCG at `cutoff` and its MLflow Model; sorted by test MRR, best first.
+    Column ids are MLflow's canonical keys, type.`name`."""
+    metrics = [f"metrics.`{test_metric(f'{m}_at_{int(cutoff)}')}`" for m in RUN_COLUMNS_METRICS]
+    columns = [*(f"tags.`{tag}`" for tag in RUN_COLUMNS_TAGS), *metrics]
+    return {
+        "searchFilter": "", "orderByKey": metrics[0], "orderByAsc": False,
+        "startTime": "ALL", "lifecycleFilter": "Active", "modelVersionFilter": "All Runs",
+        "datasetsFilter": [],
+        # MLflow 3.17.2 orders the columns itself (attributes, metrics by name, then tags) and
+        # applies a shared columnOrder only to a table drawn after the view arrives: none given.
+        "selectedColumns": [*columns, "attributes.`Models`"],
+        "runsExpanded": {}, "runsPinned": [], "runsHidden": [],
+    }
+
+
+def experiment_page(ui_address: str, experiment_id: str, cutoff: int | None = None) -> str:
+    """The address of an experiment's runs table in the MLflow UI at `ui_address`; with a
+    cutoff, in seqexp's view of it (runs_view), which Tracker.show_runs_view stores."""
+    view = "" if cutoff is None else f"&viewStateShareKey={runs_view_key(cutoff)}"
+    return (f"{ui_address.rstrip('/')}/#/experiments/{experiment_id}{RUNS_TABLE_ROUTE}"
+            f"{RUNS_TABLE_QUERY}{view}")
+
+
+def ui_hint(tracking_uri: str, experiment_id: str, cutoff: int | None = None) -> str:
     """How to look at an experiment of a store in the MLflow UI: a tracking server is its own
     UI, a local store is served by `mlflow ui` at its default address."""
     if tracking_uri.startswith(("http://", "https://")):
-        return f"MLflow UI: open {experiment_page(tracking_uri, experiment_id)}"
+        return f"MLflow UI: open {experiment_page(tracking_uri, experiment_id, cutoff)}"
     return (f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri}, then open "
-            f"{experiment_page(LOCAL_UI_ADDRESS, experiment_id)}")
+            f"{experiment_page(LOCAL_UI_ADDRESS, experiment_id, cutoff)}")
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:
@@ -484,6 +519,18 @@ class Tracker:
             log.warning("could not mark MLflow experiment %s as %s: %s", experiment.name,
                         MODEL_TRAINING_KIND, message_line(exc))
 
+    def show_runs_view(self, cutoff: int) -> None:
+        """Store seqexp's runs table (runs_view) in the experiment, for the address
+        experiment_page(..., cutoff). A store that refuses the tag (a server user without
+        MANAGE permission) costs only the view, not the run."""
+        tag = SHARED_VIEW_TAG_PREFIX + runs_view_key(cutoff)
+        try:
+            with_lock_retry(self.client.set_experiment_tag, self.experiment_id, tag,
+                            json.dumps(runs_view(cutoff), separators=(",", ":")))
+        except Exception as exc:  # noqa: BLE001 - cosmetic: logged, and the run goes on
+            log.warning("could not store the runs table view in MLflow experiment %s: %s",
+                        self.experiment, message_line(exc))
+
     def start(self, name: str, tags: Mapping[str, str]) -> str:
         """A new run named `name` with `tags` and MLflow's source tags (`tags` win)."""
         tags = {**source_tags(tags.get("git_sha")), **tags}
@@ -524,10 +571,12 @@ class Tracker:
             with_lock_retry(self.client.log_batch, self.run_id, params=chunk)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        """`metrics` by their flat names, logged under their sectioned MLflow names
+        (seqexp.core.metric_names)."""
         from mlflow.entities import Metric
 
         stamp = int(time.time() * 1000)
-        items = [Metric(k, float(v), stamp, step) for k, v in metrics.items()]
+        items = [Metric(logged_name(k), float(v), stamp, step) for k, v in metrics.items()]
         for chunk in _chunks(items, 500):
             with_lock_retry(self.client.log_batch, self.run_id, metrics=chunk)
 
