@@ -25,6 +25,7 @@ from helpers import tiny_overrides
 from plugin_package import install_package
 from seqexp.apps.recommend import main as recommend_main
 from seqexp.core.errors import SeqexpError
+from seqexp.core.metric_names import flat_metrics
 from seqexp.run.registry import registry
 
 LAST_ITEM_MODULE = '''\
@@ -104,11 +105,11 @@ def test_a_plugin_model_trains_sweeps_reports_loads_and_serves(plugin, tmp_path,
     assert run.data.params["model.bonus"] == "1.0"
     assert run.data.params["model._target_"] == "last_item_models.last_item.LastItem"
     # a repeat-free synthetic log: the last item is never the target, popularity decides
-    assert 0 < run.data.metrics["test_mrr_at_20"] < 1
+    assert 0 < flat_metrics(run.data.metrics)["test_mrr_at_20"] < 1
     report = _cli("seqexp.apps.report", ["--experiment", "seqexp", "--tracking-uri", uri,
                                          "--baseline", "last_item", "--out", str(tmp_path / "rep")],
                   tmp_path)
-    assert "last_item" in (tmp_path / "rep" / "table2.md").read_text(), report.stdout
+    assert "last_item" in (tmp_path / "rep" / "seqexp.md").read_text(), report.stdout
 
     loaded = seqexp.load(run.info.run_id, uri)
     user = loaded.user_ids[0]

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from helpers import run_seqexp, sequences, tiny_overrides
+from seqexp.core.metric_names import flat_metrics
 from seqexp.data.sequences import validation_sample
 from seqexp.engine.evaluator import Evaluator
 from seqexp.models.popularity import Popularity
@@ -76,7 +77,7 @@ def test_the_budget_is_recorded_and_only_validation_ranks_fewer_events(tmp_path)
                        "eval.val_max_scores=500"])[0] == 0
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    params, metrics = run.data.params, run.data.metrics
+    params, metrics = run.data.params, flat_metrics(run.data.metrics)
     assert params["eval.val_max_scores"] == "500"
     # 50 items: at most 10 validation targets ranked, fewer than the run's validation events;
     # every test event is ranked (a user's first event is never a target: none is in test)
