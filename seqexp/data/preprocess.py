@@ -14,7 +14,7 @@ from seqexp.data.sequences import SequenceData
 log = logging.getLogger(__name__)
 
 TRAIN, VAL, TEST = 0, 1, 2
-SPLITS = ("user_tail", "global_time")
+SPLITS = ("user_tail", "global_time", "last_session")
 # Bumped whenever the output of build_sequences changes, so stale caches are not reused.
 PREPROCESS_VERSION = 2  # 2: raw user and item ids kept
 
@@ -92,6 +92,38 @@ def global_time_split(
     return phase
 
 
+def last_session_split(lengths: np.ndarray, timestamp: np.ndarray, gap_s: float) -> np.ndarray:
+    """Phase per event for events grouped by user and time-ordered, `lengths` being each user's
+    event count: a gap above `gap_s` seconds between two events of a user starts a session; a
+    user's last session is test, the one before it validation. A user with two sessions has no
+    validation events, one with a single session only training events."""
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    opens = np.empty(len(timestamp), dtype=bool)
+    opens[1:] = (timestamp[1:] - timestamp[:-1]) > gap_s
+    opens[starts] = True
+    session = np.cumsum(opens) - 1  # global session index of each event
+    n_sessions = np.add.reduceat(opens, starts, dtype=np.int64)
+    event_user = np.repeat(np.arange(len(lengths)), lengths)
+    from_end = (np.cumsum(n_sessions) - 1)[event_user] - session  # 0: the user's last session
+    several = n_sessions[event_user]
+    phase = np.full(len(timestamp), TRAIN, dtype=np.int8)
+    phase[(from_end == 0) & (several >= 2)] = TEST
+    phase[(from_end == 1) & (several >= 3)] = VAL
+    return phase
+
+
+def _split_phases(split: Mapping, user: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """The phase of every event, ordered by (user, time), under the split `split` names."""
+    name = split.get("name")
+    if name == "user_tail":
+        test_frac, val_frac = _fraction(split, "test_frac"), _fraction(split, "val_frac", False)
+        return user_tail_split(_run_starts(user)[1], test_frac, val_frac)
+    if name == "last_session":
+        return last_session_split(_run_starts(user)[1], ts, float(split["session_gap_s"]))
+    return global_time_split(
+        ts, _fraction(split, "test_quantile"), _fraction(split, "val_quantile"))
+
+
 def build_sequences(
     raw: Interactions,
     split: Mapping,
@@ -114,13 +146,7 @@ def build_sequences(
         user, item, ts = user[~repeat], item[~repeat], ts[~repeat]
         stats["repeats_dropped"] = int(repeat.sum())
 
-    if split_name == "user_tail":
-        test_frac, val_frac = _fraction(split, "test_frac"), _fraction(split, "val_frac", False)
-        phase = user_tail_split(_run_starts(user)[1], test_frac, val_frac)
-    else:
-        phase = global_time_split(
-            ts, _fraction(split, "test_quantile"), _fraction(split, "val_quantile")
-        )
+    phase = _split_phases(split, user, ts)
 
     # The vocabulary is what training events keep after the support filter.
     is_train = phase == TRAIN
@@ -174,8 +200,9 @@ def build_sequences(
     )
     data.stats = stats
     if stats["test_events"] == 0:
-        knob = ("raise split.test_frac" if split_name == "user_tail"
-                else "lower split.test_quantile")
+        knob = {"user_tail": "raise split.test_frac",
+                "last_session": "lower split.session_gap_s"}.get(
+                    split_name, "lower split.test_quantile")
         raise SeqexpError(f"{raw.source}: the {split_name} split leaves no test events; "
                           f"{knob} or use a larger file")
     log.info("%s: %d users, %d items, %d/%d/%d train/val/test events (%d test events of unseen "
