@@ -339,6 +339,15 @@ MODEL: dict[str, dict[str, Key]] = {
     "seqexp.models.factorisation.SeqMF": _FACTORISATION | {
         "window": Key(integer(1), "last items whose transitions are averaged")},
     "seqexp.models.popularity.Popularity": _MODEL,
+    "seqexp.models.sasrec.SASRec": _MODEL | {
+        "hidden_size": Key(integer(1), "size of the item, position and hidden vectors"),
+        "max_len": Key(integer(1), "latest items a prediction attends to"),
+        "n_blocks": Key(integer(1), "self-attention blocks"),
+        "n_heads": Key(integer(1), "attention heads (must divide hidden_size)"),
+        "dropout": Key(number(0.0, 1.0, high_open=True), "dropout of embeddings, attention "
+                       "and feed-forward outputs"),
+        "eval_points": _speed(integer(1), "prediction points encoded at once at evaluation "
+                              "(memory)")},
 }
 
 
