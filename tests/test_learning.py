@@ -25,6 +25,7 @@ SETTINGS = {
     "gru": RNN, "linear_ugru": RNN, "rectified_ugru": RNN, "attentional_ugru": RNN,
     "mf": BPR, "seqmf": BPR,
     "dream": ["model.hidden_size=16", "train.epochs=10", "train.lr=0.05"],
+    "hrnn": RNN,
     "sasrec": ["model.hidden_size=32", "model.max_len=20", "train.epochs=10",
                "train.batch_size=32", "train.lr=0.01"],
 }

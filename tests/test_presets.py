@@ -265,3 +265,15 @@ def test_ray_jobs_on_a_running_cluster_nest_under_the_parent(tmp_path, store_uri
     worker_logs = {log.stem.rsplit("-", 1)[-1]
                    for log in (temp / "session_latest" / "logs").glob("worker-*.out")}
     assert {job.data.tags["pid"] for job in jobs} <= worker_logs, worker_logs
+
+
+def test_rivals_sweeps_the_rivals_over_the_protocols_on_the_dataset_named():
+    cfg = compose_all(["experiment=rivals", "dataset=ml1m"])
+    assert cfg.hydra.mode.name == "MULTIRUN" and cfg.mlflow.experiment == "rivals"
+    params = cfg.hydra.sweeper.params
+    assert params.model.split(",") == ["gru", "linear_ugru", "rectified_ugru",
+                                       "attentional_ugru", "hrnn", "sasrec", "itemknn", "pop"]
+    assert params.split.split(",") == ["user_tail", "last_session"]
+    assert params["eval.exclude_seen"].split(",") == ["false", "true"]
+    assert cfg.dataset.name == "ml1m"  # the preset leaves the dataset to the command line
+    assert "hrnn" not in compose_all(["experiment=table2"]).hydra.sweeper.params.model

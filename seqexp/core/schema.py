@@ -339,6 +339,12 @@ MODEL: dict[str, dict[str, Key]] = {
     "seqexp.models.factorisation.SeqMF": _FACTORISATION | {
         "window": Key(integer(1), "last items whose transitions are averaged")},
     "seqexp.models.popularity.Popularity": _MODEL,
+    "seqexp.models.hrnn.HRNN": {key: entry for key, entry in _RNN.items() if key not in (
+        "cell", "threshold", "temperature", "omega")} | {
+        "user_state_dropout": Key(_FRACTION, "hrnn: dropout of the session state entering the "
+                                  "user-level GRU"),
+        "init_dropout": Key(_FRACTION, "hrnn: dropout of the session state projected from the "
+                            "user-level state")},
     "seqexp.models.sasrec.SASRec": _MODEL | {
         "hidden_size": Key(integer(1), "size of the item, position and hidden vectors"),
         "max_len": Key(integer(1), "latest items a prediction attends to"),
