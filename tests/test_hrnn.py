@@ -92,3 +92,16 @@ def test_hrnn_needs_a_session_gap():
     with pytest.raises(SeqexpError, match="model=hrnn needs session boundaries: set "
                        "model.session_gap_s"):
         HRNN(10, 1, session_gap_s=None)
+
+
+def test_the_replay_carries_both_states_across_its_time_chunks():
+    rng = np.random.default_rng(0)
+    items = [list(rng.integers(0, 5, 30)) for _ in range(3)]
+    times = [list(np.cumsum(rng.integers(0, 200, 30))) for _ in range(3)]  # gaps across 100
+    data = timed_sequences(items, times, n_items=5, n_test=[10, 10, 10])
+    model = _model()
+    batch = next(prediction_batches(data, "test", 8))
+    with torch.no_grad():
+        whole = model.prediction_states(batch)
+        model.eval_chunk = 7  # the replay runs 7 steps at a time, carrying [s; c] between
+        torch.testing.assert_close(model.prediction_states(batch), whole, **CLOSE)
