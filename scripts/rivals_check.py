@@ -122,9 +122,10 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     udata = obtain_udata(args.path)
     summary: dict[str, dict[str, dict]] = {}
+    # protocol by protocol, in the order given: an interrupted check has whole protocols
     for seed in args.seeds:
-        for model in args.models:
-            for protocol in args.protocols:
+        for protocol in args.protocols:
+            for model in args.models:
                 run = run_one(model, seed, protocol, udata, out, args.report_only)
                 if run is not None:
                     summary.setdefault(protocol, {}).setdefault(model, []).append(run)
