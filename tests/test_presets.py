@@ -121,7 +121,7 @@ def test_a_preset_without_its_plugin_is_one_line(monkeypatch):
     monkeypatch.setattr(cli, "_importable", lambda module: True)
     assert cli.check_plugins(["hydra/launcher=slurm"]) is None
     assert cli.check_group_choices(["experiment=tabel2"]).startswith(
-        "experiment=tabel2 is not a known experiment; choose one of table2")
+        "experiment=tabel2 is not a known experiment; choose one of rivals, table2")
 
 
 def run_sweep(launcher: list[str], tmp_path: Path,
