@@ -19,7 +19,7 @@ SPLITS = group_options("split")
 def test_groups_offer_the_spec_choices():
     assert {"gru", "itemknn"} <= set(MODELS)
     assert set(DATASETS) == {"ml100k", "ml1m", "ml10m", "ml20m", "lastfm", "synthetic", "csv"}
-    assert set(SPLITS) == {"user_tail", "global_time"}
+    assert set(SPLITS) == {"user_tail", "global_time", "last_session"}
     assert (config_dir() / "config.yaml").is_file()
 
 

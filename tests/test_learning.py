@@ -25,6 +25,9 @@ SETTINGS = {
     "gru": RNN, "linear_ugru": RNN, "rectified_ugru": RNN, "attentional_ugru": RNN,
     "mf": BPR, "seqmf": BPR,
     "dream": ["model.hidden_size=16", "train.epochs=10", "train.lr=0.05"],
+    "hrnn": RNN,
+    "sasrec": ["model.hidden_size=32", "model.max_len=20", "train.epochs=10",
+               "train.batch_size=32", "train.lr=0.01"],
 }
 # Measured with these settings at seed=42, 1 and 2: pop 0.116; dream >= 0.185 and every
 # other trainable model >= 0.237; itemknn 0.412, gru >= 0.503.

@@ -17,6 +17,7 @@ from seqexp.data.preprocess import (
     VAL,
     build_sequences,
     global_time_split,
+    last_session_split,
     order_events,
     user_tail_split,
 )
@@ -420,3 +421,41 @@ def test_codes_that_are_raw_ids_keep_them(tmp_path):
                        timestamp=np.arange(5), source="t")
     data = build_sequences(raw, {"name": "user_tail", "test_frac": 0.2, "val_frac": 0.0})
     assert data.user_ids.tolist() == ["7"] and data.item_ids.tolist() == ["5", "31"]
+
+
+# ------------------------------------------------------------------------------ last_session
+def last_session(gap_s: float = 100) -> dict:
+    return {"name": "last_session", "session_gap_s": gap_s}
+
+
+# Gap 100 s. user 0: 0 10 20 | 200 210 | 400 | 600 605 (4 sessions); user 1: 0 50 | 300 310
+# (2 sessions); user 2: 0 90 180 270 (gaps of 90: 1 session); user 3: 0 100 | 201 (a gap of
+# exactly 100 does not split, 101 does: 2 sessions).
+SESSION_TS = [[0, 10, 20, 200, 210, 400, 600, 605], [0, 50, 300, 310], [0, 90, 180, 270],
+              [0, 100, 201]]
+
+
+def test_last_session_split_by_hand() -> None:
+    lengths = np.array([len(t) for t in SESSION_TS])
+    phase = last_session_split(lengths, np.concatenate(SESSION_TS), 100)
+    T, V, X = TRAIN, VAL, TEST
+    assert phase.tolist() == ([T, T, T, T, T, V, X, X] + [T, T, X, X] + [T, T, T, T]
+                              + [T, T, X])
+
+
+def test_last_session_through_build_sequences() -> None:
+    user = np.repeat(np.arange(4), [len(t) for t in SESSION_TS])
+    ts = np.concatenate(SESSION_TS)
+    # item 9 occurs only in user 0's test session: unseen in training, dropped and counted
+    item = [1, 2, 3, 1, 2, 3, 1, 9] + [2, 3, 1, 2] + [1, 2, 3, 1] + [3, 2, 1]
+    data = build_sequences(raw(user, item, ts), last_session(100))
+    check_invariants(data)
+    assert data.offsets.tolist() == [0, 7, 11, 15, 18]
+    assert (data.train_end - data.offsets[:-1]).tolist() == [5, 2, 4, 2]
+    assert (data.val_end - data.train_end).tolist() == [1, 0, 0, 0]
+    assert (data.offsets[1:] - data.val_end).tolist() == [1, 2, 0, 1]
+    assert data.stats["test_oov_dropped"] == 1 and data.stats["test_events"] == 4
+    # a gap long enough to join every session: one session each, no test event
+    with pytest.raises(SeqexpError, match="last_session split leaves no test events; lower "
+                       "split.session_gap_s"):
+        build_sequences(raw(user, item, ts), last_session(1000))

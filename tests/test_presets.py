@@ -121,7 +121,7 @@ def test_a_preset_without_its_plugin_is_one_line(monkeypatch):
     monkeypatch.setattr(cli, "_importable", lambda module: True)
     assert cli.check_plugins(["hydra/launcher=slurm"]) is None
     assert cli.check_group_choices(["experiment=tabel2"]).startswith(
-        "experiment=tabel2 is not a known experiment; choose one of table2")
+        "experiment=tabel2 is not a known experiment; choose one of rivals, table2")
 
 
 def run_sweep(launcher: list[str], tmp_path: Path,
@@ -265,3 +265,15 @@ def test_ray_jobs_on_a_running_cluster_nest_under_the_parent(tmp_path, store_uri
     worker_logs = {log.stem.rsplit("-", 1)[-1]
                    for log in (temp / "session_latest" / "logs").glob("worker-*.out")}
     assert {job.data.tags["pid"] for job in jobs} <= worker_logs, worker_logs
+
+
+def test_rivals_sweeps_the_rivals_over_the_protocols_on_the_dataset_named():
+    cfg = compose_all(["experiment=rivals", "dataset=ml1m"])
+    assert cfg.hydra.mode.name == "MULTIRUN" and cfg.mlflow.experiment == "rivals"
+    params = cfg.hydra.sweeper.params
+    assert params.model.split(",") == ["gru", "linear_ugru", "rectified_ugru",
+                                       "attentional_ugru", "hrnn", "sasrec", "itemknn", "pop"]
+    assert params.split.split(",") == ["user_tail", "last_session"]
+    assert params["eval.exclude_seen"].split(",") == ["false", "true"]
+    assert cfg.dataset.name == "ml1m"  # the preset leaves the dataset to the command line
+    assert "hrnn" not in compose_all(["experiment=table2"]).hydra.sweeper.params.model

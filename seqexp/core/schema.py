@@ -206,6 +206,12 @@ SPLIT: dict[str, dict[str, Key]] = {
                             "quantile of the training timestamps after which events are "
                             "validation"),
     },
+    "last_session": {
+        "name": Key(choice("last_session"), "the split: each user's last session is test, the "
+                    "one before it validation"),
+        "session_gap_s": Key(number(0.0), "a gap above this many seconds between two events "
+                             "of a user starts a session"),
+    },
 }
 
 _LOCAL_FILE: dict[str, Key] = {

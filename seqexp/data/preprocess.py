@@ -106,6 +106,38 @@ class _Events:
                        None if self.phase is None else self.phase[keep])
 
 
+def last_session_split(lengths: np.ndarray, timestamp: np.ndarray, gap_s: float) -> np.ndarray:
+    """Phase per event for events grouped by user and time-ordered, `lengths` being each user's
+    event count: a gap above `gap_s` seconds between two events of a user starts a session; a
+    user's last session is test, the one before it validation. A user with two sessions has no
+    validation events, one with a single session only training events."""
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    opens = np.empty(len(timestamp), dtype=bool)
+    opens[1:] = (timestamp[1:] - timestamp[:-1]) > gap_s
+    opens[starts] = True
+    session = np.cumsum(opens) - 1  # global session index of each event
+    n_sessions = np.add.reduceat(opens, starts, dtype=np.int64)
+    event_user = np.repeat(np.arange(len(lengths)), lengths)
+    from_end = (np.cumsum(n_sessions) - 1)[event_user] - session  # 0: the user's last session
+    several = n_sessions[event_user]
+    phase = np.full(len(timestamp), TRAIN, dtype=np.int8)
+    phase[(from_end == 0) & (several >= 2)] = TEST
+    phase[(from_end == 1) & (several >= 3)] = VAL
+    return phase
+
+
+def _split_phases(split: Mapping, user: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """The phase of every event, ordered by (user, time), under the split `split` names."""
+    name = split.get("name")
+    if name == "user_tail":
+        test_frac, val_frac = _fraction(split, "test_frac"), _fraction(split, "val_frac", False)
+        return user_tail_split(_run_starts(user)[1], test_frac, val_frac)
+    if name == "last_session":
+        return last_session_split(_run_starts(user)[1], ts, float(split["session_gap_s"]))
+    return global_time_split(
+        ts, _fraction(split, "test_quantile"), _fraction(split, "val_quantile"))
+
+
 def build_sequences(
     raw: Interactions,
     split: Mapping,
@@ -119,13 +151,7 @@ def build_sequences(
         raise SeqexpError(f"{raw.source}: no interactions to work with")
     stats: dict[str, int] = {"raw_events": len(raw), "raw_malformed_lines": raw.skipped_lines}
     events = _ordered(raw, drop_repeats, stats)
-    if split_name == "user_tail":
-        test_frac, val_frac = _fraction(split, "test_frac"), _fraction(split, "val_frac", False)
-        events.phase = user_tail_split(_run_starts(events.user)[1], test_frac, val_frac)
-    else:
-        events.phase = global_time_split(
-            events.ts, _fraction(split, "test_quantile"), _fraction(split, "val_quantile")
-        )
+    events.phase = _split_phases(split, events.user, events.ts)
     events, vocabulary = _filtered(events, min_item_support, stats)
     if len(events.user) == 0 or not (events.phase == TRAIN).any():
         raise SeqexpError(
@@ -134,8 +160,9 @@ def build_sequences(
         )
     data = _grouped(events, vocabulary, raw, stats)
     if stats["test_events"] == 0:
-        knob = ("raise split.test_frac" if split_name == "user_tail"
-                else "lower split.test_quantile")
+        knob = {"user_tail": "raise split.test_frac",
+                "last_session": "lower split.session_gap_s"}.get(
+                    split_name, "lower split.test_quantile")
         raise SeqexpError(f"{raw.source}: the {split_name} split leaves no test events; "
                           f"{knob} or use a larger file")
     log.info("%s: %d users, %d items, %d/%d/%d train/val/test events (%d test events of unseen "

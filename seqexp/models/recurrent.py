@@ -41,6 +41,8 @@ class RecurrentRecommender(Recommender):
     in training and in evaluation alike, so the first event of a session is predicted from h0
     and later ones from that session's events only. The user vector v of the user-based cells
     is the same in every session: it is then the only memory across sessions.
+
+    A cell may carry a state larger than its output (`state_size`, HRNN's two states).
     """
 
     config_keys = {
@@ -71,6 +73,7 @@ class RecurrentRecommender(Recommender):
         "omega": Key(number(0.0, 1.0, nullable=True), "rectified_ugru: fixed omega (null = "
                      "learned)"),
     }
+    cell_types = CELLS  # the cells model.cell names
 
     def __init__(
         self,
@@ -101,12 +104,13 @@ class RecurrentRecommender(Recommender):
         self.sample_alpha = sample_alpha
         self.softmax_block = softmax_block
         self.embedding = nn.Embedding(n_items, hidden_size)
-        accepted = list(inspect.signature(CELLS[cell]).parameters)[1:]
+        accepted = list(inspect.signature(self.cell_types[cell]).parameters)[1:]
         unknown = [key for key in cell_options if key not in accepted]
         if unknown:
             raise SeqexpError(f"model.{unknown[0]} is not an option of model.cell={cell} "
                               f"(its options: {', '.join(accepted) or 'none'})")
-        self.cell = CELLS[cell](hidden_size, **cell_options)
+        self.cell = self.cell_types[cell](hidden_size, **cell_options)
+        self.state_size = getattr(self.cell, "state_size", hidden_size)
         if session_gap_s is not None and not self.cell.takes_carry_mask:
             raise SeqexpError(f"model.session_gap_s needs a cell that can restart its state "
                               f"inside a window; model.cell={cell} cannot (use model.cell=gru)")
@@ -151,7 +155,7 @@ class RecurrentRecommender(Recommender):
     def training_batches(
         self, train: SequenceData, batch_size: int, rng: np.random.Generator
     ) -> Iterator[WindowBatch]:
-        carry = LaneStates(torch.zeros(batch_size, self.hidden_size, device=self.device))
+        carry = LaneStates(torch.zeros(batch_size, self.state_size, device=self.device))
         yield from window_batches(train, batch_size, self.window, rng, self.session_gap_s, carry)
 
     def training_loss(self, batch: WindowBatch) -> torch.Tensor:
@@ -159,7 +163,7 @@ class RecurrentRecommender(Recommender):
         lanes = to_device(torch.from_numpy(batch.lanes), device)
         keep = to_device(~batch.reset, device).unsqueeze(1)
         if batch.carry is None:
-            h0 = torch.zeros(len(batch.lanes), self.hidden_size, device=device)
+            h0 = torch.zeros(len(batch.lanes), self.state_size, device=device)
         else:
             h0 = batch.carry.entering(lanes, keep)
         x = self.dropout(self.embedding(to_device(batch.inputs, device)))
@@ -227,7 +231,7 @@ class RecurrentRecommender(Recommender):
         users = self._user_vectors(batch.users)
         states = torch.empty(batch.n_targets, self.hidden_size, device=items.device)
         context_end = batch.target_cols - 1  # state after this column predicts the target
-        h = torch.zeros(n_rows, self.hidden_size, device=items.device)
+        h = torch.zeros(n_rows, self.state_size, device=items.device)
         # a row runs to the end of the chunk it ends in: with the replay_steps kernel the rows
         # still running are re-selected every few steps (less padding, more chunks)
         step = (min(self.eval_chunk, cpu_kernels.REPLAY_STEPS)

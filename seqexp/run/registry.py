@@ -23,14 +23,16 @@ from seqexp.core.errors import SeqexpError
 from seqexp.models.base import Recommender
 from seqexp.models.dream import DREAM
 from seqexp.models.factorisation import MF, SeqMF
+from seqexp.models.hrnn import HRNN
 from seqexp.models.knn import ExpDecayKNN, ItemKNN
 from seqexp.models.popularity import Popularity
 from seqexp.models.recurrent import RecurrentRecommender
+from seqexp.models.sasrec import SASRec
 from seqexp.run.plugins import ENTRY_POINT_GROUP, model_entry_points, model_files
 
 # seqexp's own model classes; a plugin's come from its entry points.
 BUILTIN_CLASSES: tuple[type[Recommender], ...] = (
-    RecurrentRecommender, DREAM, ItemKNN, ExpDecayKNN, MF, SeqMF, Popularity)
+    RecurrentRecommender, HRNN, SASRec, DREAM, ItemKNN, ExpDecayKNN, MF, SeqMF, Popularity)
 
 
 def class_path(cls: type) -> str:
