@@ -245,7 +245,7 @@ class SweepCallback(Callback):
             tracker.log_artifact(sweep_dir / name)
         try:
             self.report(tracker, info, _parent_name_of(tracker), sweep_dir)
-        except Exception as exc:  # noqa: BLE001 - the jobs' runs are kept: said, not raised
+        except Exception as exc:  # the jobs' runs are kept: said, not raised
             log.warning("sweep %s: no report in its parent run (%s); run seqexp-report "
                         "--sweep-id %s", info.sweep_id, message_line(exc), info.sweep_id)
         _open_sweeps.pop(info.sweep_id, None)

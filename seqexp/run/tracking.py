@@ -527,7 +527,7 @@ class Tracker:
         try:
             with_lock_retry(self.client.set_experiment_tag, self.experiment_id, tag,
                             json.dumps(runs_view(cutoff), separators=(",", ":")))
-        except Exception as exc:  # noqa: BLE001 - cosmetic: logged, and the run goes on
+        except Exception as exc:  # cosmetic: logged, and the run goes on
             log.warning("could not store the runs table view in MLflow experiment %s: %s",
                         self.experiment, message_line(exc))
 
