@@ -25,6 +25,7 @@ The exit status is 1 when the protocol check differs by more than 2 % (relative)
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import re
@@ -255,6 +256,17 @@ def recorded_run(run_dir: Path, overrides: list[str]) -> dict | None:
     record |= {"wall_s": time.perf_counter() - started, "command": " ".join(command[1:])}
     (run_dir / "record.json").write_text(json.dumps(record, indent=1))
     return record
+
+
+def report_rows(experiment: str, out: Path) -> list[dict]:
+    """seqexp-report (paired tests against gru) on one experiment of the store out/mlflow.db,
+    written to out/report-<experiment>; the rows of its CSV, which is named after it."""
+    folder = out / f"report-{experiment}"
+    subprocess.run(["seqexp-report", "--tracking-uri", f"sqlite:///{out}/mlflow.db",
+                    "--experiment", experiment, "--baseline", "gru", "--out", str(folder)],
+                   check=True, cwd=ROOT)
+    with open(folder / f"{experiment}.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
 
 
 def row_name(model: str, extra: list[str]) -> str:

@@ -23,14 +23,12 @@ interrupted check resumes.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-from real_data_check import COMMON, cache_folder, obtain_udata, recorded_run
+from real_data_check import COMMON, cache_folder, obtain_udata, recorded_run, report_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["gru", "linear_ugru", "rectified_ugru", "attentional_ugru", "hrnn", "sasrec",
@@ -64,12 +62,7 @@ def run_one(model: str, seed: int, protocol: str, udata: Path, out: Path,
 
 def report(protocol: str, out: Path) -> list[dict]:
     """seqexp-report on one protocol's experiment; its CSV rows."""
-    folder = out / f"report-{protocol}"
-    subprocess.run(["seqexp-report", "--tracking-uri", f"sqlite:///{out}/mlflow.db",
-                    "--experiment", f"ml100k-{protocol}", "--baseline", "gru",
-                    "--out", str(folder)], check=True, cwd=ROOT)
-    with open(folder / "table2.csv", newline="") as handle:
-        return list(csv.DictReader(handle))
+    return report_rows(f"ml100k-{protocol}", out)
 
 
 def _tests(found: dict) -> list[str]:

@@ -25,16 +25,14 @@ Each run is recorded in its folder under OUT/runs/, so an interrupted check resu
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from real_data_check import COMMON, TEST_FRAC, cache_folder, obtain_udata, recorded_run
+from real_data_check import COMMON, TEST_FRAC, cache_folder, obtain_udata, recorded_run, report_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["gru", "linear_ugru", "rectified_ugru", "attentional_ugru"]
@@ -80,12 +78,7 @@ def run_one(model: str, seed: int, setting: str, gap_s: float, udata: Path, out:
 
 def report(setting: str, out: Path) -> list[dict]:
     """seqexp-report on one setting's experiment; its CSV rows."""
-    folder = out / f"report-{setting}"
-    subprocess.run(["seqexp-report", "--tracking-uri", f"sqlite:///{out}/mlflow.db",
-                    "--experiment", f"ml100k-{setting}", "--baseline", "gru",
-                    "--out", str(folder)], check=True, cwd=ROOT)
-    with open(folder / f"ml100k-{setting}.csv", newline="") as handle:  # named after it
-        return list(csv.DictReader(handle))
+    return report_rows(f"ml100k-{setting}", out)
 
 
 def markdown(summary: dict, facts: dict, reports: dict[str, list[dict]], command: str) -> str:
