@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from test_recommend_security import CRAFTED, _rewrite
+from test_recommend_security import CRAFTED, TAMPERED_VALUES, _rewrite
 
 import seqexp
 from helpers import compose_config, tiny_overrides
@@ -226,6 +226,20 @@ def test_a_crafted_mlflow_model_is_refused_and_runs_nothing(store, tmp_path, scr
     assert f"runs:/{crafted_run}/model (its checkpoint): {named}" in err
     assert not marker.exists()
     assert list(scratch_tmp.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", sorted(TAMPERED_VALUES))
+def test_mlflows_loader_refuses_a_tampered_value_in_one_line(name, store, tmp_path):
+    """mlflow.pyfunc.load_model (what `mlflow models serve` runs) raises seqexp's one line,
+    naming the checkpoint and the key, before the model is built."""
+    key, value, named = TAMPERED_VALUES[name]
+    folder = _download(store, f"runs:/{store['gru']}/model", tmp_path / "tampered")
+    checkpoint = folder / "artifacts" / "best.pt"
+    _rewrite(checkpoint, checkpoint, lambda model: model.update({key: value}))
+    with pytest.raises(SeqexpError) as refused:
+        mlflow.pyfunc.load_model(str(folder))
+    message = str(refused.value)
+    assert message.startswith(f"{checkpoint}: ") and named in message and "\n" not in message
 
 
 def test_an_mlflow_model_whose_checkpoint_is_outside_its_folder_is_refused(store, tmp_path,

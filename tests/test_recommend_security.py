@@ -184,6 +184,50 @@ def test_a_crafted_checkpoint_config_is_refused_and_runs_nothing(name, checkpoin
     assert not marker.exists()
 
 
+# A plain value of the right kind but out of its rule, or a size beyond the machine's memory:
+# {name: (the model key, its value, what the one line says)}
+TAMPERED_VALUES = {
+    "bogus_cell": ("cell", "bogus", "its model.cell='bogus' must be one of gru,"),
+    "dropout_above_1": ("dropout", 7.5, "its model.dropout=7.5 must be a number in [0, 1]"),
+    "negative_hidden_size": ("hidden_size", -5, "its model.hidden_size=-5 must be an integer"),
+    "text_hidden_size": ("hidden_size", "abc", "its model.hidden_size='abc' must be an integer"),
+    "large_hidden_size": ("hidden_size", 10**8, "model.hidden_size=100000000 makes its model "
+                          "need ~"),
+    "huge_hidden_size": ("hidden_size", 10**12, "model.hidden_size=1000000000000 makes its "
+                         "model need over 9.2 EB (more than torch can address)"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TAMPERED_VALUES))
+def test_a_tampered_value_is_refused_by_the_schema_or_the_memory_estimate(
+        name, checkpoints, tmp_path, capsys, monkeypatch):
+    """Checked as the command line's values are, and the model's size against the memory,
+    before any model is built: the model's class is never called with the tampered value."""
+    key, value, named = TAMPERED_VALUES[name]
+    path = _rewrite(checkpoints["gru"], tmp_path / "tampered.pt",
+                    lambda model: model.update({key: value}))
+    from seqexp.models.recurrent import RecurrentRecommender
+
+    real_builds = []
+    original = RecurrentRecommender.__init__
+
+    def recording(self, *args, **kwargs) -> None:
+        if torch.empty(0).device.type != "meta":  # a build that allocates its tensors
+            real_builds.append(kwargs)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(RecurrentRecommender, "__init__", recording)
+    with pytest.raises(SeqexpError) as refused:
+        seqexp.load(path)
+    message = str(refused.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message and named in message
+    err = _cli([str(path), "--user", "0"], capsys)
+    assert named in err
+    if isinstance(value, int) and value > 10**6:
+        assert "available; refused before anything is built (its weights hold ~" in err
+    assert real_builds == []
+
+
 def test_an_unknown_key_of_a_model_without_options_is_refused(checkpoints, tmp_path, capsys):
     path = _rewrite(checkpoints["pop"], tmp_path / "crafted.pt",
                     lambda model: model.update(window=3))

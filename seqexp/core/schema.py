@@ -407,11 +407,21 @@ def check_config(cfg: Mapping, values: ValueLists, models: ModelTables) -> None:
     for key, entry in TOP.items():
         entry.rule.complain(key, cfg.get(key), values)
     for group, table in group_tables(cfg, models).items():
-        node = cfg.get(group) or {}
-        for leaf, entry in table.items():
-            if leaf in node:
-                entry.rule.complain(f"{group}.{leaf}", node[leaf], values)
+        _check_node(group, cfg.get(group) or {}, table, values)
     _check_together(cfg)
+
+
+def check_model(node: Mapping, values: ValueLists, models: ModelTables) -> None:
+    """A model block alone (a checkpoint's, before its model is built) by the rules the
+    command line's goes through: its name's table, each key's type and range."""
+    _check_node("model", node, model_table(node, models), values)
+
+
+def _check_node(group: str, node: Mapping, table: Mapping[str, Key], values: ValueLists
+                ) -> None:
+    for leaf, entry in table.items():
+        if leaf in node:
+            entry.rule.complain(f"{group}.{leaf}", node[leaf], values)
 
 
 def _check_together(cfg: Mapping) -> None:

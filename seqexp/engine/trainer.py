@@ -50,6 +50,9 @@ REPORT_EVERY = 20  # steps between reads of the running loss (progress bar, NaN 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam, "sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad,
 }
+# Tensors of a parameter's size each optimiser keeps (Adam's two moments, Adagrad's sum of
+# squares; SGD as the trainer builds it, without momentum, none): seqexp/engine/memory.py.
+OPTIMIZER_STATES: dict[str, int] = {"adam": 2, "sgd": 0, "adagrad": 1}
 
 
 @dataclass

@@ -90,6 +90,19 @@ class Recommender(nn.Module):
         `stop_requested` between its steps and, when it names a signal, raises
         seqexp.core.stopping.FitStopped."""
 
+    def step_elements(self, batch_size: int, n_events: int) -> dict[str, tuple[int, str]]:
+        """What one training step of `batch_size` holds besides the parameters, their gradients
+        and the optimiser's state: {part: (float elements, the config key that bounds it)},
+        for `n_events` training events. Read on a model built on the meta device
+        (seqexp/engine/memory.py), so that a run that cannot fit is refused before anything is
+        allocated. Default: a trainable model scores every item for each of its batch's rows
+        (at most one per event), with the scores' gradient; a model without trainable
+        parameters has no training step."""
+        if not self.trainable:
+            return {}
+        rows = min(batch_size, n_events)
+        return {"scores": (2 * rows * self.n_items, "train.batch_size")}
+
     def training_batches(
         self, train: SequenceData, batch_size: int, rng: np.random.Generator
     ) -> Iterator[Any]:

@@ -152,6 +152,23 @@ class RecurrentRecommender(Recommender):
             return None
         return self.user_dropout(self.user_embedding(users))
 
+    def step_elements(self, batch_size: int, n_events: int) -> dict[str, tuple[int, str]]:
+        """The carried states of `batch_size` lanes; a window of events per lane (at most one
+        lane per user) with the cell's gates, inputs and dropout masks (about 8 state-sized
+        vectors an event, kept for the backward pass); and the output logits with their
+        gradient and softmax: the full softmax's in blocks of `model.softmax_block`, the
+        sampled softmax's over its shared negatives."""
+        rows = min(batch_size, self.n_users) * self.window
+        parts = {"carried states": (batch_size * self.state_size, "train.batch_size"),
+                 "activations": (8 * rows * self.state_size, "train.batch_size")}
+        if self.loss_name == "sampled_softmax":
+            parts["logits"] = (3 * rows * self.n_negatives, "train.batch_size")
+        elif rows * self.n_items > self.softmax_block:
+            parts["logits"] = (3 * self.softmax_block, "model.softmax_block")
+        else:
+            parts["logits"] = (3 * rows * self.n_items, "train.batch_size")
+        return parts
+
     def training_batches(
         self, train: SequenceData, batch_size: int, rng: np.random.Generator
     ) -> Iterator[WindowBatch]:

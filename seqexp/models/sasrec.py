@@ -121,6 +121,18 @@ class SASRec(Recommender):
             x = block(x, allowed)
         return self.final_norm(x)
 
+    def step_elements(self, batch_size: int, n_events: int) -> dict[str, tuple[int, str]]:
+        """Rows of `max_len` positions (at most one per user and `max_len` events): each block's
+        vectors (about 12 hidden-sized ones a position, kept for the backward pass) and
+        attention weights; the logits of every position against the whole catalogue, with
+        their softmax and gradient."""
+        rows = min(batch_size, self.n_users + n_events // self.max_len)
+        positions = rows * self.max_len
+        heads = max((block.n_heads for block in self.blocks), default=0)
+        per_block = 12 * positions * self.hidden_size + 3 * rows * heads * self.max_len**2
+        return {"activations": (len(self.blocks) * per_block, "train.batch_size"),
+                "logits": (3 * positions * self.n_items, "train.batch_size")}
+
     def training_batches(self, train: SequenceData, batch_size: int,
                          rng: np.random.Generator) -> Iterator[SequenceRows]:
         """Each user's training (input, next item) pairs cut into rows of `max_len` from the

@@ -27,6 +27,7 @@ from seqexp.core.stopping import EvaluationStopped, StopSignals, TrainingStopped
 from seqexp.data.loading import load_dataset
 from seqexp.data.sequences import SequenceData
 from seqexp.engine.evaluator import Evaluator
+from seqexp.engine.memory import ModelBuild, run_estimate
 from seqexp.engine.metrics import RankCounts
 from seqexp.engine.trainer import (
     BestCheckpoint,
@@ -109,17 +110,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(model_cfg: Mapping, data: SequenceData) -> Recommender:
-    """Instantiate conf/model/<name>.yaml (a `_partial_` target) with the sizes of the data."""
+def model_factory(model_cfg: Mapping) -> tuple[ModelBuild, dict[str, Any]]:
+    """(the `_partial_` target of conf/model/<name>.yaml, instantiated: it builds the model
+    given n_items and n_users; the config values it holds)."""
     spec = dict(OmegaConf.to_container(model_cfg, resolve=True)) if isinstance(
         model_cfg, DictConfig) else dict(model_cfg)
     name = spec.pop("name", "?")
-    sizes = {"n_items": data.n_items, "n_users": data.n_users}
     try:
         factory = instantiate(spec)
         # Keys the constructor does not take are the config's fault; a TypeError raised inside
         # the constructor is a bug, and keeps its traceback.
-        inspect.signature(factory).bind(**sizes)
+        inspect.signature(factory).bind(n_items=1, n_users=1)
     except InstantiationException as exc:
         cause = exc.__cause__ or exc
         if isinstance(cause, SeqexpError):
@@ -131,10 +132,34 @@ def build_model(model_cfg: Mapping, data: SequenceData) -> Recommender:
         reason = exc.__cause__ or exc
         raise SeqexpError(f"model={name}: {message_line(reason, which=-1)}; check the model.* keys"
                           ) from None
-    model = factory(**sizes)
+    return factory, dict(getattr(factory, "keywords", {}))
+
+
+def build_model(model_cfg: Mapping, data: SequenceData) -> Recommender:
+    """Instantiate conf/model/<name>.yaml (a `_partial_` target) with the sizes of the data."""
+    factory, _ = model_factory(model_cfg)
+    model = factory(n_items=data.n_items, n_users=data.n_users)
     if not isinstance(model, Recommender):
-        raise SeqexpError(f"model={name}: model._target_ must build a seqexp Recommender")
+        raise SeqexpError(f"model={model_cfg.get('name', '?')}: model._target_ must build a "
+                          f"seqexp Recommender")
     return model
+
+
+def checked_model(cfg: DictConfig, data: SequenceData, evaluator: Evaluator,
+                  device: torch.device) -> tuple[Recommender | None, SeqexpError | None]:
+    """The run's model on `device`, once the estimate of what the run allocates
+    (seqexp.engine.memory, logged in one line) fits the device's memory; else (None, the
+    one line that names the key to lower), nothing of the model allocated."""
+    factory, options = model_factory(cfg.model)
+    n_events = int((data.train_end - data.offsets[:-1]).sum())
+    estimate = run_estimate(factory, {"n_items": data.n_items, "n_users": data.n_users},
+                            options, (str(cfg.train.optimizer), int(cfg.train.batch_size),
+                                      n_events), evaluator, device)
+    log.info("%s", estimate.line())
+    refused = estimate.refusal(flatten(OmegaConf.to_container(cfg, resolve=True)))
+    if refused is not None:
+        return None, refused
+    return build_model(cfg.model, data).to(device), None
 
 
 def build_evaluator(cfg: DictConfig) -> Evaluator:
@@ -188,7 +213,7 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
     # Everything that can fail on bad input happens before the MLflow run exists.
     data = load_dataset(cfg.dataset, cfg.split, Path(cfg.paths.raw_dir),
                         Path(cfg.paths.cache_dir), progress=cfg.train.progress)
-    model = build_model(cfg.model, data).to(device)
+    model, too_large = checked_model(cfg, data, evaluator, device)
 
     tracker = Tracker(cfg.mlflow.tracking_uri or default_tracking_uri(launch_dir),
                       cfg.mlflow.experiment)
@@ -220,6 +245,8 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
             tracker.monitor_system(resumed=resumed is not None)
         if resumed is None:
             log_inputs(tracker, cfg, data, params, output_dir, hydra_dir)
+        if too_large is not None:  # a FAILED run with its reason, as a sweep's job shows it
+            raise too_large
         run = RunParts(cfg, model, data, evaluator, tracker, output_dir, checkpoint)
         best_score, metrics = train_and_test(run, state)
         return RunResult(run_id, tracker.experiment_id, tracker.experiment, best_score,

@@ -37,6 +37,11 @@ def check_config(cfg: Mapping) -> None:
     schema.check_config(cfg, VALUE_LISTS, model_tables())
 
 
+def check_model(node: Mapping) -> None:
+    """A model block alone (plain containers: a checkpoint's) against the same rules."""
+    schema.check_model(node, VALUE_LISTS, model_tables())
+
+
 def keys_of(cfg: Mapping) -> dict[str, schema.Key]:
     """{dotted key: Key} of every key this config's tables have (its model's included)."""
     return schema.keys_of(cfg, model_tables())

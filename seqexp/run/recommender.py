@@ -14,19 +14,23 @@ as one more event after the context: the evaluator's question, asked once.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from seqexp.core.checkpoint import CHECKPOINT_FORMAT, read_checkpoint
 from seqexp.core.errors import SeqexpError, message_line
 from seqexp.core.safe_config import checkpoint_config, model_arguments
 from seqexp.data.batching import PredictionBatch
 from seqexp.data.sequences import SequenceData
+from seqexp.engine.memory import ModelBuild, human, model_estimate, tensor_bytes
 from seqexp.run.artifacts import raw_id_strings
+from seqexp.run.options import check_model
 from seqexp.run.registry import registry
 
 if TYPE_CHECKING:
@@ -166,17 +170,19 @@ def from_checkpoint(local: Path, where: Path | str | None = None,
     models = registry()
     allowed = {name: models.model_class(name) for name in models.models}
     cls, arguments = model_arguments(config.model, allowed, path)
-    data = _history(payload, path)
     try:
-        model = cls(n_items=data.n_items, n_users=data.n_users, **arguments)
+        check_model(OmegaConf.to_container(config.model, resolve=False))
     except SeqexpError as exc:
-        raise SeqexpError(f"{path}: {exc}; the checkpoint's config does not build its model"
-                          ) from None
+        raise SeqexpError(f"{path}: its {exc}; refused (seqexp loads only configs it wrote: "
+                          f"use the checkpoint of a seqexp run)") from None
+    data = _history(payload, path)
     weights = payload["model"]
     if not isinstance(weights, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
         raise SeqexpError(f"{path}: its model weights are not a mapping of names to tensors; "
                           f"the checkpoint is damaged, rerun the experiment")
+    model = _sized_model(functools.partial(cls, **arguments), arguments, data, weights, path,
+                         torch.device(device))
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:
@@ -186,6 +192,34 @@ def from_checkpoint(local: Path, where: Path | str | None = None,
                           f"({reason}); the checkpoint is inconsistent, rerun the experiment"
                           ) from None
     return Recommendations(model.to(device).eval(), data, config)
+
+
+def _sized_model(build: ModelBuild, arguments: dict[str, Any], data: SequenceData,
+                 weights: dict[str, torch.Tensor], path: Path | str,
+                 device: torch.device) -> Recommender:
+    """The model of a checkpoint's config, built once its tensors, estimated on the meta
+    device (seqexp.engine.memory), fit the memory of `device` and have the shapes of the
+    checkpoint's own weights: a tampered size is refused before anything is allocated."""
+    sizes = {"n_items": data.n_items, "n_users": data.n_users}
+    try:
+        shapes, estimate = model_estimate(build, sizes, arguments, device)
+    except SeqexpError as exc:
+        raise SeqexpError(f"{path}: {exc}; the checkpoint's config does not build its model"
+                          ) from None
+    held = human(tensor_bytes(weights.values()))
+    refused = estimate.refusal({f"model.{k}": v for k, v in arguments.items()}, "its model",
+                               f"refused before anything is built (its weights hold {held}): "
+                               f"use the checkpoint of a seqexp run")
+    if refused is not None or shapes is None:  # None: beyond what torch can address
+        raise SeqexpError(f"{path}: {refused or 'its config makes a model too large to build'}")
+    for name, tensor in shapes.state_dict().items():
+        if name in weights and weights[name].shape != tensor.shape:
+            raise SeqexpError(
+                f"{path}: the weights do not fit the model its config describes (size mismatch "
+                f"for {name}: the checkpoint holds {list(weights[name].shape)}, the config "
+                f"makes {list(tensor.shape)}); the checkpoint is inconsistent, rerun the "
+                f"experiment")
+    return build(**sizes)
 
 
 _HISTORY = ("user_ids", "item_ids", "train_offsets", "train_items", "train_timestamps")
