@@ -10,12 +10,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from helpers import run_seqexp, tiny_overrides
+from helpers import compose_config, run_seqexp, tiny_overrides
 from seqexp.engine.evaluator import Evaluator
-from seqexp.engine.memory import human, model_bytes, run_estimate
+from seqexp.engine.memory import human, model_bytes, run_estimate, tensor_bytes
 from seqexp.models.factorisation import MF
 from seqexp.models.recurrent import RecurrentRecommender
 from seqexp.run import experiment
+from seqexp.run.registry import registry
 
 
 def _runs(db) -> list:
@@ -117,3 +118,23 @@ def test_the_largest_model_key_is_found_on_the_meta_device_for_any_model():
     assert size_key(gru, {"n_items": 50, "n_users": 40}, options) == "model.hidden_size"
     assert math.isinf(model_bytes(None)) and human(math.inf).startswith("over 9.2 EB")
     assert human(800e12) == "~800 TB" and human(1.5e9) == "~1.5 GB"
+
+
+@pytest.mark.parametrize("model_name", sorted(registry().models))
+def test_the_meta_estimate_of_every_registered_model_is_its_real_size(model_name):
+    """No per-model code: the model built on the meta device has the real model's tensors, and
+    each part of its training step names a key a user can set."""
+    cfg = compose_config([f"model={model_name}"])
+    factory, options = experiment.model_factory(cfg.model)
+    sizes = {"n_items": 50, "n_users": 40}
+    estimate = run_estimate(factory, sizes, options, ("adam", 16, 500), Evaluator(),
+                            torch.device("cpu"))
+    parts = {part.what: part for part in estimate.parts}
+    real = factory(**sizes)
+    assert parts["parameters"].size == tensor_bytes(real.parameters())
+    assert parts["buffers"].size == tensor_bytes(real.buffers())
+    steps = [part for part in estimate.parts if part.phase == "train"]
+    assert bool(steps) == real.trainable
+    for part in steps:
+        assert part.size >= 0
+        assert part.key == "train.batch_size" or part.key.removeprefix("model.") in options

@@ -35,14 +35,16 @@ _UNITS = ("B", "kB", "MB", "GB", "TB", "PB", "EB")
 
 
 def human(size: float) -> str:
-    """A size in bytes as people read it, approximately (decimal units): ~1.5 GB, ~800 TB;
-    inf (a tensor too large to address) as such."""
+    """An estimate in bytes as people read it (decimal units): ~1.5 GB, ~800 TB; inf (a
+    tensor too large to address) as such."""
     if math.isinf(size):
         return "over 9.2 EB (more than torch can address)"
     return f"~{_units(size)}"
 
 
 def _units(size: float) -> str:
+    if math.isinf(size):
+        return "over 9.2 EB"
     for unit in _UNITS:
         if size < 1000 or unit == _UNITS[-1]:
             return f"{size:.0f} {unit}" if unit == "B" or size >= 100 else f"{size:.1f} {unit}"
@@ -77,7 +79,7 @@ class Estimate:
         return held["model"] + max(held["train"], held["eval"])
 
     def breakdown(self) -> str:
-        return ", ".join(f"{p.what} {human(p.size)}" for p in self.parts if p.size)
+        return ", ".join(f"{p.what} {_units(p.size)}" for p in self.parts if p.size)
 
     def line(self) -> str:
         """The log line of every run: the estimate, its parts and the memory available."""
