@@ -135,6 +135,6 @@ def test_the_meta_estimate_of_every_registered_model_is_its_real_size(model_name
     assert parts["buffers"].size == tensor_bytes(real.buffers())
     steps = [part for part in estimate.parts if part.phase == "train"]
     assert bool(steps) == real.trainable
-    for part in steps:
+    for part in [*steps, *(part for part in estimate.parts if part.phase == "fit")]:
         assert part.size >= 0
         assert part.key == "train.batch_size" or part.key.removeprefix("model.") in options

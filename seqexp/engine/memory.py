@@ -6,10 +6,12 @@ A run's estimate (docs/long-runs.md, "Memory estimate") counts, at float32:
 - the model's tensors: its parameters and buffers (a closed-form model's fitted tables are
   buffers made by its constructor);
 - their gradients and the optimiser's state (seqexp.engine.trainer.OPTIMIZER_STATES);
+- a closed-form fit's scratch: the model's `fit_elements` (item-kNN's similarity block);
 - one training step: the model's `step_elements` (activations, logits or scores);
 - one evaluation score block (the evaluator's points x items block and its comparison).
-A training step and an evaluation never hold their memory at once: the peak is the model's
-part plus the larger of the two. A run that cannot fit names the key whose part is largest.
+The fit, a training step and an evaluation never hold their memory at once: the peak is the
+model's part plus the largest of the three. A run that cannot fit names the key whose part is
+largest.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def _units(size: float) -> str:
 @dataclass(frozen=True)
 class Part:
     """One part of an estimate: what it is, its bytes (inf: beyond what a tensor can address),
-    the config key that lowers it and when it is held (model, train or eval)."""
+    the config key that lowers it and when it is held (model, fit, train or eval)."""
 
     what: str
     size: float
@@ -73,10 +75,11 @@ class Estimate:
 
     @property
     def peak(self) -> float:
-        """The model's part, plus the larger of one training step and one evaluation block."""
+        """The model's part, plus the largest of the fit, one training step and one evaluation
+        block (one after the other, never at once)."""
         held = {phase: sum(p.size for p in self.parts if p.phase == phase)
-                for phase in ("model", "train", "eval")}
-        return held["model"] + max(held["train"], held["eval"])
+                for phase in ("model", "fit", "train", "eval")}
+        return held["model"] + max(held["fit"], held["train"], held["eval"])
 
     def breakdown(self) -> str:
         return ", ".join(f"{p.what} {_units(p.size)}" for p in self.parts if p.size)
@@ -184,6 +187,8 @@ def run_estimate(build: ModelBuild, sizes: Mapping[str, int], options: Mapping[s
                   Part("optimiser state", OPTIMIZER_STATES.get(optimizer, 2) * trained, key)]
         parts += [Part(what, FLOAT_BYTES * elements, bound, "train")
                   for what, (elements, bound) in model.step_elements(batch_size, n_events).items()]
+        parts += [Part(what, FLOAT_BYTES * elements, bound, "fit")
+                  for what, (elements, bound) in model.fit_elements(n_events).items()]
     n_items = sizes["n_items"]
     block = min(evaluator.block_elements(device, n_items), max(n_events, 1) * n_items)
     # the scores and the comparison with each target's score

@@ -90,6 +90,11 @@ class Recommender(nn.Module):
         `stop_requested` between its steps and, when it names a signal, raises
         seqexp.core.stopping.FitStopped."""
 
+    def fit_elements(self, n_events: int) -> dict[str, tuple[int, str]]:
+        """What `fit` holds at once besides the model's tensors, as `step_elements` says it
+        (for `n_events` training events); default: nothing."""
+        return {}
+
     def step_elements(self, batch_size: int, n_events: int) -> dict[str, tuple[int, str]]:
         """What one training step of `batch_size` holds besides the parameters, their gradients
         and the optimiser's state: {part: (float elements, the config key that bounds it)},

@@ -23,11 +23,13 @@ log = logging.getLogger(__name__)
 # Entries of the dense scratch rows in which expdecay_knn sums a point's history exactly as its
 # dense scores do (sparse_scores).
 SCRATCH_ELEMENTS = 16_000_000
+# Similarities of one block of the fit when model.fit_block is null.
+FIT_BLOCK_ELEMENTS = 50_000_000
 
 
 def cosine_neighbours(
     train: SequenceData, k: int, device: torch.device, block_items: int | None = None,
-    stop_requested: Callable[[], str | None] = lambda: None, max_block: int = 50_000_000,
+    stop_requested: Callable[[], str | None] = lambda: None, max_block: int = FIT_BLOCK_ELEMENTS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k cosine neighbours of every item (self excluded, zero similarities dropped).
 
@@ -147,6 +149,13 @@ class ItemKNN(Recommender):
         self.register_buffer("neighbours", torch.zeros(n_items, k, dtype=torch.int64))
         self.register_buffer("similarity", torch.zeros(n_items, k))
         self.register_buffer("prior", torch.zeros(n_items))
+
+    def fit_elements(self, n_events: int) -> dict[str, tuple[int, str]]:
+        """The fit's dense block of similarities (`model.fit_block` items x all items) and the
+        neighbours and similarities it builds before they are copied into the buffers."""
+        block = self.fit_block or max(1, FIT_BLOCK_ELEMENTS // max(self.n_items, self.n_users))
+        return {"similarity block": (min(block, self.n_items) * self.n_items, "model.fit_block"),
+                "fitted neighbours": (3 * self.neighbours.numel(), "model.neighbours")}
 
     def fit(self, train: SequenceData,
             stop_requested: Callable[[], str | None] = lambda: None) -> None:
