@@ -210,7 +210,9 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
     configure_torch(cfg.train)
     device = resolve_device(str(cfg.device))
     evaluator = build_evaluator(cfg)
-    # Everything that can fail on bad input happens before the MLflow run exists.
+    # Everything that can fail on bad input happens before the MLflow run exists, except a
+    # run too large for the memory: refused before its model is allocated, but recorded as
+    # a FAILED run with its reason (a sweep's job that cannot fit shows why).
     data = load_dataset(cfg.dataset, cfg.split, Path(cfg.paths.raw_dir),
                         Path(cfg.paths.cache_dir), progress=cfg.train.progress)
     model, too_large = checked_model(cfg, data, evaluator, device)
