@@ -228,6 +228,18 @@ def test_a_tampered_value_is_refused_by_the_schema_or_the_memory_estimate(
     assert real_builds == []
 
 
+def test_the_seqexp_recommend_command_refuses_a_tampered_size_before_allocating(checkpoints,
+                                                                                tmp_path):
+    """The installed command in its own process: a model of ~240 PB is one line, exit 2."""
+    path = _rewrite(checkpoints["gru"], tmp_path / "tampered.pt",
+                    lambda model: model.update(hidden_size=10**8))
+    result = subprocess.run([sys.executable, "-m", "seqexp.apps.recommend", str(path),
+                             "--user", "0"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stdout == "" and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"seqexp-recommend: error: {path}: model.hidden_size="
+                                    f"100000000 makes its model need ~")
+
+
 def test_an_unknown_key_of_a_model_without_options_is_refused(checkpoints, tmp_path, capsys):
     path = _rewrite(checkpoints["pop"], tmp_path / "crafted.pt",
                     lambda model: model.update(window=3))
