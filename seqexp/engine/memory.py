@@ -23,6 +23,7 @@ from typing import Any
 
 import psutil
 import torch
+from torch.overrides import TorchFunctionMode
 
 from seqexp.core.errors import SeqexpError
 from seqexp.engine.evaluator import Evaluator
@@ -116,13 +117,30 @@ def available_memory(device: torch.device) -> tuple[int | None, str]:
     return int(psutil.virtual_memory().available), "the machine"
 
 
+class _NoRandomFill(TorchFunctionMode):
+    """Random draws made shapes only: on the meta device there is nothing to fill, and the
+    meta kernels of normal_ and randn are Python decompositions whose first call imports
+    torch's reference ops (seconds, in every process that loads or runs a model)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name == "normal_":  # Tensor.normal_ and torch.nn.init.normal_(tensor=...)
+            return args[0] if args else kwargs["tensor"]
+        if name == "randn":
+            kwargs.pop("generator", None)
+            return torch.empty(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
 def meta_model(build: ModelBuild, sizes: Mapping[str, int],
                changes: Mapping[str, Any] | None = None) -> Recommender | None:
     """The model `build` makes, on the meta device: every tensor's shape, no storage; None
     when a tensor's size is beyond what torch can address. `changes`: keyword arguments that
     replace the build's own."""
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _NoRandomFill():
             return build(**sizes, **(changes or {}))
     except RuntimeError as exc:
         if "overflow" in str(exc):  # "Storage size calculation overflowed with sizes=..."
