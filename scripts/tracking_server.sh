@@ -44,9 +44,10 @@
 #
 #   scripts/tracking_server.sh grant SERVER EXPERIMENT NAME PERMISSION
 #       Gives the user NAME the PERMISSION (READ, EDIT, MANAGE or NO_PERMISSIONS) on the
-#       experiment named EXPERIMENT, above SEQEXP_DEFAULT_PERMISSION (e.g. READ: NAME sees the
-#       runs, and seqexp-report makes its files but logs nothing there); the admin logs in as
-#       for add-user.
+#       experiment named EXPERIMENT; the admin logs in as for add-user. MLflow keeps
+#       SEQEXP_DEFAULT_PERMISSION as a floor: a grant raises a user above it, never below (for
+#       read-only members, serve with SEQEXP_DEFAULT_PERMISSION=READ and grant EDIT where a
+#       member logs runs).
 #
 #   scripts/tracking_server.sh local-postgres DIR PORT
 #       Creates and starts a throwaway PostgreSQL cluster in DIR, listening on 127.0.0.1:PORT
@@ -261,7 +262,9 @@ server, experiment, name, permission = sys.argv[1:5]
 try:
     found = MlflowClient(server).get_experiment_by_name(experiment)
     if found is None:
-        sys.exit(f"tracking_server.sh: grant: no experiment named {experiment!r} on {server}")
+        print(f"tracking_server.sh: grant: no experiment named {experiment!r} on {server}",
+              file=sys.stderr)
+        sys.exit(2)
     AuthServiceClient(server).grant_user_permission(name, "experiment", found.experiment_id,
                                                     permission)
 except Exception as exc:  # one line, not a traceback
