@@ -42,6 +42,13 @@
 #       first line of standard input; the admin logs in with MLFLOW_TRACKING_USERNAME and
 #       MLFLOW_TRACKING_PASSWORD.
 #
+#   scripts/tracking_server.sh grant SERVER EXPERIMENT NAME PERMISSION
+#       Gives the user NAME the PERMISSION (READ, EDIT, MANAGE or NO_PERMISSIONS) on the
+#       experiment named EXPERIMENT; the admin logs in as for add-user. MLflow keeps
+#       SEQEXP_DEFAULT_PERMISSION as a floor: a grant raises a user above it, never below (for
+#       read-only members, serve with SEQEXP_DEFAULT_PERMISSION=READ and grant EDIT where a
+#       member logs runs).
+#
 #   scripts/tracking_server.sh local-postgres DIR PORT
 #       Creates and starts a throwaway PostgreSQL cluster in DIR, listening on 127.0.0.1:PORT
 #       and on a socket in DIR, with a database and role `mlflow`; prints its SEQEXP_BACKEND_URI.
@@ -235,9 +242,42 @@ print(f"user {name} created on {server}")
 PY
 }
 
+grant() {
+    local usage="usage: grant SERVER EXPERIMENT NAME READ|EDIT|MANAGE|NO_PERMISSIONS"
+    local server=${1:?$usage} experiment=${2:?$usage} name=${3:?$usage} permission=${4:?$usage}
+    case "$permission" in
+        READ|EDIT|MANAGE|NO_PERMISSIONS) ;;
+        *) die "grant: PERMISSION=$permission: one of READ EDIT MANAGE NO_PERMISSIONS" ;;
+    esac
+    [[ -n "${MLFLOW_TRACKING_USERNAME:-}" && -n "${MLFLOW_TRACKING_PASSWORD:-}" ]] \
+        || die "grant: the admin logs in with MLFLOW_TRACKING_USERNAME and" \
+            "MLFLOW_TRACKING_PASSWORD"
+    "${PYTHON:-python}" -W ignore - "$server" "$experiment" "$name" "$permission" <<'PY'
+import sys
+
+from mlflow.server.auth.client import AuthServiceClient
+from mlflow.tracking import MlflowClient
+
+server, experiment, name, permission = sys.argv[1:5]
+try:
+    found = MlflowClient(server).get_experiment_by_name(experiment)
+    if found is None:
+        print(f"tracking_server.sh: grant: no experiment named {experiment!r} on {server}",
+              file=sys.stderr)
+        sys.exit(2)
+    AuthServiceClient(server).grant_user_permission(name, "experiment", found.experiment_id,
+                                                    permission)
+except Exception as exc:  # one line, not a traceback
+    sys.exit(f"tracking_server.sh: grant {permission} on {experiment} to {name} on {server}: "
+             f"{str(exc).splitlines()[0]}")
+print(f"user {name} has {permission} on experiment {experiment} on {server}")
+PY
+}
+
 case "${1:-}" in
     serve) serve ;;
     add-user) shift; add_user "$@" ;;
+    grant) shift; grant "$@" ;;
     local-postgres) shift; local_postgres "$@" ;;
     stop-postgres) shift; stop_postgres "$@" ;;
     *) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2 ;;

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import re
 import shlex
 import shutil
@@ -45,6 +46,7 @@ from helpers import run_seqexp, tiny_overrides
 from plugin_package import install_package
 from seqexp.core.metric_names import flat_metrics
 from seqexp.core.resources import config_dir
+from seqexp.run import tags
 from seqexp.run.registry import registry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -418,14 +420,44 @@ def test_the_worked_example_passes_its_own_tests_and_runs_through_seqexp(example
     conformance.check_all("recent_items", tmp_path / "data", tmp_path / "conformance")
 
 
-def test_the_repository_explains_itself_without_an_outside_spec():
-    """Equations and the protocol live in docs/ (models.md, evaluation.md): no file of the
-    repository points to a SPEC document it does not hold."""
+def tracked_text_lines() -> Iterator[tuple[str, int, str]]:
+    """(path, line number, line) of every tracked source, doc, config and script file."""
     tracked = [ROOT / p for p in subprocess.run(
         ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.split() if p.endswith((".py", ".md", ".yaml", ".toml", ".sh"))]
-    pointing = [f"{path.relative_to(ROOT)}:{number}"
-                for path in tracked if path.is_file()
-                for number, line in enumerate(path.read_text().splitlines(), start=1)
-                if re.search(r"\bSPEC\b", line) and path.name != "test_docs.py"]
+    for path in tracked:
+        if path.is_file() and path.name != "test_docs.py":
+            for number, line in enumerate(path.read_text().splitlines(), start=1):
+                yield str(path.relative_to(ROOT)), number, line
+
+
+def test_the_repository_explains_itself_without_an_outside_spec():
+    """Equations and the protocol live in docs/ (models.md, evaluation.md): no file of the
+    repository points to a SPEC document it does not hold."""
+    pointing = [f"{path}:{number}" for path, number, line in tracked_text_lines()
+                if re.search(r"\bSPEC\b", line)]
     assert pointing == []
+
+
+def _names_something(dotted: str) -> bool:
+    """`seqexp.a.b.c` is a module, or an attribute (chain) of the longest importable prefix."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            found = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        return all((found := getattr(found, name, None)) is not None for name in parts[cut:])
+    return False
+
+
+def test_code_comments_and_docs_name_only_modules_that_exist():
+    """A dotted `seqexp.…` name in any tracked file is a module, class or function that exists
+    (file names such as seqexp.csv and MLflow tag keys such as seqexp.role aside)."""
+    tag_keys = {value for value in vars(tags).values() if isinstance(value, str)}
+    stale = [f"{path}:{number}: {name}" for path, number, line in tracked_text_lines()
+             for match in re.finditer(r"(?<![\w/.-])seqexp(?:\.[A-Za-z_]\w*)+(?![/\w-])", line)
+             if (name := match.group(0)) not in tag_keys
+             and not name.endswith((".csv", ".md", ".png", ".tex", ".yaml"))
+             and not _names_something(name)]
+    assert stale == []

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import SHAPE_ATOL, SHAPE_RTOL, timed_sequences
+from helpers import SHAPE_ATOL, SHAPE_RTOL, compose_config, timed_sequences
 from seqexp.core.errors import SeqexpError
 from seqexp.data.batching import prediction_batches
 from seqexp.models.hrnn import HRNN
@@ -105,3 +105,14 @@ def test_the_replay_carries_both_states_across_its_time_chunks():
         whole = model.prediction_states(batch)
         model.eval_chunk = 7  # the replay runs 7 steps at a time, carrying [s; c] between
         torch.testing.assert_close(model.prediction_states(batch), whole, **CLOSE)
+
+
+@pytest.mark.parametrize("overrides, gap", [
+    (["split=last_session"], 1800),
+    (["split=last_session", "split.session_gap_s=600"], 600),  # the protocol's sessions
+    (["split=user_tail"], 1800),
+    (["split=last_session", "split.session_gap_s=600", "model.session_gap_s=60"], 60),
+])
+def test_hrnns_session_gap_is_the_last_session_splits_unless_set(overrides, gap):
+    cfg = compose_config(["model=hrnn", *overrides])
+    assert cfg.model.session_gap_s == gap

@@ -10,6 +10,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import seqexp.apps.report as report_app
@@ -149,6 +150,42 @@ def test_runs_without_one_parent_get_a_report_run_of_their_own(tmp_path, store_u
     reports = client.search_runs([experiment], "tags.`seqexp.role` = 'report'")
     assert len(reports) == 1 and reports[0].info.status == "FINISHED"
     assert len(client.list_artifacts(reports[0].info.run_id, "report")) == 4
+
+
+def _report_runs(uri: str, experiment: str) -> list:
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment).experiment_id
+    return client.search_runs([found], "tags.`seqexp.role` = 'report'")
+
+
+def test_no_log_writes_the_files_and_logs_nothing(tmp_path, store_uri, capsys):
+    tracker = Tracker(store_uri, "single")
+    _tracked(tracker, "itemknn", "ml10m", 1, 0.03, 0.12)
+    main(["--tracking-uri", store_uri, "--experiment", "single", "--out", str(tmp_path / "out"),
+          "--no-log"])
+    assert capsys.readouterr().out.rstrip().endswith("logged nothing (--no-log)")
+    assert (tmp_path / "out" / "single.csv").is_file()
+    assert _report_runs(store_uri, "single") == []
+
+
+def _refused(*args, **kwargs):
+    raise MlflowException("API request to endpoint /api/2.0/mlflow-artifacts/artifacts failed "
+                          "with error code 403 != 200. Response body: 'Permission denied'")
+
+
+@pytest.mark.parametrize("refused", ["create_run", "log_artifact"])
+def test_a_reader_the_store_refuses_gets_the_files_exit_0_and_no_report_run(
+        tmp_path, store_uri, capsys, monkeypatch, refused):
+    # the team server's answer to a READ-only user (tests/test_tracking_server.py asks a real one)
+    tracker = Tracker(store_uri, "single")
+    _tracked(tracker, "itemknn", "ml10m", 1, 0.03, 0.12)
+    monkeypatch.setattr(MlflowClient, refused, _refused)
+    main(["--tracking-uri", store_uri, "--experiment", "single", "--out", str(tmp_path / "out")])
+    last = capsys.readouterr().out.rstrip().splitlines()[-1]
+    assert "; logged nothing: " in last and "(HTTP 403)" in last
+    assert (tmp_path / "out" / "single.png").is_file()
+    monkeypatch.undo()
+    assert _report_runs(store_uri, "single") == []  # a report run it started is deleted again
 
 
 @pytest.mark.parametrize("args, expected", [

@@ -4,7 +4,9 @@
 .ci/run starts a PostgreSQL cluster and the server on loopback, creates two users, runs one
 `seqexp` job as each, and sets SEQEXP_TEST_TRACKING_SERVER (the server's URL),
 SEQEXP_TEST_TRACKING_EXPERIMENT, SEQEXP_TEST_POSTGRES_URI, SEQEXP_TEST_DATA_DIR (the jobs'
-paths.data_dir) and MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (one user's login);
+paths.data_dir), MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (one user's login) and
+SEQEXP_TEST_READER_USERNAME / SEQEXP_TEST_READER_PASSWORD (a user who may only read the
+experiment: the server runs with SEQEXP_DEFAULT_PERMISSION=READ);
 without the server's URL these tests are skipped."""
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ POSTGRES = os.environ.get("SEQEXP_TEST_POSTGRES_URI")
 DATA_DIR = os.environ.get("SEQEXP_TEST_DATA_DIR")
 USER = os.environ.get("MLFLOW_TRACKING_USERNAME")
 PASSWORD = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+READER = os.environ.get("SEQEXP_TEST_READER_USERNAME")
+READER_PASSWORD = os.environ.get("SEQEXP_TEST_READER_PASSWORD")
 LOGIN_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 needs_login = pytest.mark.skipif(
     not (USER and PASSWORD), reason="no login (MLFLOW_TRACKING_USERNAME, _PASSWORD)")
@@ -133,6 +137,27 @@ def test_seqexp_without_a_login_ends_with_one_line_and_no_run(tmp_path):
         "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to your user name and "
         "password on it")
     assert len(server_runs()[1]) == 2
+
+
+@pytest.mark.skipif(not (READER and READER_PASSWORD), reason="no read-only login "
+                    "(SEQEXP_TEST_READER_USERNAME, _PASSWORD)")
+def test_a_read_only_member_makes_a_report_logs_nothing_and_exits_0(tmp_path):
+    env = dict(os.environ, MLFLOW_TRACKING_USERNAME=READER,
+               MLFLOW_TRACKING_PASSWORD=READER_PASSWORD)
+    result = subprocess.run(
+        [sys.executable, "-m", "seqexp.apps.report", "--tracking-uri", SERVER, "--experiment",
+         EXPERIMENT, "--out", str(tmp_path), "--resamples", "200"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stdout.splitlines()[-1]
+    assert f"logged nothing: mlflow.experiment={EXPERIMENT}: user '{READER}' may not create runs" \
+        in last and "(HTTP 403)" in last
+    assert {p.name for p in tmp_path.iterdir()} >= {f"{EXPERIMENT}.{s}" for s in
+                                                   ("md", "csv", "tex", "png")}
+    _, runs = server_runs()
+    assert len(runs) == 2  # no report run
+    assert [r for r in runs if r.data.tags.get("seqexp.role") == "report"] == []
 
 
 @pytest.mark.skipif(not POSTGRES or not Path("/proc").is_dir(), reason="needs the database "

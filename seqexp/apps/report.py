@@ -38,7 +38,12 @@ from seqexp.run.tags import (
     ROLE_TAG,
     SWEEP_ID_TAG,
 )
-from seqexp.run.tracking import Tracker, default_tracking_uri, with_lock_retry
+from seqexp.run.tracking import (
+    Tracker,
+    WriteForbidden,
+    default_tracking_uri,
+    with_lock_retry,
+)
 
 log = logging.getLogger(__name__)
 
@@ -142,20 +147,38 @@ def collect(tracker: Any, experiment: str | None, sweep_id: str | None
 def log_report(tracker: Any, files: Sequence[Path], parent: str | None,
                experiment_id: str) -> str:
     """Log the files under report/ of the parent run; runs with no single parent (an
-    experiment of several sweeps, or of single runs) get a run of their own for the report."""
+    experiment of several sweeps, or of single runs) get a run of their own for the report.
+    A server that refuses the writes (WriteForbidden: the user may only read) keeps no report
+    run half-made."""
     tracker.experiment_id = experiment_id
     if parent is None:
         tracker.start(f"report-{datetime.now():%Y%m%d-%H%M%S}", {ROLE_TAG: "report"})
     else:
         tracker.run_id = parent
-    for path in files:
-        tracker.log_artifact(path, "report")
+    try:
+        for path in files:
+            tracker.log_artifact(path, "report")
+    except WriteForbidden:
+        if parent is None:
+            tracker.client.delete_run(tracker.run_id)
+        raise
     if parent is None:
         tracker.end("FINISHED")
     return tracker.run_id
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def logged_where(tracker: Any, files: Sequence[Path], parent: str | None, experiment_id: str,
+                 no_log: bool) -> str:
+    """Log the report unless no_log; the line that says where it went, or why nowhere."""
+    if no_log:
+        return "logged nothing (--no-log)"
+    try:
+        return f"logged under report/ of run {log_report(tracker, files, parent, experiment_id)}"
+    except WriteForbidden as exc:
+        return f"logged nothing: {exc}; the files above are the report"
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="seqexp-report",
         description="Table 2 (MRR@20, Recall@20 per dataset, beside the paper's) from the MLflow "
@@ -179,6 +202,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "that, at least 200; default: 5000)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the resampling (default: 0)")
+    parser.add_argument("--no-log", action="store_true",
+                        help="write the files only; log nothing to MLflow (without it, the "
+                             "report is logged where the user may write, else nowhere)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = _parser()
     args = parser.parse_args(argv)
     if not 0 < args.alpha < 1 or args.resamples < 1:
         parser.error("--alpha must be in (0, 1) and --resamples positive")
@@ -191,14 +222,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         table = build_table(runs, load_paper(), baseline=args.baseline, alpha=args.alpha,
                             resamples=args.resamples, seed=args.seed)
         files = write_report(table, args.out, args.experiment or f"sweep-{args.sweep_id}")
-        run_id = log_report(tracker, files, parent, experiment_id)
+        where = logged_where(tracker, files, parent, experiment_id, args.no_log)
     except SeqexpError as exc:
         print(f"seqexp-report: error: {exc}", file=sys.stderr)
         sys.exit(2)
     print(to_markdown(table), end="")
     print(f"\n{len(runs)} runs in {len(table.rows)} rows"
           + (f"; {skipped} unfinished runs left out" if skipped else ""))
-    print(f"wrote {', '.join(str(f) for f in files)}; logged under report/ of run {run_id}")
+    print(f"wrote {', '.join(str(f) for f in files)}; {where}")
 
 
 class SweepReportCallback(SweepCallback):

@@ -71,6 +71,15 @@ _UNAUTHENTICATED = "error code 401"
 _FORBIDDEN = "error code 403"
 
 
+class WriteForbidden(SeqexpError):
+    """The tracking server refused a write (HTTP 403): the user may read, not edit."""
+
+
+def _user_name_on_server() -> str:
+    """The user MLflow's client logs in as (basic auth), '?' without one."""
+    return os.environ.get("MLFLOW_TRACKING_USERNAME", "?")
+
+
 def default_tracking_uri(launch_dir: Path) -> str:
     return f"sqlite:///{(Path(launch_dir) / 'mlflow.db').resolve()}"
 
@@ -540,11 +549,10 @@ class Tracker:
         except Exception as exc:  # e.g. a server's 403: one clear line
             reason = message_line(exc)
             if _FORBIDDEN in reason:
-                user = os.environ.get("MLFLOW_TRACKING_USERNAME", "?")
-                raise SeqexpError(
-                    f"mlflow.experiment={self.experiment}: user {user!r} may not create runs "
-                    f"in it on {self.tracking_uri} (HTTP 403); ask the server's admin for EDIT "
-                    f"permission or choose another mlflow.experiment") from None
+                raise WriteForbidden(
+                    f"mlflow.experiment={self.experiment}: user {_user_name_on_server()!r} may "
+                    f"not create runs in it on {self.tracking_uri} (HTTP 403); ask the server's "
+                    f"admin for EDIT permission or choose another mlflow.experiment") from None
             raise SeqexpError(f"mlflow.tracking_uri={self.tracking_uri}: cannot start a run "
                               f"({reason})") from None
         self.run_id = run.info.run_id
@@ -587,11 +595,19 @@ class Tracker:
                         tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Log a file or a folder's files; a server's 403 is WriteForbidden."""
         path = Path(path)
-        if path.is_dir():
-            with_lock_retry(self.client.log_artifacts, self.run_id, str(path), artifact_path)
-        elif path.is_file():
-            with_lock_retry(self.client.log_artifact, self.run_id, str(path), artifact_path)
+        log_one = self.client.log_artifacts if path.is_dir() else self.client.log_artifact
+        if not path.exists():
+            return
+        try:
+            with_lock_retry(log_one, self.run_id, str(path), artifact_path)
+        except Exception as exc:
+            if _FORBIDDEN in message_line(exc):
+                raise WriteForbidden(
+                    f"user {_user_name_on_server()!r} may not write to run {self.run_id} on "
+                    f"{self.tracking_uri} (HTTP 403)") from None
+            raise
 
     def search(self, filter_string: str = "", experiment_ids: Sequence[str] | None = None
                ) -> list:
