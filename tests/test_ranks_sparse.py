@@ -159,6 +159,63 @@ def test_the_sparse_entries_are_the_dense_scores_where_they_differ():
         assert (ids >= 0).sum() > 0
 
 
+def _dense_fit(data, k):
+    """The fit written out densely: every item's similarity row of the catalogue's width
+    (counts from a dense product, exact integers; the fit's float32 formula), self at 0, the
+    top k by (similarity descending, item id ascending), zero similarities dropped; and the
+    top-k values of torch.topk over the same rows (the fit before sparse rows, whose order
+    among equal similarities was unspecified)."""
+    mask = data.train_mask()
+    binary = np.zeros((data.n_users, data.n_items), dtype=np.float32)
+    binary[data.event_users()[mask], data.items[mask]] = 1.0
+    counts = torch.from_numpy(binary.T @ binary)
+    norms = torch.from_numpy(np.sqrt(binary.sum(0)))
+    sims = counts / (norms[:, None] * norms[None, :]).clamp_min(1e-12)
+    sims.fill_diagonal_(0.0)
+    k = min(k, data.n_items - 1)
+    order = np.lexsort((np.broadcast_to(np.arange(data.n_items), sims.shape), -sims.numpy()))
+    ids = torch.from_numpy(order[:, :k])
+    values = sims.gather(1, ids)
+    return (torch.where(values > 0, ids, 0), torch.where(values > 0, values, 0.0),
+            sims.topk(k, dim=1).values)
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(seed=st.integers(0, 2**32 - 1), n_items=st.integers(2, 30), k=st.integers(1, 8),
+       block=st.one_of(st.none(), st.integers(1, 7)), max_block=st.integers(1, 400))
+def test_the_sparse_fit_keeps_the_dense_fits_neighbours_with_ties_broken_by_item_id(
+        seed, n_items, k, block, max_block):
+    """Few users, few items: equal similarities everywhere, rows with fewer than k
+    neighbours, items nobody trained on; blocks of items or of multiply-adds."""
+    rng = np.random.default_rng(seed)
+    users = [list(rng.integers(0, n_items, rng.integers(2, 9))) for _ in range(6)]
+    data = sequences(users, n_items)
+    ids, sims = cosine_neighbours(data, k, torch.device("cpu"), block, max_block=max_block)
+    dense_ids, dense_sims, topk_values = _dense_fit(data, k)
+    assert torch.equal(ids, dense_ids) and torch.equal(sims, dense_sims)
+    # the same similarities as torch.topk's (only the choice among equal ones is now fixed)
+    assert torch.equal(sims, torch.where(topk_values > 0, topk_values, 0.0))
+
+
+def test_the_sparse_fit_ranks_as_the_dense_fit():
+    """Rows with fewer than k neighbours and rows whose k-th similarity ties the next."""
+    rng = np.random.default_rng(3)
+    users = [list(rng.integers(0, 60, rng.integers(3, 12))) for _ in range(30)]
+    data = sequences(users, 60, n_val=[1] * 30, n_test=[2] * 30)
+    model, dense = (ItemKNN(data.n_items, data.n_users, neighbours=4) for _ in range(2))
+    model.fit(data)
+    dense_ids, dense_sims, _ = _dense_fit(data, 4)
+    dense.neighbours.copy_(dense_ids)
+    dense.similarity.copy_(dense_sims)
+    dense.prior.copy_(model.prior)
+    fifth = _dense_fit(data, 5)[1][:, 4]
+    assert ((dense_sims[:, 3] == fifth) & (fifth > 0)).any() and (dense_sims == 0).any()
+    for exclude_seen in (False, True):
+        evaluator = Evaluator(exclude_seen=exclude_seen)
+        got, expected = (evaluator.evaluate(m, data, "test") for m in (model, dense))
+        assert got == expected
+
+
 def test_the_fit_blocks_give_the_neighbours_of_one_block_and_stop_between_blocks(caplog):
     data = _history_data(2, n_items=40)
     whole = cosine_neighbours(data, 5, torch.device("cpu"))
