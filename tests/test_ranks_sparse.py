@@ -17,7 +17,7 @@ from seqexp.core.stopping import TrainingStopped
 from seqexp.data.batching import prediction_batches
 from seqexp.engine import evaluator as evaluator_module
 from seqexp.engine.evaluator import Evaluator
-from seqexp.engine.ranks import count_ranks, count_sparse_ranks
+from seqexp.engine.ranks import count_ranks, count_sparse_ranks, count_table_ranks, prepare_table
 from seqexp.engine.trainer import Trainer
 from seqexp.models.knn import ExpDecayKNN, ItemKNN, cosine_neighbours
 from seqexp.models.popularity import Popularity
@@ -62,6 +62,15 @@ def test_a_nan_entry_or_shared_score_is_refused():
         Evaluator().rank_counts(Model(5, 1), sequences([[0, 1, 2]], 5), "test")
 
 
+def test_a_nan_in_an_itemknn_table_is_refused():
+    data = _history_data()
+    model = ItemKNN(data.n_items, data.n_users, neighbours=5)
+    model.fit(data)
+    model.similarity[3, 0] = torch.nan
+    with pytest.raises(SeqexpError, match="NaN"):
+        Evaluator().rank_counts(model, data, "test")
+
+
 def _dense(shared, ids, scores):
     dense = shared.expand(len(ids), len(shared)).clone()
     rows, cols = (ids >= 0).nonzero(as_tuple=True)
@@ -71,12 +80,14 @@ def _dense(shared, ids, scores):
 
 @settings(max_examples=300, deadline=None, database=None)
 @given(seed=st.integers(0, 2**32 - 1), n_items=st.integers(1, 40), points=st.integers(0, 12),
-       width=st.integers(0, 12), levels=st.integers(1, 6), chunk=st.integers(1, 50))
+       width=st.integers(0, 12), levels=st.integers(1, 6), chunk=st.integers(1, 50),
+       rows=st.integers(0, 5))
 def test_sparse_counts_equal_the_dense_counts_with_ties_and_exclusions(
-        seed, n_items, points, width, levels, chunk):
+        seed, n_items, points, width, levels, chunk, rows):
     """Scores drawn from a few levels (many ties between shared and entry scores, negative
     zero among them), entries on the target or not, padding anywhere, excluded items with and
-    without an entry."""
+    without an entry; the entries given per point and as rows of a table (among `rows`
+    others) that the points name."""
     rng = np.random.default_rng(seed)
     values = np.array([-1.5, -0.0, 0.0, 0.25, 1.0, 7.0], dtype=np.float32)[:levels]
     shared = torch.from_numpy(rng.choice(values, n_items))
@@ -90,6 +101,12 @@ def test_sparse_counts_equal_the_dense_counts_with_ties_and_exclusions(
         ids[row] = np.where(rng.random(width) < 0.8, chosen, -1)
     ids = torch.from_numpy(ids)
     scores = torch.from_numpy(rng.choice(values, (points, width)))
+    # the same entries as rows of a table: each point's row, then the table's other rows
+    order = torch.from_numpy(rng.permutation(points + rows))
+    table_ids = torch.cat([ids, torch.full((rows, width), -1)])[order]
+    table_scores = torch.cat([scores, torch.from_numpy(rng.choice(values, (rows, width)))])
+    table = prepare_table(shared, table_ids, table_scores[order])
+    point_rows = torch.argsort(order)[:points]
     pairs = [(p, i) for p in range(points) for i in range(n_items)
              if i != targets[p] and rng.random() < 0.3]
     excluded = (torch.tensor([p for p, _ in pairs], dtype=torch.int64),
@@ -99,6 +116,10 @@ def test_sparse_counts_equal_the_dense_counts_with_ties_and_exclusions(
         expected = count_ranks(lambda lo, hi: dense[:, lo:hi], targets, n_items, chunk,
                                exclusion)
         got = _sparse(targets, ids, scores, exclusion, shared)
+        assert got[0].tolist() == expected[0].tolist()
+        assert got[1].tolist() == expected[1].tolist()
+        got = count_table_ranks(shared, torch.sort(shared).values, table, point_rows, targets,
+                                exclusion)
         assert got[0].tolist() == expected[0].tolist()
         assert got[1].tolist() == expected[1].tolist()
 
@@ -126,16 +147,26 @@ def test_the_evaluators_sparse_path_gives_the_dense_paths_counts(index, exclude_
     model.fit(data)
     evaluator = Evaluator(exclude_seen=exclude_seen)
     counts = {}
-    for path in ("sparse", "dense"):
+    tables = []
+    prepared = evaluator_module.prepared_sparse_table
+    monkeypatch.setattr(evaluator_module, "prepared_sparse_table",
+                        lambda *args: tables.append(prepared(*args)) or tables[-1])
+    for path in ("table", "entries", "dense"):  # the model's own path first
+        if path == "entries":
+            monkeypatch.setattr(evaluator_module, "prepared_sparse_table", lambda *args: None)
         if path == "dense":
             monkeypatch.setattr(evaluator_module, "sorted_shared_scores", lambda model: None)
         for phase in ("val", "test"):
             counts[path, phase] = evaluator.rank_counts(model, data, phase)
+    has_table = isinstance(model, ItemKNN) and not isinstance(model, ExpDecayKNN)
+    assert tables and all((table is not None) == has_table for table in tables)
     for phase in ("val", "test"):
-        sparse, dense = counts["sparse", phase], counts["dense", phase]
-        assert len(sparse.greater) > 0
-        for field in ("greater", "equal", "users", "positions", "targets"):
-            assert getattr(sparse, field).tolist() == getattr(dense, field).tolist(), field
+        dense = counts["dense", phase]
+        assert len(dense.greater) > 0
+        for path in ("table", "entries"):
+            for field in ("greater", "equal", "users", "positions", "targets"):
+                assert (getattr(counts[path, phase], field).tolist()
+                        == getattr(dense, field).tolist()), (path, field)
     # each item at most once a row
     batch_state = model.prediction_states(next(iter(_batches(data))))
     ids, scores = model.sparse_scores(batch_state)

@@ -1,11 +1,14 @@
 """The rank-counting kernels: for each prediction point, how many items score above and level
 with its target (seqexp.engine.evaluator). `count_ranks` reads dense blocks of item scores,
 without sorting; `count_sparse_ranks` reads a score vector shared by every point, sorted once,
-and a few entries per point that differ from it."""
+and a few entries per point that differ from it; `count_table_ranks` the same when each point's
+entries are one row of a fixed table, prepared once (`SparseTable`), so that a point costs a
+few binary searches in its row instead of a pass over its entries."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -139,6 +142,99 @@ def _excluded_scores(shared: torch.Tensor, ids: torch.Tensor, own: torch.Tensor,
     at = torch.searchsorted(keys, wanted).clamp_max(len(keys) - 1)
     found = keys[at] == wanted
     return torch.where(found, own.flatten()[order[at]].to(shared.dtype), score)
+
+
+class SparseTable(NamedTuple):
+    """A table of sparse entries ([R, W] ids, -1 padding, and scores) prepared for counting
+    (`prepare_table`): per row, its entries' ids ascending with their scores (padding: id
+    n_items, last), and the scores at which the row's entries move their items, sorted: each
+    entry's own score (weight +1) and its item's shared score (weight -1), padding at +inf
+    (weight 0), with the prefix sums of the weights (prefix[r, j] = sum of the first j)."""
+
+    ids: torch.Tensor  # [R, W]
+    scores: torch.Tensor  # [R, W], in ids' order
+    moves: torch.Tensor  # [R, 2W], ascending
+    prefix: torch.Tensor  # [R, 2W + 1]
+
+
+def prepare_table(shared: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor) -> SparseTable:
+    """The SparseTable of entries (ids, scores) [R, W] over `shared` [N] (NaN refused)."""
+    valid = ids >= 0
+    own = scores.to(shared.dtype)
+    if own.numel():
+        check_finite(torch.where(valid, own, 0.0))
+    row_ids, order = torch.where(valid, ids, len(shared)).sort(1)
+    padding = torch.tensor(torch.inf, dtype=shared.dtype, device=shared.device)
+    moves = torch.cat([torch.where(valid, own, padding),
+                       torch.where(valid, shared[ids.clamp_min(0)], padding)], 1)
+    moves, by_score = moves.sort(1)
+    weight_type = torch.int16 if moves.shape[1] < 2**15 else torch.int32
+    weights = torch.cat([valid, valid], 1).to(weight_type)
+    weights[:, ids.shape[1]:] *= -1
+    prefix = torch.nn.functional.pad(weights.gather(1, by_score).cumsum(1, dtype=weight_type),
+                                     (1, 0))
+    return SparseTable(row_ids.to(torch.int32), own.gather(1, order), moves, prefix)
+
+
+def count_table_ranks(
+    shared: torch.Tensor, ordered: torch.Tensor, table: SparseTable, rows: torch.Tensor,
+    targets: torch.Tensor, excluded: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The counts of `count_sparse_ranks` for points whose entries are the rows `rows` [P] of
+    `table`. The target's score is its row's entry (a binary search in the row's ids), else
+    its shared score; two binary searches in `ordered` count the shared scores above and level
+    with it, and two in the row's moves give, through the prefix sums, how many of the row's
+    items move above it (sum of the weights of moves above) and level with it. Comparisons
+    only: the counts are those of count_ranks. `excluded` as for count_ranks."""
+    target_score = _table_scores(shared, table, rows, targets)
+    level_or_below = torch.searchsorted(ordered, target_score, right=True)
+    below = torch.searchsorted(ordered, target_score)
+    greater = (len(shared) - level_or_below).to(torch.int32)
+    equal = (level_or_below - below - 1).to(torch.int32)  # − the target itself
+    if table.ids.shape[1]:
+        width = table.prefix.shape[1]
+        prefix = table.prefix.flatten()
+        at_most = prefix[rows * width + _row_counts(table.moves, rows, target_score, True)]
+        less = prefix[rows * width + _row_counts(table.moves, rows, target_score, False)]
+        greater -= at_most.to(torch.int32)  # the row's weights sum to 0
+        equal += (at_most - less).to(torch.int32)
+    if excluded is not None and len(targets):
+        point, item = excluded
+        score = _table_scores(shared, table, rows[point], item)
+        target = target_score[point]
+        for counts, taken in ((greater, point[score > target]), (equal, point[score == target])):
+            counts.index_add_(0, taken, torch.ones_like(taken, dtype=counts.dtype), alpha=-1)
+    return greater, equal
+
+
+def _table_scores(shared: torch.Tensor, table: SparseTable, rows: torch.Tensor,
+                  items: torch.Tensor) -> torch.Tensor:
+    """The score of each item for its row: the row's entry for it if any, else shared."""
+    score = shared[items]
+    width = table.ids.shape[1]
+    if width == 0 or len(items) == 0:
+        return score
+    at = rows * width + _row_counts(table.ids, rows, items, False).clamp_max(width - 1)
+    found = table.ids.flatten()[at] == items
+    return torch.where(found, table.scores.flatten()[at], score)
+
+
+def _row_counts(table: torch.Tensor, rows: torch.Tensor, values: torch.Tensor,
+                right: bool) -> torch.Tensor:
+    """Per point, how many entries of its row of `table` [R, W] (ascending rows) are below its
+    value (at most its value with `right`): a branchless binary search, one gather a step."""
+    width = table.shape[1]
+    flat = table.flatten()
+    start = rows * width - 1
+    count = torch.zeros_like(rows)
+    step = 1 << max(width.bit_length() - 1, 0)
+    while step and width:
+        probe = count + step
+        entry = flat[start + probe.clamp_max(width)]
+        take = (entry <= values) if right else (entry < values)
+        count = torch.where(take & (probe <= width), probe, count)
+        step >>= 1
+    return count
 
 
 # Columns per float32 sum of signs: exact while partial sums stay below 2**24.

@@ -48,7 +48,7 @@ def cosine_neighbours(
     (padding: id 0, sim 0).
     """
     n_items = train.n_items
-    by_user, by_item = _user_item_matrices(train)
+    by_user, by_item = user_item_matrices(train)
     norms = torch.from_numpy(np.sqrt(np.asarray(by_item.sum(axis=1)).ravel()))
     k = min(k, max(n_items - 1, 1))
     neighbours = torch.zeros(n_items, k, dtype=torch.int64)
@@ -74,7 +74,7 @@ def cosine_neighbours(
     return neighbours.to(device), similarity.to(device)
 
 
-def _user_item_matrices(train: SequenceData) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+def user_item_matrices(train: SequenceData) -> tuple[sp.csr_matrix, sp.csr_matrix]:
     """(users x items, items x users) binary CSR matrices of the training events."""
     mask = train.train_mask()
     by_user = sp.csr_matrix(
@@ -223,6 +223,13 @@ class ItemKNN(Recommender):
         ids = torch.where(similarity != 0, self.neighbours[state], -1)
         return ids, similarity + self.prior[ids.clamp_min(0)]
 
+    def sparse_table(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every item's row of sparse_scores: a point's entries are its last item's row."""
+        return self.sparse_scores(torch.arange(self.n_items, device=self.device))
+
+    def sparse_rows(self, state: torch.Tensor) -> torch.Tensor:
+        return state
+
 
 DECAY_UNITS = ("position", "time")
 
@@ -328,6 +335,10 @@ class ExpDecayKNN(ItemKNN):
             claim = claims[:n].scatter_(1, block_ids, column[:n])
             kept[part] = claim.gather(1, block_ids) == column[:n]
         return torch.where(kept, ids, -1), scores
+
+    def sparse_table(self) -> None:
+        """None: a point's entries come from its whole window, not from one item's row."""
+        return None
 
     def _scratch_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Score and claim rows [R, N], kept between calls: new memory would be paged in
