@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from seqexp.core.errors import SeqexpError
@@ -151,29 +152,49 @@ class SparseTable(NamedTuple):
     entry's own score (weight +1) and its item's shared score (weight -1), padding at +inf
     (weight 0), with the prefix sums of the weights (prefix[r, j] = sum of the first j)."""
 
-    ids: torch.Tensor  # [R, W]
-    scores: torch.Tensor  # [R, W], in ids' order
-    moves: torch.Tensor  # [R, 2W], ascending
-    prefix: torch.Tensor  # [R, 2W + 1]
+    ids: torch.Tensor  # [R, 2^a - 1] >= W columns, int32
+    scores: torch.Tensor  # [R, 2^a - 1], in ids' order
+    moves: torch.Tensor  # [R, 2^b - 1] >= 2W columns, ascending
+    prefix: torch.Tensor  # [R, 2^b]
 
 
 def prepare_table(shared: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor) -> SparseTable:
-    """The SparseTable of entries (ids, scores) [R, W] over `shared` [N] (NaN refused)."""
+    """The SparseTable of entries (ids, scores) [R, W] over `shared` [N] (NaN refused). Rows
+    are padded to a width of 2^m - 1, so that a binary search never leaves its row."""
     valid = ids >= 0
     own = scores.to(shared.dtype)
     if own.numel():
         check_finite(torch.where(valid, own, 0.0))
-    row_ids, order = torch.where(valid, ids, len(shared)).sort(1)
+    row_ids, order = _sort_rows(torch.where(valid, ids, len(shared)).to(torch.int32))
+    row_ids = _pad_columns(row_ids, len(shared))
     padding = torch.tensor(torch.inf, dtype=shared.dtype, device=shared.device)
     moves = torch.cat([torch.where(valid, own, padding),
                        torch.where(valid, shared[ids.clamp_min(0)], padding)], 1)
-    moves, by_score = moves.sort(1)
+    moves, by_score = _sort_rows(moves)
     weight_type = torch.int16 if moves.shape[1] < 2**15 else torch.int32
     weights = torch.cat([valid, valid], 1).to(weight_type)
     weights[:, ids.shape[1]:] *= -1
-    prefix = torch.nn.functional.pad(weights.gather(1, by_score).cumsum(1, dtype=weight_type),
-                                     (1, 0))
-    return SparseTable(row_ids.to(torch.int32), own.gather(1, order), moves, prefix)
+    prefix = weights.gather(1, by_score).cumsum(1, dtype=weight_type)
+    moves, prefix = _pad_columns(moves, torch.inf), _pad_columns(prefix, None)
+    return SparseTable(row_ids, _pad_columns(own.gather(1, order), 0),
+                       moves, torch.nn.functional.pad(prefix, (1, 0)))
+
+
+def _sort_rows(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(each row sorted ascending, the order): numpy's on a CPU (its vectorised argsort is
+    several times torch's on rows of a few hundred; benchmarks.md), torch's elsewhere."""
+    if table.device.type != "cpu":
+        return table.sort(1)
+    order = torch.from_numpy(np.argsort(table.numpy(), axis=1))
+    return table.gather(1, order), order
+
+
+def _pad_columns(table: torch.Tensor, value: float | None) -> torch.Tensor:
+    """`table` [R, W] widened to 2^m - 1 columns with `value` (None: its last column's)."""
+    width = (1 << table.shape[1].bit_length()) - 1
+    if value is None and table.shape[1]:
+        return torch.cat([table, table[:, -1:].expand(-1, width - table.shape[1])], 1)
+    return torch.nn.functional.pad(table, (0, width - table.shape[1]), value=value or 0)
 
 
 def count_table_ranks(
@@ -193,9 +214,11 @@ def count_table_ranks(
     equal = (level_or_below - below - 1).to(torch.int32)  # − the target itself
     if table.ids.shape[1]:
         width = table.prefix.shape[1]
-        prefix = table.prefix.flatten()
-        at_most = prefix[rows * width + _row_counts(table.moves, rows, target_score, True)]
-        less = prefix[rows * width + _row_counts(table.moves, rows, target_score, False)]
+        prefix, start = table.prefix.flatten(), rows * width
+        at_most = prefix.index_select(0, start + _row_counts(table.moves, rows, target_score,
+                                                             True))
+        less = prefix.index_select(0, start + _row_counts(table.moves, rows, target_score,
+                                                          False))
         greater -= at_most.to(torch.int32)  # the row's weights sum to 0
         equal += (at_most - less).to(torch.int32)
     if excluded is not None and len(targets):
@@ -215,25 +238,24 @@ def _table_scores(shared: torch.Tensor, table: SparseTable, rows: torch.Tensor,
     if width == 0 or len(items) == 0:
         return score
     at = rows * width + _row_counts(table.ids, rows, items, False).clamp_max(width - 1)
-    found = table.ids.flatten()[at] == items
-    return torch.where(found, table.scores.flatten()[at], score)
+    found = table.ids.flatten().index_select(0, at) == items
+    return torch.where(found, table.scores.flatten().index_select(0, at), score)
 
 
 def _row_counts(table: torch.Tensor, rows: torch.Tensor, values: torch.Tensor,
                 right: bool) -> torch.Tensor:
-    """Per point, how many entries of its row of `table` [R, W] (ascending rows) are below its
-    value (at most its value with `right`): a branchless binary search, one gather a step."""
-    width = table.shape[1]
+    """Per point, how many entries of its row of `table` [R, 2^m - 1] (ascending rows) are
+    below its value (at most its value with `right`): a branchless binary search, one gather
+    a step, never past the row's end."""
     flat = table.flatten()
-    start = rows * width - 1
+    start = rows * table.shape[1] - 1
     count = torch.zeros_like(rows)
-    step = 1 << max(width.bit_length() - 1, 0)
-    while step and width:
+    step = (table.shape[1] + 1) // 2
+    while step:
         probe = count + step
-        entry = flat[start + probe.clamp_max(width)]
-        take = (entry <= values) if right else (entry < values)
-        count = torch.where(take & (probe <= width), probe, count)
-        step >>= 1
+        entry = flat.index_select(0, start + probe)
+        count = torch.where((entry <= values) if right else (entry < values), probe, count)
+        step //= 2
     return count
 
 
