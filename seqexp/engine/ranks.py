@@ -165,36 +165,72 @@ def prepare_table(shared: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor)
     own = scores.to(shared.dtype)
     if own.numel():
         check_finite(torch.where(valid, own, 0.0))
-    row_ids, order = _sort_rows(torch.where(valid, ids, len(shared)).to(torch.int32))
-    row_ids = _pad_columns(row_ids, len(shared))
-    padding = torch.tensor(torch.inf, dtype=shared.dtype, device=shared.device)
-    moves = torch.cat([torch.where(valid, own, padding),
-                       torch.where(valid, shared[ids.clamp_min(0)], padding)], 1)
-    moves, by_score = _sort_rows(moves)
-    weight_type = torch.int16 if moves.shape[1] < 2**15 else torch.int32
-    weights = torch.cat([valid, valid], 1).to(weight_type)
+    base = shared[ids.clamp_min(0)]
+    packed = shared.dtype == torch.float32 and shared.device.type == "cpu"
+    sort_rows = _packed_sorted_rows if packed else _sorted_rows
+    row_ids, row_scores, moves, weights = sort_rows(valid, ids, own, base, len(shared))
+    prefix = torch.nn.functional.pad(weights.cumsum(1, dtype=weights.dtype), (1, 0))
+    return SparseTable(row_ids, row_scores, moves, prefix)
+
+
+def _sorted_rows(valid: torch.Tensor, ids: torch.Tensor, own: torch.Tensor,
+                 base: torch.Tensor, n_items: int) -> tuple[torch.Tensor, ...]:
+    """The rows of a SparseTable before the prefix sums: (ids ascending, their scores, moves
+    ascending, their weights), padded (torch's row sorts)."""
+    row_ids, order = torch.where(valid, ids, n_items).to(torch.int32).sort(1)
+    padding = torch.tensor(torch.inf, dtype=own.dtype, device=own.device)
+    moves = torch.cat([torch.where(valid, own, padding), torch.where(valid, base, padding)], 1)
+    weights = torch.cat([valid, valid], 1).to(_weight_type(moves.shape[1]))
     weights[:, ids.shape[1]:] *= -1
-    prefix = weights.gather(1, by_score).cumsum(1, dtype=weight_type)
-    moves, prefix = _pad_columns(moves, torch.inf), _pad_columns(prefix, None)
-    return SparseTable(row_ids, _pad_columns(own.gather(1, order), 0),
-                       moves, torch.nn.functional.pad(prefix, (1, 0)))
+    moves, by_score = moves.sort(1)
+    return (_pad_columns(row_ids, n_items), _pad_columns(own.gather(1, order), 0),
+            _pad_columns(moves, torch.inf), _pad_columns(weights.gather(1, by_score), 0))
 
 
-def _sort_rows(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(each row sorted ascending, the order): numpy's on a CPU (its vectorised argsort is
-    several times torch's on rows of a few hundred; benchmarks.md), torch's elsewhere."""
-    if table.device.type != "cpu":
-        return table.sort(1)
-    order = torch.from_numpy(np.argsort(table.numpy(), axis=1))
-    return table.gather(1, order), order
+def _packed_sorted_rows(valid: torch.Tensor, ids: torch.Tensor, own: torch.Tensor,
+                        base: torch.Tensor, n_items: int) -> tuple[torch.Tensor, ...]:
+    """_sorted_rows for float32 scores on a CPU: each entry packed into one int64 (an id
+    above its score's bits; a move's score, as an int32 of the same order, above a 2-bit
+    weight tag) and the rows sorted by numpy's vectorised sort, several times faster than
+    argsorts and gathers (benchmarks.md). Equal scores may come in any order: the counts
+    read the moves only at the ends of runs of equal scores."""
+    rows, width = ids.shape
+    valid, own, base = valid.numpy(), own.numpy(), base.numpy()
+    by_id = np.full((rows, (1 << width.bit_length()) - 1), n_items << 32, dtype=np.int64)
+    by_id[:, :width] = (np.where(valid, ids.numpy(), n_items) << 32) | own.view(np.uint32)
+    by_id.sort(axis=1)
+    pad = _ordered_bits(np.float32(np.inf)) << 2 | 1  # tag 1: weight 0
+    moves = np.full((rows, (1 << (2 * width).bit_length()) - 1), pad, dtype=np.int64)
+    moves[:, :width] = np.where(valid, _ordered_bits(own) << 2 | 2, pad)  # tag 2: +1
+    moves[:, width:2 * width] = np.where(valid, _ordered_bits(base) << 2, pad)  # tag 0: -1
+    moves.sort(axis=1)
+    weights = ((moves & 3) - 1).astype(np.int16 if moves.shape[1] < 2**15 else np.int32)
+    scores = (by_id & 0xFFFFFFFF).astype(np.uint32).view(np.float32)
+    return tuple(torch.from_numpy(t) for t in (
+        (by_id >> 32).astype(np.int32), scores, _float_of(moves >> 2), weights))
 
 
-def _pad_columns(table: torch.Tensor, value: float | None) -> torch.Tensor:
-    """`table` [R, W] widened to 2^m - 1 columns with `value` (None: its last column's)."""
+def _ordered_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> int64 in the same order (-0.0 just below 0.0): the bits, with a negative
+    number's magnitude bits flipped."""
+    bits = np.asarray(values, dtype=np.float32).view(np.int32)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).astype(np.int64)
+
+
+def _float_of(ordered: np.ndarray) -> np.ndarray:
+    """The inverse of _ordered_bits."""
+    bits = ordered.astype(np.int32)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).view(np.float32)
+
+
+def _weight_type(width: int) -> torch.dtype:
+    return torch.int16 if width < 2**15 else torch.int32
+
+
+def _pad_columns(table: torch.Tensor, value: float) -> torch.Tensor:
+    """`table` [R, W] widened to 2^m - 1 columns with `value`."""
     width = (1 << table.shape[1].bit_length()) - 1
-    if value is None and table.shape[1]:
-        return torch.cat([table, table[:, -1:].expand(-1, width - table.shape[1])], 1)
-    return torch.nn.functional.pad(table, (0, width - table.shape[1]), value=value or 0)
+    return torch.nn.functional.pad(table, (0, width - table.shape[1]), value=value)
 
 
 def count_table_ranks(
