@@ -145,6 +145,11 @@ def _excluded_scores(shared: torch.Tensor, ids: torch.Tensor, own: torch.Tensor,
     return torch.where(found, own.flatten()[order[at]].to(shared.dtype), score)
 
 
+# Rows of a sparse table sorted at a time: their int64 scratch (a few MB) stays in cache, where
+# whole-table temporaries of a LastFM-sized catalogue (~1 GB each) are paged in pass by pass.
+TABLE_CHUNK_ROWS = 8192
+
+
 class SparseTable(NamedTuple):
     """A table of sparse entries ([R, W] ids, -1 padding, and scores) prepared for counting
     (`prepare_table`): per row, its entries' ids ascending with their scores (padding: id
@@ -165,12 +170,20 @@ def prepare_table(shared: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor)
     own = scores.to(shared.dtype)
     if own.numel():
         check_finite(torch.where(valid, own, 0.0))
-    base = shared[ids.clamp_min(0)]
+    base = shared.index_select(0, ids.clamp_min(0).flatten()).view(ids.shape)
     packed = shared.dtype == torch.float32 and shared.device.type == "cpu"
     sort_rows = _packed_sorted_rows if packed else _sorted_rows
-    row_ids, row_scores, moves, weights = sort_rows(valid, ids, own, base, len(shared))
+    parts = [sort_rows(valid[part], ids[part], own[part], base[part], len(shared))
+             for part in _row_chunks(len(ids))]  # chunks: temporaries that stay in cache
+    row_ids, row_scores, moves, weights = (torch.cat(columns) for columns in zip(*parts,
+                                                                                strict=True))
     prefix = torch.nn.functional.pad(weights.cumsum(1, dtype=weights.dtype), (1, 0))
     return SparseTable(row_ids, row_scores, moves, prefix)
+
+
+def _row_chunks(rows: int) -> list[slice]:
+    """Slices of TABLE_CHUNK_ROWS rows covering `rows` (one empty slice for none)."""
+    return [slice(lo, lo + TABLE_CHUNK_ROWS) for lo in range(0, max(rows, 1), TABLE_CHUNK_ROWS)]
 
 
 def _sorted_rows(valid: torch.Tensor, ids: torch.Tensor, own: torch.Tensor,
