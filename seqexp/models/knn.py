@@ -49,7 +49,7 @@ def cosine_neighbours(
     """
     n_items = train.n_items
     by_user, by_item = user_item_matrices(train)
-    norms = torch.from_numpy(np.sqrt(np.asarray(by_item.sum(axis=1)).ravel()))
+    norms = np.sqrt(np.asarray(by_item.sum(axis=1)).ravel()).astype(np.float32)
     k = min(k, max(n_items - 1, 1))
     neighbours = torch.zeros(n_items, k, dtype=torch.int64)
     similarity = torch.zeros(n_items, k, dtype=torch.float32)
@@ -59,17 +59,16 @@ def cosine_neighbours(
         if name is not None:
             raise FitStopped(name)
         gram = by_item[lo:hi] @ by_user  # co-occurrence counts, exact in float32
-        rows = torch.from_numpy(np.repeat(np.arange(hi - lo), np.diff(gram.indptr)))
-        cols = torch.from_numpy(gram.indices.astype(np.int64))
-        sims = torch.from_numpy(gram.data) / (norms[lo + rows] * norms[cols]).clamp_min(1e-12)
-        # one int64 key per entry, larger for a higher similarity, then a lower item id
-        keys = (sims.view(torch.int32).to(torch.int64) << 32) | (ID_MASK - cols)
-        keys[cols == lo + rows] = -1  # self excluded
-        top = top_entries(torch.from_numpy(gram.indptr.astype(np.int64)), keys, k)
-        kept = top >= 0
-        neighbours[lo:hi] = torch.where(kept, ID_MASK - (top & ID_MASK), 0)
-        similarity[lo:hi] = torch.where(kept, (top >> 32).to(torch.int32).view(torch.float32),
-                                        0.0)
+        keys = torch.from_numpy(_block_keys(gram, norms[lo:hi], norms))
+        # k + 1, then the item itself (among them when it has any user) dropped
+        top = top_entries(torch.from_numpy(gram.indptr.astype(np.int64)), keys, k + 1)
+        ids = ID_MASK - (top & ID_MASK)
+        drop = (top < 0) | (ids == torch.arange(lo, hi)[:, None])
+        order = torch.argsort(drop.to(torch.int8), dim=1, stable=True)[:, :k]
+        kept = ~drop.gather(1, order)
+        neighbours[lo:hi] = torch.where(kept, ids.gather(1, order), 0)
+        bits = (top.gather(1, order) >> 32).to(torch.int32)
+        similarity[lo:hi] = torch.where(kept, bits.view(torch.float32), 0.0)
         progress.done(hi)
     return neighbours.to(device), similarity.to(device)
 
@@ -85,6 +84,21 @@ def user_item_matrices(train: SequenceData) -> tuple[sp.csr_matrix, sp.csr_matri
     by_user.sum_duplicates()
     by_user.data[:] = 1.0
     return by_user, by_user.T.tocsr()
+
+
+def _block_keys(gram: sp.csr_matrix, row_norms: np.ndarray, norms: np.ndarray) -> np.ndarray:
+    """One int64 key per entry of a block's co-occurrence counts: the cosine's float32 bits
+    (count / max(|U_i|^1/2 |U_j|^1/2, 1e-12), positive) above ID_MASK - j, so that a larger key
+    is a higher similarity, then a lower item id. In place where it can: a block's entries are
+    read a few times, not a dozen."""
+    scale = np.repeat(row_norms, np.diff(gram.indptr))
+    scale *= norms[gram.indices]
+    np.maximum(scale, np.float32(1e-12), out=scale)
+    sims = np.divide(gram.data, scale, out=scale)
+    keys = sims.view(np.int32).astype(np.int64)
+    keys <<= 32
+    keys |= np.subtract(np.int64(ID_MASK), gram.indices, dtype=np.int64)
+    return keys
 
 
 def _fit_blocks(by_user: sp.csr_matrix, by_item: sp.csr_matrix, block_items: int | None,
@@ -119,7 +133,8 @@ def top_entries(indptr: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Tenso
         width = int(lengths[rows].max())
         column = torch.arange(width)
         index = (indptr[rows, None] + column).clamp_max(len(keys) - 1)
-        padded = torch.where(column < lengths[rows, None], keys[index], -1)
+        entries = keys.index_select(0, index.flatten()).view(index.shape)
+        padded = torch.where(column < lengths[rows, None], entries, -1)
         top = padded.topk(min(k, width), dim=1).values
         out[rows, : top.shape[1]] = top
     return out
