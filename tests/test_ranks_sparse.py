@@ -16,6 +16,7 @@ from seqexp.core.errors import SeqexpError
 from seqexp.core.stopping import TrainingStopped
 from seqexp.data.batching import prediction_batches
 from seqexp.engine import evaluator as evaluator_module
+from seqexp.engine import ranks as ranks_module
 from seqexp.engine.evaluator import Evaluator
 from seqexp.engine.ranks import count_ranks, count_sparse_ranks, count_table_ranks, prepare_table
 from seqexp.engine.trainer import Trainer
@@ -149,6 +150,7 @@ def test_the_evaluators_sparse_path_gives_the_dense_paths_counts(index, exclude_
     model = _models(data.n_items, data.n_users)[index]
     model.fit(data)
     evaluator = Evaluator(exclude_seen=exclude_seen)
+    monkeypatch.setattr(ranks_module, "TABLE_CHUNK_ROWS", 7)  # the table in several chunks
     counts = {}
     tables = []
     prepared = evaluator_module.prepared_sparse_table
