@@ -196,8 +196,8 @@ class ItemKNN(Recommender):
         "neighbours": Key(integer(1), "neighbours kept per item"),
         "popularity_tiebreak": Key(flag(), "order items outside the neighbours by popularity"),
         "fit_block": Key(integer(1, nullable=True), "items per block of the similarity fit "
-                         "(null = about 50M similarities a block); a stop signal is checked "
-                         "between blocks", affects_results=False),
+                         "(null = about 8M multiply-adds of its sparse product a block); a stop "
+                         "signal is checked between blocks", affects_results=False),
     }
 
     def __init__(self, n_items: int, n_users: int, neighbours: int = 100,
