@@ -16,8 +16,9 @@ from seqexp.core.errors import SeqexpError
 from seqexp.core.stopping import TrainingStopped
 from seqexp.data.batching import prediction_batches
 from seqexp.engine import evaluator as evaluator_module
+from seqexp.engine import ranks as ranks_module
 from seqexp.engine.evaluator import Evaluator
-from seqexp.engine.ranks import count_ranks, count_sparse_ranks
+from seqexp.engine.ranks import count_ranks, count_sparse_ranks, count_table_ranks, prepare_table
 from seqexp.engine.trainer import Trainer
 from seqexp.models.knn import ExpDecayKNN, ItemKNN, cosine_neighbours
 from seqexp.models.popularity import Popularity
@@ -62,6 +63,15 @@ def test_a_nan_entry_or_shared_score_is_refused():
         Evaluator().rank_counts(Model(5, 1), sequences([[0, 1, 2]], 5), "test")
 
 
+def test_a_nan_in_an_itemknn_table_is_refused():
+    data = _history_data()
+    model = ItemKNN(data.n_items, data.n_users, neighbours=5)
+    model.fit(data)
+    model.similarity[3, 0] = torch.nan
+    with pytest.raises(SeqexpError, match="NaN"):
+        Evaluator().rank_counts(model, data, "test")
+
+
 def _dense(shared, ids, scores):
     dense = shared.expand(len(ids), len(shared)).clone()
     rows, cols = (ids >= 0).nonzero(as_tuple=True)
@@ -69,16 +79,21 @@ def _dense(shared, ids, scores):
     return dense
 
 
+dtype_np = {torch.float32: np.float32, torch.float64: np.float64}
+
+
 @settings(max_examples=300, deadline=None, database=None)
 @given(seed=st.integers(0, 2**32 - 1), n_items=st.integers(1, 40), points=st.integers(0, 12),
-       width=st.integers(0, 12), levels=st.integers(1, 6), chunk=st.integers(1, 50))
+       width=st.integers(0, 12), levels=st.integers(1, 6), chunk=st.integers(1, 50),
+       rows=st.integers(0, 5), dtype=st.sampled_from([torch.float32, torch.float64]))
 def test_sparse_counts_equal_the_dense_counts_with_ties_and_exclusions(
-        seed, n_items, points, width, levels, chunk):
+        seed, n_items, points, width, levels, chunk, rows, dtype):
     """Scores drawn from a few levels (many ties between shared and entry scores, negative
     zero among them), entries on the target or not, padding anywhere, excluded items with and
-    without an entry."""
+    without an entry; the entries given per point and as rows of a table (among `rows`
+    others) that the points name; float32 (packed row sorts) and float64 scores."""
     rng = np.random.default_rng(seed)
-    values = np.array([-1.5, -0.0, 0.0, 0.25, 1.0, 7.0], dtype=np.float32)[:levels]
+    values = np.array([-1.5, -0.0, 0.0, 0.25, 1.0, 7.0], dtype=dtype_np[dtype])[:levels]
     shared = torch.from_numpy(rng.choice(values, n_items))
     targets = torch.from_numpy(rng.integers(0, n_items, points))
     width = min(width, n_items)
@@ -90,6 +105,12 @@ def test_sparse_counts_equal_the_dense_counts_with_ties_and_exclusions(
         ids[row] = np.where(rng.random(width) < 0.8, chosen, -1)
     ids = torch.from_numpy(ids)
     scores = torch.from_numpy(rng.choice(values, (points, width)))
+    # the same entries as rows of a table: each point's row, then the table's other rows
+    order = torch.from_numpy(rng.permutation(points + rows))
+    table_ids = torch.cat([ids, torch.full((rows, width), -1)])[order]
+    table_scores = torch.cat([scores, torch.from_numpy(rng.choice(values, (rows, width)))])
+    table = prepare_table(shared, table_ids, table_scores[order])
+    point_rows = torch.argsort(order)[:points]
     pairs = [(p, i) for p in range(points) for i in range(n_items)
              if i != targets[p] and rng.random() < 0.3]
     excluded = (torch.tensor([p for p, _ in pairs], dtype=torch.int64),
@@ -99,6 +120,10 @@ def test_sparse_counts_equal_the_dense_counts_with_ties_and_exclusions(
         expected = count_ranks(lambda lo, hi: dense[:, lo:hi], targets, n_items, chunk,
                                exclusion)
         got = _sparse(targets, ids, scores, exclusion, shared)
+        assert got[0].tolist() == expected[0].tolist()
+        assert got[1].tolist() == expected[1].tolist()
+        got = count_table_ranks(shared, torch.sort(shared).values, table, point_rows, targets,
+                                exclusion)
         assert got[0].tolist() == expected[0].tolist()
         assert got[1].tolist() == expected[1].tolist()
 
@@ -125,17 +150,28 @@ def test_the_evaluators_sparse_path_gives_the_dense_paths_counts(index, exclude_
     model = _models(data.n_items, data.n_users)[index]
     model.fit(data)
     evaluator = Evaluator(exclude_seen=exclude_seen)
+    monkeypatch.setattr(ranks_module, "TABLE_CHUNK_ROWS", 7)  # the table in several chunks
     counts = {}
-    for path in ("sparse", "dense"):
+    tables = []
+    prepared = evaluator_module.prepared_sparse_table
+    monkeypatch.setattr(evaluator_module, "prepared_sparse_table",
+                        lambda *args: tables.append(prepared(*args)) or tables[-1])
+    for path in ("table", "entries", "dense"):  # the model's own path first
+        if path == "entries":
+            monkeypatch.setattr(evaluator_module, "prepared_sparse_table", lambda *args: None)
         if path == "dense":
             monkeypatch.setattr(evaluator_module, "sorted_shared_scores", lambda model: None)
         for phase in ("val", "test"):
             counts[path, phase] = evaluator.rank_counts(model, data, phase)
+    has_table = isinstance(model, ItemKNN) and not isinstance(model, ExpDecayKNN)
+    assert tables and all((table is not None) == has_table for table in tables)
     for phase in ("val", "test"):
-        sparse, dense = counts["sparse", phase], counts["dense", phase]
-        assert len(sparse.greater) > 0
-        for field in ("greater", "equal", "users", "positions", "targets"):
-            assert getattr(sparse, field).tolist() == getattr(dense, field).tolist(), field
+        dense = counts["dense", phase]
+        assert len(dense.greater) > 0
+        for path in ("table", "entries"):
+            for field in ("greater", "equal", "users", "positions", "targets"):
+                assert (getattr(counts[path, phase], field).tolist()
+                        == getattr(dense, field).tolist()), (path, field)
     # each item at most once a row
     batch_state = model.prediction_states(next(iter(_batches(data))))
     ids, scores = model.sparse_scores(batch_state)
@@ -157,6 +193,63 @@ def test_the_sparse_entries_are_the_dense_scores_where_they_differ():
         dense = model.score_items(state, 0, data.n_items)
         assert torch.equal(_dense(model.shared_scores(), ids, scores), dense)
         assert (ids >= 0).sum() > 0
+
+
+def _dense_fit(data, k):
+    """The fit written out densely: every item's similarity row of the catalogue's width
+    (counts from a dense product, exact integers; the fit's float32 formula), self at 0, the
+    top k by (similarity descending, item id ascending), zero similarities dropped; and the
+    top-k values of torch.topk over the same rows (the fit before sparse rows, whose order
+    among equal similarities was unspecified)."""
+    mask = data.train_mask()
+    binary = np.zeros((data.n_users, data.n_items), dtype=np.float32)
+    binary[data.event_users()[mask], data.items[mask]] = 1.0
+    counts = torch.from_numpy(binary.T @ binary)
+    norms = torch.from_numpy(np.sqrt(binary.sum(0)))
+    sims = counts / (norms[:, None] * norms[None, :]).clamp_min(1e-12)
+    sims.fill_diagonal_(0.0)
+    k = min(k, data.n_items - 1)
+    order = np.lexsort((np.broadcast_to(np.arange(data.n_items), sims.shape), -sims.numpy()))
+    ids = torch.from_numpy(order[:, :k])
+    values = sims.gather(1, ids)
+    return (torch.where(values > 0, ids, 0), torch.where(values > 0, values, 0.0),
+            sims.topk(k, dim=1).values)
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(seed=st.integers(0, 2**32 - 1), n_items=st.integers(2, 30), k=st.integers(1, 8),
+       block=st.one_of(st.none(), st.integers(1, 7)), max_block=st.integers(1, 400))
+def test_the_sparse_fit_keeps_the_dense_fits_neighbours_with_ties_broken_by_item_id(
+        seed, n_items, k, block, max_block):
+    """Few users, few items: equal similarities everywhere, rows with fewer than k
+    neighbours, items nobody trained on; blocks of items or of multiply-adds."""
+    rng = np.random.default_rng(seed)
+    users = [list(rng.integers(0, n_items, rng.integers(2, 9))) for _ in range(6)]
+    data = sequences(users, n_items)
+    ids, sims = cosine_neighbours(data, k, torch.device("cpu"), block, max_block=max_block)
+    dense_ids, dense_sims, topk_values = _dense_fit(data, k)
+    assert torch.equal(ids, dense_ids) and torch.equal(sims, dense_sims)
+    # the same similarities as torch.topk's (only the choice among equal ones is now fixed)
+    assert torch.equal(sims, torch.where(topk_values > 0, topk_values, 0.0))
+
+
+def test_the_sparse_fit_ranks_as_the_dense_fit():
+    """Rows with fewer than k neighbours and rows whose k-th similarity ties the next."""
+    rng = np.random.default_rng(3)
+    users = [list(rng.integers(0, 60, rng.integers(3, 12))) for _ in range(30)]
+    data = sequences(users, 60, n_val=[1] * 30, n_test=[2] * 30)
+    model, dense = (ItemKNN(data.n_items, data.n_users, neighbours=4) for _ in range(2))
+    model.fit(data)
+    dense_ids, dense_sims, _ = _dense_fit(data, 4)
+    dense.neighbours.copy_(dense_ids)
+    dense.similarity.copy_(dense_sims)
+    dense.prior.copy_(model.prior)
+    fifth = _dense_fit(data, 5)[1][:, 4]
+    assert ((dense_sims[:, 3] == fifth) & (fifth > 0)).any() and (dense_sims == 0).any()
+    for exclude_seen in (False, True):
+        evaluator = Evaluator(exclude_seen=exclude_seen)
+        got, expected = (evaluator.evaluate(m, data, "test") for m in (model, dense))
+        assert got == expected
 
 
 def test_the_fit_blocks_give_the_neighbours_of_one_block_and_stop_between_blocks(caplog):

@@ -29,7 +29,14 @@ from seqexp.data.baskets import basket_starts, check_gap
 from seqexp.data.batching import PredictionBatch, prediction_batches
 from seqexp.data.sequences import SequenceData, validation_sample
 from seqexp.engine.metrics import RankCounts
-from seqexp.engine.ranks import check_finite, count_ranks, count_sparse_ranks
+from seqexp.engine.ranks import (
+    SparseTable,
+    check_finite,
+    count_ranks,
+    count_sparse_ranks,
+    count_table_ranks,
+    prepare_table,
+)
 from seqexp.models import cpu_kernels
 from seqexp.models.base import Recommender
 
@@ -98,6 +105,7 @@ class Evaluator:
         parts: dict[str, list[torch.Tensor]] = {
             "greater": [], "equal": [], "users": [], "positions": [], "targets": []}
         shared = sorted_shared_scores(model)
+        table = prepared_sparse_table(model, shared)
         bar = tqdm(total=phase_targets(data, phase), desc=phase, unit="ev", unit_scale=True,
                    disable=None if self.progress else True, leave=False, mininterval=1.0)
         try:
@@ -108,7 +116,7 @@ class Evaluator:
                     parts["positions"].append(batch.target_cols)
                     parts["targets"].append(batch.targets)
                     batch = batch.to(device)
-                    g, e = self._batch_counts(model, batch, data.n_items, shared)
+                    g, e = self._batch_counts(model, batch, data.n_items, shared, table)
                     parts["greater"].append(g.cpu())
                     parts["equal"].append(e.cpu())
                     bar.update(batch.n_targets)
@@ -123,11 +131,16 @@ class Evaluator:
         return RankCounts(**{k: torch.cat(v).numpy() for k, v in parts.items()})
 
     def _batch_counts(self, model: Recommender, batch: PredictionBatch, n_items: int,
-                      shared: tuple[torch.Tensor, torch.Tensor] | None = None):
+                      shared: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      table: SparseTable | None = None):
         """Greater/equal counts of a batch's points: from dense score blocks, or with `shared`
-        = (the model's shared scores, sorted) from those and its sparse entries."""
+        = (the model's shared scores, sorted) from those and its sparse entries, read from
+        its prepared sparse `table` when it has one."""
         state = model.prediction_states(batch)
         excluded = seen_items(batch, n_items) if self.exclude_seen else None
+        if shared is not None and table is not None:  # every point at once: a few searches
+            return count_table_ranks(*shared, table, model.sparse_rows(state).long(),
+                                     batch.targets, excluded)
         # B x N must fit: split the prediction points if needed, then the items.
         device = batch.targets.device
         block = self.block_elements(device, n_items)
@@ -259,6 +272,16 @@ def sorted_shared_scores(model: Recommender) -> tuple[torch.Tensor, torch.Tensor
         return None
     check_finite(shared)
     return shared, torch.sort(shared).values
+
+
+def prepared_sparse_table(model: Recommender, shared: tuple[torch.Tensor, torch.Tensor] | None
+                          ) -> SparseTable | None:
+    """The model's sparse table prepared for counting (seqexp.engine.ranks), when it has
+    shared scores and a table; else None."""
+    if shared is None:
+        return None
+    table = model.sparse_table()
+    return None if table is None else prepare_table(shared[0], *table)
 
 
 def phase_targets(data: SequenceData, phase: str) -> int:

@@ -1,12 +1,16 @@
 """The rank-counting kernels: for each prediction point, how many items score above and level
 with its target (seqexp.engine.evaluator). `count_ranks` reads dense blocks of item scores,
 without sorting; `count_sparse_ranks` reads a score vector shared by every point, sorted once,
-and a few entries per point that differ from it."""
+and a few entries per point that differ from it; `count_table_ranks` the same when each point's
+entries are one row of a fixed table, prepared once (`SparseTable`), so that a point costs a
+few binary searches in its row instead of a pass over its entries."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from seqexp.core.errors import SeqexpError
@@ -139,6 +143,169 @@ def _excluded_scores(shared: torch.Tensor, ids: torch.Tensor, own: torch.Tensor,
     at = torch.searchsorted(keys, wanted).clamp_max(len(keys) - 1)
     found = keys[at] == wanted
     return torch.where(found, own.flatten()[order[at]].to(shared.dtype), score)
+
+
+# Rows of a sparse table sorted at a time: their int64 scratch (a few MB) stays in cache, where
+# whole-table temporaries of a LastFM-sized catalogue (~1 GB each) are paged in pass by pass.
+TABLE_CHUNK_ROWS = 8192
+
+
+class SparseTable(NamedTuple):
+    """A table of sparse entries ([R, W] ids, -1 padding, and scores) prepared for counting
+    (`prepare_table`): per row, its entries' ids ascending with their scores (padding: id
+    n_items, last), and the scores at which the row's entries move their items, sorted: each
+    entry's own score (weight +1) and its item's shared score (weight -1), padding at +inf
+    (weight 0), with the prefix sums of the weights (prefix[r, j] = sum of the first j)."""
+
+    ids: torch.Tensor  # [R, 2^a - 1] >= W columns, int32
+    scores: torch.Tensor  # [R, 2^a - 1], in ids' order
+    moves: torch.Tensor  # [R, 2^b - 1] >= 2W columns, ascending
+    prefix: torch.Tensor  # [R, 2^b]
+
+
+def prepare_table(shared: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor) -> SparseTable:
+    """The SparseTable of entries (ids, scores) [R, W] over `shared` [N] (NaN refused). Rows
+    are padded to a width of 2^m - 1, so that a binary search never leaves its row."""
+    valid = ids >= 0
+    own = scores.to(shared.dtype)
+    if own.numel():
+        check_finite(torch.where(valid, own, 0.0))
+    base = shared.index_select(0, ids.clamp_min(0).flatten()).view(ids.shape)
+    packed = shared.dtype == torch.float32 and shared.device.type == "cpu"
+    sort_rows = _packed_sorted_rows if packed else _sorted_rows
+    parts = [sort_rows(valid[part], ids[part], own[part], base[part], len(shared))
+             for part in _row_chunks(len(ids))]  # chunks: temporaries that stay in cache
+    row_ids, row_scores, moves, weights = (torch.cat(columns) for columns in zip(*parts,
+                                                                                strict=True))
+    prefix = torch.nn.functional.pad(weights.cumsum(1, dtype=weights.dtype), (1, 0))
+    return SparseTable(row_ids, row_scores, moves, prefix)
+
+
+def _row_chunks(rows: int) -> list[slice]:
+    """Slices of TABLE_CHUNK_ROWS rows covering `rows` (one empty slice for none)."""
+    return [slice(lo, lo + TABLE_CHUNK_ROWS) for lo in range(0, max(rows, 1), TABLE_CHUNK_ROWS)]
+
+
+def _sorted_rows(valid: torch.Tensor, ids: torch.Tensor, own: torch.Tensor,
+                 base: torch.Tensor, n_items: int) -> tuple[torch.Tensor, ...]:
+    """The rows of a SparseTable before the prefix sums: (ids ascending, their scores, moves
+    ascending, their weights), padded (torch's row sorts)."""
+    row_ids, order = torch.where(valid, ids, n_items).to(torch.int32).sort(1)
+    padding = torch.tensor(torch.inf, dtype=own.dtype, device=own.device)
+    moves = torch.cat([torch.where(valid, own, padding), torch.where(valid, base, padding)], 1)
+    weights = torch.cat([valid, valid], 1).to(_weight_type(moves.shape[1]))
+    weights[:, ids.shape[1]:] *= -1
+    moves, by_score = moves.sort(1)
+    return (_pad_columns(row_ids, n_items), _pad_columns(own.gather(1, order), 0),
+            _pad_columns(moves, torch.inf), _pad_columns(weights.gather(1, by_score), 0))
+
+
+def _packed_sorted_rows(valid: torch.Tensor, ids: torch.Tensor, own: torch.Tensor,
+                        base: torch.Tensor, n_items: int) -> tuple[torch.Tensor, ...]:
+    """_sorted_rows for float32 scores on a CPU: each entry packed into one int64 (an id
+    above its score's bits; a move's score, as an int32 of the same order, above a 2-bit
+    weight tag) and the rows sorted by numpy's vectorised sort, several times faster than
+    argsorts and gathers (benchmarks.md). Equal scores may come in any order: the counts
+    read the moves only at the ends of runs of equal scores."""
+    rows, width = ids.shape
+    valid, own, base = valid.numpy(), own.numpy(), base.numpy()
+    by_id = np.full((rows, (1 << width.bit_length()) - 1), n_items << 32, dtype=np.int64)
+    by_id[:, :width] = (np.where(valid, ids.numpy(), n_items) << 32) | own.view(np.uint32)
+    by_id.sort(axis=1)
+    pad = _ordered_bits(np.float32(np.inf)) << 2 | 1  # tag 1: weight 0
+    moves = np.full((rows, (1 << (2 * width).bit_length()) - 1), pad, dtype=np.int64)
+    moves[:, :width] = np.where(valid, _ordered_bits(own) << 2 | 2, pad)  # tag 2: +1
+    moves[:, width:2 * width] = np.where(valid, _ordered_bits(base) << 2, pad)  # tag 0: -1
+    moves.sort(axis=1)
+    weights = ((moves & 3) - 1).astype(np.int16 if moves.shape[1] < 2**15 else np.int32)
+    scores = (by_id & 0xFFFFFFFF).astype(np.uint32).view(np.float32)
+    return tuple(torch.from_numpy(t) for t in (
+        (by_id >> 32).astype(np.int32), scores, _float_of(moves >> 2), weights))
+
+
+def _ordered_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> int64 in the same order (-0.0 just below 0.0): the bits, with a negative
+    number's magnitude bits flipped."""
+    bits = np.asarray(values, dtype=np.float32).view(np.int32)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).astype(np.int64)
+
+
+def _float_of(ordered: np.ndarray) -> np.ndarray:
+    """The inverse of _ordered_bits."""
+    bits = ordered.astype(np.int32)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).view(np.float32)
+
+
+def _weight_type(width: int) -> torch.dtype:
+    return torch.int16 if width < 2**15 else torch.int32
+
+
+def _pad_columns(table: torch.Tensor, value: float) -> torch.Tensor:
+    """`table` [R, W] widened to 2^m - 1 columns with `value`."""
+    width = (1 << table.shape[1].bit_length()) - 1
+    return torch.nn.functional.pad(table, (0, width - table.shape[1]), value=value)
+
+
+def count_table_ranks(
+    shared: torch.Tensor, ordered: torch.Tensor, table: SparseTable, rows: torch.Tensor,
+    targets: torch.Tensor, excluded: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The counts of `count_sparse_ranks` for points whose entries are the rows `rows` [P] of
+    `table`. The target's score is its row's entry (a binary search in the row's ids), else
+    its shared score; two binary searches in `ordered` count the shared scores above and level
+    with it, and two in the row's moves give, through the prefix sums, how many of the row's
+    items move above it (sum of the weights of moves above) and level with it. Comparisons
+    only: the counts are those of count_ranks. `excluded` as for count_ranks."""
+    target_score = _table_scores(shared, table, rows, targets)
+    level_or_below = torch.searchsorted(ordered, target_score, right=True)
+    below = torch.searchsorted(ordered, target_score)
+    greater = (len(shared) - level_or_below).to(torch.int32)
+    equal = (level_or_below - below - 1).to(torch.int32)  # − the target itself
+    if table.ids.shape[1]:
+        width = table.prefix.shape[1]
+        prefix, start = table.prefix.flatten(), rows * width
+        at_most = prefix.index_select(0, start + _row_counts(table.moves, rows, target_score,
+                                                             True))
+        less = prefix.index_select(0, start + _row_counts(table.moves, rows, target_score,
+                                                          False))
+        greater -= at_most.to(torch.int32)  # the row's weights sum to 0
+        equal += (at_most - less).to(torch.int32)
+    if excluded is not None and len(targets):
+        point, item = excluded
+        score = _table_scores(shared, table, rows[point], item)
+        target = target_score[point]
+        for counts, taken in ((greater, point[score > target]), (equal, point[score == target])):
+            counts.index_add_(0, taken, torch.ones_like(taken, dtype=counts.dtype), alpha=-1)
+    return greater, equal
+
+
+def _table_scores(shared: torch.Tensor, table: SparseTable, rows: torch.Tensor,
+                  items: torch.Tensor) -> torch.Tensor:
+    """The score of each item for its row: the row's entry for it if any, else shared."""
+    score = shared[items]
+    width = table.ids.shape[1]
+    if width == 0 or len(items) == 0:
+        return score
+    at = rows * width + _row_counts(table.ids, rows, items, False).clamp_max(width - 1)
+    found = table.ids.flatten().index_select(0, at) == items
+    return torch.where(found, table.scores.flatten().index_select(0, at), score)
+
+
+def _row_counts(table: torch.Tensor, rows: torch.Tensor, values: torch.Tensor,
+                right: bool) -> torch.Tensor:
+    """Per point, how many entries of its row of `table` [R, 2^m - 1] (ascending rows) are
+    below its value (at most its value with `right`): a branchless binary search, one gather
+    a step, never past the row's end."""
+    flat = table.flatten()
+    start = rows * table.shape[1] - 1
+    count = torch.zeros_like(rows)
+    step = (table.shape[1] + 1) // 2
+    while step:
+        probe = count + step
+        entry = flat.index_select(0, start + probe)
+        count = torch.where((entry <= values) if right else (entry < values), probe, count)
+        step //= 2
+    return count
 
 
 # Columns per float32 sum of signs: exact while partial sums stay below 2**24.

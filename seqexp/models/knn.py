@@ -20,63 +20,124 @@ from seqexp.data.sequences import SequenceData
 from seqexp.models.base import Recommender
 
 log = logging.getLogger(__name__)
+# Multiply-adds of the sparse co-occurrence product per fit block when model.fit_block is null
+# (a block's entries, their keys and padded rows take a few hundred MB; a block lasts a
+# fraction of a second, so a stop signal is heeded within seconds).
+BLOCK_PRODUCTS = 8_000_000
+# The low 32 bits of a fit key: ID_MASK - item id (a lower id makes a larger key).
+ID_MASK = 0xFFFFFFFF
 # Entries of the dense scratch rows in which expdecay_knn sums a point's history exactly as its
 # dense scores do (sparse_scores).
 SCRATCH_ELEMENTS = 16_000_000
-# Similarities of one block of the fit when model.fit_block is null.
-FIT_BLOCK_ELEMENTS = 50_000_000
 
 
 def cosine_neighbours(
     train: SequenceData, k: int, device: torch.device, block_items: int | None = None,
-    stop_requested: Callable[[], str | None] = lambda: None, max_block: int = FIT_BLOCK_ELEMENTS,
+    stop_requested: Callable[[], str | None] = lambda: None, max_block: int = BLOCK_PRODUCTS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k cosine neighbours of every item (self excluded, zero similarities dropped).
+    """Top-k cosine neighbours of every item (self excluded, zero similarities dropped; among
+    equal similarities the lower item id first).
 
     Items are binary-coded per user: sim(i, j) = |U_i ∩ U_j| / sqrt(|U_i| |U_j|). The
-    co-occurrence counts of a block of `block_items` items (null: max_block entries' worth) with
-    every item are one sparse product (items x users times users x items: work in proportion
-    to the pairs of items a user shares, not to items x items), the similarities of its nonzero
-    counts are spread into a reused dense [block, N] float32 buffer and the top k of each row
-    kept. Between blocks `stop_requested` is asked (FitStopped) and progress is logged.
-    Returns [N, k] neighbour ids and similarities (padding: id 0, sim 0).
+    co-occurrence counts of a block of items with every item are one sparse product (items x
+    users times users x items: work in proportion to the pairs of items a user shares, not to
+    items x items), and each row's top k is taken from its nonzero entries only
+    (`top_entries`). A block is `block_items` items, or (null) as many as make about
+    `max_block` multiply-adds of the product. Between blocks `stop_requested` is asked
+    (FitStopped) and progress is logged. Returns [N, k] neighbour ids and similarities
+    (padding: id 0, sim 0).
     """
     n_items = train.n_items
-    mask = train.train_mask()
-    matrix = sp.csr_matrix(
-        (np.ones(int(mask.sum()), dtype=np.float32),
-         (train.event_users()[mask], train.items[mask].astype(np.int64))),
-        shape=(train.n_users, n_items),
-    )
-    matrix.sum_duplicates()
-    matrix.data[:] = 1.0
-    by_item = matrix.T.tocsr()
-    norms = torch.from_numpy(np.sqrt(np.asarray(by_item.sum(axis=1)).ravel())).to(device)
+    by_user, by_item = user_item_matrices(train)
+    norms = np.sqrt(np.asarray(by_item.sum(axis=1)).ravel()).astype(np.float32)
     k = min(k, max(n_items - 1, 1))
-    neighbours = torch.zeros(n_items, k, dtype=torch.int64, device=device)
-    similarity = torch.zeros(n_items, k, dtype=torch.float32, device=device)
-    block = block_items or max(1, min(n_items, max_block // max(n_items, train.n_users)))
-    dense = torch.zeros(min(block, n_items), n_items, dtype=torch.float32, device=device)
+    neighbours = torch.zeros(n_items, k, dtype=torch.int64)
+    similarity = torch.zeros(n_items, k, dtype=torch.float32)
     progress = FitProgress("item-kNN similarities", n_items)
-    for lo in range(0, n_items, block):  # blocks of items, each one sparse product
+    for lo, hi in _fit_blocks(by_user, by_item, block_items, max_block):
         name = stop_requested()
         if name is not None:
             raise FitStopped(name)
-        hi = min(lo + block, n_items)
-        gram = (by_item[lo:hi] @ matrix).tocoo()  # co-occurrence counts, exact in float32
-        rows = torch.from_numpy(gram.row.astype(np.int64)).to(device)
-        cols = torch.from_numpy(gram.col.astype(np.int64)).to(device)
-        counts = torch.from_numpy(gram.data).to(device)
-        sims = dense[: hi - lo]
-        sims[rows, cols] = counts / (norms[lo + rows] * norms[cols]).clamp_min(1e-12)
-        sims[torch.arange(hi - lo), torch.arange(lo, hi)] = 0.0  # self excluded
-        values, ids = sims.topk(k, dim=1)
-        sims[rows, cols] = 0.0  # the buffer back to zeros for the next block
-        keep = values > 0
-        neighbours[lo:hi] = torch.where(keep, ids, 0)
-        similarity[lo:hi] = torch.where(keep, values, 0.0)
+        gram = by_item[lo:hi] @ by_user  # co-occurrence counts, exact in float32
+        keys = torch.from_numpy(_block_keys(gram, norms[lo:hi], norms))
+        # k + 1, then the item itself (among them when it has any user) dropped
+        top = top_entries(torch.from_numpy(gram.indptr.astype(np.int64)), keys, k + 1)
+        ids = ID_MASK - (top & ID_MASK)
+        drop = (top < 0) | (ids == torch.arange(lo, hi)[:, None])
+        order = torch.argsort(drop.to(torch.int8), dim=1, stable=True)[:, :k]
+        kept = ~drop.gather(1, order)
+        neighbours[lo:hi] = torch.where(kept, ids.gather(1, order), 0)
+        bits = (top.gather(1, order) >> 32).to(torch.int32)
+        similarity[lo:hi] = torch.where(kept, bits.view(torch.float32), 0.0)
         progress.done(hi)
-    return neighbours, similarity
+    return neighbours.to(device), similarity.to(device)
+
+
+def user_item_matrices(train: SequenceData) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """(users x items, items x users) binary CSR matrices of the training events."""
+    mask = train.train_mask()
+    by_user = sp.csr_matrix(
+        (np.ones(int(mask.sum()), dtype=np.float32),
+         (train.event_users()[mask], train.items[mask].astype(np.int64))),
+        shape=(train.n_users, train.n_items),
+    )
+    by_user.sum_duplicates()
+    by_user.data[:] = 1.0
+    return by_user, by_user.T.tocsr()
+
+
+def _block_keys(gram: sp.csr_matrix, row_norms: np.ndarray, norms: np.ndarray) -> np.ndarray:
+    """One int64 key per entry of a block's co-occurrence counts: the cosine's float32 bits
+    (count / max(|U_i|^1/2 |U_j|^1/2, 1e-12), positive) above ID_MASK - j, so that a larger key
+    is a higher similarity, then a lower item id. In place where it can: a block's entries are
+    read a few times, not a dozen."""
+    scale = np.repeat(row_norms, np.diff(gram.indptr))
+    scale *= norms[gram.indices]
+    np.maximum(scale, np.float32(1e-12), out=scale)
+    sims = np.divide(gram.data, scale, out=scale)
+    keys = sims.view(np.int32).astype(np.int64)
+    keys <<= 32
+    keys |= np.subtract(np.int64(ID_MASK), gram.indices, dtype=np.int64)
+    return keys
+
+
+def _fit_blocks(by_user: sp.csr_matrix, by_item: sp.csr_matrix, block_items: int | None,
+                max_block: int) -> list[tuple[int, int]]:
+    """(lo, hi) item ranges of the fit: `block_items` items each, or (None) ranges of about
+    `max_block` multiply-adds of the sparse product (an item row costs the sum over its users
+    of their distinct items; one item more than that at most)."""
+    n_items = by_item.shape[0]
+    if block_items:
+        edges = np.arange(0, n_items, block_items)
+    else:
+        work = np.cumsum(by_item @ np.diff(by_user.indptr).astype(np.float64))
+        total = work[-1] if len(work) else 0.0
+        edges = np.searchsorted(work, np.arange(max_block, total, max_block), side="right")
+    edges = np.unique(np.concatenate([[0], edges, [n_items]]))
+    return list(zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True))
+
+
+def top_entries(indptr: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Tensor:
+    """[R, k]: the k largest keys of each row of a CSR layout (`indptr` [R + 1], `keys` in row
+    order), descending; -1 where a row has fewer (keys are >= -1). Rows of one width class (the
+    same next power of two of their length) are one padded [rows, width] block and one topk:
+    at most twice a block's entries are read, never a row of the catalogue's width."""
+    lengths = indptr[1:] - indptr[:-1]
+    out = torch.full((len(lengths), k), -1, dtype=torch.int64)
+    width_class = torch.ceil(torch.log2(lengths.clamp_min(1).to(torch.float64)))
+    width_class = torch.where(lengths > 0, width_class.to(torch.int64), -1)
+    for value in torch.unique(width_class).tolist():  # a few dozen classes at most
+        if value < 0:
+            continue  # rows without entries keep their padding
+        rows = (width_class == value).nonzero().squeeze(1)
+        width = int(lengths[rows].max())
+        column = torch.arange(width)
+        index = (indptr[rows, None] + column).clamp_max(len(keys) - 1)
+        entries = keys.index_select(0, index.flatten()).view(index.shape)
+        padded = torch.where(column < lengths[rows, None], entries, -1)
+        top = padded.topk(min(k, width), dim=1).values
+        out[rows, : top.shape[1]] = top
+    return out
 
 
 class FitProgress:
@@ -135,8 +196,8 @@ class ItemKNN(Recommender):
         "neighbours": Key(integer(1), "neighbours kept per item"),
         "popularity_tiebreak": Key(flag(), "order items outside the neighbours by popularity"),
         "fit_block": Key(integer(1, nullable=True), "items per block of the similarity fit "
-                         "(null = about 50M similarities a block); a stop signal is checked "
-                         "between blocks", affects_results=False),
+                         "(null = about 8M multiply-adds of its sparse product a block); a stop "
+                         "signal is checked between blocks", affects_results=False),
     }
 
     def __init__(self, n_items: int, n_users: int, neighbours: int = 100,
@@ -151,10 +212,13 @@ class ItemKNN(Recommender):
         self.register_buffer("prior", torch.zeros(n_items))
 
     def fit_elements(self, n_events: int) -> dict[str, tuple[int, str]]:
-        """The fit's dense block of similarities (`model.fit_block` items x all items) and the
-        neighbours and similarities it builds before they are copied into the buffers."""
-        block = self.fit_block or max(1, FIT_BLOCK_ELEMENTS // max(self.n_items, self.n_users))
-        return {"similarity block": (min(block, self.n_items) * self.n_items, "model.fit_block"),
+        """One fit block's nonzero similarities (at most `model.fit_block` items x all items;
+        null: about BLOCK_PRODUCTS multiply-adds' worth, twice for padding, and at least one
+        whole row), each with its int64 key and column (4 float32-sized elements), and the
+        neighbours and similarities the fit builds before they are copied into the buffers."""
+        entries = (min(self.fit_block, self.n_items) * self.n_items if self.fit_block
+                   else max(2 * BLOCK_PRODUCTS, self.n_items))
+        return {"similarity block": (4 * entries, "model.fit_block"),
                 "fitted neighbours": (3 * self.neighbours.numel(), "model.neighbours")}
 
     def fit(self, train: SequenceData,
@@ -183,6 +247,13 @@ class ItemKNN(Recommender):
         similarity = self.similarity[state]
         ids = torch.where(similarity != 0, self.neighbours[state], -1)
         return ids, similarity + self.prior[ids.clamp_min(0)]
+
+    def sparse_table(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every item's row of sparse_scores: a point's entries are its last item's row."""
+        return self.sparse_scores(torch.arange(self.n_items, device=self.device))
+
+    def sparse_rows(self, state: torch.Tensor) -> torch.Tensor:
+        return state
 
 
 DECAY_UNITS = ("position", "time")
@@ -289,6 +360,10 @@ class ExpDecayKNN(ItemKNN):
             claim = claims[:n].scatter_(1, block_ids, column[:n])
             kept[part] = claim.gather(1, block_ids) == column[:n]
         return torch.where(kept, ids, -1), scores
+
+    def sparse_table(self) -> None:
+        """None: a point's entries come from its whole window, not from one item's row."""
+        return None
 
     def _scratch_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Score and claim rows [R, N], kept between calls: new memory would be paged in
