@@ -380,6 +380,13 @@ def test_cpu_score_blocks_hold_64_whole_rows_at_large_catalogues_and_ranks_stay_
     assert evaluator.block_elements(cpu, 10_677) == 3_000_000  # ML-10M: as before
     assert evaluator.block_elements(cpu, 445_369) == 64 * 445_369  # not 6 points per block
     assert Evaluator(max_block_elements=1000).block_elements(cpu, 445_369) == 1000
+    # the dense counts: whole rows up to 46,875 items, tiles beyond (unless a block is set)
+    assert evaluator.block_shape(cpu, 10_677, 10_000) == (280, 10_714)
+    assert evaluator.block_shape(cpu, 46_875, 10_000) == (64, 46_875)
+    assert evaluator.block_shape(cpu, 46_876, 10_000) == (128, 2048)
+    assert Evaluator(max_block_elements=1000).block_shape(cpu, 445_369, 10_000) == (1, 1000)
+    switch_cpu_kernel(monkeypatch, "eval_blocks", False)
+    assert evaluator.block_shape(cpu, 445_369, 10_000) == (112, 446_428)  # 50,000,000
     # 60,000 items: whole-row blocks of 64 points; ranks equal a hand count of the scores
     generator = torch.Generator().manual_seed(0)
     scores = torch.randint(0, 50, (70, 60_000), generator=generator).float()  # many ties
@@ -425,6 +432,8 @@ def test_cpu_tiles_rank_like_comparisons_with_ties_exclusions_and_a_partial_last
     monkeypatch.setattr(evaluation, "TILE_POINTS", 3)
     monkeypatch.setattr(evaluation, "TILE_ITEMS", 4)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    settings = []  # torch.set_num_threads's calls (recorded, not made)
+    monkeypatch.setattr(torch, "set_num_threads", settings.append)
     generator = np.random.default_rng(0)
     users = [generator.integers(0, 23, size=n).tolist() for n in (30, 25, 12, 40)]
     data = sequences(users, n_items=23, n_test=[20, 15, 8, 30])
@@ -437,6 +446,7 @@ def test_cpu_tiles_rank_like_comparisons_with_ties_exclusions_and_a_partial_last
         (0, 4), (4, 8), (8, 12), (12, 16), (16, 20), (20, 23)}
     main = threading.get_ident()
     assert all(thread != main and not grad for _, _, thread, grad in model.calls)
+    assert set(settings) == {1, 3} and settings[-1] == 3  # 1 in the workers, then restored
     state = torch.from_numpy(counts.users * 1000 + counts.positions)
     scores = model.score_items(state, 0, 23)
     context = [users[u][:c] if exclude_seen else []

@@ -55,10 +55,12 @@ DENSE_WIDTH_RATIO = 64
 MIN_BLOCK_POINTS = 64
 # ... except where the CPU counts in tiles: a catalogue above EVAL_BLOCK_ELEMENTS /
 # MIN_BLOCK_POINTS items (LastFM-1K) is scored TILE_POINTS points x TILE_ITEMS items at a
-# time (1 MB of float32: one product's scores, counted while they are in the cache, not after
-# a 114 MB block has left it); points are grouped by their target's tile (see _dense_counts).
-TILE_POINTS = 256
-TILE_ITEMS = 4096
+# time on each core: 1 MB of float32 (2 MB with count_ranks's differences: a core's L2),
+# counted right after its product while it is in the cache, not after a 114 MB block has left
+# it; points are grouped by their target's tile (_dense_counts). docs/benchmarks.md compares
+# tile shapes.
+TILE_POINTS = 128
+TILE_ITEMS = 2048
 
 
 def _for_device(table: dict[str, int], device: torch.device) -> int:
@@ -306,13 +308,17 @@ def on_each_core(count: Callable, blocks: list, workers: int) -> list:
     core's cache. Grad mode is per thread: set again in each."""
     if workers <= 1 or len(blocks) <= 1:
         return [count(block) for block in blocks]
+    threads = torch.get_num_threads()
 
     def single_threaded(block):
-        torch.set_num_threads(1)  # this thread's own setting (OpenMP's and MKL's)
+        torch.set_num_threads(1)  # this thread's own OpenMP and MKL setting
         with torch.no_grad():
             return count(block)
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(single_threaded, blocks))
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(single_threaded, blocks))
+    finally:  # torch also keeps the last setting as the default of threads started later
+        torch.set_num_threads(threads)
 
 
 def _block_pairs(excluded: tuple[torch.Tensor, torch.Tensor] | None, start: int, stop: int):
