@@ -3,7 +3,7 @@ float32 GEMM rate for the same products, and where the rest of the time goes.
 
 Usage: python scripts/bench_dense_eval.py [--model gru] [--hidden 100] [--items 445369]
            [--users 8] [--train-events 2000] [--val-events 200]
-           [--block-elements auto 28500000 ...] [--out bench_dense_eval.json]
+           [--block-elements auto 28503616 256x4096 ...] [--out bench_dense_eval.json]
 
 The model (conf/model/<model>.yaml; its width set to --hidden: model.hidden_size for the RNNs,
 model.factors for mf/seqmf) is built untrained at --items items; the data are synthetic,
@@ -11,11 +11,12 @@ model.factors for mf/seqmf) is built untrained at --items items; the data are sy
 from a Zipf-like popularity (LastFM-1K's users have ~12,300 training and ~1,300 validation
 events each, the same ratio as the defaults; with a few users each replay step runs a few rows,
 not 256, so the replay's share here is above LastFM-1K's). For each --block-elements
-(eval.max_block_elements; auto = the evaluator's own choice) it times, over the validation
-events:
+(eval.max_block_elements; auto = the evaluator's own choice; PxT = the evaluator's CPU tiles
+at P points x T items instead of its own) it times, over the validation events:
 - total: the evaluator's rank counting (Evaluator.rank_counts), ranks compared across settings;
 - replay: the model's prediction states (the history replay), batch by batch as the evaluator;
-- product: the score blocks' products alone (model.score_items), in the evaluator's blocks;
+- product: the score blocks' products alone (model.score_items), in the evaluator's blocks and
+  on its threads (one block per core where it counts in CPU tiles);
 - counting: the rest (total - replay - product).
 The achieved rate is 2 x hidden x items x events / total; the GEMM rate is that of one score
 block's product of the evaluator's shape, and of 64 points x all items, timed by
@@ -37,10 +38,12 @@ from hydra import compose, initialize_config_dir
 from seqexp.core.resources import config_dir
 from seqexp.data.batching import prediction_batches
 from seqexp.data.sequences import SequenceData
-from seqexp.engine.evaluator import Evaluator
+from seqexp.engine import evaluator as evaluation
+from seqexp.engine.evaluator import Evaluator, on_each_core
 from seqexp.run.experiment import build_model, configure_torch
 
 WIDTH_KEY = {"mf": "factors", "seqmf": "factors"}  # the RNNs: hidden_size
+TILE_SHAPE = evaluation.TILE_POINTS, evaluation.TILE_ITEMS  # the evaluator's own
 
 
 def lastfm_like(n_users: int, n_items: int, n_train: int, n_val: int) -> SequenceData:
@@ -54,34 +57,55 @@ def lastfm_like(n_users: int, n_items: int, n_train: int, n_val: int) -> Sequenc
                         val_end=offsets[:-1] + n_train + n_val, n_items=n_items)
 
 
-def blocks(evaluator: Evaluator, n_points: int, n_items: int) -> tuple[int, int]:
-    """(points, items) of the evaluator's score blocks, as Evaluator._batch_counts cuts them."""
-    block = evaluator.block_elements(torch.device("cpu"), n_items)
-    points = max(1, min(n_points, block // max(n_items, 1)))
-    return points, max(1, block // points)
+def counting_scored(model) -> list[int]:
+    """Make model.score_items append the number of scores it returns to the returned list
+    (list.append is atomic: the evaluator's worker threads share it)."""
+    scored: list[int] = []
+    score_items = model.score_items
+
+    def counted(state, lo: int, hi: int) -> torch.Tensor:
+        scores = score_items(state, lo, hi)
+        scored.append(scores.numel())
+        return scores
+    model.score_items = counted
+    return scored
 
 
 def time_phases(model, data: SequenceData, evaluator: Evaluator) -> dict:
+    scored = counting_scored(model)
     started = time.perf_counter()
     counts = evaluator.rank_counts(model, data, "val")
     total = time.perf_counter() - started
+    del model.score_items  # the class's own again
     replay = product = 0.0
     shapes = set()
+    cpu = torch.device("cpu")
+    workers = torch.get_num_threads() if evaluator.cpu_tiles(cpu, data.n_items) else 1
     with torch.no_grad():
         for batch in prediction_batches(data, "val", evaluator.users_per_batch(model.device)):
             started = time.perf_counter()
             states = model.prediction_states(batch)
             replay += time.perf_counter() - started
-            points, chunk = blocks(evaluator, batch.n_targets, data.n_items)
+            points, chunk = evaluator.block_shape(cpu, data.n_items, batch.n_targets)
+            blocks = [states[first:first + points]
+                      for first in range(0, batch.n_targets, points)]
+            shapes |= {(len(state), min(chunk, data.n_items)) for state in blocks}
             started = time.perf_counter()
-            for first in range(0, batch.n_targets, points):
-                state = states[first:first + points]
-                for lo in range(0, data.n_items, chunk):
-                    model.score_items(state, lo, min(lo + chunk, data.n_items))
-                    shapes.add((len(state), min(chunk, data.n_items)))
+            on_each_core(lambda state, c=chunk: [  # the products alone, as the evaluator runs them
+                model.score_items(state, lo, min(lo + c, data.n_items))
+                for lo in range(0, data.n_items, c)] and None, blocks, workers)
             product += time.perf_counter() - started
+    # scores the evaluator computed beyond one product per score (its first passes)
+    extra = sum(scored) / (len(counts) * data.n_items) - 1
     return {"counts": counts, "total_s": total, "replay_s": replay, "product_s": product,
-            "counting_s": total - replay - product, "block_shapes": sorted(shapes)}
+            "counting_s": total - replay - product, "block_shapes": sorted(shapes),
+            "extra_scored": extra}
+
+
+def gemm_gflops(points: int, hidden: int, items: int) -> float:
+    """float32 GEMM rate of [points x hidden] . [hidden x items] (bench_matmul's timing)."""
+    seconds = best_seconds(torch.randn(points, hidden), torch.randn(hidden, items), 2)
+    return 2 * points * hidden * items / seconds / 1e9
 
 
 def main() -> None:
@@ -110,18 +134,18 @@ def main() -> None:
                      "val_events": args.val_events, "settings": {}}
     reference = None
     for setting in args.block_elements:
-        evaluator = Evaluator(max_block_elements=None if setting == "auto" else int(setting))
+        if "x" in setting:  # CPU tiles of another shape than the evaluator's
+            evaluation.TILE_POINTS, evaluation.TILE_ITEMS = map(int, setting.split("x"))
+        evaluator = Evaluator(
+            max_block_elements=None if setting == "auto" or "x" in setting else int(setting))
         row = time_phases(model, data, evaluator)
+        evaluation.TILE_POINTS, evaluation.TILE_ITEMS = TILE_SHAPE
         counts = row.pop("counts")
         events = len(counts)
         flop = 2 * args.hidden * args.items * events
         points, chunk = row["block_shapes"][-1]
-        state = torch.randn(points, args.hidden)
-        weight = torch.randn(args.hidden, chunk)
-        gemm_block = 2 * points * args.hidden * chunk / best_seconds(state, weight, 2) / 1e9
-        wide = torch.randn(64, args.hidden)
-        gemm_64 = 2 * 64 * args.hidden * args.items / best_seconds(
-            wide, torch.randn(args.hidden, args.items), 2) / 1e9
+        gemm_block = gemm_gflops(points, args.hidden, chunk)
+        gemm_64 = gemm_gflops(64, args.hidden, args.items)
         if reference is None:
             reference = counts
         row |= {"events": events, "events_per_s": events / row["total_s"],
@@ -137,7 +161,8 @@ def main() -> None:
               f"= {row['fraction_of_best_gemm']:.0%} of GEMM (block shape {points}x{chunk}: "
               f"{gemm_block:.1f}, 64 x all items: {gemm_64:.1f} GFLOP/s); total "
               f"{row['total_s']:.2f} s = replay {row['replay_s']:.2f} + product "
-              f"{row['product_s']:.2f} + counting {row['counting_s']:.2f}; ranks equal: "
+              f"{row['product_s']:.2f} + counting {row['counting_s']:.2f} (first-pass "
+              f"products: {row['extra_scored']:.1%} more scores); ranks equal: "
               f"{row['ranks_equal_first_setting']}", flush=True)
     results["_meta"] = {"torch": torch.__version__, "threads": torch.get_num_threads(),
                         "processor": platform.processor() or platform.machine()}

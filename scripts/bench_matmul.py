@@ -13,7 +13,8 @@ Shapes (hidden 100, 256 lanes x 20 steps, 2048 sampled negatives, ML-10M's 10,67
 - eval_score_tile    [280 x 100] . [100 x 1024]   a 1,024-item tile of that block (1.1 MB of scores)
 - eval_lastfm_h<H>_p<P> [P x H] . [H x 445369]   an evaluation score block at LastFM-1K's
   catalogue (hidden H = 100 or 1000): P = 6 points is what a 3,000,000-element block holds,
-  P = 64 the evaluator's least points per block at large catalogues (scripts/bench_dense_eval.py)
+  P = 64 the evaluator's former whole-row blocks at large catalogues (scripts/bench_dense_eval.py)
+- eval_lastfm_h<H>_tile [128 x H] . [H x 2048]   the evaluator's CPU tile at such catalogues
 
 Each product is timed on fresh random operands after two untimed calls; the best of `--repeats`
 rounds of 20 calls is reported. Prints a table and writes JSON
@@ -44,6 +45,8 @@ SHAPES = {  # name: (m, k, n) for [m x k] . [k x n]
     "eval_lastfm_h100_p64": (64, 100, 445_369),
     "eval_lastfm_h1000_p6": (6, 1000, 445_369),
     "eval_lastfm_h1000_p64": (64, 1000, 445_369),
+    "eval_lastfm_h100_tile": (128, 100, 2048),
+    "eval_lastfm_h1000_tile": (128, 1000, 2048),
 }
 CALLS = 20
 # Calls per round shrink for large products: a round of about this many FLOP at least.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -378,6 +380,13 @@ def test_cpu_score_blocks_hold_64_whole_rows_at_large_catalogues_and_ranks_stay_
     assert evaluator.block_elements(cpu, 10_677) == 3_000_000  # ML-10M: as before
     assert evaluator.block_elements(cpu, 445_369) == 64 * 445_369  # not 6 points per block
     assert Evaluator(max_block_elements=1000).block_elements(cpu, 445_369) == 1000
+    # the dense counts: whole rows up to 46,875 items, tiles beyond (unless a block is set)
+    assert evaluator.block_shape(cpu, 10_677, 10_000) == (280, 10_714)
+    assert evaluator.block_shape(cpu, 46_875, 10_000) == (64, 46_875)
+    assert evaluator.block_shape(cpu, 46_876, 10_000) == (128, 2048)
+    assert Evaluator(max_block_elements=1000).block_shape(cpu, 445_369, 10_000) == (1, 1000)
+    switch_cpu_kernel(monkeypatch, "eval_blocks", False)
+    assert evaluator.block_shape(cpu, 445_369, 10_000) == (112, 446_428)  # 50,000,000
     # 60,000 items: whole-row blocks of 64 points; ranks equal a hand count of the scores
     generator = torch.Generator().manual_seed(0)
     scores = torch.randint(0, 50, (70, 60_000), generator=generator).float()  # many ties
@@ -392,3 +401,73 @@ def test_cpu_score_blocks_hold_64_whole_rows_at_large_catalogues_and_ranks_stay_
     assert torch.equal(greater.long(), (scores > target_scores).sum(1))
     assert torch.equal(equal.long(), (scores == target_scores).sum(1) - 1)
     assert calls == [(0, 60_000)]  # one product per block: scored once
+
+
+class Hashed23(Recommender):
+    """Scores 0..3 hashed from (user, position, item): ties everywhere, any catalogue split.
+    Records each score_items call: its items, the thread and the grad mode it ran in."""
+
+    def __init__(self, n_items: int, n_users: int) -> None:
+        super().__init__(n_items, n_users)
+        self.calls: list[tuple[int, int, int, bool]] = []
+
+    def prediction_states(self, batch):
+        return batch.users[batch.target_rows] * 1000 + batch.target_cols
+
+    def score_items(self, state, lo, hi):
+        self.calls.append((lo, hi, threading.get_ident(), torch.is_grad_enabled()))
+        return ((state[:, None] * 7 + torch.arange(lo, hi) * 13 + state[:, None] // 1000
+                 * torch.arange(lo, hi)) % 4).float()
+
+
+@pytest.mark.parametrize("exclude_seen", [False, True])
+def test_cpu_tiles_rank_like_comparisons_with_ties_exclusions_and_a_partial_last_tile(
+        monkeypatch, exclude_seen):
+    import seqexp.engine.evaluator as evaluation
+    from seqexp.models import cpu_kernels
+
+    # 23 items in tiles of 4 (the last of 3), blocks of 3 points, on 3 worker threads
+    switch_cpu_kernel(monkeypatch, "eval_blocks", True)
+    monkeypatch.setattr(cpu_kernels, "EVAL_BLOCK_ELEMENTS", 64 * 10)
+    monkeypatch.setattr(evaluation, "TILE_POINTS", 3)
+    monkeypatch.setattr(evaluation, "TILE_ITEMS", 4)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    settings = []  # torch.set_num_threads's calls (recorded, not made)
+    monkeypatch.setattr(torch, "set_num_threads", settings.append)
+    generator = np.random.default_rng(0)
+    users = [generator.integers(0, 23, size=n).tolist() for n in (30, 25, 12, 40)]
+    data = sequences(users, n_items=23, n_test=[20, 15, 8, 30])
+    model = Hashed23(23, 4)
+    tiled = Evaluator([5], batch_users=2, exclude_seen=exclude_seen)
+    assert tiled.block_shape(torch.device("cpu"), 23, 100) == (3, 4)
+    counts = tiled.rank_counts(model, data, "test")
+    assert set((counts.targets // 4).tolist()) == set(range(6))  # a target in every tile
+    assert {(lo, hi) for lo, hi, _, _ in model.calls} == {
+        (0, 4), (4, 8), (8, 12), (12, 16), (16, 20), (20, 23)}
+    main = threading.get_ident()
+    assert all(thread != main and not grad for _, _, thread, grad in model.calls)
+    assert set(settings) == {1, 3} and settings[-1] == 3  # 1 in the workers, then restored
+    state = torch.from_numpy(counts.users * 1000 + counts.positions)
+    scores = model.score_items(state, 0, 23)
+    context = [users[u][:c] if exclude_seen else []
+               for u, c in zip(counts.users.tolist(), counts.positions.tolist(), strict=True)]
+    expected = _seen_by_brute_force(scores, torch.from_numpy(counts.targets), context)
+    assert (counts.greater.tolist(), counts.equal.tolist()) == expected
+    assert len(set(expected[1])) > 3 and min(expected[1]) >= 0  # many ties, of many sizes
+    whole = Evaluator([5], batch_users=2, exclude_seen=exclude_seen,
+                      max_block_elements=10_000).rank_counts(model, data, "test")
+    assert np.array_equal(whole.greater, counts.greater)
+    assert np.array_equal(whole.equal, counts.equal)
+
+
+def test_taking_points_in_another_order_gathers_rows_but_slices_a_shared_view():
+    from seqexp.engine.evaluator import _take_state
+
+    items = torch.arange(12).reshape(3, 4)
+    context = torch.arange(10.0).reshape(5, 2)
+    state = (context, 7, items[None].expand(5, 3, 4))
+    rows = torch.tensor([4, 0, 2])
+    taken, count, shared = _take_state(state, rows)
+    assert torch.equal(taken, context[rows]) and count == 3
+    assert shared.shape == (3, 3, 4) and torch.equal(shared[1], items)
+    assert shared.stride(0) == 0  # still a view of the one table, not three copies

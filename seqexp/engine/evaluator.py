@@ -18,6 +18,7 @@ hit (the usual protocol; ranking it unreachable would make every repeat a certai
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -59,6 +60,14 @@ DENSE_WIDTH_RATIO = 64
 # matrix for them alone (a memory-bound product); a catalogue too large for this many rows in
 # EVAL_BLOCK_ELEMENTS gets blocks of this many whole rows (LastFM-1K: 64 x 445,369 scores).
 MIN_BLOCK_POINTS = 64
+# ... except where the CPU counts in tiles: a catalogue above EVAL_BLOCK_ELEMENTS /
+# MIN_BLOCK_POINTS items (LastFM-1K) is scored TILE_POINTS points x TILE_ITEMS items at a
+# time on each core: 1 MB of float32 (2 MB with count_ranks's differences: a core's L2),
+# counted right after its product while it is in the cache, not after a 114 MB block has left
+# it; points are grouped by their target's tile (_dense_counts). docs/benchmarks.md compares
+# tile shapes.
+TILE_POINTS = 128
+TILE_ITEMS = 2048
 
 
 def _for_device(table: dict[str, int], device: torch.device) -> int:
@@ -89,6 +98,20 @@ class Evaluator:
         if cpu_kernels.active("eval_blocks", device):
             return max(cpu_kernels.EVAL_BLOCK_ELEMENTS, MIN_BLOCK_POINTS * n_items)
         return AUTO_BLOCK_ELEMENTS
+
+    def cpu_tiles(self, device: torch.device, n_items: int) -> bool:
+        """Whether dense scores are counted in CPU tiles, one block per core at a time."""
+        return (not self.max_block_elements and cpu_kernels.active("eval_blocks", device)
+                and n_items * MIN_BLOCK_POINTS > cpu_kernels.EVAL_BLOCK_ELEMENTS)
+
+    def block_shape(self, device: torch.device, n_items: int, n_points: int) -> tuple[int, int]:
+        """(points, items) of the dense score blocks of a batch of `n_points` points: whole rows
+        where block_elements holds one, else item tiles (CPU tiles at large catalogues)."""
+        if self.cpu_tiles(device, n_items):
+            return max(1, min(n_points, TILE_POINTS)), min(n_items, TILE_ITEMS)
+        block = self.block_elements(device, n_items)
+        points = max(1, min(n_points, block // max(n_items, 1)))
+        return points, max(1, block // points)
 
     @torch.no_grad()
     def rank_counts(self, model: Recommender, data: SequenceData, phase: str,
@@ -143,22 +166,16 @@ class Evaluator:
                                      batch.targets, excluded)
         # B x N must fit: split the prediction points if needed, then the items.
         device = batch.targets.device
-        block = self.block_elements(device, n_items)
-        dense_points = max(1, min(batch.n_targets, block // max(n_items, 1)))
-        chunk = max(1, block // dense_points)
-        # sparse: a first step, then steps of about SPARSE_ENTRIES entries
-        points = dense_points if shared is None else SPARSE_POINTS
+        dense_points, chunk = self.block_shape(device, n_items, batch.n_targets)
+        workers = torch.get_num_threads() if self.cpu_tiles(device, n_items) else 1
+        # sparse: a first step, then steps of about SPARSE_ENTRIES entries; dense: the rest
+        points = batch.n_targets if shared is None else SPARSE_POINTS
         g_parts, e_parts = [], []
         start = 0
         while start < batch.n_targets:
             part = slice(start, start + points)
             sub_state = _slice_state(state, part)
-            sub_excluded = None
-            if excluded is not None:
-                point, item = excluded
-                lo, hi = torch.searchsorted(point, torch.tensor(
-                    [start, start + points], device=point.device)).tolist()
-                sub_excluded = (point[lo:hi] - start, item[lo:hi])
+            sub_excluded = _block_pairs(excluded, start, start + points)
             if shared is not None:
                 ids, scores = model.sparse_scores(sub_state)
                 g, e = count_sparse_ranks(*shared, batch.targets[part], ids, scores,
@@ -166,12 +183,10 @@ class Evaluator:
                 start += points
                 points = max(SPARSE_POINTS, SPARSE_ENTRIES // max(ids.shape[1], 1))
                 if ids.shape[1] * DENSE_WIDTH_RATIO > n_items:  # dense rows cost less
-                    shared, points = None, dense_points
+                    shared, points = None, batch.n_targets
             else:
-                g, e = count_ranks(
-                    lambda lo, hi, s=sub_state: model.score_items(s, lo, hi),
-                    batch.targets[part], n_items, chunk, sub_excluded,
-                )
+                g, e = _dense_counts(model, sub_state, batch.targets[part], n_items,
+                                     (dense_points, chunk), sub_excluded, workers)
                 start += points
             g_parts.append(g)
             e_parts.append(e)
@@ -264,6 +279,71 @@ class Evaluator:
         return f1, dcg / ideal, batch.users[rows[openers]]
 
 
+def _dense_counts(model: Recommender, state, targets: torch.Tensor, n_items: int,
+                  shape: tuple[int, int],
+                  excluded: tuple[torch.Tensor, torch.Tensor] | None = None, workers: int = 1):
+    """count_ranks over blocks of `shape` = (points, items) of model.score_items, on `workers`
+    threads (see on_each_core). When a row is split into item tiles, the points are taken in
+    the order of their target's tile, so that a block's targets lie in a tile or two and
+    count_ranks's first pass (the targets' scores) scores those alone, not a tile per point."""
+    points, chunk = shape
+    n_points = len(targets)
+    order = None
+    if chunk < n_items and n_points > points:
+        order = torch.argsort(torch.div(targets, chunk, rounding_mode="floor"), stable=True)
+        if excluded is not None:  # the pairs' points renumbered in that order, sorted again
+            rank = torch.empty_like(order)
+            rank[order] = torch.arange(n_points, device=order.device)
+            point = rank[excluded[0]]
+            by_point = torch.argsort(point, stable=True)
+            excluded = (point[by_point], excluded[1][by_point])
+    blocks = [(slice(start, start + points) if order is None else order[start:start + points],
+               _block_pairs(excluded, start, start + points))
+              for start in range(0, n_points, points)]
+
+    def count(block) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, pairs = block
+        sub_state = _take_state(state, rows)
+        return count_ranks(lambda lo, hi: model.score_items(sub_state, lo, hi), targets[rows],
+                           n_items, chunk, pairs)
+    greater = torch.empty(n_points, dtype=torch.int32, device=targets.device)
+    equal = torch.empty_like(greater)
+    for (rows, _), (g, e) in zip(blocks, on_each_core(count, blocks, workers), strict=True):
+        greater[rows], equal[rows] = g, e
+    return greater, equal
+
+
+def on_each_core(count: Callable, blocks: list, workers: int) -> list:
+    """[count(block) for block in blocks], on `workers` threads of one intra-op thread each
+    when workers > 1. A tile's product and counts are small: on a loaded machine a
+    two-thread op waits at its barrier for a descheduled partner (milliseconds per op,
+    docs/benchmarks.md), while one block per core never waits, and its tile stays in that
+    core's cache. Grad mode is per thread: set again in each."""
+    if workers <= 1 or len(blocks) <= 1:
+        return [count(block) for block in blocks]
+    threads = torch.get_num_threads()
+
+    def single_threaded(block):
+        torch.set_num_threads(1)  # this thread's own OpenMP and MKL setting
+        with torch.no_grad():
+            return count(block)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(single_threaded, blocks))
+    finally:  # torch also keeps the last setting as the default of threads started later
+        torch.set_num_threads(threads)
+
+
+def _block_pairs(excluded: tuple[torch.Tensor, torch.Tensor] | None, start: int, stop: int):
+    """The (point, item) pairs of points start..stop-1 (pairs sorted by point), renumbered
+    from 0."""
+    if excluded is None:
+        return None
+    point, item = excluded
+    lo, hi = torch.searchsorted(point, torch.tensor([start, stop], device=point.device)).tolist()
+    return point[lo:hi] - start, item[lo:hi]
+
+
 def sorted_shared_scores(model: Recommender) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(shared scores, the same sorted) of a model whose scores are a shared vector plus sparse
     entries (docs/evaluation.md), else None: its ranks come from dense score blocks."""
@@ -322,6 +402,21 @@ def seen_items(batch: PredictionBatch, n_items: int) -> tuple[torch.Tensor, torc
 def check_basket_settings(gap_s: float, k: int) -> tuple[float, int]:
     """eval.basket_gap_s in seconds and eval.basket_k (checked by the schema with the config)."""
     return check_gap(gap_s, "eval.basket_gap_s"), k
+
+
+def _take_state(state, rows: slice | torch.Tensor):
+    """The state of points `rows` (a slice, or indices): as _slice_state; a tensor that is one
+    row repeated for every point (stride 0 along the points, e.g. an expanded view) is sliced,
+    not gathered into a copy per point."""
+    if isinstance(rows, slice):
+        return _slice_state(state, rows)
+    if isinstance(state, torch.Tensor):
+        return state[:len(rows)] if state.stride(0) == 0 else state[rows]
+    if isinstance(state, int):
+        return len(rows)
+    if isinstance(state, tuple):
+        return tuple(_take_state(s, rows) for s in state)
+    raise TypeError(f"unsupported prediction state type {type(state).__name__}")
 
 
 def _slice_state(state, part: slice):

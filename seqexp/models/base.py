@@ -125,8 +125,9 @@ class Recommender(nn.Module):
         (the context of the target at (target_rows[p], target_cols[p]) is
         items[target_rows[p], :target_cols[p]]): a tensor whose first dimension is the P
         points, a tuple of such tensors, or the int P for a state all points share. The
-        evaluator slices it along that first dimension (one row per point) and hands the
-        slices to score_items."""
+        evaluator takes rows of it along that first dimension (slices, or the points in
+        another order; a tensor with stride 0 there, e.g. an expanded view, is one row shared
+        by all points) and hands them to score_items, possibly from several threads."""
         raise NotImplementedError
 
     def score_items(self, state: PredictionState, lo: int, hi: int) -> torch.Tensor:

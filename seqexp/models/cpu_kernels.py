@@ -21,7 +21,8 @@ KERNELS = {
     "item_inputs": "a replay without dropout makes the cell's input-only products once per item "
                    "and looks them up per event (ItemInputs)",
     "replay_steps": f"the evaluation replay re-selects its running rows every {8} steps",
-    "eval_blocks": "the evaluator's score blocks hold 3,000,000 scores (50,000,000 otherwise)",
+    "eval_blocks": "the evaluator's score blocks hold 3,000,000 scores (50,000,000 otherwise); "
+                   "above 46,875 items, tiles of 128 points x 2,048 items, one per core",
     "dropout": "dropout masks drawn as uniform < keep, in place (not bernoulli_)",
     "sparse_negatives": "repeated sampled negatives merged into one column each, accidental hits "
                         "found by sorting",
