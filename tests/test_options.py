@@ -13,7 +13,8 @@ from seqexp.core import schema
 from seqexp.core.errors import SeqexpError
 from seqexp.core.resources import config_dir, group_options
 from seqexp.run.experiment import validate
-from seqexp.run.options import check_config, model_tables, rule_of
+from seqexp.run.options import check_config, rule_of
+from seqexp.run.registry import model_tables
 
 # Every option of the groups that hold keys, in as few compositions as there are models: the
 # i-th model with the i-th dataset and split (cycled). csv needs a path to compose.

@@ -24,8 +24,8 @@ from seqexp.core.errors import SeqexpError, message_line
 from seqexp.core.resources import config_dir
 from seqexp.core.stopping import TrainingStopped, exit_code
 from seqexp.run.naming import run_name
-from seqexp.run.options import keys_of
 from seqexp.run.plugins import group_options, model_files
+from seqexp.run.registry import keys_of
 from seqexp.run.resume import cluster_job_key
 from seqexp.run.sweep import end_open_sweeps, job_tags, record_failed_job, tracking_uri_of
 from seqexp.run.tracking import ui_hint
@@ -94,10 +94,10 @@ OmegaConf.register_new_resolver("seqexp_models", models_help, replace=True)
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def _run(cfg: DictConfig) -> float:
-    # The one lazy import of the CLI, for start-up speed: the experiment loads the data
+    # The one lazy import of the CLI, for start-up speed: the experiment loads torch, the data
     # pipeline, the engine and MLflow, which `seqexp --help` and a refused command line never
-    # need (docs/architecture.md; the registered model classes, and so torch, they do need:
-    # the schema's model keys are declared by the classes).
+    # need (docs/architecture.md; the schema's model keys come from the registry without
+    # importing a model class: seqexp/run/registry.py).
     from seqexp.run.experiment import run_experiment
 
     hydra_cfg = HydraConfig.get()

@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from seqexp.core.errors import SeqexpError, message_line, unwritable
 from seqexp.core.resources import config_dir
 from seqexp.data.raw_files import resolve_raw_file
-from seqexp.run.options import keys_of
+from seqexp.run.registry import keys_of
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 # Command-line flags of Hydra's that take a value (the value is no override).

@@ -13,8 +13,8 @@ values). Everything else about a key is, and drives:
 
 This module sits in seqexp.core so that the report, which must not import torch, the models or
 the data pipeline, can ask `affects_results`. A choice whose options are defined by the code
-that implements them (the trainer's optimisers, a model's losses and cells, a reader's
-layouts) names that list (`listed("losses")`) instead of copying it; seqexp/run/options.py, the
+that implements them (the trainer's optimisers, the recurrent cells, a reader's
+layouts) names that list (`listed("cells")`) instead of copying it; seqexp/run/options.py, the
 one module above all those layers, passes the lists in (`VALUE_LISTS`). A model's keys are
 declared by its class (`config_keys`, seqexp/models/base.py) and handed in the same way
 (`ModelTables`, from the registry of models, seqexp/run/registry.py).

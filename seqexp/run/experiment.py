@@ -43,7 +43,8 @@ from seqexp.run.artifacts import checkpoint_contents, write_id_maps, write_ranks
 from seqexp.run.datasets import split_datasets
 from seqexp.run.mlflow_model import link_to_model, log_model
 from seqexp.run.naming import run_name
-from seqexp.run.options import check_config, results_free_keys
+from seqexp.run.options import check_config
+from seqexp.run.registry import results_free_keys
 from seqexp.run.resume import (
     CLUSTER_JOB_TAG,
     OUTPUTS_TAG,

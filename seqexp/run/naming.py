@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from seqexp.run.options import affects_results
+from seqexp.run.registry import affects_results
 
 # The group choices are in the name already; hydra.* says how Hydra runs, not what.
 NAME_EXCLUDED_PREFIXES = ("hydra.",)
