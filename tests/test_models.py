@@ -237,8 +237,8 @@ def test_progress_bars_stay_off_when_stderr_is_not_a_terminal_and_each_epoch_log
 
     data = sequences([[1, 2, 3, 4, 5, 6], [2, 3, 4, 5, 6, 7]], n_items=8, n_val=[1, 1])
     model = RecurrentRecommender(8, 2, hidden_size=4, window=2)
-    trainer = Trainer(Evaluator([1]), TrainSettings(epochs=2, batch_size=2, progress=True),
-                      monitor_cutoff=1)
+    trainer = Trainer(Evaluator([1]), TrainSettings(epochs=2, batch_size=2, progress=True,
+                                                    monitor="mrr_at_1"))
     with caplog.at_level("INFO", logger="seqexp.engine.trainer"):
         trainer.fit(model, data)
     written = capfd.readouterr().err  # a pipe here, as in a redirected log

@@ -121,6 +121,10 @@ BAD = [
     (DEFAULT, "eval.cutoffs", [0, 20], "eval.cutoffs=[0, 20]"),
     (DEFAULT, "eval.monitor_cutoff", 7, "eval.monitor_cutoff=7 must be one of eval.cutoffs"),
     (DEFAULT, "eval.basket_gap_s", NAN, "eval.basket_gap_s=nan"),
+    (DEFAULT, "train.monitor", "auc", "train.monitor='auc' must be mrr_at_<k>, recall_at_<k> or "
+                                      "ndcg_at_<k> (k: one of eval.cutoffs)"),
+    (DEFAULT, "train.monitor", "recall_at_15", "train.monitor='recall_at_15' must be one of "
+                                               "mrr_at_5, recall_at_5, ndcg_at_5, mrr_at_10, "),
     (DEFAULT, "split.test_frac", 1.0, "split.test_frac=1.0 must be a number in (0, 1)"),
     (DEFAULT, "dataset.p_successor", 0.7,
      "dataset.p_successor=0.7 + dataset.p_favourite=0.5 must not exceed 1"),

@@ -1,6 +1,7 @@
 """The `seqexp` command: Hydra composes the config, run_experiment does the work.
 
-Returns the best validation MRR so that sweepers (Optuna) can maximise it.
+Returns the best value of the monitored validation metric (train.monitor) so that sweepers
+(Optuna) can maximise it.
 """
 
 from __future__ import annotations

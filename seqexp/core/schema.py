@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from seqexp.core.errors import SeqexpError
+from seqexp.core.rank_metrics import PER_EVENT
 
 # {list name: its options}: the implementations' lists that `listed` rules name.
 ValueLists = Mapping[str, Sequence[str]]
@@ -144,6 +145,10 @@ TOP: dict[str, Key] = {
                      "continue an unfinished run: its MLflow run id, or last"),
 }
 
+# What train.monitor may name: a ranking metric of the evaluator at a cutoff (the pessimistic
+# one, the headline; seqexp/core/rank_metrics.py defines them).
+MONITORED = f"({'|'.join(PER_EVENT)})_at_[1-9][0-9]*"
+
 TRAIN: dict[str, Key] = {
     "epochs": Key(integer(0), "maximum epochs (a model file may set its own)"),
     "batch_size": Key(integer(1), "sequences (RNNs), basket rows (dream) or events (BPR) per step"),
@@ -152,7 +157,11 @@ TRAIN: dict[str, Key] = {
     "weight_decay": Key(number(0.0), "the optimiser's L2 term"),
     "grad_clip": Key(number(0.0, low_open=True, nullable=True),
                      "gradient-norm cap (null = none)"),
-    "patience": Key(integer(1), "epochs without improvement of the validation MRR before "
+    "monitor": Key(text(pattern=MONITORED, what="be mrr_at_<k>, recall_at_<k> or ndcg_at_<k> "
+                        "(k: one of eval.cutoffs)"),
+                   "the validation metric that early stopping, the best checkpoint and "
+                   "sweepers follow"),
+    "patience": Key(integer(1), "epochs without improvement of the monitored metric before "
                     "early stopping"),
     "min_delta": Key(number(0.0), "least improvement of the monitored metric that resets "
                      "patience"),
@@ -173,8 +182,8 @@ TRAIN: dict[str, Key] = {
 
 EVAL: dict[str, Key] = {
     "cutoffs": Key(integers(1), "the k of Recall@k, MRR@k and NDCG@k"),
-    "monitor_cutoff": Key(integer(1), "the cutoff whose validation MRR drives early stopping "
-                          "and sweepers"),
+    "monitor_cutoff": Key(integer(1), "the cutoff of the headline test metrics and of the "
+                          "default train.monitor (mrr_at_<k>)"),
     "batch_users": _speed(integer(1, nullable=True), "users per evaluation batch (null: 256 "
                           "on a CPU, 8192 on CUDA)"),
     "max_block_elements": _speed(integer(1, nullable=True), "largest score block scored at "
@@ -423,6 +432,11 @@ def _check_together(cfg: Mapping) -> None:
     if evaluation.get("monitor_cutoff") not in evaluation.get("cutoffs", []):
         raise SeqexpError(f"eval.monitor_cutoff={evaluation.get('monitor_cutoff')} must be one "
                           f"of eval.cutoffs={list(evaluation.get('cutoffs', []))}")
+    monitored = [f"{name}_at_{k}" for k in evaluation.get("cutoffs", []) for name in PER_EVENT]
+    monitor = (cfg.get("train") or {}).get("monitor")
+    if monitor is not None and monitor not in monitored:
+        raise SeqexpError(f"train.monitor={monitor!r} must be one of {', '.join(monitored)} "
+                          f"(the validation metrics at eval.cutoffs)")
     if dataset.get("format") != "synthetic":
         return
     pairs = [("min_events", "max_events", "must not exceed"),

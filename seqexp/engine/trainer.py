@@ -132,6 +132,7 @@ class TrainSettings:
     optimizer: str = "adam"  # a key of OPTIMIZERS
     weight_decay: float = 0.0
     grad_clip: float | None = 5.0
+    monitor: str = "mrr_at_20"  # the validation metric followed: a key of Evaluator.evaluate's
     patience: int = 3
     min_delta: float = 0.0
     progress: bool = True
@@ -356,8 +357,10 @@ class ProgressLog:
     @staticmethod
     def validated(epoch: int, val: Mapping[str, float], monitor: str, seconds: float) -> None:
         cutoff = monitor.rsplit("_", 1)[1]
-        log.info("epoch %d: val_%s = %.5f, val_recall_at_%s = %.5f (%.1f s)", epoch, monitor,
-                 val[monitor], cutoff, val[f"recall_at_{cutoff}"], seconds)
+        # the monitored metric first, then MRR or Recall at its cutoff (whichever it is not)
+        shown = list(dict.fromkeys([monitor, f"mrr_at_{cutoff}", f"recall_at_{cutoff}"]))[:2]
+        log.info("epoch %d: %s (%.1f s)", epoch,
+                 ", ".join(f"val_{name} = {val[name]:.5f}" for name in shown), seconds)
 
     @staticmethod
     def early_stop(epoch: int, monitor: str, stopping: EarlyStopping) -> None:
@@ -383,20 +386,21 @@ def discard_metrics(metrics: dict[str, float], step: int) -> None:
 
 
 class Trainer:
-    """Fits a model with `settings` (cfg.train), monitoring val_mrr_at_<monitor_cutoff> for
-    early stopping and the best checkpoint. `state`: the resumable state (None: none written);
+    """Fits a model with `settings` (cfg.train), monitoring the validation metric
+    `settings.monitor` (train.monitor) for early stopping and the best checkpoint. `state`: the
+    resumable state (None: none written);
     `stop_requested`: the check for a stop signal (seqexp.stopping.StopSignals), made after every
     batch and at every epoch's start and end; `callbacks`: a caller's additions."""
 
     def __init__(self, evaluator: Evaluator, settings: TrainSettings | None = None, *,
-                 monitor_cutoff: int = 20, seed: int = 0,
+                 seed: int = 0,
                  best_checkpoint: BestCheckpoint | None = None,
                  state: ResumableState | None = None,
                  stop_requested: StopCheck = no_stop_signal,
                  callbacks: Sequence[TrainingCallback] = ()) -> None:
         self.evaluator = evaluator
         self.settings = settings or TrainSettings()
-        self.monitor = f"mrr_at_{monitor_cutoff}"
+        self.monitor = self.settings.monitor
         self.seed = seed  # of the training batch generator
         self.best_checkpoint = best_checkpoint or BestCheckpoint()
         self.state = state

@@ -153,10 +153,10 @@ def build_trainer(cfg: DictConfig, evaluator: Evaluator, checkpoint: Path | None
                   stop_requested: StopCheck = no_stop_signal,
                   callbacks: Sequence[TrainingCallback] = ()) -> Trainer:
     """The trainer of cfg.train (TrainSettings reads every key by its name), monitoring
-    val_mrr_at_<eval.monitor_cutoff>; the best weights go to `checkpoint` with
+    val_<train.monitor>; the best weights go to `checkpoint` with
     `checkpoint_contents` beside them, the resumable state to `state`."""
     return Trainer(evaluator, TrainSettings.from_config(cfg.train),
-                   monitor_cutoff=cfg.eval.monitor_cutoff, seed=cfg.seed,
+                   seed=cfg.seed,
                    best_checkpoint=BestCheckpoint(checkpoint, checkpoint_contents), state=state,
                    stop_requested=stop_requested, callbacks=callbacks)
 
@@ -331,7 +331,7 @@ def train_and_test(run: RunParts, state: ResumableState) -> tuple[float | None, 
             summary = {"epochs_run": result.epochs_run}
             if result.best_score is not None:
                 summary |= {"best_epoch": result.best_epoch,
-                            f"best_val_mrr_at_{cfg.eval.monitor_cutoff}": result.best_score}
+                            f"best_val_{cfg.train.monitor}": result.best_score}
 
             def stop_if_asked() -> None:
                 if stop_signals() is not None:
