@@ -17,7 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue
 
 from seqexp.apps.preflight import check_command_line, sweeper_ranks_jobs
 from seqexp.core import liveness, run_folder
@@ -131,10 +131,12 @@ def _run(cfg: DictConfig) -> float:
                 name, identity = _job_identity(cfg, overrides)
                 record_failed_job(sweep, {**identity, **tags}, name, exc)
             raise
-        if not isinstance(exc, (SeqexpError, MissingMandatoryValue)):
+        if not isinstance(exc, (SeqexpError, MissingMandatoryValue, ConfigKeyError)):
             raise
         if isinstance(exc, MissingMandatoryValue):
             exc = f"{exc.full_key} must be set: pass {exc.full_key}=..."
+        elif isinstance(exc, ConfigKeyError):  # a key the run reads, deleted (~key)
+            exc = f"{exc.full_key} is not in the config, and the run reads it; keep the key"
         print(f"seqexp: error: {exc}", file=sys.stderr)
         sys.exit(2)
     if result.val_score is None and multirun and sweeper_ranks_jobs(hydra_cfg):

@@ -319,8 +319,7 @@ def _check_sweeper_score(configs: list[tuple[list[str], DictConfig]], parsed: li
                 _is_zero(v) for v in val_fracs):
             return ("split.val_frac=0 leaves no validation events, but this sweep's "
                     f"{sweeper.rsplit('.', 1)[-1]} ranks jobs by their validation score "
-                    "(train.monitor); "
-                    "set split.val_frac > 0 (default 0.1)")
+                    "(train.monitor); set split.val_frac > 0")
     return None
 
 

@@ -138,7 +138,8 @@ def _speed(rule: Rule, doc: str) -> Key:
 TOP: dict[str, Key] = {
     "seed": Key(integer(0, 2**32 - 1), "seed of every random draw (data order, dropout, "
                 "initialisation, sampling)"),
-    "device": _speed(text(), "auto (CUDA when available, else CPU), cpu, cuda or cuda:N"),
+    "device": _speed(text(pattern="auto|cpu|cuda(:[0-9]+)?", what="be auto, cpu, cuda or cuda:N"),
+                     "auto (CUDA when available, else CPU), cpu, cuda or cuda:N"),
     # a run id or "last" (seqexp/run/resume.py); a run id of digits only reaches here as an int
     "resume": _speed(Rule("be a run id or last", lambda v: (isinstance(v, str) and v != "")
                           or _is_int(v), nullable=True),
@@ -425,7 +426,7 @@ def check_config(cfg: Mapping, values: ValueLists, models: ModelTables) -> None:
 
 def _check_together(cfg: Mapping) -> None:
     mlflow = cfg.get("mlflow") or {}
-    if mlflow.get("register_model") is not None and not mlflow.get("log_model", True):
+    if mlflow.get("register_model") is not None and mlflow.get("log_model") is False:
         raise SeqexpError(f"mlflow.register_model={mlflow['register_model']} needs the run's "
                           f"MLflow Model: drop mlflow.log_model=false")
     evaluation, dataset = cfg["eval"], cfg["dataset"]

@@ -31,7 +31,6 @@ from torch import nn
 from seqexp.data.baskets import (
     Baskets,
     basket_starts,
-    check_gap,
     concat_ranges,
     sample_outside,
     split_baskets,
@@ -98,7 +97,7 @@ class DREAM(Recommender):
         l2: float = 1e-5,
     ) -> None:
         super().__init__(n_items, n_users)
-        self.basket_gap_s = check_gap(basket_gap_s, "model.basket_gap_s")
+        self.basket_gap_s = float(basket_gap_s)  # checked by the schema (model.basket_gap_s)
         self.hidden_size = hidden_size
         self.cell_name = cell
         self.max_baskets = max_baskets
