@@ -3,6 +3,7 @@ are refused before any work with one line naming the key."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from helpers import compose_config
 from seqexp.core import schema
 from seqexp.core.errors import SeqexpError
 from seqexp.core.resources import config_dir, group_options
+from seqexp.data.synthetic import generate_synthetic
 from seqexp.run.experiment import validate
 from seqexp.run.options import check_config, rule_of
 from seqexp.run.registry import model_tables
@@ -184,3 +186,12 @@ def test_an_interpolation_that_cannot_resolve_is_one_line(configs, monkeypatch):
     with pytest.raises(SeqexpError, match=r"^paths.data_dir: cannot resolve \(.*"
                                           r"SEQEXP_UNSET_VARIABLE' not found\"\)$"):
         validate(cfg)
+
+
+def test_the_generators_settings_are_the_synthetic_datasets_keys_and_it_has_no_defaults():
+    """conf/dataset/synthetic.yaml holds every generator setting (the loader passes them by
+    name) and the schema checks each; the generator repeats no default of them."""
+    parameters = inspect.signature(generate_synthetic).parameters
+    dataset = OmegaConf.load(config_dir() / "dataset" / "synthetic.yaml")
+    assert set(parameters) <= set(dataset) and set(parameters) <= set(schema.DATASET["synthetic"])
+    assert all(p.default is inspect.Parameter.empty for p in parameters.values())
