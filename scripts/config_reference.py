@@ -58,7 +58,7 @@ def _model_tables() -> list[str]:
             continue
         shown = ", ".join(f"`model={name}`" for name in names)
         lines += ["", f"### `model` with {shown} (`{target}`)", "",
-                  *_table("model.", schema.MODEL_KEYS | dict(cls.config_keys))]
+                  *_table("model.", schema.MODEL_KEYS | dict(cls.config_keys()))]
     return lines
 
 

@@ -4,6 +4,7 @@ that stop a run's training at a chosen epoch."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import sys
@@ -20,7 +21,7 @@ from omegaconf import DictConfig
 from seqexp.apps import cli
 from seqexp.core.resources import config_dir
 from seqexp.data.sequences import SequenceData
-from seqexp.engine.trainer import Trainer, TrainingCallback
+from seqexp.engine.trainer import Trainer, TrainingCallback, TrainSettings
 from seqexp.models import cpu_kernels
 
 
@@ -42,6 +43,17 @@ def tiny_overrides(data_dir: Path, tracking_db: Path | None = None,
 def compose_config(overrides: list[str]) -> DictConfig:
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
+
+
+@functools.cache
+def _default_train() -> TrainSettings:
+    return TrainSettings.from_config(compose_config([]).train)
+
+
+def train_settings(**changes) -> TrainSettings:
+    """The train.* settings of the default config (conf/train/default.yaml, which holds the
+    defaults), with `changes`."""
+    return replace(_default_train(), **changes)
 
 
 def run_seqexp(argv: list[str]) -> tuple[int, str]:

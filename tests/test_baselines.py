@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import SHAPE_ATOL, SHAPE_RTOL, assert_no_near_ties, sequences
+from helpers import SHAPE_ATOL, SHAPE_RTOL, assert_no_near_ties, sequences, train_settings
 from seqexp.data.batching import prediction_batches
 from seqexp.data.preprocess import build_sequences
 from seqexp.data.synthetic import generate_synthetic
 from seqexp.engine.evaluator import Evaluator
-from seqexp.engine.trainer import Trainer, TrainSettings
+from seqexp.engine.trainer import Trainer
 from seqexp.models.factorisation import MF, SeqMF
 from seqexp.models.knn import ExpDecayKNN, ItemKNN
 from seqexp.models.popularity import Popularity
@@ -84,7 +84,8 @@ def test_expdecay_time_scores_by_hand_in_hours():
 
 def _synthetic(n_users: int = 120, n_items: int = 60, seed: int = 3):
     raw = generate_synthetic(n_users=n_users, n_items=n_items, n_clusters=4, min_events=15,
-                             max_events=40, generator_seed=seed)
+                             max_events=40, p_successor=0.45, p_favourite=0.2, n_favourites=6,
+                             generator_seed=seed)
     return build_sequences(raw, {"name": "user_tail", "test_frac": 0.2, "val_frac": 0.1})
 
 
@@ -216,7 +217,7 @@ def test_bpr_negatives_are_uniform_over_the_other_items():
 def _train(model_cls, data, seed: int, epochs: int = 6):
     seed_everything(seed)
     model = model_cls(data.n_items, data.n_users, factors=16)
-    trainer = Trainer(Evaluator([20]), TrainSettings(epochs=epochs, batch_size=256, lr=0.01,
+    trainer = Trainer(Evaluator([20]), train_settings(epochs=epochs, batch_size=256, lr=0.01,
                                                      grad_clip=None, patience=epochs,
                                                      progress=False), seed=seed)
     result = trainer.fit(model, data)
@@ -268,7 +269,7 @@ def test_train_optimizer_sgd_takes_plain_gradient_steps():
     model.training_loss(batch).backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
-    optimizer = Trainer(Evaluator([20]), TrainSettings(lr=0.5, optimizer="sgd")).make_optimizer(
+    optimizer = Trainer(Evaluator([20]), train_settings(lr=0.5, optimizer="sgd")).make_optimizer(
         model)
     assert isinstance(optimizer, torch.optim.SGD)
     model.training_loss(batch).backward()
@@ -350,7 +351,7 @@ def test_seen_bias_is_learned_negative_without_repeats_and_positive_with_them():
         data = sequences(users, n_items=30)
         seed_everything(0)
         model = MF(30, 40, factors=8, seen_bias=True)
-        Trainer(Evaluator([20]), TrainSettings(epochs=15, batch_size=64, lr=0.05, grad_clip=None,
+        Trainer(Evaluator([20]), train_settings(epochs=15, batch_size=64, lr=0.05, grad_clip=None,
                                                patience=15, progress=False),
                 seed=0).fit(model, data)  # no validation events
         signs.append(float(model.seen_bias.detach()))

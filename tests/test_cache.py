@@ -6,9 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 import fixtures_raw as fx
 from seqexp.core.errors import SeqexpError
+from seqexp.core.resources import config_dir
 from seqexp.data import cache, loading
 from seqexp.data.loading import load_dataset
 from seqexp.data.sequences import SequenceData
@@ -18,15 +20,8 @@ USER_TAIL = {"name": "user_tail", "test_frac": 0.2, "val_frac": 0.1}
 
 def ml_config(path: Path | None, **overrides) -> dict:
     """conf/dataset/ml10m.yaml with a local file."""
-    config = {
-        "name": "ml10m", "format": "movielens", "path": None if path is None else str(path),
-        "url": "https://files.grouplens.org/datasets/movielens/ml-10m.zip",
-        "archive_member": "ml-10M100K/ratings.dat", "archive_size": 65566137,
-        "archive_md5": "ce571fd55effeba0271552578f2648bd",
-        "min_item_support": 1, "drop_repeats": False,
-    }
-    config.update(overrides)
-    return config
+    config = OmegaConf.to_container(OmegaConf.load(config_dir() / "dataset" / "ml10m.yaml"))
+    return config | {"path": None if path is None else str(path)} | overrides
 
 
 def entries(folder: Path) -> list[str]:
@@ -249,13 +244,6 @@ def test_nothing_left_after_filtering_caches_nothing(tmp_path: Path, ml_file: Pa
                      cache_dir)
     assert str(ml_file) in str(info.value)
     assert entries(cache_dir) == []
-
-
-@pytest.mark.parametrize("value", [-1, 1.5, "5", True])
-def test_invalid_min_item_support(tmp_path: Path, ml_file: Path, value) -> None:
-    with pytest.raises(SeqexpError, match=r"dataset\.min_item_support"):
-        load_dataset(ml_config(ml_file, min_item_support=value), USER_TAIL, tmp_path / "raw",
-                     tmp_path / "cache")
 
 
 def test_wrong_format_file_caches_nothing(tmp_path: Path) -> None:

@@ -23,7 +23,9 @@ from seqexp.data.loading import load_dataset
 from seqexp.data.sequences import inconsistencies
 
 USER_TAIL = {"name": "user_tail", "test_frac": 0.2, "val_frac": 0.1}
-ML = {"name": "ml10m", "format": "movielens", "min_item_support": 1, "drop_repeats": False}
+# conf/dataset/ml10m.yaml (the loader reads every key of its format)
+ML = {"name": "ml10m", "format": "movielens", "layout": "ratings_dat", "min_item_support": 1,
+      "drop_repeats": False}
 
 
 def load(path: Path, cache_dir: Path):
@@ -163,8 +165,8 @@ def save_and_hang(path, array):
     print("writing", flush=True)
     time.sleep(600)
 cache.np.save = save_and_hang
-cfg = {"name": "ml10m", "format": "movielens", "min_item_support": 1, "drop_repeats": False,
-       "path": sys.argv[1]}
+cfg = {"name": "ml10m", "format": "movielens", "layout": "ratings_dat", "min_item_support": 1,
+       "drop_repeats": False, "path": sys.argv[1]}
 load_dataset(cfg, {"name": "user_tail", "test_frac": 0.2, "val_frac": 0.1},
              Path(sys.argv[2]) / "raw", Path(sys.argv[2]))
 """
@@ -265,7 +267,8 @@ def test_read_only_download_folder_is_one_line_naming_it(tmp_path, monkeypatch):
 
     monkeypatch.setattr(download, "fetch", refuse)
     dataset = {"name": "ml10m", "path": None, "url": "https://example.org/ml-10m.zip",
-               "archive_member": "ml-10M100K/ratings.dat", "archive_md5": "0" * 32}
+               "archive_member": "ml-10M100K/ratings.dat", "archive_md5": "0" * 32,
+               "verify": True}
     with pytest.raises(SeqexpError, match=rf"cannot write the downloaded data in "
                                           rf"{tmp_path / 'ml10m'} \(Read-only file system\); "
                                           rf"set paths.raw_dir="):

@@ -83,6 +83,21 @@ def test_two_cpu_runs_with_one_seed_give_identical_metrics(tmp_path):
     assert first.metrics["test_mrr_at_20"] != other.metrics["test_mrr_at_20"]
 
 
+def test_the_monitored_metric_picks_the_best_epoch(tmp_path):
+    """train.monitor=recall_at_20: the best epoch is the first with the highest validation
+    Recall@20, logged as run/best_val_recall_at_20 (with seed 1 here the validation MRR@20
+    peaks at a later epoch, so monitoring MRR would pick another one)."""
+    result = _run_in_process(tmp_path, "run", ["train.monitor=recall_at_20", "train.epochs=4",
+                                               "train.patience=4", "seed=1"])
+    client, run = only_run(tmp_path / "mlflow.db")
+    recall = [h.value for h in sorted(client.get_metric_history(
+        run.info.run_id, "epoch/val_recall_at_20"), key=lambda h: h.step)]
+    assert len(recall) == 4 and run.data.params["train.monitor"] == "recall_at_20"
+    assert run.data.metrics["run/best_val_recall_at_20"] == max(recall) == result.val_score
+    assert run.data.metrics["run/best_epoch"] == recall.index(max(recall)) + 1
+    assert "run/best_val_mrr_at_20" not in run.data.metrics
+
+
 def test_ctrl_c_ends_the_run_killed_with_finished_epochs_kept(tmp_path, store_uri, monkeypatch):
     real_epoch = Trainer.train_epoch
 

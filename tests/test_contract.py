@@ -117,6 +117,13 @@ def space(empty_store):
     shutil.rmtree(root, ignore_errors=True)
 
 
+def test_a_deleted_key_that_the_run_reads_is_one_line(space):
+    """`~split.test_frac` passes the schema (which checks the keys a config has) but the
+    split needs it: one line naming the key, nothing half-done left."""
+    code, output = assert_contract(space, space.argv("~split.test_frac"))
+    assert code == 2 and "seqexp: error: split.test_frac is not in the config" in output
+
+
 # --------------------------------------------------------------------------- malformed files
 _ints = st.integers(-3, 40)
 _junk = st.binary(max_size=30)  # any bytes: not UTF-8, separators, newlines, NULs

@@ -388,7 +388,8 @@ def _lastfm_dataset(server: _Server, **overrides) -> dict:
     server.files["/records/1/files/lastfm-dataset-1K.tar.gz?download=1"] = archive
     return {"name": "lastfm", "path": None, "archive_member": LASTFM_MEMBER,
             "url": _url(server, "/records/1/files/lastfm-dataset-1K.tar.gz?download=1"),
-            "archive_size": None, "archive_md5": hashlib.md5(archive).hexdigest()} | overrides
+            "archive_size": None, "archive_md5": hashlib.md5(archive).hexdigest(),
+            "verify": True} | overrides
 
 
 def test_dataset_archive_is_downloaded_verified_and_unpacked(server, tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import sequences
+from helpers import sequences, train_settings
 from seqexp.data.batching import prediction_batches, window_batches
 from seqexp.engine.evaluator import Evaluator
 from seqexp.models.cells import GRUCell
@@ -187,12 +187,12 @@ def test_window_batch_pairs_index_the_masked_pairs_in_row_major_order():
 
 def test_a_non_finite_training_loss_stops_training_with_a_clear_error():
     from seqexp.core.errors import SeqexpError
-    from seqexp.engine.trainer import Trainer, TrainSettings
+    from seqexp.engine.trainer import Trainer
 
     data = sequences([[1, 2, 3, 4, 5], [2, 3, 4, 5, 6]], n_items=8)
     model = RecurrentRecommender(8, 2, hidden_size=4, window=2)
     model.output.bias.data[3] = float("nan")  # every softmax over the catalogue turns NaN
-    trainer = Trainer(Evaluator([1]), TrainSettings(epochs=1, batch_size=2, progress=False))
+    trainer = Trainer(Evaluator([1]), train_settings(epochs=1, batch_size=2, progress=False))
     optimizer = trainer.make_optimizer(model)
     with pytest.raises(SeqexpError, match="training loss became nan in epoch 1; lower train.lr"):
         trainer.train_epoch(model, data, optimizer, np.random.default_rng(0), 1)
@@ -211,7 +211,7 @@ def test_amp_on_a_cpu_autocasts_only_where_it_has_native_bf16(monkeypatch, caplo
                                                                 native_bf16):
     import logging
 
-    from seqexp.engine.trainer import Trainer, TrainSettings, amp_unavailable
+    from seqexp.engine.trainer import Trainer, amp_unavailable
 
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         monkeypatch.setattr(torch.cpu, probe, lambda: native_bf16, raising=False)
@@ -219,7 +219,7 @@ def test_amp_on_a_cpu_autocasts_only_where_it_has_native_bf16(monkeypatch, caplo
     model = AutocastSpy(8, 2, hidden_size=4, window=2)
     model.autocast_seen = []
     trainer = Trainer(Evaluator([1]),
-                      TrainSettings(epochs=1, batch_size=2, progress=False, amp=True))
+                      train_settings(epochs=1, batch_size=2, progress=False, amp=True))
     with caplog.at_level(logging.WARNING, logger="seqexp.engine.trainer"):
         stats = trainer.train_epoch(model, data, trainer.make_optimizer(model),
                                     np.random.default_rng(0), 1)
@@ -233,12 +233,12 @@ def test_amp_on_a_cpu_autocasts_only_where_it_has_native_bf16(monkeypatch, caplo
 
 def test_progress_bars_stay_off_when_stderr_is_not_a_terminal_and_each_epoch_logs_a_line(
         capfd, caplog):
-    from seqexp.engine.trainer import Trainer, TrainSettings
+    from seqexp.engine.trainer import Trainer
 
     data = sequences([[1, 2, 3, 4, 5, 6], [2, 3, 4, 5, 6, 7]], n_items=8, n_val=[1, 1])
     model = RecurrentRecommender(8, 2, hidden_size=4, window=2)
-    trainer = Trainer(Evaluator([1]), TrainSettings(epochs=2, batch_size=2, progress=True),
-                      monitor_cutoff=1)
+    trainer = Trainer(Evaluator([1]), train_settings(epochs=2, batch_size=2, progress=True,
+                                                    monitor="mrr_at_1"))
     with caplog.at_level("INFO", logger="seqexp.engine.trainer"):
         trainer.fit(model, data)
     written = capfd.readouterr().err  # a pipe here, as in a redirected log

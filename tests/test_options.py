@@ -3,6 +3,7 @@ are refused before any work with one line naming the key."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,10 @@ from helpers import compose_config
 from seqexp.core import schema
 from seqexp.core.errors import SeqexpError
 from seqexp.core.resources import config_dir, group_options
+from seqexp.data.synthetic import generate_synthetic
 from seqexp.run.experiment import validate
-from seqexp.run.options import check_config, model_tables, rule_of
+from seqexp.run.options import check_config, rule_of
+from seqexp.run.registry import model_tables
 
 # Every option of the groups that hold keys, in as few compositions as there are models: the
 # i-th model with the i-th dataset and split (cycled). csv needs a path to compose.
@@ -115,11 +118,19 @@ BAD = [
     (having("gru"), "model.hidden_size", 0, "model.hidden_size=0"),
     (having("dream"), "model.max_baskets", 1, "model.max_baskets=1"),
     (having("dream"), "model.l2", -1.0, "model.l2=-1.0"),
+    (DEFAULT, "eval.basket_gap_s", -5.0, "eval.basket_gap_s=-5.0 must be a finite number >= 0"),
+    (DEFAULT, "device", "gpu", "device='gpu' must be auto, cpu, cuda or cuda:N"),
+    (DEFAULT, "split.val_frac", 1.0, "split.val_frac=1.0 must be a number in [0, 1)"),
+    (DEFAULT, "dataset.n_users", 0, "dataset.n_users=0 must be an integer >= 1"),
     (having("mf"), "model.l2", -0.1, "model.l2=-0.1"),
     (having("seqmf"), "model.window", 0, "model.window=0 must be an integer >= 1"),
     (DEFAULT, "eval.cutoffs", [0, 20], "eval.cutoffs=[0, 20]"),
     (DEFAULT, "eval.monitor_cutoff", 7, "eval.monitor_cutoff=7 must be one of eval.cutoffs"),
     (DEFAULT, "eval.basket_gap_s", NAN, "eval.basket_gap_s=nan"),
+    (DEFAULT, "train.monitor", "auc", "train.monitor='auc' must be mrr_at_<k>, recall_at_<k> or "
+                                      "ndcg_at_<k> (k: one of eval.cutoffs)"),
+    (DEFAULT, "train.monitor", "recall_at_15", "train.monitor='recall_at_15' must be one of "
+                                               "mrr_at_5, recall_at_5, ndcg_at_5, mrr_at_10, "),
     (DEFAULT, "split.test_frac", 1.0, "split.test_frac=1.0 must be a number in (0, 1)"),
     (DEFAULT, "dataset.p_successor", 0.7,
      "dataset.p_successor=0.7 + dataset.p_favourite=0.5 must not exceed 1"),
@@ -127,6 +138,8 @@ BAD = [
     (DEFAULT, "dataset.min_events", 500, "dataset.min_events=500 must not exceed"),
     (COMPOSITIONS[0], "split.val_quantile", 0, "split.val_quantile=0"),
     (COMPOSITIONS[1], "dataset.min_item_support", -1, "dataset.min_item_support=-1"),
+    (COMPOSITIONS[1], "dataset.min_item_support", 1.5, "dataset.min_item_support=1.5 must be"),
+    (COMPOSITIONS[1], "dataset.min_item_support", True, "dataset.min_item_support=True must"),
     (COMPOSITIONS[1], "dataset.archive_md5", "xyz", "dataset.archive_md5='xyz' must be 32 hex"),
     (DEFAULT, "seed", -1, "seed=-1 must be an integer in [0, 4294967295]"),
     (DEFAULT, "mlflow.log_checkpoint", 2, "mlflow.log_checkpoint=2 must be true or false"),
@@ -173,3 +186,12 @@ def test_an_interpolation_that_cannot_resolve_is_one_line(configs, monkeypatch):
     with pytest.raises(SeqexpError, match=r"^paths.data_dir: cannot resolve \(.*"
                                           r"SEQEXP_UNSET_VARIABLE' not found\"\)$"):
         validate(cfg)
+
+
+def test_the_generators_settings_are_the_synthetic_datasets_keys_and_it_has_no_defaults():
+    """conf/dataset/synthetic.yaml holds every generator setting (the loader passes them by
+    name) and the schema checks each; the generator repeats no default of them."""
+    parameters = inspect.signature(generate_synthetic).parameters
+    dataset = OmegaConf.load(config_dir() / "dataset" / "synthetic.yaml")
+    assert set(parameters) <= set(dataset) and set(parameters) <= set(schema.DATASET["synthetic"])
+    assert all(p.default is inspect.Parameter.empty for p in parameters.values())

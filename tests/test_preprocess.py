@@ -9,6 +9,7 @@ import pytest
 
 import fixtures_raw as fx
 from seqexp.core.errors import SeqexpError
+from seqexp.core.schema import SPLIT
 from seqexp.data.interactions import Interactions
 from seqexp.data.movielens import read_movielens
 from seqexp.data.preprocess import (
@@ -170,20 +171,12 @@ def test_user_tail_follows_time_not_row_order() -> None:
 
 @pytest.mark.parametrize("key", ["test_frac", "val_frac"])
 @pytest.mark.parametrize("value", [0, 1, -0.1, 1.5, "abc", None, float("nan"), True])
-def test_user_tail_invalid_fractions(key: str, value) -> None:
+def test_user_tail_invalid_fractions_are_refused_by_the_schema(key: str, value) -> None:
+    """The split reads checked values: the schema's rule is the one check."""
     if key == "val_frac" and value == 0:  # validation may be empty: 0 is allowed
         return
-    split = tail()
-    split[key] = value
-    data = raw([0] * 10, np.arange(10) % 2, np.arange(10))
     with pytest.raises(SeqexpError, match=rf"split\.{key}="):
-        build_sequences(data, split)
-
-
-def test_user_tail_missing_fraction_names_the_key() -> None:
-    with pytest.raises(SeqexpError, match=r"split\.test_frac"):
-        build_sequences(raw([0] * 10, np.arange(10) % 2, np.arange(10)),
-                        {"name": "user_tail", "val_frac": 0.1})
+        SPLIT["user_tail"][key].rule.complain(f"split.{key}", value, {})
 
 
 def test_val_frac_zero_is_allowed() -> None:
@@ -254,11 +247,9 @@ def test_global_time_user_without_training_events_is_dropped() -> None:
 
 @pytest.mark.parametrize("key", ["test_quantile", "val_quantile"])
 @pytest.mark.parametrize("value", [0, 1, -0.1, "abc", None])
-def test_global_time_invalid_quantiles(key: str, value) -> None:
-    split = global_time()
-    split[key] = value
+def test_global_time_invalid_quantiles_are_refused_by_the_schema(key: str, value) -> None:
     with pytest.raises(SeqexpError, match=rf"split\.{key}="):
-        build_sequences(raw([0] * 10, np.arange(10) % 2, np.arange(10)), split)
+        SPLIT["global_time"][key].rule.complain(f"split.{key}", value, {})
 
 
 # ------------------------------------------------------------------------------ vocabulary

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import sequences
+from helpers import sequences, train_settings
 from seqexp.core.errors import SeqexpError
 from seqexp.core.stopping import TrainingStopped
 from seqexp.data.batching import prediction_batches
@@ -264,7 +264,7 @@ def test_the_fit_blocks_give_the_neighbours_of_one_block_and_stop_between_blocks
         return "SIGTERM" if len(asked) == 4 else None
 
     model = ItemKNN(data.n_items, data.n_users, neighbours=5, fit_block=3)
-    trainer = Trainer(Evaluator(), stop_requested=stop_on_fourth_ask)
+    trainer = Trainer(Evaluator(), train_settings(), stop_requested=stop_on_fourth_ask)
     with pytest.raises(TrainingStopped, match="stopped by SIGTERM after epoch 0"):
         trainer.fit(model, data)
     assert len(asked) == 4  # asked before each block: blocks 1-3 ran, the fourth did not

@@ -243,18 +243,20 @@ def test_callbacks_come_after_every_batch_and_after_each_epochs_state_is_written
     assert len(result.history) == 2
 
 
-def test_the_train_settings_are_the_train_keys_with_their_defaults(shared):
-    """Each TrainSettings field is the train.* key of its name, defaulting as in
-    conf/train/default.yaml; the keys without a field are experiment.configure_torch's and
-    keep_last (run_experiment's, once a run has finished)."""
-    defaults = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "train" / "default.yaml"))
-    fields = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
-    assert set(defaults) == set(fields) | {"num_threads", "tf32", "cpu_kernels", "keep_last"}
-    assert {key: defaults[key] for key in fields} == fields
+def test_the_train_settings_are_the_train_keys_and_their_defaults_are_the_yamls(shared):
+    """Each TrainSettings field is the train.* key of its name, with no default of its own
+    (conf/train/default.yaml holds them); the keys without a field are
+    experiment.configure_torch's and keep_last (run_experiment's, once a run has finished)."""
+    defaults = OmegaConf.to_container(compose_config([]).train, resolve=True)
+    fields = dataclasses.fields(TrainSettings)
+    assert set(defaults) == {f.name for f in fields} | {"num_threads", "tf32", "cpu_kernels",
+                                                        "keep_last"}
+    assert all(f.default is dataclasses.MISSING for f in fields)
+    default = TrainSettings.from_config(defaults)
     chosen = TrainSettings(epochs=7, batch_size=9, lr=0.5, optimizer="sgd", weight_decay=0.25,
-                           grad_clip=None, patience=5, min_delta=0.125, progress=False,
-                           amp=True, compile=True)
-    assert all(getattr(chosen, key) != value for key, value in fields.items())
+                           grad_clip=None, monitor="recall_at_10", patience=5, min_delta=0.125,
+                           progress=False, amp=True, compile=True)
+    assert all(getattr(chosen, f.name) != getattr(default, f.name) for f in fields)
     cfg = compose_config([*overrides("mf", shared), *(
         f"train.{key}={'null' if value is None else value}"
         for key, value in dataclasses.asdict(chosen).items())])

@@ -19,8 +19,16 @@ from seqexp.apps.preflight import unknown_key_message
 from seqexp.core import schema
 from seqexp.core.flat_config import flatten
 from seqexp.models.dream import DREAM
-from seqexp.models.knn import ItemKNN
-from seqexp.run.options import affects_results, keys_of, model_tables, results_free_keys
+from seqexp.models.keys import ITEMKNN_KEYS, SEQEXP_MODEL_CLASSES
+from seqexp.run.registry import (
+    ModelClass,
+    affects_results,
+    class_path,
+    keys_of,
+    model_tables,
+    registry,
+    results_free_keys,
+)
 from seqexp.run.resume import differing_keys
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,9 +141,19 @@ def test_the_help_page_shows_the_listing_of_the_command_lines_config():
     assert "paths.data_dir" in result.stdout and "$SEQEXP_DATA_DIR" in result.stdout
 
 
+def test_each_seqexp_model_class_declares_the_table_the_registry_reads():
+    """The registry reads seqexp's model keys from seqexp/models/keys.py without importing the
+    classes; each class's config_keys is that very table, and every registered model file
+    names one of these classes or a plugin's."""
+    for path, keys in SEQEXP_MODEL_CLASSES.items():
+        cls = ModelClass(path).load()
+        assert class_path(cls) == path and cls.config_keys is keys
+    assert set(registry().models.values()) <= set(registry().classes)
+
+
 def test_did_you_mean_comes_from_the_schemas_keys(monkeypatch):
     cfg = compose_config(["model=itemknn"])
-    monkeypatch.setattr(ItemKNN, "config_keys", ItemKNN.config_keys | {
+    monkeypatch.setitem(SEQEXP_MODEL_CLASSES, "seqexp.models.knn.ItemKNN", ITEMKNN_KEYS | {
         "shrinkage": schema.Key(schema.number(0.0), "a key only the schema has")})
     message = unknown_key_message(cfg, "model.shrinkag")
     assert "did you mean model.shrinkage?" in message and "shrinkage" in message.split("(")[1]

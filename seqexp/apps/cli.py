@@ -1,6 +1,7 @@
 """The `seqexp` command: Hydra composes the config, run_experiment does the work.
 
-Returns the best validation MRR so that sweepers (Optuna) can maximise it.
+Returns the best value of the monitored validation metric (train.monitor) so that sweepers
+(Optuna) can maximise it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue
 
 from seqexp.apps.preflight import check_command_line, sweeper_ranks_jobs
 from seqexp.core import liveness, run_folder
@@ -24,8 +25,8 @@ from seqexp.core.errors import SeqexpError, message_line
 from seqexp.core.resources import config_dir
 from seqexp.core.stopping import TrainingStopped, exit_code
 from seqexp.run.naming import run_name
-from seqexp.run.options import keys_of
 from seqexp.run.plugins import group_options, model_files
+from seqexp.run.registry import keys_of
 from seqexp.run.resume import cluster_job_key
 from seqexp.run.sweep import end_open_sweeps, job_tags, record_failed_job, tracking_uri_of
 from seqexp.run.tracking import ui_hint
@@ -94,10 +95,10 @@ OmegaConf.register_new_resolver("seqexp_models", models_help, replace=True)
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def _run(cfg: DictConfig) -> float:
-    # The one lazy import of the CLI, for start-up speed: the experiment loads the data
+    # The one lazy import of the CLI, for start-up speed: the experiment loads torch, the data
     # pipeline, the engine and MLflow, which `seqexp --help` and a refused command line never
-    # need (docs/architecture.md; the registered model classes, and so torch, they do need:
-    # the schema's model keys are declared by the classes).
+    # need (docs/architecture.md; the schema's model keys come from the registry without
+    # importing a model class: seqexp/run/registry.py).
     from seqexp.run.experiment import run_experiment
 
     hydra_cfg = HydraConfig.get()
@@ -130,10 +131,12 @@ def _run(cfg: DictConfig) -> float:
                 name, identity = _job_identity(cfg, overrides)
                 record_failed_job(sweep, {**identity, **tags}, name, exc)
             raise
-        if not isinstance(exc, (SeqexpError, MissingMandatoryValue)):
+        if not isinstance(exc, (SeqexpError, MissingMandatoryValue, ConfigKeyError)):
             raise
         if isinstance(exc, MissingMandatoryValue):
             exc = f"{exc.full_key} must be set: pass {exc.full_key}=..."
+        elif isinstance(exc, ConfigKeyError):  # a key the run reads, deleted (~key)
+            exc = f"{exc.full_key} is not in the config, and the run reads it; keep the key"
         print(f"seqexp: error: {exc}", file=sys.stderr)
         sys.exit(2)
     if result.val_score is None and multirun and sweeper_ranks_jobs(hydra_cfg):

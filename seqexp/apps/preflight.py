@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from seqexp.core.errors import SeqexpError, message_line, unwritable
 from seqexp.core.resources import config_dir
 from seqexp.data.raw_files import resolve_raw_file
-from seqexp.run.options import keys_of
+from seqexp.run.registry import keys_of
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 # Command-line flags of Hydra's that take a value (the value is no override).
@@ -318,8 +318,8 @@ def _check_sweeper_score(configs: list[tuple[list[str], DictConfig]], parsed: li
         if OmegaConf.select(cfg, "split.name") == "user_tail" and any(
                 _is_zero(v) for v in val_fracs):
             return ("split.val_frac=0 leaves no validation events, but this sweep's "
-                    f"{sweeper.rsplit('.', 1)[-1]} ranks jobs by their validation MRR; "
-                    "set split.val_frac > 0 (default 0.1)")
+                    f"{sweeper.rsplit('.', 1)[-1]} ranks jobs by their validation score "
+                    "(train.monitor); set split.val_frac > 0")
     return None
 
 

@@ -13,8 +13,8 @@ values). Everything else about a key is, and drives:
 
 This module sits in seqexp.core so that the report, which must not import torch, the models or
 the data pipeline, can ask `affects_results`. A choice whose options are defined by the code
-that implements them (the trainer's optimisers, a model's losses and cells, a reader's
-layouts) names that list (`listed("losses")`) instead of copying it; seqexp/run/options.py, the
+that implements them (the trainer's optimisers, the recurrent cells, a reader's
+layouts) names that list (`listed("cells")`) instead of copying it; seqexp/run/options.py, the
 one module above all those layers, passes the lists in (`VALUE_LISTS`). A model's keys are
 declared by its class (`config_keys`, seqexp/models/base.py) and handed in the same way
 (`ModelTables`, from the registry of models, seqexp/run/registry.py).
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from seqexp.core.errors import SeqexpError
+from seqexp.core.rank_metrics import PER_EVENT
 
 # {list name: its options}: the implementations' lists that `listed` rules name.
 ValueLists = Mapping[str, Sequence[str]]
@@ -137,12 +138,17 @@ def _speed(rule: Rule, doc: str) -> Key:
 TOP: dict[str, Key] = {
     "seed": Key(integer(0, 2**32 - 1), "seed of every random draw (data order, dropout, "
                 "initialisation, sampling)"),
-    "device": _speed(text(), "auto (CUDA when available, else CPU), cpu, cuda or cuda:N"),
+    "device": _speed(text(pattern="auto|cpu|cuda(:[0-9]+)?", what="be auto, cpu, cuda or cuda:N"),
+                     "auto (CUDA when available, else CPU), cpu, cuda or cuda:N"),
     # a run id or "last" (seqexp/run/resume.py); a run id of digits only reaches here as an int
     "resume": _speed(Rule("be a run id or last", lambda v: (isinstance(v, str) and v != "")
                           or _is_int(v), nullable=True),
                      "continue an unfinished run: its MLflow run id, or last"),
 }
+
+# What train.monitor may name: a ranking metric of the evaluator at a cutoff (the pessimistic
+# one, the headline; seqexp/core/rank_metrics.py defines them).
+MONITORED = f"({'|'.join(PER_EVENT)})_at_[1-9][0-9]*"
 
 TRAIN: dict[str, Key] = {
     "epochs": Key(integer(0), "maximum epochs (a model file may set its own)"),
@@ -152,7 +158,11 @@ TRAIN: dict[str, Key] = {
     "weight_decay": Key(number(0.0), "the optimiser's L2 term"),
     "grad_clip": Key(number(0.0, low_open=True, nullable=True),
                      "gradient-norm cap (null = none)"),
-    "patience": Key(integer(1), "epochs without improvement of the validation MRR before "
+    "monitor": Key(text(pattern=MONITORED, what="be mrr_at_<k>, recall_at_<k> or ndcg_at_<k> "
+                        "(k: one of eval.cutoffs)"),
+                   "the validation metric that early stopping, the best checkpoint and "
+                   "sweepers follow"),
+    "patience": Key(integer(1), "epochs without improvement of the monitored metric before "
                     "early stopping"),
     "min_delta": Key(number(0.0), "least improvement of the monitored metric that resets "
                      "patience"),
@@ -173,8 +183,8 @@ TRAIN: dict[str, Key] = {
 
 EVAL: dict[str, Key] = {
     "cutoffs": Key(integers(1), "the k of Recall@k, MRR@k and NDCG@k"),
-    "monitor_cutoff": Key(integer(1), "the cutoff whose validation MRR drives early stopping "
-                          "and sweepers"),
+    "monitor_cutoff": Key(integer(1), "the cutoff of the headline test metrics and of the "
+                          "default train.monitor (mrr_at_<k>)"),
     "batch_users": _speed(integer(1, nullable=True), "users per evaluation batch (null: 256 "
                           "on a CPU, 8192 on CUDA)"),
     "max_block_elements": _speed(integer(1, nullable=True), "largest score block scored at "
@@ -426,13 +436,18 @@ def _check_node(group: str, node: Mapping, table: Mapping[str, Key], values: Val
 
 def _check_together(cfg: Mapping) -> None:
     mlflow = cfg.get("mlflow") or {}
-    if mlflow.get("register_model") is not None and not mlflow.get("log_model", True):
+    if mlflow.get("register_model") is not None and mlflow.get("log_model") is False:
         raise SeqexpError(f"mlflow.register_model={mlflow['register_model']} needs the run's "
                           f"MLflow Model: drop mlflow.log_model=false")
     evaluation, dataset = cfg["eval"], cfg["dataset"]
     if evaluation.get("monitor_cutoff") not in evaluation.get("cutoffs", []):
         raise SeqexpError(f"eval.monitor_cutoff={evaluation.get('monitor_cutoff')} must be one "
                           f"of eval.cutoffs={list(evaluation.get('cutoffs', []))}")
+    monitored = [f"{name}_at_{k}" for k in evaluation.get("cutoffs", []) for name in PER_EVENT]
+    monitor = (cfg.get("train") or {}).get("monitor")
+    if monitor is not None and monitor not in monitored:
+        raise SeqexpError(f"train.monitor={monitor!r} must be one of {', '.join(monitored)} "
+                          f"(the validation metrics at eval.cutoffs)")
     if dataset.get("format") != "synthetic":
         return
     pairs = [("min_events", "max_events", "must not exceed"),

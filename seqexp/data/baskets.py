@@ -13,15 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from seqexp.core.errors import SeqexpError
 from seqexp.data.sequences import SequenceData
-
-
-def check_gap(gap_s: float, key: str) -> float:
-    """The basket gap as a float, or a SeqexpError naming the config `key`."""
-    if isinstance(gap_s, bool) or not isinstance(gap_s, (int, float)) or not gap_s >= 0:
-        raise SeqexpError(f"{key}={gap_s!r} must be a non-negative number of seconds")
-    return float(gap_s)
 
 
 def basket_starts(timestamps: np.ndarray | torch.Tensor, gap_s: float,

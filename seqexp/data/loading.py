@@ -3,6 +3,7 @@ parse it with the reader of its format, preprocess, and cache the result."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -34,16 +35,16 @@ _LOCATION_KEYS = {"path", "url", "archive_member", "archive_size", "archive_md5"
                   "verify"}
 
 Reader = Callable[[Path, Mapping], Interactions]
+# Each reader gets its format's keys from the dataset config (conf/dataset/*.yaml holds their
+# values, the schema their rules: a config that reaches here has them all, checked).
 READERS: dict[str, Reader] = {
-    "movielens": lambda path, cfg: read_movielens(path, cfg.get("layout", "ratings_dat")),
-    "lastfm": lambda path, cfg: read_lastfm(path, item=cfg.get("item", "track")),
+    "movielens": lambda path, cfg: read_movielens(path, cfg["layout"]),
+    "lastfm": lambda path, cfg: read_lastfm(path, item=cfg["item"]),
     "tabular": lambda path, cfg: read_table(
-        path, cfg.get("user_col", "user"), cfg.get("item_col", "item"),
-        cfg.get("time_col", "timestamp"), cfg.get("sep"),
-    ),
+        path, cfg["user_col"], cfg["item_col"], cfg["time_col"], cfg["sep"]),
 }
-SYNTHETIC_KEYS = ("n_users", "n_items", "n_clusters", "min_events", "max_events",
-                  "p_successor", "p_favourite", "n_favourites", "generator_seed")
+# The generator's settings: its keyword arguments, each a key of conf/dataset/synthetic.yaml.
+SYNTHETIC_KEYS = tuple(inspect.signature(generate_synthetic).parameters)
 
 
 def load_dataset(dataset: Mapping, split: Mapping, raw_dir: Path, cache_dir: Path,
@@ -67,7 +68,7 @@ def load_dataset(dataset: Mapping, split: Mapping, raw_dir: Path, cache_dir: Pat
         raise SeqexpError(
             f"dataset.format={fmt!r} is unknown; choose one of synthetic, {', '.join(READERS)}"
         )
-    folder = Path(cache_dir) / f"{dataset.get('name', fmt)}-{cache_key(source, params)}"
+    folder = Path(cache_dir) / f"{dataset['name']}-{cache_key(source, params)}"
     data = load_cached(folder)
     if data is not None:
         log.info("loaded processed %s from cache %s", dataset.get("name"), folder)
@@ -103,13 +104,13 @@ def _preprocess(dataset: Mapping, split: Mapping, raw_path: Path | None, folder:
     fmt = dataset.get("format")
     started = time.perf_counter()
     if raw_path is None:
-        raw = generate_synthetic(**_synthetic_args(dataset))
+        raw = generate_synthetic(**{key: dataset[key] for key in SYNTHETIC_KEYS})
     else:
         log.info("parsing %s", raw_path)
         raw = READERS[fmt](raw_path, dataset)
     data = build_sequences(
-        raw, split, min_item_support=_int(dataset, "min_item_support", 1),
-        drop_repeats=bool(dataset.get("drop_repeats", False)), name=str(dataset.get("name")),
+        raw, split, min_item_support=dataset["min_item_support"],
+        drop_repeats=dataset["drop_repeats"], name=str(dataset["name"]),
     )
     if raw_path is not None:  # kept with the entry: its stats are those of the run
         data.stats["sha256"] = source
@@ -117,19 +118,3 @@ def _preprocess(dataset: Mapping, split: Mapping, raw_path: Path | None, folder:
     log.info("preprocessed in %.1f s, cached in %s", time.perf_counter() - started, folder)
     return data
 
-
-def _int(cfg: Mapping, key: str, default: int) -> int:
-    value = cfg.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise SeqexpError(f"dataset.{key}={value!r} must be a non-negative integer")
-    return value
-
-
-def _synthetic_args(dataset: Mapping) -> dict:
-    args = {key: dataset[key] for key in SYNTHETIC_KEYS if key in dataset}
-    for key in ("n_users", "n_items", "n_clusters", "min_events", "max_events"):
-        if key in args and (not isinstance(args[key], int) or args[key] < 1):
-            raise SeqexpError(f"dataset.{key}={args[key]!r} must be a positive integer")
-    if args.get("min_events", 1) > args.get("max_events", 10**9):
-        raise SeqexpError("dataset.min_events must not exceed dataset.max_events")
-    return args

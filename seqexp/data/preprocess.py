@@ -53,19 +53,6 @@ def _sort_key(user: np.ndarray, timestamp: np.ndarray) -> np.ndarray | None:
     return key
 
 
-def _fraction(split: Mapping, key: str, low_open: bool = True) -> float:
-    value = split.get(key)
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise SeqexpError(f"split.{key}={value!r} must be a number in (0, 1)") from None
-    ok = 0.0 < value < 1.0 if low_open else 0.0 <= value < 1.0
-    if not ok:
-        bounds = "(0, 1)" if low_open else "[0, 1)"
-        raise SeqexpError(f"split.{key}={value} must lie in {bounds}")
-    return value
-
-
 def user_tail_split(lengths: np.ndarray, test_frac: float, val_frac: float) -> np.ndarray:
     """Phase per event for events grouped by user, `lengths` being each user's event count:
     the last floor(test_frac * L) events of a user are test, the last floor(val_frac * rest) of
@@ -128,14 +115,14 @@ def last_session_split(lengths: np.ndarray, timestamp: np.ndarray, gap_s: float)
 
 def _split_phases(split: Mapping, user: np.ndarray, ts: np.ndarray) -> np.ndarray:
     """The phase of every event, ordered by (user, time), under the split `split` names."""
-    name = split.get("name")
+    # the values are checked by the schema (split.*) with the rest of the config
+    name = split["name"]
     if name == "user_tail":
-        test_frac, val_frac = _fraction(split, "test_frac"), _fraction(split, "val_frac", False)
-        return user_tail_split(_run_starts(user)[1], test_frac, val_frac)
+        return user_tail_split(_run_starts(user)[1], float(split["test_frac"]),
+                               float(split["val_frac"]))
     if name == "last_session":
         return last_session_split(_run_starts(user)[1], ts, float(split["session_gap_s"]))
-    return global_time_split(
-        ts, _fraction(split, "test_quantile"), _fraction(split, "val_quantile"))
+    return global_time_split(ts, float(split["test_quantile"]), float(split["val_quantile"]))
 
 
 def build_sequences(

@@ -69,7 +69,7 @@ def verified_source(dataset: Mapping) -> download.RemoteFile:
     dataset.verify=false downloads without that check (with a warning); a dataset that names no
     md5 must say so."""
     url, size, md5 = dataset["url"], dataset.get("archive_size"), dataset.get("archive_md5")
-    if not dataset.get("verify", True):
+    if not dataset["verify"]:
         log.warning("dataset.verify=false: %s is downloaded WITHOUT checking its size and md5; "
                     "the run's data.sha256 param still records which file it used", url)
         return download.RemoteFile(url, None, None)

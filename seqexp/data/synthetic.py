@@ -11,8 +11,9 @@ personal favourite items. Each next event is, with probability
 Timestamps form sessions (gaps of seconds to minutes) separated by long gaps (days); a share of
 gaps is zero, so equal timestamps occur as they do in MovieLens.
 
-The embedded dataset's settings are in conf/dataset/synthetic.yaml; the defaults below are the
-generator's (scripts/bench_models.py builds its ML-10M-shaped data from them).
+The embedded dataset's settings are in conf/dataset/synthetic.yaml, their rules in the config
+schema (seqexp/core/schema.py); the generator has no defaults of its own, so every caller says
+every setting (scripts/bench_models.py: its ML-10M-shaped data).
 """
 
 from __future__ import annotations
@@ -25,15 +26,16 @@ from seqexp.data.interactions import Interactions
 
 
 def generate_synthetic(
-    n_users: int = 600,
-    n_items: int = 800,
-    n_clusters: int = 16,
-    min_events: int = 30,
-    max_events: int = 120,
-    p_successor: float = 0.45,
-    p_favourite: float = 0.2,
-    n_favourites: int = 6,
-    generator_seed: int = 7,
+    *,
+    n_users: int,
+    n_items: int,
+    n_clusters: int,
+    min_events: int,
+    max_events: int,
+    p_successor: float,
+    p_favourite: float,
+    n_favourites: int,
+    generator_seed: int,
 ) -> Interactions:
     rng = np.random.default_rng(generator_seed)
     clusters = _Clusters.draw(rng, n_items, n_clusters)

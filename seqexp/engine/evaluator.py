@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from seqexp.core.errors import SeqexpError
 from seqexp.core.stopping import EvaluationStopped
-from seqexp.data.baskets import basket_starts, check_gap
+from seqexp.data.baskets import basket_starts
 from seqexp.data.batching import PredictionBatch, prediction_batches
 from seqexp.data.sequences import SequenceData, validation_sample
 from seqexp.engine.metrics import RankCounts
@@ -213,7 +213,7 @@ class Evaluator:
         (k + |basket|), NDCG = sum over hits of 1/log2(1 + rank), divided by the ideal
         sum over ranks 1..min(k, |basket|). Averaged over a user's baskets, then over users.
         """
-        gap_s, k = check_basket_settings(gap_s, k)
+        gap_s = float(gap_s)  # eval.basket_gap_s, checked by the schema with eval.basket_k
         was_training = model.training
         model.eval()
         f1, ndcg, users = [], [], []
@@ -397,11 +397,6 @@ def seen_items(batch: PredictionBatch, n_items: int) -> tuple[torch.Tensor, torc
     point, item = point[keep], item[keep]
     order = torch.argsort(point, stable=True)
     return point[order], item[order]
-
-
-def check_basket_settings(gap_s: float, k: int) -> tuple[float, int]:
-    """eval.basket_gap_s in seconds and eval.basket_k (checked by the schema with the config)."""
-    return check_gap(gap_s, "eval.basket_gap_s"), k
 
 
 def _take_state(state, rows: slice | torch.Tensor):

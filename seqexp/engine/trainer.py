@@ -125,28 +125,29 @@ def amp_unavailable(device: torch.device) -> str | None:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """The train.* keys the trainer reads, by their names in conf/train/default.yaml and with its
-    defaults (tests/test_resume.py holds the two together). Values are checked by
-    seqexp.options before a trainer is built."""
+    """The train.* keys the trainer reads, by their names in conf/train/default.yaml, which holds
+    their defaults (none here: tests/test_resume.py holds the fields and the keys together).
+    Values are checked by the config schema (seqexp/core/schema.py) before a trainer is built."""
 
-    epochs: int = 10
-    batch_size: int = 1000
-    lr: float = 1e-3
-    optimizer: str = "adam"  # a key of OPTIMIZERS
-    weight_decay: float = 0.0
-    grad_clip: float | None = 5.0
-    patience: int = 3
-    min_delta: float = 0.0
-    progress: bool = True
-    amp: bool = False  # bf16 autocast of the training forward pass (see amp_unavailable)
-    compile: bool = False
+    epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str  # a key of OPTIMIZERS
+    weight_decay: float
+    grad_clip: float | None
+    monitor: str  # the validation metric followed: a key of Evaluator.evaluate's
+    patience: int
+    min_delta: float
+    progress: bool
+    amp: bool  # bf16 autocast of the training forward pass (see amp_unavailable)
+    compile: bool
 
     @classmethod
     def from_config(cls, train: Mapping[str, Any]) -> TrainSettings:
         """The settings of `train` (cfg.train), each field read by its own name, so that a new
-        train.* key needs no wiring. Keys that are no field (train.num_threads, train.tf32)
-        are read by experiment.configure_torch, not by the trainer."""
-        return cls(**{f.name: train[f.name] for f in fields(cls) if f.name in train})
+        train.* key needs no wiring. Keys that are no field (train.num_threads, train.tf32,
+        train.cpu_kernels) are read by experiment.configure_torch, not by the trainer."""
+        return cls(**{f.name: train[f.name] for f in fields(cls)})
 
 
 class TrainingCallback:
@@ -187,7 +188,7 @@ class EarlyStopping:
 class BestCheckpoint:
     """The best weights on disk (checkpoints/best.pt; no file when `path` is None), with
     `contents` beside them (the resolved config, the raw ids and the training histories:
-    seqexp.recommend)."""
+    seqexp.apps.recommend)."""
 
     path: Path | None = None
     contents: Mapping[str, Any] | None = None
@@ -359,8 +360,10 @@ class ProgressLog:
     @staticmethod
     def validated(epoch: int, val: Mapping[str, float], monitor: str, seconds: float) -> None:
         cutoff = monitor.rsplit("_", 1)[1]
-        log.info("epoch %d: val_%s = %.5f, val_recall_at_%s = %.5f (%.1f s)", epoch, monitor,
-                 val[monitor], cutoff, val[f"recall_at_{cutoff}"], seconds)
+        # the monitored metric first, then MRR or Recall at its cutoff (whichever it is not)
+        shown = list(dict.fromkeys([monitor, f"mrr_at_{cutoff}", f"recall_at_{cutoff}"]))[:2]
+        log.info("epoch %d: %s (%.1f s)", epoch,
+                 ", ".join(f"val_{name} = {val[name]:.5f}" for name in shown), seconds)
 
     @staticmethod
     def early_stop(epoch: int, monitor: str, stopping: EarlyStopping) -> None:
@@ -386,20 +389,21 @@ def discard_metrics(metrics: dict[str, float], step: int) -> None:
 
 
 class Trainer:
-    """Fits a model with `settings` (cfg.train), monitoring val_mrr_at_<monitor_cutoff> for
-    early stopping and the best checkpoint. `state`: the resumable state (None: none written);
-    `stop_requested`: the check for a stop signal (seqexp.stopping.StopSignals), made after every
-    batch and at every epoch's start and end; `callbacks`: a caller's additions."""
+    """Fits a model with `settings` (cfg.train), monitoring the validation metric
+    `settings.monitor` (train.monitor) for early stopping and the best checkpoint. `state`: the
+    resumable state (None: none written);
+    `stop_requested`: the check for a stop signal (seqexp.core.stopping.StopSignals), made after
+    every batch and at every epoch's start and end; `callbacks`: a caller's additions."""
 
-    def __init__(self, evaluator: Evaluator, settings: TrainSettings | None = None, *,
-                 monitor_cutoff: int = 20, seed: int = 0,
+    def __init__(self, evaluator: Evaluator, settings: TrainSettings, *,
+                 seed: int = 0,
                  best_checkpoint: BestCheckpoint | None = None,
                  state: ResumableState | None = None,
                  stop_requested: StopCheck = no_stop_signal,
                  callbacks: Sequence[TrainingCallback] = ()) -> None:
         self.evaluator = evaluator
-        self.settings = settings or TrainSettings()
-        self.monitor = f"mrr_at_{monitor_cutoff}"
+        self.settings = settings
+        self.monitor = self.settings.monitor
         self.seed = seed  # of the training batch generator
         self.best_checkpoint = best_checkpoint or BestCheckpoint()
         self.state = state

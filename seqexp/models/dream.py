@@ -28,11 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqexp.core.schema import Key, choice, integer, number
 from seqexp.data.baskets import (
     Baskets,
     basket_starts,
-    check_gap,
     concat_ranges,
     sample_outside,
     split_baskets,
@@ -40,9 +38,7 @@ from seqexp.data.baskets import (
 from seqexp.data.batching import LaneStates, PredictionBatch
 from seqexp.data.sequences import SequenceData
 from seqexp.models.base import Recommender
-
-POOLINGS = ("max", "mean")
-CELLS = ("rnn", "gru")
+from seqexp.models.keys import DREAM_KEYS
 
 
 @dataclass
@@ -86,17 +82,7 @@ class BasketBatch:
 
 
 class DREAM(Recommender):
-    config_keys = {
-        "hidden_size": Key(integer(1), "size of the item vectors and the hidden state"),
-        "pooling": Key(choice(*POOLINGS), "pooling of a basket's item vectors"),
-        "cell": Key(choice(*CELLS), "the recurrence"),
-        "basket_gap_s": Key(number(0.0), "a gap above this many seconds starts a new basket"),
-        "max_baskets": Key(integer(2, nullable=True), "baskets per training row (null = whole "
-                           "histories)"),
-        "init_std": Key(number(0.0, low_open=True), "std of the item vectors' initialisation"),
-        "l2": Key(number(0.0), "L2 penalty (λ/2)·(‖X‖² + ‖R‖² + ‖N‖²) added to each batch's "
-                  "BPR loss, on DREAM's own parameters"),
-    }
+    config_keys = DREAM_KEYS
 
     def __init__(
         self,
@@ -111,7 +97,7 @@ class DREAM(Recommender):
         l2: float = 1e-5,
     ) -> None:
         super().__init__(n_items, n_users)
-        self.basket_gap_s = check_gap(basket_gap_s, "model.basket_gap_s")
+        self.basket_gap_s = float(basket_gap_s)  # checked by the schema (model.basket_gap_s)
         self.hidden_size = hidden_size
         self.cell_name = cell
         self.max_baskets = max_baskets

@@ -48,7 +48,7 @@ def split_datasets(dataset: Mapping, split: Mapping, raw_dir: Path,
     these dataset and split configs (so its raw file, if any, is already on disk)."""
     dataset = dict(dataset)
     key = cache_key(data_source(data.stats), cache_params(dataset, split))
-    name = str(dataset.get("name", dataset.get("format")))
+    name = str(dataset["name"])
     if dataset.get("format") == "synthetic":
         source_file, generator = None, {k: dataset[k] for k in SYNTHETIC_KEYS if k in dataset}
     else:

@@ -44,7 +44,8 @@ from seqexp.run.artifacts import checkpoint_contents, write_id_maps, write_ranks
 from seqexp.run.datasets import split_datasets
 from seqexp.run.mlflow_model import link_to_model, log_model
 from seqexp.run.naming import run_name
-from seqexp.run.options import check_config, results_free_keys
+from seqexp.run.options import check_config
+from seqexp.run.registry import results_free_keys
 from seqexp.run.resume import (
     CLUSTER_JOB_TAG,
     OUTPUTS_TAG,
@@ -78,12 +79,11 @@ class RunResult:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device of `device` (auto, cpu, cuda or cuda:N: the schema checks the name)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise SeqexpError("device=cuda but CUDA is not available here; use device=auto or cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise SeqexpError(f"device={name!r} is unknown; use auto, cpu or cuda")
     return torch.device(name)
 
 
@@ -91,10 +91,10 @@ def configure_torch(train: Mapping) -> None:
     """CPU threads (`train.num_threads`), TF32 tensor cores for float32 matrix products on
     CUDA (`train.tf32`: several times faster on Ampere and later, products rounded to ~1e-3)
     and the CPU-only kernels (`train.cpu_kernels`)."""
-    cpu_kernels.set_enabled(bool(train.get("cpu_kernels", True)))
-    if train.get("num_threads"):
+    cpu_kernels.set_enabled(bool(train["cpu_kernels"]))
+    if train["num_threads"]:
         torch.set_num_threads(int(train["num_threads"]))
-    tf32 = bool(train.get("tf32", True))
+    tf32 = bool(train["tf32"])
     if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
         torch.backends.cuda.matmul.fp32_precision = "tf32" if tf32 else "ieee"
         if hasattr(getattr(torch.backends.cudnn, "rnn", None), "fp32_precision"):
@@ -166,9 +166,8 @@ def build_evaluator(cfg: DictConfig) -> Evaluator:
     block = cfg.eval.max_block_elements
     return Evaluator(list(cfg.eval.cutoffs), cfg.eval.batch_users,
                      None if block is None else int(block),
-                     exclude_seen=cfg.eval.get("exclude_seen", False),
-                     progress=bool(cfg.train.progress),
-                     val_max_scores=cfg.eval.get("val_max_scores"), seed=int(cfg.seed))
+                     exclude_seen=cfg.eval.exclude_seen, progress=bool(cfg.train.progress),
+                     val_max_scores=cfg.eval.val_max_scores, seed=int(cfg.seed))
 
 
 def build_trainer(cfg: DictConfig, evaluator: Evaluator, checkpoint: Path | None = None,
@@ -177,10 +176,10 @@ def build_trainer(cfg: DictConfig, evaluator: Evaluator, checkpoint: Path | None
                   stop_requested: StopCheck = no_stop_signal,
                   callbacks: Sequence[TrainingCallback] = ()) -> Trainer:
     """The trainer of cfg.train (TrainSettings reads every key by its name), monitoring
-    val_mrr_at_<eval.monitor_cutoff>; the best weights go to `checkpoint` with
+    val_<train.monitor>; the best weights go to `checkpoint` with
     `checkpoint_contents` beside them, the resumable state to `state`."""
     return Trainer(evaluator, TrainSettings.from_config(cfg.train),
-                   monitor_cutoff=cfg.eval.monitor_cutoff, seed=cfg.seed,
+                   seed=cfg.seed,
                    best_checkpoint=BestCheckpoint(checkpoint, checkpoint_contents), state=state,
                    stop_requested=stop_requested, callbacks=callbacks)
 
@@ -243,7 +242,7 @@ def run_experiment(cfg: DictConfig, launch_dir: Path, output_dir: Path,
     checkpoint = output_dir / "checkpoints" / "best.pt"
     with tracked_run(tracker, output_dir, resumed is not None,
                      checkpoint if cfg.mlflow.log_checkpoint else None):
-        if cfg.mlflow.get("system_metrics", False):
+        if cfg.mlflow.system_metrics:
             tracker.monitor_system(resumed=resumed is not None)
         if resumed is None:
             log_inputs(tracker, cfg, data, params, output_dir, hydra_dir)
@@ -359,7 +358,7 @@ def train_and_test(run: RunParts, state: ResumableState) -> tuple[float | None, 
             summary = {"epochs_run": result.epochs_run}
             if result.best_score is not None:
                 summary |= {"best_epoch": result.best_epoch,
-                            f"best_val_mrr_at_{cfg.eval.monitor_cutoff}": result.best_score}
+                            f"best_val_{cfg.train.monitor}": result.best_score}
 
             def stop_if_asked() -> None:
                 if stop_signals() is not None:
@@ -381,7 +380,7 @@ def test_and_log(run: RunParts, summary: Mapping[str, Any], stop_signals: StopSi
     cfg, model, data, evaluator, tracker = run.cfg, run.model, run.data, run.evaluator, run.tracker
     counts = evaluator.rank_counts(model, data, "test", stop_signals)
     test = {f"test_{k}": v for k, v in evaluator.full_metrics(counts, data).items()}
-    if cfg.eval.get("basket_gap_s") is not None:
+    if cfg.eval.basket_gap_s is not None:
         baskets = evaluator.next_basket_metrics(
             model, data, "test", cfg.eval.basket_gap_s, cfg.eval.basket_k)
         test |= {f"test_{k}": v for k, v in baskets.items()}
@@ -394,16 +393,16 @@ def test_and_log(run: RunParts, summary: Mapping[str, Any], stop_signals: StopSi
     stop_if_asked()
     write_json(run.output_dir / "metrics.json", metrics | {"data": data.stats})
     tracker.log_artifact(run.output_dir / "metrics.json")
-    logs_model = cfg.mlflow.get("log_model", True) and run.checkpoint.is_file()
+    logs_model = cfg.mlflow.log_model and run.checkpoint.is_file()
     if cfg.mlflow.log_checkpoint and not logs_model:  # else the model holds it
         tracker.log_artifact(run.checkpoint, "checkpoints")
     stop_if_asked()
     if logs_model:
         model_uri = log_model(tracker, run.checkpoint, example_user(data),
-                              cfg.mlflow.get("register_model"))
+                              cfg.mlflow.register_model)
         link_to_model(tracker, model_uri, run.checkpoint)  # the best weights stored once
     stop_if_asked()
-    if not cfg.train.get("keep_last", False):  # only an unfinished run resumes from it
+    if not cfg.train.keep_last:  # only an unfinished run resumes from it
         run.checkpoint.with_name("last.pt").unlink(missing_ok=True)
     return metrics
 
@@ -501,7 +500,7 @@ def headline_metrics(cfg: DictConfig) -> list[str]:
     next-basket F1/NDCG."""
     k = cfg.eval.monitor_cutoff
     names = [f"test_{m}_at_{k}" for m in ("mrr", "recall", "ndcg")]
-    if cfg.eval.get("basket_gap_s") is not None:
+    if cfg.eval.basket_gap_s is not None:
         names += [f"test_basket_{m}_at_{cfg.eval.basket_k}" for m in ("f1", "ndcg")]
     return names
 
@@ -510,10 +509,10 @@ def log_ranks(tracker: Tracker, counts: RankCounts, data: SequenceData, cfg: Dic
               output_dir: Path) -> None:
     """The per-event test ranks as the artifact test_ranks.parquet (eval.save_ranks), with the
     raw ids behind its user and item codes in test_ranks_ids.parquet."""
-    if not cfg.eval.get("save_ranks", True):
+    if not cfg.eval.save_ranks:
         return
-    settings = {"exclude_seen": bool(cfg.eval.get("exclude_seen", False)),
-                "dataset": str(cfg.dataset.get("name")), "seed": int(cfg.seed)}
+    settings = {"exclude_seen": bool(cfg.eval.exclude_seen),
+                "dataset": str(cfg.dataset.name), "seed": int(cfg.seed)}
     tracker.log_artifact(write_ranks(counts, data, output_dir / RANKS_FILE, settings))
     ids = write_id_maps(data, output_dir / ID_MAPS_FILE)
     if ids is not None:

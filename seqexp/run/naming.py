@@ -1,11 +1,11 @@
 """A run's deterministic name: `<model>-<dataset>` plus the command-line overrides that change
-its results (the config schema's mark, seqexp.run.options.affects_results)."""
+its results (the config schema's mark, seqexp.run.registry.affects_results)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from seqexp.run.options import affects_results
+from seqexp.run.registry import affects_results
 
 # The group choices are in the name already; hydra.* says how Hydra runs, not what.
 NAME_EXCLUDED_PREFIXES = ("hydra.",)

@@ -7,32 +7,32 @@ a registered class. The schema's model tables are assembled here from the classe
 `config_keys` and handed down to seqexp/core/schema.py (`ModelTables`); the safe loader of
 checkpoints (seqexp/core/safe_config.py) is handed the registered classes. Several files may
 name one class (the four RNN models, mf and mf_seen).
+
+A class is known by its path and imported only when a model of it is built or its keys are
+asked for the first time: the model modules import torch, which the command line's check and
+`seqexp --help` do without. seqexp's own classes' keys are read from seqexp/models/keys.py (the
+tables their `config_keys` are), so no model module is imported for them; a plugin's class is
+imported when one of its models is chosen.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+import importlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from importlib.metadata import EntryPoint
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from seqexp.core import schema
 from seqexp.core.errors import SeqexpError
-from seqexp.models.base import Recommender
-from seqexp.models.dream import DREAM
-from seqexp.models.factorisation import MF, SeqMF
-from seqexp.models.hrnn import HRNN
-from seqexp.models.knn import ExpDecayKNN, ItemKNN
-from seqexp.models.popularity import Popularity
-from seqexp.models.recurrent import RecurrentRecommender
-from seqexp.models.sasrec import SASRec
+from seqexp.models.keys import SEQEXP_MODEL_CLASSES
 from seqexp.run.plugins import ENTRY_POINT_GROUP, model_entry_points, model_files
 
-# seqexp's own model classes; a plugin's come from its entry points.
-BUILTIN_CLASSES: tuple[type[Recommender], ...] = (
-    RecurrentRecommender, HRNN, SASRec, DREAM, ItemKNN, ExpDecayKNN, MF, SeqMF, Popularity)
+# The base class every model class subclasses, by name: comparing names needs no torch.
+RECOMMENDER = "seqexp.models.base.Recommender"
 
 
 def class_path(cls: type) -> str:
@@ -41,33 +41,92 @@ def class_path(cls: type) -> str:
 
 
 @dataclass(frozen=True)
+class ModelClass:
+    """A registered model class, by its path; `entry` is a plugin's entry point (None: one of
+    seqexp's own, whose keys are `SEQEXP_MODEL_CLASSES[path]`)."""
+
+    path: str
+    entry: EntryPoint | None = None
+
+    def load(self) -> type:
+        """The class itself (imports its module, and torch)."""
+        return _load_class(self)
+
+    def config_keys(self) -> Mapping[str, schema.Key]:
+        if self.entry is None:
+            return SEQEXP_MODEL_CLASSES[self.path]
+        return self.load().config_keys
+
+
+@functools.cache
+def _load_class(model_class: ModelClass) -> type:
+    entry = model_class.entry
+    if entry is None:
+        module, _, name = model_class.path.rpartition(".")
+        return getattr(importlib.import_module(module), name)
+    where = f"entry point {entry.name} = {entry.value} (group {ENTRY_POINT_GROUP})"
+    cls = entry.load()
+    if not (isinstance(cls, type) and RECOMMENDER in map(class_path, cls.__mro__)):
+        raise SeqexpError(f"{where} is not a seqexp Recommender class")
+    if class_path(cls) != model_class.path:
+        raise SeqexpError(f"{where}: the class is defined as {class_path(cls)}; name it there "
+                          f"in the entry point and in model files' _target_")
+    return cls
+
+
+class _ModelKeyTables(Mapping):
+    """{model name: MODEL_KEYS and its class's keys}, each made when it is first asked for
+    (a plugin's class is imported then)."""
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+
+    def __getitem__(self, name: str) -> Mapping[str, schema.Key]:
+        if name not in self._registry.models:
+            raise KeyError(name)
+        return self._registry.model_keys(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._registry.models
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._registry.models)
+
+    def __len__(self) -> int:
+        return len(self._registry.models)
+
+
+@dataclass(frozen=True)
 class Registry:
-    classes: Mapping[str, type[Recommender]]  # {class path: class}
+    classes: Mapping[str, ModelClass]  # {class path: the registered class}
     models: Mapping[str, str]  # {model name: class path}
     files: Mapping[str, Path]  # {model name: its file}
 
-    def model_class(self, name: str) -> type[Recommender]:
-        return self.classes[self.models[name]]
+    def model_class(self, name: str) -> type:
+        """The class of model `name` (imports it, and torch)."""
+        return self.classes[self.models[name]].load()
+
+    def model_keys(self, name: str) -> Mapping[str, schema.Key]:
+        """Model `name`'s key table: MODEL_KEYS and its class's keys."""
+        return schema.MODEL_KEYS | dict(self.classes[self.models[name]].config_keys())
 
     def tables(self) -> schema.ModelTables:
-        """The schema's view: {name: MODEL_KEYS and its class's keys}, {name: class path}."""
-        tables = {name: schema.MODEL_KEYS | dict(self.classes[target].config_keys)
-                  for name, target in self.models.items()}
-        return schema.ModelTables(tables, dict(self.models))
+        """The schema's view: {name: its key table}, {name: class path}."""
+        return schema.ModelTables(_ModelKeyTables(self), dict(self.models))
 
 
-def _plugin_classes() -> dict[str, type[Recommender]]:
+def _plugin_classes() -> dict[str, ModelClass]:
     classes = {}
     for entry in model_entry_points():
-        cls = entry.load()
-        if not (isinstance(cls, type) and issubclass(cls, Recommender)):
+        if not entry.attr:
             raise SeqexpError(f"entry point {entry.name} = {entry.value} (group "
-                              f"{ENTRY_POINT_GROUP}) is not a seqexp Recommender class")
-        classes[class_path(cls)] = cls
+                              f"{ENTRY_POINT_GROUP}) names no class; write module:Class")
+        path = f"{entry.module}.{entry.attr}"
+        classes[path] = ModelClass(path, entry)
     return classes
 
 
-def _declared_target(name: str, file: Path, classes: Mapping[str, type]) -> str:
+def _declared_target(name: str, file: Path, classes: Mapping[str, ModelClass]) -> str:
     """The class a model file names; its own `model.name` and `model._target_` must say the
     file's name and a registered class (no defaults list is followed)."""
     node = OmegaConf.load(file)
@@ -86,8 +145,29 @@ def _declared_target(name: str, file: Path, classes: Mapping[str, type]) -> str:
 @functools.cache
 def registry() -> Registry:
     """The installed models (read once per process; `registry.cache_clear()` after installing
-    a plugin in-process)."""
-    classes = {class_path(cls): cls for cls in BUILTIN_CLASSES} | _plugin_classes()
+    a plugin in-process). Imports no model class."""
+    classes = {path: ModelClass(path) for path in SEQEXP_MODEL_CLASSES} | _plugin_classes()
     files = model_files()
     models = {name: _declared_target(name, file, classes) for name, file in files.items()}
     return Registry(classes, models, files)
+
+
+def model_tables() -> schema.ModelTables:
+    """The registered models' key tables."""
+    return registry().tables()
+
+
+def keys_of(cfg: Mapping) -> dict[str, schema.Key]:
+    """{dotted key: Key} of every key this config's tables have (its model's included)."""
+    return schema.keys_of(cfg, model_tables())
+
+
+def affects_results(key: str) -> bool:
+    """schema.affects_results with the registered models' marks."""
+    return schema.affects_results(key, model_tables())
+
+
+def results_free_keys(params: Mapping[str, object]) -> list[str]:
+    """The flattened keys of a run's params that cannot change its results: logged with the
+    run (RESULTS_FREE_TAG), so that the report, which loads no model class, knows them."""
+    return sorted(key for key in params if not affects_results(key))

@@ -17,7 +17,7 @@ from pathlib import Path
 from seqexp.core import liveness
 from seqexp.core.errors import SeqexpError
 from seqexp.core.metric_names import logged_name
-from seqexp.run.options import affects_results
+from seqexp.run.registry import affects_results
 from seqexp.run.tracking import OUTPUTS_TAG, with_lock_retry
 
 # Params a run logs besides its configuration (seqexp.run.experiment: the data's statistics).

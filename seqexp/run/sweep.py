@@ -235,7 +235,7 @@ class SweepCallback(Callback):
         tracker = Tracker(info.tracking_uri, info.experiment, info.parent_run_id)
         children = [run for run in tracker.search(f"tags.{SWEEP_ID_TAG} = '{info.sweep_id}'")
                     if run.info.run_id != info.parent_run_id]
-        monitor = f"best_val_mrr_at_{config.eval.monitor_cutoff}"
+        monitor = f"best_val_{config.train.monitor}"
         summary, best_run = summarise_children(children, monitor)
         tracker.log_metrics(summary | best_job_metrics(children, best_run))
         if best_run is not None:
