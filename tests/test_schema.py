@@ -19,8 +19,9 @@ from seqexp.apps.preflight import unknown_key_message
 from seqexp.core import schema
 from seqexp.core.flat_config import flatten
 from seqexp.models.dream import DREAM
-from seqexp.models.keys import ITEMKNN_KEYS, SEQEXP_MODEL_CLASSES
+from seqexp.models.knn import ItemKNN
 from seqexp.run.registry import (
+    BUILTIN_CLASSES,
     ModelClass,
     affects_results,
     class_path,
@@ -141,19 +142,24 @@ def test_the_help_page_shows_the_listing_of_the_command_lines_config():
     assert "paths.data_dir" in result.stdout and "$SEQEXP_DATA_DIR" in result.stdout
 
 
-def test_each_seqexp_model_class_declares_the_table_the_registry_reads():
-    """The registry reads seqexp's model keys from seqexp/models/keys.py without importing the
-    classes; each class's config_keys is that very table, and every registered model file
-    names one of these classes or a plugin's."""
-    for path, keys in SEQEXP_MODEL_CLASSES.items():
+def test_the_registry_knows_seqexps_classes_by_path_and_reads_their_own_keys():
+    """Every built-in class path loads a Recommender of that path whose config_keys the
+    registry's table for its models is (MODEL_KEYS aside); every model file names a registered
+    class."""
+    for path in BUILTIN_CLASSES:
         cls = ModelClass(path).load()
-        assert class_path(cls) == path and cls.config_keys is keys
+        assert class_path(cls) == path and ModelClass(path).config_keys() is cls.config_keys
+    for name, path in registry().models.items():
+        if path in BUILTIN_CLASSES:
+            table = registry().model_keys(name)
+            assert {k: table[k] for k in ModelClass(path).load().config_keys} == dict(
+                ModelClass(path).load().config_keys)
     assert set(registry().models.values()) <= set(registry().classes)
 
 
 def test_did_you_mean_comes_from_the_schemas_keys(monkeypatch):
     cfg = compose_config(["model=itemknn"])
-    monkeypatch.setitem(SEQEXP_MODEL_CLASSES, "seqexp.models.knn.ItemKNN", ITEMKNN_KEYS | {
+    monkeypatch.setattr(ItemKNN, "config_keys", ItemKNN.config_keys | {
         "shrinkage": schema.Key(schema.number(0.0), "a key only the schema has")})
     message = unknown_key_message(cfg, "model.shrinkag")
     assert "did you mean model.shrinkage?" in message and "shrinkage" in message.split("(")[1]

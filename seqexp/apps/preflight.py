@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from seqexp.core.errors import SeqexpError, message_line, unwritable
 from seqexp.core.resources import config_dir
 from seqexp.data.raw_files import resolve_raw_file
-from seqexp.run.registry import keys_of
+from seqexp.run.registry import key_of, keys_of
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 # Command-line flags of Hydra's that take a value (the value is no override).
@@ -257,7 +257,7 @@ def check_override_values(key_overrides: list, configs: list) -> str | None:
             continue
         for _, cfg in configs:
             try:
-                entry = keys_of(cfg).get(key) if _has_key(cfg, key) else None
+                entry = key_of(cfg, key) if _has_key(cfg, key) else None
             except SeqexpError:  # a model the schema does not know yet: the run's check says
                 continue
             value = override.value()

@@ -359,11 +359,19 @@ def model_table(node: Mapping, models: ModelTables) -> Mapping[str, Key]:
     return models.tables[name]
 
 
+def group_table(cfg: Mapping, group: str, models: ModelTables) -> Mapping[str, Key]:
+    """One group's key -> Key table for this config (the dataset's by its format, the split's
+    by its name, the model's by its name: only this one asks for a model class's keys); {} for
+    a name that is no group."""
+    if group == "model":
+        return model_table(cfg.get("model") or {}, models)
+    kind = GROUPS.get(group)
+    return kind.table(group, cfg.get(group) or {}) if kind is not None else {}
+
+
 def group_tables(cfg: Mapping, models: ModelTables) -> dict[str, Mapping[str, Key]]:
-    """{group: its key -> Key table} for this config (the dataset's table by its format, the
-    split's by its name, the model's by its name); a group without a table is refused."""
-    tables = {name: group.table(name, cfg.get(name) or {}) for name, group in GROUPS.items()}
-    return tables | {"model": model_table(cfg.get("model") or {}, models)}
+    """{group: its key -> Key table} for this config; a group without a table is refused."""
+    return {name: group_table(cfg, name, models) for name in [*GROUPS, "model"]}
 
 
 def keys_of(cfg: Mapping, models: ModelTables) -> dict[str, Key]:
@@ -379,7 +387,7 @@ def key_of(cfg: Mapping, key: str, models: ModelTables) -> Key | None:
     group, _, leaf = key.rpartition(".")
     if not group:
         return TOP.get(leaf)
-    return group_tables(cfg, models).get(group, {}).get(leaf)
+    return group_table(cfg, group, models).get(leaf)
 
 
 def every_key(models: ModelTables) -> dict[str, list[Key]]:
@@ -416,9 +424,11 @@ def check_config(cfg: Mapping, values: ValueLists, models: ModelTables) -> None:
     takes) are left to their reader."""
     for key, entry in TOP.items():
         entry.rule.complain(key, cfg.get(key), values)
-    for group, table in group_tables(cfg, models).items():
-        _check_node(group, cfg.get(group) or {}, table, values)
-    _check_together(cfg)
+    # the model's keys last: its table is its class's, whose module imports torch
+    for group in [*GROUPS, "model"]:
+        if group == "model":
+            _check_together(cfg)
+        _check_node(group, cfg.get(group) or {}, group_table(cfg, group, models), values)
 
 
 def check_model(node: Mapping, values: ValueLists, models: ModelTables) -> None:

@@ -17,9 +17,8 @@ ranks from the shared vector sorted once and those entries instead of dense scor
 A model carries no state from call to call: what training carries from one batch to the next
 (a recurrent state per lane) travels with the epoch's batches (seqexp/data/batching.py,
 `LaneStates`), and `training_state`/`load_training_state` read and put it back through a batch.
-Its config keys are the class attribute `config_keys` (seqexp's own classes name their tables in
-seqexp/models/keys.py, which the registry reads without torch); a model is registered by its class
-(seqexp/run/registry.py) and named by its file conf/model/<name>.yaml. docs/adding-a-model.md
+Its config keys are the class attribute `config_keys`, next to its constructor; a model is
+registered by its class (seqexp/run/registry.py) and named by its file conf/model/<name>.yaml. docs/adding-a-model.md
 shows a complete model; tests/test_conformance.py checks the contract for every registered one.
 """
 

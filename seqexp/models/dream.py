@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seqexp.core.schema import Key, choice, integer, number
 from seqexp.data.baskets import (
     Baskets,
     basket_starts,
@@ -38,7 +39,6 @@ from seqexp.data.baskets import (
 from seqexp.data.batching import LaneStates, PredictionBatch
 from seqexp.data.sequences import SequenceData
 from seqexp.models.base import Recommender
-from seqexp.models.keys import DREAM_KEYS
 
 
 @dataclass
@@ -82,7 +82,17 @@ class BasketBatch:
 
 
 class DREAM(Recommender):
-    config_keys = DREAM_KEYS
+    config_keys = {
+        "hidden_size": Key(integer(1), "size of the item vectors and the hidden state"),
+        "pooling": Key(choice("max", "mean"), "pooling of a basket's item vectors"),
+        "cell": Key(choice("rnn", "gru"), "the recurrence"),
+        "basket_gap_s": Key(number(0.0), "a gap above this many seconds starts a new basket"),
+        "max_baskets": Key(integer(2, nullable=True), "baskets per training row (null = whole "
+                           "histories)"),
+        "init_std": Key(number(0.0, low_open=True), "std of the item vectors' initialisation"),
+        "l2": Key(number(0.0), "L2 penalty (λ/2)·(‖X‖² + ‖R‖² + ‖N‖²) added to each batch's "
+                  "BPR loss, on DREAM's own parameters"),
+    }
 
     def __init__(
         self,

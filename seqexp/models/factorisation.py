@@ -41,10 +41,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqexp.core.errors import SeqexpError
+from seqexp.core.schema import Key, flag, integer, number
 from seqexp.data.batching import PredictionBatch
 from seqexp.data.sequences import SequenceData
 from seqexp.models.base import Recommender
-from seqexp.models.keys import FACTORISATION_KEYS, SEQMF_KEYS
 
 
 @dataclass
@@ -227,7 +227,13 @@ def seen_block(items: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, lo: 
 class MF(BPRFactorisation):
     """BPR matrix factorisation: score = p_u . q_i + b_i."""
 
-    config_keys = FACTORISATION_KEYS
+    config_keys = {
+        "factors": Key(integer(1), "latent factors"),
+        "item_bias": Key(flag(), "a learned bias per item"),
+        "init_std": Key(number(0.0, low_open=True), "std of the normal initialisation"),
+        "l2": Key(number(0.0), "BPR's L2 penalty per sample"),
+        "seen_bias": Key(flag(), "a learned offset for items in the user's history"),
+    }
 
     def __init__(self, n_items: int, n_users: int, factors: int = 20, item_bias: bool = True,
                  init_std: float = 0.1, l2: float = 0.01, seen_bias: bool = False) -> None:
@@ -238,7 +244,8 @@ class MF(BPRFactorisation):
 class SeqMF(BPRFactorisation):
     """FPMC-style: score = p_u . q_i + mean_{j in last `window` items} l_j . q'_i."""
 
-    config_keys = SEQMF_KEYS
+    config_keys = MF.config_keys | {
+        "window": Key(integer(1), "last items whose transitions are averaged")}
 
     def __init__(self, n_items: int, n_users: int, factors: int = 20, window: int = 2,
                  item_bias: bool = False, init_std: float = 0.1, l2: float = 0.01,

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from seqexp.core.errors import SeqexpError
+from seqexp.core.schema import Key, number
 from seqexp.models.cells import GRUCell
 from seqexp.models.cpu_kernels import ItemInputs
-from seqexp.models.keys import HRNN_KEYS
 from seqexp.models.recurrent import RecurrentRecommender
 
 
@@ -63,7 +63,14 @@ class HRNN(RecurrentRecommender):
 
     cell_types = {"hrnn": HierarchicalGRUCell}
 
-    config_keys = HRNN_KEYS
+    config_keys = {
+        key: entry for key, entry in RecurrentRecommender.config_keys.items()
+        if key not in ("cell", "threshold", "temperature", "omega")} | {
+        "user_state_dropout": Key(number(0.0, 1.0), "hrnn: dropout of the session state "
+                                  "entering the user-level GRU"),
+        "init_dropout": Key(number(0.0, 1.0), "hrnn: dropout of the session state projected "
+                            "from the user-level state"),
+    }
 
     def __init__(self, n_items: int, n_users: int, session_gap_s: float | None = None,
                  **options) -> None:

@@ -13,11 +13,11 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from seqexp.core.schema import Key, choice, flag, integer, number
 from seqexp.core.stopping import FitStopped
 from seqexp.data.batching import PredictionBatch
 from seqexp.data.sequences import SequenceData
 from seqexp.models.base import Recommender
-from seqexp.models.keys import EXPDECAY_KNN_KEYS, ITEMKNN_KEYS
 
 log = logging.getLogger(__name__)
 # Multiply-adds of the sparse co-occurrence product per fit block when model.fit_block is null
@@ -192,7 +192,13 @@ class ItemKNN(Recommender):
     ordered by popularity rather than tied; log it, it is a choice the paper does not state.
     """
 
-    config_keys = ITEMKNN_KEYS
+    config_keys = {
+        "neighbours": Key(integer(1), "neighbours kept per item"),
+        "popularity_tiebreak": Key(flag(), "order items outside the neighbours by popularity"),
+        "fit_block": Key(integer(1, nullable=True), "items per block of the similarity fit "
+                         "(null = about 8M multiply-adds of its sparse product a block); a stop "
+                         "signal is checked between blocks", affects_results=False),
+    }
 
     def __init__(self, n_items: int, n_users: int, neighbours: int = 100,
                  popularity_tiebreak: bool = True, fit_block: int | None = None) -> None:
@@ -274,7 +280,14 @@ class ExpDecayKNN(ItemKNN):
     time (a loop over blocks of anchor columns, each batched over every prediction point).
     """
 
-    config_keys = EXPDECAY_KNN_KEYS
+    config_keys = ItemKNN.config_keys | {
+        "decay": Key(number(0.0), "lambda of exp(-lambda * distance)"),
+        "decay_unit": Key(choice("position", "time"), "distance in positions or in time"),
+        "time_unit_s": Key(number(0.0, low_open=True), "seconds per time unit of the decay"),
+        "window": Key(integer(1, nullable=True), "last events entering the sum (null = all)"),
+        "anchor_block": Key(integer(1), "scattered entries per step (memory)",
+                            affects_results=False),
+    }
 
     def __init__(self, n_items: int, n_users: int, neighbours: int = 100, decay: float = 1.0,
                  decay_unit: str = "position", time_unit_s: float = 3600.0,

@@ -10,12 +10,9 @@ import torch
 from seqexp.data.batching import PredictionBatch
 from seqexp.data.sequences import SequenceData
 from seqexp.models.base import Recommender
-from seqexp.models.keys import POPULARITY_KEYS
 
 
 class Popularity(Recommender):
-    config_keys = POPULARITY_KEYS
-
     def __init__(self, n_items: int, n_users: int) -> None:
         super().__init__(n_items, n_users)
         self.register_buffer("counts", torch.zeros(n_items))

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqexp.core.errors import SeqexpError
+from seqexp.core.schema import Key, choice, flag, integer, listed, number
 from seqexp.data.batching import (
     LaneStates,
     PredictionBatch,
@@ -26,7 +27,6 @@ from seqexp.models.base import Recommender
 from seqexp.models.blocked_softmax import FullSoftmaxCE
 from seqexp.models.cells import CELLS
 from seqexp.models.cpu_kernels import Dropout, ItemInputs
-from seqexp.models.keys import RECURRENT_KEYS
 
 
 class RecurrentRecommender(Recommender):
@@ -43,7 +43,34 @@ class RecurrentRecommender(Recommender):
     A cell may carry a state larger than its output (`state_size`, HRNN's two states).
     """
 
-    config_keys = RECURRENT_KEYS
+    config_keys = {
+        "hidden_size": Key(integer(1), "hidden units of the recurrent layer"),
+        "window": Key(integer(1), "truncated-BPTT unfold: events per training window"),
+        "dropout": Key(number(0.0, 1.0), "dropout of the recurrent output"),
+        "dropout_is_keep_prob": Key(flag(), "read dropout as a keep probability (0.8 drops "
+                                    "0.2)"),
+        "user_dropout": Key(number(0.0, 1.0), "dropout of the user vector (user-based cells)"),
+        "loss": Key(choice("full_softmax", "sampled_softmax"), "training loss"),
+        "n_negatives": Key(integer(1), "shared negatives of the sampled softmax"),
+        "sample_alpha": Key(number(0.0), "negatives sampled by popularity^sample_alpha"),
+        # changes results by float rounding only (sums taken in another order), so it counts
+        "softmax_block": Key(integer(1), "largest block of full-softmax logits (rows x items) "
+                             "computed at once; more are computed in blocks (memory; another "
+                             "value changes float rounding only)"),
+        "eval_chunk": Key(integer(1), "time steps replayed per chunk at evaluation (memory)",
+                          affects_results=False),
+        "session_gap_s": Key(number(0.0, nullable=True), "a gap above this many seconds ends a "
+                             "session and the state restarts from h0, in training and "
+                             "evaluation (null = one state over the user's whole history)"),
+        "cell": Key(listed("cells"), "the recurrent cell"),
+        # rectified_ugru's cell
+        "threshold": Key(choice("soft", "hard"), "rectified_ugru: sigmoid-relaxed or step "
+                         "thresholds"),
+        "temperature": Key(number(0.0, low_open=True), "rectified_ugru: temperature of the "
+                           "soft thresholds"),
+        "omega": Key(number(0.0, 1.0, nullable=True), "rectified_ugru: fixed omega (null = "
+                     "learned)"),
+    }
     cell_types = CELLS  # the cells model.cell names
 
     def __init__(

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqexp.core.errors import SeqexpError
+from seqexp.core.schema import Key, integer, number
 from seqexp.data.batching import PredictionBatch, to_device
 from seqexp.data.sequences import SequenceData
 from seqexp.models.base import Recommender
-from seqexp.models.keys import SASREC_KEYS
 
 
 @dataclass
@@ -74,7 +74,16 @@ class SASRec(Recommender):
     a window of the last `max_len` context items, and item i scores state · e_i with e_i the
     item's own input embedding."""
 
-    config_keys = SASREC_KEYS
+    config_keys = {
+        "hidden_size": Key(integer(1), "size of the item, position and hidden vectors"),
+        "max_len": Key(integer(1), "latest items a prediction attends to"),
+        "n_blocks": Key(integer(1), "self-attention blocks"),
+        "n_heads": Key(integer(1), "attention heads (must divide hidden_size)"),
+        "dropout": Key(number(0.0, 1.0, high_open=True), "dropout of embeddings, attention "
+                       "and feed-forward outputs"),
+        "eval_points": Key(integer(1), "prediction points encoded at once at evaluation "
+                           "(memory)", affects_results=False),
+    }
 
     def __init__(self, n_items: int, n_users: int, hidden_size: int = 50, max_len: int = 50,
                  n_blocks: int = 2, n_heads: int = 1, dropout: float = 0.2,

@@ -9,10 +9,9 @@ checkpoints (seqexp/core/safe_config.py) is handed the registered classes. Sever
 name one class (the four RNN models, mf and mf_seen).
 
 A class is known by its path and imported only when a model of it is built or its keys are
-asked for the first time: the model modules import torch, which the command line's check and
-`seqexp --help` do without. seqexp's own classes' keys are read from seqexp/models/keys.py (the
-tables their `config_keys` are), so no model module is imported for them; a plugin's class is
-imported when one of its models is chosen.
+asked for the first time (its `config_keys` sit next to its constructor, in its module): the
+model modules import torch, which `seqexp --help`'s model list and the command line's check of
+every key outside `model.*` do without.
 """
 
 from __future__ import annotations
@@ -28,11 +27,23 @@ from omegaconf import DictConfig, OmegaConf
 
 from seqexp.core import schema
 from seqexp.core.errors import SeqexpError
-from seqexp.models.keys import SEQEXP_MODEL_CLASSES
 from seqexp.run.plugins import ENTRY_POINT_GROUP, model_entry_points, model_files
 
 # The base class every model class subclasses, by name: comparing names needs no torch.
 RECOMMENDER = "seqexp.models.base.Recommender"
+# seqexp's own model classes, by the path a model file's `_target_` says (a plugin's: its entry
+# point).
+BUILTIN_CLASSES = (
+    "seqexp.models.recurrent.RecurrentRecommender",
+    "seqexp.models.hrnn.HRNN",
+    "seqexp.models.sasrec.SASRec",
+    "seqexp.models.dream.DREAM",
+    "seqexp.models.knn.ItemKNN",
+    "seqexp.models.knn.ExpDecayKNN",
+    "seqexp.models.factorisation.MF",
+    "seqexp.models.factorisation.SeqMF",
+    "seqexp.models.popularity.Popularity",
+)
 
 
 def class_path(cls: type) -> str:
@@ -43,7 +54,7 @@ def class_path(cls: type) -> str:
 @dataclass(frozen=True)
 class ModelClass:
     """A registered model class, by its path; `entry` is a plugin's entry point (None: one of
-    seqexp's own, whose keys are `SEQEXP_MODEL_CLASSES[path]`)."""
+    seqexp's own, BUILTIN_CLASSES)."""
 
     path: str
     entry: EntryPoint | None = None
@@ -53,8 +64,7 @@ class ModelClass:
         return _load_class(self)
 
     def config_keys(self) -> Mapping[str, schema.Key]:
-        if self.entry is None:
-            return SEQEXP_MODEL_CLASSES[self.path]
+        """The class's own key table (imports it)."""
         return self.load().config_keys
 
 
@@ -146,7 +156,7 @@ def _declared_target(name: str, file: Path, classes: Mapping[str, ModelClass]) -
 def registry() -> Registry:
     """The installed models (read once per process; `registry.cache_clear()` after installing
     a plugin in-process). Imports no model class."""
-    classes = {path: ModelClass(path) for path in SEQEXP_MODEL_CLASSES} | _plugin_classes()
+    classes = {path: ModelClass(path) for path in BUILTIN_CLASSES} | _plugin_classes()
     files = model_files()
     models = {name: _declared_target(name, file, classes) for name, file in files.items()}
     return Registry(classes, models, files)
@@ -155,6 +165,12 @@ def registry() -> Registry:
 def model_tables() -> schema.ModelTables:
     """The registered models' key tables."""
     return registry().tables()
+
+
+def key_of(cfg: Mapping, key: str) -> schema.Key | None:
+    """The entry of one dotted key in this config (a model's class is imported only for a
+    `model.*` key)."""
+    return schema.key_of(cfg, key, model_tables())
 
 
 def keys_of(cfg: Mapping) -> dict[str, schema.Key]:
