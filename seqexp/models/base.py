@@ -18,8 +18,9 @@ A model carries no state from call to call: what training carries from one batch
 (a recurrent state per lane) travels with the epoch's batches (seqexp/data/batching.py,
 `LaneStates`), and `training_state`/`load_training_state` read and put it back through a batch.
 Its config keys are the class attribute `config_keys`, next to its constructor; a model is
-registered by its class (seqexp/run/registry.py) and named by its file conf/model/<name>.yaml. docs/adding-a-model.md
-shows a complete model; tests/test_conformance.py checks the contract for every registered one.
+registered by its class (seqexp/run/registry.py) and named by its file conf/model/<name>.yaml.
+docs/adding-a-model.md shows a complete model; tests/test_conformance.py checks the contract for
+every registered one.
 """
 
 from __future__ import annotations
