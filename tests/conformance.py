@@ -32,16 +32,22 @@ CHECKS = ("chunk_invariance", "no_future_leak", "prediction_state", "save_load",
           "resume_mid_epoch")
 
 
-def trained(model_name: str, data_dir: Path, folder: Path):
-    """(cfg, data, model in eval mode): trained for one epoch on tiny data, its best
-    checkpoint in `folder`/checkpoints."""
-    cfg = compose_config([f"model={model_name}", *tiny_overrides(data_dir), "train.epochs=1"])
+def _seeded(model_name: str, data_dir: Path, overrides: list[str]):
+    """(cfg, data, untrained model) of a tiny run (hidden size 8 where the model has one), the
+    model built right after seeding, as a run builds it."""
+    cfg = compose_config([f"model={model_name}", *tiny_overrides(data_dir), *overrides])
     if "hidden_size" in cfg.model:
         cfg.model.hidden_size = 8
     data = load_dataset(cfg.dataset, cfg.split, Path(cfg.paths.raw_dir),
                         Path(cfg.paths.cache_dir), progress=False)
     seed_everything(cfg.seed)
-    model = build_model(cfg.model, data)
+    return cfg, data, build_model(cfg.model, data)
+
+
+def trained(model_name: str, data_dir: Path, folder: Path):
+    """(cfg, data, model in eval mode): trained for one epoch on tiny data, its best
+    checkpoint in `folder`/checkpoints."""
+    cfg, data, model = _seeded(model_name, data_dir, ["train.epochs=1"])
     trainer = build_trainer(cfg, build_evaluator(cfg), folder / "checkpoints" / "best.pt",
                             checkpoint_contents=checkpoint_contents(cfg, data))
     trainer.fit(model, data)
@@ -147,14 +153,7 @@ def _fit(model_name: str, data_dir: Path, state: Path, resume: bool = False,
          stop: _StopAfterBatch | None = None) -> tuple[dict, dict]:
     """(the trained weights, the test metrics) of two epochs from the seed, as a new process
     would train them (`resume`: from the training state `state`)."""
-    cfg = compose_config([f"model={model_name}", *tiny_overrides(data_dir), "train.epochs=2",
-                          "train.patience=5"])
-    if "hidden_size" in cfg.model:
-        cfg.model.hidden_size = 8
-    data = load_dataset(cfg.dataset, cfg.split, Path(cfg.paths.raw_dir),
-                        Path(cfg.paths.cache_dir), progress=False)
-    seed_everything(cfg.seed)
-    model = build_model(cfg.model, data)
+    cfg, data, model = _seeded(model_name, data_dir, ["train.epochs=2", "train.patience=5"])
     evaluator = build_evaluator(cfg)
     stop = stop or _StopAfterBatch(0, 0)
     trainer = build_trainer(cfg, evaluator, state=ResumableState(state, resume),
