@@ -367,11 +367,23 @@ class ExpDecayKNN(ItemKNN):
 
     def sparse_scores(self, state: tuple[torch.Tensor, torch.Tensor]
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every neighbour of the history once, at its score_items score: each block of points
-        is summed in dense scratch rows (only the cells it touches are set and read, so the
-        sums are those of score_items, bit for bit), and of an item named several times in a
-        row one entry is kept (the one whose column wins a scatter of column numbers)."""
+        """Every neighbour of the history once, at its score_items score. On a CPU a compiled
+        kernel (`_history_entries`) sums each point's decayed similarities in a scratch row in
+        the order score_items adds them, so the sums are its scores bit for bit, and keeps an
+        item's first mention (later ones pad, -1). Elsewhere each block of points is summed in
+        dense scratch rows (only the cells it touches are set and read), and of an item named
+        several times in a row one entry is kept (the one whose column wins a scatter of
+        column numbers)."""
         anchors, weights = state
+        if anchors.device.type == "cpu":
+            n_points, width = anchors.shape[0], anchors.shape[1] * self.neighbours.shape[1]
+            ids = np.empty((n_points, width), dtype=np.int64)
+            scores = np.empty((n_points, width), dtype=np.float32)
+            sums, slots = self._kernel_scratch()
+            _history_entries(anchors.numpy(), weights.numpy(), self.neighbours.numpy(),
+                             self.similarity.numpy(), self.prior.numpy(), sums, slots, ids,
+                             scores)
+            return torch.from_numpy(ids), torch.from_numpy(scores)
         ids = self.neighbours[anchors].flatten(1)  # [P, A*k], an item may repeat in a row
         n_points, width = ids.shape
         scratch, claims = self._scratch_rows()
@@ -390,6 +402,16 @@ class ExpDecayKNN(ItemKNN):
             kept[part] = claim.gather(1, block_ids) == column[:n]
         return torch.where(kept, ids, -1), scores
 
+    def _kernel_scratch(self) -> tuple[np.ndarray, np.ndarray]:
+        """A sum row and a slot row (-1: not yet named) per thread, kept between calls."""
+        threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+        kept = getattr(self, "_kernel_rows", None)
+        if kept is None or kept[0].shape[0] != threads:
+            kept = (np.empty((threads, self.n_items), dtype=np.float32),
+                    np.full((threads, self.n_items), -1, dtype=np.int32))
+            self._kernel_rows = kept
+        return kept
+
     def sparse_table(self) -> None:
         """None: a point's entries come from its whole window, not from one item's row."""
         return None
@@ -404,3 +426,36 @@ class ExpDecayKNN(ItemKNN):
                     torch.empty(rows, self.n_items, dtype=torch.int32, device=self.prior.device))
             self._scratch = kept
         return kept
+
+
+@numba.njit(parallel=True, cache=True)
+def _history_entries(anchors: np.ndarray, weights: np.ndarray, neighbours: np.ndarray,
+                     similarity: np.ndarray, prior: np.ndarray, sums: np.ndarray,
+                     slots: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> None:
+    """ExpDecayKNN.sparse_scores on a CPU: for each point (thread t takes every T-th, T =
+    len(sums)), prior + the sum over anchors a, then neighbours j, of similarity * weight,
+    added in that order (score_items' order), for every item named, each once (its first
+    mention; ids -1 pad the rest). `slots` rows are -1 on entry and on return."""
+    n_points, width = anchors.shape
+    k = neighbours.shape[1]
+    threads = sums.shape[0]
+    for thread in numba.prange(threads):
+        row_sums, row_slots = sums[thread], slots[thread]
+        for p in range(thread, n_points, threads):
+            named = 0
+            for a in range(width):
+                anchor, weight = anchors[p, a], weights[p, a]
+                for j in range(k):
+                    item = neighbours[anchor, j]
+                    if row_slots[item] < 0:
+                        row_slots[item] = named
+                        ids[p, named] = item
+                        row_sums[item] = prior[item]
+                        named += 1
+                    row_sums[item] += similarity[anchor, j] * weight
+            for r in range(named):
+                item = ids[p, r]
+                scores[p, r] = row_sums[item]
+                row_slots[item] = -1
+            ids[p, named:] = -1
+            scores[p, named:] = 0.0
