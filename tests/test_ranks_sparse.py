@@ -20,6 +20,7 @@ from seqexp.engine import ranks as ranks_module
 from seqexp.engine.evaluator import Evaluator
 from seqexp.engine.ranks import count_ranks, count_sparse_ranks, count_table_ranks, prepare_table
 from seqexp.engine.trainer import Trainer
+from seqexp.models import knn as knn_module
 from seqexp.models.knn import ExpDecayKNN, ItemKNN, cosine_neighbours
 from seqexp.models.popularity import Popularity
 
@@ -218,15 +219,19 @@ def _dense_fit(data, k):
 
 @settings(max_examples=60, deadline=None, database=None)
 @given(seed=st.integers(0, 2**32 - 1), n_items=st.integers(2, 30), k=st.integers(1, 8),
-       block=st.one_of(st.none(), st.integers(1, 7)), max_block=st.integers(1, 400))
+       block=st.one_of(st.none(), st.integers(1, 7)), max_block=st.integers(1, 400),
+       wide_counts=st.booleans())
 def test_the_sparse_fit_keeps_the_dense_fits_neighbours_with_ties_broken_by_item_id(
-        seed, n_items, k, block, max_block):
+        seed, n_items, k, block, max_block, wide_counts):
     """Few users, few items: equal similarities everywhere, rows with fewer than k
-    neighbours, items nobody trained on; blocks of items or of multiply-adds."""
+    neighbours, items nobody trained on; blocks of items or of co-occurrence counts; uint16
+    or (as beyond 65,535 users) int32 counters."""
     rng = np.random.default_rng(seed)
     users = [list(rng.integers(0, n_items, rng.integers(2, 9))) for _ in range(6)]
     data = sequences(users, n_items)
-    ids, sims = cosine_neighbours(data, k, torch.device("cpu"), block, max_block=max_block)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(knn_module, "UINT16_USERS", -1 if wide_counts else knn_module.UINT16_USERS)
+        ids, sims = cosine_neighbours(data, k, torch.device("cpu"), block, max_block=max_block)
     dense_ids, dense_sims, topk_values = _dense_fit(data, k)
     assert torch.equal(ids, dense_ids) and torch.equal(sims, dense_sims)
     # the same similarities as torch.topk's (only the choice among equal ones is now fixed)

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 # Co-occurrence increments per fit block when model.fit_block is null: a block lasts a
 # fraction of a second, so progress is logged and a stop signal heeded within seconds.
 BLOCK_PRODUCTS = 64_000_000
+# Users up to which every co-occurrence count fits the fit's uint16 counters (else int32).
+UINT16_USERS = np.iinfo(np.uint16).max
 # The low 32 bits of a fit key: ID_MASK - item id (a lower id makes a larger key).
 ID_MASK = 0xFFFFFFFF
 # Entries of the dense scratch rows in which expdecay_knn sums a point's history exactly as its
@@ -54,12 +56,14 @@ def cosine_neighbours(
     keys = np.empty((n_items, k), dtype=np.int64)
     progress = FitProgress("item-kNN similarities", n_items)
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    counts = np.zeros((threads, n_items),
+                      dtype=np.uint16 if train.n_users <= UINT16_USERS else np.int32)
     for lo, hi in _fit_blocks(by_user, by_item, block_items, max_block):
         name = stop_requested()
         if name is not None:
             raise FitStopped(name)
         _top_cosines(lo, hi, by_item.indptr, by_item.indices, by_user.indptr, by_user.indices,
-                     norms, threads, keys)
+                     norms, counts, keys)
         progress.done(hi)
     top = torch.from_numpy(keys)
     kept = top >= 0
@@ -72,49 +76,65 @@ def cosine_neighbours(
 @numba.njit(parallel=True, cache=True)
 def _top_cosines(lo: int, hi: int, item_ptr: np.ndarray, item_users: np.ndarray,
                  user_ptr: np.ndarray, user_items: np.ndarray, norms: np.ndarray,
-                 threads: int, keys: np.ndarray) -> None:
+                 counts: np.ndarray, keys: np.ndarray) -> None:
     """keys[i] for the items lo <= i < hi: the top keys of i's nonzero cosines with every other
-    item, descending (-1 past the last). Each thread takes every `threads`-th item and counts
-    its co-occurrences in a dense row of the catalogue's width, remembering which entries it
-    touched: work in proportion to the pairs of items a user shares, never items x items. A
-    key is the cosine's float32 bits above ID_MASK - j (a larger key: a higher similarity, then
-    a lower item id); the cosine is count / max(|U_i|^1/2 |U_j|^1/2, 1e-12) in float32."""
-    n_items, k = norms.shape[0], keys.shape[1]
+    item, descending (-1 past the last). Thread t (of T = len(counts)) takes every T-th item
+    and counts its co-occurrences in its row of `counts` (zeros on entry and on return; uint16
+    where every count fits, half the cache of int32): work in proportion to the pairs of items
+    a user shares, never items x items. An item whose users hold fewer items than the
+    catalogue remembers which entries it touched; a heavier one reads its whole row instead
+    (cheaper than a branch per count). A key is the cosine's float32 bits above ID_MASK - j (a
+    larger key: a higher similarity, then a lower item id); the cosine is
+    count / max(|U_i|^1/2 |U_j|^1/2, 1e-12) in float32."""
+    n_items, k, threads = norms.shape[0], keys.shape[1], counts.shape[0]
     for thread in numba.prange(threads):
-        counts = np.zeros(n_items, dtype=np.int32)
+        row = counts[thread]
         touched = np.empty(n_items, dtype=np.int32)
         heap = np.empty(k, dtype=np.int64)
         cosine = np.empty(1, dtype=np.float32)
         bits = cosine.view(np.int32)
         for i in range(lo + thread, hi, threads):
+            work = 0
+            for p in range(item_ptr[i], item_ptr[i + 1]):
+                work += user_ptr[item_users[p] + 1] - user_ptr[item_users[p]]
             width = 0
             for p in range(item_ptr[i], item_ptr[i + 1]):
-                user = item_users[p]
-                for q in range(user_ptr[user], user_ptr[user + 1]):
+                for q in range(user_ptr[item_users[p]], user_ptr[item_users[p] + 1]):
                     j = user_items[q]
-                    if counts[j] == 0:
+                    if work < n_items and row[j] == 0:
                         touched[width] = j
                         width += 1
-                    counts[j] += 1
+                    row[j] += 1
+            if work >= n_items:  # the whole row, in item order
+                width = 0
+                for j in range(n_items):
+                    if row[j]:
+                        touched[width] = j
+                        width += 1
             size = 0
             for r in range(width):
                 j = touched[r]
-                count = counts[j]
-                counts[j] = 0
+                count = row[j]
+                row[j] = 0
                 if j == i:
                     continue
                 cosine[0] = np.float32(count) / max(norms[i] * norms[j], np.float32(1e-12))
-                key = (np.int64(bits[0]) << 32) | (ID_MASK - j)
-                if size < k:
-                    heap[size] = key
-                    size += 1
-                    _sift_up(heap, size - 1)
-                elif key > heap[0]:
-                    heap[0] = key
-                    _sift_down(heap, size)
-            row = np.sort(heap[:size])[::-1]
-            keys[i, :size] = row
+                size = _push(heap, size, (np.int64(bits[0]) << 32) | (ID_MASK - j))
+            keys[i, :size] = np.sort(heap[:size])[::-1]
             keys[i, size:] = -1
+
+
+@numba.njit(cache=True)
+def _push(heap: np.ndarray, size: int, key: int) -> int:
+    """Offer `key` to the min-heap heap[:size] of at most len(heap) keys; the new size."""
+    if size < len(heap):
+        heap[size] = key
+        _sift_up(heap, size)
+        return size + 1
+    if key > heap[0]:
+        heap[0] = key
+        _sift_down(heap, size)
+    return size
 
 
 @numba.njit(cache=True)
