@@ -50,10 +50,11 @@ def test_the_runs_table_shows_each_runs_metrics_sorted_by_mrr(tmp_path, empty_st
                 for tag in ("model", "dataset", "seed"):
                     shown = _cell(page, run_id, tag, "tags").inner_text().strip()
                     assert shown == run.data.tags[tag]
-                for metric in ("test/mrr_at_20", "test/recall_at_20", "test/ndcg_at_20"):
+                for metric in ("epoch/test/mrr_at_20", "epoch/test/recall_at_20",
+                               "epoch/test/ndcg_at_20"):
                     text = _cell(page, run_id, metric, "metrics").inner_text().strip()
                     assert float(text) == pytest.approx(run.data.metrics[metric], rel=1e-9)
-                shown_mrr[run_id] = run.data.metrics["test/mrr_at_20"]
+                shown_mrr[run_id] = run.data.metrics["epoch/test/mrr_at_20"]
                 name = _cell(page, run_id, "Run Name").locator("a")
                 assert name.inner_text().strip() == run.info.run_name
                 assert name.get_attribute("href").endswith(f"/runs/{run_id}")
