@@ -44,7 +44,7 @@ def test_seqexp_run_is_recorded_in_mlflow_db_of_the_launch_directory(tmp_path):
     # MLflow's names: one section per group (seqexp.core.metric_names)
     for key in ("epoch/test/mrr_at_20", "epoch/test/recall_at_20", "test/mrr_at_5",
                 "test_ties/mrr_at_20_optimistic",
-                "test_ties/mrr_at_20_expected", "epoch/train_loss", "epoch/train_events_per_s",
+                "test_ties/mrr_at_20_expected", "epoch/train_loss", "epoch/time/train_events_per_s",
                 "run/test_oov_dropped", "run/best_epoch", "test_by_history/q1_mrr_at_20"):
         assert key in m, key
     assert "test/mrr_at_20" not in m  # the headline is logged once, under epoch/test/

@@ -77,10 +77,11 @@ def test_the_runs_table_shows_each_runs_metrics_sorted_by_mrr(tmp_path, empty_st
             shown = ui.compared_metrics(page)
             assert [name for name, _ in shown] == [
                 "epoch/test/mrr_at_20", "epoch/test/ndcg_at_20", "epoch/test/recall_at_20",
-                "epoch/train_epoch_seconds", "epoch/train_events_per_s", "epoch/train_loss"]
+                "epoch/time/train_epoch_seconds", "epoch/time/train_events_per_s",
+                "epoch/time/val_seconds"]
             for name, values in shown[:3]:
                 stored = [client.get_run(run_id).data.metrics[name] for run_id in run_ids]
                 assert [float(v) for v in values] == pytest.approx(stored, abs=5e-4)  # 0.113
             # while the gru run's chart page opens on its per-epoch curves, then the headline
             ui.open_run_charts(page, address, experiment_id, run_ids[-1])
-            assert ui.chart_sections(page)[:3] == ["epoch", "epoch/test", "run"]
+            assert ui.chart_sections(page)[:4] == ["epoch", "epoch/test", "epoch/time", "run"]

@@ -27,11 +27,14 @@ from collections.abc import Mapping
 HEADLINE_SECTION = "epoch/test/"
 HEADLINE_METRICS = ("mrr", "recall", "ndcg")
 # (flat prefix, section, flat prefix kept in the logged name), most specific first; the
-# sections' names give their order on a run's chart page: the per-epoch curves (epoch/), the
-# headline (epoch/test/), the run's summary (run/), the test metrics at every cutoff (test/),
-# then the breakdowns (test_by_history/, test_ties/, val_ties/). A name matching none keeps its
-# flat form.
+# sections' names give their order on a run's chart page: the per-epoch curves (epoch/, the
+# training loss first), the headline (epoch/test/), the epochs' timing (epoch/time/), the run's
+# summary (run/), the test metrics at every cutoff (test/), then the breakdowns
+# (test_by_history/, test_ties/, val_ties/). A name matching none keeps its flat form.
 SECTIONS: tuple[tuple[str, str, bool], ...] = (
+    ("train_epoch_seconds", "epoch/time/", True),
+    ("train_events_per_s", "epoch/time/", True),
+    ("val_seconds", "epoch/time/", True),
     ("test_hist_", "test_by_history/", False),
     ("test_oov_", "run/", True),
     ("best_", "run/", True),
@@ -82,8 +85,9 @@ def flat_name(logged: str) -> str:
     if f"{section}/".endswith(TIES_SECTION) and f"{section.split('_')[0]}_" in TIES_PREFIXES:
         return f"{section.split('_')[0]}_{rest}"
     for prefix, known, kept in SECTIONS:
-        if known == f"{section}/" and (not kept or rest.startswith(prefix)):
-            return rest if kept else prefix + rest
+        name = logged.removeprefix(known)
+        if name != logged and (not kept or name.startswith(prefix)):
+            return name if kept else prefix + name
     return logged
 
 
