@@ -3,9 +3,10 @@
 Inside seqexp a metric has a flat name (`test_mrr_at_20`, `val_mrr_at_20`, `train_loss`,
 `test_hist_q1_mrr_at_20`); MLflow gets it as `<section>/<name>` (`epoch/test/mrr_at_20`,
 `epoch/val_mrr_at_20`, `epoch/train_loss`, `test/mrr_at_5`, `test_by_history/q1_mrr_at_20`), so
-that its chart pages show one section per group instead of one alphabetical list. Stores written
-before hold the headline test metrics under `test/` or every metric under its flat name:
-`flat_metrics` reads each, so readers (the report, a sweep's summary, resuming) take them all.
+that its chart pages show one section per group instead of one alphabetical list. Older stores
+hold the headline test metrics under `test/` and the epochs' timing under `epoch/`, or every
+metric under its flat name: `flat_metrics` reads each, so readers (the report, a sweep's
+summary, resuming) take them all.
 
 How MLflow 3.17's UI orders them (its mlflow/server/js/src/experiment-tracking/components):
 a run's chart page sorts its sections by name and the charts of a section by metric name
