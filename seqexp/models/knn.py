@@ -399,9 +399,10 @@ class ExpDecayKNN(ItemKNN):
             n_points, width = anchors.shape[0], anchors.shape[1] * self.neighbours.shape[1]
             ids = np.empty((n_points, width), dtype=np.int64)
             scores = np.empty((n_points, width), dtype=np.float32)
-            sums, slots = self._kernel_scratch()
+            if getattr(self, "_slots", None) is None or len(self._slots) != self.n_items:
+                self._slots = np.full(self.n_items, -1, dtype=np.int32)  # kept between calls
             _history_entries(anchors.numpy(), weights.numpy(), self.neighbours.numpy(),
-                             self.similarity.numpy(), self.prior.numpy(), sums, slots, ids,
+                             self.similarity.numpy(), self.prior.numpy(), self._slots, ids,
                              scores)
             return torch.from_numpy(ids), torch.from_numpy(scores)
         ids = self.neighbours[anchors].flatten(1)  # [P, A*k], an item may repeat in a row
@@ -422,16 +423,6 @@ class ExpDecayKNN(ItemKNN):
             kept[part] = claim.gather(1, block_ids) == column[:n]
         return torch.where(kept, ids, -1), scores
 
-    def _kernel_scratch(self) -> tuple[np.ndarray, np.ndarray]:
-        """A sum row and a slot row (-1: not yet named) per thread, kept between calls."""
-        threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-        kept = getattr(self, "_kernel_rows", None)
-        if kept is None or kept[0].shape[0] != threads:
-            kept = (np.empty((threads, self.n_items), dtype=np.float32),
-                    np.full((threads, self.n_items), -1, dtype=np.int32))
-            self._kernel_rows = kept
-        return kept
-
     def sparse_table(self) -> None:
         """None: a point's entries come from its whole window, not from one item's row."""
         return None
@@ -448,34 +439,31 @@ class ExpDecayKNN(ItemKNN):
         return kept
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(cache=True)
 def _history_entries(anchors: np.ndarray, weights: np.ndarray, neighbours: np.ndarray,
-                     similarity: np.ndarray, prior: np.ndarray, sums: np.ndarray,
-                     slots: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> None:
-    """ExpDecayKNN.sparse_scores on a CPU: for each point (thread t takes every T-th, T =
-    len(sums)), prior + the sum over anchors a, then neighbours j, of similarity * weight,
-    added in that order (score_items' order), for every item named, each once (its first
-    mention; ids -1 pad the rest). `slots` rows are -1 on entry and on return."""
+                     similarity: np.ndarray, prior: np.ndarray, slots: np.ndarray,
+                     ids: np.ndarray, scores: np.ndarray) -> None:
+    """ExpDecayKNN.sparse_scores on a CPU: for each point, prior + the sum over anchors a, then
+    neighbours j, of similarity * weight, added in that order (score_items' order), for every
+    item named, each once (at its first mention; ids -1 pad the rest). An item's sum is kept in
+    its entry of the point's output row, found through `slots` (a row of the catalogue's
+    width: -1, or the item's entry; all -1 on entry and on return)."""
     n_points, width = anchors.shape
     k = neighbours.shape[1]
-    threads = sums.shape[0]
-    for thread in numba.prange(threads):
-        row_sums, row_slots = sums[thread], slots[thread]
-        for p in range(thread, n_points, threads):
-            named = 0
-            for a in range(width):
-                anchor, weight = anchors[p, a], weights[p, a]
-                for j in range(k):
-                    item = neighbours[anchor, j]
-                    if row_slots[item] < 0:
-                        row_slots[item] = named
-                        ids[p, named] = item
-                        row_sums[item] = prior[item]
-                        named += 1
-                    row_sums[item] += similarity[anchor, j] * weight
-            for r in range(named):
-                item = ids[p, r]
-                scores[p, r] = row_sums[item]
-                row_slots[item] = -1
-            ids[p, named:] = -1
-            scores[p, named:] = 0.0
+    for p in range(n_points):
+        named = 0
+        for a in range(width):
+            anchor, weight = anchors[p, a], weights[p, a]
+            for j in range(k):
+                item = neighbours[anchor, j]
+                slot = slots[item]
+                if slot < 0:
+                    slot = slots[item] = named
+                    ids[p, named] = item
+                    scores[p, named] = prior[item]
+                    named += 1
+                scores[p, slot] += similarity[anchor, j] * weight
+        for r in range(named):
+            slots[ids[p, r]] = -1
+        ids[p, named:] = -1
+        scores[p, named:] = 0.0
