@@ -388,9 +388,9 @@ class ExpDecayKNN(ItemKNN):
     def sparse_scores(self, state: tuple[torch.Tensor, torch.Tensor]
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """Every neighbour of the history once, at its score_items score. On a CPU a compiled
-        kernel (`_history_entries`) sums each point's decayed similarities in a scratch row in
-        the order score_items adds them, so the sums are its scores bit for bit, and keeps an
-        item's first mention (later ones pad, -1). Elsewhere each block of points is summed in
+        kernel (`_history_entries`) sums each point's decayed similarities in its output row,
+        in the order score_items adds them, so the sums are its scores bit for bit, and keeps
+        an item's first mention (later ones pad, -1). Elsewhere each block of points is summed in
         dense scratch rows (only the cells it touches are set and read), and of an item named
         several times in a row one entry is kept (the one whose column wins a scatter of
         column numbers)."""
