@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from seqexp.core.errors import SeqexpError
+from seqexp.models import cpu_kernels
 
 
 def count_ranks(
@@ -100,7 +101,7 @@ def count_sparse_ranks(
     """
     n_points = len(targets)
     own = scores.to(shared.dtype)
-    if ids.device.type == "cpu" and ids.shape[1]:  # one pass over each point's entries
+    if cpu_kernels.active("sparse_entries", ids.device) and ids.shape[1]:
         target_score = shared[targets]
         moved = torch.zeros(2, n_points, dtype=torch.int32)
         if _entry_moves(shared.numpy(), own.numpy(), ids.numpy(), targets.numpy(),

@@ -9,7 +9,6 @@ import logging
 import time
 from collections.abc import Callable
 
-import numba
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -18,6 +17,7 @@ from seqexp.core.schema import Key, choice, flag, integer, number
 from seqexp.core.stopping import FitStopped
 from seqexp.data.batching import PredictionBatch
 from seqexp.data.sequences import SequenceData
+from seqexp.models import cpu_kernels
 from seqexp.models.base import Recommender
 
 log = logging.getLogger(__name__)
@@ -26,8 +26,6 @@ log = logging.getLogger(__name__)
 BLOCK_PRODUCTS = 64_000_000
 # Users up to which every co-occurrence count fits the fit's uint16 counters (else int32).
 UINT16_USERS = np.iinfo(np.uint16).max
-# The low 32 bits of a fit key: ID_MASK - item id (a lower id makes a larger key).
-ID_MASK = 0xFFFFFFFF
 # Entries of the dense scratch rows in which expdecay_knn sums a point's history exactly as its
 # dense scores do (sparse_scores).
 SCRATCH_ELEMENTS = 16_000_000
@@ -40,14 +38,13 @@ def cosine_neighbours(
     """Top-k cosine neighbours of every item (self excluded, zero similarities dropped; among
     equal similarities the lower item id first).
 
-    Items are binary-coded per user: sim(i, j) = |U_i ∩ U_j| / sqrt(|U_i| |U_j|). A compiled
-    kernel (`_top_cosines`, one item per thread at a time) counts an item's co-occurrences
-    with every item from its users' item lists and keeps the top k of the nonzero ones in a
-    heap: work in proportion to the pairs of items a user shares, never items x items. A block
-    is `block_items` items, or (null) as many as make about `max_block` co-occurrence
-    increments. Between blocks `stop_requested` is asked
-    (FitStopped) and progress is logged. Returns [N, k] neighbour ids and similarities
-    (padding: id 0, sim 0).
+    Items are binary-coded per user: sim(i, j) = |U_i ∩ U_j| / sqrt(|U_i| |U_j|). A compiled kernel
+    (`knn_kernels.top_cosines`, one item per thread at a time) counts an item's co-occurrences with
+    every item from its users' item lists and keeps the top k of the nonzero ones in a heap: work in
+    proportion to the pairs of items a user shares, never items x items. A block is `block_items`
+    items, or (null) as many as make about `max_block` co-occurrence increments. Between blocks
+    `stop_requested` is asked (FitStopped) and progress is logged. Returns [N, k] neighbour ids and
+    similarities (padding: id 0, sim 0).
     """
     n_items = train.n_items
     by_user, by_item = user_item_matrices(train)
@@ -55,113 +52,23 @@ def cosine_neighbours(
     k = min(k, max(n_items - 1, 1))
     keys = np.empty((n_items, k), dtype=np.int64)
     progress = FitProgress("item-kNN similarities", n_items)
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    counts = np.zeros((threads, n_items),
+    from seqexp.models import knn_kernels  # numba: ~0.6 s to import, loaded on first use
+
+    counts = np.zeros((knn_kernels.thread_count(torch.get_num_threads()), n_items),
                       dtype=np.uint16 if train.n_users <= UINT16_USERS else np.int32)
     for lo, hi in _fit_blocks(by_user, by_item, block_items, max_block):
         name = stop_requested()
         if name is not None:
             raise FitStopped(name)
-        _top_cosines(lo, hi, by_item.indptr, by_item.indices, by_user.indptr, by_user.indices,
-                     norms, counts, keys)
+        knn_kernels.top_cosines(lo, hi, by_item.indptr, by_item.indices, by_user.indptr,
+                                by_user.indices, norms, counts, keys)
         progress.done(hi)
     top = torch.from_numpy(keys)
     kept = top >= 0
-    neighbours = torch.where(kept, ID_MASK - (top & ID_MASK), 0)
+    neighbours = torch.where(kept, knn_kernels.ID_MASK - (top & knn_kernels.ID_MASK), 0)
     bits = (top >> 32).to(torch.int32)
     similarity = torch.where(kept, bits.view(torch.float32), 0.0)
     return neighbours.to(device), similarity.to(device)
-
-
-@numba.njit(parallel=True, cache=True)
-def _top_cosines(lo: int, hi: int, item_ptr: np.ndarray, item_users: np.ndarray,
-                 user_ptr: np.ndarray, user_items: np.ndarray, norms: np.ndarray,
-                 counts: np.ndarray, keys: np.ndarray) -> None:
-    """keys[i] for the items lo <= i < hi: the top keys of i's nonzero cosines with every other
-    item, descending (-1 past the last). Thread t (of T = len(counts)) takes every T-th item
-    and counts its co-occurrences in its row of `counts` (zeros on entry and on return; uint16
-    where every count fits, half the cache of int32): work in proportion to the pairs of items
-    a user shares, never items x items. An item whose users hold fewer items than the
-    catalogue remembers which entries it touched; a heavier one reads its whole row instead
-    (cheaper than a branch per count). A key is the cosine's float32 bits above ID_MASK - j (a
-    larger key: a higher similarity, then a lower item id); the cosine is
-    count / max(|U_i|^1/2 |U_j|^1/2, 1e-12) in float32."""
-    n_items, k, threads = norms.shape[0], keys.shape[1], counts.shape[0]
-    for thread in numba.prange(threads):
-        row = counts[thread]
-        touched = np.empty(n_items, dtype=np.int32)
-        heap = np.empty(k, dtype=np.int64)
-        cosine = np.empty(1, dtype=np.float32)
-        bits = cosine.view(np.int32)
-        for i in range(lo + thread, hi, threads):
-            work = 0
-            for p in range(item_ptr[i], item_ptr[i + 1]):
-                work += user_ptr[item_users[p] + 1] - user_ptr[item_users[p]]
-            width = 0
-            for p in range(item_ptr[i], item_ptr[i + 1]):
-                for q in range(user_ptr[item_users[p]], user_ptr[item_users[p] + 1]):
-                    j = user_items[q]
-                    if work < n_items and row[j] == 0:
-                        touched[width] = j
-                        width += 1
-                    row[j] += 1
-            if work >= n_items:  # the whole row, in item order
-                width = 0
-                for j in range(n_items):
-                    if row[j]:
-                        touched[width] = j
-                        width += 1
-            size = 0
-            for r in range(width):
-                j = touched[r]
-                count = row[j]
-                row[j] = 0
-                if j == i:
-                    continue
-                cosine[0] = np.float32(count) / max(norms[i] * norms[j], np.float32(1e-12))
-                size = _push(heap, size, (np.int64(bits[0]) << 32) | (ID_MASK - j))
-            keys[i, :size] = np.sort(heap[:size])[::-1]
-            keys[i, size:] = -1
-
-
-@numba.njit(cache=True)
-def _push(heap: np.ndarray, size: int, key: int) -> int:
-    """Offer `key` to the min-heap heap[:size] of at most len(heap) keys; the new size."""
-    if size < len(heap):
-        heap[size] = key
-        _sift_up(heap, size)
-        return size + 1
-    if key > heap[0]:
-        heap[0] = key
-        _sift_down(heap, size)
-    return size
-
-
-@numba.njit(cache=True)
-def _sift_up(heap: np.ndarray, at: int) -> None:
-    """Restore the min-heap after heap[at] was appended."""
-    while at > 0:
-        parent = (at - 1) // 2
-        if heap[parent] <= heap[at]:
-            return
-        heap[parent], heap[at] = heap[at], heap[parent]
-        at = parent
-
-
-@numba.njit(cache=True)
-def _sift_down(heap: np.ndarray, size: int) -> None:
-    """Restore the min-heap of heap[:size] after its root was replaced."""
-    at = 0
-    while True:
-        child = 2 * at + 1
-        if child >= size:
-            return
-        if child + 1 < size and heap[child + 1] < heap[child]:
-            child += 1
-        if heap[at] <= heap[child]:
-            return
-        heap[at], heap[child] = heap[child], heap[at]
-        at = child
 
 
 def user_item_matrices(train: SequenceData) -> tuple[sp.csr_matrix, sp.csr_matrix]:
@@ -267,7 +174,7 @@ class ItemKNN(Recommender):
     def fit_elements(self, n_events: int) -> dict[str, tuple[int, str]]:
         """The fit's int64 keys (two float32-sized elements per neighbour), the neighbours and
         similarities built from them before they are copied into the buffers, and each
-        thread's two int32 rows of the catalogue's width (`_top_cosines`)."""
+        thread's two int32 rows of the catalogue's width (`knn_kernels.top_cosines`)."""
         rows = 2 * max(1, torch.get_num_threads()) * self.n_items
         return {"fitted neighbours": (5 * self.neighbours.numel() + rows, "model.neighbours")}
 
@@ -387,21 +294,24 @@ class ExpDecayKNN(ItemKNN):
 
     def sparse_scores(self, state: tuple[torch.Tensor, torch.Tensor]
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every neighbour of the history once, at its score_items score. On a CPU a compiled
-        kernel (`_history_entries`) sums each point's decayed similarities in its output row,
-        in the order score_items adds them, so the sums are its scores bit for bit, and keeps
-        an item's first mention (later ones pad, -1). Elsewhere each block of points is summed in
-        dense scratch rows (only the cells it touches are set and read), and of an item named
-        several times in a row one entry is kept (the one whose column wins a scatter of
-        column numbers)."""
+        """Every neighbour of the history once, at its score_items score. With the CPU kernel
+        `sparse_entries` (seqexp.models.cpu_kernels) a compiled kernel
+        (`knn_kernels.history_entries`) sums each point's decayed similarities in its output
+        row, in the order score_items adds them, so the sums are its scores bit for bit, and
+        keeps an item's first mention (later ones pad, -1). Otherwise each block of points is
+        summed in dense scratch rows (only the cells it touches are set and read), and of an
+        item named several times in a row one entry is kept (the one whose column wins a
+        scatter of column numbers)."""
         anchors, weights = state
-        if anchors.device.type == "cpu":
+        if cpu_kernels.active("sparse_entries", anchors.device):
+            from seqexp.models import knn_kernels  # numba: ~0.6 s to import, loaded on first use
+
             n_points, width = anchors.shape[0], anchors.shape[1] * self.neighbours.shape[1]
             ids = np.empty((n_points, width), dtype=np.int64)
             scores = np.empty((n_points, width), dtype=np.float32)
             if getattr(self, "_slots", None) is None or len(self._slots) != self.n_items:
                 self._slots = np.full(self.n_items, -1, dtype=np.int32)  # kept between calls
-            _history_entries(anchors.numpy(), weights.numpy(), self.neighbours.numpy(),
+            knn_kernels.history_entries(anchors.numpy(), weights.numpy(), self.neighbours.numpy(),
                              self.similarity.numpy(), self.prior.numpy(), self._slots, ids,
                              scores)
             return torch.from_numpy(ids), torch.from_numpy(scores)
@@ -437,33 +347,3 @@ class ExpDecayKNN(ItemKNN):
                     torch.empty(rows, self.n_items, dtype=torch.int32, device=self.prior.device))
             self._scratch = kept
         return kept
-
-
-@numba.njit(cache=True)
-def _history_entries(anchors: np.ndarray, weights: np.ndarray, neighbours: np.ndarray,
-                     similarity: np.ndarray, prior: np.ndarray, slots: np.ndarray,
-                     ids: np.ndarray, scores: np.ndarray) -> None:
-    """ExpDecayKNN.sparse_scores on a CPU: for each point, prior + the sum over anchors a, then
-    neighbours j, of similarity * weight, added in that order (score_items' order), for every
-    item named, each once (at its first mention; ids -1 pad the rest). An item's sum is kept in
-    its entry of the point's output row, found through `slots` (a row of the catalogue's
-    width: -1, or the item's entry; all -1 on entry and on return)."""
-    n_points, width = anchors.shape
-    k = neighbours.shape[1]
-    for p in range(n_points):
-        named = 0
-        for a in range(width):
-            anchor, weight = anchors[p, a], weights[p, a]
-            for j in range(k):
-                item = neighbours[anchor, j]
-                slot = slots[item]
-                if slot < 0:
-                    slot = slots[item] = named
-                    ids[p, named] = item
-                    scores[p, named] = prior[item]
-                    named += 1
-                scores[p, slot] += similarity[anchor, j] * weight
-        for r in range(named):
-            slots[ids[p, r]] = -1
-        ids[p, named:] = -1
-        scores[p, named:] = 0.0
