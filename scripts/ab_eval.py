@@ -49,7 +49,6 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 
-import seqexp.engine.evaluator as evaluation
 from seqexp.core.resources import config_dir
 from seqexp.data.loading import load_dataset
 from seqexp.models import cpu_kernels
@@ -87,7 +86,8 @@ def variants(args, evaluator) -> dict:
     if args.baseline is not None:
         out[f"baseline {args.baseline}"] = load_baseline(args.baseline).Evaluator(**settings)
     for users in args.batch_users:
-        out[f"batch_users={users}"] = evaluation.Evaluator(**(settings | {"batch_users": users}))
+        out[f"batch_users={users}"] = copy.copy(evaluator)
+        out[f"batch_users={users}"].batch_users = users
     return out
 
 

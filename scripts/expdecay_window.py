@@ -18,8 +18,8 @@ from pathlib import Path
 
 from bench_models import ml10m_shaped
 
-from seqexp.engine.evaluator import Evaluator
 from seqexp.models.knn import ExpDecayKNN
+from seqexp.run import presets
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--out", default="expdecay_window.json")
     args = parser.parse_args()
     data = ml10m_shaped(args.scale)
-    evaluator = Evaluator([20])
+    evaluator = presets.evaluator(cutoffs=[20], progress=False)
     fitted = ExpDecayKNN(data.n_items, data.n_users)
     fitted.fit(data)
     ranks, report = {}, {}

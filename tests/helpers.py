@@ -9,7 +9,7 @@ import io
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,8 +21,10 @@ from omegaconf import DictConfig
 from seqexp.apps import cli
 from seqexp.core.resources import config_dir
 from seqexp.data.sequences import SequenceData
+from seqexp.engine.evaluator import Evaluator
 from seqexp.engine.trainer import Trainer, TrainingCallback, TrainSettings
 from seqexp.models import cpu_kernels
+from seqexp.run import presets
 
 
 def tiny_overrides(data_dir: Path, tracking_db: Path | None = None,
@@ -54,6 +56,14 @@ def train_settings(**changes) -> TrainSettings:
     """The train.* settings of the default config (conf/train/default.yaml, which holds the
     defaults), with `changes`."""
     return replace(_default_train(), **changes)
+
+
+def make_evaluator(cutoffs: Sequence[int] | None = None, **changes) -> Evaluator:
+    """The evaluator of the default config (conf/eval/default.yaml holds the defaults), with
+    `cutoffs` and `changes` (Evaluator arguments); no progress bars."""
+    if cutoffs is not None:
+        changes["cutoffs"] = cutoffs
+    return presets.evaluator(**({"progress": False} | changes))
 
 
 def run_seqexp(argv: list[str]) -> tuple[int, str]:

@@ -9,11 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import SHAPE_ATOL, SHAPE_RTOL, assert_no_near_ties, sequences, train_settings
+from helpers import (
+    SHAPE_ATOL,
+    SHAPE_RTOL,
+    assert_no_near_ties,
+    make_evaluator,
+    sequences,
+    train_settings,
+)
 from seqexp.data.batching import prediction_batches
 from seqexp.data.preprocess import build_sequences
 from seqexp.data.synthetic import generate_synthetic
-from seqexp.engine.evaluator import Evaluator
 from seqexp.engine.trainer import Trainer
 from seqexp.models.factorisation import MF, SeqMF
 from seqexp.models.knn import ExpDecayKNN, ItemKNN
@@ -91,7 +97,7 @@ def _synthetic(n_users: int = 120, n_items: int = 60, seed: int = 3):
 
 def test_expdecay_with_a_very_large_decay_ranks_exactly_like_itemknn():
     data = _synthetic()
-    evaluator = Evaluator([20])
+    evaluator = make_evaluator([20])
     knn = ItemKNN(data.n_items, data.n_users)
     knn.fit(data)
     reference = evaluator.rank_counts(knn, data, "test")
@@ -217,7 +223,7 @@ def test_bpr_negatives_are_uniform_over_the_other_items():
 def _train(model_cls, data, seed: int, epochs: int = 6):
     seed_everything(seed)
     model = model_cls(data.n_items, data.n_users, factors=16)
-    trainer = Trainer(Evaluator([20]), train_settings(epochs=epochs, batch_size=256, lr=0.01,
+    trainer = Trainer(make_evaluator([20]), train_settings(epochs=epochs, batch_size=256, lr=0.01,
                                                      grad_clip=None, patience=epochs,
                                                      progress=False), seed=seed)
     result = trainer.fit(model, data)
@@ -227,7 +233,7 @@ def _train(model_cls, data, seed: int, epochs: int = 6):
 @pytest.mark.parametrize("model_cls", [MF, SeqMF])
 def test_factorisation_loss_falls_and_beats_popularity(model_cls):
     data = _synthetic(n_users=150, n_items=60)
-    evaluator = Evaluator([20])
+    evaluator = make_evaluator([20])
     pop = Popularity(data.n_items, data.n_users)
     pop.fit(data)
     model, result = _train(model_cls, data, seed=0)
@@ -255,7 +261,7 @@ def test_expdecay_is_deterministic():
     for _ in range(2):
         model = ExpDecayKNN(data.n_items, data.n_users, decay_unit="time")
         model.fit(data)
-        counts.append(Evaluator([20]).rank_counts(model, data, "test"))
+        counts.append(make_evaluator([20]).rank_counts(model, data, "test"))
     assert np.array_equal(counts[0].greater, counts[1].greater)
     assert np.array_equal(counts[0].equal, counts[1].equal)
 
@@ -269,8 +275,8 @@ def test_train_optimizer_sgd_takes_plain_gradient_steps():
     model.training_loss(batch).backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
-    optimizer = Trainer(Evaluator([20]), train_settings(lr=0.5, optimizer="sgd")).make_optimizer(
-        model)
+    trainer = Trainer(make_evaluator([20]), train_settings(lr=0.5, optimizer="sgd"))
+    optimizer = trainer.make_optimizer(model)
     assert isinstance(optimizer, torch.optim.SGD)
     model.training_loss(batch).backward()
     optimizer.step()
@@ -320,8 +326,8 @@ def test_seen_bias_state_slices_like_the_evaluator_does():
         torch.testing.assert_close(model.score_items(piece, 0, 6), whole[part],
                                    rtol=SHAPE_RTOL, atol=SHAPE_ATOL)
     assert_no_near_ties(whole)  # so counts from scores equal to rounding are equal
-    full = Evaluator([5], max_block_elements=4).rank_counts(model, data, "test")
-    one_block = Evaluator([5]).rank_counts(model, data, "test")
+    full = make_evaluator([5], max_block_elements=4).rank_counts(model, data, "test")
+    one_block = make_evaluator([5]).rank_counts(model, data, "test")
     assert np.array_equal(full.greater, one_block.greater)
     assert np.array_equal(full.equal, one_block.equal)
 
@@ -351,8 +357,8 @@ def test_seen_bias_is_learned_negative_without_repeats_and_positive_with_them():
         data = sequences(users, n_items=30)
         seed_everything(0)
         model = MF(30, 40, factors=8, seen_bias=True)
-        Trainer(Evaluator([20]), train_settings(epochs=15, batch_size=64, lr=0.05, grad_clip=None,
-                                               patience=15, progress=False),
-                seed=0).fit(model, data)  # no validation events
+        settings = train_settings(epochs=15, batch_size=64, lr=0.05, grad_clip=None,
+                                  patience=15, progress=False)
+        Trainer(make_evaluator([20]), settings, seed=0).fit(model, data)  # no validation events
         signs.append(float(model.seen_bias.detach()))
     assert signs[0] < -0.1 and signs[1] > 0.1

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import compose_config, timed_sequences, tiny_overrides, train_settings
+from helpers import compose_config, make_evaluator, timed_sequences, tiny_overrides, train_settings
 from seqexp.data.batching import prediction_batches
 from seqexp.data.preprocess import build_sequences
 from seqexp.data.synthetic import generate_synthetic
-from seqexp.engine.evaluator import Evaluator
 from seqexp.engine.trainer import Trainer
 from seqexp.models.dream import DREAM
 from seqexp.models.popularity import Popularity
@@ -226,7 +225,7 @@ def test_dream_beats_popularity_on_synthetic_data():
                                               p_favourite=0.2, n_favourites=6,
                                               generator_seed=7),
                            {"name": "user_tail", "test_frac": 0.2, "val_frac": 0.1})
-    evaluator = Evaluator([20])
+    evaluator = make_evaluator([20])
     pop = Popularity(data.n_items, data.n_users)
     pop.fit(data)
     dream = DREAM(data.n_items, data.n_users, hidden_size=32)

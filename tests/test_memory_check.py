@@ -10,8 +10,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from helpers import compose_config, run_seqexp, tiny_overrides
-from seqexp.engine.evaluator import Evaluator
+from helpers import compose_config, make_evaluator, run_seqexp, tiny_overrides
 from seqexp.engine.memory import human, model_bytes, run_estimate, tensor_bytes
 from seqexp.models.factorisation import MF
 from seqexp.models.recurrent import RecurrentRecommender
@@ -83,7 +82,7 @@ def test_the_estimate_counts_parameters_gradients_and_adams_moments():
         return RecurrentRecommender(**sizes, cell="gru", hidden_size=4, window=2)
 
     sizes = {"n_items": 10, "n_users": 3}
-    estimate = run_estimate(build, sizes, {"hidden_size": 4}, ("adam", 2, 30), Evaluator(),
+    estimate = run_estimate(build, sizes, {"hidden_size": 4}, ("adam", 2, 30), make_evaluator(),
                             torch.device("cpu"))
     parts = {part.what: part.size for part in estimate.parts}
     parameters = 4 * (10 * 4 + (12 * 4 + 12) + (8 * 4 + 4 * 4) + (4 * 10 + 10))
@@ -127,7 +126,7 @@ def test_the_meta_estimate_of_every_registered_model_is_its_real_size(model_name
     cfg = compose_config([f"model={model_name}"])
     factory, options = experiment.model_factory(cfg.model)
     sizes = {"n_items": 50, "n_users": 40}
-    estimate = run_estimate(factory, sizes, options, ("adam", 16, 500), Evaluator(),
+    estimate = run_estimate(factory, sizes, options, ("adam", 16, 500), make_evaluator(),
                             torch.device("cpu"))
     parts = {part.what: part for part in estimate.parts}
     real = factory(**sizes)

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import sequences, train_settings
+from helpers import make_evaluator, sequences, train_settings
 from seqexp.data.batching import prediction_batches, window_batches
-from seqexp.engine.evaluator import Evaluator
 from seqexp.models.cells import GRUCell
 from seqexp.models.knn import ItemKNN, cosine_neighbours
 from seqexp.models.recurrent import RecurrentRecommender
@@ -162,7 +161,7 @@ def test_itemknn_ranks_by_hand_from_the_last_context_item_with_popularity_tiebre
     data = sequences([[0, 1, 2, 3], [0, 1, 2], [2, 3, 0]], n_items=6)
     model = ItemKNN(6, 3)
     model.fit(data)
-    counts = Evaluator([1]).rank_counts(model, data, "test")
+    counts = make_evaluator([1]).rank_counts(model, data, "test")
     # points in user order (all sequences have length 3 or 4; stable by length: u1, u2, u0)
     # u1, last item 1 -> target 2: s = 0.5 behind item 0 (s = 1): rank 2
     # u2, last item 3 -> target 0: item 2 (s = 0.71) above; items 0 and 1 both s = 0 with the
@@ -173,7 +172,7 @@ def test_itemknn_ranks_by_hand_from_the_last_context_item_with_popularity_tiebre
     # without the tie-break the target 0 of u2 ties with every item of similarity 0
     model = ItemKNN(6, 3, popularity_tiebreak=False)
     model.fit(data)
-    counts = Evaluator([1]).rank_counts(model, data, "test")
+    counts = make_evaluator([1]).rank_counts(model, data, "test")
     assert counts.rank_pessimistic().tolist() == [2, 6, 1]
 
 
@@ -192,7 +191,7 @@ def test_a_non_finite_training_loss_stops_training_with_a_clear_error():
     data = sequences([[1, 2, 3, 4, 5], [2, 3, 4, 5, 6]], n_items=8)
     model = RecurrentRecommender(8, 2, hidden_size=4, window=2)
     model.output.bias.data[3] = float("nan")  # every softmax over the catalogue turns NaN
-    trainer = Trainer(Evaluator([1]), train_settings(epochs=1, batch_size=2, progress=False))
+    trainer = Trainer(make_evaluator([1]), train_settings(epochs=1, batch_size=2, progress=False))
     optimizer = trainer.make_optimizer(model)
     with pytest.raises(SeqexpError, match="training loss became nan in epoch 1; lower train.lr"):
         trainer.train_epoch(model, data, optimizer, np.random.default_rng(0), 1)
@@ -218,7 +217,7 @@ def test_amp_on_a_cpu_autocasts_only_where_it_has_native_bf16(monkeypatch, caplo
     data = sequences([[1, 2, 3, 4, 5], [2, 3, 4, 5, 6]], n_items=8)
     model = AutocastSpy(8, 2, hidden_size=4, window=2)
     model.autocast_seen = []
-    trainer = Trainer(Evaluator([1]),
+    trainer = Trainer(make_evaluator([1]),
                       train_settings(epochs=1, batch_size=2, progress=False, amp=True))
     with caplog.at_level(logging.WARNING, logger="seqexp.engine.trainer"):
         stats = trainer.train_epoch(model, data, trainer.make_optimizer(model),
@@ -237,7 +236,7 @@ def test_progress_bars_stay_off_when_stderr_is_not_a_terminal_and_each_epoch_log
 
     data = sequences([[1, 2, 3, 4, 5, 6], [2, 3, 4, 5, 6, 7]], n_items=8, n_val=[1, 1])
     model = RecurrentRecommender(8, 2, hidden_size=4, window=2)
-    trainer = Trainer(Evaluator([1]), train_settings(epochs=2, batch_size=2, progress=True,
+    trainer = Trainer(make_evaluator([1]), train_settings(epochs=2, batch_size=2, progress=True,
                                                     monitor="mrr_at_1"))
     with caplog.at_level("INFO", logger="seqexp.engine.trainer"):
         trainer.fit(model, data)

@@ -11,13 +11,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import sequences, train_settings
+from helpers import make_evaluator, sequences, train_settings
 from seqexp.core.errors import SeqexpError
 from seqexp.core.stopping import TrainingStopped
 from seqexp.data.batching import prediction_batches
 from seqexp.engine import evaluator as evaluator_module
 from seqexp.engine import ranks as ranks_module
-from seqexp.engine.evaluator import Evaluator
 from seqexp.engine.ranks import count_ranks, count_sparse_ranks, count_table_ranks, prepare_table
 from seqexp.engine.trainer import Trainer
 from seqexp.models.knn import ExpDecayKNN, ItemKNN, cosine_neighbours
@@ -60,7 +59,7 @@ def test_a_nan_entry_or_shared_score_is_refused():
         def shared_scores(self):
             return shared
     with pytest.raises(SeqexpError, match="NaN"):
-        Evaluator().rank_counts(Model(5, 1), sequences([[0, 1, 2]], 5), "test")
+        make_evaluator().rank_counts(Model(5, 1), sequences([[0, 1, 2]], 5), "test")
 
 
 def test_a_nan_in_an_itemknn_table_is_refused():
@@ -69,7 +68,7 @@ def test_a_nan_in_an_itemknn_table_is_refused():
     model.fit(data)
     model.similarity[3, 0] = torch.nan
     with pytest.raises(SeqexpError, match="NaN"):
-        Evaluator().rank_counts(model, data, "test")
+        make_evaluator().rank_counts(model, data, "test")
 
 
 def _dense(shared, ids, scores):
@@ -149,7 +148,7 @@ def test_the_evaluators_sparse_path_gives_the_dense_paths_counts(index, exclude_
     data = _history_data()
     model = _models(data.n_items, data.n_users)[index]
     model.fit(data)
-    evaluator = Evaluator(exclude_seen=exclude_seen)
+    evaluator = make_evaluator(exclude_seen=exclude_seen)
     monkeypatch.setattr(ranks_module, "TABLE_CHUNK_ROWS", 7)  # the table in several chunks
     counts = {}
     tables = []
@@ -247,7 +246,7 @@ def test_the_sparse_fit_ranks_as_the_dense_fit():
     fifth = _dense_fit(data, 5)[1][:, 4]
     assert ((dense_sims[:, 3] == fifth) & (fifth > 0)).any() and (dense_sims == 0).any()
     for exclude_seen in (False, True):
-        evaluator = Evaluator(exclude_seen=exclude_seen)
+        evaluator = make_evaluator(exclude_seen=exclude_seen)
         got, expected = (evaluator.evaluate(m, data, "test") for m in (model, dense))
         assert got == expected
 
@@ -264,7 +263,7 @@ def test_the_fit_blocks_give_the_neighbours_of_one_block_and_stop_between_blocks
         return "SIGTERM" if len(asked) == 4 else None
 
     model = ItemKNN(data.n_items, data.n_users, neighbours=5, fit_block=3)
-    trainer = Trainer(Evaluator(), train_settings(), stop_requested=stop_on_fourth_ask)
+    trainer = Trainer(make_evaluator(), train_settings(), stop_requested=stop_on_fourth_ask)
     with pytest.raises(TrainingStopped, match="stopped by SIGTERM after epoch 0"):
         trainer.fit(model, data)
     assert len(asked) == 4  # asked before each block: blocks 1-3 ran, the fourth did not
