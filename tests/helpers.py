@@ -9,7 +9,7 @@ import io
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,6 +20,8 @@ from omegaconf import DictConfig
 
 from seqexp.apps import cli
 from seqexp.core.resources import config_dir
+from seqexp.data.interactions import Interactions
+from seqexp.data.preprocess import build_sequences
 from seqexp.data.sequences import SequenceData
 from seqexp.engine.evaluator import Evaluator
 from seqexp.engine.trainer import Trainer, TrainingCallback, TrainSettings
@@ -64,6 +66,19 @@ def make_evaluator(cutoffs: Sequence[int] | None = None, **changes) -> Evaluator
     if cutoffs is not None:
         changes["cutoffs"] = cutoffs
     return presets.evaluator(**({"progress": False} | changes))
+
+
+def split_preset(name: str = "user_tail", **changes) -> dict:
+    """The split.* block of split=`name` (conf/split/<name>.yaml), with `changes`."""
+    return presets.config([f"split={name}"])["split"] | changes
+
+
+def preprocess(raw: Interactions, split: Mapping, **filters) -> SequenceData:
+    """build_sequences with the default config's dataset filters (min_item_support,
+    drop_repeats), with `filters`."""
+    dataset = presets.config()["dataset"]
+    defaults = {key: dataset[key] for key in ("min_item_support", "drop_repeats")}
+    return build_sequences(raw, split, **(defaults | filters))
 
 
 def run_seqexp(argv: list[str]) -> tuple[int, str]:

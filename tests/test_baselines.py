@@ -14,11 +14,12 @@ from helpers import (
     SHAPE_RTOL,
     assert_no_near_ties,
     make_evaluator,
+    preprocess,
     sequences,
+    split_preset,
     train_settings,
 )
 from seqexp.data.batching import prediction_batches
-from seqexp.data.preprocess import build_sequences
 from seqexp.data.synthetic import generate_synthetic
 from seqexp.engine.trainer import Trainer
 from seqexp.models.factorisation import MF, SeqMF
@@ -92,7 +93,7 @@ def _synthetic(n_users: int = 120, n_items: int = 60, seed: int = 3):
     raw = generate_synthetic(n_users=n_users, n_items=n_items, n_clusters=4, min_events=15,
                              max_events=40, p_successor=0.45, p_favourite=0.2, n_favourites=6,
                              generator_seed=seed)
-    return build_sequences(raw, {"name": "user_tail", "test_frac": 0.2, "val_frac": 0.1})
+    return preprocess(raw, split_preset())
 
 
 def test_expdecay_with_a_very_large_decay_ranks_exactly_like_itemknn():

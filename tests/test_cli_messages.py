@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import compose_config, tiny_overrides
+from helpers import compose_config, preprocess, tiny_overrides
 from seqexp.apps.cli import check_flags
 from seqexp.apps.preflight import check_command_line, split_command_line
 from seqexp.core.errors import SeqexpError
 from seqexp.core.resources import group_options
 from seqexp.data.interactions import Interactions
-from seqexp.data.preprocess import build_sequences
 from seqexp.run.experiment import run_experiment
 
 
@@ -140,7 +139,7 @@ def test_an_empty_global_time_test_split_names_a_key_of_that_split():
     raw = Interactions(user=np.array([0, 0, 1, 1]), item=np.array([0, 1, 0, 1]),
                        timestamp=np.array([1, 2, 3, 3]), source="ratings.dat")
     with pytest.raises(SeqexpError, match="lower split.test_quantile") as caught:
-        build_sequences(raw, {"name": "global_time", "test_quantile": 0.99,
+        preprocess(raw, {"name": "global_time", "test_quantile": 0.99,
                               "val_quantile": 0.5})
     assert "test_frac" not in str(caught.value)
 

@@ -10,9 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import compose_config, make_evaluator, timed_sequences, tiny_overrides, train_settings
+from helpers import (
+    compose_config,
+    make_evaluator,
+    preprocess,
+    split_preset,
+    timed_sequences,
+    tiny_overrides,
+    train_settings,
+)
 from seqexp.data.batching import prediction_batches
-from seqexp.data.preprocess import build_sequences
 from seqexp.data.synthetic import generate_synthetic
 from seqexp.engine.trainer import Trainer
 from seqexp.models.dream import DREAM
@@ -113,7 +120,7 @@ def test_sampled_negatives_never_fall_in_the_positive_basket():
     raw = generate_synthetic(n_users=60, n_items=60, n_clusters=16, min_events=20,
                              max_events=60, p_successor=0.45, p_favourite=0.2, n_favourites=6,
                              generator_seed=7)
-    data = build_sequences(raw, {"name": "user_tail", "test_frac": 0.2, "val_frac": 0.1})
+    data = preprocess(raw, split_preset())
     model = DREAM(data.n_items, data.n_users, hidden_size=4, max_baskets=3)
     seq_items = []
     for batch in model.training_batches(data, 7, np.random.default_rng(1)):
@@ -220,11 +227,11 @@ def test_l2_penalty_is_on_x_r_and_n_not_on_the_fused_kernels_weights(cell):
 @pytest.mark.slow  # tests/test_learning.py checks dream > 1.4x pop on its own data in ~1 s
 def test_dream_beats_popularity_on_synthetic_data():
     torch.manual_seed(0)
-    data = build_sequences(generate_synthetic(n_users=200, n_items=300, n_clusters=16,
+    data = preprocess(generate_synthetic(n_users=200, n_items=300, n_clusters=16,
                                               min_events=30, max_events=120, p_successor=0.45,
                                               p_favourite=0.2, n_favourites=6,
                                               generator_seed=7),
-                           {"name": "user_tail", "test_frac": 0.2, "val_frac": 0.1})
+                           split_preset())
     evaluator = make_evaluator([20])
     pop = Popularity(data.n_items, data.n_users)
     pop.fit(data)

@@ -10,15 +10,15 @@ import pytest
 from omegaconf import OmegaConf
 
 import fixtures_raw as fx
+from helpers import preprocess, split_preset
 from seqexp.core.errors import SeqexpError
 from seqexp.core.resources import config_dir
 from seqexp.data.lastfm import read_lastfm
 from seqexp.data.loading import load_dataset
 from seqexp.data.movielens import read_movielens
-from seqexp.data.preprocess import build_sequences
 from seqexp.data.tabular import read_table
 
-USER_TAIL = {"name": "user_tail", "test_frac": 0.2, "val_frac": 0.1}
+USER_TAIL = split_preset()
 
 
 def first_occurrence_codes(values: list) -> list[int]:
@@ -64,7 +64,7 @@ def test_movielens_counts_and_file_order(tmp_path: Path, layout: str) -> None:
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_movielens_equal_timestamps_keep_file_order_after_build(tmp_path: Path, layout: str):
-    data = build_sequences(read_movielens(fx.write_movielens(tmp_path, layout=layout), layout),
+    data = preprocess(read_movielens(fx.write_movielens(tmp_path, layout=layout), layout),
                            USER_TAIL)
     # All six movies are in the training vocabulary, so code = rank of the movie id.
     assert data.n_items == 6
@@ -219,7 +219,7 @@ def test_lastfm_artist_items_merge_tracks(tmp_path: Path) -> None:
 
 def test_lastfm_equal_timestamps_follow_listening_order(tmp_path: Path) -> None:
     raw = read_lastfm(fx.write_lastfm(tmp_path), item="track")
-    data = build_sequences(raw, {"name": "user_tail", "test_frac": 0.4, "val_frac": 0.0})
+    data = preprocess(raw, {"name": "user_tail", "test_frac": 0.4, "val_frac": 0.0})
     # user_000001 (code 0): T2 T4 T3 T2 | T2 T1 -> test T2 T1; T1 is never trained: dropped.
     # user_000002 (code 1): T2 T5 | T3 -> test T3 (known from user 1's training part).
     # Reading the 23:05 tie in file order instead would give T2 T4 T2 | T3 T1.
@@ -237,7 +237,7 @@ def test_lastfm_equal_timestamps_follow_listening_order(tmp_path: Path) -> None:
 
 def test_lastfm_artist_sequences(tmp_path: Path) -> None:
     raw = read_lastfm(fx.write_lastfm(tmp_path), item="artist")
-    data = build_sequences(raw, {"name": "user_tail", "test_frac": 0.4, "val_frac": 0.0})
+    data = preprocess(raw, {"name": "user_tail", "test_frac": 0.4, "val_frac": 0.0})
     # user 1: X X Y | X Band; user 2: X Band | Y. Every artist is trained on.
     assert data.offsets.tolist() == [0, 5, 8]
     assert data.train_end.tolist() == [3, 7]
@@ -316,7 +316,7 @@ def test_table_tsv_and_explicit_separator(tmp_path: Path) -> None:
 
 
 def test_table_ties_keep_row_order(tmp_path: Path) -> None:
-    data = build_sequences(_read(fx.write_csv(tmp_path)),
+    data = preprocess(_read(fx.write_csv(tmp_path)),
                            {"name": "user_tail", "test_frac": 0.34, "val_frac": 0.0})
     # alice: p1 p2 (a tie, kept in row order) | p3; bob (2 events: floor(0.68) = 0 test) and
     # carol (1 event) are all training.
