@@ -112,7 +112,7 @@ def test_movielens_malformed_lines_are_counted_not_fatal(tmp_path: Path, layout:
 def test_movielens_wrong_format_names_the_file(tmp_path: Path, name: str, text: str | None):
     path = fx.write_lastfm(tmp_path, name) if text is None else fx.write_text(tmp_path, name, text)
     with pytest.raises(SeqexpError, match="MovieLens") as info:
-        read_movielens(path)
+        read_movielens(path, "ratings_dat")
     assert str(path) in str(info.value)
     assert "\n" not in str(info.value)
 
@@ -158,7 +158,7 @@ def test_movielens_empty_file(tmp_path: Path, text: str, layout: str) -> None:
 def test_movielens_single_colon_lines_are_not_ratings(tmp_path: Path) -> None:
     path = fx.write_text(tmp_path, "ratings.dat", "1:x:101:y:5:z:1000\n2:x:102:y:4:z:1001\n")
     with pytest.raises(SeqexpError):
-        read_movielens(path)
+        read_movielens(path, "ratings_dat")
 
 
 @pytest.mark.parametrize("dataset", sorted(DATASET_LAYOUTS))
@@ -250,14 +250,14 @@ def test_lastfm_artist_sequences(tmp_path: Path) -> None:
 def test_lastfm_empty_file(tmp_path: Path, text: str) -> None:
     path = fx.write_text(tmp_path, "listens.tsv", text)
     with pytest.raises(SeqexpError) as info:
-        read_lastfm(path)
+        read_lastfm(path, item="track")
     assert str(path) in str(info.value)
 
 
 def test_lastfm_only_bad_times_is_an_error(tmp_path: Path) -> None:
     path = fx.write_text(tmp_path, "listens.tsv", "u1\tyesterday\t\tA\t\tT\nu1\tnow\t\tB\t\tU\n")
     with pytest.raises(SeqexpError, match="LastFM-1K") as info:
-        read_lastfm(path)
+        read_lastfm(path, item="track")
     assert str(path) in str(info.value)
 
 
@@ -268,7 +268,7 @@ def test_lastfm_wrong_format_file_is_an_error(tmp_path: Path, kind: str) -> None
     else:
         path = fx.write_text(tmp_path, "notes.txt", "hello world\nthis is not a TSV\n")
     with pytest.raises(SeqexpError) as info:
-        read_lastfm(path)
+        read_lastfm(path, item="track")
     assert str(path) in str(info.value)
 
 
@@ -331,7 +331,7 @@ def test_table_missing_column_names_the_key(tmp_path: Path, writer, key: str) ->
     path = writer(tmp_path)
     columns = dict(fx.TABLE_COLUMNS, **{key: "nope"})
     with pytest.raises(SeqexpError, match=rf"dataset\.{key}='nope'") as info:
-        read_table(path, **columns)
+        read_table(path, sep=None, **columns)
     assert str(path) in str(info.value)
     for other in set(fx.TABLE_COLUMNS) - {key}:
         assert f"dataset.{other}=" not in str(info.value)
@@ -398,7 +398,7 @@ def test_movielens_ids_are_labels_negative_and_huge_ones_included(tmp_path):
 
     path = tmp_path / "ratings.dat"
     path.write_text("-1::31::2::100\n-1::7::2::101\n1000000000000000::31::2::102\n")
-    raw = read_movielens(path)
+    raw = read_movielens(path, "ratings_dat")
     assert raw.user.tolist() == [0, 0, 1] and raw.item.tolist() == [31, 7, 31]  # small: kept
     assert raw_ids(raw.user, raw.user_labels).tolist() == ["-1", "-1", "1000000000000000"]
     assert raw_ids(raw.item, raw.item_labels).tolist() == ["31", "7", "31"]

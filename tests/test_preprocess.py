@@ -117,7 +117,7 @@ def test_order_events_matches_a_python_sort(user_range, time_range) -> None:
 
 
 def test_build_sequences_orders_by_time_then_row(tmp_path: Path) -> None:
-    data = preprocess(read_movielens(fx.write_movielens(tmp_path)), tail())
+    data = preprocess(read_movielens(fx.write_movielens(tmp_path), "ratings_dat"), tail())
     check_invariants(data)
     expected = [m - 101 for user in sorted(fx.ML_ORDERED) for m in fx.ML_ORDERED[user]]
     assert data.items.tolist() == expected
@@ -345,7 +345,7 @@ def test_drop_repeats_removes_immediate_repeats_only() -> None:
 def test_nothing_left_after_filtering_is_an_error(tmp_path: Path) -> None:
     path = fx.write_movielens(tmp_path)
     with pytest.raises(SeqexpError, match=r"dataset\.min_item_support=100") as info:
-        preprocess(read_movielens(path), tail(), min_item_support=100)
+        preprocess(read_movielens(path, "ratings_dat"), tail(), min_item_support=100)
     assert str(path) in str(info.value)
 
 
