@@ -276,7 +276,7 @@ def test_train_optimizer_sgd_takes_plain_gradient_steps():
     model.training_loss(batch).backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
-    trainer = Trainer(make_evaluator([20]), train_settings(lr=0.5, optimizer="sgd"))
+    trainer = Trainer(make_evaluator([20]), train_settings(lr=0.5, optimizer="sgd"), seed=0)
     optimizer = trainer.make_optimizer(model)
     assert isinstance(optimizer, torch.optim.SGD)
     model.training_loss(batch).backward()

@@ -237,7 +237,7 @@ def test_dream_beats_popularity_on_synthetic_data():
     pop.fit(data)
     dream = DREAM(data.n_items, data.n_users, hidden_size=32)
     Trainer(evaluator, train_settings(epochs=8, batch_size=16, lr=0.01, patience=8,
-                                     progress=False)).fit(dream, data)
+                                     progress=False), seed=0).fit(dream, data)
     got, floor = (evaluator.evaluate(m, data, "test")["mrr_at_20"] for m in (dream, pop))
     assert got > 1.5 * floor
     got_f1, floor_f1 = (evaluator.next_basket_metrics(m, data, "test", GAP, 5)["basket_f1_at_5"]

@@ -191,7 +191,8 @@ def test_a_non_finite_training_loss_stops_training_with_a_clear_error():
     data = sequences([[1, 2, 3, 4, 5], [2, 3, 4, 5, 6]], n_items=8)
     model = RecurrentRecommender(8, 2, hidden_size=4, window=2)
     model.output.bias.data[3] = float("nan")  # every softmax over the catalogue turns NaN
-    trainer = Trainer(make_evaluator([1]), train_settings(epochs=1, batch_size=2, progress=False))
+    trainer = Trainer(make_evaluator([1]), train_settings(epochs=1, batch_size=2, progress=False),
+                      seed=0)
     optimizer = trainer.make_optimizer(model)
     with pytest.raises(SeqexpError, match="training loss became nan in epoch 1; lower train.lr"):
         trainer.train_epoch(model, data, optimizer, np.random.default_rng(0), 1)
@@ -218,7 +219,7 @@ def test_amp_on_a_cpu_autocasts_only_where_it_has_native_bf16(monkeypatch, caplo
     model = AutocastSpy(8, 2, hidden_size=4, window=2)
     model.autocast_seen = []
     trainer = Trainer(make_evaluator([1]),
-                      train_settings(epochs=1, batch_size=2, progress=False, amp=True))
+                      train_settings(epochs=1, batch_size=2, progress=False, amp=True), seed=0)
     with caplog.at_level(logging.WARNING, logger="seqexp.engine.trainer"):
         stats = trainer.train_epoch(model, data, trainer.make_optimizer(model),
                                     np.random.default_rng(0), 1)
@@ -237,7 +238,7 @@ def test_progress_bars_stay_off_when_stderr_is_not_a_terminal_and_each_epoch_log
     data = sequences([[1, 2, 3, 4, 5, 6], [2, 3, 4, 5, 6, 7]], n_items=8, n_val=[1, 1])
     model = RecurrentRecommender(8, 2, hidden_size=4, window=2)
     trainer = Trainer(make_evaluator([1]), train_settings(epochs=2, batch_size=2, progress=True,
-                                                    monitor="mrr_at_1"))
+                                                    monitor="mrr_at_1"), seed=0)
     with caplog.at_level("INFO", logger="seqexp.engine.trainer"):
         trainer.fit(model, data)
     written = capfd.readouterr().err  # a pipe here, as in a redirected log

@@ -263,7 +263,7 @@ def test_the_fit_blocks_give_the_neighbours_of_one_block_and_stop_between_blocks
         return "SIGTERM" if len(asked) == 4 else None
 
     model = ItemKNN(data.n_items, data.n_users, neighbours=5, fit_block=3)
-    trainer = Trainer(make_evaluator(), train_settings(), stop_requested=stop_on_fourth_ask)
+    trainer = Trainer(make_evaluator(), train_settings(), stop_requested=stop_on_fourth_ask, seed=0)
     with pytest.raises(TrainingStopped, match="stopped by SIGTERM after epoch 0"):
         trainer.fit(model, data)
     assert len(asked) == 4  # asked before each block: blocks 1-3 ran, the fourth did not
