@@ -42,8 +42,7 @@ from seqexp.core.stopping import EvaluationStopped
 from seqexp.data.sequences import SequenceData
 from seqexp.engine import evaluator as evaluator_module
 from seqexp.models import knn
-from seqexp.models.knn import ExpDecayKNN, ItemKNN
-from seqexp.models.popularity import Popularity
+from seqexp.models.knn import ItemKNN
 from seqexp.run import presets
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,8 +142,7 @@ def child(args: argparse.Namespace) -> dict:
     if args.dense:  # every model through dense score rows (the after side's code)
         evaluator_module.sorted_shared_scores = lambda model: None
     data = lastfm_split(args.scale)
-    kinds = {"pop": Popularity, "itemknn": ItemKNN, "expdecay_knn": ExpDecayKNN}
-    model = kinds[args.model](data.n_items, data.n_users)
+    model = presets.model(args.model, data.n_items, data.n_users)
     state = args.work / f"{args.model}.pt"
     report = {"model": args.model, "side": args.side, "items": data.n_items,
               "users": data.n_users, **data.stats}

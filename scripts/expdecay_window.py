@@ -18,7 +18,6 @@ from pathlib import Path
 
 from bench_models import ml10m_shaped
 
-from seqexp.models.knn import ExpDecayKNN
 from seqexp.run import presets
 
 
@@ -31,11 +30,12 @@ def main() -> None:
     args = parser.parse_args()
     data = ml10m_shaped(args.scale)
     evaluator = presets.evaluator(cutoffs=[20], progress=False)
-    fitted = ExpDecayKNN(data.n_items, data.n_users)
+    fitted = presets.model("expdecay_knn", data.n_items, data.n_users)
     fitted.fit(data)
     ranks, report = {}, {}
     for window in [*args.windows, None]:
-        model = ExpDecayKNN(data.n_items, data.n_users, decay_unit=args.unit, window=window)
+        model = presets.model("expdecay_knn", data.n_items, data.n_users, decay_unit=args.unit,
+                              window=window)
         model.load_state_dict(fitted.state_dict())
         started = time.perf_counter()
         counts = evaluator.rank_counts(model, data, "test")

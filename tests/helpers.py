@@ -26,7 +26,9 @@ from seqexp.data.sequences import SequenceData
 from seqexp.engine.evaluator import Evaluator
 from seqexp.engine.trainer import Trainer, TrainingCallback, TrainSettings
 from seqexp.models import cpu_kernels
+from seqexp.models.recurrent import RecurrentRecommender
 from seqexp.run import presets
+from seqexp.run.registry import registry
 
 
 def tiny_overrides(data_dir: Path, tracking_db: Path | None = None,
@@ -79,6 +81,15 @@ def preprocess(raw: Interactions, split: Mapping, **filters) -> SequenceData:
     dataset = presets.config()["dataset"]
     defaults = {key: dataset[key] for key in ("min_item_support", "drop_repeats")}
     return build_sequences(raw, split, **(defaults | filters))
+
+
+def recurrent(n_items: int, n_users: int, **changes) -> RecurrentRecommender:
+    """The recurrent model of `changes["cell"]` (its preset conf/model/<cell>.yaml; the gru
+    preset for a cell without one, cudnn_gru), with `changes`."""
+    name = changes.get("cell", "gru")
+    if name not in registry().models:
+        name = "gru"
+    return presets.model(name, n_items, n_users, **changes)
 
 
 def run_seqexp(argv: list[str]) -> tuple[int, str]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import SHAPE_ATOL, SHAPE_RTOL, make_evaluator, sequences, switch_cpu_kernel
+from helpers import SHAPE_ATOL, SHAPE_RTOL, make_evaluator, recurrent, sequences, switch_cpu_kernel
 from seqexp.data.batching import prediction_batches
 from seqexp.models import cpu_kernels
 from seqexp.models.base import Recommender
@@ -41,7 +41,7 @@ def _model(cell: str, n_users: int, **options) -> RecurrentRecommender:
     torch.manual_seed(0)
     settings = {"hidden_size": 4, "window": 3, "dropout": 0.0, "dropout_is_keep_prob": False,
                 "user_dropout": 0.0} | options
-    return RecurrentRecommender(N_ITEMS, n_users, cell=cell, **settings)
+    return recurrent(N_ITEMS, n_users, cell=cell, **settings)
 
 
 def _replay(model: RecurrentRecommender, items: list[int], user: int,

@@ -24,6 +24,7 @@ from seqexp.data.synthetic import generate_synthetic
 from seqexp.engine.trainer import Trainer
 from seqexp.models.dream import DREAM
 from seqexp.models.popularity import Popularity
+from seqexp.run import presets
 from seqexp.run.experiment import run_experiment
 
 GAP = 1800
@@ -47,7 +48,8 @@ def reference_states(model: DREAM, baskets: list[list[int]]) -> list[list[float]
 def tiny_model(n_items: int, n_users: int = 2, l2: float = 0.0, **kwargs) -> DREAM:
     """No L2 unless asked: most tests check the recurrence and the BPR term alone."""
     torch.manual_seed(0)
-    model = DREAM(n_items, n_users, hidden_size=3, init_std=0.5, l2=l2, **kwargs).double()
+    model = presets.model("dream", n_items, n_users, hidden_size=3, init_std=0.5, l2=l2,
+                          **kwargs).double()
     with torch.no_grad():
         model.initial.uniform_(-1, 1)  # a non-trivial h_0
     return model
@@ -121,7 +123,7 @@ def test_sampled_negatives_never_fall_in_the_positive_basket():
                              max_events=60, p_successor=0.45, p_favourite=0.2, n_favourites=6,
                              generator_seed=7)
     data = preprocess(raw, split_preset())
-    model = DREAM(data.n_items, data.n_users, hidden_size=4, max_baskets=3)
+    model = presets.model("dream", data.n_items, data.n_users, hidden_size=4, max_baskets=3)
     seq_items = []
     for batch in model.training_batches(data, 7, np.random.default_rng(1)):
         seq = batch.sequences
@@ -235,7 +237,7 @@ def test_dream_beats_popularity_on_synthetic_data():
     evaluator = make_evaluator([20])
     pop = Popularity(data.n_items, data.n_users)
     pop.fit(data)
-    dream = DREAM(data.n_items, data.n_users, hidden_size=32)
+    dream = presets.model("dream", data.n_items, data.n_users, hidden_size=32)
     Trainer(evaluator, train_settings(epochs=8, batch_size=16, lr=0.01, patience=8,
                                      progress=False), seed=0).fit(dream, data)
     got, floor = (evaluator.evaluate(m, data, "test")["mrr_at_20"] for m in (dream, pop))

@@ -21,6 +21,7 @@ from seqexp.engine.ranks import count_ranks, count_sparse_ranks, count_table_ran
 from seqexp.engine.trainer import Trainer
 from seqexp.models.knn import ExpDecayKNN, ItemKNN, cosine_neighbours
 from seqexp.models.popularity import Popularity
+from seqexp.run import presets
 
 SHARED = torch.tensor([3.0, 1.0, 1.0, 2.0, 0.0])
 IDS = torch.tensor([[3, -1], [4, -1], [-1, -1], [1, 0]])
@@ -64,7 +65,7 @@ def test_a_nan_entry_or_shared_score_is_refused():
 
 def test_a_nan_in_an_itemknn_table_is_refused():
     data = _history_data()
-    model = ItemKNN(data.n_items, data.n_users, neighbours=5)
+    model = presets.model("itemknn", data.n_items, data.n_users, neighbours=5)
     model.fit(data)
     model.similarity[3, 0] = torch.nan
     with pytest.raises(SeqexpError, match="NaN"):
@@ -135,10 +136,10 @@ def _history_data(seed: int = 0, n_items: int = 30):
 
 
 def _models(n_items: int, n_users: int):
-    return [Popularity(n_items, n_users), ItemKNN(n_items, n_users, neighbours=5),
-            ItemKNN(n_items, n_users, neighbours=5, popularity_tiebreak=False),
-            ExpDecayKNN(n_items, n_users, neighbours=5, window=None),
-            ExpDecayKNN(n_items, n_users, neighbours=8, window=3, anchor_block=7)]
+    return [Popularity(n_items, n_users), presets.model("itemknn", n_items, n_users, neighbours=5),
+            presets.model("itemknn", n_items, n_users, neighbours=5, popularity_tiebreak=False),
+            presets.model("expdecay_knn", n_items, n_users, neighbours=5, window=None),
+            presets.model("expdecay_knn", n_items, n_users, neighbours=8, window=3, anchor_block=7)]
 
 
 @pytest.mark.parametrize("exclude_seen", [False, True])
@@ -237,7 +238,8 @@ def test_the_sparse_fit_ranks_as_the_dense_fit():
     rng = np.random.default_rng(3)
     users = [list(rng.integers(0, 60, rng.integers(3, 12))) for _ in range(30)]
     data = sequences(users, 60, n_val=[1] * 30, n_test=[2] * 30)
-    model, dense = (ItemKNN(data.n_items, data.n_users, neighbours=4) for _ in range(2))
+    model, dense = (presets.model("itemknn", data.n_items, data.n_users, neighbours=4)
+                    for _ in range(2))
     model.fit(data)
     dense_ids, dense_sims, _ = _dense_fit(data, 4)
     dense.neighbours.copy_(dense_ids)
@@ -262,7 +264,7 @@ def test_the_fit_blocks_give_the_neighbours_of_one_block_and_stop_between_blocks
         asked.append(1)
         return "SIGTERM" if len(asked) == 4 else None
 
-    model = ItemKNN(data.n_items, data.n_users, neighbours=5, fit_block=3)
+    model = presets.model("itemknn", data.n_items, data.n_users, neighbours=5, fit_block=3)
     trainer = Trainer(make_evaluator(), train_settings(), stop_requested=stop_on_fourth_ask, seed=0)
     with pytest.raises(TrainingStopped, match="stopped by SIGTERM after epoch 0"):
         trainer.fit(model, data)

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import SHAPE_ATOL, SHAPE_RTOL, compose_config, timed_sequences, tiny_overrides
+from helpers import (
+    SHAPE_ATOL,
+    SHAPE_RTOL,
+    compose_config,
+    recurrent,
+    timed_sequences,
+    tiny_overrides,
+)
 from seqexp.core.errors import SeqexpError
 from seqexp.data.batching import prediction_batches, window_batches
 from seqexp.models.cells import CELLS
@@ -22,7 +29,7 @@ STEP_CELLS = ["gru", *USER_CELLS]
 
 def model(cell: str, gap: float | None = GAP, n_users: int = 3, **options) -> RecurrentRecommender:
     torch.manual_seed(0)
-    recommender = RecurrentRecommender(n_items=10, n_users=n_users, cell=cell, hidden_size=6,
+    recommender = recurrent(n_items=10, n_users=n_users, cell=cell, hidden_size=6,
                                        window=4, dropout=0.0, dropout_is_keep_prob=False,
                                        user_dropout=0.0, session_gap_s=gap, **options)
     return recommender.eval()

@@ -22,8 +22,8 @@ class HierarchicalGRUCell(GRUCell):
     c' = GRU_usr(s, c), s' = tanh(W_init c' + b_init), and output t is that s', the state the
     next session's first event is predicted from."""
 
-    def __init__(self, hidden_size: int, init_dropout: float = 0.0,
-                 user_state_dropout: float = 0.0) -> None:
+    def __init__(self, hidden_size: int, *, init_dropout: float,
+                 user_state_dropout: float) -> None:
         super().__init__(hidden_size)
         self.state_size = 2 * hidden_size
         self.user_gru = nn.GRUCell(hidden_size, hidden_size)
@@ -72,7 +72,7 @@ class HRNN(RecurrentRecommender):
                             "from the user-level state"),
     }
 
-    def __init__(self, n_items: int, n_users: int, session_gap_s: float | None = None,
+    def __init__(self, n_items: int, n_users: int, *, session_gap_s: float | None,
                  **options) -> None:
         if session_gap_s is None:
             raise SeqexpError("model=hrnn needs session boundaries: set model.session_gap_s "

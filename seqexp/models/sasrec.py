@@ -85,9 +85,8 @@ class SASRec(Recommender):
                            "(memory)", affects_results=False),
     }
 
-    def __init__(self, n_items: int, n_users: int, hidden_size: int = 50, max_len: int = 50,
-                 n_blocks: int = 2, n_heads: int = 1, dropout: float = 0.2,
-                 eval_points: int = 1024) -> None:
+    def __init__(self, n_items: int, n_users: int, *, hidden_size: int, max_len: int,
+                 n_blocks: int, n_heads: int, dropout: float, eval_points: int) -> None:
         super().__init__(n_items, n_users)
         if hidden_size % n_heads:
             raise SeqexpError(f"model.n_heads={n_heads} must divide model.hidden_size="

@@ -38,6 +38,14 @@ def evaluator(overrides: Sequence[str] = (), **changes: Any) -> Evaluator:
     return Evaluator.from_config(config(overrides), **changes)
 
 
+def options(name: str) -> dict[str, Any]:
+    """The constructor arguments model `name` has in the default config (its model.* keys
+    without name, _target_ and _partial_): for a subclass of its class, say."""
+    spec = config([f"model={name}"])["model"]
+    return {key: value for key, value in spec.items()
+            if key not in ("name", "_target_", "_partial_")}
+
+
 def model(name: str, n_items: int, n_users: int, **changes: Any) -> Recommender:
     """Model `name` (conf/model/<name>.yaml, as the default config composes it) for this
     catalogue and these users, with `changes` to its model.* keys (checked by the
