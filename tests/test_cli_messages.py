@@ -26,8 +26,10 @@ from seqexp.run.experiment import run_experiment
     (["-m", "model=gru,linear_ugru", "model.hidden_size=32,64"], None),
     (["--cfg", "job", "model=mf", "model.factors=5"], None),
     (["--help"], None),
-    # an added model key is passed to the constructor: read when it takes that parameter
-    (["model=gru", "+model.threshold=hard"], None),
+    # an added model key is passed to the constructor: read when it takes that parameter,
+    # and then refused where the model's cell has no such option (its class's config_checks)
+    (["model=gru", "+model.threshold=hard"],
+     "model.threshold is not an option of model.cell=gru (its options: none)"),
     (["model=mf", "+model.window=3"], "+model.window=3: nothing would read it"),
     (["model=itemknn", "+model.neighbors=5"], "did you mean model.neighbours?"),
     (["model=gru", "+model.loss=sampled_softmax"],
@@ -76,6 +78,21 @@ except SystemExit as exc:
      ["torch"]),
     (["model=dream", "model.pooling=sum"], "seqexp: error: model.pooling='sum' must be one of "
                                            "max, mean", ["torch"]),
+    # a model class's checks of several keys together (config_checks), with the keys' rules
+    (["model=sasrec", "model.n_heads=3", "model.hidden_size=8"],
+     "seqexp: error: model.n_heads=3 must divide model.hidden_size=8", ["torch"]),
+    (["model=sasrec", "model.n_heads=3"],  # the other key from the model file (50)
+     "seqexp: error: model.n_heads=3 must divide model.hidden_size=50", ["torch"]),
+    (["model=hrnn", "model.session_gap_s=null"],
+     "seqexp: error: model=hrnn needs session boundaries: set model.session_gap_s", ["torch"]),
+    (["model.cell=cudnn_gru", "model.session_gap_s=60"],
+     "seqexp: error: model.session_gap_s needs a cell that can restart its state inside a "
+     "window; model.cell=cudnn_gru cannot", ["torch"]),
+    (["model=rectified_ugru", "model.cell=gru"],
+     "seqexp: error: model.threshold is not an option of model.cell=gru (its options: none)",
+     ["torch"]),
+    (["model=hrnn", "+model.omega=0.5"],
+     "seqexp: error: model.omega is not an option of model.cell=hrnn", ["torch"]),
 ])
 def test_a_refused_value_is_said_before_torch_and_mlflow_are_imported(argv, expected, imported):
     """Refused by the command line's check, before MLflow and any data or run; a key outside
@@ -88,7 +105,10 @@ def test_a_refused_value_is_said_before_torch_and_mlflow_are_imported(argv, expe
 
 
 @pytest.mark.parametrize("argv", [["train.lr=0.003"], ["train.epochs=0"], ["seed=7"],
-                                  ["model=itemknn", "model.neighbours=5"]])
+                                  ["model=itemknn", "model.neighbours=5"],
+                                  ["model=sasrec", "model.n_heads=2", "model.hidden_size=8"],
+                                  ["model=hrnn", "model.session_gap_s=60"],
+                                  ["model=rectified_ugru", "model.omega=0.5"]])
 def test_an_accepted_value_passes_the_check(argv):
     assert check_command_line(argv) is None
 

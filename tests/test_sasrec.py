@@ -11,6 +11,7 @@ from seqexp.core.errors import SeqexpError
 from seqexp.data.batching import prediction_batches
 from seqexp.models.sasrec import SASRec, _training_rows, attention_mask
 from seqexp.run import presets
+from seqexp.run.options import check_model
 
 
 def _model(n_items: int = 6, max_len: int = 4) -> SASRec:
@@ -69,5 +70,8 @@ def test_training_rows_cut_each_user_from_the_end():
 
 
 def test_sasrec_refuses_heads_that_do_not_divide_the_size():
+    """The schema's check (SASRec.config_checks), also of a checkpoint's model block."""
+    node = presets.config(["model=sasrec"])["model"]
+    check_model(node | {"hidden_size": 8, "n_heads": 2})
     with pytest.raises(SeqexpError, match="model.n_heads=3 must divide model.hidden_size=8"):
-        presets.model("sasrec", 5, 2, hidden_size=8, n_heads=3)
+        check_model(node | {"hidden_size": 8, "n_heads": 3})

@@ -6,14 +6,16 @@ evaluation) is RecurrentRecommender's, with the two states carried side by side.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
 
-from seqexp.core.errors import SeqexpError
 from seqexp.core.schema import Key, number
 from seqexp.models.cells import GRUCell
 from seqexp.models.cpu_kernels import ItemInputs
-from seqexp.models.recurrent import RecurrentRecommender
+from seqexp.models.recurrent import RecurrentRecommender, check_cell_options
 
 
 class HierarchicalGRUCell(GRUCell):
@@ -58,10 +60,19 @@ class HierarchicalGRUCell(GRUCell):
         return torch.stack(outputs, dim=1), torch.cat([session, user_state], dim=-1)
 
 
+def check_session_gap(model: Mapping[str, Any]) -> str | None:
+    """HRNN's two levels are sessions and the user: it needs a session gap."""
+    if model.get("session_gap_s") is None:
+        return ("model=hrnn needs session boundaries: set model.session_gap_s (seconds of a gap "
+                "that ends a session, e.g. 1800)")
+    return None
+
+
 class HRNN(RecurrentRecommender):
     """RecurrentRecommender with the hierarchical cell; it needs the session gap."""
 
     cell_types = {"hrnn": HierarchicalGRUCell}
+    config_checks = (check_session_gap, check_cell_options(cell_types, "hrnn"))
 
     config_keys = {
         key: entry for key, entry in RecurrentRecommender.config_keys.items()
@@ -72,9 +83,5 @@ class HRNN(RecurrentRecommender):
                             "from the user-level state"),
     }
 
-    def __init__(self, n_items: int, n_users: int, *, session_gap_s: float | None,
-                 **options) -> None:
-        if session_gap_s is None:
-            raise SeqexpError("model=hrnn needs session boundaries: set model.session_gap_s "
-                              "(seconds of a gap that ends a session, e.g. 1800)")
+    def __init__(self, n_items: int, n_users: int, *, session_gap_s: float, **options) -> None:
         super().__init__(n_items, n_users, cell="hrnn", session_gap_s=session_gap_s, **options)
