@@ -79,9 +79,9 @@ def load_baseline(checkout: Path):
 
 def variants(args, evaluator) -> dict:
     """name -> evaluator."""
-    settings = {"cutoffs": evaluator.cutoffs, "batch_users": evaluator.batch_users,
-                "max_block_elements": evaluator.max_block_elements,
-                "exclude_seen": evaluator.exclude_seen}
+    settings = {key: getattr(evaluator, key) for key in (
+        "cutoffs", "batch_users", "max_block_elements", "exclude_seen", "progress",
+        "val_max_scores", "seed")}
     out = {"current": evaluator}
     if args.baseline is not None:
         out[f"baseline {args.baseline}"] = load_baseline(args.baseline).Evaluator(**settings)

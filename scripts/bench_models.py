@@ -59,7 +59,9 @@ def ml10m_shaped(scale: float, seed: int = 0):
         min_events=20, max_events=266, p_successor=0.45, p_favourite=0.2, n_favourites=6,
         generator_seed=seed,
     )
-    return build_sequences(raw, presets.config()["split"])
+    cfg = presets.config()  # the default split and dataset filters
+    return build_sequences(raw, cfg["split"], min_item_support=cfg["dataset"]["min_item_support"],
+                           drop_repeats=cfg["dataset"]["drop_repeats"])
 
 
 def bench_model(name: str, overrides: list[str], data, epochs: int, device: torch.device,
