@@ -72,7 +72,6 @@ class HRNN(RecurrentRecommender):
     """RecurrentRecommender with the hierarchical cell; it needs the session gap."""
 
     cell_types = {"hrnn": HierarchicalGRUCell}
-    config_checks = (check_session_gap, check_cell_options(cell_types, "hrnn"))
 
     config_keys = {
         key: entry for key, entry in RecurrentRecommender.config_keys.items()
@@ -82,6 +81,7 @@ class HRNN(RecurrentRecommender):
         "init_dropout": Key(number(0.0, 1.0), "hrnn: dropout of the session state projected "
                             "from the user-level state"),
     }
+    config_checks = (check_session_gap, check_cell_options(cell_types, config_keys, "hrnn"))
 
     def __init__(self, n_items: int, n_users: int, *, session_gap_s: float, **options) -> None:
         super().__init__(n_items, n_users, cell="hrnn", session_gap_s=session_gap_s, **options)
