@@ -34,16 +34,19 @@ def cell_options(cell: type[nn.Module]) -> list[str]:
     return list(inspect.signature(cell).parameters)[1:]
 
 
-def check_cell_options(cells: Mapping[str, type[nn.Module]], fixed_cell: str | None = None
-                       ) -> ModelCheck:
-    """The check that every key of a model block besides the constructor's own arguments is an
-    option of its cell (model.cell's among `cells`, or `fixed_cell`)."""
+def check_cell_options(cells: Mapping[str, type[nn.Module]], keys: Mapping[str, Key],
+                       fixed_cell: str | None = None) -> ModelCheck:
+    """The check that each key of a model block that is no key of the model's own (`keys`,
+    its class's config_keys, less the cells' options) is an option of its cell (model.cell's
+    among `cells`, or `fixed_cell`)."""
+    any_cells = {option for cell in cells.values() for option in cell_options(cell)}
+    own = set(keys) - any_cells
+
     def check(model: Mapping[str, Any]) -> str | None:
         cell = fixed_cell or model.get("cell")
         if cell not in cells:  # model.cell's own rule names the cells
             return None
         accepted = cell_options(cells[cell])
-        own = inspect.signature(RecurrentRecommender.__init__).parameters
         unknown = [key for key in model
                    if key not in own and key not in MODEL_KEYS and key not in accepted]
         if unknown:
@@ -106,7 +109,7 @@ class RecurrentRecommender(Recommender):
                      "learned)"),
     }
     cell_types = CELLS  # the cells model.cell names
-    config_checks = (check_cell_options(CELLS), check_session_cell)
+    config_checks = (check_cell_options(CELLS, config_keys), check_session_cell)
 
     def __init__(
         self,
