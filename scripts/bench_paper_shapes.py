@@ -176,6 +176,7 @@ def run_model(spec: dict) -> None:
 
     from seqexp.core.stopping import EvaluationStopped
     from seqexp.data.loading import load_dataset
+    from seqexp.data.sequences import validation_sample
     from seqexp.engine.evaluator import phase_targets
     from seqexp.engine.trainer import ProgressLog, TrainingCallback, training_pairs
     from seqexp.run.experiment import (
@@ -223,11 +224,13 @@ def run_model(spec: dict) -> None:
     print(json.dumps({"info": info}), flush=True)
 
     def evaluate(phase: str, name: str) -> bool:
-        phases.start(name, phase_targets(data, phase))
+        ranked = (validation_sample(data, evaluator.val_max_scores, evaluator.seed)
+                  if phase == "val" else data)  # the events the evaluator ranks
+        phases.start(name, phase_targets(ranked, phase))
         try:
             counts = evaluator.rank_counts(model, data, phase, phases.stop_check)
         except EvaluationStopped:
-            phases.end(phase_targets(data, phase), cut=True)
+            phases.end(phase_targets(ranked, phase), cut=True)
             return False
         metrics = counts.metrics(evaluator.cutoffs)
         phases.end(len(counts.greater), mrr_at_20=metrics.get("mrr_at_20"),

@@ -48,12 +48,13 @@ cli_check() {
   python - "$work/mlflow.db" "$device" <<'PY'
 import sys
 from mlflow.tracking import MlflowClient
+from seqexp.core.metric_names import flat_metrics
 client = MlflowClient(f"sqlite:///{sys.argv[1]}")
 run = client.search_runs([client.get_experiment_by_name("seqexp").experiment_id])[0]
 assert run.info.status == "FINISHED", run.info
 assert run.data.tags["device"].startswith(sys.argv[2]), run.data.tags
 print("run read back:", run.info.status, run.data.tags["device"],
-      {k: round(v, 5) for k, v in run.data.metrics.items()
+      {k: round(v, 5) for k, v in flat_metrics(run.data.metrics).items()
        if k.startswith("test_") and k.endswith("_at_20")})
 PY
 }

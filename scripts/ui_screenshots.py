@@ -36,6 +36,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from playwright.sync_api import Page, sync_playwright
 
+from seqexp.core.metric_names import headline_metric
 from seqexp.core.resources import config_dir
 from seqexp.run.experiment import run_experiment
 from seqexp.run.tracking import RUNS_TABLE_QUERY, Tracker, experiment_page
@@ -47,6 +48,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]
 VIEWPORT = {"width": 1720, "height": 800}
+COMPARE_VIEWPORT = {"width": 1720, "height": 960}
 MODELS = ("pop", "itemknn", "gru")
 # Small enough to make in seconds: ~40 users, 2 epochs, hidden size 16, one thread.
 TINY_RUN = ["dataset.n_users=40", "dataset.n_items=50", "dataset.min_events=10",
@@ -177,6 +179,28 @@ def open_comparison(page: Page, address: str, experiment_id: str, run_ids: list[
     page.get_by_text("Comparing ").first.scroll_into_view_if_needed()  # the clicks scrolled
 
 
+def compared_metrics(page: Page) -> list[tuple[str, list[str]]]:
+    """The rows of the comparison's metrics box that show without scrolling it: each metric's
+    name and its value per run, as drawn. The box is two react-virtualized grids (names,
+    values) 300 px tall, whose cells are placed by their offset: read in one pass, since a
+    grid scrolled by a script may show values beside the wrong names until redrawn."""
+    grids = page.locator(".ReactVirtualized__Grid")
+    grids.nth(1).locator("span").first.wait_for()
+    names, values = (grids.nth(i).evaluate(
+        """grid => [grid.clientHeight, [...grid.querySelectorAll(
+            '.ReactVirtualized__Grid__innerScrollContainer > div')].map(
+            cell => [cell.offsetTop + cell.offsetHeight, cell.offsetLeft, cell.innerText])]""")
+        for i in (0, 1))
+    rows: dict[int, tuple[str, list[str]]] = {}
+    for bottom, _, name in sorted(names[1]):
+        if bottom <= names[0]:
+            rows[bottom] = (name.strip(), [])
+    for bottom, _, value in sorted(values[1]):
+        if bottom in rows:
+            rows[bottom][1].append(value.strip())
+    return [rows[bottom] for bottom in sorted(rows)]
+
+
 def open_run_charts(page: Page, address: str, experiment_id: str, run_id: str) -> None:
     """A run's page on its metric charts, once the first section is drawn (MLflow fetches
     every metric's history first: slow on a busy machine)."""
@@ -184,6 +208,14 @@ def open_run_charts(page: Page, address: str, experiment_id: str, run_id: str) -
     page.get_by_text("train_loss", exact=True).first.wait_for(timeout=3 * PAGE_TIMEOUT_MS)
     page.get_by_text("Step").first.wait_for(timeout=3 * PAGE_TIMEOUT_MS)  # a drawn curve
     close_assistant(page)
+
+
+def chart_sections(page: Page) -> list[str]:
+    """The sections of a run's chart page, in the order drawn: each is headed by its name and
+    its number of charts, `(14)`."""
+    return page.evaluate("""() => [...document.querySelectorAll('div, span')].filter(
+        node => node.children.length === 0 && /^[(][0-9]+[)]$/.test(node.innerText.trim()))
+        .map(count => count.parentElement.innerText.split('\\n')[0].trim())""")
 
 
 def open_sweep_report(page: Page, address: str, experiment_id: str, parent: tuple[str, str]
@@ -210,8 +242,10 @@ def screenshots(page: Page, address: str, experiment_id: str, run_ids: list[str]
     open_run_charts(page, address, experiment_id, run_ids[-1])
     page.screenshot(path=shots["run-charts"])
     open_comparison(page, address, experiment_id, compared)
-    page.get_by_text("epoch/train_loss", exact=True).first.wait_for()
+    page.set_viewport_size(COMPARE_VIEWPORT)  # down to the bottom of the metrics' box
+    page.get_by_text(headline_metric("mrr", VIEW_CUTOFF), exact=True).first.wait_for()
     page.screenshot(path=shots["compare"])
+    page.set_viewport_size(VIEWPORT)
     open_sweep_report(page, address, experiment_id, parent)
     page.screenshot(path=shots["sweep-report"])
     return list(shots.values())

@@ -42,11 +42,13 @@ def test_seqexp_run_is_recorded_in_mlflow_db_of_the_launch_directory(tmp_path):
         "dataset.n_users=40,model.hidden_size=16,train.batch_size=16,train.epochs=2")
     m, p, tags = run.data.metrics, run.data.params, run.data.tags
     # MLflow's names: one section per group (seqexp.core.metric_names)
-    for key in ("test/mrr_at_20", "test/recall_at_20", "test_ties/mrr_at_20_optimistic",
-                "test_ties/mrr_at_20_expected", "epoch/train_loss", "epoch/train_events_per_s",
+    for key in ("epoch/test/mrr_at_20", "epoch/test/recall_at_20", "test/mrr_at_5",
+                "test_ties/mrr_at_20_optimistic",
+                "test_ties/mrr_at_20_expected", "epoch/train_loss", "epoch/time/train_events_per_s",
                 "run/test_oov_dropped", "run/best_epoch", "test_by_history/q1_mrr_at_20"):
         assert key in m, key
-    assert 0.0 <= m["test/mrr_at_20"] <= m["test/recall_at_20"] <= 1.0
+    assert "test/mrr_at_20" not in m  # the headline is logged once, under epoch/test/
+    assert 0.0 <= m["epoch/test/mrr_at_20"] <= m["epoch/test/recall_at_20"] <= 1.0
     history = client.get_metric_history(run.info.run_id, "epoch/val_mrr_at_20")
     assert sorted(h.step for h in history) == [1, 2]
     assert p["train.epochs"] == "2" and p["model.hidden_size"] == "16"
@@ -63,7 +65,8 @@ def test_seqexp_run_is_recorded_in_mlflow_db_of_the_launch_directory(tmp_path):
     assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == [
         "checkpoints/best.pt"]
     local = Path(client.download_artifacts(run.info.run_id, "metrics.json", str(tmp_path)))
-    assert json.loads(local.read_text())["test_mrr_at_20"] == pytest.approx(m["test/mrr_at_20"])
+    assert json.loads(local.read_text())["test_mrr_at_20"] == pytest.approx(
+        m["epoch/test/mrr_at_20"])
     # Hydra's run folder stays under outputs/ of the launch directory
     assert list((tmp_path / "outputs").glob("*/*/.hydra/config.yaml"))
 
@@ -113,7 +116,7 @@ def test_ctrl_c_ends_the_run_killed_with_finished_epochs_kept(tmp_path, store_ur
     assert run.info.status == "KILLED"
     history = client.get_metric_history(run.info.run_id, "epoch/val_mrr_at_20")
     assert [h.step for h in history] == [1]
-    assert "test/mrr_at_20" not in run.data.metrics
+    assert "epoch/test/mrr_at_20" not in run.data.metrics
     assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == [
         "checkpoints/best.pt"]
     assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -197,7 +200,8 @@ def test_the_shipped_sample_csv_runs_with_the_readmes_command(tmp_path):
     assert (p["data.n_users"], run.data.tags["dataset"]) == ("40", "csv")
     assert int(p["data.train_events"]) + int(p["data.val_events"]) + int(
         p["data.test_events"]) == 600
-    assert 0 < run.data.metrics["test/mrr_at_20"] <= run.data.metrics["test/recall_at_20"] < 1
+    m = run.data.metrics
+    assert 0 < m["epoch/test/mrr_at_20"] <= m["epoch/test/recall_at_20"] < 1
 
 
 def test_a_csv_file_of_ones_own_runs_as_the_readme_shows(tmp_path):
@@ -223,7 +227,8 @@ def test_a_csv_file_of_ones_own_runs_as_the_readme_shows(tmp_path):
         "240", "0", "60")
     # every next item is the one after the last in the cycle, the top neighbour of item-kNN
     assert m["test/n_events"] == 60 and m["run/test_oov_dropped"] == 0
-    assert 0 < m["test/mrr_at_20"] <= m["test_ties/mrr_at_20_expected"] <= m[
+    assert 0 < m["epoch/test/mrr_at_20"] <= m["test_ties/mrr_at_20_expected"] <= m[
         "test_ties/mrr_at_20_optimistic"] <= 1
     local = Path(client.download_artifacts(run.info.run_id, "metrics.json", str(tmp_path)))
-    assert json.loads(local.read_text())["test_mrr_at_20"] == pytest.approx(m["test/mrr_at_20"])
+    assert json.loads(local.read_text())["test_mrr_at_20"] == pytest.approx(
+        m["epoch/test/mrr_at_20"])

@@ -64,7 +64,7 @@ def test_a_run_that_fits_logs_its_estimate_and_its_metrics_are_unchanged(tmp_pat
                         if not k.endswith(("_seconds", "_per_s"))})  # the clock's
         outputs.append(output)
     assert metrics[0] == metrics[1]
-    assert "test/mrr_at_20" in metrics[0] and "epoch/train_loss" in metrics[0]
+    assert "epoch/test/mrr_at_20" in metrics[0] and "epoch/train_loss" in metrics[0]
     (line,) = [line for line in outputs[0].splitlines() if "memory estimate: ~" in line]
     for part in ("parameters", "gradients", "optimiser state", "activations", "logits",
                  "evaluation block", "; the machine has "):

@@ -99,10 +99,10 @@ def test_a_run_stores_the_view_its_address_names(store_uri):
     tracker.show_runs_view(10)
     tags = MlflowClient(store_uri).get_experiment(tracker.experiment_id).tags
     view = json.loads(tags[f"mlflow.sharedViewState.{runs_view_key(10)}"])
-    assert view["orderByKey"] == "metrics.`test/mrr_at_10`" and view["orderByAsc"] is False
+    assert view["orderByKey"] == "metrics.`epoch/test/mrr_at_10`" and view["orderByAsc"] is False
     assert view["selectedColumns"][:6] == [
-        "tags.`model`", "tags.`dataset`", "tags.`seed`", "metrics.`test/mrr_at_10`",
-        "metrics.`test/recall_at_10`", "metrics.`test/ndcg_at_10`"]
+        "tags.`model`", "tags.`dataset`", "tags.`seed`", "metrics.`epoch/test/mrr_at_10`",
+        "metrics.`epoch/test/recall_at_10`", "metrics.`epoch/test/ndcg_at_10`"]
     assert f"viewStateShareKey={runs_view_key(10)}" in ui_hint(store_uri, "1", 10)
 
 

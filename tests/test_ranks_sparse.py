@@ -19,6 +19,8 @@ from seqexp.engine import evaluator as evaluator_module
 from seqexp.engine import ranks as ranks_module
 from seqexp.engine.ranks import count_ranks, count_sparse_ranks, count_table_ranks, prepare_table
 from seqexp.engine.trainer import Trainer
+from seqexp.models import cpu_kernels
+from seqexp.models import knn as knn_module
 from seqexp.models.knn import ExpDecayKNN, ItemKNN, cosine_neighbours
 from seqexp.models.popularity import Popularity
 from seqexp.run import presets
@@ -34,7 +36,7 @@ def _sparse(targets, ids, scores, excluded=None, shared=SHARED):
                               excluded)
 
 
-def test_hand_computed_counts_of_shared_plus_sparse_scores():
+def test_hand_computed_counts_of_shared_plus_sparse_scores(cpu_kernels_switch):
     # point 0: scores [3, 1, 1, 1, 0], target 1 -> above: item 0; level: items 2, 3
     # point 1: scores [3, 1, 1, 2, 5], target 4 -> the best item
     # point 2: scores [3, 1, 1, 2, 0] (padding only), target 2 -> above 0, 3; level 1
@@ -50,7 +52,7 @@ def test_hand_computed_counts_of_shared_plus_sparse_scores():
     assert equal.tolist() == [1, 0, 0, 1]
 
 
-def test_a_nan_entry_or_shared_score_is_refused():
+def test_a_nan_entry_or_shared_score_is_refused(cpu_kernels_switch):
     with pytest.raises(SeqexpError, match="NaN"):
         _sparse(TARGETS, IDS, torch.where(IDS == 4, torch.nan, ENTRIES))
     shared = SHARED.clone()
@@ -85,13 +87,21 @@ dtype_np = {torch.float32: np.float32, torch.float64: np.float64}
 @settings(max_examples=300, deadline=None, database=None)
 @given(seed=st.integers(0, 2**32 - 1), n_items=st.integers(1, 40), points=st.integers(0, 12),
        width=st.integers(0, 12), levels=st.integers(1, 6), chunk=st.integers(1, 50),
-       rows=st.integers(0, 5), dtype=st.sampled_from([torch.float32, torch.float64]))
+       rows=st.integers(0, 5), dtype=st.sampled_from([torch.float32, torch.float64]),
+       kernels=st.booleans())
 def test_sparse_counts_equal_the_dense_counts_with_ties_and_exclusions(
-        seed, n_items, points, width, levels, chunk, rows, dtype):
+        seed, n_items, points, width, levels, chunk, rows, dtype, kernels):
     """Scores drawn from a few levels (many ties between shared and entry scores, negative
     zero among them), entries on the target or not, padding anywhere, excluded items with and
     without an entry; the entries given per point and as rows of a table (among `rows`
-    others) that the points name; float32 (packed row sorts) and float64 scores."""
+    others) that the points name; float32 (packed row sorts) and float64 scores; the counts
+    in compiled code (CPU kernel sparse_entries) or in whole-tensor operations."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu_kernels, "_enabled", set(cpu_kernels.KERNELS) if kernels else set())
+        _check_sparse_counts(seed, n_items, points, width, levels, chunk, rows, dtype)
+
+
+def _check_sparse_counts(seed, n_items, points, width, levels, chunk, rows, dtype):
     rng = np.random.default_rng(seed)
     values = np.array([-1.5, -0.0, 0.0, 0.25, 1.0, 7.0], dtype=dtype_np[dtype])[:levels]
     shared = torch.from_numpy(rng.choice(values, n_items))
@@ -145,7 +155,7 @@ def _models(n_items: int, n_users: int):
 @pytest.mark.parametrize("exclude_seen", [False, True])
 @pytest.mark.parametrize("index", range(5))
 def test_the_evaluators_sparse_path_gives_the_dense_paths_counts(index, exclude_seen,
-                                                                  monkeypatch):
+                                                                  monkeypatch, cpu_kernels_switch):
     data = _history_data()
     model = _models(data.n_items, data.n_users)[index]
     model.fit(data)
@@ -184,7 +194,7 @@ def _batches(data):
     return prediction_batches(data, "test", 64)
 
 
-def test_the_sparse_entries_are_the_dense_scores_where_they_differ():
+def test_the_sparse_entries_are_the_dense_scores_where_they_differ(cpu_kernels_switch):
     data = _history_data(1)
     for model in _models(data.n_items, data.n_users)[1:]:
         model.fit(data)
@@ -218,15 +228,19 @@ def _dense_fit(data, k):
 
 @settings(max_examples=60, deadline=None, database=None)
 @given(seed=st.integers(0, 2**32 - 1), n_items=st.integers(2, 30), k=st.integers(1, 8),
-       block=st.one_of(st.none(), st.integers(1, 7)), max_block=st.integers(1, 400))
+       block=st.one_of(st.none(), st.integers(1, 7)), max_block=st.integers(1, 400),
+       wide_counts=st.booleans())
 def test_the_sparse_fit_keeps_the_dense_fits_neighbours_with_ties_broken_by_item_id(
-        seed, n_items, k, block, max_block):
+        seed, n_items, k, block, max_block, wide_counts):
     """Few users, few items: equal similarities everywhere, rows with fewer than k
-    neighbours, items nobody trained on; blocks of items or of multiply-adds."""
+    neighbours, items nobody trained on; blocks of items or of co-occurrence counts; uint16
+    or (as beyond 65,535 users) int32 counters."""
     rng = np.random.default_rng(seed)
     users = [list(rng.integers(0, n_items, rng.integers(2, 9))) for _ in range(6)]
     data = sequences(users, n_items)
-    ids, sims = cosine_neighbours(data, k, torch.device("cpu"), block, max_block=max_block)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(knn_module, "UINT16_USERS", -1 if wide_counts else knn_module.UINT16_USERS)
+        ids, sims = cosine_neighbours(data, k, torch.device("cpu"), block, max_block=max_block)
     dense_ids, dense_sims, topk_values = _dense_fit(data, k)
     assert torch.equal(ids, dense_ids) and torch.equal(sims, dense_sims)
     # the same similarities as torch.topk's (only the choice among equal ones is now fixed)

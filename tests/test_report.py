@@ -104,7 +104,8 @@ def _tracked(tracker: Tracker, model: str, dataset: str, seed: int, mrr: float, 
         "model": model, "dataset": dataset, "seed": str(seed), **(tags or {})})
     tracker.log_params({"model.name": model, "seed": str(seed), "train.lr": "0.001"})
     if status == "FINISHED":
-        tracker.log_metrics({"test_mrr_at_20": mrr, "test_recall_at_20": recall})
+        tracker.log_metrics({"test_mrr_at_20": mrr, "test_recall_at_20": recall},
+                            headline_cutoff=20)
     tracker.end(status)
     return run_id
 
@@ -448,20 +449,25 @@ def test_the_charts_legend_lists_only_drawn_series_and_says_what_the_error_bars_
     assert (tmp_path / "chart.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_an_older_stores_flat_metric_names_are_read_like_the_sectioned_ones(tmp_path, store_uri,
-                                                                           capsys):
+def test_an_older_stores_metric_names_are_read_like_the_current_ones(tmp_path, store_uri, capsys):
     tracker = Tracker(store_uri, "mixed")
-    _tracked(tracker, "gru", "lastfm", 1, 0.10, 0.20)  # test/mrr_at_20, test/recall_at_20
-    old = tracker.start("gru-lastfm-2", {"model": "gru", "dataset": "lastfm", "seed": "2"})
-    tracker.log_params({"model.name": "gru", "seed": "2", "train.lr": "0.001"})
-    MlflowClient(store_uri).log_metric(old, "test_mrr_at_20", 0.14)  # as seqexp logged before
-    MlflowClient(store_uri).log_metric(old, "test_recall_at_20", 0.22)
-    tracker.end("FINISHED")
+    current = _tracked(tracker, "gru", "lastfm", 1, 0.10, 0.20)
+    client = MlflowClient(store_uri)
+    assert {"epoch/test/mrr_at_20", "epoch/test/recall_at_20"} == set(
+        client.get_run(current).data.metrics)
+    for seed, names, mrr, recall in ((2, ("test_mrr_at_20", "test_recall_at_20"), 0.14, 0.22),
+                                     (3, ("test/mrr_at_20", "test/recall_at_20"), 0.12, 0.23)):
+        old = tracker.start(f"gru-lastfm-{seed}", {"model": "gru", "dataset": "lastfm",
+                                                   "seed": str(seed)})
+        tracker.log_params({"model.name": "gru", "seed": str(seed), "train.lr": "0.001"})
+        for name, value in zip(names, (mrr, recall), strict=True):  # as seqexp logged before
+            client.log_metric(old, name, value)
+        tracker.end("FINISHED")
     main(["--tracking-uri", store_uri, "--experiment", "mixed", "--out", str(tmp_path / "out")])
     row = next(csv.DictReader((tmp_path / "out" / "mixed.csv").open()))
-    assert (row["lastfm_mrr_at_20_n"], float(row["lastfm_mrr_at_20_mean"])) == ("2",
+    assert (row["lastfm_mrr_at_20_n"], float(row["lastfm_mrr_at_20_mean"])) == ("3",
                                                                                 pytest.approx(0.12))
-    assert float(row["lastfm_recall_at_20_mean"]) == pytest.approx(0.21)
+    assert float(row["lastfm_recall_at_20_mean"]) == pytest.approx(0.65 / 3)
 
 
 def test_the_dagger_names_the_baseline_row_when_the_baseline_model_has_several_rows():

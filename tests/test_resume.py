@@ -472,7 +472,7 @@ def test_submitit_local_requeues_a_signalled_job_which_resumes(tmp_path, shared,
     assert job.info.status == "FINISHED" and job.data.tags["resumes"] == "1"
     baseline, expected_history = baselines("gru")
     assert val_history(client, job.info.run_id) == expected_history
-    assert job.data.metrics["test/mrr_at_20"] == baseline.metrics["test_mrr_at_20"]
+    assert job.data.metrics["epoch/test/mrr_at_20"] == baseline.metrics["test_mrr_at_20"]
 
 
 def test_environment_is_recorded():
@@ -521,7 +521,7 @@ def test_sigterm_after_training_ends_the_run_killed_and_a_resume_finishes_it(
             run_in_process("gru", tmp_path, shared, "run")
     run = only_run(store)
     assert run.info.status == "KILLED"
-    assert "test/mrr_at_20" not in run.data.metrics or moment == "artifact logging"
+    assert "epoch/test/mrr_at_20" not in run.data.metrics or moment == "artifact logging"
     resumed = run_in_process("gru", tmp_path, shared, "again", [f"resume={run.info.run_id}"])
     assert resumed.run_id == run.info.run_id and resumed.metrics == baseline.metrics
     assert store.get_run(run.info.run_id).info.status == "FINISHED"

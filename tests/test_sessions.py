@@ -162,5 +162,5 @@ def test_a_session_scoped_run_through_the_experiment_is_recorded(tmp_path):
             for run in client.search_runs(client.get_experiment_by_name("seqexp")
                                           .experiment_id)}
     assert set(runs) == {"None", "3600"}
-    assert runs["3600"].data.metrics["test/mrr_at_20"] == pytest.approx(
+    assert runs["3600"].data.metrics["epoch/test/mrr_at_20"] == pytest.approx(
         scoped.metrics["test_mrr_at_20"])

@@ -87,15 +87,15 @@ def test_joblib_multirun_nests_parallel_jobs_under_one_parent_and_reports_them(t
     carried = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert carried == {f"report/{name}.{ext}" for ext in ("md", "csv", "tex", "png")} | {
         f"report/{name}_mrr_by_history.png"}
-    for key in ("test/mrr_at_20", "test/recall_at_20", "run/best_epoch"):
+    for key in ("epoch/test/mrr_at_20", "epoch/test/recall_at_20", "run/best_epoch"):
         assert parent.data.metrics[key] == best.data.metrics[key], key
 
     report = seqexp(["--sweep-id", parent.data.tags["sweep_id"], "--out", "report"],
                     cwd=tmp_path, module="seqexp.apps.report")
     assert report.returncode == 0, report.stderr[-3000:]
     out = tmp_path / "report"
-    mrr = [c.data.metrics["test/mrr_at_20"] for c in children]
-    recall = [c.data.metrics["test/recall_at_20"] for c in children]
+    mrr = [c.data.metrics["epoch/test/mrr_at_20"] for c in children]
+    recall = [c.data.metrics["epoch/test/recall_at_20"] for c in children]
     (row,) = list(csv.DictReader((out / f"{name}.csv").open()))
     assert (row["model"], row["synthetic_mrr_at_20_n"]) == ("gru", "2")
     assert float(row["synthetic_mrr_at_20_mean"]) == pytest.approx(statistics.fmean(mrr))

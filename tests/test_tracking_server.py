@@ -57,7 +57,7 @@ def test_both_seqexp_runs_read_back_from_the_server_with_metrics_and_artifacts(t
     for run in runs:
         assert run.info.status == "FINISHED"
         metrics = run.data.metrics
-        assert 0.0 <= metrics["test/mrr_at_20"] <= metrics["test/recall_at_20"] <= 1.0
+        assert 0.0 <= metrics["epoch/test/mrr_at_20"] <= metrics["epoch/test/recall_at_20"] <= 1.0
         assert run.data.params["model.name"] == run.data.tags["model"]
         history = client.get_metric_history(run.info.run_id, "epoch/val_mrr_at_20")
         assert [h.step for h in sorted(history, key=lambda h: h.step)] == list(
@@ -65,7 +65,7 @@ def test_both_seqexp_runs_read_back_from_the_server_with_metrics_and_artifacts(t
         # artifacts went through the server (--serve-artifacts) and come back the same way
         local = client.download_artifacts(run.info.run_id, "metrics.json", str(tmp_path))
         saved = json.loads(Path(local).read_text())
-        assert saved["test_mrr_at_20"] == pytest.approx(metrics["test/mrr_at_20"])
+        assert saved["test_mrr_at_20"] == pytest.approx(metrics["epoch/test/mrr_at_20"])
 
 
 @pytest.mark.skipif(not POSTGRES, reason="SEQEXP_TEST_POSTGRES_URI not set")
@@ -83,11 +83,11 @@ def test_the_server_keeps_the_runs_in_postgresql():
                 {"name": EXPERIMENT}).all()
             metric = connection.execute(sqlalchemy.text(
                 "SELECT value FROM latest_metrics WHERE run_uuid = :run AND key = "
-                "'test/mrr_at_20'"), {"run": runs[0].info.run_id}).scalar_one()
+                "'epoch/test/mrr_at_20'"), {"run": runs[0].info.run_id}).scalar_one()
     finally:
         engine.dispose()
     assert sorted(stored) == sorted((r.info.run_id, "FINISHED") for r in runs)
-    assert metric == pytest.approx(runs[0].data.metrics["test/mrr_at_20"])
+    assert metric == pytest.approx(runs[0].data.metrics["epoch/test/mrr_at_20"])
 
 
 def http_status(path: str, login: tuple[str, str] | None = None) -> int:

@@ -6,7 +6,7 @@ A run's estimate (docs/long-runs.md, "Memory estimate") counts, at float32:
 - the model's tensors: its parameters and buffers (a closed-form model's fitted tables are
   buffers made by its constructor);
 - their gradients and the optimiser's state (seqexp.engine.trainer.OPTIMIZER_STATES);
-- a closed-form fit's scratch: the model's `fit_elements` (item-kNN's similarity block);
+- a closed-form fit's scratch: the model's `fit_elements` (item-kNN's neighbour keys);
 - one training step: the model's `step_elements` (activations, logits or scores);
 - one evaluation score block (the evaluator's points x items block and its comparison).
 The fit, a training step and an evaluation never hold their memory at once: the peak is the

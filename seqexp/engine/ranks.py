@@ -10,10 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+import numba
 import numpy as np
 import torch
 
 from seqexp.core.errors import SeqexpError
+from seqexp.models import cpu_kernels
 
 
 def count_ranks(
@@ -98,27 +100,18 @@ def count_sparse_ranks(
     the score it has for that point. Comparisons only: the counts are those of count_ranks.
     """
     n_points = len(targets)
-    safe = ids.clamp_min(0)
-    base = shared[safe]
-    # a padding entry "moves" its item from the shared score to the same score: no change
-    own = torch.where(ids >= 0, scores.to(shared.dtype), base)
-    if torch.isnan(own.sum()):
-        check_finite(own)
-    target_score = shared[targets]
-    if ids.shape[1]:
-        at_target = ids == targets[:, None]
-        column = at_target.to(torch.int8).argmax(1, keepdim=True)
-        target_score = torch.where(at_target.any(1), own.gather(1, column)[:, 0], target_score)
-    level_or_below = torch.searchsorted(ordered, target_score, right=True)
-    below = torch.searchsorted(ordered, target_score)
-    greater = (len(shared) - level_or_below).to(torch.int32)
-    equal = (level_or_below - below - 1).to(torch.int32)  # − the target itself
-    if ids.shape[1]:
-        point_score = target_score[:, None]
-        greater += ((own > point_score).sum(1, dtype=torch.int32)
-                    - (base > point_score).sum(1, dtype=torch.int32))
-        equal += ((own == point_score).sum(1, dtype=torch.int32)
-                  - (base == point_score).sum(1, dtype=torch.int32))
+    own = scores.to(shared.dtype)
+    if cpu_kernels.active("sparse_entries", ids.device) and ids.shape[1]:
+        target_score = shared[targets]
+        moved = torch.zeros(2, n_points, dtype=torch.int32)
+        if _entry_moves(shared.numpy(), own.numpy(), ids.numpy(), targets.numpy(),
+                        target_score.numpy(), moved.numpy()):
+            check_finite(torch.where(ids >= 0, own, 0.0))
+        greater, equal = _shared_counts(ordered, target_score)
+        greater += moved[0]
+        equal += moved[1]
+    else:
+        greater, equal, target_score = _tensor_counts(ordered, targets, ids, own, shared)
     if excluded is not None and n_points:
         point, item = excluded
         score = _excluded_scores(shared, ids, own, point, item)
@@ -126,6 +119,70 @@ def count_sparse_ranks(
         for counts, taken in ((greater, point[score > target]), (equal, point[score == target])):
             counts.index_add_(0, taken, torch.ones_like(taken, dtype=counts.dtype), alpha=-1)
     return greater, equal
+
+
+def _shared_counts(ordered: torch.Tensor, target_score: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two binary searches in the sorted shared scores: how many lie above and level with
+    each target score (less the target itself)."""
+    level_or_below = torch.searchsorted(ordered, target_score, right=True)
+    below = torch.searchsorted(ordered, target_score)
+    return ((len(ordered) - level_or_below).to(torch.int32),
+            (level_or_below - below - 1).to(torch.int32))
+
+
+def _tensor_counts(ordered: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor,
+                   scores: torch.Tensor, shared: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """count_sparse_ranks' counts and target scores in whole-tensor operations (any device)."""
+    base = shared[ids.clamp_min(0)]
+    # a padding entry "moves" its item from the shared score to the same score: no change
+    own = torch.where(ids >= 0, scores, base)
+    if torch.isnan(own.sum()):
+        check_finite(own)
+    target_score = shared[targets]
+    if ids.shape[1]:
+        at_target = ids == targets[:, None]
+        column = at_target.to(torch.int8).argmax(1, keepdim=True)
+        target_score = torch.where(at_target.any(1), own.gather(1, column)[:, 0], target_score)
+    greater, equal = _shared_counts(ordered, target_score)
+    if ids.shape[1]:
+        point_score = target_score[:, None]
+        greater += ((own > point_score).sum(1, dtype=torch.int32)
+                    - (base > point_score).sum(1, dtype=torch.int32))
+        equal += ((own == point_score).sum(1, dtype=torch.int32)
+                  - (base == point_score).sum(1, dtype=torch.int32))
+    return greater, equal, target_score
+
+
+@numba.njit(cache=True)
+def _entry_moves(shared: np.ndarray, own: np.ndarray, ids: np.ndarray, targets: np.ndarray,
+                 target_score: np.ndarray, moved: np.ndarray) -> bool:
+    """_tensor_counts' entry terms on a CPU, one point at a time in compiled code (no
+    whole-tensor gathers and temporaries): target_score[p] becomes the target's entry score
+    where the point has one; moved[0, p] / moved[1, p] = how many of its entries move their
+    item above / level with it (own score against shared score; padding, id -1, is skipped).
+    True if an entry's score is NaN."""
+    nan = False
+    for p in range(ids.shape[0]):
+        score = target_score[p]
+        for w in range(ids.shape[1]):
+            if ids[p, w] == targets[p]:
+                score = own[p, w]
+                break
+        target_score[p] = score
+        above = level = 0
+        for w in range(ids.shape[1]):
+            item = ids[p, w]
+            if item < 0:
+                continue
+            nan |= own[p, w] != own[p, w]
+            base = shared[item]
+            above += (own[p, w] > score) - (base > score)
+            level += (own[p, w] == score) - (base == score)
+        moved[0, p] = above
+        moved[1, p] = level
+    return nan
 
 
 def _excluded_scores(shared: torch.Tensor, ids: torch.Tensor, own: torch.Tensor,

@@ -17,15 +17,15 @@ from seqexp.core.schema import Key, choice, flag, integer, number
 from seqexp.core.stopping import FitStopped
 from seqexp.data.batching import PredictionBatch
 from seqexp.data.sequences import SequenceData
+from seqexp.models import cpu_kernels
 from seqexp.models.base import Recommender
 
 log = logging.getLogger(__name__)
-# Multiply-adds of the sparse co-occurrence product per fit block when model.fit_block is null
-# (a block's entries, their keys and padded rows take a few hundred MB; a block lasts a
-# fraction of a second, so a stop signal is heeded within seconds).
-BLOCK_PRODUCTS = 8_000_000
-# The low 32 bits of a fit key: ID_MASK - item id (a lower id makes a larger key).
-ID_MASK = 0xFFFFFFFF
+# Co-occurrence increments per fit block when model.fit_block is null: a block lasts a
+# fraction of a second, so progress is logged and a stop signal heeded within seconds.
+BLOCK_PRODUCTS = 64_000_000
+# Users up to which every co-occurrence count fits the fit's uint16 counters (else int32).
+UINT16_USERS = np.iinfo(np.uint16).max
 # Entries of the dense scratch rows in which expdecay_knn sums a point's history exactly as its
 # dense scores do (sparse_scores).
 SCRATCH_ELEMENTS = 16_000_000
@@ -38,38 +38,36 @@ def cosine_neighbours(
     """Top-k cosine neighbours of every item (self excluded, zero similarities dropped; among
     equal similarities the lower item id first).
 
-    Items are binary-coded per user: sim(i, j) = |U_i ∩ U_j| / sqrt(|U_i| |U_j|). The
-    co-occurrence counts of a block of items with every item are one sparse product (items x
-    users times users x items: work in proportion to the pairs of items a user shares, not to
-    items x items), and each row's top k is taken from its nonzero entries only
-    (`top_entries`). A block is `block_items` items, or (null) as many as make about
-    `max_block` multiply-adds of the product. Between blocks `stop_requested` is asked
-    (FitStopped) and progress is logged. Returns [N, k] neighbour ids and similarities
-    (padding: id 0, sim 0).
+    Items are binary-coded per user: sim(i, j) = |U_i ∩ U_j| / sqrt(|U_i| |U_j|). A compiled kernel
+    (`knn_kernels.top_cosines`, one item per thread at a time) counts an item's co-occurrences with
+    every item from its users' item lists and keeps the top k of the nonzero ones in a heap: work in
+    proportion to the pairs of items a user shares, never items x items. A block is `block_items`
+    items, or (null) as many as make about `max_block` co-occurrence increments. Between blocks
+    `stop_requested` is asked (FitStopped) and progress is logged. Returns [N, k] neighbour ids and
+    similarities (padding: id 0, sim 0).
     """
     n_items = train.n_items
     by_user, by_item = user_item_matrices(train)
     norms = np.sqrt(np.asarray(by_item.sum(axis=1)).ravel()).astype(np.float32)
     k = min(k, max(n_items - 1, 1))
-    neighbours = torch.zeros(n_items, k, dtype=torch.int64)
-    similarity = torch.zeros(n_items, k, dtype=torch.float32)
+    keys = np.empty((n_items, k), dtype=np.int64)
     progress = FitProgress("item-kNN similarities", n_items)
+    from seqexp.models import knn_kernels  # numba: ~0.6 s to import, loaded on first use
+
+    counts = np.zeros((knn_kernels.thread_count(torch.get_num_threads()), n_items),
+                      dtype=np.uint16 if train.n_users <= UINT16_USERS else np.int32)
     for lo, hi in _fit_blocks(by_user, by_item, block_items, max_block):
         name = stop_requested()
         if name is not None:
             raise FitStopped(name)
-        gram = by_item[lo:hi] @ by_user  # co-occurrence counts, exact in float32
-        keys = torch.from_numpy(_block_keys(gram, norms[lo:hi], norms))
-        # k + 1, then the item itself (among them when it has any user) dropped
-        top = top_entries(torch.from_numpy(gram.indptr.astype(np.int64)), keys, k + 1)
-        ids = ID_MASK - (top & ID_MASK)
-        drop = (top < 0) | (ids == torch.arange(lo, hi)[:, None])
-        order = torch.argsort(drop.to(torch.int8), dim=1, stable=True)[:, :k]
-        kept = ~drop.gather(1, order)
-        neighbours[lo:hi] = torch.where(kept, ids.gather(1, order), 0)
-        bits = (top.gather(1, order) >> 32).to(torch.int32)
-        similarity[lo:hi] = torch.where(kept, bits.view(torch.float32), 0.0)
+        knn_kernels.top_cosines(lo, hi, by_item.indptr, by_item.indices, by_user.indptr,
+                                by_user.indices, norms, counts, keys)
         progress.done(hi)
+    top = torch.from_numpy(keys)
+    kept = top >= 0
+    neighbours = torch.where(kept, knn_kernels.ID_MASK - (top & knn_kernels.ID_MASK), 0)
+    bits = (top >> 32).to(torch.int32)
+    similarity = torch.where(kept, bits.view(torch.float32), 0.0)
     return neighbours.to(device), similarity.to(device)
 
 
@@ -86,26 +84,11 @@ def user_item_matrices(train: SequenceData) -> tuple[sp.csr_matrix, sp.csr_matri
     return by_user, by_user.T.tocsr()
 
 
-def _block_keys(gram: sp.csr_matrix, row_norms: np.ndarray, norms: np.ndarray) -> np.ndarray:
-    """One int64 key per entry of a block's co-occurrence counts: the cosine's float32 bits
-    (count / max(|U_i|^1/2 |U_j|^1/2, 1e-12), positive) above ID_MASK - j, so that a larger key
-    is a higher similarity, then a lower item id. In place where it can: a block's entries are
-    read a few times, not a dozen."""
-    scale = np.repeat(row_norms, np.diff(gram.indptr))
-    scale *= norms[gram.indices]
-    np.maximum(scale, np.float32(1e-12), out=scale)
-    sims = np.divide(gram.data, scale, out=scale)
-    keys = sims.view(np.int32).astype(np.int64)
-    keys <<= 32
-    keys |= np.subtract(np.int64(ID_MASK), gram.indices, dtype=np.int64)
-    return keys
-
-
 def _fit_blocks(by_user: sp.csr_matrix, by_item: sp.csr_matrix, block_items: int | None,
                 max_block: int) -> list[tuple[int, int]]:
     """(lo, hi) item ranges of the fit: `block_items` items each, or (None) ranges of about
-    `max_block` multiply-adds of the sparse product (an item row costs the sum over its users
-    of their distinct items; one item more than that at most)."""
+    `max_block` co-occurrence counts (an item costs the sum over its users of their distinct
+    items; one item more than that at most)."""
     n_items = by_item.shape[0]
     if block_items:
         edges = np.arange(0, n_items, block_items)
@@ -115,29 +98,6 @@ def _fit_blocks(by_user: sp.csr_matrix, by_item: sp.csr_matrix, block_items: int
         edges = np.searchsorted(work, np.arange(max_block, total, max_block), side="right")
     edges = np.unique(np.concatenate([[0], edges, [n_items]]))
     return list(zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True))
-
-
-def top_entries(indptr: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Tensor:
-    """[R, k]: the k largest keys of each row of a CSR layout (`indptr` [R + 1], `keys` in row
-    order), descending; -1 where a row has fewer (keys are >= -1). Rows of one width class (the
-    same next power of two of their length) are one padded [rows, width] block and one topk:
-    at most twice a block's entries are read, never a row of the catalogue's width."""
-    lengths = indptr[1:] - indptr[:-1]
-    out = torch.full((len(lengths), k), -1, dtype=torch.int64)
-    width_class = torch.ceil(torch.log2(lengths.clamp_min(1).to(torch.float64)))
-    width_class = torch.where(lengths > 0, width_class.to(torch.int64), -1)
-    for value in torch.unique(width_class).tolist():  # a few dozen classes at most
-        if value < 0:
-            continue  # rows without entries keep their padding
-        rows = (width_class == value).nonzero().squeeze(1)
-        width = int(lengths[rows].max())
-        column = torch.arange(width)
-        index = (indptr[rows, None] + column).clamp_max(len(keys) - 1)
-        entries = keys.index_select(0, index.flatten()).view(index.shape)
-        padded = torch.where(column < lengths[rows, None], entries, -1)
-        top = padded.topk(min(k, width), dim=1).values
-        out[rows, : top.shape[1]] = top
-    return out
 
 
 class FitProgress:
@@ -196,8 +156,8 @@ class ItemKNN(Recommender):
         "neighbours": Key(integer(1), "neighbours kept per item"),
         "popularity_tiebreak": Key(flag(), "order items outside the neighbours by popularity"),
         "fit_block": Key(integer(1, nullable=True), "items per block of the similarity fit "
-                         "(null = about 8M multiply-adds of its sparse product a block); a stop "
-                         "signal is checked between blocks", affects_results=False),
+                         "(null = about 64M co-occurrence counts a block); a stop signal is "
+                         "checked between blocks", affects_results=False),
     }
 
     def __init__(self, n_items: int, n_users: int, *, neighbours: int,
@@ -212,14 +172,11 @@ class ItemKNN(Recommender):
         self.register_buffer("prior", torch.zeros(n_items))
 
     def fit_elements(self, n_events: int) -> dict[str, tuple[int, str]]:
-        """One fit block's nonzero similarities (at most `model.fit_block` items x all items;
-        null: about BLOCK_PRODUCTS multiply-adds' worth, twice for padding, and at least one
-        whole row), each with its int64 key and column (4 float32-sized elements), and the
-        neighbours and similarities the fit builds before they are copied into the buffers."""
-        entries = (min(self.fit_block, self.n_items) * self.n_items if self.fit_block
-                   else max(2 * BLOCK_PRODUCTS, self.n_items))
-        return {"similarity block": (4 * entries, "model.fit_block"),
-                "fitted neighbours": (3 * self.neighbours.numel(), "model.neighbours")}
+        """The fit's int64 keys (two float32-sized elements per neighbour), the neighbours and
+        similarities built from them before they are copied into the buffers, and each
+        thread's two int32 rows of the catalogue's width (`knn_kernels.top_cosines`)."""
+        rows = 2 * max(1, torch.get_num_threads()) * self.n_items
+        return {"fitted neighbours": (5 * self.neighbours.numel() + rows, "model.neighbours")}
 
     def fit(self, train: SequenceData,
             stop_requested: Callable[[], str | None] = lambda: None) -> None:
@@ -337,11 +294,27 @@ class ExpDecayKNN(ItemKNN):
 
     def sparse_scores(self, state: tuple[torch.Tensor, torch.Tensor]
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every neighbour of the history once, at its score_items score: each block of points
-        is summed in dense scratch rows (only the cells it touches are set and read, so the
-        sums are those of score_items, bit for bit), and of an item named several times in a
-        row one entry is kept (the one whose column wins a scatter of column numbers)."""
+        """Every neighbour of the history once, at its score_items score. With the CPU kernel
+        `sparse_entries` (seqexp.models.cpu_kernels) a compiled kernel
+        (`knn_kernels.history_entries`) sums each point's decayed similarities in its output
+        row, in the order score_items adds them, so the sums are its scores bit for bit, and
+        keeps an item's first mention (later ones pad, -1). Otherwise each block of points is
+        summed in dense scratch rows (only the cells it touches are set and read), and of an
+        item named several times in a row one entry is kept (the one whose column wins a
+        scatter of column numbers)."""
         anchors, weights = state
+        if cpu_kernels.active("sparse_entries", anchors.device):
+            from seqexp.models import knn_kernels  # numba: ~0.6 s to import, loaded on first use
+
+            n_points, width = anchors.shape[0], anchors.shape[1] * self.neighbours.shape[1]
+            ids = np.empty((n_points, width), dtype=np.int64)
+            scores = np.empty((n_points, width), dtype=np.float32)
+            if getattr(self, "_slots", None) is None or len(self._slots) != self.n_items:
+                self._slots = np.full(self.n_items, -1, dtype=np.int32)  # kept between calls
+            knn_kernels.history_entries(anchors.numpy(), weights.numpy(), self.neighbours.numpy(),
+                             self.similarity.numpy(), self.prior.numpy(), self._slots, ids,
+                             scores)
+            return torch.from_numpy(ids), torch.from_numpy(scores)
         ids = self.neighbours[anchors].flatten(1)  # [P, A*k], an item may repeat in a row
         n_points, width = ids.shape
         scratch, claims = self._scratch_rows()

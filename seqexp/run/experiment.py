@@ -22,6 +22,7 @@ from seqexp.core import run_folder
 from seqexp.core.atomic import remove_temporaries, write_json, write_text
 from seqexp.core.errors import UNWRITABLE_ERRNOS, SeqexpError, message_line, unwritable
 from seqexp.core.flat_config import flatten
+from seqexp.core.metric_names import HEADLINE_METRICS
 from seqexp.core.ranks_file import ID_MAPS_FILE, RANKS_FILE
 from seqexp.core.stopping import EvaluationStopped, StopSignals, TrainingStopped
 from seqexp.data.loading import load_dataset
@@ -382,7 +383,7 @@ def test_and_log(run: RunParts, summary: Mapping[str, Any], stop_signals: StopSi
         test |= {f"test_{k}": v for k, v in baskets.items()}
     stop_if_asked()
     metrics = test | dict(summary)
-    tracker.log_metrics(metrics)
+    tracker.log_metrics(metrics, headline_cutoff=cfg.eval.monitor_cutoff)
     log.info("test: %s", ", ".join(f"{k}={v:.5f}" for k, v in test.items()
                                   if k in headline_metrics(cfg)))
     log_ranks(tracker, counts, data, cfg, run.output_dir)
@@ -495,7 +496,7 @@ def headline_metrics(cfg: DictConfig) -> list[str]:
     """What the end of a run logs: MRR/Recall/NDCG at the monitored cutoff and, when on, the
     next-basket F1/NDCG."""
     k = cfg.eval.monitor_cutoff
-    names = [f"test_{m}_at_{k}" for m in ("mrr", "recall", "ndcg")]
+    names = [f"test_{m}_at_{k}" for m in HEADLINE_METRICS]
     if cfg.eval.basket_gap_s is not None:
         names += [f"test_basket_{m}_at_{cfg.eval.basket_k}" for m in ("f1", "ndcg")]
     return names

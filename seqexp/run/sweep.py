@@ -237,7 +237,8 @@ class SweepCallback(Callback):
                     if run.info.run_id != info.parent_run_id]
         monitor = f"best_val_{config.train.monitor}"
         summary, best_run = summarise_children(children, monitor)
-        tracker.log_metrics(summary | best_job_metrics(children, best_run))
+        tracker.log_metrics(summary | best_job_metrics(children, best_run),
+                            headline_cutoff=config.eval.monitor_cutoff)
         if best_run is not None:
             tracker.set_tags({"best_run_id": best_run})
         sweep_dir = sweep_dir_of(config.hydra)

@@ -26,7 +26,7 @@ from seqexp.core import liveness
 from seqexp.core.errors import SeqexpError, message_line
 from seqexp.core.file_modes import file_mode
 from seqexp.core.flat_config import MAX_PARAM_LENGTH
-from seqexp.core.metric_names import logged_name, test_metric
+from seqexp.core.metric_names import HEADLINE_METRICS, headline_metric, logged_name
 from seqexp.core.source_git import source_git_info
 from seqexp.core.version import __version__
 
@@ -48,7 +48,6 @@ RUNS_TABLE_ROUTE = "/runs"
 # useSharedExperimentViewState; docs/tracking.md "Where the UI opens").
 SHARED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 RUN_COLUMNS_TAGS = ("model", "dataset", "seed")
-RUN_COLUMNS_METRICS = ("mrr", "recall", "ndcg")
 # Where `mlflow ui` serves by default (its --host and --port).
 LOCAL_UI_ADDRESS = "http://127.0.0.1:5000"
 # MLflow's standard run tags (mlflow.utils.mlflow_tags) that the UI shows as the run's source.
@@ -103,7 +102,7 @@ def runs_view(cutoff: int) -> dict[str, Any]:
     """The runs table as MLflow's UI state: each run's model, dataset and seed tags, its test
     MRR, Recall and NDCG at `cutoff` and its MLflow Model; sorted by test MRR, best first.
     Column ids are MLflow's canonical keys, type.`name`."""
-    metrics = [f"metrics.`{test_metric(f'{m}_at_{int(cutoff)}')}`" for m in RUN_COLUMNS_METRICS]
+    metrics = [f"metrics.`{headline_metric(m, cutoff)}`" for m in HEADLINE_METRICS]
     columns = [*(f"tags.`{tag}`" for tag in RUN_COLUMNS_TAGS), *metrics]
     return {
         "searchFilter": "", "orderByKey": metrics[0], "orderByAsc": False,
@@ -578,13 +577,16 @@ class Tracker:
         for chunk in _chunks(items, 100):
             with_lock_retry(self.client.log_batch, self.run_id, params=chunk)
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0,
+                    headline_cutoff: int | None = None) -> None:
         """`metrics` by their flat names, logged under their sectioned MLflow names
-        (seqexp.core.metric_names)."""
+        (seqexp.core.metric_names), the test metrics at `headline_cutoff` (eval.monitor_cutoff)
+        as the headline."""
         from mlflow.entities import Metric
 
         stamp = int(time.time() * 1000)
-        items = [Metric(logged_name(k), float(v), stamp, step) for k, v in metrics.items()]
+        items = [Metric(logged_name(k, headline_cutoff), float(v), stamp, step)
+                 for k, v in metrics.items()]
         for chunk in _chunks(items, 500):
             with_lock_retry(self.client.log_batch, self.run_id, metrics=chunk)
 
