@@ -49,7 +49,6 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 
-import seqexp.engine.evaluator as evaluation
 from seqexp.core.resources import config_dir
 from seqexp.data.loading import load_dataset
 from seqexp.models import cpu_kernels
@@ -80,14 +79,15 @@ def load_baseline(checkout: Path):
 
 def variants(args, evaluator) -> dict:
     """name -> evaluator."""
-    settings = {"cutoffs": evaluator.cutoffs, "batch_users": evaluator.batch_users,
-                "max_block_elements": evaluator.max_block_elements,
-                "exclude_seen": evaluator.exclude_seen}
+    settings = {key: getattr(evaluator, key) for key in (
+        "cutoffs", "batch_users", "max_block_elements", "exclude_seen", "progress",
+        "val_max_scores", "seed")}
     out = {"current": evaluator}
     if args.baseline is not None:
         out[f"baseline {args.baseline}"] = load_baseline(args.baseline).Evaluator(**settings)
     for users in args.batch_users:
-        out[f"batch_users={users}"] = evaluation.Evaluator(**(settings | {"batch_users": users}))
+        out[f"batch_users={users}"] = copy.copy(evaluator)
+        out[f"batch_users={users}"].batch_users = users
     return out
 
 

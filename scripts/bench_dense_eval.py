@@ -136,8 +136,8 @@ def main() -> None:
     for setting in args.block_elements:
         if "x" in setting:  # CPU tiles of another shape than the evaluator's
             evaluation.TILE_POINTS, evaluation.TILE_ITEMS = map(int, setting.split("x"))
-        evaluator = Evaluator(
-            max_block_elements=None if setting == "auto" or "x" in setting else int(setting))
+        block = None if setting == "auto" or "x" in setting else int(setting)
+        evaluator = Evaluator.from_config(cfg, max_block_elements=block)
         row = time_phases(model, data, evaluator)
         evaluation.TILE_POINTS, evaluation.TILE_ITEMS = TILE_SHAPE
         counts = row.pop("counts")

@@ -40,6 +40,7 @@ from hydra import compose, initialize_config_dir
 from seqexp.core.resources import config_dir
 from seqexp.data.preprocess import build_sequences
 from seqexp.data.synthetic import generate_synthetic
+from seqexp.run import presets
 from seqexp.run.experiment import (
     build_evaluator,
     build_model,
@@ -58,7 +59,9 @@ def ml10m_shaped(scale: float, seed: int = 0):
         min_events=20, max_events=266, p_successor=0.45, p_favourite=0.2, n_favourites=6,
         generator_seed=seed,
     )
-    return build_sequences(raw, {"name": "user_tail", "test_frac": 0.2, "val_frac": 0.1})
+    cfg = presets.config()  # the default split and dataset filters
+    return build_sequences(raw, cfg["split"], min_item_support=cfg["dataset"]["min_item_support"],
+                           drop_repeats=cfg["dataset"]["drop_repeats"])
 
 
 def bench_model(name: str, overrides: list[str], data, epochs: int, device: torch.device,

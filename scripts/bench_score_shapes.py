@@ -41,10 +41,9 @@ from seqexp.core import stopping
 from seqexp.core.stopping import EvaluationStopped
 from seqexp.data.sequences import SequenceData
 from seqexp.engine import evaluator as evaluator_module
-from seqexp.engine.evaluator import Evaluator
 from seqexp.models import knn
-from seqexp.models.knn import ExpDecayKNN, ItemKNN
-from seqexp.models.popularity import Popularity
+from seqexp.models.knn import ItemKNN
+from seqexp.run import presets
 
 ROOT = Path(__file__).resolve().parent.parent
 USERS, ITEMS, EVENTS, MAX_COUNT = 992, 445_369, 16_700_000, 180_000
@@ -143,8 +142,7 @@ def child(args: argparse.Namespace) -> dict:
     if args.dense:  # every model through dense score rows (the after side's code)
         evaluator_module.sorted_shared_scores = lambda model: None
     data = lastfm_split(args.scale)
-    kinds = {"pop": Popularity, "itemknn": ItemKNN, "expdecay_knn": ExpDecayKNN}
-    model = kinds[args.model](data.n_items, data.n_users)
+    model = presets.model(args.model, data.n_items, data.n_users)
     state = args.work / f"{args.model}.pt"
     report = {"model": args.model, "side": args.side, "items": data.n_items,
               "users": data.n_users, **data.stats}
@@ -158,6 +156,7 @@ def child(args: argparse.Namespace) -> dict:
         report["fit_s"] = time.perf_counter() - started
         torch.save(model.state_dict(), state)
     limit = args.before_s if args.side == "before" else args.after_s
+    evaluator = presets.evaluator(progress=False)
     for phase in ("val", "test"):
         done = [0]
         real_states = model.prediction_states
@@ -168,7 +167,7 @@ def child(args: argparse.Namespace) -> dict:
         model.prediction_states = counting
         started = time.perf_counter()
         with contextlib.suppress(EvaluationStopped):  # the before side's time is up
-            Evaluator().rank_counts(model, data, phase, None if limit is None else (
+            evaluator.rank_counts(model, data, phase, None if limit is None else (
                 lambda s=started: "time" if time.perf_counter() - s > limit else None))
         seconds = time.perf_counter() - started
         model.prediction_states = real_states

@@ -18,8 +18,7 @@ from pathlib import Path
 
 from bench_models import ml10m_shaped
 
-from seqexp.engine.evaluator import Evaluator
-from seqexp.models.knn import ExpDecayKNN
+from seqexp.run import presets
 
 
 def main() -> None:
@@ -30,12 +29,13 @@ def main() -> None:
     parser.add_argument("--out", default="expdecay_window.json")
     args = parser.parse_args()
     data = ml10m_shaped(args.scale)
-    evaluator = Evaluator([20])
-    fitted = ExpDecayKNN(data.n_items, data.n_users)
+    evaluator = presets.evaluator(cutoffs=[20], progress=False)
+    fitted = presets.model("expdecay_knn", data.n_items, data.n_users)
     fitted.fit(data)
     ranks, report = {}, {}
     for window in [*args.windows, None]:
-        model = ExpDecayKNN(data.n_items, data.n_users, decay_unit=args.unit, window=window)
+        model = presets.model("expdecay_knn", data.n_items, data.n_users, decay_unit=args.unit,
+                              window=window)
         model.load_state_dict(fitted.state_dict())
         started = time.perf_counter()
         counts = evaluator.rank_counts(model, data, "test")

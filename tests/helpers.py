@@ -9,7 +9,7 @@ import io
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,9 +20,15 @@ from omegaconf import DictConfig
 
 from seqexp.apps import cli
 from seqexp.core.resources import config_dir
+from seqexp.data.interactions import Interactions
+from seqexp.data.preprocess import build_sequences
 from seqexp.data.sequences import SequenceData
+from seqexp.engine.evaluator import Evaluator
 from seqexp.engine.trainer import Trainer, TrainingCallback, TrainSettings
 from seqexp.models import cpu_kernels
+from seqexp.models.recurrent import RecurrentRecommender
+from seqexp.run import presets
+from seqexp.run.registry import registry
 
 
 def tiny_overrides(data_dir: Path, tracking_db: Path | None = None,
@@ -54,6 +60,36 @@ def train_settings(**changes) -> TrainSettings:
     """The train.* settings of the default config (conf/train/default.yaml, which holds the
     defaults), with `changes`."""
     return replace(_default_train(), **changes)
+
+
+def make_evaluator(cutoffs: Sequence[int] | None = None, **changes) -> Evaluator:
+    """The evaluator of the default config (conf/eval/default.yaml holds the defaults), with
+    `cutoffs` and `changes` (Evaluator arguments); no progress bars."""
+    if cutoffs is not None:
+        changes["cutoffs"] = cutoffs
+    return presets.evaluator(**({"progress": False} | changes))
+
+
+def split_preset(name: str = "user_tail", **changes) -> dict:
+    """The split.* block of split=`name` (conf/split/<name>.yaml), with `changes`."""
+    return presets.config([f"split={name}"])["split"] | changes
+
+
+def preprocess(raw: Interactions, split: Mapping, **filters) -> SequenceData:
+    """build_sequences with the default config's dataset filters (min_item_support,
+    drop_repeats), with `filters`."""
+    dataset = presets.config()["dataset"]
+    defaults = {key: dataset[key] for key in ("min_item_support", "drop_repeats")}
+    return build_sequences(raw, split, **(defaults | filters))
+
+
+def recurrent(n_items: int, n_users: int, **changes) -> RecurrentRecommender:
+    """The recurrent model of `changes["cell"]` (its preset conf/model/<cell>.yaml; the gru
+    preset for a cell without one, cudnn_gru), with `changes`."""
+    name = changes.get("cell", "gru")
+    if name not in registry().models:
+        name = "gru"
+    return presets.model(name, n_items, n_users, **changes)
 
 
 def run_seqexp(argv: list[str]) -> tuple[int, str]:

@@ -9,15 +9,21 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import SHAPE_ATOL, SHAPE_RTOL, assert_no_near_ties, sequences, train_settings
+from helpers import (
+    SHAPE_ATOL,
+    SHAPE_RTOL,
+    assert_no_near_ties,
+    make_evaluator,
+    preprocess,
+    sequences,
+    split_preset,
+    train_settings,
+)
 from seqexp.data.batching import prediction_batches
-from seqexp.data.preprocess import build_sequences
 from seqexp.data.synthetic import generate_synthetic
-from seqexp.engine.evaluator import Evaluator
 from seqexp.engine.trainer import Trainer
-from seqexp.models.factorisation import MF, SeqMF
-from seqexp.models.knn import ExpDecayKNN, ItemKNN
 from seqexp.models.popularity import Popularity
+from seqexp.run import presets
 from seqexp.run.experiment import seed_everything
 
 # users' training items: u0 {0,1,2}, u1 {0,1}, u2 {2,3}; the last event of each is a test event
@@ -47,7 +53,7 @@ def _hand_expdecay(weights: list[float]) -> list[float]:
 
 def test_expdecay_position_scores_by_hand():
     data = sequences(HAND_USERS, n_items=6)
-    model = ExpDecayKNN(6, 3, popularity_tiebreak=False)
+    model = presets.model("expdecay_knn", 6, 3, popularity_tiebreak=False)
     model.fit(data)
     # history 0, 1, 2: the last item weighs 1, the one before exp(-1), the first exp(-2)
     expected = _hand_expdecay([math.exp(-2), math.exp(-1), 1.0])
@@ -68,7 +74,8 @@ def test_expdecay_time_scores_by_hand_in_hours():
     data = sequences(HAND_USERS, n_items=6)
     # user 0's history at 0 s, 9000 s (2.5 h) and 10800 s (3 h): 3 h and 0.5 h before the last
     data.timestamps[:4] = [0, 9000, 10800, 20000]
-    model = ExpDecayKNN(6, 3, decay_unit="time", time_unit_s=3600.0, popularity_tiebreak=False)
+    model = presets.model("expdecay_knn", 6, 3, decay_unit="time", time_unit_s=3600.0,
+                          popularity_tiebreak=False)
     model.fit(data)
     expected = _hand_expdecay([math.exp(-3.0), math.exp(-0.5), 1.0])
     assert _user0_test_scores(model, data) == pytest.approx(expected, abs=1e-6)
@@ -86,27 +93,27 @@ def _synthetic(n_users: int = 120, n_items: int = 60, seed: int = 3):
     raw = generate_synthetic(n_users=n_users, n_items=n_items, n_clusters=4, min_events=15,
                              max_events=40, p_successor=0.45, p_favourite=0.2, n_favourites=6,
                              generator_seed=seed)
-    return build_sequences(raw, {"name": "user_tail", "test_frac": 0.2, "val_frac": 0.1})
+    return preprocess(raw, split_preset())
 
 
 def test_expdecay_with_a_very_large_decay_ranks_exactly_like_itemknn():
     data = _synthetic()
-    evaluator = Evaluator([20])
-    knn = ItemKNN(data.n_items, data.n_users)
+    evaluator = make_evaluator([20])
+    knn = presets.model("itemknn", data.n_items, data.n_users)
     knn.fit(data)
     reference = evaluator.rank_counts(knn, data, "test")
     # In time units, events at the same second as the last weigh 1 whatever the decay; with
     # distinct timestamps only the last event is left as well.
     distinct = dataclasses.replace(data, timestamps=np.arange(data.n_events) * 60)
     for unit, timed in (("position", data), ("time", distinct)):
-        sharp = ExpDecayKNN(data.n_items, data.n_users, decay=1e4, decay_unit=unit,
-                            time_unit_s=60.0)
+        sharp = presets.model("expdecay_knn", data.n_items, data.n_users, decay=1e4,
+                              decay_unit=unit, time_unit_s=60.0)
         sharp.load_state_dict(knn.state_dict())
         counts = evaluator.rank_counts(sharp, timed, "test")
         assert np.array_equal(counts.greater, reference.greater)
         assert np.array_equal(counts.equal, reference.equal)
     # with decay 1 the earlier history does change the ranks
-    smooth = ExpDecayKNN(data.n_items, data.n_users)
+    smooth = presets.model("expdecay_knn", data.n_items, data.n_users)
     smooth.load_state_dict(knn.state_dict())
     assert not np.array_equal(evaluator.rank_counts(smooth, data, "test").greater,
                               reference.greater)
@@ -114,7 +121,7 @@ def test_expdecay_with_a_very_large_decay_ranks_exactly_like_itemknn():
 
 def test_expdecay_scores_do_not_depend_on_item_chunks_or_the_anchor_block_size():
     data = _synthetic()
-    model = ExpDecayKNN(data.n_items, data.n_users, window=None)
+    model = presets.model("expdecay_knn", data.n_items, data.n_users, window=None)
     model.fit(data)
     batch = next(prediction_batches(data, "test", batch_users=64))
     state = model.prediction_states(batch)
@@ -132,7 +139,7 @@ def _one_state(model, batch, point: int):
 def test_mf_scores_are_user_factor_times_item_factor_plus_bias():
     torch.manual_seed(0)
     data = sequences([[0, 1, 2, 3], [3, 2, 1], [4, 4]], n_items=5)
-    model = MF(5, 3, factors=4)
+    model = presets.model("mf", 5, 3, factors=4)
     with torch.no_grad():
         model.item_bias.copy_(torch.randn(5))
     batch = next(prediction_batches(data, "test", batch_users=8))
@@ -147,7 +154,7 @@ def test_mf_scores_are_user_factor_times_item_factor_plus_bias():
 def test_seqmf_scores_follow_the_fpmc_equation_over_the_last_two_items():
     torch.manual_seed(0)
     data = sequences([[0, 1, 2, 3, 4, 5], [5, 1]], n_items=6, n_test=[2, 1])
-    model = SeqMF(6, 2, factors=3)
+    model = presets.model("seqmf", 6, 2, factors=3)
     batch = next(prediction_batches(data, "test", batch_users=8))
     scores = model.score_items(model.prediction_states(batch), 0, 6)
     p = model.user_factors.detach()
@@ -171,7 +178,7 @@ def test_seqmf_scores_follow_the_fpmc_equation_over_the_last_two_items():
 def test_seqmf_sees_the_last_item_but_not_one_three_steps_back():
     torch.manual_seed(0)
     data = sequences([[0, 1, 2, 3, 4, 5]], n_items=6)  # the target is item 5, at column 5
-    model = SeqMF(6, 1, factors=4)
+    model = presets.model("seqmf", 6, 1, factors=4)
     batch = next(prediction_batches(data, "test", batch_users=8))
     reference = model.score_items(model.prediction_states(batch), 0, 6)
     three_back = batch.items.clone()
@@ -188,10 +195,11 @@ def test_bpr_batches_cover_each_training_event_once_with_other_items_as_negative
     data = sequences([[0, 1, 2, 3, 4, 5], [5, 1, 2], [3]], n_items=6, n_test=[2, 1, 0])
     # training events: user 0 items 0..3, user 1 items 5, 1, user 2 item 3
     for model, expected in (
-        (MF(6, 3), {(0, 0, ()), (0, 1, ()), (0, 2, ()), (0, 3, ()), (1, 5, ()), (1, 1, ()),
-                    (2, 3, ())}),
+        (presets.model("mf", 6, 3), {(0, 0, ()), (0, 1, ()), (0, 2, ()), (0, 3, ()), (1, 5, ()),
+                                     (1, 1, ()), (2, 3, ())}),
         # seqmf: events with an earlier training event, context most recent first
-        (SeqMF(6, 3), {(0, 1, (0,)), (0, 2, (1, 0)), (0, 3, (2, 1)), (1, 1, (5,))}),
+        (presets.model("seqmf", 6, 3),
+         {(0, 1, (0,)), (0, 2, (1, 0)), (0, 3, (2, 1)), (1, 1, (5,))}),
     ):
         seen = []
         for batch in model.training_batches(data, 2, np.random.default_rng(0)):
@@ -206,7 +214,7 @@ def test_bpr_batches_cover_each_training_event_once_with_other_items_as_negative
 
 def test_bpr_negatives_are_uniform_over_the_other_items():
     data = sequences([[0] * 3001], n_items=4, n_test=[0])
-    model = MF(4, 1)
+    model = presets.model("mf", 4, 1)
     negatives = torch.cat([b.negatives for b in
                            model.training_batches(data, 1000, np.random.default_rng(0))])
     counts = np.bincount(negatives.numpy(), minlength=4)
@@ -214,23 +222,23 @@ def test_bpr_negatives_are_uniform_over_the_other_items():
     assert counts[1:].min() > 900  # about 1000 each
 
 
-def _train(model_cls, data, seed: int, epochs: int = 6):
+def _train(name: str, data, seed: int, epochs: int = 6):
     seed_everything(seed)
-    model = model_cls(data.n_items, data.n_users, factors=16)
-    trainer = Trainer(Evaluator([20]), train_settings(epochs=epochs, batch_size=256, lr=0.01,
+    model = presets.model(name, data.n_items, data.n_users, factors=16)
+    trainer = Trainer(make_evaluator([20]), train_settings(epochs=epochs, batch_size=256, lr=0.01,
                                                      grad_clip=None, patience=epochs,
                                                      progress=False), seed=seed)
     result = trainer.fit(model, data)
     return model, result
 
 
-@pytest.mark.parametrize("model_cls", [MF, SeqMF])
-def test_factorisation_loss_falls_and_beats_popularity(model_cls):
+@pytest.mark.parametrize("name", ["mf", "seqmf"])
+def test_factorisation_loss_falls_and_beats_popularity(name):
     data = _synthetic(n_users=150, n_items=60)
-    evaluator = Evaluator([20])
+    evaluator = make_evaluator([20])
     pop = Popularity(data.n_items, data.n_users)
     pop.fit(data)
-    model, result = _train(model_cls, data, seed=0)
+    model, result = _train(name, data, seed=0)
     losses = [row["train_loss"] for row in result.history]
     assert losses[-1] < 0.8 * losses[0]
     assert losses[0] < math.log(2) + 0.01  # BPR starts near log 2 with small factors
@@ -238,12 +246,12 @@ def test_factorisation_loss_falls_and_beats_popularity(model_cls):
     assert mrr > 1.5 * evaluator.evaluate(pop, data, "test")["mrr_at_20"]
 
 
-@pytest.mark.parametrize("model_cls", [MF, SeqMF])
-def test_factorisation_is_deterministic_under_a_seed(model_cls):
+@pytest.mark.parametrize("name", ["mf", "seqmf"])
+def test_factorisation_is_deterministic_under_a_seed(name):
     data = _synthetic(n_users=40, n_items=30)
-    first, _ = _train(model_cls, data, seed=5, epochs=2)
-    again, _ = _train(model_cls, data, seed=5, epochs=2)
-    other, _ = _train(model_cls, data, seed=6, epochs=2)
+    first, _ = _train(name, data, seed=5, epochs=2)
+    again, _ = _train(name, data, seed=5, epochs=2)
+    other, _ = _train(name, data, seed=6, epochs=2)
     for name, tensor in first.state_dict().items():
         assert torch.equal(tensor, again.state_dict()[name]), name
     assert not torch.equal(first.user_factors, other.user_factors)
@@ -253,9 +261,9 @@ def test_expdecay_is_deterministic():
     data = _synthetic(n_users=40, n_items=30)
     counts = []
     for _ in range(2):
-        model = ExpDecayKNN(data.n_items, data.n_users, decay_unit="time")
+        model = presets.model("expdecay_knn", data.n_items, data.n_users, decay_unit="time")
         model.fit(data)
-        counts.append(Evaluator([20]).rank_counts(model, data, "test"))
+        counts.append(make_evaluator([20]).rank_counts(model, data, "test"))
     assert np.array_equal(counts[0].greater, counts[1].greater)
     assert np.array_equal(counts[0].equal, counts[1].equal)
 
@@ -263,14 +271,14 @@ def test_expdecay_is_deterministic():
 def test_train_optimizer_sgd_takes_plain_gradient_steps():
     torch.manual_seed(0)
     data = sequences([[0, 1, 2, 3], [3, 2, 1]], n_items=4, n_test=[0, 0])
-    model = MF(4, 2, factors=3)
+    model = presets.model("mf", 4, 2, factors=3)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     batch = next(model.training_batches(data, 100, np.random.default_rng(0)))
     model.training_loss(batch).backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
-    optimizer = Trainer(Evaluator([20]), train_settings(lr=0.5, optimizer="sgd")).make_optimizer(
-        model)
+    trainer = Trainer(make_evaluator([20]), train_settings(lr=0.5, optimizer="sgd"), seed=0)
+    optimizer = trainer.make_optimizer(model)
     assert isinstance(optimizer, torch.optim.SGD)
     model.training_loss(batch).backward()
     optimizer.step()
@@ -279,13 +287,13 @@ def test_train_optimizer_sgd_takes_plain_gradient_steps():
 
 
 # ------------------------------------------------------------------ seen_bias (mf, seqmf)
-@pytest.mark.parametrize("model_cls", [MF, SeqMF])
-def test_seen_bias_adds_beta_to_exactly_the_items_seen_before_each_point(model_cls):
+@pytest.mark.parametrize("name", ["mf", "seqmf"])
+def test_seen_bias_adds_beta_to_exactly_the_items_seen_before_each_point(name):
     torch.manual_seed(0)
     # user 0: 0 1 2 | test 1 5 (item 1 repeats, 5 is new); user 1: 3 | test 3 4
     data = sequences([[0, 1, 2, 1, 5], [3, 3, 4]], n_items=6, n_test=[2, 2])
-    plain = model_cls(6, 2, factors=3)
-    model = model_cls(6, 2, factors=3, seen_bias=True)
+    plain = presets.model(name, 6, 2, factors=3)
+    model = presets.model(name, 6, 2, factors=3, seen_bias=True)
     model.load_state_dict(plain.state_dict() | {"seen_bias": torch.tensor(2.5)})
     batch = next(prediction_batches(data, "test", batch_users=8))
     base = plain.score_items(plain.prediction_states(batch), 0, 6)
@@ -308,7 +316,7 @@ def test_seen_bias_state_slices_like_the_evaluator_does():
     """The evaluator cuts states into runs of points; every piece must score as the whole."""
     torch.manual_seed(0)
     data = sequences([[0, 1, 2, 1, 5], [3, 3, 4]], n_items=6, n_test=[2, 2])
-    model = MF(6, 2, factors=3, seen_bias=True)
+    model = presets.model("mf", 6, 2, factors=3, seen_bias=True)
     with torch.no_grad():
         model.seen_bias.fill_(-1.0)
     batch = next(prediction_batches(data, "test", batch_users=8))
@@ -320,8 +328,8 @@ def test_seen_bias_state_slices_like_the_evaluator_does():
         torch.testing.assert_close(model.score_items(piece, 0, 6), whole[part],
                                    rtol=SHAPE_RTOL, atol=SHAPE_ATOL)
     assert_no_near_ties(whole)  # so counts from scores equal to rounding are equal
-    full = Evaluator([5], max_block_elements=4).rank_counts(model, data, "test")
-    one_block = Evaluator([5]).rank_counts(model, data, "test")
+    full = make_evaluator([5], max_block_elements=4).rank_counts(model, data, "test")
+    one_block = make_evaluator([5]).rank_counts(model, data, "test")
     assert np.array_equal(full.greater, one_block.greater)
     assert np.array_equal(full.equal, one_block.equal)
 
@@ -330,7 +338,7 @@ def test_bpr_batches_flag_items_seen_before_the_positive():
     # user 0 trains on 0 1 0 2 (test 3), user 1 on 2 0 0 (test 1): the second 0 of each repeats,
     # every other positive is new to its user (user 1's 2 and 0 are not: user 0 had them)
     data = sequences([[0, 1, 0, 2, 3], [2, 0, 0, 1]], n_items=4)
-    model = MF(4, 2, seen_bias=True)
+    model = presets.model("mf", 4, 2, seen_bias=True)
     flags = {}
     for batch in model.training_batches(data, 3, np.random.default_rng(0)):
         for k in range(batch.n_events):
@@ -350,9 +358,9 @@ def test_seen_bias_is_learned_negative_without_repeats_and_positive_with_them():
     for users in (distinct, repeats):
         data = sequences(users, n_items=30)
         seed_everything(0)
-        model = MF(30, 40, factors=8, seen_bias=True)
-        Trainer(Evaluator([20]), train_settings(epochs=15, batch_size=64, lr=0.05, grad_clip=None,
-                                               patience=15, progress=False),
-                seed=0).fit(model, data)  # no validation events
+        model = presets.model("mf", 30, 40, factors=8, seen_bias=True)
+        settings = train_settings(epochs=15, batch_size=64, lr=0.05, grad_clip=None,
+                                  patience=15, progress=False)
+        Trainer(make_evaluator([20]), settings, seed=0).fit(model, data)  # no validation events
         signs.append(float(model.seen_bias.detach()))
     assert signs[0] < -0.1 and signs[1] > 0.1

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import compose_config, timed_sequences, tiny_overrides
+from helpers import compose_config, make_evaluator, timed_sequences, tiny_overrides
 from seqexp.core.errors import SeqexpError
 from seqexp.data.baskets import basket_starts, concat_ranges, sample_outside, split_baskets
-from seqexp.engine.evaluator import Evaluator
 from seqexp.models.base import Recommender
 from seqexp.run.experiment import run_experiment
 
@@ -100,7 +99,7 @@ def test_next_basket_f1_and_ndcg_at_5_by_hand():
         (0, 5): scores(n, i5=1.0, i6=1.0, i7=1.0, i8=1.0, i9=1.0, i1=0.5),  # 5: rank 5 (ties)
         (1, 1): scores(n, i6=2.0, i4=1.0, i0=1.0, i1=1.0, i2=1.0, i3=1.0, i5=1.0),  # 4: rank 7
     })
-    metrics = Evaluator().next_basket_metrics(model, data, "test", GAP, 5)
+    metrics = make_evaluator().next_basket_metrics(model, data, "test", GAP, 5)
     assert sorted(model.asked) == [(0, 3), (0, 5), (1, 1)]
     log2 = math.log2
     f1_u0 = (2 * 2 / (5 + 2) + 2 * 1 / (5 + 2)) / 2
@@ -114,10 +113,10 @@ def test_next_basket_f1_and_ndcg_at_5_by_hand():
 def test_next_basket_metrics_rank_constant_scores_last():
     data = timed_sequences([[0, 1, 2]], [[0, 10, 5000]], 8, n_test=[1])
     constant = TableModel(8, {(0, 2): [1.0] * 8})
-    metrics = Evaluator().next_basket_metrics(constant, data, "test", GAP, 5)
+    metrics = make_evaluator().next_basket_metrics(constant, data, "test", GAP, 5)
     assert metrics["basket_f1_at_5"] == 0 and metrics["basket_ndcg_at_5"] == 0
     # a catalogue no larger than k: every item is in the list, at rank 8 here
-    metrics = Evaluator().next_basket_metrics(constant, data, "test", GAP, 8)
+    metrics = make_evaluator().next_basket_metrics(constant, data, "test", GAP, 8)
     assert metrics["basket_ndcg_at_8"] == pytest.approx(1 / math.log2(9))
 
 

@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import sequences
+from helpers import recurrent, sequences
 from seqexp.models.blocked_softmax import MIN_BLOCK_ITEMS, FullSoftmaxCE, block_shape
-from seqexp.models.recurrent import RecurrentRecommender
 
 
 def test_block_shape_keeps_every_row_when_blocks_stay_wide_and_cuts_rows_otherwise():
@@ -99,7 +98,7 @@ def _loss_and_gradients(softmax_block: int) -> tuple[float, list[torch.Tensor]]:
     torch.manual_seed(3)
     users = [list(np.random.default_rng(u).integers(0, 700, size=30)) for u in range(4)]
     data = sequences(users, n_items=700)
-    model = RecurrentRecommender(700, 4, cell="attentional_ugru", hidden_size=8, window=5,
+    model = recurrent(700, 4, cell="attentional_ugru", hidden_size=8, window=5,
                                  softmax_block=softmax_block)
     batch = next(model.training_batches(data, 4, np.random.default_rng(0)))
     loss = model.training_loss(batch)

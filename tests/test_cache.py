@@ -9,13 +9,14 @@ import pytest
 from omegaconf import OmegaConf
 
 import fixtures_raw as fx
+from helpers import split_preset
 from seqexp.core.errors import SeqexpError
 from seqexp.core.resources import config_dir
 from seqexp.data import cache, loading
 from seqexp.data.loading import load_dataset
 from seqexp.data.sequences import SequenceData
 
-USER_TAIL = {"name": "user_tail", "test_frac": 0.2, "val_frac": 0.1}
+USER_TAIL = split_preset()
 
 
 def ml_config(path: Path | None, **overrides) -> dict:

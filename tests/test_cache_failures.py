@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 
 import fixtures_raw as fx
+from helpers import split_preset
 from seqexp.core import liveness
 from seqexp.core.errors import SeqexpError
 from seqexp.data import cache, loading
 from seqexp.data.loading import load_dataset
 from seqexp.data.sequences import inconsistencies
 
-USER_TAIL = {"name": "user_tail", "test_frac": 0.2, "val_frac": 0.1}
+USER_TAIL = split_preset()
 # conf/dataset/ml10m.yaml (the loader reads every key of its format)
 ML = {"name": "ml10m", "format": "movielens", "layout": "ratings_dat", "min_item_support": 1,
       "drop_repeats": False}
@@ -167,7 +168,7 @@ def save_and_hang(path, array):
 cache.np.save = save_and_hang
 cfg = {"name": "ml10m", "format": "movielens", "layout": "ratings_dat", "min_item_support": 1,
        "drop_repeats": False, "path": sys.argv[1]}
-load_dataset(cfg, {"name": "user_tail", "test_frac": 0.2, "val_frac": 0.1},
+load_dataset(cfg, split_preset(),
              Path(sys.argv[2]) / "raw", Path(sys.argv[2]))
 """
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import sequences, switch_cpu_kernel
+from helpers import recurrent, sequences, switch_cpu_kernel
 from seqexp.core.errors import SeqexpError
 from seqexp.models.cells import (
     CELLS,
@@ -21,7 +21,7 @@ from seqexp.models.cells import (
     rectify,
 )
 from seqexp.models.cpu_kernels import Dropout
-from seqexp.models.recurrent import RecurrentRecommender, SampledSoftmaxCE
+from seqexp.models.recurrent import SampledSoftmaxCE
 
 # every test with the CPU kernels and with the shared (CUDA) code path on the CPU
 pytestmark = pytest.mark.usefixtures("cpu_kernels_switch")
@@ -114,7 +114,7 @@ def test_rectify_hard_rule_by_components(omega):
 @pytest.mark.parametrize("threshold", ["hard", "soft"])
 def test_rectified_ugru_matches_transcription(threshold):
     torch.manual_seed(2)
-    cell = RectifiedUserGRUCell(N, threshold=threshold, temperature=0.5).double()
+    cell = RectifiedUserGRUCell(N, threshold=threshold, temperature=0.5, omega=None).double()
     x, h0, v = inputs(3)
     out, h_last = cell(x, h0, v)
     W, bias, Wv = w(cell.input_proj), b(cell.input_proj), w(cell.user_proj)
@@ -144,7 +144,7 @@ def test_rectified_ugru_matches_transcription(threshold):
 
 
 def test_rectified_fixed_omega_is_used():
-    cell = RectifiedUserGRUCell(N, omega=0.25)
+    cell = RectifiedUserGRUCell(N, threshold="soft", temperature=0.1, omega=0.25)
     assert float(cell.omega) == 0.25
     assert "omega_logit" not in dict(cell.named_parameters())
 
@@ -209,7 +209,7 @@ def test_attentional_xi_to_one_drops_the_item_input():
 def test_gradients_reach_every_parameter(cell):
     torch.manual_seed(0)
     data = sequences([list(range(8)), [3, 4, 5, 6, 2]], n_items=9)
-    model = RecurrentRecommender(9, 2, cell=cell, hidden_size=4, window=3, dropout=0.0,
+    model = recurrent(9, 2, cell=cell, hidden_size=4, window=3, dropout=0.0,
                                  dropout_is_keep_prob=False, user_dropout=0.0)
     model.fit(data)
     batch = next(model.training_batches(data, 2, np.random.default_rng(0)))
@@ -221,7 +221,7 @@ def test_gradients_reach_every_parameter(cell):
 def test_hard_threshold_leaves_kappa_without_gradient():
     torch.manual_seed(0)
     data = sequences([list(range(8)), [3, 4, 5, 6, 2]], n_items=9)
-    model = RecurrentRecommender(9, 2, cell="rectified_ugru", hidden_size=4, window=3,
+    model = recurrent(9, 2, cell="rectified_ugru", hidden_size=4, window=3,
                                  threshold="hard")
     batch = next(model.training_batches(data, 2, np.random.default_rng(0)))
     model.training_loss(batch).backward()
@@ -231,7 +231,7 @@ def test_hard_threshold_leaves_kappa_without_gradient():
 
 def test_user_vector_is_constant_along_a_sequence_and_dropout_applies_to_it():
     torch.manual_seed(0)
-    model = RecurrentRecommender(9, 3, cell="linear_ugru", hidden_size=64, user_dropout=0.5)
+    model = recurrent(9, 3, cell="linear_ugru", hidden_size=64, user_dropout=0.5)
     users = torch.tensor([0, 1, 2])
     model.train()
     dropped = model._user_vectors(users)
@@ -243,7 +243,7 @@ def test_user_vector_is_constant_along_a_sequence_and_dropout_applies_to_it():
 def test_sampled_softmax_is_cross_entropy_against_shared_negatives_with_logq(monkeypatch):
     torch.manual_seed(0)
     data = sequences([[0, 1, 1, 2, 3], [1, 1, 4, 0]], n_items=5)
-    model = RecurrentRecommender(5, 2, hidden_size=3, loss="sampled_softmax", n_negatives=3)
+    model = recurrent(5, 2, hidden_size=3, loss="sampled_softmax", n_negatives=3)
     model.fit(data)
     counts = np.bincount([0, 1, 1, 2, 1, 1], minlength=5).clip(min=1)  # training events
     q = counts / counts.sum()
@@ -267,7 +267,7 @@ def test_sampled_softmax_is_cross_entropy_against_shared_negatives_with_logq(mon
 def test_repeated_negatives_count_once_per_draw_merged_or_not(monkeypatch, merge_repeats):
     switch_cpu_kernel(monkeypatch, "sparse_negatives", merge_repeats)
     torch.manual_seed(0)
-    model = RecurrentRecommender(6, 2, hidden_size=3, loss="sampled_softmax", n_negatives=7)
+    model = recurrent(6, 2, hidden_size=3, loss="sampled_softmax", n_negatives=7)
     model.negative_log_q.copy_(torch.randn(6))
     draws = torch.tensor([4, 1, 4, 2, 1, 4, 5])  # 4 three times, 1 twice
     monkeypatch.setattr(torch, "multinomial", lambda *args, **kwargs: draws)
@@ -358,7 +358,7 @@ def test_bf16_products_in_the_sampled_softmax_stay_close_to_float64():
 
 
 def test_under_autocast_only_the_sampled_softmax_products_change_dtype(monkeypatch):
-    from seqexp.models import recurrent
+    from seqexp.models import recurrent as recurrent_module
 
     seen = {}
 
@@ -367,8 +367,8 @@ def test_under_autocast_only_the_sampled_softmax_products_change_dtype(monkeypat
         seen["matmul_dtype"] = args[-1]
         return args[0].sum() * 0
 
-    monkeypatch.setattr(recurrent.SampledSoftmaxCE, "apply", spy)
-    model = RecurrentRecommender(20, 2, hidden_size=4, loss="sampled_softmax", n_negatives=5)
+    monkeypatch.setattr(recurrent_module.SampledSoftmaxCE, "apply", spy)
+    model = recurrent(20, 2, hidden_size=4, loss="sampled_softmax", n_negatives=5)
     hidden, targets = torch.randn(3, 4), torch.tensor([1, 2, 3])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model.sampled_softmax_loss(hidden, targets)
@@ -398,7 +398,8 @@ def test_dropout_drops_a_share_p_and_scales_the_rest_by_one_over_keep():
 @pytest.mark.parametrize("cell", ["gru", "linear_ugru", "rectified_ugru", "attentional_ugru"])
 def test_a_zero_in_carry_mask_ends_the_state_and_the_next_step_starts_from_h0(cell):
     torch.manual_seed(0)
-    model = CELLS[cell](N).double()
+    options = {"threshold": "soft", "temperature": 0.1, "omega": None}
+    model = CELLS[cell](N, **(options if cell == "rectified_ugru" else {})).double()
     x, h0, v = inputs(seed=3, steps=5)
     x, h0, v = x.repeat(2, 1, 1), h0.repeat(2, 1), v.repeat(2, 1)
     mask = torch.ones(2, 5, dtype=torch.float64)

@@ -12,9 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import SHAPE_ATOL, SHAPE_RTOL, sequences, switch_cpu_kernel
+from helpers import SHAPE_ATOL, SHAPE_RTOL, make_evaluator, recurrent, sequences, switch_cpu_kernel
 from seqexp.data.batching import prediction_batches
-from seqexp.engine.evaluator import Evaluator
 from seqexp.models import cpu_kernels
 from seqexp.models.base import Recommender
 from seqexp.models.recurrent import RecurrentRecommender
@@ -42,7 +41,7 @@ def _model(cell: str, n_users: int, **options) -> RecurrentRecommender:
     torch.manual_seed(0)
     settings = {"hidden_size": 4, "window": 3, "dropout": 0.0, "dropout_is_keep_prob": False,
                 "user_dropout": 0.0} | options
-    return RecurrentRecommender(N_ITEMS, n_users, cell=cell, **settings)
+    return recurrent(N_ITEMS, n_users, cell=cell, **settings)
 
 
 def _replay(model: RecurrentRecommender, items: list[int], user: int,
@@ -176,7 +175,7 @@ def test_evaluation_scores_without_dropout_whatever_mode_the_model_is_in(cell):
     with torch.no_grad():
         expected_states = _replayed_prediction_states(model, data, "test")
     model.train()
-    counts = Evaluator([5], batch_users=2).rank_counts(model, data, "test")
+    counts = make_evaluator([5], batch_users=2).rank_counts(model, data, "test")
     assert model.training
     # Points in the evaluator's order: users by length (stable), then by column.
     _, stop = data.phase_bounds("test")
@@ -203,7 +202,7 @@ def test_the_prediction_for_an_event_sees_only_the_events_before_it():
     # Test events (the last two of each user): a repeat of the previous item ranks first;
     # any other target ties with the 4 other unscored items behind the repeated one: rank 6.
     data = sequences([[0, 1, 1, 2], [3, 3, 4], [2, 5, 5, 5]], n_items=6, n_test=[2, 2, 2])
-    counts = Evaluator([1]).rank_counts(RepeatLast(6, 3), data, "test")
+    counts = make_evaluator([1]).rank_counts(RepeatLast(6, 3), data, "test")
     # users by length (1 first), then by column: (1: 3, 4), (0: 1, 2), (2: 5, 5)
     assert counts.rank_pessimistic().tolist() == [1, 6, 1, 6, 1, 1]
     assert counts.rank_optimistic().tolist() == [1, 2, 1, 2, 1, 1]

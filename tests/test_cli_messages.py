@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import compose_config, tiny_overrides
+from helpers import compose_config, preprocess, tiny_overrides
 from seqexp.apps.cli import check_flags
 from seqexp.apps.preflight import check_command_line, split_command_line
 from seqexp.core.errors import SeqexpError
 from seqexp.core.resources import group_options
 from seqexp.data.interactions import Interactions
-from seqexp.data.preprocess import build_sequences
 from seqexp.run.experiment import run_experiment
 
 
@@ -27,8 +26,10 @@ from seqexp.run.experiment import run_experiment
     (["-m", "model=gru,linear_ugru", "model.hidden_size=32,64"], None),
     (["--cfg", "job", "model=mf", "model.factors=5"], None),
     (["--help"], None),
-    # an added model key is passed to the constructor: read when it takes that parameter
-    (["model=gru", "+model.threshold=hard"], None),
+    # an added model key is passed to the constructor: read when it takes that parameter,
+    # and then refused where the model's cell has no such option (its class's config_checks)
+    (["model=gru", "+model.threshold=hard"],
+     "model.threshold is not an option of model.cell=gru (its options: none)"),
     (["model=mf", "+model.window=3"], "+model.window=3: nothing would read it"),
     (["model=itemknn", "+model.neighbors=5"], "did you mean model.neighbours?"),
     (["model=gru", "+model.loss=sampled_softmax"],
@@ -77,6 +78,21 @@ except SystemExit as exc:
      ["torch"]),
     (["model=dream", "model.pooling=sum"], "seqexp: error: model.pooling='sum' must be one of "
                                            "max, mean", ["torch"]),
+    # a model class's checks of several keys together (config_checks), with the keys' rules
+    (["model=sasrec", "model.n_heads=3", "model.hidden_size=8"],
+     "seqexp: error: model.n_heads=3 must divide model.hidden_size=8", ["torch"]),
+    (["model=sasrec", "model.n_heads=3"],  # the other key from the model file (50)
+     "seqexp: error: model.n_heads=3 must divide model.hidden_size=50", ["torch"]),
+    (["model=hrnn", "model.session_gap_s=null"],
+     "seqexp: error: model=hrnn needs session boundaries: set model.session_gap_s", ["torch"]),
+    (["model.cell=cudnn_gru", "model.session_gap_s=60"],
+     "seqexp: error: model.session_gap_s needs a cell that can restart its state inside a "
+     "window; model.cell=cudnn_gru cannot", ["torch"]),
+    (["model=rectified_ugru", "model.cell=gru"],
+     "seqexp: error: model.threshold is not an option of model.cell=gru (its options: none)",
+     ["torch"]),
+    (["model=hrnn", "+model.omega=0.5"],
+     "seqexp: error: model.omega is not an option of model.cell=hrnn", ["torch"]),
 ])
 def test_a_refused_value_is_said_before_torch_and_mlflow_are_imported(argv, expected, imported):
     """Refused by the command line's check, before MLflow and any data or run; a key outside
@@ -89,7 +105,10 @@ def test_a_refused_value_is_said_before_torch_and_mlflow_are_imported(argv, expe
 
 
 @pytest.mark.parametrize("argv", [["train.lr=0.003"], ["train.epochs=0"], ["seed=7"],
-                                  ["model=itemknn", "model.neighbours=5"]])
+                                  ["model=itemknn", "model.neighbours=5"],
+                                  ["model=sasrec", "model.n_heads=2", "model.hidden_size=8"],
+                                  ["model=hrnn", "model.session_gap_s=60"],
+                                  ["model=rectified_ugru", "model.omega=0.5"]])
 def test_an_accepted_value_passes_the_check(argv):
     assert check_command_line(argv) is None
 
@@ -140,7 +159,7 @@ def test_an_empty_global_time_test_split_names_a_key_of_that_split():
     raw = Interactions(user=np.array([0, 0, 1, 1]), item=np.array([0, 1, 0, 1]),
                        timestamp=np.array([1, 2, 3, 3]), source="ratings.dat")
     with pytest.raises(SeqexpError, match="lower split.test_quantile") as caught:
-        build_sequences(raw, {"name": "global_time", "test_quantile": 0.99,
+        preprocess(raw, {"name": "global_time", "test_quantile": 0.99,
                               "val_quantile": 0.5})
     assert "test_frac" not in str(caught.value)
 

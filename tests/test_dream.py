@@ -10,14 +10,21 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import compose_config, timed_sequences, tiny_overrides, train_settings
+from helpers import (
+    compose_config,
+    make_evaluator,
+    preprocess,
+    split_preset,
+    timed_sequences,
+    tiny_overrides,
+    train_settings,
+)
 from seqexp.data.batching import prediction_batches
-from seqexp.data.preprocess import build_sequences
 from seqexp.data.synthetic import generate_synthetic
-from seqexp.engine.evaluator import Evaluator
 from seqexp.engine.trainer import Trainer
 from seqexp.models.dream import DREAM
 from seqexp.models.popularity import Popularity
+from seqexp.run import presets
 from seqexp.run.experiment import run_experiment
 
 GAP = 1800
@@ -41,7 +48,8 @@ def reference_states(model: DREAM, baskets: list[list[int]]) -> list[list[float]
 def tiny_model(n_items: int, n_users: int = 2, l2: float = 0.0, **kwargs) -> DREAM:
     """No L2 unless asked: most tests check the recurrence and the BPR term alone."""
     torch.manual_seed(0)
-    model = DREAM(n_items, n_users, hidden_size=3, init_std=0.5, l2=l2, **kwargs).double()
+    model = presets.model("dream", n_items, n_users, hidden_size=3, init_std=0.5, l2=l2,
+                          **kwargs).double()
     with torch.no_grad():
         model.initial.uniform_(-1, 1)  # a non-trivial h_0
     return model
@@ -114,8 +122,8 @@ def test_sampled_negatives_never_fall_in_the_positive_basket():
     raw = generate_synthetic(n_users=60, n_items=60, n_clusters=16, min_events=20,
                              max_events=60, p_successor=0.45, p_favourite=0.2, n_favourites=6,
                              generator_seed=7)
-    data = build_sequences(raw, {"name": "user_tail", "test_frac": 0.2, "val_frac": 0.1})
-    model = DREAM(data.n_items, data.n_users, hidden_size=4, max_baskets=3)
+    data = preprocess(raw, split_preset())
+    model = presets.model("dream", data.n_items, data.n_users, hidden_size=4, max_baskets=3)
     seq_items = []
     for batch in model.training_batches(data, 7, np.random.default_rng(1)):
         seq = batch.sequences
@@ -221,17 +229,17 @@ def test_l2_penalty_is_on_x_r_and_n_not_on_the_fused_kernels_weights(cell):
 @pytest.mark.slow  # tests/test_learning.py checks dream > 1.4x pop on its own data in ~1 s
 def test_dream_beats_popularity_on_synthetic_data():
     torch.manual_seed(0)
-    data = build_sequences(generate_synthetic(n_users=200, n_items=300, n_clusters=16,
+    data = preprocess(generate_synthetic(n_users=200, n_items=300, n_clusters=16,
                                               min_events=30, max_events=120, p_successor=0.45,
                                               p_favourite=0.2, n_favourites=6,
                                               generator_seed=7),
-                           {"name": "user_tail", "test_frac": 0.2, "val_frac": 0.1})
-    evaluator = Evaluator([20])
+                           split_preset())
+    evaluator = make_evaluator([20])
     pop = Popularity(data.n_items, data.n_users)
     pop.fit(data)
-    dream = DREAM(data.n_items, data.n_users, hidden_size=32)
+    dream = presets.model("dream", data.n_items, data.n_users, hidden_size=32)
     Trainer(evaluator, train_settings(epochs=8, batch_size=16, lr=0.01, patience=8,
-                                     progress=False)).fit(dream, data)
+                                     progress=False), seed=0).fit(dream, data)
     got, floor = (evaluator.evaluate(m, data, "test")["mrr_at_20"] for m in (dream, pop))
     assert got > 1.5 * floor
     got_f1, floor_f1 = (evaluator.next_basket_metrics(m, data, "test", GAP, 5)["basket_f1_at_5"]

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import sequences, switch_cpu_kernel
+from helpers import make_evaluator, sequences, switch_cpu_kernel
 from seqexp.core.errors import SeqexpError
-from seqexp.engine.evaluator import Evaluator
 from seqexp.engine.metrics import RankCounts
 from seqexp.engine.ranks import count_ranks
 from seqexp.models.base import Recommender
@@ -74,7 +73,7 @@ def test_whole_rows_rank_like_the_counts_by_comparison():
 
     data = _data()
     model = Hashed(6, 4, data.items)
-    whole = Evaluator([1, 3], batch_users=2).rank_counts(model, data, "test")
+    whole = make_evaluator([1, 3], batch_users=2).rank_counts(model, data, "test")
     scores = model.score_items(torch.from_numpy(whole.targets), 0, 6)
     greater, equal = _counts_by_comparison(scores, torch.from_numpy(whole.targets))
     assert whole.greater.tolist() == greater and whole.equal.tolist() == equal
@@ -190,7 +189,7 @@ def _data():
 def test_evaluator_counts_every_target_once_and_chunks_consistently(max_block):
     data = _data()
     model = Oracle(6, 4, data.items)
-    ev = Evaluator([1, 3], batch_users=2, max_block_elements=max_block)
+    ev = make_evaluator([1, 3], batch_users=2, max_block_elements=max_block)
     counts = ev.rank_counts(model, data, "test")
     assert len(counts) == 5  # 2 + 1 + 1 + 1 test events
     assert counts.rank_pessimistic().tolist() == [1] * 5
@@ -201,7 +200,7 @@ def test_evaluator_counts_every_target_once_and_chunks_consistently(max_block):
 def test_constant_scores_get_pessimistic_metrics_of_zero():
     data = _data()
     model = Popularity(6, 4)  # unfitted: every count is 0, all items tie
-    m = Evaluator([1, 5]).evaluate(model, data, "test")
+    m = make_evaluator([1, 5]).evaluate(model, data, "test")
     assert m["mrr_at_5"] == 0.0 and m["recall_at_5"] == 0.0
     assert m["recall_at_5_optimistic"] == 1.0
     # rank uniform on 1..6: P(rank <= 5) = 5/6
@@ -219,7 +218,7 @@ def test_context_never_includes_the_target_or_later_events():
                 seen.append((user, batch.items[r, :c].tolist(), int(batch.items[r, c])))
             return batch.targets
 
-    Evaluator([1]).rank_counts(Spy(6, 4, data.items), data, "test")
+    make_evaluator([1]).rank_counts(Spy(6, 4, data.items), data, "test")
     assert sorted(seen) == sorted([
         (0, [0, 1, 2], 3), (0, [0, 1, 2, 3], 4), (1, [4, 3], 2), (2, [1], 2), (3, [0, 0, 1], 1),
     ])
@@ -274,7 +273,7 @@ def test_exclude_seen_removes_earlier_items_but_keeps_a_seen_target(max_block):
     table = {(u, c): torch.randint(0, 3, (6,), generator=generator).float()
              for u, seq in enumerate(users) for c in range(1, len(seq))}
     model = Fixed(6, 4, table)
-    counts = Evaluator([5], batch_users=2, max_block_elements=max_block,
+    counts = make_evaluator([5], batch_users=2, max_block_elements=max_block,
                        exclude_seen=True).rank_counts(model, data, "test")
     order = np.lexsort((counts.positions, counts.users))
     points = list(zip(counts.users[order].tolist(), counts.positions[order].tolist(),
@@ -288,7 +287,7 @@ def test_exclude_seen_removes_earlier_items_but_keeps_a_seen_target(max_block):
     # user 0's target at position 3 (item 1) was seen at position 1 and stays rankable:
     # only items 0 and 2 leave the catalogue
     assert counts.targets[order].tolist() == [1, 3, 2, 3, 2, 1, 5]
-    plain = Evaluator([5], batch_users=2, max_block_elements=max_block
+    plain = make_evaluator([5], batch_users=2, max_block_elements=max_block
                       ).rank_counts(model, data, "test")
     assert (plain.greater[order] >= counts.greater[order]).all()
     assert (plain.greater[order] + plain.equal[order]
@@ -318,7 +317,7 @@ def test_ranks_parquet_round_trip_sorted_compact_and_complete(tmp_path):
     from seqexp.run.artifacts import write_ranks
 
     data = _data()
-    counts = Evaluator([1]).rank_counts(Oracle(6, 4, data.items), data, "test")
+    counts = make_evaluator([1]).rank_counts(Oracle(6, 4, data.items), data, "test")
     path = write_ranks(counts, data, tmp_path / "test_ranks.parquet", {"exclude_seen": False})
     columns, meta = read_ranks(path)
     assert columns["user"].tolist() == [0, 0, 1, 2, 3]
@@ -376,15 +375,15 @@ def test_a_user_on_a_quartile_edge_goes_to_the_lower_quartile():
 def test_cpu_score_blocks_hold_64_whole_rows_at_large_catalogues_and_ranks_stay_exact(
         monkeypatch):
     switch_cpu_kernel(monkeypatch, "eval_blocks", True)
-    cpu, evaluator = torch.device("cpu"), Evaluator()
+    cpu, evaluator = torch.device("cpu"), make_evaluator()
     assert evaluator.block_elements(cpu, 10_677) == 3_000_000  # ML-10M: as before
     assert evaluator.block_elements(cpu, 445_369) == 64 * 445_369  # not 6 points per block
-    assert Evaluator(max_block_elements=1000).block_elements(cpu, 445_369) == 1000
+    assert make_evaluator(max_block_elements=1000).block_elements(cpu, 445_369) == 1000
     # the dense counts: whole rows up to 46,875 items, tiles beyond (unless a block is set)
     assert evaluator.block_shape(cpu, 10_677, 10_000) == (280, 10_714)
     assert evaluator.block_shape(cpu, 46_875, 10_000) == (64, 46_875)
     assert evaluator.block_shape(cpu, 46_876, 10_000) == (128, 2048)
-    assert Evaluator(max_block_elements=1000).block_shape(cpu, 445_369, 10_000) == (1, 1000)
+    assert make_evaluator(max_block_elements=1000).block_shape(cpu, 445_369, 10_000) == (1, 1000)
     switch_cpu_kernel(monkeypatch, "eval_blocks", False)
     assert evaluator.block_shape(cpu, 445_369, 10_000) == (112, 446_428)  # 50,000,000
     # 60,000 items: whole-row blocks of 64 points; ranks equal a hand count of the scores
@@ -438,7 +437,7 @@ def test_cpu_tiles_rank_like_comparisons_with_ties_exclusions_and_a_partial_last
     users = [generator.integers(0, 23, size=n).tolist() for n in (30, 25, 12, 40)]
     data = sequences(users, n_items=23, n_test=[20, 15, 8, 30])
     model = Hashed23(23, 4)
-    tiled = Evaluator([5], batch_users=2, exclude_seen=exclude_seen)
+    tiled = make_evaluator([5], batch_users=2, exclude_seen=exclude_seen)
     assert tiled.block_shape(torch.device("cpu"), 23, 100) == (3, 4)
     counts = tiled.rank_counts(model, data, "test")
     assert set((counts.targets // 4).tolist()) == set(range(6))  # a target in every tile
@@ -454,7 +453,7 @@ def test_cpu_tiles_rank_like_comparisons_with_ties_exclusions_and_a_partial_last
     expected = _seen_by_brute_force(scores, torch.from_numpy(counts.targets), context)
     assert (counts.greater.tolist(), counts.equal.tolist()) == expected
     assert len(set(expected[1])) > 3 and min(expected[1]) >= 0  # many ties, of many sizes
-    whole = Evaluator([5], batch_users=2, exclude_seen=exclude_seen,
+    whole = make_evaluator([5], batch_users=2, exclude_seen=exclude_seen,
                       max_block_elements=10_000).rank_counts(model, data, "test")
     assert np.array_equal(whole.greater, counts.greater)
     assert np.array_equal(whole.equal, counts.equal)

@@ -11,6 +11,8 @@ from helpers import SHAPE_ATOL, SHAPE_RTOL, compose_config, timed_sequences
 from seqexp.core.errors import SeqexpError
 from seqexp.data.batching import prediction_batches
 from seqexp.models.hrnn import HRNN
+from seqexp.run import presets
+from seqexp.run.options import check_model
 
 GAP = 100
 CLOSE = {"rtol": SHAPE_RTOL, "atol": SHAPE_ATOL}
@@ -18,7 +20,7 @@ CLOSE = {"rtol": SHAPE_RTOL, "atol": SHAPE_ATOL}
 
 def _model() -> HRNN:
     torch.manual_seed(0)
-    return HRNN(10, 1, session_gap_s=GAP, hidden_size=3, window=3, dropout=0.0,
+    return presets.model("hrnn", 10, 1, session_gap_s=GAP, hidden_size=3, window=3, dropout=0.0,
                 dropout_is_keep_prob=False, user_dropout=0.0).eval()
 
 
@@ -89,9 +91,12 @@ def test_training_carries_both_states_across_windows_as_the_replay_does():
 
 
 def test_hrnn_needs_a_session_gap():
+    """The schema's check (HRNN.config_checks), also of a checkpoint's model block."""
+    node = presets.config(["model=hrnn"])["model"]
+    check_model(node)
     with pytest.raises(SeqexpError, match="model=hrnn needs session boundaries: set "
                        "model.session_gap_s"):
-        HRNN(10, 1, session_gap_s=None)
+        check_model(node | {"session_gap_s": None})
 
 
 def test_the_replay_carries_both_states_across_its_time_chunks():

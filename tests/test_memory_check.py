@@ -10,12 +10,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from helpers import compose_config, run_seqexp, tiny_overrides
-from seqexp.engine.evaluator import Evaluator
+from helpers import compose_config, make_evaluator, recurrent, run_seqexp, tiny_overrides
 from seqexp.engine.memory import human, model_bytes, run_estimate, tensor_bytes
-from seqexp.models.factorisation import MF
-from seqexp.models.recurrent import RecurrentRecommender
-from seqexp.run import experiment
+from seqexp.run import experiment, presets
 from seqexp.run.registry import registry
 
 
@@ -80,10 +77,10 @@ def test_the_estimate_counts_parameters_gradients_and_adams_moments():
     input projection to its three gates 12x4 + 12 and its hidden products 8x4 and 4x4 (no
     bias), the output layer 4x10 + 10; two buffers of 10; Adam keeps two moments."""
     def build(**sizes):
-        return RecurrentRecommender(**sizes, cell="gru", hidden_size=4, window=2)
+        return recurrent(**sizes, cell="gru", hidden_size=4, window=2)
 
     sizes = {"n_items": 10, "n_users": 3}
-    estimate = run_estimate(build, sizes, {"hidden_size": 4}, ("adam", 2, 30), Evaluator(),
+    estimate = run_estimate(build, sizes, {"hidden_size": 4}, ("adam", 2, 30), make_evaluator(),
                             torch.device("cpu"))
     parts = {part.what: part.size for part in estimate.parts}
     parameters = 4 * (10 * 4 + (12 * 4 + 12) + (8 * 4 + 4 * 4) + (4 * 10 + 10))
@@ -107,12 +104,12 @@ def test_the_largest_model_key_is_found_on_the_meta_device_for_any_model():
     from seqexp.engine.memory import size_key
 
     def mf(**kwargs):
-        return MF(**{"factors": 20, **kwargs})
+        return presets.model("mf", **{"factors": 20, **kwargs})
 
     assert size_key(mf, {"n_items": 10**9, "n_users": 5}, {"factors": 20}) == "model.factors"
 
     def gru(**kwargs):
-        return RecurrentRecommender(**{"hidden_size": 10**11, "window": 20, **kwargs})
+        return recurrent(**{"hidden_size": 10**11, "window": 20, **kwargs})
 
     options = {"hidden_size": 10**11, "window": 20, "n_negatives": 2048}
     assert size_key(gru, {"n_items": 50, "n_users": 40}, options) == "model.hidden_size"
@@ -127,7 +124,7 @@ def test_the_meta_estimate_of_every_registered_model_is_its_real_size(model_name
     cfg = compose_config([f"model={model_name}"])
     factory, options = experiment.model_factory(cfg.model)
     sizes = {"n_items": 50, "n_users": 40}
-    estimate = run_estimate(factory, sizes, options, ("adam", 16, 500), Evaluator(),
+    estimate = run_estimate(factory, sizes, options, ("adam", 16, 500), make_evaluator(),
                             torch.device("cpu"))
     parts = {part.what: part for part in estimate.parts}
     real = factory(**sizes)

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import sequences, train_settings
+from helpers import make_evaluator, recurrent, sequences, train_settings
 from seqexp.data.batching import prediction_batches, window_batches
-from seqexp.engine.evaluator import Evaluator
 from seqexp.models.cells import GRUCell
-from seqexp.models.knn import ItemKNN, cosine_neighbours
+from seqexp.models.knn import cosine_neighbours
 from seqexp.models.recurrent import RecurrentRecommender
+from seqexp.run import presets
 
 # every test with the CPU kernels and with the shared (CUDA) code path on the CPU
 pytestmark = pytest.mark.usefixtures("cpu_kernels_switch")
@@ -71,7 +71,7 @@ def test_window_batches_cover_each_training_pair_once_and_reset_only_at_user_sta
 def test_hidden_state_carries_across_windows_of_a_user_and_resets_between_users():
     torch.manual_seed(0)
     data = sequences([list(range(9)), [5, 6, 7, 8, 1]], n_items=10, n_test=[1, 1])
-    model = RecurrentRecommender(10, 2, hidden_size=4, window=3, dropout=0.0,
+    model = recurrent(10, 2, hidden_size=4, window=3, dropout=0.0,
                                  dropout_is_keep_prob=False)
     model.eval()
     # Lanes of one: user 1 follows user 0 in the same lane. The carried state after each full
@@ -101,7 +101,7 @@ def test_the_carried_state_travels_with_the_batches_of_its_epoch():
     its epoch runs alone, so no batch reads a state another iterator's batch left."""
     torch.manual_seed(0)
     data = sequences([list(range(9)), [5, 6, 7, 8, 1], [2, 3, 4, 5, 6, 7, 8]], n_items=10)
-    model = RecurrentRecommender(10, 3, hidden_size=4, window=2, dropout=0.0,
+    model = recurrent(10, 3, hidden_size=4, window=2, dropout=0.0,
                                  dropout_is_keep_prob=False)
     model.eval()
     with torch.no_grad():
@@ -122,7 +122,7 @@ def test_the_carried_state_travels_with_the_batches_of_its_epoch():
 def test_prediction_states_do_not_depend_on_eval_chunking():
     torch.manual_seed(0)
     data = sequences([list(range(9)), [5, 6, 7, 8, 1], [2, 3]], n_items=10, n_test=[3, 2, 1])
-    model = RecurrentRecommender(10, 3, hidden_size=4, window=3, eval_chunk=100)
+    model = recurrent(10, 3, hidden_size=4, window=3, eval_chunk=100)
     model.eval()
     batch = next(prediction_batches(data, "test", batch_users=8))
     whole = model.prediction_states(batch)
@@ -149,7 +149,7 @@ def test_itemknn_cosine_by_hand_with_self_excluded():
     assert dense[0, 2] == pytest.approx(0.5)  # 1 / sqrt(2*2)
     assert dense[2, 3] == pytest.approx(1 / math.sqrt(2))
     assert dense[0, 3] == 0.0 and np.all(np.diag(dense) == 0.0)
-    model = ItemKNN(10, 3, neighbours=1, popularity_tiebreak=False)
+    model = presets.model("itemknn", 10, 3, neighbours=1, popularity_tiebreak=False)
     model.fit(data)
     # top-1 only: item 2's best neighbour is item 3 (0.707 > 0.5)
     scores = model.score_items(torch.tensor([2]), 0, 10)[0]
@@ -160,9 +160,9 @@ def test_itemknn_ranks_by_hand_from_the_last_context_item_with_popularity_tiebre
     # training items: u0 {0,1,2}, u1 {0,1}, u2 {2,3}; counts 2, 2, 2, 1, 0, 0 for items 0..5
     # cosines: s(0,1) = 1, s(0,2) = s(1,2) = 0.5, s(2,3) = 1/sqrt(2), the rest 0
     data = sequences([[0, 1, 2, 3], [0, 1, 2], [2, 3, 0]], n_items=6)
-    model = ItemKNN(6, 3)
+    model = presets.model("itemknn", 6, 3)
     model.fit(data)
-    counts = Evaluator([1]).rank_counts(model, data, "test")
+    counts = make_evaluator([1]).rank_counts(model, data, "test")
     # points in user order (all sequences have length 3 or 4; stable by length: u1, u2, u0)
     # u1, last item 1 -> target 2: s = 0.5 behind item 0 (s = 1): rank 2
     # u2, last item 3 -> target 0: item 2 (s = 0.71) above; items 0 and 1 both s = 0 with the
@@ -171,9 +171,9 @@ def test_itemknn_ranks_by_hand_from_the_last_context_item_with_popularity_tiebre
     assert counts.rank_pessimistic().tolist() == [2, 3, 1]
     assert counts.rank_optimistic().tolist() == [2, 2, 1]
     # without the tie-break the target 0 of u2 ties with every item of similarity 0
-    model = ItemKNN(6, 3, popularity_tiebreak=False)
+    model = presets.model("itemknn", 6, 3, popularity_tiebreak=False)
     model.fit(data)
-    counts = Evaluator([1]).rank_counts(model, data, "test")
+    counts = make_evaluator([1]).rank_counts(model, data, "test")
     assert counts.rank_pessimistic().tolist() == [2, 6, 1]
 
 
@@ -190,9 +190,10 @@ def test_a_non_finite_training_loss_stops_training_with_a_clear_error():
     from seqexp.engine.trainer import Trainer
 
     data = sequences([[1, 2, 3, 4, 5], [2, 3, 4, 5, 6]], n_items=8)
-    model = RecurrentRecommender(8, 2, hidden_size=4, window=2)
+    model = recurrent(8, 2, hidden_size=4, window=2)
     model.output.bias.data[3] = float("nan")  # every softmax over the catalogue turns NaN
-    trainer = Trainer(Evaluator([1]), train_settings(epochs=1, batch_size=2, progress=False))
+    trainer = Trainer(make_evaluator([1]), train_settings(epochs=1, batch_size=2, progress=False),
+                      seed=0)
     optimizer = trainer.make_optimizer(model)
     with pytest.raises(SeqexpError, match="training loss became nan in epoch 1; lower train.lr"):
         trainer.train_epoch(model, data, optimizer, np.random.default_rng(0), 1)
@@ -216,10 +217,10 @@ def test_amp_on_a_cpu_autocasts_only_where_it_has_native_bf16(monkeypatch, caplo
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         monkeypatch.setattr(torch.cpu, probe, lambda: native_bf16, raising=False)
     data = sequences([[1, 2, 3, 4, 5], [2, 3, 4, 5, 6]], n_items=8)
-    model = AutocastSpy(8, 2, hidden_size=4, window=2)
+    model = AutocastSpy(8, 2, **(presets.options("gru") | {"hidden_size": 4, "window": 2}))
     model.autocast_seen = []
-    trainer = Trainer(Evaluator([1]),
-                      train_settings(epochs=1, batch_size=2, progress=False, amp=True))
+    trainer = Trainer(make_evaluator([1]),
+                      train_settings(epochs=1, batch_size=2, progress=False, amp=True), seed=0)
     with caplog.at_level(logging.WARNING, logger="seqexp.engine.trainer"):
         stats = trainer.train_epoch(model, data, trainer.make_optimizer(model),
                                     np.random.default_rng(0), 1)
@@ -236,9 +237,9 @@ def test_progress_bars_stay_off_when_stderr_is_not_a_terminal_and_each_epoch_log
     from seqexp.engine.trainer import Trainer
 
     data = sequences([[1, 2, 3, 4, 5, 6], [2, 3, 4, 5, 6, 7]], n_items=8, n_val=[1, 1])
-    model = RecurrentRecommender(8, 2, hidden_size=4, window=2)
-    trainer = Trainer(Evaluator([1]), train_settings(epochs=2, batch_size=2, progress=True,
-                                                    monitor="mrr_at_1"))
+    model = recurrent(8, 2, hidden_size=4, window=2)
+    trainer = Trainer(make_evaluator([1]), train_settings(epochs=2, batch_size=2, progress=True,
+                                                    monitor="mrr_at_1"), seed=0)
     with caplog.at_level("INFO", logger="seqexp.engine.trainer"):
         trainer.fit(model, data)
     written = capfd.readouterr().err  # a pipe here, as in a redirected log

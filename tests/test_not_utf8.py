@@ -65,7 +65,7 @@ def lastfm_lines() -> list[bytes]:
 def test_lastfm_latin1_name_is_skipped_and_counted(tmp_path, capfd, bad):
     rows = lastfm_lines()
     rows.insert(3, bad)
-    raw = read_lastfm(write_lines(tmp_path / "l.tsv", rows))
+    raw = read_lastfm(write_lines(tmp_path / "l.tsv", rows), item="track")
     assert len(raw) == fx.LASTFM_N_ROWS
     assert raw.skipped_lines == fx.LASTFM_SKIPPED + 1
     assert raw.notes["lines_not_utf8"] == 1
@@ -77,16 +77,20 @@ def test_lastfm_latin1_name_is_skipped_and_counted(tmp_path, capfd, bad):
 def test_lastfm_utf8_names_are_kept(tmp_path):
     rows = lastfm_lines()
     rows.insert(0, "user_000003\t2009-05-04T23:10:00Z\t\tBjörk\t\tJóga".encode())
-    raw = read_lastfm(write_lines(tmp_path / "l.tsv", rows))
+    raw = read_lastfm(write_lines(tmp_path / "l.tsv", rows), item="track")
     assert raw.skipped_lines == fx.LASTFM_SKIPPED
     assert "Björk\tJóga" in set(raw.item_labels)
+
+
+# the header of the tables below, in conf/dataset/csv.yaml's terms
+CSV_COLUMNS = {"user_col": "user", "item_col": "item", "time_col": "timestamp", "sep": None}
 
 
 @pytest.mark.parametrize("line", [b"carol,p\xe92,100", b"carol,p2,1\xe900"])
 def test_table_not_utf8_is_an_error_naming_the_line(tmp_path, line):
     path = write_lines(tmp_path / "e.csv", [b"user,item,timestamp", b"alice,p1,5", line])
     with pytest.raises(SeqexpError, match=r"e\.csv: line 3 is not UTF-8 text; save the file"):
-        read_table(path)
+        read_table(path, **CSV_COLUMNS)
 
 
 @pytest.mark.parametrize("value", ["inf", "-inf", "1e30", "9007199254740993"])
@@ -94,13 +98,13 @@ def test_table_time_out_of_range_is_an_error_naming_the_line(tmp_path, value):
     path = write_lines(tmp_path / "e.csv", [b"user,item,timestamp", b"alice,p1,5",
                                             b"bob,p1,7", f"carol,p2,{value}".encode()])
     with pytest.raises(SeqexpError, match=r"e\.csv: line 4: timestamp=.* is not a time"):
-        read_table(path)
+        read_table(path, **CSV_COLUMNS)
 
 
 def test_table_time_limit_itself_and_fractions_are_accepted(tmp_path):
     path = write_lines(tmp_path / "e.csv", [b"user,item,timestamp", b"alice,p1,5.7",
                                             b"carol,p2,-9007199254740992.0"])
-    assert read_table(path).timestamp.tolist() == [5, -(2**53)]
+    assert read_table(path, **CSV_COLUMNS).timestamp.tolist() == [5, -(2**53)]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -38,7 +38,7 @@ def test_lastfm_shape_parses_with_its_counts(tmp_path: Path, shapes) -> None:
     # Rows 100, 200, ..., 2000 are malformed, the four kinds in turn: 5 + 5 + 5 + 5.
     assert facts["malformed"] == {"wrong_field_count": 5, "bad_time": 5, "no_artist": 5,
                                   "not_utf8": 5}
-    raw = read_lastfm(path)
+    raw = read_lastfm(path, item="track")
     assert len(raw) == facts["valid_rows"] == 2_000 - 20
     assert raw.skipped_lines == 20
     assert raw.notes == {"lines_wrong_field_count": 5, "lines_not_utf8": 5,

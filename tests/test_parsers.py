@@ -10,15 +10,15 @@ import pytest
 from omegaconf import OmegaConf
 
 import fixtures_raw as fx
+from helpers import preprocess, split_preset
 from seqexp.core.errors import SeqexpError
 from seqexp.core.resources import config_dir
 from seqexp.data.lastfm import read_lastfm
 from seqexp.data.loading import load_dataset
 from seqexp.data.movielens import read_movielens
-from seqexp.data.preprocess import build_sequences
 from seqexp.data.tabular import read_table
 
-USER_TAIL = {"name": "user_tail", "test_frac": 0.2, "val_frac": 0.1}
+USER_TAIL = split_preset()
 
 
 def first_occurrence_codes(values: list) -> list[int]:
@@ -64,7 +64,7 @@ def test_movielens_counts_and_file_order(tmp_path: Path, layout: str) -> None:
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_movielens_equal_timestamps_keep_file_order_after_build(tmp_path: Path, layout: str):
-    data = build_sequences(read_movielens(fx.write_movielens(tmp_path, layout=layout), layout),
+    data = preprocess(read_movielens(fx.write_movielens(tmp_path, layout=layout), layout),
                            USER_TAIL)
     # All six movies are in the training vocabulary, so code = rank of the movie id.
     assert data.n_items == 6
@@ -112,7 +112,7 @@ def test_movielens_malformed_lines_are_counted_not_fatal(tmp_path: Path, layout:
 def test_movielens_wrong_format_names_the_file(tmp_path: Path, name: str, text: str | None):
     path = fx.write_lastfm(tmp_path, name) if text is None else fx.write_text(tmp_path, name, text)
     with pytest.raises(SeqexpError, match="MovieLens") as info:
-        read_movielens(path)
+        read_movielens(path, "ratings_dat")
     assert str(path) in str(info.value)
     assert "\n" not in str(info.value)
 
@@ -158,7 +158,7 @@ def test_movielens_empty_file(tmp_path: Path, text: str, layout: str) -> None:
 def test_movielens_single_colon_lines_are_not_ratings(tmp_path: Path) -> None:
     path = fx.write_text(tmp_path, "ratings.dat", "1:x:101:y:5:z:1000\n2:x:102:y:4:z:1001\n")
     with pytest.raises(SeqexpError):
-        read_movielens(path)
+        read_movielens(path, "ratings_dat")
 
 
 @pytest.mark.parametrize("dataset", sorted(DATASET_LAYOUTS))
@@ -219,7 +219,7 @@ def test_lastfm_artist_items_merge_tracks(tmp_path: Path) -> None:
 
 def test_lastfm_equal_timestamps_follow_listening_order(tmp_path: Path) -> None:
     raw = read_lastfm(fx.write_lastfm(tmp_path), item="track")
-    data = build_sequences(raw, {"name": "user_tail", "test_frac": 0.4, "val_frac": 0.0})
+    data = preprocess(raw, {"name": "user_tail", "test_frac": 0.4, "val_frac": 0.0})
     # user_000001 (code 0): T2 T4 T3 T2 | T2 T1 -> test T2 T1; T1 is never trained: dropped.
     # user_000002 (code 1): T2 T5 | T3 -> test T3 (known from user 1's training part).
     # Reading the 23:05 tie in file order instead would give T2 T4 T2 | T3 T1.
@@ -237,7 +237,7 @@ def test_lastfm_equal_timestamps_follow_listening_order(tmp_path: Path) -> None:
 
 def test_lastfm_artist_sequences(tmp_path: Path) -> None:
     raw = read_lastfm(fx.write_lastfm(tmp_path), item="artist")
-    data = build_sequences(raw, {"name": "user_tail", "test_frac": 0.4, "val_frac": 0.0})
+    data = preprocess(raw, {"name": "user_tail", "test_frac": 0.4, "val_frac": 0.0})
     # user 1: X X Y | X Band; user 2: X Band | Y. Every artist is trained on.
     assert data.offsets.tolist() == [0, 5, 8]
     assert data.train_end.tolist() == [3, 7]
@@ -250,14 +250,14 @@ def test_lastfm_artist_sequences(tmp_path: Path) -> None:
 def test_lastfm_empty_file(tmp_path: Path, text: str) -> None:
     path = fx.write_text(tmp_path, "listens.tsv", text)
     with pytest.raises(SeqexpError) as info:
-        read_lastfm(path)
+        read_lastfm(path, item="track")
     assert str(path) in str(info.value)
 
 
 def test_lastfm_only_bad_times_is_an_error(tmp_path: Path) -> None:
     path = fx.write_text(tmp_path, "listens.tsv", "u1\tyesterday\t\tA\t\tT\nu1\tnow\t\tB\t\tU\n")
     with pytest.raises(SeqexpError, match="LastFM-1K") as info:
-        read_lastfm(path)
+        read_lastfm(path, item="track")
     assert str(path) in str(info.value)
 
 
@@ -268,7 +268,7 @@ def test_lastfm_wrong_format_file_is_an_error(tmp_path: Path, kind: str) -> None
     else:
         path = fx.write_text(tmp_path, "notes.txt", "hello world\nthis is not a TSV\n")
     with pytest.raises(SeqexpError) as info:
-        read_lastfm(path)
+        read_lastfm(path, item="track")
     assert str(path) in str(info.value)
 
 
@@ -316,7 +316,7 @@ def test_table_tsv_and_explicit_separator(tmp_path: Path) -> None:
 
 
 def test_table_ties_keep_row_order(tmp_path: Path) -> None:
-    data = build_sequences(_read(fx.write_csv(tmp_path)),
+    data = preprocess(_read(fx.write_csv(tmp_path)),
                            {"name": "user_tail", "test_frac": 0.34, "val_frac": 0.0})
     # alice: p1 p2 (a tie, kept in row order) | p3; bob (2 events: floor(0.68) = 0 test) and
     # carol (1 event) are all training.
@@ -331,7 +331,7 @@ def test_table_missing_column_names_the_key(tmp_path: Path, writer, key: str) ->
     path = writer(tmp_path)
     columns = dict(fx.TABLE_COLUMNS, **{key: "nope"})
     with pytest.raises(SeqexpError, match=rf"dataset\.{key}='nope'") as info:
-        read_table(path, **columns)
+        read_table(path, sep=None, **columns)
     assert str(path) in str(info.value)
     for other in set(fx.TABLE_COLUMNS) - {key}:
         assert f"dataset.{other}=" not in str(info.value)
@@ -398,7 +398,7 @@ def test_movielens_ids_are_labels_negative_and_huge_ones_included(tmp_path):
 
     path = tmp_path / "ratings.dat"
     path.write_text("-1::31::2::100\n-1::7::2::101\n1000000000000000::31::2::102\n")
-    raw = read_movielens(path)
+    raw = read_movielens(path, "ratings_dat")
     assert raw.user.tolist() == [0, 0, 1] and raw.item.tolist() == [31, 7, 31]  # small: kept
     assert raw_ids(raw.user, raw.user_labels).tolist() == ["-1", "-1", "1000000000000000"]
     assert raw_ids(raw.item, raw.item_labels).tolist() == ["31", "7", "31"]

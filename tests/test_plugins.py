@@ -46,7 +46,7 @@ from seqexp.models.base import Recommender
 class LastItem(Recommender):
     config_keys = {"bonus": Key(number(0.0, low_open=True), "added to the last item's score")}
 
-    def __init__(self, n_items: int, n_users: int, bonus: float = 1.0) -> None:
+    def __init__(self, n_items: int, n_users: int, *, bonus: float) -> None:
         super().__init__(n_items, n_users)
         self.bonus = bonus
         self.register_buffer("popularity", torch.zeros(n_items))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import fixtures_raw as fx
+from helpers import preprocess, split_preset
 from seqexp.core.errors import SeqexpError
 from seqexp.core.schema import SPLIT
 from seqexp.data.interactions import Interactions
@@ -16,7 +17,6 @@ from seqexp.data.preprocess import (
     TEST,
     TRAIN,
     VAL,
-    build_sequences,
     global_time_split,
     last_session_split,
     order_events,
@@ -34,12 +34,16 @@ def raw(user, item, timestamp, source: str = "made-up.dat") -> Interactions:
     )
 
 
-def tail(test_frac: float = 0.2, val_frac: float = 0.1) -> dict:
-    return {"name": "user_tail", "test_frac": test_frac, "val_frac": val_frac}
+def tail(test_frac: float | None = None, val_frac: float | None = None) -> dict:
+    """split=user_tail (conf/split/user_tail.yaml) with the fractions given."""
+    given = {"test_frac": test_frac, "val_frac": val_frac}
+    return split_preset("user_tail", **{k: v for k, v in given.items() if v is not None})
 
 
-def global_time(test_quantile: float = 0.8, val_quantile: float = 0.9) -> dict:
-    return {"name": "global_time", "test_quantile": test_quantile, "val_quantile": val_quantile}
+def global_time(test_quantile: float | None = None, val_quantile: float | None = None) -> dict:
+    """split=global_time (conf/split/global_time.yaml) with the quantiles given."""
+    given = {"test_quantile": test_quantile, "val_quantile": val_quantile}
+    return split_preset("global_time", **{k: v for k, v in given.items() if v is not None})
 
 
 def check_invariants(data: SequenceData) -> None:
@@ -113,7 +117,7 @@ def test_order_events_matches_a_python_sort(user_range, time_range) -> None:
 
 
 def test_build_sequences_orders_by_time_then_row(tmp_path: Path) -> None:
-    data = build_sequences(read_movielens(fx.write_movielens(tmp_path)), tail())
+    data = preprocess(read_movielens(fx.write_movielens(tmp_path), "ratings_dat"), tail())
     check_invariants(data)
     expected = [m - 101 for user in sorted(fx.ML_ORDERED) for m in fx.ML_ORDERED[user]]
     assert data.items.tolist() == expected
@@ -147,7 +151,7 @@ def test_user_tail_through_build_sequences() -> None:
     user = np.repeat([0, 1, 2], lengths)
     item = np.concatenate([np.arange(n) % 3 for n in lengths])  # items 0, 1, 2 all trained
     ts = np.concatenate([np.arange(n) * 10 for n in lengths])
-    data = build_sequences(raw(user, item, ts), tail(0.2, 0.1))
+    data = preprocess(raw(user, item, ts), tail(0.2, 0.1))
     check_invariants(data)
     # 10 -> 8/0/2, 3 -> 3/0/0, 20 -> 15/1/4
     assert data.offsets.tolist() == [0, 10, 13, 33]
@@ -160,7 +164,7 @@ def test_user_tail_through_build_sequences() -> None:
 
 def test_user_tail_follows_time_not_row_order() -> None:
     # Rows listed newest-first: the test event is each user's latest, not its last row.
-    data = build_sequences(
+    data = preprocess(
         raw([0] * 5 + [1] * 5, [4, 3, 2, 1, 0, 0, 1, 2, 3, 4], [50, 40, 30, 20, 10] * 2),
         tail(0.2, 0.0),
     )
@@ -180,7 +184,7 @@ def test_user_tail_invalid_fractions_are_refused_by_the_schema(key: str, value) 
 
 
 def test_val_frac_zero_is_allowed() -> None:
-    data = build_sequences(raw([0] * 10, np.arange(10) % 2, np.arange(10)), tail(0.2, 0.0))
+    data = preprocess(raw([0] * 10, np.arange(10) % 2, np.arange(10)), tail(0.2, 0.0))
     assert data.train_end.tolist() == data.val_end.tolist() == [8]
 
 
@@ -202,7 +206,7 @@ def test_global_time_through_build_sequences() -> None:
     user = [0, 1, 0, 1, 0, 1, 0, 1, 0, 1]
     ts = [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
     item = [0, 1, 2, 0, 0, 2, 1, 1, 1, 2]
-    data = build_sequences(raw(user, item, ts), global_time(0.8, 0.9))
+    data = preprocess(raw(user, item, ts), global_time(0.8, 0.9))
     check_invariants(data)
     # user 0: 10 30 50 70 | 90 ; user 1: 20 40 60 | 80 | 100
     assert data.offsets.tolist() == [0, 5, 10]
@@ -222,7 +226,7 @@ def test_global_time_no_leakage_on_random_data() -> None:
     user = rng.integers(0, 12, n)
     ts = rng.integers(0, 60, n)  # many ties
     item = rng.integers(0, 8, n)
-    data = build_sequences(raw(user, item, ts), global_time(0.7, 0.8))
+    data = preprocess(raw(user, item, ts), global_time(0.7, 0.8))
     check_invariants(data)
     phase = phases(data)
     assert data.timestamps[phase != TEST].max() < data.timestamps[phase == TEST].min()
@@ -236,7 +240,7 @@ def test_global_time_user_without_training_events_is_dropped() -> None:
     user = [0] * 9 + [1]
     ts = [1, 2, 3, 4, 5, 6, 7, 8, 11, 12]
     item = [0, 1, 0, 1, 0, 1, 0, 1, 0, 1]
-    data = build_sequences(raw(user, item, ts), global_time(0.8, 0.9))
+    data = preprocess(raw(user, item, ts), global_time(0.8, 0.9))
     check_invariants(data)
     assert data.n_users == 1
     assert data.stats["cold_user_events_dropped"] == 1
@@ -256,7 +260,7 @@ def test_global_time_invalid_quantiles_are_refused_by_the_schema(key: str, value
 def test_item_only_in_test_is_dropped_and_counted() -> None:
     user = [0] * 5 + [1] * 5
     item = [0, 1, 0, 1, 7, 1, 0, 1, 0, 1]  # item 7 only in user 0's test event
-    data = build_sequences(raw(user, item, list(range(5)) * 2), tail(0.2, 0.0))
+    data = preprocess(raw(user, item, list(range(5)) * 2), tail(0.2, 0.0))
     check_invariants(data)
     assert data.stats["test_oov_dropped"] == 1
     assert data.stats["val_oov_dropped"] == 0
@@ -269,7 +273,7 @@ def test_item_only_in_test_is_dropped_and_counted() -> None:
 def test_item_only_in_validation_is_dropped_and_counted() -> None:
     # 10 events, test 0.2, val 0.5 -> 4 train / 4 val / 2 test
     item = [0, 1, 0, 1, 5, 6, 0, 5, 1, 0]
-    data = build_sequences(raw([0] * 10, item, range(10)), tail(0.2, 0.5))
+    data = preprocess(raw([0] * 10, item, range(10)), tail(0.2, 0.5))
     check_invariants(data)
     assert data.stats["val_oov_dropped"] == 3
     assert data.stats["test_oov_dropped"] == 0
@@ -292,7 +296,7 @@ def test_min_item_support_counts_training_events_only(
 ) -> None:
     user = [0] * 6 + [1] * 6
     item = [0, 0, 1, 2, 2, 2, 0, 1, 2, 0, 1, 0]
-    data = build_sequences(raw(user, item, list(range(6)) * 2), tail(0.5, 0.0),
+    data = preprocess(raw(user, item, list(range(6)) * 2), tail(0.5, 0.0),
                            min_item_support=min_support)
     check_invariants(data)
     assert (data.stats["train_events_filtered"], data.stats["test_oov_dropped"]) == stats
@@ -305,7 +309,7 @@ def test_user_left_without_training_events_is_dropped() -> None:
     # user 2 trains only on item 9 (support 1 < 2): its known test event goes with it.
     user = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]
     item = [0, 1, 0, 1, 1, 0, 1, 0, 9, 0]
-    data = build_sequences(raw(user, item, [1, 2, 3, 4] * 2 + [1, 2]), tail(0.5, 0.0),
+    data = preprocess(raw(user, item, [1, 2, 3, 4] * 2 + [1, 2]), tail(0.5, 0.0),
                            min_item_support=2)
     check_invariants(data)
     assert data.stats["train_events_filtered"] == 1
@@ -322,7 +326,7 @@ def test_drop_repeats_removes_immediate_repeats_only() -> None:
         (0, 5, 2), (0, 5, 5), (1, 7, 2), (0, 7, 7),
     ]
     user, item, ts = (list(col) for col in zip(*rows, strict=True))
-    data = build_sequences(raw(user, item, ts), tail(0.25, 0.0), drop_repeats=True)
+    data = preprocess(raw(user, item, ts), tail(0.25, 0.0), drop_repeats=True)
     check_invariants(data)
     assert data.stats["repeats_dropped"] == 4
     # user 0: 5 6 5 | 7 ; user 1: 7 8 (floor(0.5) = 0 test). Vocabulary 5 6 7 8 -> 0 1 2 3.
@@ -331,7 +335,7 @@ def test_drop_repeats_removes_immediate_repeats_only() -> None:
     assert data.offsets.tolist() == [0, 4, 6]
     assert data.train_end.tolist() == [3, 6]
 
-    kept = build_sequences(raw(user, item, ts), tail(0.25, 0.0), drop_repeats=False)
+    kept = preprocess(raw(user, item, ts), tail(0.25, 0.0), drop_repeats=False)
     assert "repeats_dropped" not in kept.stats
     assert kept.n_events == 10
     assert kept.items[:7].tolist() == [0, 0, 1, 0, 0, 2, 2]
@@ -341,20 +345,20 @@ def test_drop_repeats_removes_immediate_repeats_only() -> None:
 def test_nothing_left_after_filtering_is_an_error(tmp_path: Path) -> None:
     path = fx.write_movielens(tmp_path)
     with pytest.raises(SeqexpError, match=r"dataset\.min_item_support=100") as info:
-        build_sequences(read_movielens(path), tail(), min_item_support=100)
+        preprocess(read_movielens(path, "ratings_dat"), tail(), min_item_support=100)
     assert str(path) in str(info.value)
 
 
 def test_no_test_events_is_an_error() -> None:
     # every user has 3 events: floor(0.2 * 3) = 0 test events
     with pytest.raises(SeqexpError, match=r"split\.test_frac") as info:
-        build_sequences(raw([0, 0, 0, 1, 1, 1], [0, 1, 2] * 2, [1, 2, 3] * 2, "x.dat"), tail())
+        preprocess(raw([0, 0, 0, 1, 1, 1], [0, 1, 2] * 2, [1, 2, 3] * 2, "x.dat"), tail())
     assert "x.dat" in str(info.value)
 
 
 def test_no_interactions_is_an_error() -> None:
     with pytest.raises(SeqexpError, match="empty.dat"):
-        build_sequences(raw([], [], [], "empty.dat"), tail())
+        preprocess(raw([], [], [], "empty.dat"), tail())
 
 
 # ------------------------------------------------------------------------------ invariants
@@ -366,7 +370,7 @@ def test_invariants_on_random_data(split, min_support, drop_repeats) -> None:
     user = rng.integers(0, 25, n) * 7 + 3  # sparse raw user ids
     item = rng.zipf(1.6, n) % 40
     ts = rng.integers(1_000, 1_200, n)
-    data = build_sequences(raw(user, item, ts), split, min_item_support=min_support,
+    data = preprocess(raw(user, item, ts), split, min_item_support=min_support,
                            drop_repeats=drop_repeats)
     check_invariants(data)
     if drop_repeats:
@@ -382,7 +386,6 @@ def test_invariants_on_random_data(split, min_support, drop_repeats) -> None:
 def test_raw_ids_follow_users_and_items_through_filtering_and_the_ranks_id_file(tmp_path):
     from seqexp.core.ranks_file import read_id_maps
     from seqexp.data.interactions import Interactions
-    from seqexp.data.preprocess import build_sequences
     from seqexp.run.artifacts import write_id_maps
 
     # codes 0..3 label users "u-a".."u-d" (u-c has no event) and items "x".."z"; item "z" is
@@ -394,7 +397,7 @@ def test_raw_ids_follow_users_and_items_through_filtering_and_the_ranks_id_file(
         user_labels=np.array(["u-a", "u-b", "u-c", "u-d"]),
         item_labels=np.array(["x", "y", "z"]),
     )
-    data = build_sequences(raw, {"name": "user_tail", "test_frac": 0.2, "val_frac": 0.0},
+    data = preprocess(raw, {"name": "user_tail", "test_frac": 0.2, "val_frac": 0.0},
                            min_item_support=2)
     assert data.user_ids.tolist() == ["u-a", "u-b", "u-d"]
     assert data.item_ids.tolist() == ["x", "y"]
@@ -406,11 +409,10 @@ def test_raw_ids_follow_users_and_items_through_filtering_and_the_ranks_id_file(
 
 def test_codes_that_are_raw_ids_keep_them(tmp_path):
     from seqexp.data.interactions import Interactions
-    from seqexp.data.preprocess import build_sequences
 
     raw = Interactions(user=np.array([7, 7, 7, 7, 7]), item=np.array([31, 5, 31, 5, 31]),
                        timestamp=np.arange(5), source="t")
-    data = build_sequences(raw, {"name": "user_tail", "test_frac": 0.2, "val_frac": 0.0})
+    data = preprocess(raw, {"name": "user_tail", "test_frac": 0.2, "val_frac": 0.0})
     assert data.user_ids.tolist() == ["7"] and data.item_ids.tolist() == ["5", "31"]
 
 
@@ -439,7 +441,7 @@ def test_last_session_through_build_sequences() -> None:
     ts = np.concatenate(SESSION_TS)
     # item 9 occurs only in user 0's test session: unseen in training, dropped and counted
     item = [1, 2, 3, 1, 2, 3, 1, 9] + [2, 3, 1, 2] + [1, 2, 3, 1] + [3, 2, 1]
-    data = build_sequences(raw(user, item, ts), last_session(100))
+    data = preprocess(raw(user, item, ts), last_session(100))
     check_invariants(data)
     assert data.offsets.tolist() == [0, 7, 11, 15, 18]
     assert (data.train_end - data.offsets[:-1]).tolist() == [5, 2, 4, 2]
@@ -449,4 +451,4 @@ def test_last_session_through_build_sequences() -> None:
     # a gap long enough to join every session: one session each, no test event
     with pytest.raises(SeqexpError, match="last_session split leaves no test events; lower "
                        "split.session_gap_s"):
-        build_sequences(raw(user, item, ts), last_session(1000))
+        preprocess(raw(user, item, ts), last_session(1000))

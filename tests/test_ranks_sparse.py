@@ -11,19 +11,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import sequences, train_settings
+from helpers import make_evaluator, sequences, train_settings
 from seqexp.core.errors import SeqexpError
 from seqexp.core.stopping import TrainingStopped
 from seqexp.data.batching import prediction_batches
 from seqexp.engine import evaluator as evaluator_module
 from seqexp.engine import ranks as ranks_module
-from seqexp.engine.evaluator import Evaluator
 from seqexp.engine.ranks import count_ranks, count_sparse_ranks, count_table_ranks, prepare_table
 from seqexp.engine.trainer import Trainer
 from seqexp.models import cpu_kernels
 from seqexp.models import knn as knn_module
 from seqexp.models.knn import ExpDecayKNN, ItemKNN, cosine_neighbours
 from seqexp.models.popularity import Popularity
+from seqexp.run import presets
 
 SHARED = torch.tensor([3.0, 1.0, 1.0, 2.0, 0.0])
 IDS = torch.tensor([[3, -1], [4, -1], [-1, -1], [1, 0]])
@@ -62,16 +62,16 @@ def test_a_nan_entry_or_shared_score_is_refused(cpu_kernels_switch):
         def shared_scores(self):
             return shared
     with pytest.raises(SeqexpError, match="NaN"):
-        Evaluator().rank_counts(Model(5, 1), sequences([[0, 1, 2]], 5), "test")
+        make_evaluator().rank_counts(Model(5, 1), sequences([[0, 1, 2]], 5), "test")
 
 
 def test_a_nan_in_an_itemknn_table_is_refused():
     data = _history_data()
-    model = ItemKNN(data.n_items, data.n_users, neighbours=5)
+    model = presets.model("itemknn", data.n_items, data.n_users, neighbours=5)
     model.fit(data)
     model.similarity[3, 0] = torch.nan
     with pytest.raises(SeqexpError, match="NaN"):
-        Evaluator().rank_counts(model, data, "test")
+        make_evaluator().rank_counts(model, data, "test")
 
 
 def _dense(shared, ids, scores):
@@ -146,10 +146,10 @@ def _history_data(seed: int = 0, n_items: int = 30):
 
 
 def _models(n_items: int, n_users: int):
-    return [Popularity(n_items, n_users), ItemKNN(n_items, n_users, neighbours=5),
-            ItemKNN(n_items, n_users, neighbours=5, popularity_tiebreak=False),
-            ExpDecayKNN(n_items, n_users, neighbours=5, window=None),
-            ExpDecayKNN(n_items, n_users, neighbours=8, window=3, anchor_block=7)]
+    return [Popularity(n_items, n_users), presets.model("itemknn", n_items, n_users, neighbours=5),
+            presets.model("itemknn", n_items, n_users, neighbours=5, popularity_tiebreak=False),
+            presets.model("expdecay_knn", n_items, n_users, neighbours=5, window=None),
+            presets.model("expdecay_knn", n_items, n_users, neighbours=8, window=3, anchor_block=7)]
 
 
 @pytest.mark.parametrize("exclude_seen", [False, True])
@@ -159,7 +159,7 @@ def test_the_evaluators_sparse_path_gives_the_dense_paths_counts(index, exclude_
     data = _history_data()
     model = _models(data.n_items, data.n_users)[index]
     model.fit(data)
-    evaluator = Evaluator(exclude_seen=exclude_seen)
+    evaluator = make_evaluator(exclude_seen=exclude_seen)
     monkeypatch.setattr(ranks_module, "TABLE_CHUNK_ROWS", 7)  # the table in several chunks
     counts = {}
     tables = []
@@ -252,7 +252,8 @@ def test_the_sparse_fit_ranks_as_the_dense_fit():
     rng = np.random.default_rng(3)
     users = [list(rng.integers(0, 60, rng.integers(3, 12))) for _ in range(30)]
     data = sequences(users, 60, n_val=[1] * 30, n_test=[2] * 30)
-    model, dense = (ItemKNN(data.n_items, data.n_users, neighbours=4) for _ in range(2))
+    model, dense = (presets.model("itemknn", data.n_items, data.n_users, neighbours=4)
+                    for _ in range(2))
     model.fit(data)
     dense_ids, dense_sims, _ = _dense_fit(data, 4)
     dense.neighbours.copy_(dense_ids)
@@ -261,7 +262,7 @@ def test_the_sparse_fit_ranks_as_the_dense_fit():
     fifth = _dense_fit(data, 5)[1][:, 4]
     assert ((dense_sims[:, 3] == fifth) & (fifth > 0)).any() and (dense_sims == 0).any()
     for exclude_seen in (False, True):
-        evaluator = Evaluator(exclude_seen=exclude_seen)
+        evaluator = make_evaluator(exclude_seen=exclude_seen)
         got, expected = (evaluator.evaluate(m, data, "test") for m in (model, dense))
         assert got == expected
 
@@ -277,8 +278,8 @@ def test_the_fit_blocks_give_the_neighbours_of_one_block_and_stop_between_blocks
         asked.append(1)
         return "SIGTERM" if len(asked) == 4 else None
 
-    model = ItemKNN(data.n_items, data.n_users, neighbours=5, fit_block=3)
-    trainer = Trainer(Evaluator(), train_settings(), stop_requested=stop_on_fourth_ask)
+    model = presets.model("itemknn", data.n_items, data.n_users, neighbours=5, fit_block=3)
+    trainer = Trainer(make_evaluator(), train_settings(), stop_requested=stop_on_fourth_ask, seed=0)
     with pytest.raises(TrainingStopped, match="stopped by SIGTERM after epoch 0"):
         trainer.fit(model, data)
     assert len(asked) == 4  # asked before each block: blocks 1-3 ran, the fourth did not

@@ -10,12 +10,14 @@ from helpers import SHAPE_ATOL, SHAPE_RTOL, sequences
 from seqexp.core.errors import SeqexpError
 from seqexp.data.batching import prediction_batches
 from seqexp.models.sasrec import SASRec, _training_rows, attention_mask
+from seqexp.run import presets
+from seqexp.run.options import check_model
 
 
 def _model(n_items: int = 6, max_len: int = 4) -> SASRec:
     torch.manual_seed(0)
-    return SASRec(n_items, 2, hidden_size=8, max_len=max_len, n_blocks=2, n_heads=2,
-                  dropout=0.0).eval()
+    return presets.model("sasrec", n_items, 2, hidden_size=8, max_len=max_len, n_blocks=2,
+                         n_heads=2, dropout=0.0).eval()
 
 
 def test_attention_mask_by_hand():
@@ -68,5 +70,8 @@ def test_training_rows_cut_each_user_from_the_end():
 
 
 def test_sasrec_refuses_heads_that_do_not_divide_the_size():
+    """The schema's check (SASRec.config_checks), also of a checkpoint's model block."""
+    node = presets.config(["model=sasrec"])["model"]
+    check_model(node | {"hidden_size": 8, "n_heads": 2})
     with pytest.raises(SeqexpError, match="model.n_heads=3 must divide model.hidden_size=8"):
-        SASRec(5, 2, hidden_size=8, n_heads=3)
+        check_model(node | {"hidden_size": 8, "n_heads": 3})

@@ -8,12 +8,21 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import SHAPE_ATOL, SHAPE_RTOL, compose_config, timed_sequences, tiny_overrides
+from helpers import (
+    SHAPE_ATOL,
+    SHAPE_RTOL,
+    compose_config,
+    recurrent,
+    timed_sequences,
+    tiny_overrides,
+)
 from seqexp.core.errors import SeqexpError
 from seqexp.data.batching import prediction_batches, window_batches
 from seqexp.models.cells import CELLS
 from seqexp.models.recurrent import RecurrentRecommender
+from seqexp.run import presets
 from seqexp.run.experiment import run_experiment
+from seqexp.run.options import check_model
 
 GAP = 100
 USER_CELLS = ["linear_ugru", "rectified_ugru", "attentional_ugru"]
@@ -22,7 +31,7 @@ STEP_CELLS = ["gru", *USER_CELLS]
 
 def model(cell: str, gap: float | None = GAP, n_users: int = 3, **options) -> RecurrentRecommender:
     torch.manual_seed(0)
-    recommender = RecurrentRecommender(n_items=10, n_users=n_users, cell=cell, hidden_size=6,
+    recommender = recurrent(n_items=10, n_users=n_users, cell=cell, hidden_size=6,
                                        window=4, dropout=0.0, dropout_is_keep_prob=False,
                                        user_dropout=0.0, session_gap_s=gap, **options)
     return recommender.eval()
@@ -132,8 +141,11 @@ def test_whole_history_states_are_unchanged_by_an_unreachable_gap():
 
 
 def test_the_fused_cell_refuses_a_session_gap_in_one_line():
+    """The schema's check (RecurrentRecommender.config_checks), also of a checkpoint's."""
+    node = presets.config(["model=gru"])["model"] | {"cell": "cudnn_gru"}
+    check_model(node)
     with pytest.raises(SeqexpError, match="model.session_gap_s .* model.cell=cudnn_gru"):
-        model("cudnn_gru")
+        check_model(node | {"session_gap_s": GAP})
 
 
 def test_a_session_scoped_run_through_the_experiment_is_recorded(tmp_path):

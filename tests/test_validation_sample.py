@@ -7,10 +7,9 @@ import mlflow
 import numpy as np
 import torch
 
-from helpers import run_seqexp, sequences, tiny_overrides
+from helpers import make_evaluator, run_seqexp, sequences, tiny_overrides
 from seqexp.core.metric_names import flat_metrics
 from seqexp.data.sequences import validation_sample
-from seqexp.engine.evaluator import Evaluator
 from seqexp.models.popularity import Popularity
 
 # 6 users; validation targets per user: 2, 3, 0, 1, 4, 2 (12 in all) over 10 items
@@ -61,13 +60,13 @@ def test_the_evaluator_samples_validation_only():
     data = _data()
     model = Popularity(10, 6)
     model.fit(data)
-    evaluator = Evaluator(val_max_scores=60, seed=3)
+    evaluator = make_evaluator(val_max_scores=60, seed=3)
     val = evaluator.rank_counts(model, data, "val")
-    whole = Evaluator().rank_counts(model, data, "val")
+    whole = make_evaluator().rank_counts(model, data, "val")
     assert len(whole) == 12 and 0 < len(val) <= 6
     assert set(val.users.tolist()) < set(whole.users.tolist())
     assert len(evaluator.rank_counts(model, data, "test")) == len(
-        Evaluator().rank_counts(model, data, "test")) == 6
+        make_evaluator().rank_counts(model, data, "test")) == 6
 
 
 def test_the_budget_is_recorded_and_only_validation_ranks_fewer_events(tmp_path):

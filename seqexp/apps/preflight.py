@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from seqexp.core.errors import SeqexpError, message_line, unwritable
 from seqexp.core.resources import config_dir
 from seqexp.data.raw_files import resolve_raw_file
-from seqexp.run.registry import key_of, keys_of
+from seqexp.run.registry import check_model_together, key_of, keys_of
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 # Command-line flags of Hydra's that take a value (the value is no override).
@@ -168,7 +168,8 @@ def check_command_line(argv: Sequence[str], check_data: bool = True) -> str | No
         problem = _check_key_override(override, configs)
         if problem:
             return problem
-    refused = check_override_values(key_overrides, configs)
+    refused = (check_override_values(key_overrides, configs)
+               or check_model_keys_together(key_overrides, configs))
     if refused:
         return refused
     folder_problem = check_outputs_folder(base, parsed, swept)
@@ -270,6 +271,25 @@ def check_override_values(key_overrides: list, configs: list) -> str | None:
                 return str(exc)
             except Exception:  # an interpolation: the run's check resolves it
                 continue
+    return None
+
+
+def check_model_keys_together(key_overrides: list, configs: list) -> str | None:
+    """The model class's checks of several of its keys together (model.n_heads must divide
+    model.hidden_size) on the composed configs, where the command line sets a model.* key (the
+    class is imported then for that key's rule as well; the model files' own values pass)."""
+    changes = {o.key_or_group.split(".", 1)[1]: o.value() for o in key_overrides
+               if o.key_or_group.startswith("model.") and not o.is_sweep_override()
+               and not o.is_delete()}
+    if not changes or any(isinstance(v, str) and "${" in v for v in changes.values()):
+        return None  # an interpolation: the run's check resolves it
+    for _, cfg in configs:
+        try:
+            check_model_together(OmegaConf.to_container(cfg.model, resolve=True) | changes)
+        except SeqexpError as exc:
+            return str(exc)
+        except OmegaConfBaseException:  # an interpolation: the run's check resolves it
+            continue
     return None
 
 

@@ -17,7 +17,9 @@ that implements them (the trainer's optimisers, the recurrent cells, a reader's
 layouts) names that list (`listed("cells")`) instead of copying it; seqexp/run/options.py, the
 one module above all those layers, passes the lists in (`VALUE_LISTS`). A model's keys are
 declared by its class (`config_keys`, seqexp/models/base.py) and handed in the same way
-(`ModelTables`, from the registry of models, seqexp/run/registry.py).
+(`ModelTables`, from the registry of models, seqexp/run/registry.py), with the checks that
+tie several of its keys together (`config_checks`: model.n_heads must divide
+model.hidden_size).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from seqexp.core.errors import SeqexpError
@@ -33,6 +35,9 @@ from seqexp.core.rank_metrics import PER_EVENT
 
 # {list name: its options}: the implementations' lists that `listed` rules name.
 ValueLists = Mapping[str, Sequence[str]]
+# A check that ties several keys of a model block together: the block (plain containers,
+# each present key past its own rule) -> None, or one line naming the keys and what to do.
+ModelCheck = Callable[[Mapping[str, Any]], str | None]
 
 
 @dataclass(frozen=True)
@@ -304,11 +309,13 @@ MODEL_KEYS: dict[str, Key] = {
 @dataclass(frozen=True)
 class ModelTables:
     """The registered models, as the schema needs them: {name: its key table (MODEL_KEYS and
-    its class's keys)} and {name: its class path}. Built above the models layer
-    (seqexp/run/registry.py) and handed down, as the value lists are."""
+    its class's keys)}, {name: its class path} and {name: its class's checks of several keys
+    together}. Built above the models layer (seqexp/run/registry.py) and handed down, as the
+    value lists are."""
 
     tables: Mapping[str, Mapping[str, Key]]
     targets: Mapping[str, str]
+    checks: Mapping[str, Sequence[ModelCheck]] = field(default_factory=dict)
 
 
 NO_MODELS = ModelTables({}, {})
@@ -429,12 +436,23 @@ def check_config(cfg: Mapping, values: ValueLists, models: ModelTables) -> None:
         if group == "model":
             _check_together(cfg)
         _check_node(group, cfg.get(group) or {}, group_table(cfg, group, models), values)
+    check_model_together(cfg.get("model") or {}, models)
 
 
 def check_model(node: Mapping, values: ValueLists, models: ModelTables) -> None:
     """A model block alone (a checkpoint's, before its model is built) by the rules the
-    command line's goes through: its name's table, each key's type and range."""
+    command line's goes through: its name's table, each key's type and range, then its
+    class's checks of several keys together."""
     _check_node("model", node, model_table(node, models), values)
+    check_model_together(node, models)
+
+
+def check_model_together(node: Mapping, models: ModelTables) -> None:
+    """The `config_checks` of the model block's class (its keys past their own rules)."""
+    for check in models.checks.get(node.get("name"), ()):
+        problem = check(node)
+        if problem is not None:
+            raise SeqexpError(problem)
 
 
 def _check_node(group: str, node: Mapping, table: Mapping[str, Key], values: ValueLists

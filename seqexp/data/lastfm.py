@@ -23,7 +23,7 @@ _COLUMNS = ["user", "timestamp", "artist_id", "artist", "track_id", "track"]
 ITEM_KINDS = ("track", "artist")
 
 
-def read_lastfm(path: Path, item: str = "track") -> Interactions:
+def read_lastfm(path: Path, *, item: str) -> Interactions:
     """Parse the TSV; malformed lines (wrong field count, bad time, no artist) are skipped, counted.
 
     Rows are returned oldest-first: the file lists each user newest-first, so reversing it makes

@@ -41,7 +41,7 @@ READERS: dict[str, Reader] = {
     "movielens": lambda path, cfg: read_movielens(path, cfg["layout"]),
     "lastfm": lambda path, cfg: read_lastfm(path, item=cfg["item"]),
     "tabular": lambda path, cfg: read_table(
-        path, cfg["user_col"], cfg["item_col"], cfg["time_col"], cfg["sep"]),
+        path, **{key: cfg[key] for key in ("user_col", "item_col", "time_col", "sep")}),
 }
 # The generator's settings: its keyword arguments, each a key of conf/dataset/synthetic.yaml.
 SYNTHETIC_KEYS = tuple(inspect.signature(generate_synthetic).parameters)

@@ -59,7 +59,7 @@ LAYOUTS: dict[str, Layout] = {
 }
 
 
-def read_movielens(path: Path, layout: str = "ratings_dat") -> Interactions:
+def read_movielens(path: Path, layout: str) -> Interactions:
     """Parse a GroupLens ratings file; every rating is one implicit interaction, in file order.
 
     Lines with the wrong number of fields are skipped and counted; a file whose ids are not

@@ -128,11 +128,14 @@ def _split_phases(split: Mapping, user: np.ndarray, ts: np.ndarray) -> np.ndarra
 def build_sequences(
     raw: Interactions,
     split: Mapping,
-    min_item_support: int = 1,
-    drop_repeats: bool = False,
+    *,
+    min_item_support: int,
+    drop_repeats: bool,
     name: str = "dataset",
 ) -> SequenceData:
-    """Order, split, filter on training counts, encode and group by user."""
+    """Order, split, filter on training counts, encode and group by user. `split`: the config's
+    split.* block; `min_item_support`, `drop_repeats`: the dataset.* keys (conf/ holds their
+    defaults); `name` only names the data in the log."""
     split_name = split.get("name")
     if len(raw) == 0:
         raise SeqexpError(f"{raw.source}: no interactions to work with")

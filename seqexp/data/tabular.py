@@ -18,10 +18,11 @@ MAX_ABS_TIME = 2**53
 
 def read_table(
     path: Path,
-    user_col: str = "user",
-    item_col: str = "item",
-    time_col: str = "timestamp",
-    sep: str | None = None,
+    *,
+    user_col: str,
+    item_col: str,
+    time_col: str,
+    sep: str | None,
 ) -> Interactions:
     """Read a table; timestamps may be numbers (seconds) or date-time strings."""
     path = Path(path)

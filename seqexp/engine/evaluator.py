@@ -17,8 +17,9 @@ hit (the usual protocol; ranking it unreachable would make every repeat a certai
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,10 +76,13 @@ def _for_device(table: dict[str, int], device: torch.device) -> int:
 
 
 class Evaluator:
-    def __init__(self, cutoffs: Sequence[int] = (5, 10, 20), batch_users: int | None = None,
-                 max_block_elements: int | None = None, exclude_seen: bool = False,
-                 progress: bool = False, val_max_scores: int | None = None,
-                 seed: int = 0) -> None:
+    """Ranks and metrics of a phase's targets. Its settings are the config's eval.* keys,
+    train.progress and seed (`from_config`); conf/eval/default.yaml holds their defaults, so
+    the constructor takes every one of them."""
+
+    def __init__(self, *, cutoffs: Sequence[int], batch_users: int | None,
+                 max_block_elements: int | None, exclude_seen: bool, progress: bool,
+                 val_max_scores: int | None, seed: int) -> None:
         cutoffs = list(cutoffs)
         self.cutoffs = sorted(set(cutoffs))
         self.batch_users = batch_users
@@ -88,6 +92,22 @@ class Evaluator:
         # validation ranks a fixed sample of users (drawn with `seed`) within this many scores
         self.val_max_scores = val_max_scores
         self.seed = seed
+
+    @staticmethod
+    def arguments(cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """The constructor's arguments read from a whole config (its eval.* keys,
+        train.progress and seed)."""
+        evaluation, block = cfg["eval"], cfg["eval"]["max_block_elements"]
+        return {"cutoffs": list(evaluation["cutoffs"]), "batch_users": evaluation["batch_users"],
+                "max_block_elements": None if block is None else int(block),
+                "exclude_seen": evaluation["exclude_seen"],
+                "progress": bool(cfg["train"]["progress"]),
+                "val_max_scores": evaluation["val_max_scores"], "seed": int(cfg["seed"])}
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], **changes: Any) -> Evaluator:
+        """The evaluator of a whole config, with `changes` (constructor arguments)."""
+        return cls(**(cls.arguments(cfg) | changes))
 
     def users_per_batch(self, device: torch.device) -> int:
         return self.batch_users or _for_device(AUTO_BATCH_USERS, device)

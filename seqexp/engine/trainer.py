@@ -391,12 +391,12 @@ def discard_metrics(metrics: dict[str, float], step: int) -> None:
 class Trainer:
     """Fits a model with `settings` (cfg.train), monitoring the validation metric
     `settings.monitor` (train.monitor) for early stopping and the best checkpoint. `state`: the
-    resumable state (None: none written);
+    resumable state (None: none written); `seed`: the config's seed, of the training batches;
     `stop_requested`: the check for a stop signal (seqexp.core.stopping.StopSignals), made after
     every batch and at every epoch's start and end; `callbacks`: a caller's additions."""
 
     def __init__(self, evaluator: Evaluator, settings: TrainSettings, *,
-                 seed: int = 0,
+                 seed: int,
                  best_checkpoint: BestCheckpoint | None = None,
                  state: ResumableState | None = None,
                  stop_requested: StopCheck = no_stop_signal,

@@ -25,14 +25,14 @@ every registered one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from seqexp.core.schema import Key
+from seqexp.core.schema import Key, ModelCheck
 from seqexp.data.batching import PredictionBatch
 from seqexp.data.sequences import SequenceData
 
@@ -47,6 +47,11 @@ class Recommender(nn.Module):
     # schema's table of model.* for this class (seqexp/core/schema.py), beside the common
     # name, _target_ and _partial_. The constructor receives checked values.
     config_keys: ClassVar[Mapping[str, Key]] = {}
+    # Checks that tie several of those keys together (model.n_heads must divide
+    # model.hidden_size): each takes the model block, each present key past its own rule, and
+    # returns None or one line naming the keys and what to do. The schema runs them with the
+    # keys' rules, on the command line and on a checkpoint's config, before the model is built.
+    config_checks: ClassVar[Sequence[ModelCheck]] = ()
 
     def __init__(self, n_items: int, n_users: int) -> None:
         super().__init__()

@@ -167,8 +167,8 @@ class RectifiedUserGRUCell(UserGRUCell):
 
     uses_user = True
 
-    def __init__(self, hidden_size: int, threshold: str = "soft", temperature: float = 0.1,
-                 omega: float | None = None) -> None:
+    def __init__(self, hidden_size: int, *, threshold: str, temperature: float,
+                 omega: float | None) -> None:
         super().__init__()
         n = hidden_size
         self.temperature = temperature if threshold == "soft" else None

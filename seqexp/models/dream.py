@@ -98,13 +98,14 @@ class DREAM(Recommender):
         self,
         n_items: int,
         n_users: int,
-        hidden_size: int = 50,
-        pooling: str = "max",
-        cell: str = "rnn",
-        basket_gap_s: float = 1800.0,
-        max_baskets: int | None = 64,
-        init_std: float = 0.1,
-        l2: float = 1e-5,
+        *,
+        hidden_size: int,
+        pooling: str,
+        cell: str,
+        basket_gap_s: float,
+        max_baskets: int | None,
+        init_std: float,
+        l2: float,
     ) -> None:
         super().__init__(n_items, n_users)
         self.basket_gap_s = float(basket_gap_s)  # checked by the schema (model.basket_gap_s)

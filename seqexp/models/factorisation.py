@@ -65,9 +65,8 @@ class BPRBatch:
 class BPRFactorisation(Recommender):
     """score(u, i) = [p_u, mean l_j] . [q_i, q'_i] + b_i (see the module docstring)."""
 
-    def __init__(self, n_items: int, n_users: int, factors: int = 20, window: int = 0,
-                 item_bias: bool = True, init_std: float = 0.1, l2: float = 0.01,
-                 seen_bias: bool = False) -> None:
+    def __init__(self, n_items: int, n_users: int, *, factors: int, window: int,
+                 item_bias: bool, init_std: float, l2: float, seen_bias: bool) -> None:
         super().__init__(n_items, n_users)
         self.factors = factors
         self.window = window
@@ -235,8 +234,8 @@ class MF(BPRFactorisation):
         "seen_bias": Key(flag(), "a learned offset for items in the user's history"),
     }
 
-    def __init__(self, n_items: int, n_users: int, factors: int = 20, item_bias: bool = True,
-                 init_std: float = 0.1, l2: float = 0.01, seen_bias: bool = False) -> None:
+    def __init__(self, n_items: int, n_users: int, *, factors: int, item_bias: bool,
+                 init_std: float, l2: float, seen_bias: bool) -> None:
         super().__init__(n_items, n_users, factors=factors, window=0, item_bias=item_bias,
                          init_std=init_std, l2=l2, seen_bias=seen_bias)
 
@@ -247,8 +246,7 @@ class SeqMF(BPRFactorisation):
     config_keys = MF.config_keys | {
         "window": Key(integer(1), "last items whose transitions are averaged")}
 
-    def __init__(self, n_items: int, n_users: int, factors: int = 20, window: int = 2,
-                 item_bias: bool = False, init_std: float = 0.1, l2: float = 0.01,
-                 seen_bias: bool = False) -> None:
+    def __init__(self, n_items: int, n_users: int, *, factors: int, window: int,
+                 item_bias: bool, init_std: float, l2: float, seen_bias: bool) -> None:
         super().__init__(n_items, n_users, factors=factors, window=window, item_bias=item_bias,
                          init_std=init_std, l2=l2, seen_bias=seen_bias)

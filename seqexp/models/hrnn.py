@@ -6,14 +6,16 @@ evaluation) is RecurrentRecommender's, with the two states carried side by side.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
 
-from seqexp.core.errors import SeqexpError
 from seqexp.core.schema import Key, number
 from seqexp.models.cells import GRUCell
 from seqexp.models.cpu_kernels import ItemInputs
-from seqexp.models.recurrent import RecurrentRecommender
+from seqexp.models.recurrent import RecurrentRecommender, check_cell_options
 
 
 class HierarchicalGRUCell(GRUCell):
@@ -22,8 +24,8 @@ class HierarchicalGRUCell(GRUCell):
     c' = GRU_usr(s, c), s' = tanh(W_init c' + b_init), and output t is that s', the state the
     next session's first event is predicted from."""
 
-    def __init__(self, hidden_size: int, init_dropout: float = 0.0,
-                 user_state_dropout: float = 0.0) -> None:
+    def __init__(self, hidden_size: int, *, init_dropout: float,
+                 user_state_dropout: float) -> None:
         super().__init__(hidden_size)
         self.state_size = 2 * hidden_size
         self.user_gru = nn.GRUCell(hidden_size, hidden_size)
@@ -58,6 +60,14 @@ class HierarchicalGRUCell(GRUCell):
         return torch.stack(outputs, dim=1), torch.cat([session, user_state], dim=-1)
 
 
+def check_session_gap(model: Mapping[str, Any]) -> str | None:
+    """HRNN's two levels are sessions and the user: it needs a session gap."""
+    if model.get("session_gap_s") is None:
+        return ("model=hrnn needs session boundaries: set model.session_gap_s (seconds of a gap "
+                "that ends a session, e.g. 1800)")
+    return None
+
+
 class HRNN(RecurrentRecommender):
     """RecurrentRecommender with the hierarchical cell; it needs the session gap."""
 
@@ -71,10 +81,7 @@ class HRNN(RecurrentRecommender):
         "init_dropout": Key(number(0.0, 1.0), "hrnn: dropout of the session state projected "
                             "from the user-level state"),
     }
+    config_checks = (check_session_gap, check_cell_options(cell_types, config_keys, "hrnn"))
 
-    def __init__(self, n_items: int, n_users: int, session_gap_s: float | None = None,
-                 **options) -> None:
-        if session_gap_s is None:
-            raise SeqexpError("model=hrnn needs session boundaries: set model.session_gap_s "
-                              "(seconds of a gap that ends a session, e.g. 1800)")
+    def __init__(self, n_items: int, n_users: int, *, session_gap_s: float, **options) -> None:
         super().__init__(n_items, n_users, cell="hrnn", session_gap_s=session_gap_s, **options)

@@ -160,8 +160,8 @@ class ItemKNN(Recommender):
                          "checked between blocks", affects_results=False),
     }
 
-    def __init__(self, n_items: int, n_users: int, neighbours: int = 100,
-                 popularity_tiebreak: bool = True, fit_block: int | None = None) -> None:
+    def __init__(self, n_items: int, n_users: int, *, neighbours: int,
+                 popularity_tiebreak: bool, fit_block: int | None) -> None:
         super().__init__(n_items, n_users)
         self.k = neighbours
         self.fit_block = fit_block
@@ -246,11 +246,11 @@ class ExpDecayKNN(ItemKNN):
                             affects_results=False),
     }
 
-    def __init__(self, n_items: int, n_users: int, neighbours: int = 100, decay: float = 1.0,
-                 decay_unit: str = "position", time_unit_s: float = 3600.0,
-                 window: int | None = 20, popularity_tiebreak: bool = True,
-                 anchor_block: int = 20_000_000, fit_block: int | None = None) -> None:
-        super().__init__(n_items, n_users, neighbours, popularity_tiebreak, fit_block)
+    def __init__(self, n_items: int, n_users: int, *, neighbours: int, decay: float,
+                 decay_unit: str, time_unit_s: float, window: int | None,
+                 popularity_tiebreak: bool, anchor_block: int, fit_block: int | None) -> None:
+        super().__init__(n_items, n_users, neighbours=neighbours,
+                         popularity_tiebreak=popularity_tiebreak, fit_block=fit_block)
         self.decay = decay
         self.decay_unit = decay_unit
         self.time_unit_s = time_unit_s

@@ -4,15 +4,15 @@ pluggable cell, and a softmax over all items, trained with truncated BPTT over w
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqexp.core.errors import SeqexpError
-from seqexp.core.schema import Key, choice, flag, integer, listed, number
+from seqexp.core.schema import MODEL_KEYS, Key, ModelCheck, choice, flag, integer, listed, number
 from seqexp.data.batching import (
     LaneStates,
     PredictionBatch,
@@ -27,6 +27,43 @@ from seqexp.models.base import Recommender
 from seqexp.models.blocked_softmax import FullSoftmaxCE
 from seqexp.models.cells import CELLS
 from seqexp.models.cpu_kernels import Dropout, ItemInputs
+
+
+def cell_options(cell: type[nn.Module]) -> list[str]:
+    """The keyword arguments of a cell's constructor besides hidden_size: its model.* keys."""
+    return list(inspect.signature(cell).parameters)[1:]
+
+
+def check_cell_options(cells: Mapping[str, type[nn.Module]], keys: Mapping[str, Key],
+                       fixed_cell: str | None = None) -> ModelCheck:
+    """The check that each key of a model block that is no key of the model's own (`keys`,
+    its class's config_keys, less the cells' options) is an option of its cell (model.cell's
+    among `cells`, or `fixed_cell`)."""
+    any_cells = {option for cell in cells.values() for option in cell_options(cell)}
+    own = set(keys) - any_cells
+
+    def check(model: Mapping[str, Any]) -> str | None:
+        cell = fixed_cell or model.get("cell")
+        if cell not in cells:  # model.cell's own rule names the cells
+            return None
+        accepted = cell_options(cells[cell])
+        unknown = [key for key in model
+                   if key not in own and key not in MODEL_KEYS and key not in accepted]
+        if unknown:
+            return (f"model.{unknown[0]} is not an option of model.cell={cell} (its options: "
+                    f"{', '.join(accepted) or 'none'})")
+        return None
+    return check
+
+
+def check_session_cell(model: Mapping[str, Any]) -> str | None:
+    """Session-scoped states restart inside a window: the cell must take a carry mask."""
+    cell = model.get("cell")
+    if (model.get("session_gap_s") is not None and cell in CELLS
+            and not CELLS[cell].takes_carry_mask):
+        return (f"model.session_gap_s needs a cell that can restart its state inside a window; "
+                f"model.cell={cell} cannot (use model.cell=gru)")
+    return None
 
 
 class RecurrentRecommender(Recommender):
@@ -72,23 +109,25 @@ class RecurrentRecommender(Recommender):
                      "learned)"),
     }
     cell_types = CELLS  # the cells model.cell names
+    config_checks = (check_cell_options(CELLS, config_keys), check_session_cell)
 
     def __init__(
         self,
         n_items: int,
         n_users: int,
-        cell: str = "gru",
-        hidden_size: int = 1000,
-        window: int = 20,
-        dropout: float = 0.8,
-        dropout_is_keep_prob: bool = True,
-        user_dropout: float = 0.5,
-        loss: str = "full_softmax",
-        n_negatives: int = 2048,
-        sample_alpha: float = 1.0,
-        softmax_block: int = 1 << 26,
-        eval_chunk: int = 64,
-        session_gap_s: float | None = None,
+        *,
+        cell: str,
+        hidden_size: int,
+        window: int,
+        dropout: float,
+        dropout_is_keep_prob: bool,
+        user_dropout: float,
+        loss: str,
+        n_negatives: int,
+        sample_alpha: float,
+        softmax_block: int,
+        eval_chunk: int,
+        session_gap_s: float | None,
         **cell_options,
     ) -> None:
         super().__init__(n_items, n_users)
@@ -102,16 +141,8 @@ class RecurrentRecommender(Recommender):
         self.sample_alpha = sample_alpha
         self.softmax_block = softmax_block
         self.embedding = nn.Embedding(n_items, hidden_size)
-        accepted = list(inspect.signature(self.cell_types[cell]).parameters)[1:]
-        unknown = [key for key in cell_options if key not in accepted]
-        if unknown:
-            raise SeqexpError(f"model.{unknown[0]} is not an option of model.cell={cell} "
-                              f"(its options: {', '.join(accepted) or 'none'})")
         self.cell = self.cell_types[cell](hidden_size, **cell_options)
         self.state_size = getattr(self.cell, "state_size", hidden_size)
-        if session_gap_s is not None and not self.cell.takes_carry_mask:
-            raise SeqexpError(f"model.session_gap_s needs a cell that can restart its state "
-                              f"inside a window; model.cell={cell} cannot (use model.cell=gru)")
         self.session_gap_s = session_gap_s
         self.user_embedding = nn.Embedding(n_users, hidden_size) if self.cell.uses_user else None
         self.dropout = Dropout(self.drop_p)

@@ -3,15 +3,15 @@ scored against every item through the shared item embedding (docs/models.md)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqexp.core.errors import SeqexpError
 from seqexp.core.schema import Key, integer, number
 from seqexp.data.batching import PredictionBatch, to_device
 from seqexp.data.sequences import SequenceData
@@ -68,6 +68,14 @@ class SelfAttentionBlock(nn.Module):
         return x + self.dropout(self.ffn(self.norm_ffn(x)))
 
 
+def heads_divide_size(model: Mapping[str, Any]) -> str | None:
+    """The heads split the hidden vector into equal parts."""
+    heads, size = model.get("n_heads"), model.get("hidden_size")
+    if heads is not None and size is not None and size % heads:
+        return f"model.n_heads={heads} must divide model.hidden_size={size}"
+    return None
+
+
 class SASRec(Recommender):
     """The output at a position is a function of the items at that position and before it only
     (causal attention); a prediction point's state is the output at its last context item, over
@@ -84,14 +92,11 @@ class SASRec(Recommender):
         "eval_points": Key(integer(1), "prediction points encoded at once at evaluation "
                            "(memory)", affects_results=False),
     }
+    config_checks = (heads_divide_size,)
 
-    def __init__(self, n_items: int, n_users: int, hidden_size: int = 50, max_len: int = 50,
-                 n_blocks: int = 2, n_heads: int = 1, dropout: float = 0.2,
-                 eval_points: int = 1024) -> None:
+    def __init__(self, n_items: int, n_users: int, *, hidden_size: int, max_len: int,
+                 n_blocks: int, n_heads: int, dropout: float, eval_points: int) -> None:
         super().__init__(n_items, n_users)
-        if hidden_size % n_heads:
-            raise SeqexpError(f"model.n_heads={n_heads} must divide model.hidden_size="
-                              f"{hidden_size}")
         self.max_len = max_len
         self.eval_points = eval_points
         self.hidden_size = hidden_size

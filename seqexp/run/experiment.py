@@ -164,11 +164,7 @@ def checked_model(cfg: DictConfig, data: SequenceData, evaluator: Evaluator,
 
 
 def build_evaluator(cfg: DictConfig) -> Evaluator:
-    block = cfg.eval.max_block_elements
-    return Evaluator(list(cfg.eval.cutoffs), cfg.eval.batch_users,
-                     None if block is None else int(block),
-                     exclude_seen=cfg.eval.exclude_seen, progress=bool(cfg.train.progress),
-                     val_max_scores=cfg.eval.val_max_scores, seed=int(cfg.seed))
+    return Evaluator.from_config(cfg)
 
 
 def build_trainer(cfg: DictConfig, evaluator: Evaluator, checkpoint: Path | None = None,

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -67,6 +68,10 @@ class ModelClass:
         """The class's own key table (imports it)."""
         return self.load().config_keys
 
+    def config_checks(self) -> Sequence[schema.ModelCheck]:
+        """The class's checks of several keys together (imports it)."""
+        return tuple(self.load().config_checks)
+
 
 @functools.cache
 def _load_class(model_class: ModelClass) -> type:
@@ -84,17 +89,18 @@ def _load_class(model_class: ModelClass) -> type:
     return cls
 
 
-class _ModelKeyTables(Mapping):
-    """{model name: MODEL_KEYS and its class's keys}, each made when it is first asked for
-    (a plugin's class is imported then)."""
+class _ByModel(Mapping):
+    """{model name: what `read(name)` gives}, each read when it is first asked for (its class
+    is imported then): the key tables, the checks."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, read: Callable[[str], Any]) -> None:
         self._registry = registry
+        self._read = read
 
-    def __getitem__(self, name: str) -> Mapping[str, schema.Key]:
+    def __getitem__(self, name: str) -> Any:
         if name not in self._registry.models:
             raise KeyError(name)
-        return self._registry.model_keys(name)
+        return self._read(name)
 
     def __contains__(self, name: object) -> bool:
         return name in self._registry.models
@@ -120,9 +126,14 @@ class Registry:
         """Model `name`'s key table: MODEL_KEYS and its class's keys."""
         return schema.MODEL_KEYS | dict(self.classes[self.models[name]].config_keys())
 
+    def model_checks(self, name: str) -> Sequence[schema.ModelCheck]:
+        """Model `name`'s checks of several keys together (its class's `config_checks`)."""
+        return self.classes[self.models[name]].config_checks()
+
     def tables(self) -> schema.ModelTables:
-        """The schema's view: {name: its key table}, {name: class path}."""
-        return schema.ModelTables(_ModelKeyTables(self), dict(self.models))
+        """The schema's view: {name: its key table}, {name: class path}, {name: its checks}."""
+        return schema.ModelTables(_ByModel(self, self.model_keys), dict(self.models),
+                                  _ByModel(self, self.model_checks))
 
 
 def _plugin_classes() -> dict[str, ModelClass]:
@@ -171,6 +182,12 @@ def key_of(cfg: Mapping, key: str) -> schema.Key | None:
     """The entry of one dotted key in this config (a model's class is imported only for a
     `model.*` key)."""
     return schema.key_of(cfg, key, model_tables())
+
+
+def check_model_together(node: Mapping) -> None:
+    """The checks of model block `node`'s class that tie several of its keys together (imports
+    the class)."""
+    schema.check_model_together(node, model_tables())
 
 
 def keys_of(cfg: Mapping) -> dict[str, schema.Key]:
