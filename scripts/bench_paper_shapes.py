@@ -149,8 +149,8 @@ def table1_flop(model_cfg, data, hidden: int) -> dict:
     spec["hidden_size"] = hidden
     with torch.device("meta"):
         model = build_model(spec, data)
-    recurrent = sum(p.numel() for p in model.parameters()
-                    if p.shape[0] not in (data.n_items, data.n_users))
+    recurrent = sum(p.numel() for p in model.parameters()  # a cell's scalars count too
+                    if p.dim() == 0 or p.shape[0] not in (data.n_items, data.n_users))
     full = spec.get("loss") == "full_softmax"
     scored = data.n_items if full else spec.get("n_negatives", 0) + 1
     return {"train": 6 * (recurrent + hidden * scored),
