@@ -160,6 +160,7 @@ from pathlib import Path
 import numpy as np
 from seqexp.data import cache, loading
 from seqexp.data.loading import load_dataset
+from seqexp.run import presets
 real_save = np.save
 def save_and_hang(path, array):
     real_save(path, array)
@@ -168,7 +169,7 @@ def save_and_hang(path, array):
 cache.np.save = save_and_hang
 cfg = {"name": "ml10m", "format": "movielens", "layout": "ratings_dat", "min_item_support": 1,
        "drop_repeats": False, "path": sys.argv[1]}
-load_dataset(cfg, split_preset(),
+load_dataset(cfg, presets.config(["split=user_tail"])["split"],
              Path(sys.argv[2]) / "raw", Path(sys.argv[2]))
 """
 
