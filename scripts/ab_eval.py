@@ -92,7 +92,7 @@ def variants(args, evaluator) -> dict:
 
 
 TRAIN_KERNELS = ("dropout", "sparse_negatives")
-EVAL_KERNELS = ("item_inputs", "replay_steps", "eval_blocks")
+EVAL_KERNELS = ("item_inputs", "replay_steps", "eval_blocks", "dense_counts")
 
 
 def time_training(model, trainer, data, seed: int, batches: int) -> float:

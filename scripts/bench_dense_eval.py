@@ -3,7 +3,8 @@ float32 GEMM rate for the same products, and where the rest of the time goes.
 
 Usage: python scripts/bench_dense_eval.py [--model gru] [--hidden 100] [--items 445369]
            [--users 8] [--train-events 2000] [--val-events 200]
-           [--block-elements auto 28503616 256x4096 ...] [--out bench_dense_eval.json]
+           [--block-elements auto 28503616 256x4096 auto-dense_counts ...]
+           [--out bench_dense_eval.json]
 
 The model (conf/model/<model>.yaml; its width set to --hidden: model.hidden_size for the RNNs,
 model.factors for mf/seqmf) is built untrained at --items items; the data are synthetic,
@@ -12,9 +13,12 @@ from a Zipf-like popularity (LastFM-1K's users have ~12,300 training and ~1,300 
 events each, the same ratio as the defaults; with a few users each replay step runs a few rows,
 not 256, so the replay's share here is above LastFM-1K's). For each --block-elements
 (eval.max_block_elements; auto = the evaluator's own choice; PxT = the evaluator's CPU tiles
-at P points x T items instead of its own) it times, over the validation events:
+at P points x T items instead of its own; any of them followed by -K, e.g. auto-dense_counts:
+the same with the CPU kernel K of seqexp/models/cpu_kernels.py off) it times, over the
+validation events:
 - total: the evaluator's rank counting (Evaluator.rank_counts), ranks compared across settings;
-- replay: the model's prediction states (the history replay), batch by batch as the evaluator;
+- replay: the model's prediction states (the history replay), batch by batch as the evaluator
+  makes them (Evaluator.prediction_states: on one thread where it counts in CPU tiles);
 - product: the score blocks' products alone (model.score_items), in the evaluator's blocks and
   on its threads (one block per core where it counts in CPU tiles);
 - counting: the rest (total - replay - product).
@@ -40,6 +44,7 @@ from seqexp.data.batching import prediction_batches
 from seqexp.data.sequences import SequenceData
 from seqexp.engine import evaluator as evaluation
 from seqexp.engine.evaluator import Evaluator, on_each_core
+from seqexp.models import cpu_kernels
 from seqexp.run.experiment import build_model, configure_torch
 
 WIDTH_KEY = {"mf": "factors", "seqmf": "factors"}  # the RNNs: hidden_size
@@ -84,7 +89,7 @@ def time_phases(model, data: SequenceData, evaluator: Evaluator) -> dict:
     with torch.no_grad():
         for batch in prediction_batches(data, "val", evaluator.users_per_batch(model.device)):
             started = time.perf_counter()
-            states = model.prediction_states(batch)
+            states = evaluator.prediction_states(model, batch, data.n_items)
             replay += time.perf_counter() - started
             points, chunk = evaluator.block_shape(cpu, data.n_items, batch.n_targets)
             blocks = [states[first:first + points]
@@ -133,13 +138,22 @@ def main() -> None:
                      "users": args.users, "train_events": args.train_events,
                      "val_events": args.val_events, "settings": {}}
     reference = None
+    kernels = cpu_kernels.enabled()  # the configuration's (train.cpu_kernels)
     for setting in args.block_elements:
-        if "x" in setting:  # CPU tiles of another shape than the evaluator's
-            evaluation.TILE_POINTS, evaluation.TILE_ITEMS = map(int, setting.split("x"))
-        block = None if setting == "auto" or "x" in setting else int(setting)
+        shape, _, kernel_off = setting.partition("-")
+        if kernel_off and kernel_off not in cpu_kernels.KERNELS:
+            parser.error(f"{setting}: no CPU kernel {kernel_off} (known: "
+                         f"{', '.join(cpu_kernels.KERNELS)})")
+        if "x" in shape:  # CPU tiles of another shape than the evaluator's
+            evaluation.TILE_POINTS, evaluation.TILE_ITEMS = map(int, shape.split("x"))
+        block = None if shape == "auto" or "x" in shape else int(shape)
         evaluator = Evaluator.from_config(cfg, max_block_elements=block)
-        row = time_phases(model, data, evaluator)
-        evaluation.TILE_POINTS, evaluation.TILE_ITEMS = TILE_SHAPE
+        cpu_kernels.set_enabled(kernels - {kernel_off})
+        try:
+            row = time_phases(model, data, evaluator)
+        finally:
+            evaluation.TILE_POINTS, evaluation.TILE_ITEMS = TILE_SHAPE
+            cpu_kernels.set_enabled(kernels)
         counts = row.pop("counts")
         events = len(counts)
         flop = 2 * args.hidden * args.items * events

@@ -50,7 +50,16 @@ def test_a_catalogue_in_one_chunk_is_scored_once_and_gives_the_hand_computed_cou
     assert calls == [(0, 5)]
 
 
-def test_the_two_pass_count_scores_only_the_chunks_that_hold_targets_twice():
+@pytest.mark.parametrize(("room", "second_pass"), [
+    (12, [(2, 4)]),  # both first-pass chunks kept (8 + 4 scores): only (2, 4) is scored again
+    (11, [(2, 4), (4, 5)]),  # room for the first alone: (4, 5) is scored again
+    (0, [(0, 2), (2, 4), (4, 5)]),  # nothing kept: every chunk scored again
+])
+def test_the_two_pass_count_scores_the_chunks_that_hold_targets_first_and_keeps_them(
+        monkeypatch, room, second_pass):
+    import seqexp.engine.ranks as ranks
+
+    monkeypatch.setattr(ranks, "KEPT_SCORES", room)
     calls = []
 
     def block(lo, hi):
@@ -60,7 +69,7 @@ def test_the_two_pass_count_scores_only_the_chunks_that_hold_targets_twice():
     # every target in items 0..1 or 4: the first pass scores chunks (0, 2) and (4, 5) only
     targets = torch.tensor([0, 1, 4, 4])
     greater, equal = count_ranks(block, targets, 5, 2)
-    assert calls == [(0, 2), (4, 5), (0, 2), (2, 4), (4, 5)]
+    assert calls == [(0, 2), (4, 5), *second_pass]
     assert greater.tolist() == [1, 0, 0, 4]
     assert equal.tolist() == [2, 4, 0, 0]
 
@@ -470,3 +479,37 @@ def test_taking_points_in_another_order_gathers_rows_but_slices_a_shared_view():
     assert torch.equal(taken, context[rows]) and count == 3
     assert shared.shape == (3, 3, 4) and torch.equal(shared[1], items)
     assert shared.stride(0) == 0  # still a view of the one table, not three copies
+
+
+class ReplayThreads(Hashed23):
+    """Hashed23 that records the intra-op threads its replay (prediction_states) runs on."""
+
+    def __init__(self, n_items: int, n_users: int) -> None:
+        super().__init__(n_items, n_users)
+        self.replay_threads: list[int] = []
+
+    def prediction_states(self, batch):
+        self.replay_threads.append(torch.get_num_threads())
+        return super().prediction_states(batch)
+
+
+@pytest.mark.parametrize(("max_block", "replay_threads"), [(None, 1), (10_000, 2)])
+def test_the_replay_runs_on_one_thread_where_the_cpu_counts_in_tiles(
+        monkeypatch, max_block, replay_threads):
+    from seqexp.models import cpu_kernels
+
+    switch_cpu_kernel(monkeypatch, "eval_blocks", True)
+    monkeypatch.setattr(cpu_kernels, "EVAL_BLOCK_ELEMENTS", 64 * 10)  # 23 items: tiles
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = ReplayThreads(23, 4)
+        users = [[1, 5, 7, 22, 3, 5], [0, 4, 4, 9], [11, 12, 13], [2, 2, 8, 1, 0]]
+        data = sequences(users, n_items=23, n_test=[3, 2, 1, 2])
+        evaluator = make_evaluator([5], batch_users=2, max_block_elements=max_block)
+        assert evaluator.cpu_tiles(torch.device("cpu"), 23) == (max_block is None)
+        evaluator.rank_counts(model, data, "test")
+        assert model.replay_threads == [replay_threads, replay_threads]  # two batches
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(threads)

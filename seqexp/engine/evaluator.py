@@ -133,6 +133,21 @@ class Evaluator:
         points = max(1, min(n_points, block // max(n_items, 1)))
         return points, max(1, block // points)
 
+    def prediction_states(self, model: Recommender, batch: PredictionBatch, n_items: int):
+        """model.prediction_states(batch), on one intra-op thread where the CPU counts in
+        tiles (one block per core): a replay's steps are small ops, and on a loaded machine a
+        two-thread op waits at its barrier for a descheduled partner (the replay alone took
+        8-12 s on two threads against 0.6-0.9 s on one at load 5, docs/benchmarks.md). The
+        same products, split over fewer threads."""
+        if not self.cpu_tiles(batch.targets.device, n_items):
+            return model.prediction_states(batch)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return model.prediction_states(batch)
+        finally:
+            torch.set_num_threads(threads)
+
     @torch.no_grad()
     def rank_counts(self, model: Recommender, data: SequenceData, phase: str,
                     stop_requested: Callable[[], str | None] | None = None) -> RankCounts:
@@ -179,7 +194,7 @@ class Evaluator:
         """Greater/equal counts of a batch's points: from dense score blocks, or with `shared`
         = (the model's shared scores, sorted) from those and its sparse entries, read from
         its prepared sparse `table` when it has one."""
-        state = model.prediction_states(batch)
+        state = self.prediction_states(model, batch, n_items)
         excluded = seen_items(batch, n_items) if self.exclude_seen else None
         if shared is not None and table is not None:  # every point at once: a few searches
             return count_table_ranks(*shared, table, model.sparse_rows(state).long(),

@@ -25,26 +25,66 @@ def count_ranks(
     """Greater/equal counts for one batch of prediction points, scoring items `chunk` at a time.
 
     When the catalogue fits one chunk it is scored once; otherwise a first pass collects the
-    target scores and a second scores the chunks again to count against them. Either way each
-    target score is read from the same product as the scores it is compared with. `excluded` =
-    (point, item) pairs, distinct and never a point's own target, of items that are not ranked
-    for that point (eval.exclude_seen): they are counted like every other item, then taken back
-    out.
+    target scores from the chunks that hold targets (kept, within KEPT_SCORES, for the second
+    pass) and a second pass counts every chunk against them. Either way each target score is
+    read from the same product as the scores it is compared with. `excluded` = (point, item)
+    pairs, distinct and never a point's own target, of items that are not ranked for that
+    point (eval.exclude_seen): they are counted like every other item, then taken back out.
+    On a CPU (the `dense_counts` kernel) float32 and float64 chunks are counted in one
+    compiled pass (_tile_counts); otherwise, and for other dtypes, by sums of signs.
     """
     n_points = len(targets)
     if n_points == 0:
         empty = torch.zeros(0, dtype=torch.int32, device=targets.device)
         return empty, empty.clone()
     bounds = [(lo, min(lo + chunk, n_items)) for lo in range(0, n_items, chunk)]
-    kept = [score_block(0, n_items)] if len(bounds) == 1 else None
-    # Each point's target score, read from the tile that holds its target: the points sorted
-    # by that tile once, then one gather per tile.
+    kept, target_scores = _target_scores(score_block, targets, bounds, chunk)
+    compiled = (cpu_kernels.active("dense_counts", targets.device)
+                and target_scores.dtype in (torch.float32, torch.float64))
+    greater = torch.zeros(n_points, dtype=torch.int32, device=targets.device)
+    equal = torch.full((n_points,), -1, dtype=torch.int32, device=targets.device)  # − target
+    # Row sums of sign(s − t) over all tiles: exact integers, in float64 across tiles.
+    net = torch.zeros(n_points, dtype=torch.float64, device=targets.device)
+    moved = torch.zeros_like(net)
+    # One buffer for the differences of every tile, not a new [P, chunk] tensor per tile.
+    differences = None if compiled else target_scores.new_empty(
+        n_points, min(chunk, n_items, SIGN_COLUMNS))
+    for index, (lo, hi) in enumerate(bounds):
+        scores = kept.pop(index) if index in kept else score_block(lo, hi)
+        if compiled:
+            if _tile_counts(scores.detach().numpy(), target_scores.view(-1).numpy(),
+                            greater.numpy(), equal.numpy()):
+                check_finite(scores)
+        else:
+            _sign_sums(scores, target_scores, differences, net, moved)
+        if excluded is not None:
+            _uncount(scores, target_scores, excluded, lo, hi, greater, equal)
+    if not compiled:  # sign(s − t) sums to (above − below), its absolute value to (above + below)
+        greater += ((net + moved) / 2).to(torch.int32)
+        equal += (n_items - moved).to(torch.int32)
+    return greater, equal
+
+
+# Score elements of a block's first-pass chunks kept for its second pass (32 MB of float32;
+# a CPU tile's product costs more than reading it back): beyond them, chunks are scored again.
+KEPT_SCORES = 1 << 23
+
+
+def _target_scores(score_block: Callable[[int, int], torch.Tensor], targets: torch.Tensor,
+                   bounds: list[tuple[int, int]], chunk: int
+                   ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """({chunk index: its scores} of the first-pass chunks kept, [P, 1] target scores): each
+    point's target score read from the chunk that holds its target, the points sorted by that
+    chunk once, then one gather per chunk. A single chunk is always kept (scored once)."""
+    n_points = len(targets)
     if len(bounds) == 1:  # the usual case on a GPU: no sort, and no wait to learn the sizes
         by_tile, per_tile = torch.arange(n_points, device=targets.device), [n_points]
     else:
         tile = torch.div(targets, chunk, rounding_mode="floor")
         by_tile = torch.argsort(tile, stable=True)
         per_tile = torch.bincount(tile, minlength=len(bounds)).tolist()
+    kept: dict[int, torch.Tensor] = {}
+    room = KEPT_SCORES
     target_scores = None
     first = 0
     for index, ((lo, hi), count) in enumerate(zip(bounds, per_tile, strict=True)):
@@ -52,26 +92,37 @@ def count_ranks(
             continue
         points = by_tile[first:first + count]
         first += count
-        scores = kept[index] if kept is not None else score_block(lo, hi)
+        scores = score_block(lo, hi)
+        if len(bounds) == 1 or scores.numel() <= room:
+            kept[index] = scores
+            room -= scores.numel()
         if target_scores is None:  # in the scores' dtype: float64 ties must stay ties
             target_scores = scores.new_empty(n_points, 1)
         target_scores[points, 0] = scores[points, targets[points] - lo]
-    # Row sums of sign(s − t) over all tiles: exact integers, in float64 across tiles.
-    net = torch.zeros(n_points, dtype=torch.float64, device=targets.device)
-    moved = torch.zeros_like(net)
-    # One buffer for the differences of every tile, not a new [P, chunk] tensor per tile.
-    differences = target_scores.new_empty(n_points, min(chunk, n_items, SIGN_COLUMNS))
-    greater = torch.zeros(n_points, dtype=torch.int32, device=targets.device)
-    equal = torch.full((n_points,), -1, dtype=torch.int32, device=targets.device)  # − target
-    for index, (lo, hi) in enumerate(bounds):
-        scores = kept[index] if kept is not None else score_block(lo, hi)
-        _sign_sums(scores, target_scores, differences, net, moved)
-        if excluded is not None:
-            _uncount(scores, target_scores, excluded, lo, hi, greater, equal)
-    # sign(s − t) sums to (above − below), its absolute value to (above + below)
-    greater += ((net + moved) / 2).to(torch.int32)
-    equal += (n_items - moved).to(torch.int32)
-    return greater, equal
+    return kept, target_scores
+
+
+@numba.njit(nogil=True, cache=True)
+def _tile_counts(scores: np.ndarray, target_scores: np.ndarray, greater: np.ndarray,
+                 equal: np.ndarray) -> bool:
+    """count_ranks's counts of one chunk [P, C] on a CPU, in one pass: greater[p] += #scores
+    of row p above target_scores[p], equal[p] += #level with it (comparisons, exact; a tie
+    at ±inf is level, as sign(inf − inf) = 0 makes it in _sign_sums). True if a score is NaN.
+    No GIL: the evaluator's threads count their blocks side by side."""
+    nan = False
+    for p in range(scores.shape[0]):
+        target = target_scores[p]
+        above = level = 0
+        odd = False
+        for j in range(scores.shape[1]):
+            score = scores[p, j]
+            above += score > target
+            level += score == target
+            odd |= score != score
+        greater[p] += above
+        equal[p] += level
+        nan |= odd
+    return nan
 
 
 def _uncount(scores: torch.Tensor, target_scores: torch.Tensor,

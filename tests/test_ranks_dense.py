@@ -1,0 +1,133 @@
+"""The dense counts (count_ranks) in one compiled pass (CPU kernel dense_counts) against
+hand-computed counts and comparisons on random scores full of ties, with exclusions, NaN and
+infinities, chunks of every width; and against the sums of signs (the path CUDA takes)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from helpers import switch_cpu_kernel
+from seqexp.core.errors import SeqexpError
+from seqexp.engine import ranks
+from seqexp.engine.ranks import count_ranks
+
+INF = float("inf")
+# 3 points x 7 items; targets 2, 6 and 0 (one in each chunk of 3, the last of width 1)
+SCORES = torch.tensor([
+    [0.5, 0.9, 0.5, 0.1, 0.5, 0.7, 0.5],  # target 0.5: 0.9 and 0.7 above, three level
+    [1.0, -INF, 2.0, -INF, 0.0, 3.0, -INF],  # target -inf: 4 above, 2 level (ties at -inf)
+    [INF, 1.0, INF, -0.0, 0.0, INF, 2.0],  # target +inf: 0 above, 2 level
+])
+TARGETS = torch.tensor([2, 6, 0])
+# (point, item): items 4 (level) and 1 (above) of point 0, item 0 (above) of point 1, item 3
+# (below) of point 2
+EXCLUDED = (torch.tensor([0, 0, 1, 2]), torch.tensor([1, 4, 0, 3]))
+
+
+def _block(scores: torch.Tensor):
+    return lambda lo, hi: scores[:, lo:hi].clone()  # a fresh product, as a model returns
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["dense_counts", "sign_sums"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chunk", [7, 3, 1])
+def test_counts_by_hand_with_ties_at_infinity_and_exclusions(monkeypatch, kernel, dtype, chunk):
+    switch_cpu_kernel(monkeypatch, "dense_counts", kernel)
+    scores = SCORES.to(dtype)
+    assert [t.tolist() for t in count_ranks(_block(scores), TARGETS, 7, chunk)] == [
+        [2, 4, 0], [3, 2, 2]]
+    assert [t.tolist() for t in count_ranks(_block(scores), TARGETS, 7, chunk, EXCLUDED)] == [
+        [1, 3, 0], [2, 2, 2]]
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["dense_counts", "sign_sums"])
+@pytest.mark.parametrize("column", [0, 3, 6])
+@pytest.mark.parametrize("chunk", [7, 2])
+def test_a_nan_score_anywhere_is_an_error(monkeypatch, kernel, column, chunk):
+    switch_cpu_kernel(monkeypatch, "dense_counts", kernel)
+    scores = SCORES.clone()
+    scores[1, column] = float("nan")  # column 6 is point 1's target; the last column
+    with pytest.raises(SeqexpError, match="NaN"):
+        count_ranks(_block(scores), TARGETS, 7, chunk)
+
+
+def _by_comparison(scores: np.ndarray, targets: np.ndarray, excluded_mask: np.ndarray):
+    """Hand counts: items ranked (not excluded, not the target) above and level."""
+    target = scores[np.arange(len(targets)), targets][:, None]
+    ranked = ~excluded_mask
+    ranked[np.arange(len(targets)), targets] = False
+    return (((scores > target) & ranked).sum(1).tolist(),
+            ((scores == target) & ranked).sum(1).tolist())
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n_items=st.integers(1, 40), points=st.integers(1, 12),
+       levels=st.integers(1, 6), chunk=st.integers(1, 41), kept=st.sampled_from([0, 5, 1 << 23]),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_compiled_counts_equal_comparisons_and_the_sums_of_signs(
+        seed, n_items, points, levels, chunk, kept, dtype):
+    """Scores drawn from a few levels (-inf, -0.0, 0.0, 0.25, 7, +inf: ties everywhere),
+    targets in any chunk, about a third of each point's other items excluded, first-pass
+    chunks kept or scored again; compiled counts = hand counts = the sums of signs."""
+    rng = np.random.default_rng(seed)
+    values = np.array([0.25, -0.0, 0.0, INF, 7.0, -INF])[:levels]
+    scores = torch.from_numpy(rng.choice(values, (points, n_items))).to(dtype)
+    targets = torch.from_numpy(rng.integers(0, n_items, points))
+    mask = rng.random((points, n_items)) < 0.3
+    mask[np.arange(points), targets.numpy()] = False
+    point, item = np.nonzero(mask)  # row-major: sorted by point
+    excluded = (torch.from_numpy(point), torch.from_numpy(item))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ranks, "KEPT_SCORES", kept)
+        for exclusion, hidden in ((None, np.zeros_like(mask)), (excluded, mask)):
+            expected = _by_comparison(scores.numpy(), targets.numpy(), hidden)
+            switch_cpu_kernel(patch, "dense_counts", True)
+            got = count_ranks(_block(scores), targets, n_items, chunk, exclusion)
+            assert [t.tolist() for t in got] == list(expected)
+            switch_cpu_kernel(patch, "dense_counts", False)
+            signs = count_ranks(_block(scores), targets, n_items, chunk, exclusion)
+            assert [t.tolist() for t in signs] == list(expected)
+
+
+def test_the_kernel_counts_strided_views_and_adds_to_the_counts_it_is_given():
+    scores = torch.arange(24, dtype=torch.float32).reshape(4, 6) % 5  # ties: 0..4 repeating
+    view = scores[:, 1:5]  # not contiguous
+    greater = torch.tensor([10, 0, 0, 0], dtype=torch.int32)
+    equal = torch.full((4,), -1, dtype=torch.int32)
+    targets = torch.tensor([2.0, 0.0, 4.0, 1.0])
+    # rows of the view: [1 2 3 4], [2 3 4 0], [3 4 0 1], [4 0 1 2]
+    nan = ranks._tile_counts(view.numpy(), targets.numpy(), greater.numpy(), equal.numpy())
+    assert not nan
+    assert greater.tolist() == [12, 3, 0, 2] and equal.tolist() == [0, 0, 0, 0]
+    view[3, 3] = float("nan")
+    assert ranks._tile_counts(view.numpy(), targets.numpy(), greater.numpy(), equal.numpy())
+
+
+def test_half_precision_scores_take_the_sums_of_signs():
+    scores = torch.linspace(0.0, 1.0, 600).repeat(3, 1).to(torch.bfloat16)  # bf16: ties
+    targets = torch.tensor([599, 0, 300])
+    greater, equal = count_ranks(_block(scores), targets, 600, 7)
+    target = scores[torch.arange(3), targets][:, None]
+    assert greater.tolist() == (scores > target).sum(1).tolist()
+    assert equal.tolist() == ((scores == target).sum(1) - 1).tolist()
+
+
+@pytest.mark.parametrize(("kernel", "dtype", "compiled"), [
+    (True, torch.float32, True), (True, torch.float64, True), (True, torch.bfloat16, False),
+    (False, torch.float32, False)])
+def test_the_kernel_counts_each_chunk_once_where_it_acts(monkeypatch, kernel, dtype, compiled):
+    switch_cpu_kernel(monkeypatch, "dense_counts", kernel)
+    widths = []
+    original = ranks._tile_counts
+
+    def recorded(scores, *arrays):
+        widths.append(scores.shape[1])
+        return original(scores, *arrays)
+    monkeypatch.setattr(ranks, "_tile_counts", recorded)
+    greater, equal = count_ranks(_block(SCORES.to(dtype)), TARGETS, 7, 3)
+    assert (greater.tolist(), equal.tolist()) == ([2, 4, 0], [3, 2, 2])
+    assert widths == ([3, 3, 1] if compiled else [])
