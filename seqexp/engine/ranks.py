@@ -223,22 +223,77 @@ class SparseTable(NamedTuple):
     prefix: torch.Tensor  # [R, 2^b]
 
 
-def prepare_table(shared: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor) -> SparseTable:
-    """The SparseTable of entries (ids, scores) [R, W] over `shared` [N] (NaN refused). Rows
-    are padded to a width of 2^m - 1, so that a binary search never leaves its row."""
+def prepare_table(shared: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor,
+                  out: SparseTable | None = None) -> SparseTable:
+    """The SparseTable of entries (ids, scores) [R, W] over `shared` [N] (NaN refused),
+    written into `out` when given (R rows of empty_table(_, W, shared)'s widths). Rows are
+    padded to a width of 2^m - 1, so that a binary search never leaves its row."""
     valid = ids >= 0
     own = scores.to(shared.dtype)
     if own.numel():
         check_finite(torch.where(valid, own, 0.0))
     base = shared.index_select(0, ids.clamp_min(0).flatten()).view(ids.shape)
+    out = empty_table(len(ids), ids.shape[1], shared) if out is None else out
     if shared.dtype == torch.float32 and shared.device.type == "cpu":
-        return _packed_table(ids, own, base, len(shared))
-    parts = [_sorted_rows(valid[part], ids[part], own[part], base[part], len(shared))
-             for part in _row_chunks(len(ids))]  # chunks: temporaries that stay in cache
-    row_ids, row_scores, moves, weights = (torch.cat(columns) for columns in zip(*parts,
-                                                                                strict=True))
-    prefix = torch.nn.functional.pad(weights.cumsum(1, dtype=weights.dtype), (1, 0))
-    return SparseTable(row_ids, row_scores, moves, prefix)
+        _packed_table(ids, own, base, len(shared), out)
+        return out
+    for part in _row_chunks(len(ids)):  # chunks: temporaries that stay in cache
+        row_ids, row_scores, moves, weights = _sorted_rows(valid[part], ids[part], own[part],
+                                                           base[part], len(shared))
+        out.ids[part], out.scores[part], out.moves[part] = row_ids, row_scores, moves
+        out.prefix[part] = torch.nn.functional.pad(weights.cumsum(1, dtype=weights.dtype),
+                                                   (1, 0))
+    return out
+
+
+def empty_table(rows: int, width: int, shared: torch.Tensor) -> SparseTable:
+    """An unfilled SparseTable of `rows` rows for entries `width` wide, in `shared`'s dtype
+    and device (torch.empty: memory is taken as the rows are written)."""
+    id_width, move_width = (1 << width.bit_length()) - 1, (1 << (2 * width).bit_length()) - 1
+    return SparseTable(
+        torch.empty((rows, id_width), dtype=torch.int32, device=shared.device),
+        torch.empty((rows, id_width), dtype=shared.dtype, device=shared.device),
+        torch.empty((rows, move_width), dtype=shared.dtype, device=shared.device),
+        torch.empty((rows, move_width + 1), dtype=_weight_type(move_width),
+                    device=shared.device))
+
+
+class RowTable:
+    """A model's fixed table of sparse entries (Recommender.table_rows), each row prepared
+    (prepare_table) the first time a point names it: an evaluation prepares the rows its
+    points name, not the whole table. Rows are stored in the order they come, `slots` maps
+    a row to its place; the storage is allocated once at the whole table's size and takes
+    memory as rows fill it."""
+
+    def __init__(self, shared: torch.Tensor, n_rows: int) -> None:
+        self.shared = shared
+        self.slots = torch.full((n_rows,), -1, dtype=torch.int64, device=shared.device)
+        self.storage: SparseTable | None = None
+        self.size = 0
+
+    def prepared(self, rows: torch.Tensor,
+                 entries: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+                 ) -> tuple[SparseTable, torch.Tensor]:
+        """(the table of the rows prepared so far, each point's place in it) for points
+        naming `rows` [P]; `entries(points)` gives ([len(points), W] ids, scores) of the
+        points at those indices, asked for one point of each row not prepared yet."""
+        missing = (self.slots[rows] < 0).nonzero()[:, 0]
+        if len(missing):
+            new, inverse = torch.unique(rows[missing], return_inverse=True)
+            first = torch.full_like(new, len(rows)).scatter_reduce_(0, inverse, missing, "amin")
+            ids, scores = entries(first)
+            if self.storage is None:
+                self.storage = empty_table(len(self.slots), ids.shape[1], self.shared)
+            if ids.shape[1] > len(self.storage.ids[0]):
+                raise ValueError("a table's sparse_scores must keep one width for every row")
+            stop = self.size + len(new)
+            prepare_table(self.shared, ids, scores,
+                          SparseTable(*(column[self.size:stop] for column in self.storage)))
+            self.slots[new] = torch.arange(self.size, stop, device=self.slots.device)
+            self.size = stop
+        if self.storage is None:  # no point yet
+            return empty_table(0, 0, self.shared), self.slots[rows]
+        return SparseTable(*(column[:self.size] for column in self.storage)), self.slots[rows]
 
 
 def _row_chunks(rows: int) -> list[slice]:
@@ -261,21 +316,18 @@ def _sorted_rows(valid: torch.Tensor, ids: torch.Tensor, own: torch.Tensor,
 
 
 def _packed_table(ids: torch.Tensor, own: torch.Tensor, base: torch.Tensor,
-                  n_items: int) -> SparseTable:
+                  n_items: int, out: SparseTable) -> None:
     """prepare_table for float32 scores on a CPU: each entry packed into one int64 (an id
     above its score's bits; a move's score, as an int32 of the same order, above a 2-bit
     weight tag) by a compiled kernel, the rows sorted by numpy's vectorised sort (several
     times faster than argsorts and gathers, benchmarks.md) and unpacked into the table,
-    prefix sums included, by another, TABLE_CHUNK_ROWS rows at a time. Equal scores may come
-    in any order: the counts read the moves only at the ends of runs of equal scores."""
-    rows, width = ids.shape
-    id_width, move_width = (1 << width.bit_length()) - 1, (1 << (2 * width).bit_length()) - 1
-    weight = np.int16 if move_width < 2**15 else np.int32
-    table = SparseTable(np.empty((rows, id_width), np.int32), np.empty((rows, id_width),
-                        np.float32), np.empty((rows, move_width), np.float32),
-                        np.empty((rows, move_width + 1), weight))
-    by_id = np.empty((min(rows, TABLE_CHUNK_ROWS), id_width), np.int64)
-    by_move = np.empty((len(by_id), move_width), np.int64)
+    prefix sums included, by another, TABLE_CHUNK_ROWS rows at a time, into `out`. Equal
+    scores may come in any order: the counts read the moves only at the ends of runs of
+    equal scores."""
+    rows = len(ids)
+    table = SparseTable(*(column.numpy() for column in out))
+    by_id = np.empty((min(rows, TABLE_CHUNK_ROWS), table.ids.shape[1]), np.int64)
+    by_move = np.empty((len(by_id), table.moves.shape[1]), np.int64)
     ids, own, base = ids.numpy(), own.numpy().view(np.int32), base.numpy().view(np.int32)
     for lo in range(0, rows, TABLE_CHUNK_ROWS):
         part, n = slice(lo, lo + TABLE_CHUNK_ROWS), min(TABLE_CHUNK_ROWS, rows - lo)
@@ -284,7 +336,6 @@ def _packed_table(ids: torch.Tensor, own: torch.Tensor, base: torch.Tensor,
         by_move[:n].sort(axis=1)
         _unpack_rows(by_id[:n], by_move[:n], table.ids[part], table.scores[part].view(np.int32),
                      table.moves[part].view(np.int32), table.prefix[part])
-    return SparseTable(*(torch.from_numpy(column) for column in table))
 
 
 @numba.njit(parallel=True, cache=True)

@@ -205,9 +205,9 @@ class ItemKNN(Recommender):
         ids = torch.where(similarity != 0, self.neighbours[state], -1)
         return ids, similarity + self.prior[ids.clamp_min(0)]
 
-    def sparse_table(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Every item's row of sparse_scores: a point's entries are its last item's row."""
-        return self.sparse_scores(torch.arange(self.n_items, device=self.device))
+    def table_rows(self) -> int:
+        """A row per item: a point's entries are its last item's neighbours."""
+        return self.n_items
 
     def sparse_rows(self, state: torch.Tensor) -> torch.Tensor:
         return state
@@ -335,7 +335,7 @@ class ExpDecayKNN(ItemKNN):
             kept[part] = claim.gather(1, block_ids) == column[:n]
         return torch.where(kept, ids, -1), scores
 
-    def sparse_table(self) -> None:
+    def table_rows(self) -> None:
         """None: a point's entries come from its whole window, not from one item's row."""
         return None
 
