@@ -86,14 +86,14 @@ dtype_np = {torch.float32: np.float32, torch.float64: np.float64}
 
 @settings(max_examples=300, deadline=None, database=None)
 @given(seed=st.integers(0, 2**32 - 1), n_items=st.integers(1, 40), points=st.integers(0, 12),
-       width=st.integers(0, 12), levels=st.integers(1, 6), chunk=st.integers(1, 50),
+       width=st.integers(0, 12), levels=st.integers(1, 8), chunk=st.integers(1, 50),
        rows=st.integers(0, 5), dtype=st.sampled_from([torch.float32, torch.float64]),
        kernels=st.booleans())
 def test_sparse_counts_equal_the_dense_counts_with_ties_and_exclusions(
         seed, n_items, points, width, levels, chunk, rows, dtype, kernels):
     """Scores drawn from a few levels (many ties between shared and entry scores, negative
-    zero among them), entries on the target or not, padding anywhere, excluded items with and
-    without an entry; the entries given per point and as rows of a table (among `rows`
+    zero and ±inf among them), entries on the target or not, padding anywhere, excluded items
+    with and without an entry; the entries given per point and as rows of a table (among `rows`
     others) that the points name; float32 (packed row sorts) and float64 scores; the counts
     in compiled code (CPU kernel sparse_entries) or in whole-tensor operations."""
     with pytest.MonkeyPatch.context() as patch:
@@ -103,7 +103,8 @@ def test_sparse_counts_equal_the_dense_counts_with_ties_and_exclusions(
 
 def _check_sparse_counts(seed, n_items, points, width, levels, chunk, rows, dtype):
     rng = np.random.default_rng(seed)
-    values = np.array([-1.5, -0.0, 0.0, 0.25, 1.0, 7.0], dtype=dtype_np[dtype])[:levels]
+    values = np.array([-1.5, -0.0, 0.0, 0.25, 1.0, 7.0, np.inf, -np.inf],
+                      dtype=dtype_np[dtype])[:levels]
     shared = torch.from_numpy(rng.choice(values, n_items))
     targets = torch.from_numpy(rng.integers(0, n_items, points))
     width = min(width, n_items)
