@@ -86,14 +86,14 @@ dtype_np = {torch.float32: np.float32, torch.float64: np.float64}
 
 @settings(max_examples=300, deadline=None, database=None)
 @given(seed=st.integers(0, 2**32 - 1), n_items=st.integers(1, 40), points=st.integers(0, 12),
-       width=st.integers(0, 12), levels=st.integers(1, 6), chunk=st.integers(1, 50),
+       width=st.integers(0, 12), levels=st.integers(1, 8), chunk=st.integers(1, 50),
        rows=st.integers(0, 5), dtype=st.sampled_from([torch.float32, torch.float64]),
        kernels=st.booleans())
 def test_sparse_counts_equal_the_dense_counts_with_ties_and_exclusions(
         seed, n_items, points, width, levels, chunk, rows, dtype, kernels):
     """Scores drawn from a few levels (many ties between shared and entry scores, negative
-    zero among them), entries on the target or not, padding anywhere, excluded items with and
-    without an entry; the entries given per point and as rows of a table (among `rows`
+    zero and ±inf among them), entries on the target or not, padding anywhere, excluded items
+    with and without an entry; the entries given per point and as rows of a table (among `rows`
     others) that the points name; float32 (packed row sorts) and float64 scores; the counts
     in compiled code (CPU kernel sparse_entries) or in whole-tensor operations."""
     with pytest.MonkeyPatch.context() as patch:
@@ -103,7 +103,8 @@ def test_sparse_counts_equal_the_dense_counts_with_ties_and_exclusions(
 
 def _check_sparse_counts(seed, n_items, points, width, levels, chunk, rows, dtype):
     rng = np.random.default_rng(seed)
-    values = np.array([-1.5, -0.0, 0.0, 0.25, 1.0, 7.0], dtype=dtype_np[dtype])[:levels]
+    values = np.array([-1.5, -0.0, 0.0, 0.25, 1.0, 7.0, np.inf, -np.inf],
+                      dtype=dtype_np[dtype])[:levels]
     shared = torch.from_numpy(rng.choice(values, n_items))
     targets = torch.from_numpy(rng.integers(0, n_items, points))
     width = min(width, n_items)
@@ -152,23 +153,24 @@ def _models(n_items: int, n_users: int):
             presets.model("expdecay_knn", n_items, n_users, neighbours=8, window=3, anchor_block=7)]
 
 
+@pytest.mark.parametrize("batch_users", [256, 6])  # one batch; batches naming rows again
 @pytest.mark.parametrize("exclude_seen", [False, True])
 @pytest.mark.parametrize("index", range(5))
-def test_the_evaluators_sparse_path_gives_the_dense_paths_counts(index, exclude_seen,
+def test_the_evaluators_sparse_path_gives_the_dense_paths_counts(index, exclude_seen, batch_users,
                                                                   monkeypatch, cpu_kernels_switch):
     data = _history_data()
     model = _models(data.n_items, data.n_users)[index]
     model.fit(data)
-    evaluator = make_evaluator(exclude_seen=exclude_seen)
+    evaluator = make_evaluator(exclude_seen=exclude_seen, batch_users=batch_users)
     monkeypatch.setattr(ranks_module, "TABLE_CHUNK_ROWS", 7)  # the table in several chunks
     counts = {}
     tables = []
-    prepared = evaluator_module.prepared_sparse_table
-    monkeypatch.setattr(evaluator_module, "prepared_sparse_table",
+    prepared = evaluator_module.row_table
+    monkeypatch.setattr(evaluator_module, "row_table",
                         lambda *args: tables.append(prepared(*args)) or tables[-1])
     for path in ("table", "entries", "dense"):  # the model's own path first
         if path == "entries":
-            monkeypatch.setattr(evaluator_module, "prepared_sparse_table", lambda *args: None)
+            monkeypatch.setattr(evaluator_module, "row_table", lambda *args: None)
         if path == "dense":
             monkeypatch.setattr(evaluator_module, "sorted_shared_scores", lambda model: None)
         for phase in ("val", "test"):
@@ -188,6 +190,25 @@ def test_the_evaluators_sparse_path_gives_the_dense_paths_counts(index, exclude_
     for row in ids.tolist():
         named = [item for item in row if item >= 0]
         assert len(named) == len(set(named))
+
+
+def test_an_item_knn_evaluation_prepares_the_rows_its_points_name_once(monkeypatch):
+    data = _history_data(2)
+    model = presets.model("itemknn", data.n_items, data.n_users, neighbours=5)
+    model.fit(data)
+    tables = []
+    prepared = evaluator_module.row_table
+    monkeypatch.setattr(evaluator_module, "row_table",
+                        lambda *args: tables.append(prepared(*args)) or tables[-1])
+    make_evaluator(batch_users=4).rank_counts(model, data, "val")
+    first = np.maximum(data.train_end, data.offsets[:-1] + 1)
+    named = {int(data.items[position - 1]) for user in range(data.n_users)
+             for position in range(first[user], data.val_end[user])}
+    assert len(named) < data.n_items  # some rows are never named
+    (table,) = tables
+    assert table.size == len(named)
+    assert set(np.flatnonzero(table.slots.numpy() >= 0).tolist()) == named
+    assert sorted(table.slots[sorted(named)].tolist()) == list(range(len(named)))
 
 
 def _batches(data):

@@ -32,12 +32,11 @@ from seqexp.data.batching import PredictionBatch, prediction_batches
 from seqexp.data.sequences import SequenceData, validation_sample
 from seqexp.engine.metrics import RankCounts
 from seqexp.engine.ranks import (
-    SparseTable,
+    RowTable,
     check_finite,
     count_ranks,
     count_sparse_ranks,
     count_table_ranks,
-    prepare_table,
 )
 from seqexp.models import cpu_kernels
 from seqexp.models.base import Recommender
@@ -163,7 +162,7 @@ class Evaluator:
         parts: dict[str, list[torch.Tensor]] = {
             "greater": [], "equal": [], "users": [], "positions": [], "targets": []}
         shared = sorted_shared_scores(model)
-        table = prepared_sparse_table(model, shared)
+        table = row_table(model, shared)
         bar = tqdm(total=phase_targets(data, phase), desc=phase, unit="ev", unit_scale=True,
                    disable=None if self.progress else True, leave=False, mininterval=1.0)
         try:
@@ -190,15 +189,17 @@ class Evaluator:
 
     def _batch_counts(self, model: Recommender, batch: PredictionBatch, n_items: int,
                       shared: tuple[torch.Tensor, torch.Tensor] | None = None,
-                      table: SparseTable | None = None):
+                      table: RowTable | None = None):
         """Greater/equal counts of a batch's points: from dense score blocks, or with `shared`
         = (the model's shared scores, sorted) from those and its sparse entries, read from
-        its prepared sparse `table` when it has one."""
+        the rows of its sparse `table` when it has one."""
         state = self.prediction_states(model, batch, n_items)
         excluded = seen_items(batch, n_items) if self.exclude_seen else None
         if shared is not None and table is not None:  # every point at once: a few searches
-            return count_table_ranks(*shared, table, model.sparse_rows(state).long(),
-                                     batch.targets, excluded)
+            prepared, rows = table.prepared(
+                model.sparse_rows(state).long(),
+                lambda points: model.sparse_scores(_take_state(state, points)))
+            return count_table_ranks(*shared, prepared, rows, batch.targets, excluded)
         # B x N must fit: split the prediction points if needed, then the items.
         device = batch.targets.device
         dense_points, chunk = self.block_shape(device, n_items, batch.n_targets)
@@ -389,14 +390,12 @@ def sorted_shared_scores(model: Recommender) -> tuple[torch.Tensor, torch.Tensor
     return shared, torch.sort(shared).values
 
 
-def prepared_sparse_table(model: Recommender, shared: tuple[torch.Tensor, torch.Tensor] | None
-                          ) -> SparseTable | None:
-    """The model's sparse table prepared for counting (seqexp.engine.ranks), when it has
-    shared scores and a table; else None."""
-    if shared is None:
-        return None
-    table = model.sparse_table()
-    return None if table is None else prepare_table(shared[0], *table)
+def row_table(model: Recommender, shared: tuple[torch.Tensor, torch.Tensor] | None
+              ) -> RowTable | None:
+    """The model's table of sparse entries, its rows prepared for counting as points name
+    them (seqexp.engine.ranks), when it has shared scores and a table; else None."""
+    rows = None if shared is None else model.table_rows()
+    return None if rows is None else RowTable(shared[0], rows)
 
 
 def phase_targets(data: SequenceData, phase: str) -> int:

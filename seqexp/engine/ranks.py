@@ -155,6 +155,8 @@ def count_sparse_ranks(
     if cpu_kernels.active("sparse_entries", ids.device) and ids.shape[1]:
         target_score = shared[targets]
         moved = torch.zeros(2, n_points, dtype=torch.int32)
+        numba.set_num_threads(max(1, min(torch.get_num_threads(),
+                                         numba.config.NUMBA_NUM_THREADS)))
         if _entry_moves(shared.numpy(), own.numpy(), ids.numpy(), targets.numpy(),
                         target_score.numpy(), moved.numpy()):
             check_finite(torch.where(ids >= 0, own, 0.0))
@@ -206,16 +208,17 @@ def _tensor_counts(ordered: torch.Tensor, targets: torch.Tensor, ids: torch.Tens
     return greater, equal, target_score
 
 
-@numba.njit(cache=True)
+@numba.njit(parallel=True, cache=True)
 def _entry_moves(shared: np.ndarray, own: np.ndarray, ids: np.ndarray, targets: np.ndarray,
                  target_score: np.ndarray, moved: np.ndarray) -> bool:
     """_tensor_counts' entry terms on a CPU, one point at a time in compiled code (no
-    whole-tensor gathers and temporaries): target_score[p] becomes the target's entry score
-    where the point has one; moved[0, p] / moved[1, p] = how many of its entries move their
-    item above / level with it (own score against shared score; padding, id -1, is skipped).
-    True if an entry's score is NaN."""
-    nan = False
-    for p in range(ids.shape[0]):
+    whole-tensor gathers and temporaries), the points shared among numba's threads (each
+    point's terms are its own): target_score[p] becomes the target's entry score where the
+    point has one; moved[0, p] / moved[1, p] = how many of its entries move their item above
+    / level with it (own score against shared score; padding, id -1, is skipped). True if an
+    entry's score is NaN."""
+    nan = 0
+    for p in numba.prange(ids.shape[0]):
         score = target_score[p]
         for w in range(ids.shape[1]):
             if ids[p, w] == targets[p]:
@@ -227,13 +230,13 @@ def _entry_moves(shared: np.ndarray, own: np.ndarray, ids: np.ndarray, targets: 
             item = ids[p, w]
             if item < 0:
                 continue
-            nan |= own[p, w] != own[p, w]
+            nan += own[p, w] != own[p, w]
             base = shared[item]
             above += (own[p, w] > score) - (base > score)
             level += (own[p, w] == score) - (base == score)
         moved[0, p] = above
         moved[1, p] = level
-    return nan
+    return nan > 0
 
 
 def _excluded_scores(shared: torch.Tensor, ids: torch.Tensor, own: torch.Tensor,
@@ -255,7 +258,7 @@ def _excluded_scores(shared: torch.Tensor, ids: torch.Tensor, own: torch.Tensor,
 
 # Rows of a sparse table sorted at a time: their int64 scratch (a few MB) stays in cache, where
 # whole-table temporaries of a LastFM-sized catalogue (~1 GB each) are paged in pass by pass.
-TABLE_CHUNK_ROWS = 8192
+TABLE_CHUNK_ROWS = 2048
 
 
 class SparseTable(NamedTuple):
@@ -271,22 +274,77 @@ class SparseTable(NamedTuple):
     prefix: torch.Tensor  # [R, 2^b]
 
 
-def prepare_table(shared: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor) -> SparseTable:
-    """The SparseTable of entries (ids, scores) [R, W] over `shared` [N] (NaN refused). Rows
-    are padded to a width of 2^m - 1, so that a binary search never leaves its row."""
+def prepare_table(shared: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor,
+                  out: SparseTable | None = None) -> SparseTable:
+    """The SparseTable of entries (ids, scores) [R, W] over `shared` [N] (NaN refused),
+    written into `out` when given (R rows of empty_table(_, W, shared)'s widths). Rows are
+    padded to a width of 2^m - 1, so that a binary search never leaves its row."""
     valid = ids >= 0
     own = scores.to(shared.dtype)
     if own.numel():
         check_finite(torch.where(valid, own, 0.0))
     base = shared.index_select(0, ids.clamp_min(0).flatten()).view(ids.shape)
-    packed = shared.dtype == torch.float32 and shared.device.type == "cpu"
-    sort_rows = _packed_sorted_rows if packed else _sorted_rows
-    parts = [sort_rows(valid[part], ids[part], own[part], base[part], len(shared))
-             for part in _row_chunks(len(ids))]  # chunks: temporaries that stay in cache
-    row_ids, row_scores, moves, weights = (torch.cat(columns) for columns in zip(*parts,
-                                                                                strict=True))
-    prefix = torch.nn.functional.pad(weights.cumsum(1, dtype=weights.dtype), (1, 0))
-    return SparseTable(row_ids, row_scores, moves, prefix)
+    out = empty_table(len(ids), ids.shape[1], shared) if out is None else out
+    if shared.dtype == torch.float32 and shared.device.type == "cpu":
+        _packed_table(ids, own, base, len(shared), out)
+        return out
+    for part in _row_chunks(len(ids)):  # chunks: temporaries that stay in cache
+        row_ids, row_scores, moves, weights = _sorted_rows(valid[part], ids[part], own[part],
+                                                           base[part], len(shared))
+        out.ids[part], out.scores[part], out.moves[part] = row_ids, row_scores, moves
+        out.prefix[part] = torch.nn.functional.pad(weights.cumsum(1, dtype=weights.dtype),
+                                                   (1, 0))
+    return out
+
+
+def empty_table(rows: int, width: int, shared: torch.Tensor) -> SparseTable:
+    """An unfilled SparseTable of `rows` rows for entries `width` wide, in `shared`'s dtype
+    and device (torch.empty: memory is taken as the rows are written)."""
+    id_width, move_width = (1 << width.bit_length()) - 1, (1 << (2 * width).bit_length()) - 1
+    return SparseTable(
+        torch.empty((rows, id_width), dtype=torch.int32, device=shared.device),
+        torch.empty((rows, id_width), dtype=shared.dtype, device=shared.device),
+        torch.empty((rows, move_width), dtype=shared.dtype, device=shared.device),
+        torch.empty((rows, move_width + 1), dtype=_weight_type(move_width),
+                    device=shared.device))
+
+
+class RowTable:
+    """A model's fixed table of sparse entries (Recommender.table_rows), each row prepared
+    (prepare_table) the first time a point names it: an evaluation prepares the rows its
+    points name, not the whole table. Rows are stored in the order they come, `slots` maps
+    a row to its place; the storage is allocated once at the whole table's size and takes
+    memory as rows fill it."""
+
+    def __init__(self, shared: torch.Tensor, n_rows: int) -> None:
+        self.shared = shared
+        self.slots = torch.full((n_rows,), -1, dtype=torch.int64, device=shared.device)
+        self.storage: SparseTable | None = None
+        self.size = 0
+
+    def prepared(self, rows: torch.Tensor,
+                 entries: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+                 ) -> tuple[SparseTable, torch.Tensor]:
+        """(the table of the rows prepared so far, each point's place in it) for points
+        naming `rows` [P]; `entries(points)` gives ([len(points), W] ids, scores) of the
+        points at those indices, asked for one point of each row not prepared yet."""
+        missing = (self.slots[rows] < 0).nonzero()[:, 0]
+        if len(missing):
+            new, inverse = torch.unique(rows[missing], return_inverse=True)
+            first = torch.full_like(new, len(rows)).scatter_reduce_(0, inverse, missing, "amin")
+            ids, scores = entries(first)
+            if self.storage is None:
+                self.storage = empty_table(len(self.slots), ids.shape[1], self.shared)
+            if ids.shape[1] > len(self.storage.ids[0]):
+                raise ValueError("a table's sparse_scores must keep one width for every row")
+            stop = self.size + len(new)
+            prepare_table(self.shared, ids, scores,
+                          SparseTable(*(column[self.size:stop] for column in self.storage)))
+            self.slots[new] = torch.arange(self.size, stop, device=self.slots.device)
+            self.size = stop
+        if self.storage is None:  # no point yet
+            return empty_table(0, 0, self.shared), self.slots[rows]
+        return SparseTable(*(column[:self.size] for column in self.storage)), self.slots[rows]
 
 
 def _row_chunks(rows: int) -> list[slice]:
@@ -308,40 +366,71 @@ def _sorted_rows(valid: torch.Tensor, ids: torch.Tensor, own: torch.Tensor,
             _pad_columns(moves, torch.inf), _pad_columns(weights.gather(1, by_score), 0))
 
 
-def _packed_sorted_rows(valid: torch.Tensor, ids: torch.Tensor, own: torch.Tensor,
-                        base: torch.Tensor, n_items: int) -> tuple[torch.Tensor, ...]:
-    """_sorted_rows for float32 scores on a CPU: each entry packed into one int64 (an id
+def _packed_table(ids: torch.Tensor, own: torch.Tensor, base: torch.Tensor,
+                  n_items: int, out: SparseTable) -> None:
+    """prepare_table for float32 scores on a CPU: each entry packed into one int64 (an id
     above its score's bits; a move's score, as an int32 of the same order, above a 2-bit
-    weight tag) and the rows sorted by numpy's vectorised sort, several times faster than
-    argsorts and gathers (benchmarks.md). Equal scores may come in any order: the counts
-    read the moves only at the ends of runs of equal scores."""
-    rows, width = ids.shape
-    valid, own, base = valid.numpy(), own.numpy(), base.numpy()
-    by_id = np.full((rows, (1 << width.bit_length()) - 1), n_items << 32, dtype=np.int64)
-    by_id[:, :width] = (np.where(valid, ids.numpy(), n_items) << 32) | own.view(np.uint32)
-    by_id.sort(axis=1)
-    pad = _ordered_bits(np.float32(np.inf)) << 2 | 1  # tag 1: weight 0
-    moves = np.full((rows, (1 << (2 * width).bit_length()) - 1), pad, dtype=np.int64)
-    moves[:, :width] = np.where(valid, _ordered_bits(own) << 2 | 2, pad)  # tag 2: +1
-    moves[:, width:2 * width] = np.where(valid, _ordered_bits(base) << 2, pad)  # tag 0: -1
-    moves.sort(axis=1)
-    weights = ((moves & 3) - 1).astype(np.int16 if moves.shape[1] < 2**15 else np.int32)
-    scores = (by_id & 0xFFFFFFFF).astype(np.uint32).view(np.float32)
-    return tuple(torch.from_numpy(t) for t in (
-        (by_id >> 32).astype(np.int32), scores, _float_of(moves >> 2), weights))
+    weight tag) by a compiled kernel, the rows sorted by numpy's vectorised sort (several
+    times faster than argsorts and gathers, benchmarks.md) and unpacked into the table,
+    prefix sums included, by another, TABLE_CHUNK_ROWS rows at a time, into `out`. Equal
+    scores may come in any order: the counts read the moves only at the ends of runs of
+    equal scores."""
+    rows = len(ids)
+    table = SparseTable(*(column.numpy() for column in out))
+    by_id = np.empty((min(rows, TABLE_CHUNK_ROWS), table.ids.shape[1]), np.int64)
+    by_move = np.empty((len(by_id), table.moves.shape[1]), np.int64)
+    ids, own, base = ids.numpy(), own.numpy().view(np.int32), base.numpy().view(np.int32)
+    for lo in range(0, rows, TABLE_CHUNK_ROWS):
+        part, n = slice(lo, lo + TABLE_CHUNK_ROWS), min(TABLE_CHUNK_ROWS, rows - lo)
+        _pack_rows(ids[part], own[part], base[part], n_items, by_id[:n], by_move[:n])
+        by_id[:n].sort(axis=1)
+        by_move[:n].sort(axis=1)
+        _unpack_rows(by_id[:n], by_move[:n], table.ids[part], table.scores[part].view(np.int32),
+                     table.moves[part].view(np.int32), table.prefix[part])
 
 
-def _ordered_bits(values: np.ndarray) -> np.ndarray:
-    """float32 -> int64 in the same order (-0.0 just below 0.0): the bits, with a negative
-    number's magnitude bits flipped."""
-    bits = np.asarray(values, dtype=np.float32).view(np.int32)
-    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).astype(np.int64)
+@numba.njit(parallel=True, cache=True)
+def _pack_rows(ids: np.ndarray, own: np.ndarray, base: np.ndarray, n_items: int,
+               by_id: np.ndarray, by_move: np.ndarray) -> None:
+    """_packed_table's keys of each row: by_id = id << 32 | own's bits (padding: n_items <<
+    32); by_move = the order-keeping int of own << 2 | 2 (weight +1) and of base << 2 | 0
+    (weight -1), padding +inf << 2 | 1 (weight 0). `own` and `base`: float32 bits as int32."""
+    width = ids.shape[1]
+    pad_move = _ordered_int(np.int32(0x7F800000)) << 2 | 1  # +inf, weight 0
+    for r in numba.prange(ids.shape[0]):
+        for w in range(width):
+            if ids[r, w] >= 0:
+                by_id[r, w] = np.int64(ids[r, w]) << 32 | (np.int64(own[r, w]) & 0xFFFFFFFF)
+                by_move[r, w] = _ordered_int(own[r, w]) << 2 | 2
+                by_move[r, width + w] = _ordered_int(base[r, w]) << 2
+            else:
+                by_id[r, w] = np.int64(n_items) << 32
+                by_move[r, w] = by_move[r, width + w] = pad_move
+        by_id[r, width:] = np.int64(n_items) << 32
+        by_move[r, 2 * width:] = pad_move
 
 
-def _float_of(ordered: np.ndarray) -> np.ndarray:
-    """The inverse of _ordered_bits."""
-    bits = ordered.astype(np.int32)
-    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).view(np.float32)
+@numba.njit(cache=True)
+def _ordered_int(bits: np.int32) -> np.int64:
+    """float32 bits -> int64 in the float's order (-0.0 just below 0.0): a negative number's
+    magnitude bits flipped. Its own inverse on int32."""
+    return np.int64(bits ^ ((bits >> 31) & 0x7FFFFFFF))
+
+
+@numba.njit(parallel=True, cache=True)
+def _unpack_rows(by_id: np.ndarray, by_move: np.ndarray, ids: np.ndarray, scores: np.ndarray,
+                 moves: np.ndarray, prefix: np.ndarray) -> None:
+    """The sorted keys of _pack_rows into the table's rows (`scores`, `moves`: float32 bits
+    as int32), with the prefix sums of the weights."""
+    for r in numba.prange(by_id.shape[0]):
+        for w in range(by_id.shape[1]):
+            ids[r, w] = np.int32(by_id[r, w] >> 32)
+            scores[r, w] = np.int32(by_id[r, w] & 0xFFFFFFFF)
+        prefix[r, 0] = 0
+        for w in range(by_move.shape[1]):
+            key = by_move[r, w]
+            moves[r, w] = np.int32(_ordered_int(np.int32(key >> 2)))
+            prefix[r, w + 1] = prefix[r, w] + (key & 3) - 1
 
 
 def _weight_type(width: int) -> torch.dtype:

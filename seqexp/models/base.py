@@ -10,7 +10,7 @@ Every model answers two questions:
 
 A model whose scores are a vector shared by every prediction point plus a few entries per point
 (popularity, item-kNN) says so through `shared_scores` and `sparse_scores` (and, when a point's
-entries are one row of a fixed table, `sparse_table` and `sparse_rows`); the evaluator then
+entries are one row of a fixed table, `table_rows` and `sparse_rows`); the evaluator then
 ranks from the shared vector sorted once and those entries instead of dense score rows
 (seqexp.engine.ranks, docs/evaluation.md). Its `score_items` must give the same scores.
 
@@ -155,15 +155,15 @@ class Recommender(nn.Module):
         whose `shared_scores` is not None."""
         raise NotImplementedError(f"{type(self).__name__} has dense scores only")
 
-    def sparse_table(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """([R, W] item ids, [R, W] scores) when every point's sparse entries are one row of
-        a fixed table (item-kNN: the last item's neighbours), as `sparse_scores` gives them;
-        `sparse_rows(state)` names each point's row. The evaluator then prepares the table
-        once and ranks a point by binary searches in its row. None (the default): the
-        entries come from sparse_scores only."""
+    def table_rows(self) -> int | None:
+        """R, when every point's sparse entries are one row of a fixed table of R rows
+        (item-kNN: the last item's neighbours): `sparse_rows(state)` names each point's row,
+        and points naming the same row get the same `sparse_scores`. The evaluator then
+        prepares each row once, when a point first names it, and ranks a point by binary
+        searches in its row. None (the default): the entries come from sparse_scores only."""
         return None
 
     def sparse_rows(self, state: Any) -> torch.Tensor:
-        """[P] the row of `sparse_table()` holding each point's entries (only for models
-        whose sparse_table is not None)."""
+        """[P] the row of the fixed table holding each point's entries (only for models
+        whose table_rows is not None)."""
         raise NotImplementedError(f"{type(self).__name__} has no sparse table")

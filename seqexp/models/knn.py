@@ -205,9 +205,9 @@ class ItemKNN(Recommender):
         ids = torch.where(similarity != 0, self.neighbours[state], -1)
         return ids, similarity + self.prior[ids.clamp_min(0)]
 
-    def sparse_table(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Every item's row of sparse_scores: a point's entries are its last item's row."""
-        return self.sparse_scores(torch.arange(self.n_items, device=self.device))
+    def table_rows(self) -> int:
+        """A row per item: a point's entries are its last item's neighbours."""
+        return self.n_items
 
     def sparse_rows(self, state: torch.Tensor) -> torch.Tensor:
         return state
@@ -298,7 +298,8 @@ class ExpDecayKNN(ItemKNN):
         `sparse_entries` (seqexp.models.cpu_kernels) a compiled kernel
         (`knn_kernels.history_entries`) sums each point's decayed similarities in its output
         row, in the order score_items adds them, so the sums are its scores bit for bit, and
-        keeps an item's first mention (later ones pad, -1). Otherwise each block of points is
+        keeps an item's first mention (later ones pad, -1; the rows as wide as the most items
+        a point names). Otherwise each block of points is
         summed in dense scratch rows (only the cells it touches are set and read), and of an
         item named several times in a row one entry is kept (the one whose column wins a
         scatter of column numbers)."""
@@ -309,12 +310,13 @@ class ExpDecayKNN(ItemKNN):
             n_points, width = anchors.shape[0], anchors.shape[1] * self.neighbours.shape[1]
             ids = np.empty((n_points, width), dtype=np.int64)
             scores = np.empty((n_points, width), dtype=np.float32)
-            if getattr(self, "_slots", None) is None or len(self._slots) != self.n_items:
-                self._slots = np.full(self.n_items, -1, dtype=np.int32)  # kept between calls
-            knn_kernels.history_entries(anchors.numpy(), weights.numpy(), self.neighbours.numpy(),
-                             self.similarity.numpy(), self.prior.numpy(), self._slots, ids,
-                             scores)
-            return torch.from_numpy(ids), torch.from_numpy(scores)
+            widest = knn_kernels.history_entries(
+                anchors.numpy(), weights.numpy(), self.neighbours.numpy(),
+                self.similarity.numpy(), self.prior.numpy(),
+                self._thread_slots(knn_kernels.thread_count(torch.get_num_threads())), ids,
+                scores)
+            # rows as wide as the most items a point names (neighbour lists overlap)
+            return torch.from_numpy(ids[:, :widest]), torch.from_numpy(scores[:, :widest])
         ids = self.neighbours[anchors].flatten(1)  # [P, A*k], an item may repeat in a row
         n_points, width = ids.shape
         scratch, claims = self._scratch_rows()
@@ -333,9 +335,17 @@ class ExpDecayKNN(ItemKNN):
             kept[part] = claim.gather(1, block_ids) == column[:n]
         return torch.where(kept, ids, -1), scores
 
-    def sparse_table(self) -> None:
+    def table_rows(self) -> None:
         """None: a point's entries come from its whole window, not from one item's row."""
         return None
+
+    def _thread_slots(self, threads: int) -> np.ndarray:
+        """history_entries' slot rows, one per thread (all -1), kept between calls: new memory
+        would be paged in again by every call's scattered writes."""
+        kept = getattr(self, "_slots", None)
+        if kept is None or kept.shape != (threads, self.n_items):
+            kept = self._slots = np.full((threads, self.n_items), -1, dtype=np.int32)
+        return kept
 
     def _scratch_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Score and claim rows [R, N], kept between calls: new memory would be paged in

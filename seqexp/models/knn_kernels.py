@@ -108,32 +108,48 @@ def _sift_down(heap: np.ndarray, size: int) -> None:
         at = child
 
 
-@numba.njit(cache=True)
+@numba.njit(parallel=True, cache=True)
 def history_entries(anchors: np.ndarray, weights: np.ndarray, neighbours: np.ndarray,
-                     similarity: np.ndarray, prior: np.ndarray, slots: np.ndarray,
-                     ids: np.ndarray, scores: np.ndarray) -> None:
+                    similarity: np.ndarray, prior: np.ndarray, slots: np.ndarray,
+                    ids: np.ndarray, scores: np.ndarray) -> int:
     """ExpDecayKNN.sparse_scores on a CPU: for each point, prior + the sum over anchors a, then
     neighbours j, of similarity * weight, added in that order (score_items' order), for every
-    item named, each once (at its first mention; ids -1 pad the rest). An item's sum is kept in
-    its entry of the point's output row, found through `slots` (a row of the catalogue's
+    item named, each once (at its first mention), in the first columns of its row. Returns
+    the most items a row names; ids -1 pad each row up to that width (later columns are left
+    as they were). Thread t (of T = len(slots)) takes every T-th point: a point's sums depend
+    on its own row only, so they are the same for any T. An item's sum is kept in its entry
+    of the point's output row, found through the thread's row of `slots` (the catalogue's
     width: -1, or the item's entry; all -1 on entry and on return)."""
-    n_points, width = anchors.shape
-    k = neighbours.shape[1]
-    for p in range(n_points):
-        named = 0
-        for a in range(width):
-            anchor, weight = anchors[p, a], weights[p, a]
-            for j in range(k):
-                item = neighbours[anchor, j]
-                slot = slots[item]
-                if slot < 0:
-                    slot = slots[item] = named
-                    ids[p, named] = item
-                    scores[p, named] = prior[item]
-                    named += 1
-                scores[p, slot] += similarity[anchor, j] * weight
-        for r in range(named):
-            slots[ids[p, r]] = -1
-        ids[p, named:] = -1
-        scores[p, named:] = 0.0
+    threads, n_points = slots.shape[0], anchors.shape[0]
+    named = np.zeros(n_points, dtype=np.int64)
+    for thread in numba.prange(threads):
+        for p in range(thread, n_points, threads):
+            named[p] = _point_entries(p, anchors, weights, neighbours, similarity, prior,
+                                      slots[thread], ids, scores)
+    widest = named.max() if n_points else 0
+    for p in numba.prange(n_points):
+        ids[p, named[p]:widest] = -1
+        scores[p, named[p]:widest] = 0.0
+    return widest
 
+
+@numba.njit(inline="always", cache=True)
+def _point_entries(p: int, anchors: np.ndarray, weights: np.ndarray, neighbours: np.ndarray,
+                   similarity: np.ndarray, prior: np.ndarray, slots: np.ndarray,
+                   ids: np.ndarray, scores: np.ndarray) -> int:
+    """history_entries for point p, with one row of slots: how many items it names."""
+    named = 0
+    for a in range(anchors.shape[1]):
+        anchor, weight = anchors[p, a], weights[p, a]
+        for j in range(neighbours.shape[1]):
+            item = neighbours[anchor, j]
+            slot = slots[item]
+            if slot < 0:
+                slot = slots[item] = named
+                ids[p, named] = item
+                scores[p, named] = prior[item]
+                named += 1
+            scores[p, slot] += similarity[anchor, j] * weight
+    for r in range(named):
+        slots[ids[p, r]] = -1
+    return named
