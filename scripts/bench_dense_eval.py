@@ -13,16 +13,14 @@ from a Zipf-like popularity (LastFM-1K's users have ~12,300 training and ~1,300 
 events each, the same ratio as the defaults; with a few users each replay step runs a few rows,
 not 256, so the replay's share here is above LastFM-1K's). For each --block-elements
 (eval.max_block_elements; auto = the evaluator's own choice; PxT = the evaluator's CPU tiles
-at P points x T items instead of its own, PxTxG the same with G blocks of points scoring
-each tile in turn on a core (evaluator.LOCKSTEP_BLOCKS); any of them followed by -K, e.g.
-auto-dense_counts: the same with the CPU kernel K of seqexp/models/cpu_kernels.py off) it
-times, over the validation events:
+at P points x T items instead of its own; any of them followed by -K, e.g. auto-dense_counts:
+the same with the CPU kernel K of seqexp/models/cpu_kernels.py off) it times, over the
+validation events:
 - total: the evaluator's rank counting (Evaluator.rank_counts), ranks compared across settings;
 - replay: the model's prediction states (the history replay), batch by batch as the evaluator
   makes them (Evaluator.prediction_states: on one thread where it counts in CPU tiles);
-- product: the score blocks' products alone (model.score_items), in the evaluator's blocks,
-  order and threads (where it counts in CPU tiles: groups of blocks scoring each tile in turn,
-  one group per core at a time);
+- product: the score blocks' products alone (model.score_items), in the evaluator's blocks and
+  on its threads (one block per core where it counts in CPU tiles);
 - counting: the rest (total - replay - product).
 The achieved rate is 2 x hidden x items x events / total; the GEMM rate is that of one score
 block's product of the evaluator's shape, and of 64 points x all items, timed by
@@ -51,7 +49,6 @@ from seqexp.run.experiment import build_model, configure_torch
 
 WIDTH_KEY = {"mf": "factors", "seqmf": "factors"}  # the RNNs: hidden_size
 TILE_SHAPE = evaluation.TILE_POINTS, evaluation.TILE_ITEMS  # the evaluator's own
-LOCKSTEP = evaluation.LOCKSTEP_BLOCKS
 
 
 def lastfm_like(n_users: int, n_items: int, n_train: int, n_val: int) -> SequenceData:
@@ -88,8 +85,7 @@ def time_phases(model, data: SequenceData, evaluator: Evaluator) -> dict:
     replay = product = 0.0
     shapes = set()
     cpu = torch.device("cpu")
-    tiles = evaluator.cpu_tiles(cpu, data.n_items)
-    workers = torch.get_num_threads() if tiles else 1
+    workers = torch.get_num_threads() if evaluator.cpu_tiles(cpu, data.n_items) else 1
     with torch.no_grad():
         for batch in prediction_batches(data, "val", evaluator.users_per_batch(model.device)):
             started = time.perf_counter()
@@ -99,12 +95,10 @@ def time_phases(model, data: SequenceData, evaluator: Evaluator) -> dict:
             blocks = [states[first:first + points]
                       for first in range(0, batch.n_targets, points)]
             shapes |= {(len(state), min(chunk, data.n_items)) for state in blocks}
-            lockstep = evaluation.LOCKSTEP_BLOCKS if tiles and chunk < data.n_items else 1
-            groups = evaluation._even_groups(blocks, workers, lockstep)
             started = time.perf_counter()
-            on_each_core(lambda group, c=chunk: [  # the products alone, as the evaluator runs them
+            on_each_core(lambda state, c=chunk: [  # the products alone, as the evaluator runs them
                 model.score_items(state, lo, min(lo + c, data.n_items))
-                for lo in range(0, data.n_items, c) for state in group] and None, groups, workers)
+                for lo in range(0, data.n_items, c)] and None, blocks, workers)
             product += time.perf_counter() - started
     # scores the evaluator computed beyond one product per score (its first passes)
     extra = sum(scored) / (len(counts) * data.n_items) - 1
@@ -150,9 +144,8 @@ def main() -> None:
         if kernel_off and kernel_off not in cpu_kernels.KERNELS:
             parser.error(f"{setting}: no CPU kernel {kernel_off} (known: "
                          f"{', '.join(cpu_kernels.KERNELS)})")
-        if "x" in shape:  # CPU tiles of another shape (and lockstep) than the evaluator's
-            evaluation.TILE_POINTS, evaluation.TILE_ITEMS, evaluation.LOCKSTEP_BLOCKS = (
-                [*map(int, shape.split("x")), LOCKSTEP][:3])
+        if "x" in shape:  # CPU tiles of another shape than the evaluator's
+            evaluation.TILE_POINTS, evaluation.TILE_ITEMS = map(int, shape.split("x"))
         block = None if shape == "auto" or "x" in shape else int(shape)
         evaluator = Evaluator.from_config(cfg, max_block_elements=block)
         cpu_kernels.set_enabled(kernels - {kernel_off})
@@ -160,7 +153,6 @@ def main() -> None:
             row = time_phases(model, data, evaluator)
         finally:
             evaluation.TILE_POINTS, evaluation.TILE_ITEMS = TILE_SHAPE
-            evaluation.LOCKSTEP_BLOCKS = LOCKSTEP
             cpu_kernels.set_enabled(kernels)
         counts = row.pop("counts")
         events = len(counts)

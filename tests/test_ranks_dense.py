@@ -131,36 +131,3 @@ def test_the_kernel_counts_each_chunk_once_where_it_acts(monkeypatch, kernel, dt
     greater, equal = count_ranks(_block(SCORES.to(dtype)), TARGETS, 7, 3)
     assert (greater.tolist(), equal.tolist()) == ([2, 4, 0], [3, 2, 2])
     assert widths == ([3, 3, 1] if compiled else [])
-
-
-def test_blocks_in_lockstep_score_each_chunk_in_turn_and_count_as_alone(monkeypatch):
-    monkeypatch.setattr(ranks, "KEPT_SCORES", 0)  # every chunk scored again in the second pass
-    calls = []
-
-    def block(name, scores):
-        def score(lo, hi):
-            calls.append((name, lo))
-            return scores[:, lo:hi].clone()
-        return score
-    other = SCORES.flip(0)
-    results = ranks.in_lockstep([ranks.count_ranks_steps(block("a", SCORES), TARGETS, 7, 3),
-                                 ranks.count_ranks_steps(block("b", other), TARGETS, 7, 3)])
-    # each first pass (the chunks that hold targets: 0 and 6), then chunk by chunk in turn
-    assert calls == [("a", 0), ("a", 6), ("b", 0), ("b", 6), ("a", 0), ("b", 0), ("a", 3),
-                     ("b", 3), ("a", 6), ("b", 6)]
-    assert [t.tolist() for t in results[0]] == [[2, 4, 0], [3, 2, 2]]
-    alone = count_ranks(_block(other), TARGETS, 7, 3)
-    assert [t.tolist() for t in results[1]] == [t.tolist() for t in alone]
-
-
-def test_even_groups_give_every_worker_as_many_blocks():
-    from seqexp.engine.evaluator import _even_groups
-
-    sizes = [len(group) for group in _even_groups(list(range(10)), 2, 4)]
-    assert sizes == [2, 3, 2, 3]  # 4 groups of at most 4, 5 blocks per worker
-    groups = _even_groups(list(range(100)), 2, 4)
-    assert len(groups) == 26 and {len(g) for g in groups} == {3, 4}
-    assert [block for group in groups for block in group] == list(range(100))  # in order
-    assert _even_groups(list(range(3)), 2, 4) == [[0], [1, 2]]
-    assert _even_groups(list(range(3)), 1, 1) == [[0], [1], [2]]
-    assert _even_groups([], 2, 4) == [[]]

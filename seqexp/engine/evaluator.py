@@ -34,10 +34,9 @@ from seqexp.engine.metrics import RankCounts
 from seqexp.engine.ranks import (
     RowTable,
     check_finite,
-    count_ranks_steps,
+    count_ranks,
     count_sparse_ranks,
     count_table_ranks,
-    in_lockstep,
 )
 from seqexp.models import cpu_kernels
 from seqexp.models.base import Recommender
@@ -63,14 +62,12 @@ DENSE_WIDTH_RATIO = 64
 MIN_BLOCK_POINTS = 64
 # ... except where the CPU counts in tiles: a catalogue above EVAL_BLOCK_ELEMENTS /
 # MIN_BLOCK_POINTS items (LastFM-1K) is scored TILE_POINTS points x TILE_ITEMS items at a
-# time on each core: 1 MB of float32 (within a core's L2), counted right after its product
-# while it is in the cache, not after a 114 MB block has left it; points are grouped by their
-# target's tile (_dense_counts). docs/benchmarks.md compares tile shapes.
+# time on each core: 1 MB of float32 (2 MB with count_ranks's differences: a core's L2),
+# counted right after its product while it is in the cache, not after a 114 MB block has left
+# it; points are grouped by their target's tile (_dense_counts). docs/benchmarks.md compares
+# tile shapes.
 TILE_POINTS = 128
 TILE_ITEMS = 2048
-# Blocks of points a core scores against each item tile in turn, so that the tile's weights
-# (800 KB at hidden 100) are read from memory once for all of them (docs/benchmarks.md).
-LOCKSTEP_BLOCKS = 4
 
 
 def _for_device(table: dict[str, int], device: torch.device) -> int:
@@ -206,8 +203,7 @@ class Evaluator:
         # B x N must fit: split the prediction points if needed, then the items.
         device = batch.targets.device
         dense_points, chunk = self.block_shape(device, n_items, batch.n_targets)
-        tiles = self.cpu_tiles(device, n_items)
-        workers = torch.get_num_threads() if tiles else 1
+        workers = torch.get_num_threads() if self.cpu_tiles(device, n_items) else 1
         # sparse: a first step, then steps of about SPARSE_ENTRIES entries; dense: the rest
         points = batch.n_targets if shared is None else SPARSE_POINTS
         g_parts, e_parts = [], []
@@ -226,8 +222,7 @@ class Evaluator:
                     shared, points = None, batch.n_targets
             else:
                 g, e = _dense_counts(model, sub_state, batch.targets[part], n_items,
-                                     (dense_points, chunk), sub_excluded, workers,
-                                     LOCKSTEP_BLOCKS if tiles else 1)
+                                     (dense_points, chunk), sub_excluded, workers)
                 start += points
             g_parts.append(g)
             e_parts.append(e)
@@ -322,13 +317,11 @@ class Evaluator:
 
 def _dense_counts(model: Recommender, state, targets: torch.Tensor, n_items: int,
                   shape: tuple[int, int],
-                  excluded: tuple[torch.Tensor, torch.Tensor] | None = None, workers: int = 1,
-                  lockstep: int = 1):
+                  excluded: tuple[torch.Tensor, torch.Tensor] | None = None, workers: int = 1):
     """count_ranks over blocks of `shape` = (points, items) of model.score_items, on `workers`
     threads (see on_each_core). When a row is split into item tiles, the points are taken in
     the order of their target's tile, so that a block's targets lie in a tile or two and
-    count_ranks's first pass (the targets' scores) scores those alone, not a tile per point;
-    and up to `lockstep` blocks on a thread score each tile in turn (in_lockstep)."""
+    count_ranks's first pass (the targets' scores) scores those alone, not a tile per point."""
     points, chunk = shape
     n_points = len(targets)
     order = None
@@ -344,29 +337,16 @@ def _dense_counts(model: Recommender, state, targets: torch.Tensor, n_items: int
                _block_pairs(excluded, start, start + points))
               for start in range(0, n_points, points)]
 
-    def steps(rows, pairs):
+    def count(block) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, pairs = block
         sub_state = _take_state(state, rows)
-        return count_ranks_steps(lambda lo, hi: model.score_items(sub_state, lo, hi),
-                                 targets[rows], n_items, chunk, pairs)
-    # a group's blocks score each item tile in turn (its weights read once for all of them)
-    groups = _even_groups(blocks, workers, lockstep if chunk < n_items else 1)
-    counted = on_each_core(lambda group: in_lockstep([steps(*block) for block in group]),
-                           groups, workers)
+        return count_ranks(lambda lo, hi: model.score_items(sub_state, lo, hi), targets[rows],
+                           n_items, chunk, pairs)
     greater = torch.empty(n_points, dtype=torch.int32, device=targets.device)
     equal = torch.empty_like(greater)
-    for (rows, _), (g, e) in zip(blocks, (c for group in counted for c in group), strict=True):
+    for (rows, _), (g, e) in zip(blocks, on_each_core(count, blocks, workers), strict=True):
         greater[rows], equal[rows] = g, e
     return greater, equal
-
-
-def _even_groups(blocks: list, workers: int, size: int) -> list[list]:
-    """`blocks` in order, in groups of at most `size`, as many groups as a multiple of
-    `workers` allows, their sizes differing by one at most (every worker gets as many
-    blocks)."""
-    n_groups = max(1, workers * -(-len(blocks) // (workers * max(size, 1))))
-    n_groups = min(n_groups, len(blocks)) or 1
-    edges = [len(blocks) * g // n_groups for g in range(n_groups + 1)]
-    return [blocks[lo:hi] for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
 
 
 def on_each_core(count: Callable, blocks: list, workers: int) -> list:

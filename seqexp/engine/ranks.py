@@ -7,8 +7,8 @@ few binary searches in its row instead of a pass over its entries."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -22,35 +22,7 @@ def count_ranks(
     score_block: Callable[[int, int], torch.Tensor], targets: torch.Tensor, n_items: int,
     chunk: int, excluded: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greater/equal counts for one batch of prediction points (count_ranks_steps, run
-    through)."""
-    return in_lockstep([count_ranks_steps(score_block, targets, n_items, chunk, excluded)])[0]
-
-
-def in_lockstep(steps: list[Generator[None, None, Any]]) -> list[Any]:
-    """The return values of `steps`, run taking turns, one step of each at a time: blocks of
-    count_ranks_steps that score each chunk of items one after the other, while its weights
-    are in the cache."""
-    results: list[Any] = [None] * len(steps)
-    running = list(enumerate(steps))
-    while running:
-        still = []
-        for index, step in running:
-            try:
-                next(step)
-                still.append((index, step))
-            except StopIteration as stop:
-                results[index] = stop.value
-        running = still
-    return results
-
-
-def count_ranks_steps(
-    score_block: Callable[[int, int], torch.Tensor], targets: torch.Tensor, n_items: int,
-    chunk: int, excluded: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> Generator[None, None, tuple[torch.Tensor, torch.Tensor]]:
-    """Greater/equal counts for one batch of prediction points, scoring items `chunk` at a time
-    (a generator that pauses before each chunk of its second pass, see in_lockstep).
+    """Greater/equal counts for one batch of prediction points, scoring items `chunk` at a time.
 
     When the catalogue fits one chunk it is scored once; otherwise a first pass collects the
     target scores from the chunks that hold targets (kept, within KEPT_SCORES, for the second
@@ -78,7 +50,6 @@ def count_ranks_steps(
     differences = None if compiled else target_scores.new_empty(
         n_points, min(chunk, n_items, SIGN_COLUMNS))
     for index, (lo, hi) in enumerate(bounds):
-        yield
         scores = kept.pop(index) if index in kept else score_block(lo, hi)
         if compiled:
             if _tile_counts(scores.detach().numpy(), target_scores.view(-1).numpy(),
