@@ -19,6 +19,7 @@ validation events:
 - total: the evaluator's rank counting (Evaluator.rank_counts), ranks compared across settings;
 - replay: the model's prediction states (the history replay), batch by batch as the evaluator
   makes them (Evaluator.prediction_states: on one thread where it counts in CPU tiles);
+  replay_all_threads: the same replay on torch's threads (model.prediction_states);
 - product: the score blocks' products alone (model.score_items), in the evaluator's blocks and
   on its threads (one block per core where it counts in CPU tiles);
 - counting: the rest (total - replay - product).
@@ -82,7 +83,7 @@ def time_phases(model, data: SequenceData, evaluator: Evaluator) -> dict:
     counts = evaluator.rank_counts(model, data, "val")
     total = time.perf_counter() - started
     del model.score_items  # the class's own again
-    replay = product = 0.0
+    replay = product = replay_all_threads = 0.0
     shapes = set()
     cpu = torch.device("cpu")
     workers = torch.get_num_threads() if evaluator.cpu_tiles(cpu, data.n_items) else 1
@@ -91,6 +92,9 @@ def time_phases(model, data: SequenceData, evaluator: Evaluator) -> dict:
             started = time.perf_counter()
             states = evaluator.prediction_states(model, batch, data.n_items)
             replay += time.perf_counter() - started
+            started = time.perf_counter()
+            model.prediction_states(batch)  # the same replay on torch's threads, for comparison
+            replay_all_threads += time.perf_counter() - started
             points, chunk = evaluator.block_shape(cpu, data.n_items, batch.n_targets)
             blocks = [states[first:first + points]
                       for first in range(0, batch.n_targets, points)]
@@ -104,7 +108,7 @@ def time_phases(model, data: SequenceData, evaluator: Evaluator) -> dict:
     extra = sum(scored) / (len(counts) * data.n_items) - 1
     return {"counts": counts, "total_s": total, "replay_s": replay, "product_s": product,
             "counting_s": total - replay - product, "block_shapes": sorted(shapes),
-            "extra_scored": extra}
+            "extra_scored": extra, "replay_all_threads_s": replay_all_threads}
 
 
 def gemm_gflops(points: int, hidden: int, items: int) -> float:
@@ -176,7 +180,8 @@ def main() -> None:
               f"{gemm_block:.1f}, 64 x all items: {gemm_64:.1f} GFLOP/s); total "
               f"{row['total_s']:.2f} s = replay {row['replay_s']:.2f} + product "
               f"{row['product_s']:.2f} + counting {row['counting_s']:.2f} (first-pass "
-              f"products: {row['extra_scored']:.1%} more scores); ranks equal: "
+              f"products: {row['extra_scored']:.1%} more scores; the replay on torch's "
+              f"threads: {row['replay_all_threads_s']:.2f} s); ranks equal: "
               f"{row['ranks_equal_first_setting']}", flush=True)
     results["_meta"] = {"torch": torch.__version__, "threads": torch.get_num_threads(),
                         "processor": platform.processor() or platform.machine()}

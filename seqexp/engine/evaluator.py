@@ -62,10 +62,9 @@ DENSE_WIDTH_RATIO = 64
 MIN_BLOCK_POINTS = 64
 # ... except where the CPU counts in tiles: a catalogue above EVAL_BLOCK_ELEMENTS /
 # MIN_BLOCK_POINTS items (LastFM-1K) is scored TILE_POINTS points x TILE_ITEMS items at a
-# time on each core: 1 MB of float32 (2 MB with count_ranks's differences: a core's L2),
-# counted right after its product while it is in the cache, not after a 114 MB block has left
-# it; points are grouped by their target's tile (_dense_counts). docs/benchmarks.md compares
-# tile shapes.
+# time on each core: 1 MB of float32 (within a core's L2), counted right after its product
+# while it is in the cache, not after a 114 MB block has left it; points are grouped by their
+# target's tile (_dense_counts). docs/benchmarks.md compares tile shapes.
 TILE_POINTS = 128
 TILE_ITEMS = 2048
 
@@ -135,9 +134,8 @@ class Evaluator:
     def prediction_states(self, model: Recommender, batch: PredictionBatch, n_items: int):
         """model.prediction_states(batch), on one intra-op thread where the CPU counts in
         tiles (one block per core): a replay's steps are small ops, and on a loaded machine a
-        two-thread op waits at its barrier for a descheduled partner (the replay alone took
-        8-12 s on two threads against 0.6-0.9 s on one at load 5, docs/benchmarks.md). The
-        same products, split over fewer threads."""
+        two-thread op waits at its barrier for a descheduled partner (as in on_each_core;
+        docs/benchmarks.md). The same products, split over fewer threads."""
         if not self.cpu_tiles(batch.targets.device, n_items):
             return model.prediction_states(batch)
         threads = torch.get_num_threads()
