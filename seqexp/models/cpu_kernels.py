@@ -27,7 +27,7 @@ KERNELS = {
     "sparse_negatives": "repeated sampled negatives merged into one column each, accidental hits "
                         "found by sorting",
     "sparse_entries": "a point's sparse score entries (expdecay_knn's) summed and counted in "
-                      "compiled code (numba), one point at a time",
+                      "compiled code (numba), each point on one of the cores",
 }
 REPLAY_STEPS = 8
 EVAL_BLOCK_ELEMENTS = 3_000_000
