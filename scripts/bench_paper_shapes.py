@@ -2,7 +2,8 @@
 
 Usage: python scripts/bench_paper_shapes.py --data DIR --out bench.json [--shapes ml10m lastfm]
            [--models pop itemknn ...] [--phase-cap-s 240] [--epochs 1] [--rnn-hidden 100]
-           [--logits-budget-gb 1] [--device cpu]
+           [--logits-budget-gb 1] [--device cpu] [--code CHECKOUT] [--label before]
+       python scripts/bench_paper_shapes.py --markdown bench.json [after.json]
 
 DIR holds the files of scripts/make_paper_shapes.py (DIR/ml10m/ratings.dat,
 DIR/lastfm/userid-timestamp-artid-artname-traid-traname.tsv). Per shape it times
@@ -31,8 +32,22 @@ hidden size), H the hidden size, N the items and S the items the loss scores (N 
 full_softmax, n_negatives + 1 for sampled_softmax). The measured (or extrapolated) time of the
 phase is scaled by the FLOP ratio, which assumes the same FLOP rate at both sizes.
 
+`--code CHECKOUT` measures another checkout of seqexp (e.g. the code before a change) on the
+same files: the children put it first on PYTHONPATH, import its `seqexp` (and exit if they got
+another one) and compose its conf/. Where that code lacks what this script uses, the script
+falls back, keyed on what the imported code has, never on its version:
+- no `seqexp.data.sequences.validation_sample` (code that validates every event): validation
+  counts all the validation events; the row's note says so, and the cap cuts and extrapolates
+  it like any phase;
+- an `-o key=value` whose key this checkout's config has and the code's lacks (a key newer
+  than the code, e.g. eval.val_max_scores) is left out for it and listed in the report.
+A closed-form fit that has no stop check inside is killed at the limit above, as here.
+`--label` names the run in the JSON and the Markdown.
+
 Prints a table and writes JSON; `--markdown FILE.json` prints a written report as the table of
-docs/benchmarks.md. A benchmark, not a test: it exits 0 unless a child failed.
+docs/benchmarks.md, `--markdown BEFORE.json AFTER.json` one table of both: per (shape, model,
+phase) row, each run's wall time, events/s, peak RSS and note, and the ratio of the events/s.
+A benchmark, not a test: it exits 0 unless a child failed.
 """
 
 from __future__ import annotations
@@ -370,21 +385,30 @@ def table1_estimate(rows: list[dict], info: dict) -> dict | None:
 
 def report_rows(report: dict) -> list[tuple[str, str, dict]]:
     """(shape, model, row) of every row a report's table shows: the load rows (model "(data)"),
-    each model's phases, its failure and its extrapolation to Table 1's hidden size."""
+    each model's phases, the overrides left out, its failure and its extrapolation to Table 1's
+    hidden size."""
     entries = []
     for shape, result in report["shapes"].items():
         entries += [(shape, "(data)", row) for row in result["load"]]
         for model, entry in result["models"].items():
-            entries += [(shape, model, row) for row in entry["phases"]]
-            if entry.get("error"):
-                entries.append((shape, model, {"phase": "-",
-                                               "status": f"failed: {entry['error']}"}))
-            estimate = (entry.get("table1_extrapolation") or {}).get("full_phase_s_at_table1")
-            if estimate:
-                entries.append((shape, model, {"phase": "at hidden 1000 (est.)",
-                                               "status": "; ".join(
-                    f"{phase} ~{seconds:,.0f} s" for phase, seconds in estimate.items())}))
+            entries += [(shape, model, row) for row in entry["phases"] + summary_rows(entry)]
     return entries
+
+
+def summary_rows(entry: dict) -> list[dict]:
+    """A model's rows after its phases, as the table shows them (their text in "status")."""
+    rows = []
+    if entry.get("overrides_left_out"):
+        left_out = ", ".join(entry["overrides_left_out"])
+        rows.append({"phase": "(config)",
+                     "status": f"left out: {left_out} (not in this code's config)"})
+    if entry.get("error"):
+        rows.append({"phase": "-", "status": f"failed: {entry['error']}"})
+    estimate = (entry.get("table1_extrapolation") or {}).get("full_phase_s_at_table1")
+    if estimate:
+        rows.append({"phase": "at hidden 1000 (est.)", "status": "; ".join(
+            f"{phase} ~{seconds:,.0f} s" for phase, seconds in estimate.items())})
+    return rows
 
 
 def row_note(row: dict) -> str:
@@ -523,10 +547,14 @@ def run_shape(shape: str, args: argparse.Namespace, report: dict) -> bool:
                 "overrides": list(args.override)}
         if model_is_table1_rnn(shape, args.data, model, args.code):
             spec["overrides"].append(f"model.hidden_size={args.rnn_hidden}")
+        spec["overrides"], left_out = code_overrides(spec, args.data, args.code)
+        if left_out:
+            print(f"  {model}: left out (keys this code's config lacks): {left_out}", flush=True)
         kill = None if args.phase_cap_s is None else 3 * args.phase_cap_s + 120
         rows, info, error = run_child(spec, kill)
         failed |= error is not None
-        entry = {"phases": rows, **info, **({"error": error} if error else {})}
+        entry = {"phases": rows, **info, **({"error": error} if error else {}),
+                 **({"overrides_left_out": left_out} if left_out else {})}
         estimate = table1_estimate(rows, info)
         if estimate:
             entry["table1_extrapolation"] = estimate
@@ -540,6 +568,27 @@ def run_shape(shape: str, args: argparse.Namespace, report: dict) -> bool:
 def model_is_table1_rnn(shape: str, data: Path, model: str, code: Path) -> bool:
     """Whether the model's config is one of Table 1's RNNs (model.hidden_size and .window)."""
     return is_table1_rnn(compose(shape, data, model, [], code).model)
+def code_overrides(spec: dict, data: Path, code: Path) -> tuple[list[str], list[str]]:
+    """The run's overrides that the code's config takes, and those left out: `key=value` where
+    this checkout's config has the key and the code's has not (a key newer than the code, such
+    as `eval.val_max_scores` when measuring older code). Another unknown key stays, and fails
+    as in seqexp."""
+    if code == ROOT:
+        return spec["overrides"], []
+    from omegaconf import OmegaConf
+
+    absent = object()
+    theirs, ours = (compose(spec["shape"], data, spec["model"], [], where)
+                    for where in (code, ROOT))
+    kept, left_out = [], []
+    for override in spec["overrides"]:
+        key = override.split("=", 1)[0]
+        newer = ("=" in override and OmegaConf.select(theirs, key, default=absent) is absent
+                 and OmegaConf.select(ours, key, default=absent) is not absent)
+        (left_out if newer else kept).append(override)
+    return kept, left_out
+
+
 def is_table1_rnn(model_cfg) -> bool:
     return "window" in model_cfg and "hidden_size" in model_cfg
 

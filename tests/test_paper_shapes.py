@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -111,3 +112,67 @@ def test_bench_paper_shapes_runs_models_end_to_end(tmp_path: Path, shapes) -> No
     assert mf == ["load (cache)", "fit", "epoch 1 train", "epoch 1 validation", "test"]
     assert all(row["status"] == "done" for row in result["models"]["mf"]["phases"])
     assert "| ml10m | mf | epoch 1 train |" in bench.markdown(json.loads(out.read_text()))
+
+
+@pytest.mark.slow
+def test_bench_paper_shapes_measures_another_checkout(tmp_path: Path, shapes, capsys) -> None:
+    """--code: the children import seqexp and compose conf/ from another checkout (here a copy of
+    this one whose split keeps 30 % of each user's events for test, not 20 %): the same phases,
+    the copy's counts, the copy's package; --markdown with two reports puts each (model, phase)
+    row's figures side by side."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_paper_shapes", SCRIPT.parent / "bench_paper_shapes.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    root, code = SCRIPT.parents[1], tmp_path / "code"
+    shutil.copytree(root / "seqexp", code / "seqexp",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(root / "conf", code / "conf")
+    split = code / "conf" / "split" / "user_tail.yaml"
+    split.write_text(split.read_text().replace("test_frac: 0.2", "test_frac: 0.3"))
+    (tmp_path / "ml10m").mkdir()
+    shapes.write_ml10m(tmp_path / "ml10m" / shapes.ML10M_FILE, lines=3_000, users=60, items=30,
+                       seed=0)
+    common = ["--data", str(tmp_path), "--shapes", "ml10m", "--models", "pop", "mf",
+              "-o", "train.batch_size=256"]
+    before, after = tmp_path / "before.json", tmp_path / "after.json"
+    assert bench.main([*common, "--code", str(code), "--label", "old", "--out", str(before)]) == 0
+    assert bench.main([*common, "--out", str(after)]) == 0
+    reports = [json.loads(path.read_text()) for path in (before, after)]
+    assert [report["label"] for report in reports] == ["old", None]
+    assert [report["code"] for report in reports] == [str(code.resolve()), str(root)]
+    results = [report["shapes"]["ml10m"] for report in reports]
+    for result, where in zip(results, (code, root), strict=True):
+        raw = result["load"][0]
+        for model in ("pop", "mf"):
+            entry = result["models"][model]
+            assert entry["seqexp"] == str(where.resolve() / "seqexp")
+            assert entry["phases"][-1]["events"] == raw["test_events"]
+    tests = [result["load"][0]["test_events"] for result in results]
+    assert tests[0] > tests[1] > 0  # the copy's split, not this checkout's
+    for model in ("pop", "mf"):
+        assert ([row["phase"] for row in results[0]["models"][model]["phases"]]
+                == [row["phase"] for row in results[1]["models"][model]["phases"]])
+
+    capsys.readouterr()
+    assert bench.main(["--markdown", str(before), str(after)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| shape | model | phase | old wall s | old events/s |")
+    assert "| after wall s | after events/s | after peak RSS MB | after note |" in table[0]
+    lines = {tuple(cell.strip() for cell in line.strip("|").split("|")[:3]): line
+             for line in table[2:]}
+    for model in ("pop", "mf"):
+        for row in results[0]["models"][model]["phases"]:
+            key = ("ml10m", model, row["phase"])
+            cells = [cell.strip() for cell in lines[key].strip("|").split("|")]
+            sides = [next(r for r in result["models"][model]["phases"]
+                          if r["phase"] == row["phase"]) for result in results]
+            assert cells[3] == f"{sides[0]['seconds']:,.1f}"
+            assert cells[5] == f"{sides[0]['peak_rss_mb']:,.0f}"
+            assert cells[7] == f"{sides[1]['seconds']:,.1f}"
+            assert cells[9] == f"{sides[1]['peak_rss_mb']:,.0f}"
+            rates = [side["events_per_s"] for side in sides]
+            timed = all(side["seconds"] >= 0.05 and side["events_per_s"] for side in sides)
+            assert cells[11] == (f"{rates[1] / rates[0]:,.2f}x" if timed else "")
+    assert len(lines) == sum(len(r["load"]) + sum(len(e["phases"]) for e in r["models"].values())
+                             for r in results[:1])
