@@ -1,6 +1,7 @@
 """scripts/make_paper_shapes.py at a tiny size: its files are parsed by the real readers, with the
 counts it was asked for (lines, users, malformed lines of each kind) and the shape it promises
-(newest-first rows, sessions, odd names)."""
+(newest-first rows, sessions, odd names); scripts/bench_paper_shapes.py on them, on this checkout
+and on another one (--code)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+import helpers
 from seqexp.data.lastfm import read_lastfm
 from seqexp.data.movielens import read_movielens
 
@@ -115,15 +118,12 @@ def test_bench_paper_shapes_runs_models_end_to_end(tmp_path: Path, shapes) -> No
 
 
 @pytest.mark.slow
-def test_bench_paper_shapes_measures_another_checkout(tmp_path: Path, shapes, capsys) -> None:
+def test_bench_paper_shapes_measures_another_checkout(tmp_path: Path, shapes, bench,
+                                                     capsys) -> None:
     """--code: the children import seqexp and compose conf/ from another checkout (here a copy of
     this one whose split keeps 30 % of each user's events for test, not 20 %): the same phases,
     the copy's counts, the copy's package; --markdown with two reports puts each (model, phase)
     row's figures side by side."""
-    spec = importlib.util.spec_from_file_location(
-        "bench_paper_shapes", SCRIPT.parent / "bench_paper_shapes.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     root, code = SCRIPT.parents[1], tmp_path / "code"
     shutil.copytree(root / "seqexp", code / "seqexp",
                     ignore=shutil.ignore_patterns("__pycache__"))
@@ -176,3 +176,45 @@ def test_bench_paper_shapes_measures_another_checkout(tmp_path: Path, shapes, ca
             assert cells[11] == (f"{rates[1] / rates[0]:,.2f}x" if timed else "")
     assert len(lines) == sum(len(r["load"]) + sum(len(e["phases"]) for e in r["models"].values())
                              for r in results[:1])
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location(
+        "bench_paper_shapes", SCRIPT.parent / "bench_paper_shapes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_validates_every_event_with_code_that_has_no_sample(bench, monkeypatch) -> None:
+    """Code without `validation_sample` ranks every validation event: the benchmark counts them
+    all and says so; with it, the sample's."""
+    import seqexp.data.sequences
+    from seqexp.engine.evaluator import phase_targets
+
+    data = helpers.sequences([[0, 1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6], [2, 3, 4, 5, 6, 0]],
+                             n_items=7, n_val=[2, 2, 2])
+    evaluator = SimpleNamespace(val_max_scores=2 * 7, seed=0)  # one user's 2 targets x 7 items
+    sample, note = bench.validated_events(data, evaluator)
+    assert note is None and phase_targets(sample, "val") == 2
+    monkeypatch.delattr(seqexp.data.sequences, "validation_sample")
+    whole, note = bench.validated_events(data, evaluator)
+    assert whole is data and phase_targets(whole, "val") == 6
+    assert note == "every validation event (this code has no validation sample)"
+
+
+def test_bench_leaves_out_keys_newer_than_the_code(bench, tmp_path: Path) -> None:
+    """An override whose key only this checkout's config has is left out for older code; an
+    unknown key (a typo) stays, to fail as in seqexp; this checkout keeps every override."""
+    code = tmp_path / "code"
+    shutil.copytree(SCRIPT.parents[1] / "conf", code / "conf")
+    evaluation = code / "conf" / "eval" / "default.yaml"
+    kept = [line for line in evaluation.read_text().splitlines()
+            if not line.startswith("val_max_scores:")]
+    evaluation.write_text("\n".join(kept) + "\n")
+    overrides = ["eval.val_max_scores=5", "eval.no_such_key=1", "train.epochs=2"]
+    spec = {"shape": "ml10m", "model": "pop", "overrides": overrides}
+    assert bench.code_overrides(spec, tmp_path, code) == (
+        ["eval.no_such_key=1", "train.epochs=2"], ["eval.val_max_scores=5"])
+    assert bench.code_overrides(spec, tmp_path, bench.ROOT) == (overrides, [])
