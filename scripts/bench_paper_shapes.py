@@ -517,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--code {args.code}: no seqexp/__init__.py and conf/config.yaml there "
                      "(give a checkout of seqexp)")
     report = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "label": args.label,
-              "code": str(args.code),
+              "code": str(args.code), "code_commit": code_commit(args.code),
               "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                           "python": platform.python_version()},
               "phase_cap_s": args.phase_cap_s, "shapes": {}}
@@ -527,6 +527,18 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 1 if failed else 0
+
+
+def code_commit(code: Path) -> str | None:
+    """The commit checked out at `code`, "+ changes" when its files differ from it (None: `code`
+    is not the top of a git checkout)."""
+    def git(*args: str) -> str | None:
+        done = subprocess.run(["git", "-C", str(code), *args], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    if git("rev-parse", "--show-toplevel") != str(code):
+        return None
+    return f"{git('rev-parse', 'HEAD')}{' + changes' if git('status', '--porcelain') else ''}"
 
 
 def run_shape(shape: str, args: argparse.Namespace, report: dict) -> bool:

@@ -32,6 +32,15 @@ def shapes():
     sys.modules.pop(spec.name, None)
 
 
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location(
+        "bench_paper_shapes", SCRIPT.parent / "bench_paper_shapes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_lastfm_shape_parses_with_its_counts(tmp_path: Path, shapes) -> None:
     shape = shapes.LastfmShape(lines=2_000, users=5, max_per_user=1_200, tracks=400,
                                artists=30, bad_every=100)
@@ -91,12 +100,8 @@ def test_ml10m_shape_parses_with_its_counts(tmp_path: Path, shapes, monkeypatch)
 
 
 @pytest.mark.slow
-def test_bench_paper_shapes_runs_models_end_to_end(tmp_path: Path, shapes) -> None:
+def test_bench_paper_shapes_runs_models_end_to_end(tmp_path: Path, shapes, bench) -> None:
     """The benchmark on a tiny ML-10M shape: its rows count the events the data has."""
-    spec = importlib.util.spec_from_file_location(
-        "bench_paper_shapes", SCRIPT.parent / "bench_paper_shapes.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     (tmp_path / "ml10m").mkdir()
     shapes.write_ml10m(tmp_path / "ml10m" / shapes.ML10M_FILE, lines=3_000, users=60, items=30,
                        seed=0)
@@ -176,15 +181,6 @@ def test_bench_paper_shapes_measures_another_checkout(tmp_path: Path, shapes, be
             assert cells[11] == (f"{rates[1] / rates[0]:,.2f}x" if timed else "")
     assert len(lines) == sum(len(r["load"]) + sum(len(e["phases"]) for e in r["models"].values())
                              for r in results[:1])
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench_paper_shapes", SCRIPT.parent / "bench_paper_shapes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_bench_validates_every_event_with_code_that_has_no_sample(bench, monkeypatch) -> None:
