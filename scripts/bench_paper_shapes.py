@@ -2,7 +2,8 @@
 
 Usage: python scripts/bench_paper_shapes.py --data DIR --out bench.json [--shapes ml10m lastfm]
            [--models pop itemknn ...] [--phase-cap-s 240] [--epochs 1] [--rnn-hidden 100]
-           [--logits-budget-gb 1] [--device cpu]
+           [--logits-budget-gb 1] [--device cpu] [--code CHECKOUT] [--label before]
+       python scripts/bench_paper_shapes.py --markdown bench.json [after.json]
 
 DIR holds the files of scripts/make_paper_shapes.py (DIR/ml10m/ratings.dat,
 DIR/lastfm/userid-timestamp-artid-artname-traid-traname.tsv). Per shape it times
@@ -31,8 +32,22 @@ hidden size), H the hidden size, N the items and S the items the loss scores (N 
 full_softmax, n_negatives + 1 for sampled_softmax). The measured (or extrapolated) time of the
 phase is scaled by the FLOP ratio, which assumes the same FLOP rate at both sizes.
 
+`--code CHECKOUT` measures another checkout of seqexp (e.g. the code before a change) on the
+same files: the children put it first on PYTHONPATH, import its `seqexp` (and exit if they got
+another one) and compose its conf/. Where that code lacks what this script uses, the script
+falls back, keyed on what the imported code has, never on its version:
+- no `seqexp.data.sequences.validation_sample` (code that validates every event): validation
+  counts all the validation events; the row's note says so, and the cap cuts and extrapolates
+  it like any phase;
+- an `-o key=value` whose key this checkout's config has and the code's lacks (a key newer
+  than the code, e.g. eval.val_max_scores) is left out for it and listed in the report.
+A closed-form fit that has no stop check inside is killed at the limit above, as here.
+`--label` names the run in the JSON and the Markdown.
+
 Prints a table and writes JSON; `--markdown FILE.json` prints a written report as the table of
-docs/benchmarks.md. A benchmark, not a test: it exits 0 unless a child failed.
+docs/benchmarks.md, `--markdown BEFORE.json AFTER.json` one table of both: per (shape, model,
+phase) row, each run's wall time, events/s, peak RSS and note, and the ratio of the events/s.
+A benchmark, not a test: it exits 0 unless a child failed.
 """
 
 from __future__ import annotations
@@ -56,8 +71,9 @@ MODELS = ["pop", "itemknn", "expdecay_knn", "mf", "seqmf", "gru", "linear_ugru",
 TABLE1 = {"hidden_size": 1000, "batch_size": 1000, "window": 20}
 
 
-def compose(shape: str, data: Path, model: str, extra: list[str]):
-    """The run's config as `seqexp model=<model> dataset=<shape> ...` composes it."""
+def compose(shape: str, data: Path, model: str, extra: list[str], code: Path = ROOT):
+    """The run's config as `seqexp model=<model> dataset=<shape> ...` composes it from
+    `code`/conf."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -65,7 +81,7 @@ def compose(shape: str, data: Path, model: str, extra: list[str]):
                  f"dataset.path={data / shape / FILES[shape]}",
                  f"paths.data_dir={data / shape / 'bench_cache'}",
                  "train.progress=false", *extra]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(code / "conf"), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=overrides)
 
 
@@ -169,16 +185,34 @@ def count_prediction_events(model, phases: Phases) -> None:
     model.prediction_states = counted
 
 
-def run_model(spec: dict) -> None:
-    """One model through load (cache), fit, epochs (train + validation) and test."""
-    import numpy as np
+def imported_code(spec: dict) -> str:
+    """The folder this child imported `seqexp` from; exits if it is not the `--code` checkout."""
+    import seqexp
+
+    package = Path(seqexp.__file__).resolve().parent
+    if package.parent != Path(spec["code"]).resolve():
+        sys.exit(f"bench_paper_shapes: error: seqexp imported from {package}, not from "
+                 f"{spec['code']}: is it installed so that it wins over PYTHONPATH?")
+    return str(package)
+
+
+def validated_events(data, evaluator) -> tuple[object, str | None]:
+    """The events validation ranks, and a note where they are not what the code in use ranks:
+    code without `validation_sample` validates every event."""
+    from seqexp.data import sequences
+
+    if hasattr(sequences, "validation_sample"):
+        return sequences.validation_sample(data, evaluator.val_max_scores, evaluator.seed), None
+    return data, "every validation event (this code has no validation sample)"
+
+
+def build_run(spec: dict, phases: Phases):
+    """The config, the data (the phase "load (cache)" timed) and the model, evaluator and
+    trainer of one model's run, hooked to `phases`."""
     import torch
 
-    from seqexp.core.stopping import EvaluationStopped
     from seqexp.data.loading import load_dataset
-    from seqexp.data.sequences import validation_sample
-    from seqexp.engine.evaluator import phase_targets
-    from seqexp.engine.trainer import ProgressLog, TrainingCallback, training_pairs
+    from seqexp.engine.trainer import ProgressLog, TrainingCallback
     from seqexp.run.experiment import (
         build_evaluator,
         build_model,
@@ -187,10 +221,10 @@ def run_model(spec: dict) -> None:
         seed_everything,
     )
 
-    cfg = compose(spec["shape"], Path(spec["data"]), spec["model"], spec["overrides"])
+    cfg = compose(spec["shape"], Path(spec["data"]), spec["model"], spec["overrides"],
+                  Path(spec["code"]))
     seed_everything(cfg.seed)
     configure_torch(cfg.train)
-    phases = Phases(spec["cap_s"])
     phases.start("load (cache)")
     data = load_dataset(cfg.dataset, cfg.split, Path(cfg.paths.raw_dir),
                         Path(cfg.paths.cache_dir), progress=False)
@@ -214,28 +248,41 @@ def run_model(spec: dict) -> None:
 
     trainer = build_trainer(cfg, evaluator, callbacks=[Cut()])
     trainer.progress = Counted(False, cfg.train.epochs)
+    return cfg, data, model, evaluator, trainer
+
+
+def run_model(spec: dict) -> None:
+    """One model through load (cache), fit, epochs (train + validation) and test."""
+    import numpy as np
+
+    from seqexp.core.stopping import EvaluationStopped
+    from seqexp.engine.evaluator import phase_targets
+    from seqexp.engine.trainer import training_pairs
+
+    phases = Phases(spec["cap_s"])
+    info = {"seqexp": imported_code(spec)}
+    cfg, data, model, evaluator, trainer = build_run(spec, phases)
     phases.start("fit")
     model.fit(data)
     phases.end(data.stats["train_events"])
-    info = {"batch_size": int(cfg.train.batch_size)}
+    info["batch_size"] = int(cfg.train.batch_size)
     if is_table1_rnn(cfg.model):
         info["flop_per_event"] = {h: table1_flop(cfg.model, data, h)
                                   for h in (int(cfg.model.hidden_size), TABLE1["hidden_size"])}
     print(json.dumps({"info": info}), flush=True)
 
-    def evaluate(phase: str, name: str) -> bool:
-        ranked = (validation_sample(data, evaluator.val_max_scores, evaluator.seed)
-                  if phase == "val" else data)  # the events the evaluator ranks
+    def evaluate(phase: str, name: str) -> None:
+        ranked, note = validated_events(data, evaluator) if phase == "val" else (data, None)
+        extra = {"note": note} if note else {}
         phases.start(name, phase_targets(ranked, phase))
         try:
             counts = evaluator.rank_counts(model, data, phase, phases.stop_check)
         except EvaluationStopped:
-            phases.end(phase_targets(ranked, phase), cut=True)
-            return False
+            phases.end(phase_targets(ranked, phase), cut=True, **extra)
+            return
         metrics = counts.metrics(evaluator.cutoffs)
         phases.end(len(counts.greater), mrr_at_20=metrics.get("mrr_at_20"),
-                   recall_at_20=metrics.get("recall_at_20"))
-        return True
+                   recall_at_20=metrics.get("recall_at_20"), **extra)
 
     if model.trainable:
         optimizer, rng = trainer.make_optimizer(model), np.random.default_rng(cfg.seed)
@@ -257,7 +304,8 @@ def load_twice(spec: dict) -> None:
     twice, so that the second child reads the cache the first wrote."""
     from seqexp.data.loading import load_dataset
 
-    cfg = compose(spec["shape"], Path(spec["data"]), "pop", [])
+    imported_code(spec)
+    cfg = compose(spec["shape"], Path(spec["data"]), "pop", [], Path(spec["code"]))
     phases = Phases(None)
     phases.start(spec["phase"])
     data = load_dataset(cfg.dataset, cfg.split, Path(cfg.paths.raw_dir),
@@ -271,7 +319,7 @@ def load_twice(spec: dict) -> None:
 def run_child(spec: dict, kill_after_s: float | None) -> tuple[list[dict], dict, str | None]:
     """Run one child; its phase rows, its info line and an error (None: it finished)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        filter(None, [spec["code"], os.environ.get("PYTHONPATH")]))}  # its seqexp comes first
     child = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     rows, info, started, phase = [], {}, time.monotonic(), None
@@ -335,37 +383,91 @@ def table1_estimate(rows: list[dict], info: dict) -> dict | None:
     return {"flop_per_event": flop, "full_phase_s_at_table1": estimate}
 
 
+def report_rows(report: dict) -> list[tuple[str, str, dict]]:
+    """(shape, model, row) of every row a report's table shows: the load rows (model "(data)"),
+    each model's phases, the overrides left out, its failure and its extrapolation to Table 1's
+    hidden size."""
+    entries = []
+    for shape, result in report["shapes"].items():
+        entries += [(shape, "(data)", row) for row in result["load"]]
+        for model, entry in result["models"].items():
+            entries += [(shape, model, row) for row in entry["phases"] + summary_rows(entry)]
+    return entries
+
+
+def summary_rows(entry: dict) -> list[dict]:
+    """A model's rows after its phases, as the table shows them (their text in "status")."""
+    rows = []
+    if entry.get("overrides_left_out"):
+        left_out = ", ".join(entry["overrides_left_out"])
+        rows.append({"phase": "(config)",
+                     "status": f"left out: {left_out} (not in this code's config)"})
+    if entry.get("error"):
+        rows.append({"phase": "-", "status": f"failed: {entry['error']}"})
+    estimate = (entry.get("table1_extrapolation") or {}).get("full_phase_s_at_table1")
+    if estimate:
+        rows.append({"phase": "at hidden 1000 (est.)", "status": "; ".join(
+            f"{phase} ~{seconds:,.0f} s" for phase, seconds in estimate.items())})
+    return rows
+
+
+def row_note(row: dict) -> str:
+    """A row's status (unless done), its extrapolated full time and its note."""
+    note = row["status"] if row["status"] != "done" else ""
+    if "full_s_est" in row:
+        note += f"; full phase ~{row['full_s_est']:,.0f} s (extrapolated)"
+    if row.get("note"):
+        note += f"; {row['note']}"
+    return note.removeprefix("; ")
+
+
+def row_numbers(row: dict, keys: tuple[str, ...]) -> list[str]:
+    """A row's figures as the table shows them ("" where it has none)."""
+    shown = {**row, "events_per_s": row.get("events_per_s") if (
+        row.get("seconds") or 0) >= 0.05 else None}  # no rate of a near-empty phase
+    return [format(shown[key], ",.1f" if key == "seconds" else ",.0f")
+            if shown.get(key) is not None else "" for key in keys]
+
+
 def markdown(report: dict) -> str:
     """The report as the Markdown table of docs/benchmarks.md: one row per model and phase."""
-    lines = ["| shape | model | phase | wall s | events | events/s | peak RSS MB | note |",
+    title = [f"*{report['label']}*", ""] if report.get("label") else []
+    lines = [*title, "| shape | model | phase | wall s | events | events/s | peak RSS MB | note |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
-    for shape, result in report["shapes"].items():
-        entries = [("(data)", row) for row in result["load"]]
-        for model, entry in result["models"].items():
-            entries += [(model, row) for row in entry["phases"]]
-            if entry.get("error"):
-                entries.append((model, {"phase": "-", "status": f"failed: {entry['error']}"}))
-            estimate = (entry.get("table1_extrapolation") or {}).get("full_phase_s_at_table1")
-            if estimate:
-                entries.append((model, {"phase": "at hidden 1000 (est.)", "status": "; ".join(
-                    f"{phase} ~{seconds:,.0f} s" for phase, seconds in estimate.items())}))
-        for model, row in entries:
-            note = row["status"] if row["status"] != "done" else ""
-            if "full_s_est" in row:
-                note += f"; full phase ~{row['full_s_est']:,.0f} s (extrapolated)"
-            if row.get("note"):
-                note += f"; {row['note']}"
-            shown = {**row, "events_per_s": row.get("events_per_s") if (
-                row.get("seconds") or 0) >= 0.05 else None}  # no rate of a near-empty phase
-            numbers = " | ".join(
-                format(shown[key], ",.1f" if key == "seconds" else ",.0f")
-                if shown.get(key) is not None else ""
-                for key in ("seconds", "events", "events_per_s", "peak_rss_mb"))
-            lines.append(f"| {shape} | {model} | {row['phase']} | {numbers} | {note} |")
+    for shape, model, row in report_rows(report):
+        numbers = " | ".join(row_numbers(row, ("seconds", "events", "events_per_s",
+                                                "peak_rss_mb")))
+        lines.append(f"| {shape} | {model} | {row['phase']} | {numbers} | {row_note(row)} |")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def compare_markdown(before: dict, after: dict) -> str:
+    """Two reports as one table: per (shape, model, phase) row, the wall time, events/s, peak RSS
+    and note of each, and after's events/s over before's. Rows are matched by shape, model and
+    phase; a row only one report has leaves the other's columns empty."""
+    names = [report.get("label") or default for report, default in
+             ((before, "before"), (after, "after"))]
+    keys = ("seconds", "events_per_s", "peak_rss_mb")
+    group = ("wall s", "events/s", "peak RSS MB", "note")
+    header = [f"{name} {column}" for name in names for column in group]
+    lines = [f"| shape | model | phase | {' | '.join(header)} | events/s ratio |",
+             "| --- | --- | --- | " + "---: | ---: | ---: | --- | " * 2 + "---: |"]
+    sides = [{(shape, model, row["phase"]): row for shape, model, row in report_rows(report)}
+             for report in (before, after)]
+    order = list(dict.fromkeys([*sides[0], *sides[1]]))
+    for key in order:
+        cells = []
+        for side in sides:
+            row = side.get(key)
+            cells += [*row_numbers(row, keys), row_note(row)] if row else ["", "", "", ""]
+        rates = [side.get(key, {}).get("events_per_s") for side in sides]
+        ratio = f"{rates[1] / rates[0]:,.2f}x" if all(rates) and all(
+            side[key].get("seconds", 0) >= 0.05 for side in sides) else ""
+        lines.append(f"| {' | '.join(key)} | {' | '.join(cells)} | {ratio} |")
+    return "\n".join(lines)
+
+
+def arguments(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, help="the folder make_paper_shapes.py wrote")
     parser.add_argument("--out", type=Path, default=Path("bench_paper_shapes.json"))
@@ -381,12 +483,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the existing bench cache and skip the two load rows")
     parser.add_argument("-o", "--override", nargs="*", default=[],
                         help="extra config overrides for every model (key=value)")
-    parser.add_argument("--markdown", type=Path, metavar="JSON",
-                        help="print the Markdown table of a written report and exit")
+    parser.add_argument("--code", type=Path, default=ROOT, metavar="DIR",
+                        help="the checkout whose seqexp and conf/ are measured (default: this one)")
+    parser.add_argument("--label", help="a name for this run, stored in the JSON (e.g. before)")
+    parser.add_argument("--markdown", type=Path, nargs="+", metavar="JSON",
+                        help="print the Markdown table of a written report, or of two (before, "
+                             "after) side by side, and exit")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser, parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, args = arguments(argv)
     if args.markdown:
-        print(markdown(json.loads(args.markdown.read_text())))
+        if len(args.markdown) > 2:
+            parser.error("--markdown takes one report, or two to compare (before, after)")
+        reports = [json.loads(path.read_text()) for path in args.markdown]
+        print(markdown(*reports) if len(reports) == 1 else compare_markdown(*reports))
         return 0
     if args.child:
         spec = json.loads(args.child)
@@ -399,47 +512,93 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         parser.error(f"missing {', '.join(missing)}: run scripts/make_paper_shapes.py "
                      f"{args.data} first")
-    report = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    args.code = args.code.resolve()
+    if not all((args.code / part).is_file() for part in ("seqexp/__init__.py", "conf/config.yaml")):
+        parser.error(f"--code {args.code}: no seqexp/__init__.py and conf/config.yaml there "
+                     "(give a checkout of seqexp)")
+    report = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "label": args.label,
+              "code": str(args.code), "code_commit": code_commit(args.code),
               "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                           "python": platform.python_version()},
               "phase_cap_s": args.phase_cap_s, "shapes": {}}
     failed = False
     for shape in args.shapes:
-        print(f"{shape}:", flush=True)
-        result = report["shapes"][shape] = {"load": [], "models": {}}
-        base = {"shape": shape, "data": str(args.data.resolve())}
-        if not args.skip_load:
-            shutil.rmtree(args.data / shape / "bench_cache", ignore_errors=True)
-            for phase in ("load (raw)", "load (cache)"):
-                rows, _, error = run_child({**base, "phase": phase}, None)
-                result["load"] += rows
-                failed |= error is not None
-        for model in args.models:
-            spec = {**base, "model": model, "cap_s": args.phase_cap_s, "epochs": args.epochs,
-                    "device": args.device, "logits_budget_gb": args.logits_budget_gb,
-                    "overrides": list(args.override)}
-            rnn = f"model.hidden_size={args.rnn_hidden}"
-            if model_is_table1_rnn(shape, args.data, model):
-                spec["overrides"].append(rnn)
-            kill = None if args.phase_cap_s is None else 3 * args.phase_cap_s + 120
-            rows, info, error = run_child(spec, kill)
-            failed |= error is not None
-            entry = {"phases": rows, **info, **({"error": error} if error else {})}
-            estimate = table1_estimate(rows, info)
-            if estimate:
-                entry["table1_extrapolation"] = estimate
-                print(f"  {model}: at Table 1's hidden 1000 (FLOP ratio, est.): "
-                      f"{estimate['full_phase_s_at_table1']}", flush=True)
-            result["models"][model] = entry
-            args.out.write_text(json.dumps(report, indent=1) + "\n")  # a partial run shows
+        failed |= run_shape(shape, args, report)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 1 if failed else 0
 
 
-def model_is_table1_rnn(shape: str, data: Path, model: str) -> bool:
+def code_commit(code: Path) -> str | None:
+    """The commit checked out at `code`, "+ changes" when its files differ from it (None: `code`
+    is not the top of a git checkout)."""
+    def git(*args: str) -> str | None:
+        done = subprocess.run(["git", "-C", str(code), *args], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    if git("rev-parse", "--show-toplevel") != str(code):
+        return None
+    return f"{git('rev-parse', 'HEAD')}{' + changes' if git('status', '--porcelain') else ''}"
+
+
+def run_shape(shape: str, args: argparse.Namespace, report: dict) -> bool:
+    """The load rows and every model on one shape, into `report`; whether a child failed."""
+    print(f"{shape}:", flush=True)
+    result = report["shapes"][shape] = {"load": [], "models": {}}
+    base = {"shape": shape, "data": str(args.data.resolve()), "code": str(args.code)}
+    failed = False
+    if not args.skip_load:
+        shutil.rmtree(args.data / shape / "bench_cache", ignore_errors=True)
+        for phase in ("load (raw)", "load (cache)"):
+            rows, _, error = run_child({**base, "phase": phase}, None)
+            result["load"] += rows
+            failed |= error is not None
+    for model in args.models:
+        spec = {**base, "model": model, "cap_s": args.phase_cap_s, "epochs": args.epochs,
+                "device": args.device, "logits_budget_gb": args.logits_budget_gb,
+                "overrides": list(args.override)}
+        if model_is_table1_rnn(shape, args.data, model, args.code):
+            spec["overrides"].append(f"model.hidden_size={args.rnn_hidden}")
+        spec["overrides"], left_out = code_overrides(spec, args.data, args.code)
+        if left_out:
+            print(f"  {model}: left out (keys this code's config lacks): {left_out}", flush=True)
+        kill = None if args.phase_cap_s is None else 3 * args.phase_cap_s + 120
+        rows, info, error = run_child(spec, kill)
+        failed |= error is not None
+        entry = {"phases": rows, **info, **({"error": error} if error else {}),
+                 **({"overrides_left_out": left_out} if left_out else {})}
+        estimate = table1_estimate(rows, info)
+        if estimate:
+            entry["table1_extrapolation"] = estimate
+            print(f"  {model}: at Table 1's hidden 1000 (FLOP ratio, est.): "
+                  f"{estimate['full_phase_s_at_table1']}", flush=True)
+        result["models"][model] = entry
+        args.out.write_text(json.dumps(report, indent=1) + "\n")  # a partial run shows
+    return failed
+
+
+def model_is_table1_rnn(shape: str, data: Path, model: str, code: Path) -> bool:
     """Whether the model's config is one of Table 1's RNNs (model.hidden_size and .window)."""
-    return is_table1_rnn(compose(shape, data, model, []).model)
+    return is_table1_rnn(compose(shape, data, model, [], code).model)
+def code_overrides(spec: dict, data: Path, code: Path) -> tuple[list[str], list[str]]:
+    """The run's overrides that the code's config takes, and those left out: `key=value` where
+    this checkout's config has the key and the code's has not (a key newer than the code, such
+    as `eval.val_max_scores` when measuring older code). Another unknown key stays, and fails
+    as in seqexp."""
+    if code == ROOT:
+        return spec["overrides"], []
+    from omegaconf import OmegaConf
+
+    absent = object()
+    theirs, ours = (compose(spec["shape"], data, spec["model"], [], where)
+                    for where in (code, ROOT))
+    kept, left_out = [], []
+    for override in spec["overrides"]:
+        key = override.split("=", 1)[0]
+        newer = ("=" in override and OmegaConf.select(theirs, key, default=absent) is absent
+                 and OmegaConf.select(ours, key, default=absent) is not absent)
+        (left_out if newer else kept).append(override)
+    return kept, left_out
 
 
 def is_table1_rnn(model_cfg) -> bool:

@@ -1,17 +1,21 @@
 """scripts/make_paper_shapes.py at a tiny size: its files are parsed by the real readers, with the
 counts it was asked for (lines, users, malformed lines of each kind) and the shape it promises
-(newest-first rows, sessions, odd names)."""
+(newest-first rows, sessions, odd names); scripts/bench_paper_shapes.py on them, on this checkout
+and on another one (--code)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+import helpers
 from seqexp.data.lastfm import read_lastfm
 from seqexp.data.movielens import read_movielens
 
@@ -26,6 +30,15 @@ def shapes():
     spec.loader.exec_module(module)
     yield module
     sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location(
+        "bench_paper_shapes", SCRIPT.parent / "bench_paper_shapes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_lastfm_shape_parses_with_its_counts(tmp_path: Path, shapes) -> None:
@@ -87,12 +100,8 @@ def test_ml10m_shape_parses_with_its_counts(tmp_path: Path, shapes, monkeypatch)
 
 
 @pytest.mark.slow
-def test_bench_paper_shapes_runs_models_end_to_end(tmp_path: Path, shapes) -> None:
+def test_bench_paper_shapes_runs_models_end_to_end(tmp_path: Path, shapes, bench) -> None:
     """The benchmark on a tiny ML-10M shape: its rows count the events the data has."""
-    spec = importlib.util.spec_from_file_location(
-        "bench_paper_shapes", SCRIPT.parent / "bench_paper_shapes.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     (tmp_path / "ml10m").mkdir()
     shapes.write_ml10m(tmp_path / "ml10m" / shapes.ML10M_FILE, lines=3_000, users=60, items=30,
                        seed=0)
@@ -111,3 +120,97 @@ def test_bench_paper_shapes_runs_models_end_to_end(tmp_path: Path, shapes) -> No
     assert mf == ["load (cache)", "fit", "epoch 1 train", "epoch 1 validation", "test"]
     assert all(row["status"] == "done" for row in result["models"]["mf"]["phases"])
     assert "| ml10m | mf | epoch 1 train |" in bench.markdown(json.loads(out.read_text()))
+
+
+@pytest.mark.slow
+def test_bench_paper_shapes_measures_another_checkout(tmp_path: Path, shapes, bench,
+                                                     capsys) -> None:
+    """--code: the children import seqexp and compose conf/ from another checkout (here a copy of
+    this one whose split keeps 30 % of each user's events for test, not 20 %): the same phases,
+    the copy's counts, the copy's package; --markdown with two reports puts each (model, phase)
+    row's figures side by side."""
+    root, code = SCRIPT.parents[1], tmp_path / "code"
+    shutil.copytree(root / "seqexp", code / "seqexp",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(root / "conf", code / "conf")
+    split = code / "conf" / "split" / "user_tail.yaml"
+    split.write_text(split.read_text().replace("test_frac: 0.2", "test_frac: 0.3"))
+    (tmp_path / "ml10m").mkdir()
+    shapes.write_ml10m(tmp_path / "ml10m" / shapes.ML10M_FILE, lines=3_000, users=60, items=30,
+                       seed=0)
+    common = ["--data", str(tmp_path), "--shapes", "ml10m", "--models", "pop", "mf",
+              "-o", "train.batch_size=256"]
+    before, after = tmp_path / "before.json", tmp_path / "after.json"
+    assert bench.main([*common, "--code", str(code), "--label", "old", "--out", str(before)]) == 0
+    assert bench.main([*common, "--out", str(after)]) == 0
+    reports = [json.loads(path.read_text()) for path in (before, after)]
+    assert [report["label"] for report in reports] == ["old", None]
+    assert [report["code"] for report in reports] == [str(code.resolve()), str(root)]
+    results = [report["shapes"]["ml10m"] for report in reports]
+    for result, where in zip(results, (code, root), strict=True):
+        raw = result["load"][0]
+        for model in ("pop", "mf"):
+            entry = result["models"][model]
+            assert entry["seqexp"] == str(where.resolve() / "seqexp")
+            assert entry["phases"][-1]["events"] == raw["test_events"]
+    tests = [result["load"][0]["test_events"] for result in results]
+    assert tests[0] > tests[1] > 0  # the copy's split, not this checkout's
+    for model in ("pop", "mf"):
+        assert ([row["phase"] for row in results[0]["models"][model]["phases"]]
+                == [row["phase"] for row in results[1]["models"][model]["phases"]])
+
+    capsys.readouterr()
+    assert bench.main(["--markdown", str(before), str(after)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| shape | model | phase | old wall s | old events/s |")
+    assert "| after wall s | after events/s | after peak RSS MB | after note |" in table[0]
+    lines = {tuple(cell.strip() for cell in line.strip("|").split("|")[:3]): line
+             for line in table[2:]}
+    for model in ("pop", "mf"):
+        for row in results[0]["models"][model]["phases"]:
+            key = ("ml10m", model, row["phase"])
+            cells = [cell.strip() for cell in lines[key].strip("|").split("|")]
+            sides = [next(r for r in result["models"][model]["phases"]
+                          if r["phase"] == row["phase"]) for result in results]
+            assert cells[3] == f"{sides[0]['seconds']:,.1f}"
+            assert cells[5] == f"{sides[0]['peak_rss_mb']:,.0f}"
+            assert cells[7] == f"{sides[1]['seconds']:,.1f}"
+            assert cells[9] == f"{sides[1]['peak_rss_mb']:,.0f}"
+            rates = [side["events_per_s"] for side in sides]
+            timed = all(side["seconds"] >= 0.05 and side["events_per_s"] for side in sides)
+            assert cells[11] == (f"{rates[1] / rates[0]:,.2f}x" if timed else "")
+    assert len(lines) == sum(len(r["load"]) + sum(len(e["phases"]) for e in r["models"].values())
+                             for r in results[:1])
+
+
+def test_bench_validates_every_event_with_code_that_has_no_sample(bench, monkeypatch) -> None:
+    """Code without `validation_sample` ranks every validation event: the benchmark counts them
+    all and says so; with it, the sample's."""
+    import seqexp.data.sequences
+    from seqexp.engine.evaluator import phase_targets
+
+    data = helpers.sequences([[0, 1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6], [2, 3, 4, 5, 6, 0]],
+                             n_items=7, n_val=[2, 2, 2])
+    evaluator = SimpleNamespace(val_max_scores=2 * 7, seed=0)  # one user's 2 targets x 7 items
+    sample, note = bench.validated_events(data, evaluator)
+    assert note is None and phase_targets(sample, "val") == 2
+    monkeypatch.delattr(seqexp.data.sequences, "validation_sample")
+    whole, note = bench.validated_events(data, evaluator)
+    assert whole is data and phase_targets(whole, "val") == 6
+    assert note == "every validation event (this code has no validation sample)"
+
+
+def test_bench_leaves_out_keys_newer_than_the_code(bench, tmp_path: Path) -> None:
+    """An override whose key only this checkout's config has is left out for older code; an
+    unknown key (a typo) stays, to fail as in seqexp; this checkout keeps every override."""
+    code = tmp_path / "code"
+    shutil.copytree(SCRIPT.parents[1] / "conf", code / "conf")
+    evaluation = code / "conf" / "eval" / "default.yaml"
+    kept = [line for line in evaluation.read_text().splitlines()
+            if not line.startswith("val_max_scores:")]
+    evaluation.write_text("\n".join(kept) + "\n")
+    overrides = ["eval.val_max_scores=5", "eval.no_such_key=1", "train.epochs=2"]
+    spec = {"shape": "ml10m", "model": "pop", "overrides": overrides}
+    assert bench.code_overrides(spec, tmp_path, code) == (
+        ["eval.no_such_key=1", "train.epochs=2"], ["eval.val_max_scores=5"])
+    assert bench.code_overrides(spec, tmp_path, bench.ROOT) == (overrides, [])

@@ -27,7 +27,7 @@ KERNELS = {
     "sparse_negatives": "repeated sampled negatives merged into one column each, accidental hits "
                         "found by sorting",
     "sparse_entries": "a point's sparse score entries (expdecay_knn's) summed and counted in "
-                      "compiled code (numba), one point at a time",
+                      "compiled code (numba), each point on one of the cores",
     "dense_counts": "a dense score block's items above and level with each target, and its NaN "
                     "check, counted in one compiled pass (numba), not six whole-tensor passes",
 }
