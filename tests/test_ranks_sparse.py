@@ -17,7 +17,13 @@ from seqexp.core.stopping import TrainingStopped
 from seqexp.data.batching import prediction_batches
 from seqexp.engine import evaluator as evaluator_module
 from seqexp.engine import ranks as ranks_module
-from seqexp.engine.ranks import count_ranks, count_sparse_ranks, count_table_ranks, prepare_table
+from seqexp.engine.ranks import (
+    RowTable,
+    count_ranks,
+    count_sparse_ranks,
+    count_table_ranks,
+    prepare_table,
+)
 from seqexp.engine.trainer import Trainer
 from seqexp.models import cpu_kernels
 from seqexp.models import knn as knn_module
@@ -209,6 +215,18 @@ def test_an_item_knn_evaluation_prepares_the_rows_its_points_name_once(monkeypat
     assert table.size == len(named)
     assert set(np.flatnonzero(table.slots.numpy() >= 0).tolist()) == named
     assert sorted(table.slots[sorted(named)].tolist()) == list(range(len(named)))
+
+
+def test_a_table_whose_rows_change_width_is_refused():
+    def entries(width):
+        return lambda points: (torch.full((len(points), width), -1),
+                               torch.zeros(len(points), width))
+    table = RowTable(torch.zeros(6), 6)
+    table.prepared(torch.tensor([0, 1]), entries(3))
+    table.prepared(torch.tensor([2]), entries(3))  # the same width: prepared
+    assert table.size == 3
+    with pytest.raises(ValueError, match="one width"):
+        table.prepared(torch.tensor([4]), entries(2))
 
 
 def _batches(data):

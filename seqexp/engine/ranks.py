@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from seqexp.core.errors import SeqexpError
-from seqexp.models import cpu_kernels
+from seqexp.models import cpu_kernels, knn_kernels
 
 
 def count_ranks(
@@ -155,8 +155,7 @@ def count_sparse_ranks(
     if cpu_kernels.active("sparse_entries", ids.device) and ids.shape[1]:
         target_score = shared[targets]
         moved = torch.zeros(2, n_points, dtype=torch.int32)
-        numba.set_num_threads(max(1, min(torch.get_num_threads(),
-                                         numba.config.NUMBA_NUM_THREADS)))
+        numba.set_num_threads(knn_kernels.thread_count(torch.get_num_threads()))
         if _entry_moves(shared.numpy(), own.numpy(), ids.numpy(), targets.numpy(),
                         target_score.numpy(), moved.numpy()):
             check_finite(torch.where(ids >= 0, own, 0.0))
@@ -320,7 +319,7 @@ class RowTable:
         self.shared = shared
         self.slots = torch.full((n_rows,), -1, dtype=torch.int64, device=shared.device)
         self.storage: SparseTable | None = None
-        self.size = 0
+        self.width = self.size = 0
 
     def prepared(self, rows: torch.Tensor,
                  entries: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -334,8 +333,9 @@ class RowTable:
             first = torch.full_like(new, len(rows)).scatter_reduce_(0, inverse, missing, "amin")
             ids, scores = entries(first)
             if self.storage is None:
-                self.storage = empty_table(len(self.slots), ids.shape[1], self.shared)
-            if ids.shape[1] > len(self.storage.ids[0]):
+                self.width = ids.shape[1]
+                self.storage = empty_table(len(self.slots), self.width, self.shared)
+            if ids.shape[1] != self.width:
                 raise ValueError("a table's sparse_scores must keep one width for every row")
             stop = self.size + len(new)
             prepare_table(self.shared, ids, scores,
