@@ -119,7 +119,8 @@ def history_entries(anchors: np.ndarray, weights: np.ndarray, neighbours: np.nda
     as they were). Thread t (of T = len(slots)) takes every T-th point: a point's sums depend
     on its own row only, so they are the same for any T. An item's sum is kept in its entry
     of the point's output row, found through the thread's row of `slots` (the catalogue's
-    width: -1, or the item's entry; all -1 on entry and on return)."""
+    width: -1, or the item's entry; all -1 on entry and on return; int16 where a row's
+    entries fit)."""
     threads, n_points = slots.shape[0], anchors.shape[0]
     named = np.zeros(n_points, dtype=np.int64)
     for thread in numba.prange(threads):
