@@ -3,6 +3,7 @@
 Usage: python scripts/bench_paper_shapes.py --data DIR --out bench.json [--shapes ml10m lastfm]
            [--models pop itemknn ...] [--phase-cap-s 240] [--epochs 1] [--rnn-hidden 100]
            [--logits-budget-gb 1] [--device cpu] [--code CHECKOUT] [--label before]
+           [--fit-limit-s 1500]
        python scripts/bench_paper_shapes.py --markdown bench.json [after.json]
 
 DIR holds the files of scripts/make_paper_shapes.py (DIR/ml10m/ratings.dat,
@@ -18,8 +19,9 @@ seconds, events, events/s and the process's peak RSS during the phase (sampled e
 `--phase-cap-s` cuts a phase that runs longer: training and evaluation stop after the batch
 that crosses the cap, and the row says `cut`, with events/s over the part done and the full
 phase's time extrapolated from it (`full_s_est`, an estimate). A closed-form fit cannot be cut
-inside: its child is killed at 3 x the cap + 120 s, and the row says `killed` (no
-extrapolation), and the model's later phases are not run.
+inside: its child is killed at 3 x the cap + 120 s (or at `--fit-limit-s`, for a fit known
+to take longer than a cut phase), and the row says `killed` (no extrapolation), and the
+model's later phases are not run.
 
 Models configured with the Table 1 RNN group (their config has `model.hidden_size` and
 `model.window`) run at `--rnn-hidden` units; their batch is lowered, where needed, until one
@@ -316,6 +318,14 @@ def load_twice(spec: dict) -> None:
 
 
 # ---------------------------------------------------------------------------- the parent process
+def kill_limit(args: argparse.Namespace) -> float | None:
+    """Seconds after which a phase still running is killed: --fit-limit-s, else 3 x the cap +
+    120 s (a cut phase ends soon after the cap; a closed-form fit cannot be cut); None: never."""
+    if args.fit_limit_s:
+        return args.fit_limit_s
+    return None if args.phase_cap_s is None else 3 * args.phase_cap_s + 120
+
+
 def run_child(spec: dict, kill_after_s: float | None) -> tuple[list[dict], dict, str | None]:
     """Run one child; its phase rows, its info line and an error (None: it finished)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -475,6 +485,10 @@ def arguments(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--phase-cap-s", type=float, default=None,
                         help="cut a phase after this many seconds and extrapolate it")
+    parser.add_argument("--fit-limit-s", type=float, default=None,
+                        help="kill a phase still running after this many seconds (a "
+                             "closed-form fit, which the cap cannot cut; default: 3 x the "
+                             "cap + 120 s)")
     parser.add_argument("--epochs", type=int, default=1, help="epochs of the trained models")
     parser.add_argument("--rnn-hidden", type=int, default=100)
     parser.add_argument("--logits-budget-gb", type=float, default=1.0)
@@ -562,8 +576,7 @@ def run_shape(shape: str, args: argparse.Namespace, report: dict) -> bool:
         spec["overrides"], left_out = code_overrides(spec, args.data, args.code)
         if left_out:
             print(f"  {model}: left out (keys this code's config lacks): {left_out}", flush=True)
-        kill = None if args.phase_cap_s is None else 3 * args.phase_cap_s + 120
-        rows, info, error = run_child(spec, kill)
+        rows, info, error = run_child(spec, kill_limit(args))
         failed |= error is not None
         entry = {"phases": rows, **info, **({"error": error} if error else {}),
                  **({"overrides_left_out": left_out} if left_out else {})}

@@ -183,6 +183,15 @@ def test_bench_paper_shapes_measures_another_checkout(tmp_path: Path, shapes, be
                              for r in results[:1])
 
 
+def test_bench_kills_a_phase_at_the_fit_limit_or_three_caps(bench) -> None:
+    """A phase still running is killed at --fit-limit-s when given, else at 3 x the cap + 120 s;
+    without a cap, never."""
+    assert bench.kill_limit(bench.arguments(["--phase-cap-s", "30"])[1]) == 210
+    limited = ["--phase-cap-s", "30", "--fit-limit-s", "1500"]
+    assert bench.kill_limit(bench.arguments(limited)[1]) == 1500
+    assert bench.kill_limit(bench.arguments([])[1]) is None
+
+
 def test_bench_validates_every_event_with_code_that_has_no_sample(bench, monkeypatch) -> None:
     """Code without `validation_sample` ranks every validation event: the benchmark counts them
     all and says so; with it, the sample's."""
