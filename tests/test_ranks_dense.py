@@ -131,3 +131,32 @@ def test_the_kernel_counts_each_chunk_once_where_it_acts(monkeypatch, kernel, dt
     greater, equal = count_ranks(_block(SCORES.to(dtype)), TARGETS, 7, 3)
     assert (greater.tolist(), equal.tolist()) == ([2, 4, 0], [3, 2, 2])
     assert widths == ([3, 3, 1] if compiled else [])
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["dense_counts", "sign_sums"])
+def test_blocks_counted_chunk_by_chunk_score_each_chunk_for_every_block_in_turn(
+        monkeypatch, kernel):
+    """count_block_ranks: the first passes score the chunks holding targets (kept), then each
+    later chunk is scored for block 0, then block 1 (its item rows read once for both); the
+    counts are count_ranks's block by block, exclusions included."""
+    switch_cpu_kernel(monkeypatch, "dense_counts", kernel)
+    calls = []
+
+    def scorer(block: int, scores: torch.Tensor):
+        def score(lo: int, hi: int) -> torch.Tensor:
+            calls.append((block, lo))
+            return scores[:, lo:hi].clone()
+        return score
+    second = SCORES.flip(1)
+    targets = [torch.tensor([0, 1, 2]), torch.tensor([2, 0, 1])]  # all in chunk 0 (0..2)
+    excluded = [EXCLUDED, None]
+    got = ranks.count_block_ranks([scorer(0, SCORES), scorer(1, second)], targets, 7, 3,
+                                  excluded)
+    assert calls == [(0, 0), (1, 0), (0, 3), (1, 3), (0, 6), (1, 6)]
+    for (greater, equal), scores, points, pairs in zip(got, (SCORES, second), targets,
+                                                       excluded, strict=True):
+        alone = count_ranks(_block(scores), points, 7, 3, pairs)
+        assert [greater.tolist(), equal.tolist()] == [t.tolist() for t in alone]
+    # by hand: point 0 (target 0.5) has 0.9 and 0.7 above, 0.9 excluded; point 1 (target
+    # -inf) has 1, 2, 0 and 3 above, 1 excluded; point 2's target is +inf
+    assert got[0][0].tolist() == [1, 3, 0]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,7 @@ from seqexp.engine.metrics import RankCounts
 from seqexp.engine.ranks import (
     RowTable,
     check_finite,
-    count_ranks,
+    count_block_ranks,
     count_sparse_ranks,
     count_table_ranks,
 )
@@ -67,6 +68,10 @@ MIN_BLOCK_POINTS = 64
 # target's tile (_dense_counts). docs/benchmarks.md compares tile shapes.
 TILE_POINTS = 128
 TILE_ITEMS = 2048
+# Tiles of TILE_GROUP blocks of points scored one item tile after the other: the tile's item
+# rows (800 KB at hidden 100) are read from memory once for the group, then from the core's
+# cache (docs/benchmarks.md).
+TILE_GROUP = 8
 
 
 def _for_device(table: dict[str, int], device: torch.device) -> int:
@@ -201,7 +206,8 @@ class Evaluator:
         # B x N must fit: split the prediction points if needed, then the items.
         device = batch.targets.device
         dense_points, chunk = self.block_shape(device, n_items, batch.n_targets)
-        workers = torch.get_num_threads() if self.cpu_tiles(device, n_items) else 1
+        tiles = self.cpu_tiles(device, n_items)
+        workers, group = (torch.get_num_threads(), TILE_GROUP) if tiles else (1, 1)
         # sparse: a first step, then steps of about SPARSE_ENTRIES entries; dense: the rest
         points = batch.n_targets if shared is None else SPARSE_POINTS
         g_parts, e_parts = [], []
@@ -220,7 +226,7 @@ class Evaluator:
                     shared, points = None, batch.n_targets
             else:
                 g, e = _dense_counts(model, sub_state, batch.targets[part], n_items,
-                                     (dense_points, chunk), sub_excluded, workers)
+                                     (dense_points, chunk), sub_excluded, workers, group)
                 start += points
             g_parts.append(g)
             e_parts.append(e)
@@ -315,11 +321,13 @@ class Evaluator:
 
 def _dense_counts(model: Recommender, state, targets: torch.Tensor, n_items: int,
                   shape: tuple[int, int],
-                  excluded: tuple[torch.Tensor, torch.Tensor] | None = None, workers: int = 1):
+                  excluded: tuple[torch.Tensor, torch.Tensor] | None = None, workers: int = 1,
+                  group: int = 1):
     """count_ranks over blocks of `shape` = (points, items) of model.score_items, on `workers`
-    threads (see on_each_core). When a row is split into item tiles, the points are taken in
-    the order of their target's tile, so that a block's targets lie in a tile or two and
-    count_ranks's first pass (the targets' scores) scores those alone, not a tile per point."""
+    threads (see on_each_core), `group` blocks at a time chunk by chunk (count_block_ranks).
+    When a row is split into item tiles, the points are taken in the order of their target's
+    tile, so that a block's targets lie in a tile or two and count_ranks's first pass (the
+    targets' scores) scores those alone, not a tile per point."""
     points, chunk = shape
     n_points = len(targets)
     order = None
@@ -334,16 +342,21 @@ def _dense_counts(model: Recommender, state, targets: torch.Tensor, n_items: int
     blocks = [(slice(start, start + points) if order is None else order[start:start + points],
                _block_pairs(excluded, start, start + points))
               for start in range(0, n_points, points)]
+    # groups of blocks counted chunk by chunk (count_block_ranks), as many as the workers
+    group = max(1, min(group, -(-len(blocks) // max(workers, 1))))
+    groups = [blocks[start:start + group] for start in range(0, len(blocks), group)]
 
-    def count(block) -> tuple[torch.Tensor, torch.Tensor]:
-        rows, pairs = block
-        sub_state = _take_state(state, rows)
-        return count_ranks(lambda lo, hi: model.score_items(sub_state, lo, hi), targets[rows],
-                           n_items, chunk, pairs)
+    def count(blocks_of_group: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        scorers = [partial(model.score_items, _take_state(state, rows))
+                   for rows, _ in blocks_of_group]
+        return count_block_ranks(scorers, [targets[rows] for rows, _ in blocks_of_group],
+                                 n_items, chunk, [pairs for _, pairs in blocks_of_group])
     greater = torch.empty(n_points, dtype=torch.int32, device=targets.device)
     equal = torch.empty_like(greater)
-    for (rows, _), (g, e) in zip(blocks, on_each_core(count, blocks, workers), strict=True):
-        greater[rows], equal[rows] = g, e
+    for blocks_of_group, counts in zip(groups, on_each_core(count, groups, workers),
+                                       strict=True):
+        for (rows, _), (g, e) in zip(blocks_of_group, counts, strict=True):
+            greater[rows], equal[rows] = g, e
     return greater, equal
 
 

@@ -33,36 +33,75 @@ def count_ranks(
     On a CPU (the `dense_counts` kernel) float32 and float64 chunks are counted in one
     compiled pass (_tile_counts); otherwise, and for other dtypes, by sums of signs.
     """
-    n_points = len(targets)
-    if n_points == 0:
-        empty = torch.zeros(0, dtype=torch.int32, device=targets.device)
-        return empty, empty.clone()
+    return count_block_ranks([score_block], [targets], n_items, chunk, [excluded])[0]
+
+
+def count_block_ranks(
+    score_blocks: list[Callable[[int, int], torch.Tensor]], targets: list[torch.Tensor],
+    n_items: int, chunk: int, excluded: list[tuple[torch.Tensor, torch.Tensor] | None],
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """count_ranks of several blocks of points (block b: its scores `score_blocks[b]`, its
+    `targets[b]` and `excluded[b]`), their second passes taken chunk by chunk: each item
+    chunk is scored and counted for every block in turn, so that on a CPU the chunk's item
+    rows come from memory for the first block and from the core's cache for the others (the
+    item matrix is read once per group of blocks, not once per block). The same products and
+    counts as count_ranks block by block; the blocks share KEPT_SCORES."""
     bounds = [(lo, min(lo + chunk, n_items)) for lo in range(0, n_items, chunk)]
-    kept, target_scores = _target_scores(score_block, targets, bounds, chunk)
-    compiled = (cpu_kernels.active("dense_counts", targets.device)
-                and target_scores.dtype in (torch.float32, torch.float64))
-    greater = torch.zeros(n_points, dtype=torch.int32, device=targets.device)
-    equal = torch.full((n_points,), -1, dtype=torch.int32, device=targets.device)  # − target
-    # Row sums of sign(s − t) over all tiles: exact integers, in float64 across tiles.
-    net = torch.zeros(n_points, dtype=torch.float64, device=targets.device)
-    moved = torch.zeros_like(net)
-    # One buffer for the differences of every tile, not a new [P, chunk] tensor per tile.
-    differences = None if compiled else target_scores.new_empty(
-        n_points, min(chunk, n_items, SIGN_COLUMNS))
+    room = KEPT_SCORES // max(1, len(score_blocks))
+    blocks = [_BlockCounts(score, points, bounds, chunk, pairs, room) for score, points, pairs
+              in zip(score_blocks, targets, excluded, strict=True)]
     for index, (lo, hi) in enumerate(bounds):
-        scores = kept.pop(index) if index in kept else score_block(lo, hi)
-        if compiled:
-            if _tile_counts(scores.detach().numpy(), target_scores.view(-1).numpy(),
-                            greater.numpy(), equal.numpy()):
+        for block in blocks:
+            block.count(index, lo, hi)
+    return [block.totals(n_items) for block in blocks]
+
+
+class _BlockCounts:
+    """One block's counts in count_ranks, made one item chunk at a time."""
+
+    def __init__(self, score_block: Callable[[int, int], torch.Tensor], targets: torch.Tensor,
+                 bounds: list[tuple[int, int]], chunk: int,
+                 excluded: tuple[torch.Tensor, torch.Tensor] | None, room: int) -> None:
+        n_points, device = len(targets), targets.device
+        self.score_block, self.excluded = score_block, excluded
+        self.greater = torch.zeros(n_points, dtype=torch.int32, device=device)
+        self.equal = torch.full((n_points,), -1, dtype=torch.int32, device=device)  # − target
+        self.kept: dict[int, torch.Tensor] = {}
+        if n_points == 0:
+            return
+        self.kept, self.target_scores = _target_scores(score_block, targets, bounds, chunk,
+                                                       room)
+        self.compiled = (cpu_kernels.active("dense_counts", device)
+                         and self.target_scores.dtype in (torch.float32, torch.float64))
+        # Row sums of sign(s − t) over all tiles: exact integers, in float64 across tiles.
+        self.net = torch.zeros(n_points, dtype=torch.float64, device=device)
+        self.moved = torch.zeros_like(self.net)
+        # One buffer for the differences of every tile, not a new [P, chunk] tensor per tile.
+        self.differences = None if self.compiled else self.target_scores.new_empty(
+            n_points, min(chunk, bounds[-1][1], SIGN_COLUMNS))
+
+    def count(self, index: int, lo: int, hi: int) -> None:
+        """Count chunk `index` (items lo..hi-1)."""
+        if len(self.greater) == 0:
+            return
+        scores = self.kept.pop(index) if index in self.kept else self.score_block(lo, hi)
+        if self.compiled:
+            if _tile_counts(scores.detach().numpy(), self.target_scores.view(-1).numpy(),
+                            self.greater.numpy(), self.equal.numpy()):
                 check_finite(scores)
         else:
-            _sign_sums(scores, target_scores, differences, net, moved)
-        if excluded is not None:
-            _uncount(scores, target_scores, excluded, lo, hi, greater, equal)
-    if not compiled:  # sign(s − t) sums to (above − below), its absolute value to (above + below)
-        greater += ((net + moved) / 2).to(torch.int32)
-        equal += (n_items - moved).to(torch.int32)
-    return greater, equal
+            _sign_sums(scores, self.target_scores, self.differences, self.net, self.moved)
+        if self.excluded is not None:
+            _uncount(scores, self.target_scores, self.excluded, lo, hi, self.greater,
+                     self.equal)
+
+    def totals(self, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(greater, equal) once every chunk is counted."""
+        if len(self.greater) and not self.compiled:
+            # sign(s − t) sums to (above − below), its absolute value to (above + below)
+            self.greater += ((self.net + self.moved) / 2).to(torch.int32)
+            self.equal += (n_items - self.moved).to(torch.int32)
+        return self.greater, self.equal
 
 
 # Score elements of a block's first-pass chunks kept for its second pass (32 MB of float32;
@@ -71,11 +110,12 @@ KEPT_SCORES = 1 << 23
 
 
 def _target_scores(score_block: Callable[[int, int], torch.Tensor], targets: torch.Tensor,
-                   bounds: list[tuple[int, int]], chunk: int
+                   bounds: list[tuple[int, int]], chunk: int, room: int = KEPT_SCORES
                    ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """({chunk index: its scores} of the first-pass chunks kept, [P, 1] target scores): each
-    point's target score read from the chunk that holds its target, the points sorted by that
-    chunk once, then one gather per chunk. A single chunk is always kept (scored once)."""
+    """({chunk index: its scores} of the first-pass chunks kept, within `room` elements, [P, 1]
+    target scores): each point's target score read from the chunk that holds its target, the
+    points sorted by that chunk once, then one gather per chunk. A single chunk is always kept
+    (scored once)."""
     n_points = len(targets)
     if len(bounds) == 1:  # the usual case on a GPU: no sort, and no wait to learn the sizes
         by_tile, per_tile = torch.arange(n_points, device=targets.device), [n_points]
@@ -84,7 +124,6 @@ def _target_scores(score_block: Callable[[int, int], torch.Tensor], targets: tor
         by_tile = torch.argsort(tile, stable=True)
         per_tile = torch.bincount(tile, minlength=len(bounds)).tolist()
     kept: dict[int, torch.Tensor] = {}
-    room = KEPT_SCORES
     target_scores = None
     first = 0
     for index, ((lo, hi), count) in enumerate(zip(bounds, per_tile, strict=True)):
