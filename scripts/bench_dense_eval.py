@@ -3,7 +3,7 @@ float32 GEMM rate for the same products, and where the rest of the time goes.
 
 Usage: python scripts/bench_dense_eval.py [--model gru] [--hidden 100] [--items 445369]
            [--users 8] [--train-events 2000] [--val-events 200]
-           [--block-elements auto 28503616 256x4096 auto-dense_counts ...]
+           [--block-elements auto 28503616 256x4096 128x2048x1 auto-dense_counts ...]
            [--out bench_dense_eval.json]
 
 The model (conf/model/<model>.yaml; its width set to --hidden: model.hidden_size for the RNNs,
@@ -13,15 +13,17 @@ from a Zipf-like popularity (LastFM-1K's users have ~12,300 training and ~1,300 
 events each, the same ratio as the defaults; with a few users each replay step runs a few rows,
 not 256, so the replay's share here is above LastFM-1K's). For each --block-elements
 (eval.max_block_elements; auto = the evaluator's own choice; PxT = the evaluator's CPU tiles
-at P points x T items instead of its own; any of them followed by -K, e.g. auto-dense_counts:
+at P points x T items instead of its own, PxTxG the same with G blocks of points a group
+(scored item tile by item tile; 1: block by block); any of them followed by -K, e.g.
+auto-dense_counts:
 the same with the CPU kernel K of seqexp/models/cpu_kernels.py off) it times, over the
 validation events:
 - total: the evaluator's rank counting (Evaluator.rank_counts), ranks compared across settings;
 - replay: the model's prediction states (the history replay), batch by batch as the evaluator
   makes them (Evaluator.prediction_states: on one thread where it counts in CPU tiles);
   replay_all_threads: the same replay on torch's threads (model.prediction_states);
-- product: the score blocks' products alone (model.score_items), in the evaluator's blocks and
-  on its threads (one block per core where it counts in CPU tiles);
+- product: the score blocks' products alone (model.score_items), in the evaluator's blocks,
+  groups and order, and on its threads (one group per core where it counts in CPU tiles);
 - counting: the rest (total - replay - product).
 The achieved rate is 2 x hidden x items x events / total; the GEMM rate is that of one score
 block's product of the evaluator's shape, and of 64 points x all items, timed by
@@ -49,7 +51,7 @@ from seqexp.models import cpu_kernels
 from seqexp.run.experiment import build_model, configure_torch
 
 WIDTH_KEY = {"mf": "factors", "seqmf": "factors"}  # the RNNs: hidden_size
-TILE_SHAPE = evaluation.TILE_POINTS, evaluation.TILE_ITEMS  # the evaluator's own
+TILE_SHAPE = evaluation.TILE_POINTS, evaluation.TILE_ITEMS, evaluation.TILE_GROUP  # its own
 
 
 def lastfm_like(n_users: int, n_items: int, n_train: int, n_val: int) -> SequenceData:
@@ -86,7 +88,8 @@ def time_phases(model, data: SequenceData, evaluator: Evaluator) -> dict:
     replay = product = replay_all_threads = 0.0
     shapes = set()
     cpu = torch.device("cpu")
-    workers = torch.get_num_threads() if evaluator.cpu_tiles(cpu, data.n_items) else 1
+    tiles = evaluator.cpu_tiles(cpu, data.n_items)
+    workers = torch.get_num_threads() if tiles else 1
     with torch.no_grad():
         for batch in prediction_batches(data, "val", evaluator.users_per_batch(model.device)):
             started = time.perf_counter()
@@ -99,10 +102,15 @@ def time_phases(model, data: SequenceData, evaluator: Evaluator) -> dict:
             blocks = [states[first:first + points]
                       for first in range(0, batch.n_targets, points)]
             shapes |= {(len(state), min(chunk, data.n_items)) for state in blocks}
+            # the evaluator's groups of blocks, each scored item chunk by item chunk
+            group = evaluation.TILE_GROUP if tiles else 1
+            group = max(1, min(group, -(-len(blocks) // workers)))
+            groups = [blocks[first:first + group] for first in range(0, len(blocks), group)]
             started = time.perf_counter()
-            on_each_core(lambda state, c=chunk: [  # the products alone, as the evaluator runs them
+            on_each_core(lambda states, c=chunk: [  # the products alone, as the evaluator runs them
                 model.score_items(state, lo, min(lo + c, data.n_items))
-                for lo in range(0, data.n_items, c)] and None, blocks, workers)
+                for lo in range(0, data.n_items, c) for state in states] and None, groups,
+                workers)
             product += time.perf_counter() - started
     # scores the evaluator computed beyond one product per score (its first passes)
     extra = sum(scored) / (len(counts) * data.n_items) - 1
@@ -149,14 +157,16 @@ def main() -> None:
             parser.error(f"{setting}: no CPU kernel {kernel_off} (known: "
                          f"{', '.join(cpu_kernels.KERNELS)})")
         if "x" in shape:  # CPU tiles of another shape than the evaluator's
-            evaluation.TILE_POINTS, evaluation.TILE_ITEMS = map(int, shape.split("x"))
+            tile = [int(size) for size in shape.split("x")]
+            evaluation.TILE_POINTS, evaluation.TILE_ITEMS = tile[:2]
+            evaluation.TILE_GROUP = tile[2] if len(tile) > 2 else TILE_SHAPE[2]
         block = None if shape == "auto" or "x" in shape else int(shape)
         evaluator = Evaluator.from_config(cfg, max_block_elements=block)
         cpu_kernels.set_enabled(kernels - {kernel_off})
         try:
             row = time_phases(model, data, evaluator)
         finally:
-            evaluation.TILE_POINTS, evaluation.TILE_ITEMS = TILE_SHAPE
+            evaluation.TILE_POINTS, evaluation.TILE_ITEMS, evaluation.TILE_GROUP = TILE_SHAPE
             cpu_kernels.set_enabled(kernels)
         counts = row.pop("counts")
         events = len(counts)
