@@ -104,7 +104,7 @@ class _BlockCounts:
         return self.greater, self.equal
 
 
-# Score elements of a block's first-pass chunks kept for its second pass (32 MB of float32;
+# Score elements of first-pass chunks kept for the second pass, per group of blocks (32 MB;
 # a CPU tile's product costs more than reading it back): beyond them, chunks are scored again.
 KEPT_SCORES = 1 << 23
 
