@@ -46,7 +46,7 @@ from seqexp.core.resources import config_dir
 from seqexp.data.batching import prediction_batches
 from seqexp.data.sequences import SequenceData
 from seqexp.engine import evaluator as evaluation
-from seqexp.engine.evaluator import Evaluator, on_each_core
+from seqexp.engine.evaluator import Evaluator, on_each_core, tile_groups
 from seqexp.models import cpu_kernels
 from seqexp.run.experiment import build_model, configure_torch
 
@@ -103,9 +103,7 @@ def time_phases(model, data: SequenceData, evaluator: Evaluator) -> dict:
                       for first in range(0, batch.n_targets, points)]
             shapes |= {(len(state), min(chunk, data.n_items)) for state in blocks}
             # the evaluator's groups of blocks, each scored item chunk by item chunk
-            group = evaluation.TILE_GROUP if tiles else 1
-            group = max(1, min(group, -(-len(blocks) // workers)))
-            groups = [blocks[first:first + group] for first in range(0, len(blocks), group)]
+            groups = tile_groups(blocks, evaluation.TILE_GROUP if tiles else 1, workers)
             started = time.perf_counter()
             on_each_core(lambda states, c=chunk: [  # the products alone, as the evaluator runs them
                 model.score_items(state, lo, min(lo + c, data.n_items))

@@ -342,9 +342,7 @@ def _dense_counts(model: Recommender, state, targets: torch.Tensor, n_items: int
     blocks = [(slice(start, start + points) if order is None else order[start:start + points],
                _block_pairs(excluded, start, start + points))
               for start in range(0, n_points, points)]
-    # groups of blocks counted chunk by chunk (count_block_ranks), as many as the workers
-    group = max(1, min(group, -(-len(blocks) // max(workers, 1))))
-    groups = [blocks[start:start + group] for start in range(0, len(blocks), group)]
+    groups = tile_groups(blocks, group, workers)
 
     def count(blocks_of_group: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
         scorers = [partial(model.score_items, _take_state(state, rows))
@@ -358,6 +356,13 @@ def _dense_counts(model: Recommender, state, targets: torch.Tensor, n_items: int
         for (rows, _), (g, e) in zip(blocks_of_group, counts, strict=True):
             greater[rows], equal[rows] = g, e
     return greater, equal
+
+
+def tile_groups(blocks: list, group: int, workers: int) -> list[list]:
+    """`blocks` in consecutive groups of up to `group` (counted chunk by chunk,
+    count_block_ranks), smaller where needed to give each of the `workers` a group."""
+    group = max(1, min(group, -(-len(blocks) // max(workers, 1))))
+    return [blocks[start:start + group] for start in range(0, len(blocks), group)]
 
 
 def on_each_core(count: Callable, blocks: list, workers: int) -> list:
