@@ -513,3 +513,12 @@ def test_the_replay_runs_on_one_thread_where_the_cpu_counts_in_tiles(
         assert torch.get_num_threads() == 2  # restored
     finally:
         torch.set_num_threads(threads)
+
+
+def test_tile_groups_give_each_worker_a_group_of_at_most_the_group_size():
+    from seqexp.engine.evaluator import tile_groups
+
+    sizes = [[len(group) for group in tile_groups(list(range(n)), 8, workers)]
+             for n, workers in ((20, 2), (9, 2), (3, 2), (3, 1), (1, 4))]
+    assert sizes == [[8, 8, 4], [5, 4], [2, 1], [3], [1]]
+    assert sum(tile_groups(list(range(9)), 8, 2), []) == list(range(9))  # in order, each once
