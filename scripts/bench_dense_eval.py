@@ -36,6 +36,7 @@ import argparse
 import json
 import platform
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -79,6 +80,15 @@ def counting_scored(model) -> list[int]:
     return scored
 
 
+def products_alone(model, states: list, chunk: int, n_items: int) -> None:
+    """The products of a group of blocks as the evaluator runs them (item chunk by item
+    chunk, each block in turn), each dropped once made, as the evaluator drops a counted
+    tile."""
+    for lo in range(0, n_items, chunk):
+        for state in states:
+            model.score_items(state, lo, min(lo + chunk, n_items))
+
+
 def time_phases(model, data: SequenceData, evaluator: Evaluator) -> dict:
     scored = counting_scored(model)
     started = time.perf_counter()
@@ -105,10 +115,8 @@ def time_phases(model, data: SequenceData, evaluator: Evaluator) -> dict:
             # the evaluator's groups of blocks, each scored item chunk by item chunk
             groups = tile_groups(blocks, evaluation.TILE_GROUP if tiles else 1, workers)
             started = time.perf_counter()
-            on_each_core(lambda states, c=chunk: [  # the products alone, as the evaluator runs them
-                model.score_items(state, lo, min(lo + c, data.n_items))
-                for lo in range(0, data.n_items, c) for state in states] and None, groups,
-                workers)
+            on_each_core(partial(products_alone, model, chunk=chunk, n_items=data.n_items),
+                         groups, workers)
             product += time.perf_counter() - started
     # scores the evaluator computed beyond one product per score (its first passes)
     extra = sum(scored) / (len(counts) * data.n_items) - 1

@@ -49,9 +49,12 @@ AUTO_BATCH_USERS = {"cpu": 256, "cuda": 8192}
 # (the eval_blocks CPU kernel: blocks that stay in the last-level cache).
 AUTO_BLOCK_ELEMENTS = 50_000_000
 # Steps of a model with shared + sparse scores: the first SPARSE_POINTS prediction points,
-# then as many as make about SPARSE_ENTRIES entries (cache-sized; at least SPARSE_POINTS).
+# then as many as make about SPARSE_ENTRIES entries (at least SPARSE_POINTS): 8 MB of ids and
+# scores, large enough that a step's fixed cost (a few dozen small calls, ~0.4 ms) is small
+# next to its kernels (expdecay_knn at LastFM-1K's shape: 1.18x the rate of 2**18 entries;
+# docs/benchmarks.md).
 SPARSE_POINTS = 64
-SPARSE_ENTRIES = 1 << 18
+SPARSE_ENTRIES = 1 << 20
 # A sparse entry costs tens of times a dense score (random access against streaming): with
 # more entries per point than 1/DENSE_WIDTH_RATIO of the catalogue (expdecay_knn's 2,000 on
 # fewer than 128,000 items) the rest of the batch is scored densely. The counts are the same

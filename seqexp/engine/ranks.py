@@ -73,6 +73,9 @@ class _BlockCounts:
                                                        room)
         self.compiled = (cpu_kernels.active("dense_counts", device)
                          and self.target_scores.dtype in (torch.float32, torch.float64))
+        # _tile_counts' own arguments, made once rather than once per tile
+        self.tile_arguments = (self.target_scores.view(-1).numpy(), self.greater.numpy(),
+                               self.equal.numpy()) if self.compiled else ()
         # Row sums of sign(s − t) over all tiles: exact integers, in float64 across tiles.
         self.net = torch.zeros(n_points, dtype=torch.float64, device=device)
         self.moved = torch.zeros_like(self.net)
@@ -86,8 +89,7 @@ class _BlockCounts:
             return
         scores = self.kept.pop(index) if index in self.kept else self.score_block(lo, hi)
         if self.compiled:
-            if _tile_counts(scores.detach().numpy(), self.target_scores.view(-1).numpy(),
-                            self.greater.numpy(), self.equal.numpy()):
+            if _tile_counts(scores.detach().numpy(), *self.tile_arguments):
                 check_finite(scores)
         else:
             _sign_sums(scores, self.target_scores, self.differences, self.net, self.moved)
