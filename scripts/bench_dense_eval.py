@@ -4,7 +4,7 @@ float32 GEMM rate for the same products, and where the rest of the time goes.
 Usage: python scripts/bench_dense_eval.py [--model gru] [--hidden 100] [--items 445369]
            [--users 8] [--train-events 2000] [--val-events 200]
            [--block-elements auto 28503616 256x4096 128x2048x1 auto-dense_counts ...]
-           [--out bench_dense_eval.json]
+           [--repeats 3] [--out bench_dense_eval.json]
 
 The model (conf/model/<model>.yaml; its width set to --hidden: model.hidden_size for the RNNs,
 model.factors for mf/seqmf) is built untrained at --items items; the data are synthetic,
@@ -18,7 +18,8 @@ at P points x T items instead of its own, PxTxG the same with G blocks of points
 auto-dense_counts:
 the same with the CPU kernel K of seqexp/models/cpu_kernels.py off) it times, over the
 validation events:
-- total: the evaluator's rank counting (Evaluator.rank_counts), ranks compared across settings;
+- total: the evaluator's rank counting (Evaluator.rank_counts), the fastest of --repeats
+  passes after an untimed one; ranks compared across settings;
 - replay: the model's prediction states (the history replay), batch by batch as the evaluator
   makes them (Evaluator.prediction_states: on one thread where it counts in CPU tiles);
   replay_all_threads: the same replay on torch's threads (model.prediction_states);
@@ -27,7 +28,8 @@ validation events:
 - counting: the rest (total - replay - product).
 The achieved rate is 2 x hidden x items x events / total; the GEMM rate is that of one score
 block's product of the evaluator's shape, and of 64 points x all items, timed by
-scripts/bench_matmul.py's best_seconds in the same run. Prints a table and writes JSON.
+scripts/bench_matmul.py's best_seconds in the same run (the best of GEMM_ROUNDS rounds, once per
+shape). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import argparse
 import json
 import platform
 import time
-from functools import partial
+from functools import cache, partial
 
 import numpy as np
 import torch
@@ -52,6 +54,9 @@ from seqexp.models import cpu_kernels
 from seqexp.run.experiment import build_model, configure_torch
 
 WIDTH_KEY = {"mf": "factors", "seqmf": "factors"}  # the RNNs: hidden_size
+# Rounds of bench_matmul's timing per GEMM rate (the best counts): its rate varies from round
+# to round by more than the settings compared here differ.
+GEMM_ROUNDS = 5
 TILE_SHAPE = evaluation.TILE_POINTS, evaluation.TILE_ITEMS, evaluation.TILE_GROUP  # its own
 
 
@@ -89,12 +94,16 @@ def products_alone(model, states: list, chunk: int, n_items: int) -> None:
             model.score_items(state, lo, min(lo + chunk, n_items))
 
 
-def time_phases(model, data: SequenceData, evaluator: Evaluator) -> dict:
-    scored = counting_scored(model)
-    started = time.perf_counter()
-    counts = evaluator.rank_counts(model, data, "val")
-    total = time.perf_counter() - started
-    del model.score_items  # the class's own again
+def time_phases(model, data: SequenceData, evaluator: Evaluator, repeats: int) -> dict:
+    evaluator.rank_counts(model, data, "val")  # untimed: compiled kernels loaded, pages touched
+    totals = []
+    for _ in range(repeats):
+        scored = counting_scored(model)
+        started = time.perf_counter()
+        counts = evaluator.rank_counts(model, data, "val")
+        totals.append(time.perf_counter() - started)
+        del model.score_items  # the class's own again
+    total = min(totals)
     replay = product = replay_all_threads = 0.0
     shapes = set()
     cpu = torch.device("cpu")
@@ -120,14 +129,17 @@ def time_phases(model, data: SequenceData, evaluator: Evaluator) -> dict:
             product += time.perf_counter() - started
     # scores the evaluator computed beyond one product per score (its first passes)
     extra = sum(scored) / (len(counts) * data.n_items) - 1
-    return {"counts": counts, "total_s": total, "replay_s": replay, "product_s": product,
+    return {"counts": counts, "total_s": total, "totals_s": totals, "replay_s": replay,
+            "product_s": product,
             "counting_s": total - replay - product, "block_shapes": sorted(shapes),
             "extra_scored": extra, "replay_all_threads_s": replay_all_threads}
 
 
+@cache
 def gemm_gflops(points: int, hidden: int, items: int) -> float:
-    """float32 GEMM rate of [points x hidden] . [hidden x items] (bench_matmul's timing)."""
-    seconds = best_seconds(torch.randn(points, hidden), torch.randn(hidden, items), 2)
+    """float32 GEMM rate of [points x hidden] . [hidden x items] (bench_matmul's timing), timed
+    once per shape in a run: the settings of one tile shape share one rate."""
+    seconds = best_seconds(torch.randn(points, hidden), torch.randn(hidden, items), GEMM_ROUNDS)
     return 2 * points * hidden * items / seconds / 1e9
 
 
@@ -140,6 +152,8 @@ def main() -> None:
     parser.add_argument("--train-events", type=int, default=2000)
     parser.add_argument("--val-events", type=int, default=200)
     parser.add_argument("--block-elements", nargs="+", default=["auto"])
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed evaluation passes per setting (the fastest counts)")
     parser.add_argument("--out", default="bench_dense_eval.json")
     args = parser.parse_args()
     width = WIDTH_KEY.get(args.model, "hidden_size")
@@ -170,7 +184,7 @@ def main() -> None:
         evaluator = Evaluator.from_config(cfg, max_block_elements=block)
         cpu_kernels.set_enabled(kernels - {kernel_off})
         try:
-            row = time_phases(model, data, evaluator)
+            row = time_phases(model, data, evaluator, args.repeats)
         finally:
             evaluation.TILE_POINTS, evaluation.TILE_ITEMS, evaluation.TILE_GROUP = TILE_SHAPE
             cpu_kernels.set_enabled(kernels)

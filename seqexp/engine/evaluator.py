@@ -50,9 +50,8 @@ AUTO_BATCH_USERS = {"cpu": 256, "cuda": 8192}
 AUTO_BLOCK_ELEMENTS = 50_000_000
 # Steps of a model with shared + sparse scores: the first SPARSE_POINTS prediction points,
 # then as many as make about SPARSE_ENTRIES entries (at least SPARSE_POINTS): 8 MB of ids and
-# scores, large enough that a step's fixed cost (a few dozen small calls, ~0.4 ms) is small
-# next to its kernels (expdecay_knn at LastFM-1K's shape: 1.18x the rate of 2**18 entries;
-# docs/benchmarks.md).
+# scores, enough that a step's fixed cost (a few dozen small calls) is small next to its
+# kernels (docs/benchmarks.md, kNN at the LastFM shape).
 SPARSE_POINTS = 64
 SPARSE_ENTRIES = 1 << 20
 # A sparse entry costs tens of times a dense score (random access against streaming): with
