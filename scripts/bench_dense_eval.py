@@ -3,7 +3,7 @@ float32 GEMM rate for the same products, and where the rest of the time goes.
 
 Usage: python scripts/bench_dense_eval.py [--model gru] [--hidden 100] [--items 445369]
            [--users 8] [--train-events 2000] [--val-events 200]
-           [--block-elements auto 28503616 256x4096 128x2048x1 auto-dense_counts ...]
+           [--block-elements auto 28503616 128x2048x8 256x1024x1 auto-dense_counts ...]
            [--repeats 3] [--out bench_dense_eval.json]
 
 The model (conf/model/<model>.yaml; its width set to --hidden: model.hidden_size for the RNNs,
@@ -23,13 +23,16 @@ validation events:
 - replay: the model's prediction states (the history replay), batch by batch as the evaluator
   makes them (Evaluator.prediction_states: on one thread where it counts in CPU tiles);
   replay_all_threads: the same replay on torch's threads (model.prediction_states);
-- product: the score blocks' products alone (model.score_items), in the evaluator's blocks,
-  groups and order, and on its threads (one group per core where it counts in CPU tiles);
+- product: the score blocks' products alone (the evaluator's score_parts: the product of the
+  model's score_factors written into a buffer the group reuses, else model.score_items), in
+  the evaluator's blocks, groups and order, and on its threads (one group per core where it
+  counts in CPU tiles);
 - counting: the rest (total - replay - product).
 The achieved rate is 2 x hidden x items x events / total; the GEMM rate is that of one score
 block's product of the evaluator's shape, and of 64 points x all items, timed by
 scripts/bench_matmul.py's best_seconds in the same run (the best of GEMM_ROUNDS rounds, once per
-shape). Prints a table and writes JSON.
+shape); each setting's rate is also given over the fastest of all the run's GEMM rates. Prints
+a line per setting and writes JSON.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from seqexp.data.batching import prediction_batches
 from seqexp.data.sequences import SequenceData
 from seqexp.engine import evaluator as evaluation
 from seqexp.engine.evaluator import Evaluator, on_each_core, tile_groups
+from seqexp.engine.ranks import TileBuffer
 from seqexp.models import cpu_kernels
 from seqexp.run.experiment import build_model, configure_torch
 
@@ -57,6 +61,7 @@ WIDTH_KEY = {"mf": "factors", "seqmf": "factors"}  # the RNNs: hidden_size
 # Rounds of bench_matmul's timing per GEMM rate (the best counts): its rate varies from round
 # to round by more than the settings compared here differ.
 GEMM_ROUNDS = 5
+SCORE_PARTS = evaluation.score_parts  # the evaluator's own
 TILE_SHAPE = evaluation.TILE_POINTS, evaluation.TILE_ITEMS, evaluation.TILE_GROUP  # its own
 
 
@@ -71,38 +76,50 @@ def lastfm_like(n_users: int, n_items: int, n_train: int, n_val: int) -> Sequenc
                         val_end=offsets[:-1] + n_train + n_val, n_items=n_items)
 
 
-def counting_scored(model) -> list[int]:
-    """Make model.score_items append the number of scores it returns to the returned list
-    (list.append is atomic: the evaluator's worker threads share it)."""
+def counting_scored() -> list[int]:
+    """Make the evaluator's score parts (evaluation.score_parts) append the number of scores
+    each product holds to the returned list (list.append is atomic: the evaluator's worker
+    threads share it); undone by restore_score_parts."""
     scored: list[int] = []
-    score_items = model.score_items
 
-    def counted(state, lo: int, hi: int) -> torch.Tensor:
-        scores = score_items(state, lo, hi)
-        scored.append(scores.numel())
-        return scores
-    model.score_items = counted
+    def counted_parts(model, state):
+        parts = SCORE_PARTS(model, state)
+
+        def counted(lo: int, hi: int, out: torch.Tensor | None = None):
+            product, bias = parts(lo, hi, out)
+            scored.append(product.numel())
+            return product, bias
+        return counted
+    evaluation.score_parts = counted_parts
     return scored
+
+
+def restore_score_parts() -> None:
+    evaluation.score_parts = SCORE_PARTS
 
 
 def products_alone(model, states: list, chunk: int, n_items: int) -> None:
     """The products of a group of blocks as the evaluator runs them (item chunk by item
-    chunk, each block in turn), each dropped once made, as the evaluator drops a counted
-    tile."""
+    chunk, each block in turn, into the buffer the group shares where the model's scores
+    have factors), each dropped once made, as the evaluator drops a counted tile."""
+    parts = [evaluation.score_parts(model, state) for state in states]
+    buffer = TileBuffer()
     for lo in range(0, n_items, chunk):
-        for state in states:
-            model.score_items(state, lo, min(lo + chunk, n_items))
+        hi = min(lo + chunk, n_items)
+        for part, state in zip(parts, states, strict=True):
+            points = state if isinstance(state, torch.Tensor) else state[0]
+            part(lo, hi, buffer.take(len(points), hi - lo, points))
 
 
 def time_phases(model, data: SequenceData, evaluator: Evaluator, repeats: int) -> dict:
     evaluator.rank_counts(model, data, "val")  # untimed: compiled kernels loaded, pages touched
     totals = []
     for _ in range(repeats):
-        scored = counting_scored(model)
+        scored = counting_scored()
         started = time.perf_counter()
         counts = evaluator.rank_counts(model, data, "val")
         totals.append(time.perf_counter() - started)
-        del model.score_items  # the class's own again
+        restore_score_parts()
     total = min(totals)
     replay = product = replay_all_threads = 0.0
     shapes = set()
@@ -141,6 +158,18 @@ def gemm_gflops(points: int, hidden: int, items: int) -> float:
     once per shape in a run: the settings of one tile shape share one rate."""
     seconds = best_seconds(torch.randn(points, hidden), torch.randn(hidden, items), GEMM_ROUNDS)
     return 2 * points * hidden * items / seconds / 1e9
+
+
+def report_fastest_gemm(settings: dict) -> None:
+    """Each setting's achieved rate over the fastest GEMM rate of the run, whatever its shape
+    (fraction_of_fastest_gemm), printed: a tile shape whose own GEMM rate is low does not
+    flatter its setting."""
+    fastest = max(max(row["gemm_gflops_same_shape"], row["gemm_gflops_64_points"])
+                  for row in settings.values())
+    for setting, row in settings.items():
+        row["fraction_of_fastest_gemm"] = row["achieved_gflops"] / fastest
+        print(f"{setting}: {row['fraction_of_fastest_gemm']:.0%} of the fastest GEMM rate of "
+              f"this run ({fastest:.1f} GFLOP/s)")
 
 
 def main() -> None:
@@ -213,6 +242,7 @@ def main() -> None:
               f"products: {row['extra_scored']:.1%} more scores; the replay on torch's "
               f"threads: {row['replay_all_threads_s']:.2f} s); ranks equal: "
               f"{row['ranks_equal_first_setting']}", flush=True)
+    report_fastest_gemm(results["settings"])
     results["_meta"] = {"torch": torch.__version__, "threads": torch.get_num_threads(),
                         "processor": platform.processor() or platform.machine()}
     with open(args.out, "w") as out:

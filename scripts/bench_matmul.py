@@ -45,8 +45,8 @@ SHAPES = {  # name: (m, k, n) for [m x k] . [k x n]
     "eval_lastfm_h100_p64": (64, 100, 445_369),
     "eval_lastfm_h1000_p6": (6, 1000, 445_369),
     "eval_lastfm_h1000_p64": (64, 1000, 445_369),
-    "eval_lastfm_h100_tile": (128, 100, 2048),
-    "eval_lastfm_h1000_tile": (128, 1000, 2048),
+    "eval_lastfm_h100_tile": (256, 100, 1024),
+    "eval_lastfm_h1000_tile": (256, 1000, 1024),
 }
 CALLS = 20
 # Calls per round shrink for large products: a round of about this many FLOP at least.

@@ -28,8 +28,8 @@ from seqexp.models.base import Recommender
 from seqexp.run.artifacts import checkpoint_contents
 from seqexp.run.experiment import build_evaluator, build_model, build_trainer, seed_everything
 
-CHECKS = ("chunk_invariance", "no_future_leak", "prediction_state", "save_load",
-          "resume_mid_epoch")
+CHECKS = ("chunk_invariance", "score_factors", "no_future_leak", "prediction_state",
+          "save_load", "resume_mid_epoch")
 
 
 def _seeded(model_name: str, data_dir: Path, overrides: list[str]):
@@ -74,6 +74,23 @@ def check_chunk_invariance(model: Recommender, data: SequenceData) -> None:
     chunks = [model.score_items(state, lo, hi) for lo, hi in pairwise(bounds)]
     # tolerances: products of other shapes are not bit-equal on every CPU
     torch.testing.assert_close(torch.cat(chunks, dim=1), whole, rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def check_score_factors(model: Recommender, data: SequenceData) -> None:
+    """Where a model gives score_factors, its scores are that product plus that bias (the
+    evaluator counts those in place of score_items's)."""
+    batch = _batch(data)
+    state = model.prediction_states(batch)
+    factors = model.score_factors(state)
+    if factors is None:
+        return
+    queries, items, bias = factors
+    assert queries.shape == (batch.n_targets, items.shape[1])
+    assert items.shape[0] == data.n_items and (bias is None or bias.shape == (data.n_items,))
+    expected = queries @ items.T + (0 if bias is None else bias)
+    torch.testing.assert_close(model.score_items(state, 0, data.n_items), expected,
+                               rtol=1e-5, atol=1e-6)
 
 
 @torch.no_grad()
@@ -186,6 +203,7 @@ def check_all(model_name: str, data_dir: Path, folder: Path) -> None:
     """Every check on `model_name` trained once."""
     cfg, data, model = trained(model_name, data_dir, folder)
     check_chunk_invariance(model, data)
+    check_score_factors(model, data)
     check_no_future_leak(model, data)
     check_prediction_state(model, data)
     check_save_load(model, data, cfg, folder)

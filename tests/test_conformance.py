@@ -40,6 +40,12 @@ def test_scores_do_not_depend_on_item_chunks(model_name, trained_once):
 
 
 @pytest.mark.parametrize("model_name", MODELS)
+def test_score_factors_where_given_make_the_models_scores(model_name, trained_once):
+    _, data, model, _ = trained_once(model_name)
+    conformance.check_score_factors(model, data)
+
+
+@pytest.mark.parametrize("model_name", MODELS)
 def test_a_prediction_depends_on_no_later_event(model_name, trained_once):
     _, data, model, _ = trained_once(model_name)
     conformance.check_no_future_leak(model, data)

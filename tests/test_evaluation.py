@@ -391,7 +391,7 @@ def test_cpu_score_blocks_hold_64_whole_rows_at_large_catalogues_and_ranks_stay_
     # the dense counts: whole rows up to 46,875 items, tiles beyond (unless a block is set)
     assert evaluator.block_shape(cpu, 10_677, 10_000) == (280, 10_714)
     assert evaluator.block_shape(cpu, 46_875, 10_000) == (64, 46_875)
-    assert evaluator.block_shape(cpu, 46_876, 10_000) == (128, 2048)
+    assert evaluator.block_shape(cpu, 46_876, 10_000) == (256, 1024)
     assert make_evaluator(max_block_elements=1000).block_shape(cpu, 445_369, 10_000) == (1, 1000)
     switch_cpu_kernel(monkeypatch, "eval_blocks", False)
     assert evaluator.block_shape(cpu, 445_369, 10_000) == (112, 446_428)  # 50,000,000
@@ -468,6 +468,65 @@ def test_cpu_tiles_rank_like_comparisons_with_ties_exclusions_and_a_partial_last
     assert np.array_equal(whole.equal, counts.equal)
 
 
+class Factored23(Recommender):
+    """Scores = queries . item rows + item bias, small exact values with ties everywhere,
+    declared through score_factors (the evaluator's product-and-bias path)."""
+
+    def __init__(self, n_items: int, n_users: int) -> None:
+        super().__init__(n_items, n_users)
+        generator = torch.Generator().manual_seed(3)
+        self.items = torch.randint(-1, 2, (n_items, 3), generator=generator).float()
+        self.bias = torch.randint(0, 3, (n_items,), generator=generator).float() / 2
+
+    def prediction_states(self, batch):
+        return self.queries(batch.users[batch.target_rows] * 1000 + batch.target_cols)
+
+    @staticmethod
+    def queries(key: torch.Tensor) -> torch.Tensor:
+        return torch.stack([key * 7 % 3, key // 1000 % 2, key % 2], dim=1).float()
+
+    def score_items(self, state, lo, hi):
+        return torch.nn.functional.linear(state, self.items[lo:hi], self.bias[lo:hi])
+
+    def score_factors(self, state):
+        return state, self.items, self.bias
+
+
+@pytest.mark.parametrize("exclude_seen", [False, True])
+@pytest.mark.parametrize("kernel", [True, False], ids=["dense_counts", "sign_sums"])
+def test_a_product_and_bias_rank_like_score_items_in_tiles_and_whole_rows(
+        monkeypatch, exclude_seen, kernel):
+    import seqexp.engine.evaluator as evaluation
+    from seqexp.models import cpu_kernels
+
+    switch_cpu_kernel(monkeypatch, "dense_counts", kernel)
+    switch_cpu_kernel(monkeypatch, "eval_blocks", True)
+    monkeypatch.setattr(cpu_kernels, "EVAL_BLOCK_ELEMENTS", 64 * 10)
+    monkeypatch.setattr(evaluation, "TILE_POINTS", 3)
+    monkeypatch.setattr(evaluation, "TILE_ITEMS", 4)
+    generator = np.random.default_rng(1)
+    users = [generator.integers(0, 23, size=n).tolist() for n in (30, 25, 12, 40)]
+    data = sequences(users, n_items=23, n_test=[20, 15, 8, 30])
+    model = Factored23(23, 4)
+    counts = make_evaluator([5], batch_users=2, exclude_seen=exclude_seen).rank_counts(
+        model, data, "test")
+    assert set((counts.targets // 4).tolist()) == set(range(6))  # a target in every tile
+    scores = model.score_items(
+        model.queries(torch.from_numpy(counts.users * 1000 + counts.positions)), 0, 23)
+    context = [users[u][:c] if exclude_seen else []
+               for u, c in zip(counts.users.tolist(), counts.positions.tolist(), strict=True)]
+    expected = _seen_by_brute_force(scores, torch.from_numpy(counts.targets), context)
+    assert (counts.greater.tolist(), counts.equal.tolist()) == expected
+    assert len(set(expected[1])) > 3  # many ties, of many sizes
+    without_bias = _seen_by_brute_force(scores - model.bias, torch.from_numpy(counts.targets),
+                                        context)
+    assert without_bias != expected  # the bias changes ranks: it must be added
+    whole = make_evaluator([5], batch_users=2, exclude_seen=exclude_seen,
+                           max_block_elements=10_000).rank_counts(model, data, "test")
+    assert np.array_equal(whole.greater, counts.greater)
+    assert np.array_equal(whole.equal, counts.equal)
+
+
 def test_taking_points_in_another_order_gathers_rows_but_slices_a_shared_view():
     from seqexp.engine.evaluator import _take_state
 
@@ -515,10 +574,11 @@ def test_the_replay_runs_on_one_thread_where_the_cpu_counts_in_tiles(
         torch.set_num_threads(threads)
 
 
-def test_tile_groups_give_each_worker_a_group_of_at_most_the_group_size():
+def test_tile_groups_give_the_workers_equal_shares_in_groups_of_at_most_the_group_size():
     from seqexp.engine.evaluator import tile_groups
 
     sizes = [[len(group) for group in tile_groups(list(range(n)), 8, workers)]
-             for n, workers in ((20, 2), (9, 2), (3, 2), (3, 1), (1, 4))]
-    assert sizes == [[8, 8, 4], [5, 4], [2, 1], [3], [1]]
+             for n, workers in ((20, 2), (9, 2), (3, 2), (3, 1), (1, 4), (100, 2), (16, 2),
+                                (0, 2))]
+    assert sizes == [[5, 5, 5, 5], [5, 4], [2, 1], [3], [1], [8, 8] + [7] * 12, [8, 8], []]
     assert sum(tile_groups(list(range(9)), 8, 2), []) == list(range(9))  # in order, each once

@@ -100,11 +100,40 @@ def test_the_kernel_counts_strided_views_and_adds_to_the_counts_it_is_given():
     equal = torch.full((4,), -1, dtype=torch.int32)
     targets = torch.tensor([2.0, 0.0, 4.0, 1.0])
     # rows of the view: [1 2 3 4], [2 3 4 0], [3 4 0 1], [4 0 1 2]
-    nan = ranks._tile_counts(view.numpy(), targets.numpy(), greater.numpy(), equal.numpy())
-    assert not nan
+    zeros = np.zeros(4, dtype=np.float32)
+    arrays = targets.numpy(), greater.numpy(), equal.numpy()
+    assert not ranks._tile_counts(view.numpy(), zeros, *arrays)
     assert greater.tolist() == [12, 3, 0, 2] and equal.tolist() == [0, 0, 0, 0]
     view[3, 3] = float("nan")
-    assert ranks._tile_counts(view.numpy(), targets.numpy(), greater.numpy(), equal.numpy())
+    assert ranks._tile_counts(view.numpy(), zeros, *arrays)
+
+
+def test_the_kernel_adds_each_columns_bias_rounded_as_torch_rounds_the_sum():
+    product = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    bias = torch.tensor([1.0, 0.0, -1.0])
+    targets = torch.tensor([2.0, 0.0, 1.0])
+    greater = torch.zeros(3, dtype=torch.int32)
+    equal = torch.zeros(3, dtype=torch.int32)
+    bias[1] = 1e-8  # 1 + 1e-8 is 1 in float32: level with a target of 1, not above it
+    assert not ranks._tile_counts(product.numpy(), bias.numpy(), targets.numpy(),
+                                  greater.numpy(), equal.numpy())
+    # scores: [2, 2, 2], [1, 1e-8, -1], [2, 1, 0]
+    assert greater.tolist() == [0, 2, 1] and equal.tolist() == [3, 0, 1]
+    scores = product + bias
+    assert greater.tolist() == (scores > targets[:, None]).sum(1).tolist()
+    assert equal.tolist() == (scores == targets[:, None]).sum(1).tolist()
+
+
+def test_the_tile_buffer_lends_one_storage_in_each_shape_asked_for():
+    buffer = ranks.TileBuffer()
+    like = torch.zeros(1)
+    first = buffer.take(3, 4, like)
+    assert buffer.take(3, 4, like) is first  # the same view, tile after tile
+    narrower = buffer.take(2, 3, like)  # a partial last tile, a smaller last block
+    assert narrower.shape == (2, 3) and narrower.is_contiguous()
+    assert narrower.data_ptr() == first.data_ptr()
+    assert buffer.take(4, 8, like).shape == (4, 8)  # grown
+    assert buffer.take(2, 2, like.double()).dtype == torch.float64
 
 
 def test_half_precision_scores_take_the_sums_of_signs():
@@ -150,7 +179,8 @@ def test_blocks_counted_chunk_by_chunk_score_each_chunk_for_every_block_in_turn(
     second = SCORES.flip(1)
     targets = [torch.tensor([0, 1, 2]), torch.tensor([2, 0, 1])]  # all in chunk 0 (0..2)
     excluded = [EXCLUDED, None]
-    got = ranks.count_block_ranks([scorer(0, SCORES), scorer(1, second)], targets, 7, 3,
+    got = ranks.count_block_ranks([ranks.scores_alone(scorer(0, SCORES)),
+                                   ranks.scores_alone(scorer(1, second))], targets, 7, 3,
                                   excluded)
     assert calls == [(0, 0), (1, 0), (0, 3), (1, 3), (0, 6), (1, 6)]
     for (greater, equal), scores, points, pairs in zip(got, (SCORES, second), targets,

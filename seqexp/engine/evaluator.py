@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -34,10 +35,13 @@ from seqexp.data.sequences import SequenceData, validation_sample
 from seqexp.engine.metrics import RankCounts
 from seqexp.engine.ranks import (
     RowTable,
+    ScoreParts,
     check_finite,
     count_block_ranks,
     count_sparse_ranks,
     count_table_ranks,
+    linear_parts,
+    scores_alone,
 )
 from seqexp.models import cpu_kernels
 from seqexp.models.base import Recommender
@@ -65,14 +69,17 @@ DENSE_WIDTH_RATIO = 64
 MIN_BLOCK_POINTS = 64
 # ... except where the CPU counts in tiles: a catalogue above EVAL_BLOCK_ELEMENTS /
 # MIN_BLOCK_POINTS items (LastFM-1K) is scored TILE_POINTS points x TILE_ITEMS items at a
-# time on each core: 1 MB of float32 (within a core's L2), counted right after its product
-# while it is in the cache, not after a 114 MB block has left it; points are grouped by their
-# target's tile (_dense_counts). docs/benchmarks.md compares tile shapes.
-TILE_POINTS = 128
-TILE_ITEMS = 2048
+# time on each core, into one 1 MB float32 buffer the core reuses (within its L2), counted
+# right after its product while it is in the cache, not after a 114 MB block has left it;
+# points are grouped by their target's tile (_dense_counts). A tile's item rows (400 KB at
+# hidden 100) leave the core's cache room for the product, and a tile of 256 points makes
+# half the calls per score of one of 128 (each call hands the GIL between the cores'
+# threads); docs/benchmarks.md compares this shape with 128 x 2,048 and others.
+TILE_POINTS = 256
+TILE_ITEMS = 1024
 # Tiles of TILE_GROUP blocks of points scored one item tile after the other: the tile's item
-# rows (800 KB at hidden 100) are read from memory once for the group, then from the core's
-# cache (docs/benchmarks.md).
+# rows are read from memory once for the group, then from the core's cache
+# (docs/benchmarks.md).
 TILE_GROUP = 8
 
 
@@ -347,8 +354,7 @@ def _dense_counts(model: Recommender, state, targets: torch.Tensor, n_items: int
     groups = tile_groups(blocks, group, workers)
 
     def count(blocks_of_group: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        scorers = [partial(model.score_items, _take_state(state, rows))
-                   for rows, _ in blocks_of_group]
+        scorers = [score_parts(model, _take_state(state, rows)) for rows, _ in blocks_of_group]
         return count_block_ranks(scorers, [targets[rows] for rows, _ in blocks_of_group],
                                  n_items, chunk, [pairs for _, pairs in blocks_of_group])
     greater = torch.empty(n_points, dtype=torch.int32, device=targets.device)
@@ -360,11 +366,29 @@ def _dense_counts(model: Recommender, state, targets: torch.Tensor, n_items: int
     return greater, equal
 
 
+def score_parts(model: Recommender, state) -> ScoreParts:
+    """The ScoreParts of `state`'s points: from the model's score_factors where it has them
+    (the product in the evaluator's buffer, the bias added while counting), else its
+    score_items."""
+    factors = model.score_factors(state)
+    if factors is None:
+        return scores_alone(partial(model.score_items, state))
+    return partial(linear_parts, *factors)
+
+
 def tile_groups(blocks: list, group: int, workers: int) -> list[list]:
     """`blocks` in consecutive groups of up to `group` (counted chunk by chunk,
-    count_block_ranks), smaller where needed to give each of the `workers` a group."""
-    group = max(1, min(group, -(-len(blocks) // max(workers, 1))))
-    return [blocks[start:start + group] for start in range(0, len(blocks), group)]
+    count_block_ranks), as many groups as a multiple of `workers` (where there are blocks
+    enough) and of sizes that differ by one block at most, so that the workers, each taking
+    the next group when done with one, finish together."""
+    workers = max(workers, 1)
+    count = -(-len(blocks) // max(group, 1))
+    count = min(len(blocks), -(-count // workers) * workers)
+    size, larger = divmod(len(blocks), max(count, 1))
+    bounds = [0]
+    for index in range(count):
+        bounds.append(bounds[-1] + size + (index < larger))
+    return [blocks[start:stop] for start, stop in pairwise(bounds)]
 
 
 def on_each_core(count: Callable, blocks: list, workers: int) -> list:

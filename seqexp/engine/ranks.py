@@ -33,49 +33,95 @@ def count_ranks(
     On a CPU (the `dense_counts` kernel) float32 and float64 chunks are counted in one
     compiled pass (_tile_counts); otherwise, and for other dtypes, by sums of signs.
     """
-    return count_block_ranks([score_block], [targets], n_items, chunk, [excluded])[0]
+    return count_block_ranks([scores_alone(score_block)], [targets], n_items, chunk,
+                             [excluded])[0]
+
+
+# score_parts(lo, hi, out) = (product [P, hi-lo], bias [hi-lo] or None): the scores of items
+# lo..hi-1 are product + bias (each sum rounded in the product's dtype); `out`, when given, is
+# a [P, hi-lo] buffer the product may be written into.
+ScoreParts = Callable[[int, int, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def scores_alone(score_block: Callable[[int, int], torch.Tensor]) -> ScoreParts:
+    """The ScoreParts of `score_block` (lo, hi) -> scores: no bias, no buffer."""
+    return lambda lo, hi, out=None: (score_block(lo, hi), None)
+
+
+def linear_parts(queries: torch.Tensor, items: torch.Tensor, bias: torch.Tensor | None,
+                 lo: int, hi: int, out: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ScoreParts of the scores queries @ items[lo:hi].T + bias[lo:hi] (a model's
+    score_factors): the product alone, in `out` when given, and the bias, added while
+    counting (no bias copied into each tile, no fresh tile allocated)."""
+    product = torch.mm(queries, items[lo:hi].T, out=out)
+    return product, None if bias is None else bias[lo:hi]
 
 
 def count_block_ranks(
-    score_blocks: list[Callable[[int, int], torch.Tensor]], targets: list[torch.Tensor],
-    n_items: int, chunk: int, excluded: list[tuple[torch.Tensor, torch.Tensor] | None],
+    score_blocks: list[ScoreParts], targets: list[torch.Tensor], n_items: int, chunk: int,
+    excluded: list[tuple[torch.Tensor, torch.Tensor] | None],
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """count_ranks of several blocks of points (block b: its scores `score_blocks[b]`, its
-    `targets[b]` and `excluded[b]`), their second passes taken chunk by chunk: each item
-    chunk is scored and counted for every block in turn, so that on a CPU the chunk's item
-    rows come from memory for the first block and from the core's cache for the others (the
-    item matrix is read once per group of blocks, not once per block). The same products and
+    """count_ranks of several blocks of points (block b: its scores `score_blocks[b]`, as
+    ScoreParts, its `targets[b]` and `excluded[b]`), their second passes taken chunk by chunk:
+    each item chunk is scored and counted for every block in turn, so that on a CPU the
+    chunk's item rows come from memory for the first block and from the core's cache for the
+    others (the item matrix is read once per group of blocks, not once per block), and the
+    products of chunks not kept go into one buffer the blocks reuse. The same products and
     counts as count_ranks block by block; the blocks share KEPT_SCORES."""
     bounds = [(lo, min(lo + chunk, n_items)) for lo in range(0, n_items, chunk)]
     room = KEPT_SCORES // max(1, len(score_blocks))
     blocks = [_BlockCounts(score, points, bounds, chunk, pairs, room) for score, points, pairs
               in zip(score_blocks, targets, excluded, strict=True)]
+    buffer = TileBuffer()
     for index, (lo, hi) in enumerate(bounds):
         for block in blocks:
-            block.count(index, lo, hi)
+            block.count(index, lo, hi, buffer)
     return [block.totals(n_items) for block in blocks]
+
+
+class TileBuffer:
+    """One flat buffer, grown on demand, lent as a contiguous [rows, columns] product (the
+    last shape's view kept: the blocks of a group ask for the same one tile after tile)."""
+
+    def __init__(self) -> None:
+        self.flat: torch.Tensor | None = None
+        self.last: torch.Tensor | None = None
+
+    def take(self, rows: int, columns: int, like: torch.Tensor) -> torch.Tensor:
+        last = self.last
+        if last is not None and last.shape == (rows, columns) and last.dtype == like.dtype:
+            return last
+        size = rows * columns
+        if self.flat is None or self.flat.numel() < size or self.flat.dtype != like.dtype:
+            self.flat = like.new_empty(size)
+        self.last = self.flat[:size].view(rows, columns)
+        return self.last
 
 
 class _BlockCounts:
     """One block's counts in count_ranks, made one item chunk at a time."""
 
-    def __init__(self, score_block: Callable[[int, int], torch.Tensor], targets: torch.Tensor,
+    def __init__(self, score_parts: ScoreParts, targets: torch.Tensor,
                  bounds: list[tuple[int, int]], chunk: int,
                  excluded: tuple[torch.Tensor, torch.Tensor] | None, room: int) -> None:
         n_points, device = len(targets), targets.device
-        self.score_block, self.excluded = score_block, excluded
+        self.n_points, self.score_parts, self.excluded = n_points, score_parts, excluded
         self.greater = torch.zeros(n_points, dtype=torch.int32, device=device)
         self.equal = torch.full((n_points,), -1, dtype=torch.int32, device=device)  # − target
-        self.kept: dict[int, torch.Tensor] = {}
+        self.kept: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         if n_points == 0:
             return
-        self.kept, self.target_scores = _target_scores(score_block, targets, bounds, chunk,
+        self.kept, self.target_scores = _target_scores(score_parts, targets, bounds, chunk,
                                                        room)
+        dtype = self.target_scores.dtype
         self.compiled = (cpu_kernels.active("dense_counts", device)
-                         and self.target_scores.dtype in (torch.float32, torch.float64))
-        # _tile_counts' own arguments, made once rather than once per tile
+                         and dtype in (torch.float32, torch.float64))
+        # _tile_counts' own arguments, made once rather than once per tile; a chunk without
+        # a bias is counted against zeros (s + 0 compares as s, and NaN stays NaN)
         self.tile_arguments = (self.target_scores.view(-1).numpy(), self.greater.numpy(),
                                self.equal.numpy()) if self.compiled else ()
+        self.zeros = torch.zeros(chunk, dtype=dtype) if self.compiled else None
         # Row sums of sign(s − t) over all tiles: exact integers, in float64 across tiles.
         self.net = torch.zeros(n_points, dtype=torch.float64, device=device)
         self.moved = torch.zeros_like(self.net)
@@ -83,23 +129,33 @@ class _BlockCounts:
         self.differences = None if self.compiled else self.target_scores.new_empty(
             n_points, min(chunk, bounds[-1][1], SIGN_COLUMNS))
 
-    def count(self, index: int, lo: int, hi: int) -> None:
-        """Count chunk `index` (items lo..hi-1)."""
-        if len(self.greater) == 0:
+    def count(self, index: int, lo: int, hi: int, buffer: TileBuffer) -> None:
+        """Count chunk `index` (items lo..hi-1), its product in `buffer` on a CPU."""
+        if self.n_points == 0:
             return
-        scores = self.kept.pop(index) if index in self.kept else self.score_block(lo, hi)
-        if self.compiled:
-            if _tile_counts(scores.detach().numpy(), *self.tile_arguments):
-                check_finite(scores)
+        if index in self.kept:
+            product, bias = self.kept.pop(index)
         else:
+            out = (buffer.take(self.n_points, hi - lo, self.target_scores)
+                   if self.compiled else None)
+            product, bias = self.score_parts(lo, hi, out)
+        if self.compiled:
+            added = self.zeros[:hi - lo] if bias is None else bias
+            if _tile_counts(product.detach().numpy(), added.detach().numpy(),
+                            *self.tile_arguments):
+                check_finite(product + added)
+            scores = product
+        else:
+            scores = product if bias is None else product + bias
             _sign_sums(scores, self.target_scores, self.differences, self.net, self.moved)
+            bias = None
         if self.excluded is not None:
-            _uncount(scores, self.target_scores, self.excluded, lo, hi, self.greater,
+            _uncount(scores, bias, self.target_scores, self.excluded, lo, hi, self.greater,
                      self.equal)
 
     def totals(self, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(greater, equal) once every chunk is counted."""
-        if len(self.greater) and not self.compiled:
+        if self.n_points and not self.compiled:
             # sign(s − t) sums to (above − below), its absolute value to (above + below)
             self.greater += ((self.net + self.moved) / 2).to(torch.int32)
             self.equal += (n_items - self.moved).to(torch.int32)
@@ -111,13 +167,14 @@ class _BlockCounts:
 KEPT_SCORES = 1 << 23
 
 
-def _target_scores(score_block: Callable[[int, int], torch.Tensor], targets: torch.Tensor,
+def _target_scores(score_parts: ScoreParts, targets: torch.Tensor,
                    bounds: list[tuple[int, int]], chunk: int, room: int = KEPT_SCORES
-                   ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """({chunk index: its scores} of the first-pass chunks kept, within `room` elements, [P, 1]
-    target scores): each point's target score read from the chunk that holds its target, the
-    points sorted by that chunk once, then one gather per chunk. A single chunk is always kept
-    (scored once)."""
+                   ) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor | None]],
+                              torch.Tensor]:
+    """({chunk index: its (product, bias)} of the first-pass chunks kept, within `room`
+    elements, [P, 1] target scores): each point's target score read from the chunk that holds
+    its target, the points sorted by that chunk once, then one gather per chunk. A single
+    chunk is always kept (scored once)."""
     n_points = len(targets)
     if len(bounds) == 1:  # the usual case on a GPU: no sort, and no wait to learn the sizes
         by_tile, per_tile = torch.arange(n_points, device=targets.device), [n_points]
@@ -125,7 +182,7 @@ def _target_scores(score_block: Callable[[int, int], torch.Tensor], targets: tor
         tile = torch.div(targets, chunk, rounding_mode="floor")
         by_tile = torch.argsort(tile, stable=True)
         per_tile = torch.bincount(tile, minlength=len(bounds)).tolist()
-    kept: dict[int, torch.Tensor] = {}
+    kept: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
     target_scores = None
     first = 0
     for index, ((lo, hi), count) in enumerate(zip(bounds, per_tile, strict=True)):
@@ -133,30 +190,34 @@ def _target_scores(score_block: Callable[[int, int], torch.Tensor], targets: tor
             continue
         points = by_tile[first:first + count]
         first += count
-        scores = score_block(lo, hi)
-        if len(bounds) == 1 or scores.numel() <= room:
-            kept[index] = scores
-            room -= scores.numel()
+        product, bias = score_parts(lo, hi, None)
+        if len(bounds) == 1 or product.numel() <= room:
+            kept[index] = product, bias
+            room -= product.numel()
         if target_scores is None:  # in the scores' dtype: float64 ties must stay ties
-            target_scores = scores.new_empty(n_points, 1)
-        target_scores[points, 0] = scores[points, targets[points] - lo]
+            target_scores = product.new_empty(n_points, 1)
+        columns = targets[points] - lo
+        found = product[points, columns]
+        target_scores[points, 0] = found if bias is None else found + bias[columns]
     return kept, target_scores
 
 
 @numba.njit(nogil=True, cache=True)
-def _tile_counts(scores: np.ndarray, target_scores: np.ndarray, greater: np.ndarray,
-                 equal: np.ndarray) -> bool:
-    """count_ranks's counts of one chunk [P, C] on a CPU, in one pass: greater[p] += #scores
-    of row p above target_scores[p], equal[p] += #level with it (comparisons, exact; a tie
-    at ±inf is level, as sign(inf − inf) = 0 makes it in _sign_sums). True if a score is NaN.
-    No GIL: the evaluator's threads count their blocks side by side."""
+def _tile_counts(product: np.ndarray, bias: np.ndarray, target_scores: np.ndarray,
+                 greater: np.ndarray, equal: np.ndarray) -> bool:
+    """count_ranks's counts of one chunk on a CPU, in one pass over its scores
+    product[p, j] + bias[j] ([P, C] and [C], the sum rounded in their dtype, as torch's `+`
+    rounds it): greater[p] += #scores of row p above target_scores[p], equal[p] += #level with
+    it (comparisons, exact; a tie at ±inf is level, as sign(inf − inf) = 0 makes it in
+    _sign_sums). True if a score is NaN. No GIL: the evaluator's threads count their blocks
+    side by side."""
     nan = False
-    for p in range(scores.shape[0]):
+    for p in range(product.shape[0]):
         target = target_scores[p]
         above = level = 0
         odd = False
-        for j in range(scores.shape[1]):
-            score = scores[p, j]
+        for j in range(product.shape[1]):
+            score = product[p, j] + bias[j]
             above += score > target
             level += score == target
             odd |= score != score
@@ -166,14 +227,17 @@ def _tile_counts(scores: np.ndarray, target_scores: np.ndarray, greater: np.ndar
     return nan
 
 
-def _uncount(scores: torch.Tensor, target_scores: torch.Tensor,
+def _uncount(scores: torch.Tensor, bias: torch.Tensor | None, target_scores: torch.Tensor,
              excluded: tuple[torch.Tensor, torch.Tensor], lo: int, hi: int,
              greater: torch.Tensor, equal: torch.Tensor) -> None:
-    """Take the excluded items of columns lo..hi-1 back out of the counts (in place)."""
+    """Take the excluded items of columns lo..hi-1 back out of the counts (in place); the
+    scores are `scores` (+ `bias` per column when given)."""
     point, item = excluded
     inside = (item >= lo) & (item < hi)
     point, item = point[inside], item[inside] - lo
     score, target = scores[point, item], target_scores[point, 0]
+    if bias is not None:
+        score = score + bias[item]
     for counts, taken in ((greater, point[score > target]), (equal, point[score == target])):
         counts.index_add_(0, taken, torch.ones_like(taken, dtype=counts.dtype), alpha=-1)
 

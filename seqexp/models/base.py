@@ -142,6 +142,15 @@ class Recommender(nn.Module):
         chunks (the evaluator scores large catalogues chunk by chunk). Higher is better."""
         raise NotImplementedError
 
+    def score_factors(self, state: PredictionState
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """(queries [P, K], item_matrix [n_items, K], item_bias [n_items] or None) when
+        score_items(state, lo, hi) is queries @ item_matrix[lo:hi].T + item_bias[lo:hi] and
+        nothing else: the evaluator then writes each tile's product into a buffer it reuses
+        and adds the bias while counting (the sum rounded once, after the product). None (the
+        default): scores are read through score_items alone."""
+        return None
+
     def shared_scores(self) -> torch.Tensor | None:
         """[n_items] scores shared by every prediction point when this model's scores are that
         vector plus the per-point entries of `sparse_scores`; None (the default): dense scores,

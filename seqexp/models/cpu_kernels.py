@@ -22,14 +22,16 @@ KERNELS = {
                    "and looks them up per event (ItemInputs)",
     "replay_steps": f"the evaluation replay re-selects its running rows every {8} steps",
     "eval_blocks": "the evaluator's score blocks hold 3,000,000 scores (50,000,000 otherwise); "
-                   "above 46,875 items, tiles of 128 points x 2,048 items, one per core",
+                   "above 46,875 items, tiles of 256 points x 1,024 items, one per core",
     "dropout": "dropout masks drawn as uniform < keep, in place (not bernoulli_)",
     "sparse_negatives": "repeated sampled negatives merged into one column each, accidental hits "
                         "found by sorting",
     "sparse_entries": "a point's sparse score entries (expdecay_knn's) summed and counted in "
                       "compiled code (numba), each point on one of the cores",
     "dense_counts": "a dense score block's items above and level with each target, and its NaN "
-                    "check, counted in one compiled pass (numba), not six whole-tensor passes",
+                    "check, counted in one compiled pass (numba) that adds the item bias of "
+                    "a product plus a bias (score_factors), not six whole-tensor passes over "
+                    "scores made whole first",
 }
 REPLAY_STEPS = 8
 EVAL_BLOCK_ELEMENTS = 3_000_000

@@ -347,3 +347,6 @@ class DREAM(Recommender):
 
     def score_items(self, state: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         return state @ self.item_matrix[lo:hi].T
+
+    def score_factors(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        return state, self.item_matrix, None

@@ -205,6 +205,13 @@ class BPRFactorisation(Recommender):
             scores += self.seen_bias * seen_block(items[0], rows, cols, lo, hi).to(scores.dtype)
         return scores
 
+    def score_factors(self, state: torch.Tensor | tuple[torch.Tensor, ...]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        if self.seen_bias is not None:  # scores also depend on the point's own history
+            return None
+        return (state if isinstance(state, torch.Tensor) else state[0], self.item_factors,
+                self.item_bias)
+
 
 def seen_block(items: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, lo: int,
                hi: int) -> torch.Tensor:

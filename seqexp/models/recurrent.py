@@ -314,6 +314,10 @@ class RecurrentRecommender(Recommender):
     def score_items(self, state: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         return F.linear(state, self.output.weight[lo:hi], self.output.bias[lo:hi])
 
+    def score_factors(self, state: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        return state, self.output.weight, self.output.bias
+
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype of the autocast region active on `device_type`, or None outside one."""

@@ -177,6 +177,9 @@ class SASRec(Recommender):
     def score_items(self, state: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         return state @ self.item_embedding.weight[lo:hi].T
 
+    def score_factors(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        return state, self.item_embedding.weight[:self.n_items], None  # not the padding row
+
 
 def _training_rows(train: SequenceData, length: int) -> tuple[np.ndarray, ...]:
     """(inputs, targets, mask), each [rows, length]: row k of a user (k = 0 its last) holds the
