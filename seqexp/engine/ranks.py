@@ -144,13 +144,11 @@ class _BlockCounts:
             if _tile_counts(product.detach().numpy(), added.detach().numpy(),
                             *self.tile_arguments):
                 check_finite(product + added)
-            scores = product
-        else:
-            scores = product if bias is None else product + bias
-            _sign_sums(scores, self.target_scores, self.differences, self.net, self.moved)
-            bias = None
+        else:  # the scores made whole, then sums of signs
+            product, bias = (product if bias is None else product + bias), None
+            _sign_sums(product, self.target_scores, self.differences, self.net, self.moved)
         if self.excluded is not None:
-            _uncount(scores, bias, self.target_scores, self.excluded, lo, hi, self.greater,
+            _uncount(product, bias, self.target_scores, self.excluded, lo, hi, self.greater,
                      self.equal)
 
     def totals(self, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,10 +194,16 @@ def _target_scores(score_parts: ScoreParts, targets: torch.Tensor,
             room -= product.numel()
         if target_scores is None:  # in the scores' dtype: float64 ties must stay ties
             target_scores = product.new_empty(n_points, 1)
-        columns = targets[points] - lo
-        found = product[points, columns]
-        target_scores[points, 0] = found if bias is None else found + bias[columns]
+        target_scores[points, 0] = _scores_at(product, bias, points, targets[points] - lo)
     return kept, target_scores
+
+
+def _scores_at(product: torch.Tensor, bias: torch.Tensor | None, rows: torch.Tensor,
+               columns: torch.Tensor) -> torch.Tensor:
+    """The scores product[rows, columns] (+ bias[columns]), each sum rounded as
+    _tile_counts rounds it."""
+    found = product[rows, columns]
+    return found if bias is None else found + bias[columns]
 
 
 @numba.njit(nogil=True, cache=True)
@@ -227,17 +231,15 @@ def _tile_counts(product: np.ndarray, bias: np.ndarray, target_scores: np.ndarra
     return nan
 
 
-def _uncount(scores: torch.Tensor, bias: torch.Tensor | None, target_scores: torch.Tensor,
+def _uncount(product: torch.Tensor, bias: torch.Tensor | None, target_scores: torch.Tensor,
              excluded: tuple[torch.Tensor, torch.Tensor], lo: int, hi: int,
              greater: torch.Tensor, equal: torch.Tensor) -> None:
     """Take the excluded items of columns lo..hi-1 back out of the counts (in place); the
-    scores are `scores` (+ `bias` per column when given)."""
+    scores are `product` (+ `bias` per column when given)."""
     point, item = excluded
     inside = (item >= lo) & (item < hi)
     point, item = point[inside], item[inside] - lo
-    score, target = scores[point, item], target_scores[point, 0]
-    if bias is not None:
-        score = score + bias[item]
+    score, target = _scores_at(product, bias, point, item), target_scores[point, 0]
     for counts, taken in ((greater, point[score > target]), (equal, point[score == target])):
         counts.index_add_(0, taken, torch.ones_like(taken, dtype=counts.dtype), alpha=-1)
 
