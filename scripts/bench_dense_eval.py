@@ -28,6 +28,9 @@ validation events:
   the evaluator's blocks, groups and order, and on its threads (one group per core where it
   counts in CPU tiles);
 - counting: the rest (total - replay - product).
+`mf` is ranked through dense blocks here: the script turns off the evaluator's shared rows (one
+sorted score row per user, which it takes for `mf`'s users of SHARED_ROW_POINTS points or more:
+scripts/bench_shared_rows.py), so that every model's row measures the dense scoring.
 The achieved rate is 2 x hidden x items x events / total; the GEMM rate is that of one score
 block's product of the evaluator's shape, and of 64 points x all items, timed by
 scripts/bench_matmul.py's best_seconds in the same run (the best of GEMM_ROUNDS rounds, once per
@@ -191,6 +194,7 @@ def main() -> None:
             f"model={args.model}", f"model.{width}={args.hidden}", "train.progress=false"])
     configure_torch(cfg.train)
     torch.manual_seed(cfg.seed)
+    evaluation.shared_rows = lambda model, batch: None  # dense blocks for every model
     data = lastfm_like(args.users, args.items, args.train_events, args.val_events)
     model = build_model(cfg.model, data)
     model.fit(data)

@@ -1,8 +1,9 @@
-"""Fit and evaluation speed of pop, itemknn and expdecay_knn on a LastFM-1K-shaped split: the
-evaluator's shared + sparse ranking against dense score rows (the code at --main, e.g. a
-checkout of the main branch, measured for --before-s seconds a phase), one model at a time in
-its own process (its peak RSS), 2 threads. --dense ranks the after side through dense rows too
-(the crossover of the two paths).
+"""Fit and evaluation speed of pop, itemknn and expdecay_knn (and of mf) on a LastFM-1K-shaped
+split: the evaluator's shared + sparse ranking (for mf, one sorted score row per user) against
+dense score rows (the code at --main, e.g. a checkout of the main branch, measured for
+--before-s seconds a phase), one model at a time in its own process (its peak RSS), 2
+threads. --dense ranks the after side through dense rows too (the crossover of the paths).
+mf is untrained (its initial random factors): what it costs to rank does not depend on them.
 
 Usage: flock /work/heavy.lock python scripts/bench_score_shapes.py [--scale 1.0]
            [--models pop itemknn expdecay_knn] [--main /path/to/main] [--before-s 60]
@@ -141,6 +142,7 @@ def child(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     if args.dense:  # every model through dense score rows (the after side's code)
         evaluator_module.sorted_shared_scores = lambda model: None
+        evaluator_module.shared_rows = lambda model, batch: None
     data = lastfm_split(args.scale)
     model = presets.model(args.model, data.n_items, data.n_users)
     state = args.work / f"{args.model}.pt"

@@ -23,6 +23,7 @@ from seqexp.core.stopping import TrainingStopped
 from seqexp.data.batching import PredictionBatch, prediction_batches
 from seqexp.data.loading import load_dataset
 from seqexp.data.sequences import SequenceData
+from seqexp.engine.ranks import distinct_keys
 from seqexp.engine.trainer import ResumableState, Trainer, TrainingCallback
 from seqexp.models.base import Recommender
 from seqexp.run.artifacts import checkpoint_contents
@@ -91,6 +92,21 @@ def check_score_factors(model: Recommender, data: SequenceData) -> None:
     expected = queries @ items.T + (0 if bias is None else bias)
     torch.testing.assert_close(model.score_items(state, 0, data.n_items), expected,
                                rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def check_score_row_keys(model: Recommender, data: SequenceData) -> None:
+    """Where a model names points that share their scores (score_row_keys), points with equal
+    keys get the same scores for every item (the evaluator scores one row per key)."""
+    batch = _batch(data)
+    keys = model.score_row_keys(batch)
+    if keys is None:
+        return
+    assert keys.shape == (batch.n_targets,)
+    scores = _scores(model, batch, data.n_items)
+    _, first, row = distinct_keys(keys)
+    assert len(first) < batch.n_targets  # the check compares something
+    torch.testing.assert_close(scores, scores[first][row], rtol=1e-5, atol=1e-6)
 
 
 @torch.no_grad()
@@ -204,6 +220,7 @@ def check_all(model_name: str, data_dir: Path, folder: Path) -> None:
     cfg, data, model = trained(model_name, data_dir, folder)
     check_chunk_invariance(model, data)
     check_score_factors(model, data)
+    check_score_row_keys(model, data)
     check_no_future_leak(model, data)
     check_prediction_state(model, data)
     check_save_load(model, data, cfg, folder)

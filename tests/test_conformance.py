@@ -46,6 +46,12 @@ def test_score_factors_where_given_make_the_models_scores(model_name, trained_on
 
 
 @pytest.mark.parametrize("model_name", MODELS)
+def test_points_whose_keys_are_equal_get_equal_scores(model_name, trained_once):
+    _, data, model, _ = trained_once(model_name)
+    conformance.check_score_row_keys(model, data)
+
+
+@pytest.mark.parametrize("model_name", MODELS)
 def test_a_prediction_depends_on_no_later_event(model_name, trained_once):
     _, data, model, _ = trained_once(model_name)
     conformance.check_no_future_leak(model, data)

@@ -582,3 +582,62 @@ def test_tile_groups_give_the_workers_equal_shares_in_groups_of_at_most_the_grou
                                 (0, 2))]
     assert sizes == [[5, 5, 5, 5], [5, 4], [2, 1], [3], [1], [8, 8] + [7] * 12, [8, 8], []]
     assert sum(tile_groups(list(range(9)), 8, 2), []) == list(range(9))  # in order, each once
+
+
+class PerUser23(Factored23):
+    """Factored23 whose scores depend on the user alone (as mf's), and say so through
+    score_row_keys; records the points of each call for scores (or their factors)."""
+
+    def __init__(self, n_items: int, n_users: int) -> None:
+        super().__init__(n_items, n_users)
+        self.scored_rows: list[int] = []
+
+    def prediction_states(self, batch):
+        return self.queries(batch.users[batch.target_rows] * 1001)
+
+    def score_items(self, state, lo, hi):
+        self.scored_rows.append(len(state))
+        return super().score_items(state, lo, hi)
+
+    def score_factors(self, state):
+        self.scored_rows.append(len(state))
+        return super().score_factors(state)
+
+    def score_row_keys(self, batch):
+        return batch.users[batch.target_rows]
+
+
+@pytest.mark.parametrize("exclude_seen", [False, True])
+@pytest.mark.parametrize("max_block", [10_000, 23, 46])
+def test_points_sharing_a_users_row_are_ranked_from_that_row_scored_once(
+        exclude_seen, max_block):
+    """A batch with many points per user: one row per user is scored (max_block: rows a
+    step), and the counts are the brute force's, with and without exclusions."""
+    generator = np.random.default_rng(2)
+    users = [generator.integers(0, 23, size=n).tolist() for n in (40, 35, 30, 60, 25)]
+    data = sequences(users, n_items=23, n_test=[20, 15, 16, 50, 10])
+    model = PerUser23(23, 5)
+    counts = make_evaluator([5], batch_users=3, exclude_seen=exclude_seen,
+                            max_block_elements=max_block).rank_counts(model, data, "test")
+    assert sum(model.scored_rows) == 5  # one row per user, not one per point
+    assert max(model.scored_rows) == min(3, max_block // 23)
+    scores = model.score_items(model.queries(torch.from_numpy(counts.users) * 1001), 0, 23)
+    context = [users[u][:c] if exclude_seen else []
+               for u, c in zip(counts.users.tolist(), counts.positions.tolist(), strict=True)]
+    expected = _seen_by_brute_force(scores, torch.from_numpy(counts.targets), context)
+    assert (counts.greater.tolist(), counts.equal.tolist()) == expected
+    assert len(set(expected[1])) > 3  # many ties, of many sizes
+
+
+def test_users_with_fewer_points_than_a_row_is_worth_are_scored_point_by_point():
+    import seqexp.engine.evaluator as evaluation
+
+    per_user = evaluation.SHARED_ROW_POINTS - 1
+    data = sequences([list(range(per_user + 2))] * 3, n_items=23, n_test=[per_user] * 3)
+    model = PerUser23(23, 3)
+    make_evaluator([5], max_block_elements=10_000).rank_counts(model, data, "test")
+    assert model.scored_rows == [3 * per_user]
+    model.scored_rows.clear()
+    data = sequences([list(range(per_user + 3))] * 3, n_items=23, n_test=[per_user + 1] * 3)
+    make_evaluator([5], max_block_elements=10_000).rank_counts(model, data, "test")
+    assert model.scored_rows == [3]

@@ -190,3 +190,58 @@ def test_blocks_counted_chunk_by_chunk_score_each_chunk_for_every_block_in_turn(
     # by hand: point 0 (target 0.5) has 0.9 and 0.7 above, 0.9 excluded; point 1 (target
     # -inf) has 1, 2, 0 and 3 above, 1 excluded; point 2's target is +inf
     assert got[0][0].tolist() == [1, 3, 0]
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(seed=st.integers(0, 2**31 - 1), n_items=st.integers(1, 30), n_rows=st.integers(1, 6),
+       points=st.integers(0, 25), levels=st.integers(1, 8),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_counts_from_shared_sorted_rows_equal_the_dense_counts(seed, n_items, n_rows, points,
+                                                               levels, dtype):
+    """count_row_ranks (each row sorted once, two searches a point) against count_ranks over
+    every point's own copy of its row: scores from a few levels (ties, ±inf, -0.0 beside 0.0),
+    rows no point names, rows named by many points in any order, excluded items above, level
+    and below."""
+    rng = np.random.default_rng(seed)
+    values = np.array([0.5, -0.0, 0.0, -INF, 2.0, INF, -1.0, 0.25])[:levels]
+    rows = torch.from_numpy(rng.choice(values, (n_rows, n_items))).to(dtype)
+    row_of_point = torch.from_numpy(rng.integers(0, n_rows, points))
+    targets = torch.from_numpy(rng.integers(0, n_items, points))
+    pairs = [(p, i) for p in range(points) for i in range(n_items)
+             if i != targets[p] and rng.random() < 0.3]
+    excluded = (torch.tensor([p for p, _ in pairs], dtype=torch.int64),
+                torch.tensor([i for _, i in pairs], dtype=torch.int64))
+    dense = rows[row_of_point]
+    for exclusion in (None, excluded):
+        expected = count_ranks(_block(dense), targets, n_items, 7, exclusion)
+        got = ranks.count_row_ranks(rows, row_of_point, targets, exclusion)
+        assert got[0].tolist() == expected[0].tolist()
+        assert got[1].tolist() == expected[1].tolist()
+
+
+def test_counts_from_shared_rows_by_hand():
+    # row 0 of SCORES for points 0 and 2 (targets 0.5 and 0.9), row 2 for point 1 (target inf)
+    row_of_point, targets = torch.tensor([0, 2, 0]), torch.tensor([2, 0, 1])
+    greater, equal = ranks.count_row_ranks(SCORES, row_of_point, targets)
+    assert greater.tolist() == [2, 0, 0]
+    assert equal.tolist() == [3, 2, 0]
+    # point 0 without item 1 (above) and item 4 (level); point 1 without item 5 (level)
+    excluded = (torch.tensor([0, 0, 1]), torch.tensor([1, 4, 5]))
+    greater, equal = ranks.count_row_ranks(SCORES, row_of_point, targets, excluded)
+    assert greater.tolist() == [1, 0, 0]
+    assert equal.tolist() == [2, 1, 0]
+
+
+def test_a_nan_in_a_shared_row_is_an_error():
+    rows = SCORES.clone()
+    rows[1, 3] = torch.nan
+    with pytest.raises(SeqexpError, match="NaN"):
+        ranks.count_row_ranks(rows, torch.tensor([0]), torch.tensor([0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_rows_are_sorted_with_their_dtype_on_numpys_or_torchs_sort(dtype):
+    scores = torch.tensor([[3.0, -INF, 0.5, 0.0, -1.0], [1.0, 1.0, INF, -2.0, 0.0]], dtype=dtype)
+    ordered = ranks.sort_rows(scores)
+    assert ordered.dtype == dtype
+    assert ordered.tolist() == [[-INF, -1.0, 0.0, 0.5, 3.0], [-2.0, 0.0, 1.0, 1.0, INF]]

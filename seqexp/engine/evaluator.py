@@ -38,10 +38,13 @@ from seqexp.engine.ranks import (
     ScoreParts,
     check_finite,
     count_block_ranks,
+    count_row_ranks,
     count_sparse_ranks,
     count_table_ranks,
+    distinct_keys,
     linear_parts,
     scores_alone,
+    sort_rows,
 )
 from seqexp.models import cpu_kernels
 from seqexp.models.base import Recommender
@@ -81,6 +84,11 @@ TILE_ITEMS = 1024
 # rows are read from memory once for the group, then from the core's cache
 # (docs/benchmarks.md).
 TILE_GROUP = 8
+# Models whose points share whole score rows (Recommender.score_row_keys: a user's, for `mf`)
+# are ranked row by row, each row scored and sorted once, where a batch has at least this many
+# points per distinct row: a sort costs a few times one point's dense pass (the crossover is
+# measured in docs/benchmarks.md).
+SHARED_ROW_POINTS = 8
 
 
 def _for_device(table: dict[str, int], device: torch.device) -> int:
@@ -212,6 +220,9 @@ class Evaluator:
                 model.sparse_rows(state).long(),
                 lambda points: model.sparse_scores(_take_state(state, points)))
             return count_table_ranks(*shared, prepared, rows, batch.targets, excluded)
+        rows = shared_rows(model, batch) if shared is None else None
+        if rows is not None:
+            return self._row_counts(model, state, rows, batch.targets, excluded, n_items)
         # B x N must fit: split the prediction points if needed, then the items.
         device = batch.targets.device
         dense_points, chunk = self.block_shape(device, n_items, batch.n_targets)
@@ -240,6 +251,36 @@ class Evaluator:
             g_parts.append(g)
             e_parts.append(e)
         return torch.cat(g_parts), torch.cat(e_parts)
+
+    def _row_counts(self, model: Recommender, state, rows: tuple[torch.Tensor, torch.Tensor],
+                    targets: torch.Tensor, excluded: tuple[torch.Tensor, torch.Tensor] | None,
+                    n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """count_row_ranks over `rows` = (the first point of each distinct score row, each
+        point's row), as many rows a step as a score block holds, one step per core at a time
+        on a CPU (the sorts run outside the GIL)."""
+        first, row_of_point = rows
+        device = targets.device
+        step = max(1, self.block_elements(device, n_items) // max(n_items, 1))
+        by_row = torch.argsort(row_of_point, stable=True)
+        bounds = torch.searchsorted(row_of_point[by_row], torch.arange(
+            0, len(first) + step, step, device=device)).tolist()
+        pairs = None if excluded is None else _pairs_by_place(excluded, _places(by_row))
+
+        def count(part: int) -> tuple[torch.Tensor, torch.Tensor]:
+            lo, hi = bounds[part], bounds[part + 1]
+            points = by_row[lo:hi]
+            scores = model.score_items(_take_state(state, first[part * step:][:step]), 0,
+                                       n_items)
+            return count_row_ranks(scores, row_of_point[points] - part * step, targets[points],
+                                   _block_pairs(pairs, lo, hi))
+        workers = torch.get_num_threads() if device.type == "cpu" else 1
+        greater = torch.empty(len(targets), dtype=torch.int32, device=device)
+        equal = torch.empty_like(greater)
+        steps = [part for part in range(len(bounds) - 1) if bounds[part] < bounds[part + 1]]
+        for part, (g, e) in zip(steps, on_each_core(count, steps, workers), strict=True):
+            points = by_row[bounds[part]:bounds[part + 1]]
+            greater[points], equal[points] = g, e
+        return greater, equal
 
     def evaluate(self, model: Recommender, data: SequenceData, phase: str,
                  stop_requested: Callable[[], str | None] | None = None) -> dict[str, float]:
@@ -343,11 +384,7 @@ def _dense_counts(model: Recommender, state, targets: torch.Tensor, n_items: int
     if chunk < n_items and n_points > points:
         order = torch.argsort(torch.div(targets, chunk, rounding_mode="floor"), stable=True)
         if excluded is not None:  # the pairs' points renumbered in that order, sorted again
-            rank = torch.empty_like(order)
-            rank[order] = torch.arange(n_points, device=order.device)
-            point = rank[excluded[0]]
-            by_point = torch.argsort(point, stable=True)
-            excluded = (point[by_point], excluded[1][by_point])
+            excluded = _pairs_by_place(excluded, _places(order))
     blocks = [(slice(start, start + points) if order is None else order[start:start + points],
                _block_pairs(excluded, start, start + points))
               for start in range(0, n_points, points)]
@@ -422,6 +459,35 @@ def _block_pairs(excluded: tuple[torch.Tensor, torch.Tensor] | None, start: int,
     return point[lo:hi] - start, item[lo:hi]
 
 
+def shared_rows(model: Recommender, batch: PredictionBatch
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(the first point of each distinct score row, each point's row), the rows ascending by
+    key, when the model names the points that share their scores (score_row_keys) and the
+    batch has SHARED_ROW_POINTS points or more per row; else None (dense blocks)."""
+    keys = model.score_row_keys(batch)
+    if keys is None:
+        return None
+    distinct, first, row_of_point = distinct_keys(keys)
+    if batch.n_targets < SHARED_ROW_POINTS * len(distinct):
+        return None
+    return first, row_of_point
+
+
+def _places(order: torch.Tensor) -> torch.Tensor:
+    """The inverse of the permutation `order`: each element's place in it."""
+    places = torch.empty_like(order)
+    places[order] = torch.arange(len(order), device=order.device)
+    return places
+
+
+def _pairs_by_place(excluded: tuple[torch.Tensor, torch.Tensor], where: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (point, item) pairs with each point renumbered to where[point], sorted by it."""
+    point = where[excluded[0]]
+    order = torch.argsort(point, stable=True)
+    return point[order], excluded[1][order]
+
+
 def sorted_shared_scores(model: Recommender) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(shared scores, the same sorted) of a model whose scores are a shared vector plus sparse
     entries (docs/evaluation.md), else None: its ranks come from dense score blocks."""
@@ -429,7 +495,7 @@ def sorted_shared_scores(model: Recommender) -> tuple[torch.Tensor, torch.Tensor
     if shared is None:
         return None
     check_finite(shared)
-    return shared, torch.sort(shared).values
+    return shared, sort_rows(shared)
 
 
 def row_table(model: Recommender, shared: tuple[torch.Tensor, torch.Tensor] | None

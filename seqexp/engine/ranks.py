@@ -3,7 +3,9 @@ with its target (seqexp.engine.evaluator). `count_ranks` reads dense blocks of i
 without sorting; `count_sparse_ranks` reads a score vector shared by every point, sorted once,
 and a few entries per point that differ from it; `count_table_ranks` the same when each point's
 entries are one row of a fixed table, prepared once (`SparseTable`), so that a point costs a
-few binary searches in its row instead of a pass over its entries."""
+few binary searches in its row instead of a pass over its entries; `count_row_ranks` reads
+whole score rows that many points share (a user's, where scores depend on the user alone),
+each sorted once."""
 
 from __future__ import annotations
 
@@ -239,7 +241,14 @@ def _uncount(product: torch.Tensor, bias: torch.Tensor | None, target_scores: to
     point, item = excluded
     inside = (item >= lo) & (item < hi)
     point, item = point[inside], item[inside] - lo
-    score, target = _scores_at(product, bias, point, item), target_scores[point, 0]
+    _take_back(greater, equal, point, _scores_at(product, bias, point, item),
+               target_scores[point, 0])
+
+
+def _take_back(greater: torch.Tensor, equal: torch.Tensor, point: torch.Tensor,
+               score: torch.Tensor, target: torch.Tensor) -> None:
+    """Excluded items out of the counts (in place): an item scoring `score` for `point`,
+    whose target scores `target`, is one less above it, or one less level with it."""
     for counts, taken in ((greater, point[score > target]), (equal, point[score == target])):
         counts.index_add_(0, taken, torch.ones_like(taken, dtype=counts.dtype), alpha=-1)
 
@@ -273,20 +282,19 @@ def count_sparse_ranks(
         greater, equal, target_score = _tensor_counts(ordered, targets, ids, own, shared)
     if excluded is not None and n_points:
         point, item = excluded
-        score = _excluded_scores(shared, ids, own, point, item)
-        target = target_score[point]
-        for counts, taken in ((greater, point[score > target]), (equal, point[score == target])):
-            counts.index_add_(0, taken, torch.ones_like(taken, dtype=counts.dtype), alpha=-1)
+        _take_back(greater, equal, point, _excluded_scores(shared, ids, own, point, item),
+                   target_score[point])
     return greater, equal
 
 
 def _shared_counts(ordered: torch.Tensor, target_score: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two binary searches in the sorted shared scores: how many lie above and level with
-    each target score (less the target itself)."""
+    each target score (less the target itself); row by row where `ordered` [R, N] and
+    `target_score` [R, M] are rows."""
     level_or_below = torch.searchsorted(ordered, target_score, right=True)
     below = torch.searchsorted(ordered, target_score)
-    return ((len(ordered) - level_or_below).to(torch.int32),
+    return ((ordered.shape[-1] - level_or_below).to(torch.int32),
             (level_or_below - below - 1).to(torch.int32))
 
 
@@ -436,9 +444,8 @@ class RowTable:
         points at those indices, asked for one point of each row not prepared yet."""
         missing = (self.slots[rows] < 0).nonzero()[:, 0]
         if len(missing):
-            new, inverse = torch.unique(rows[missing], return_inverse=True)
-            first = torch.full_like(new, len(rows)).scatter_reduce_(0, inverse, missing, "amin")
-            ids, scores = entries(first)
+            new, first, _ = distinct_keys(rows[missing])
+            ids, scores = entries(missing[first])
             if self.storage is None:
                 self.width = ids.shape[1]
                 self.storage = empty_table(len(self.slots), self.width, self.shared)
@@ -452,6 +459,15 @@ class RowTable:
         if self.storage is None:  # no point yet
             return empty_table(0, 0, self.shared), self.slots[rows]
         return SparseTable(*(column[:self.size] for column in self.storage)), self.slots[rows]
+
+
+def distinct_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the distinct keys ascending, the index of each one's first occurrence in `keys`, the
+    place of each element of `keys` among the distinct ones)."""
+    distinct, inverse = torch.unique(keys, return_inverse=True)
+    first = torch.full_like(distinct, len(keys)).scatter_reduce_(
+        0, inverse, torch.arange(len(keys), device=keys.device), "amin")
+    return distinct, first, inverse
 
 
 def _row_chunks(rows: int) -> list[slice]:
@@ -561,10 +577,7 @@ def count_table_ranks(
     items move above it (sum of the weights of moves above) and level with it. Comparisons
     only: the counts are those of count_ranks. `excluded` as for count_ranks."""
     target_score = _table_scores(shared, table, rows, targets)
-    level_or_below = torch.searchsorted(ordered, target_score, right=True)
-    below = torch.searchsorted(ordered, target_score)
-    greater = (len(shared) - level_or_below).to(torch.int32)
-    equal = (level_or_below - below - 1).to(torch.int32)  # − the target itself
+    greater, equal = _shared_counts(ordered, target_score)
     if table.ids.shape[1]:
         width = table.prefix.shape[1]
         prefix, start = table.prefix.flatten(), rows * width
@@ -576,11 +589,46 @@ def count_table_ranks(
         equal += (at_most - less).to(torch.int32)
     if excluded is not None and len(targets):
         point, item = excluded
-        score = _table_scores(shared, table, rows[point], item)
-        target = target_score[point]
-        for counts, taken in ((greater, point[score > target]), (equal, point[score == target])):
-            counts.index_add_(0, taken, torch.ones_like(taken, dtype=counts.dtype), alpha=-1)
+        _take_back(greater, equal, point, _table_scores(shared, table, rows[point], item),
+                   target_score[point])
     return greater, equal
+
+
+def count_row_ranks(
+    rows: torch.Tensor, row_of_point: torch.Tensor, targets: torch.Tensor,
+    excluded: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The counts of `count_ranks` for points that share whole score rows: point p scores the
+    items as rows[row_of_point[p]] ([R, N]; e.g. every point of a user where scores depend on
+    the user alone). Each row is sorted once; a point then costs two binary searches in its
+    row for its target's score, read from that same row: comparisons only, the counts are
+    those of count_ranks. `excluded` as for count_ranks."""
+    check_finite(rows)
+    target_score = rows[row_of_point, targets]
+    # each row's points side by side, padded to the longest: one search of a [R, M] table
+    by_row = torch.argsort(row_of_point, stable=True)
+    per_row = torch.bincount(row_of_point, minlength=len(rows))
+    row = row_of_point[by_row]
+    column = torch.arange(len(by_row), device=rows.device) - (per_row.cumsum(0) - per_row)[row]
+    values = rows.new_zeros(len(rows), int(per_row.max()) if len(by_row) else 0)
+    values[row, column] = target_score[by_row]
+    greater, equal = torch.empty_like(targets, dtype=torch.int32), torch.empty_like(
+        targets, dtype=torch.int32)
+    above, level = _shared_counts(sort_rows(rows), values)
+    greater[by_row], equal[by_row] = above[row, column], level[row, column]
+    if excluded is not None and len(targets):
+        point, item = excluded
+        _take_back(greater, equal, point, rows[row_of_point[point], item], target_score[point])
+    return greater, equal
+
+
+def sort_rows(scores: torch.Tensor) -> torch.Tensor:
+    """`scores` [..., N] sorted along the last dimension: by numpy's vectorised sort for
+    float32 and float64 on a CPU (9-23 times torch's sort there, docs/benchmarks.md), by
+    torch's elsewhere. Equal scores (0.0 and -0.0 among them) may come in any order."""
+    if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(np.sort(scores.detach().numpy(), axis=-1))
+    return torch.sort(scores, dim=-1).values
 
 
 def _table_scores(shared: torch.Tensor, table: SparseTable, rows: torch.Tensor,

@@ -151,6 +151,14 @@ class Recommender(nn.Module):
         default): scores are read through score_items alone."""
         return None
 
+    def score_row_keys(self, batch: PredictionBatch) -> torch.Tensor | None:
+        """[P] integer keys of the prediction points of `batch` such that points with equal
+        keys get equal scores for every item (a model whose scores depend on the user alone:
+        the user). The evaluator then scores one row per key, sorts it once and ranks each
+        of its points by binary searches, where the points share their rows widely enough.
+        None (the default): no two points are taken to share their scores."""
+        return None
+
     def shared_scores(self) -> torch.Tensor | None:
         """[n_items] scores shared by every prediction point when this model's scores are that
         vector plus the per-point entries of `sparse_scores`; None (the default): dense scores,

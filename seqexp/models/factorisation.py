@@ -212,6 +212,11 @@ class BPRFactorisation(Recommender):
         return (state if isinstance(state, torch.Tensor) else state[0], self.item_factors,
                 self.item_bias)
 
+    def score_row_keys(self, batch: PredictionBatch) -> torch.Tensor | None:
+        if self.window or self.seen_bias is not None:  # the last items or the history count
+            return None
+        return batch.users[batch.target_rows]  # p_u . q_i + b_i: the user's row
+
 
 def seen_block(items: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, lo: int,
                hi: int) -> torch.Tensor:
