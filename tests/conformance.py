@@ -183,10 +183,12 @@ class _StopAfterBatch(TrainingCallback):
 
 
 def _fit(model_name: str, data_dir: Path, state: Path, resume: bool = False,
-         stop: _StopAfterBatch | None = None) -> tuple[dict, dict]:
+         stop: _StopAfterBatch | None = None, overrides: tuple[str, ...] = ()
+         ) -> tuple[dict, dict]:
     """(the trained weights, the test metrics) of two epochs from the seed, as a new process
-    would train them (`resume`: from the training state `state`)."""
-    cfg, data, model = _seeded(model_name, data_dir, ["train.epochs=2", "train.patience=5"])
+    would train them (`resume`: from the training state `state`), with config `overrides`."""
+    cfg, data, model = _seeded(model_name, data_dir,
+                               ["train.epochs=2", "train.patience=5", *overrides])
     evaluator = build_evaluator(cfg)
     stop = stop or _StopAfterBatch(0, 0)
     trainer = build_trainer(cfg, evaluator, state=ResumableState(state, resume),
@@ -195,21 +197,23 @@ def _fit(model_name: str, data_dir: Path, state: Path, resume: bool = False,
     return model.state_dict(), evaluator.evaluate(model, data, "test")
 
 
-def check_resume_mid_epoch(model_name: str, data_dir: Path, folder: Path) -> None:
+def check_resume_mid_epoch(model_name: str, data_dir: Path, folder: Path,
+                           overrides: tuple[str, ...] = ()) -> None:
     """Training stopped after the first batch of the second epoch (a SIGTERM) and resumed from
     its training state ends with the weights and test metrics of an uninterrupted one, bit
-    for bit."""
-    full_weights, full_test = _fit(model_name, data_dir, folder / "full.pt")
+    for bit (config `overrides` on all three runs)."""
+    full_weights, full_test = _fit(model_name, data_dir, folder / "full.pt",
+                                   overrides=overrides)
     state = folder / "stopped.pt"
     stop = _StopAfterBatch(2, 1)
     try:
-        _fit(model_name, data_dir, state, stop=stop)
+        _fit(model_name, data_dir, state, stop=stop, overrides=overrides)
     except TrainingStopped:
         saved = read_checkpoint(state)
         assert saved["epoch"] == 1 and saved["partial"]["batches"] == 1
     else:  # a model without epochs to train never reaches a batch
         assert stop.signal is None
-    weights, test = _fit(model_name, data_dir, state, resume=True)
+    weights, test = _fit(model_name, data_dir, state, resume=True, overrides=overrides)
     assert test == full_test
     for key, value in full_weights.items():
         assert torch.equal(weights[key], value), key

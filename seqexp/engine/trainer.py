@@ -36,6 +36,7 @@ from seqexp.core.errors import SeqexpError
 from seqexp.core.stopping import EvaluationStopped, FitStopped, TrainingStopped
 from seqexp.data.sequences import SequenceData
 from seqexp.engine.evaluator import Evaluator
+from seqexp.engine.lazy_adam import LazyAdam, clip_gradients
 from seqexp.models.base import Recommender
 
 log = logging.getLogger(__name__)
@@ -47,12 +48,18 @@ REPORT_EVERY = 20  # steps between reads of the running loss (progress bar, NaN 
 
 # train.optimizer: plain SGD and Adagrad alongside Adam, for models whose published learning
 # rate was set for them (e.g. BPR-style factorisation).
+# lazy_adam: Adam on the rows a batch touches alone, for models with row-sparse gradients
+# (seqexp/engine/lazy_adam.py; other results than Adam's).
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam, "sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad,
+    "lazy_adam": LazyAdam,
 }
 # Tensors of a parameter's size each optimiser keeps (Adam's two moments, Adagrad's sum of
 # squares; SGD as the trainer builds it, without momentum, none): seqexp/engine/memory.py.
-OPTIMIZER_STATES: dict[str, int] = {"adam": 2, "sgd": 0, "adagrad": 1}
+OPTIMIZER_STATES: dict[str, int] = {"adam": 2, "sgd": 0, "adagrad": 1, "lazy_adam": 2}
+# Optimisers that take sparse gradients: a model that can give them is asked to
+# (Recommender.set_sparse_gradients).
+SPARSE_GRADIENTS = {"lazy_adam"}
 
 
 @dataclass
@@ -519,6 +526,9 @@ class Trainer:
             raise TrainingStopped(name, epoch, batches)
 
     def make_optimizer(self, model: Recommender) -> torch.optim.Optimizer:
+        """train.optimizer over the model's parameters; the model is told whether that
+        optimiser takes sparse gradients."""
+        model.set_sparse_gradients(self.settings.optimizer in SPARSE_GRADIENTS)
         optimizer = OPTIMIZERS[self.settings.optimizer]
         lr, weight_decay = self.settings.lr, self.settings.weight_decay
         try:  # the fused kernel: one pass over each tensor (several times faster on a CPU)
@@ -587,7 +597,7 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.settings.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), self.settings.grad_clip)
+            clip_gradients(model.parameters(), self.settings.grad_clip)
         optimizer.step()
         return loss
 

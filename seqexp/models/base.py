@@ -115,6 +115,12 @@ class Recommender(nn.Module):
         rows = min(batch_size, n_events)
         return {"scores": (2 * rows * self.n_items, "train.batch_size")}
 
+    def set_sparse_gradients(self, sparse: bool) -> None:
+        """Whether training steps should give row-sparse (COO) gradients for the model's large
+        tables where it can (the trainer says so for an optimiser that takes them,
+        train.optimizer=lazy_adam, which then updates the rows a batch touched alone).
+        Default: ignored; dense gradients, which every optimiser takes."""
+
     def training_batches(
         self, train: SequenceData, batch_size: int, rng: np.random.Generator
     ) -> Iterator[Any]:

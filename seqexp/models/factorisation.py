@@ -81,6 +81,7 @@ class BPRFactorisation(Recommender):
         self.item_bias = nn.Parameter(torch.zeros(n_items)) if item_bias else None
         # β, the learned offset of items seen before the prediction point (module docstring)
         self.seen_bias = nn.Parameter(torch.zeros(())) if seen_bias else None
+        self.sparse_gradients = False  # row-sparse gradients of the factor tables (lazy_adam)
 
     @property
     def uses_users(self) -> bool:
@@ -89,16 +90,31 @@ class BPRFactorisation(Recommender):
     def context_vectors(self, users: torch.Tensor, context: torch.Tensor,
                         context_mask: torch.Tensor) -> torch.Tensor:
         """[p_u, mean of l_j over the existing context items]: [B, factors * (1 or 2)]."""
-        user = self.user_factors[users]
+        user = self._rows(self.user_factors, users)
         if not self.window:
             return user
         weights = context_mask.to(user.dtype)
         weights = weights / weights.sum(1, keepdim=True).clamp_min(1.0)
-        transition = torch.einsum("bw,bwf->bf", weights, self.transition_factors[context])
+        transition = torch.einsum("bw,bwf->bf", weights,
+                                  self._rows(self.transition_factors, context))
         return torch.cat([user, transition], dim=1)
 
+    def set_sparse_gradients(self, sparse: bool) -> None:
+        self.sparse_gradients = sparse
+
+    def _rows(self, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """table[index], with a row-sparse gradient for `table` when asked
+        (set_sparse_gradients; the item bias: SparseGather). Otherwise plain indexing, whose
+        dense gradient sums a batch's repeated rows as it always has."""
+        if self.sparse_gradients:
+            return F.embedding(index, table, sparse=True)
+        return table[index]
+
     def _bias(self, items: torch.Tensor) -> torch.Tensor | float:
-        return 0.0 if self.item_bias is None else self.item_bias[items]
+        if self.item_bias is None:
+            return 0.0
+        return (SparseGather.apply(self.item_bias, items) if self.sparse_gradients
+                else self.item_bias[items])
 
     # --- training -------------------------------------------------------------------------
 
@@ -164,8 +180,8 @@ class BPRFactorisation(Recommender):
         if self.n_items < 2:
             raise SeqexpError("BPR needs at least 2 items to sample a negative")
         context = self.context_vectors(batch.users, batch.context, batch.context_mask)
-        positive = self.item_factors[batch.positives]
-        negative = self.item_factors[batch.negatives]
+        positive = self._rows(self.item_factors, batch.positives)
+        negative = self._rows(self.item_factors, batch.negatives)
         margin = (context * (positive - negative)).sum(1)
         margin = margin + self._bias(batch.positives) - self._bias(batch.negatives)
         if self.seen_bias is not None:
@@ -216,6 +232,23 @@ class BPRFactorisation(Recommender):
         if self.window or self.seen_bias is not None:  # the last items or the history count
             return None
         return batch.users[batch.target_rows]  # p_u . q_i + b_i: the user's row
+
+
+class SparseGather(torch.autograd.Function):
+    """vector[index] whose gradient for `vector` is a sparse COO tensor (F.embedding's
+    sparse=True takes a 2-D table, and a sparse gradient cannot pass the view of a vector
+    as one)."""
+
+    @staticmethod
+    def forward(ctx, vector: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.size = vector.shape
+        return vector[index]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (index,) = ctx.saved_tensors
+        return torch.sparse_coo_tensor(index[None], grad, ctx.size, check_invariants=False), None
 
 
 def seen_block(items: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, lo: int,
