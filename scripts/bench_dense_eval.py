@@ -31,11 +31,12 @@ validation events:
 `mf` is ranked through dense blocks here: the script turns off the evaluator's shared rows (one
 sorted score row per user, which it takes for `mf`'s users of SHARED_ROW_POINTS points or more:
 scripts/bench_shared_rows.py), so that every model's row measures the dense scoring.
-The achieved rate is 2 x hidden x items x events / total; the GEMM rate is that of one score
-block's product of the evaluator's shape, and of 64 points x all items, timed by
-scripts/bench_matmul.py's best_seconds in the same run (the best of GEMM_ROUNDS rounds, once per
-shape); each setting's rate is also given over the fastest of all the run's GEMM rates. Prints
-a line per setting and writes JSON.
+The achieved rate is 2 x width x items x events / total, width being that of the product the
+model's score_factors give (hidden; mf's factors; seqmf's 2 x factors, user and transition);
+the GEMM rate is that of one score block's product of the evaluator's shape (that width), and
+of 64 points x all items, timed by scripts/bench_matmul.py's best_seconds in the same run (the
+best of GEMM_ROUNDS rounds, once per shape); each setting's rate is also given over the
+fastest of all the run's GEMM rates. Prints a line per setting and writes JSON.
 """
 
 from __future__ import annotations
@@ -155,6 +156,15 @@ def time_phases(model, data: SequenceData, evaluator: Evaluator, repeats: int) -
             "extra_scored": extra, "replay_all_threads_s": replay_all_threads}
 
 
+def product_width(model, data: SequenceData, evaluator: Evaluator, hidden: int) -> int:
+    """The inner dimension of the model's score product: that of its score_factors for the
+    first validation batch (seqmf's is twice its factors), else --hidden."""
+    batch = next(prediction_batches(data, "val", evaluator.users_per_batch(model.device)))
+    with torch.no_grad():
+        factors = model.score_factors(model.prediction_states(batch))
+    return hidden if factors is None else int(factors[0].shape[1])
+
+
 @cache
 def gemm_gflops(points: int, hidden: int, items: int) -> float:
     """float32 GEMM rate of [points x hidden] . [hidden x items] (bench_matmul's timing), timed
@@ -188,10 +198,10 @@ def main() -> None:
                         help="timed evaluation passes per setting (the fastest counts)")
     parser.add_argument("--out", default="bench_dense_eval.json")
     args = parser.parse_args()
-    width = WIDTH_KEY.get(args.model, "hidden_size")
+    width_key = WIDTH_KEY.get(args.model, "hidden_size")
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
-            f"model={args.model}", f"model.{width}={args.hidden}", "train.progress=false"])
+            f"model={args.model}", f"model.{width_key}={args.hidden}", "train.progress=false"])
     configure_torch(cfg.train)
     torch.manual_seed(cfg.seed)
     evaluation.shared_rows = lambda model, batch: None  # dense blocks for every model
@@ -203,6 +213,8 @@ def main() -> None:
                      "users": args.users, "train_events": args.train_events,
                      "val_events": args.val_events, "settings": {}}
     reference = None
+    width = product_width(model, data, Evaluator.from_config(cfg), args.hidden)
+    results["product_width"] = width
     kernels = cpu_kernels.enabled()  # the configuration's (train.cpu_kernels)
     for setting in args.block_elements:
         shape, _, kernel_off = setting.partition("-")
@@ -223,10 +235,10 @@ def main() -> None:
             cpu_kernels.set_enabled(kernels)
         counts = row.pop("counts")
         events = len(counts)
-        flop = 2 * args.hidden * args.items * events
+        flop = 2 * width * args.items * events
         points, chunk = row["block_shapes"][-1]
-        gemm_block = gemm_gflops(points, args.hidden, chunk)
-        gemm_64 = gemm_gflops(64, args.hidden, args.items)
+        gemm_block = gemm_gflops(points, width, chunk)
+        gemm_64 = gemm_gflops(64, width, args.items)
         if reference is None:
             reference = counts
         row |= {"events": events, "events_per_s": events / row["total_s"],

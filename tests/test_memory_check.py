@@ -98,6 +98,24 @@ def test_the_estimate_counts_parameters_gradients_and_adams_moments():
     assert estimate.peak == held + parts["evaluation block"]
 
 
+@pytest.mark.parametrize(("model_name", "per_row"), [
+    ("mf", 4 + 2 * 4 + 4),  # p_u; q_pos, q_neg; the context vector (p_u itself)
+    # p_u and the two context items' l_j; [q, q'] of the positive and the negative; [p_u, mean l]
+    ("seqmf", 4 + 2 * 4 + 2 * 8 + 8),
+])
+def test_a_bpr_step_holds_the_rows_it_gathers_not_a_row_of_scores(model_name, per_row):
+    """mf and seqmf with 4 factors, a batch of 16 over 445,369 items: each row's gathered
+    factor rows and context vector, each with its gradient, by hand; nothing item-wide."""
+    cfg = compose_config([f"model={model_name}", "model.factors=4"])
+    factory, options = experiment.model_factory(cfg.model)
+    estimate = run_estimate(factory, {"n_items": 445_369, "n_users": 40}, options,
+                            ("adam", 16, 500), make_evaluator(), torch.device("cpu"))
+    steps = {part.what: part for part in estimate.parts if part.phase == "train"}
+    assert list(steps) == ["BPR rows"]
+    assert steps["BPR rows"].size == 4 * 2 * 16 * per_row
+    assert steps["BPR rows"].key == "train.batch_size"
+
+
 def test_the_largest_model_key_is_found_on_the_meta_device_for_any_model():
     """The key named is the one whose lowering shrinks the model, found without per-model
     code: mf's factors, gru's hidden_size, whichever other keys the config holds."""

@@ -102,6 +102,16 @@ class BPRFactorisation(Recommender):
     def set_sparse_gradients(self, sparse: bool) -> None:
         self.sparse_gradients = sparse
 
+    def step_elements(self, batch_size: int, n_events: int) -> dict[str, tuple[int, str]]:
+        """The rows one BPR batch gathers, each with its gradient: the user's factors, the
+        context items' transition factors, the positive's and the negative's item rows, and
+        the context vector made of them; no row of item scores. The sampler's index arrays
+        (one entry per training event) are data-sized: the estimate leaves the data out."""
+        rows = min(batch_size, n_events)
+        width = self.item_factors.shape[1]
+        per_row = self.factors * (1 + self.window) + 3 * width
+        return {"BPR rows": (2 * rows * per_row, "train.batch_size")}
+
     def _rows(self, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """table[index], with a row-sparse gradient for `table` when asked
         (set_sparse_gradients; the item bias: SparseGather). Otherwise plain indexing, whose
