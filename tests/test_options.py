@@ -107,6 +107,9 @@ BAD = [
     (DEFAULT, "train.lr", 0, "train.lr=0"),
     (DEFAULT, "train.num_threads", -2, "train.num_threads=-2 must be an integer >= 1 (or null)"),
     (DEFAULT, "train.epochs", 1.5, "train.epochs=1.5 must be an integer >= 0"),
+    (DEFAULT, "eval.val_max_scores", 1e10, "eval.val_max_scores=10000000000.0 must be an "
+                                           "integer >= 1 (or null); write 10000000000, without "
+                                           "a decimal point or exponent"),
     (DEFAULT, "train.batch_size", True, "train.batch_size=True must"),
     (DEFAULT, "train.grad_clip", -INF, "train.grad_clip=-inf"),
     (DEFAULT, "train.optimizer", "lion", "train.optimizer='lion' must be one of adam, sgd"),

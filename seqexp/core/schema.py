@@ -66,7 +66,16 @@ class Rule:
         if value is None and rule.nullable:
             return
         if not rule.check(value):
-            raise SeqexpError(f"{key}={value!r} must {rule.describe(values)}")
+            raise SeqexpError(f"{key}={value!r} must {rule.describe(values)}"
+                              f"{_integer_hint(rule, value)}")
+
+
+def _integer_hint(rule: Rule, value: Any) -> str:
+    """For a whole number given as a float where an integer is due (Hydra reads 1e10 as a
+    float), how to write it."""
+    if isinstance(value, float) and value.is_integer() and "integer" in rule.requirement:
+        return f"; write {int(value)}, without a decimal point or exponent"
+    return ""
 
 
 @dataclass(frozen=True)
