@@ -182,6 +182,21 @@ def test_bad_values_are_refused_naming_the_key(configs, where, key, value, messa
     assert "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("train.epochs", 3.0, "train.epochs=3.0 must be an integer >= 0; write 3, without a "
+                          "decimal point or exponent"),
+    ("train.epochs", 1.5, "train.epochs=1.5 must be an integer >= 0"),  # not a whole number
+    ("train.lr", -1.0, "train.lr=-1.0 must be a finite number > 0"),  # a number is due
+])
+def test_a_whole_number_written_as_a_float_is_told_how_to_write_it(configs, key, value,
+                                                                    message):
+    cfg = configs[DEFAULT].copy()
+    OmegaConf.update(cfg, key, value)
+    with pytest.raises(SeqexpError) as caught:
+        validate(cfg)
+    assert str(caught.value) == message
+
+
 def test_an_interpolation_that_cannot_resolve_is_one_line(configs, monkeypatch):
     monkeypatch.delenv("SEQEXP_UNSET_VARIABLE", raising=False)
     cfg = configs[DEFAULT].copy()
