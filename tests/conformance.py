@@ -110,6 +110,24 @@ def check_score_row_keys(model: Recommender, data: SequenceData) -> None:
 
 
 @torch.no_grad()
+def check_score_key_columns(model: Recommender, data: SequenceData) -> None:
+    """Where a model names query columns that points of one key share (score_key_columns),
+    those first G columns of its score_factors' queries are equal for points with equal keys,
+    and some columns are left for the product (the evaluator makes the G columns' part once
+    per key)."""
+    batch = _batch(data)
+    keyed = model.score_key_columns(batch)
+    if keyed is None:
+        return
+    keys, width = keyed
+    queries = model.score_factors(model.prediction_states(batch))[0]
+    assert keys.shape == (batch.n_targets,) and 0 < width < queries.shape[1]
+    _, first, row = distinct_keys(keys)
+    assert len(first) < batch.n_targets  # the check compares something
+    assert torch.equal(queries[:, :width], queries[first][row][:, :width])
+
+
+@torch.no_grad()
 def check_no_future_leak(model: Recommender, data: SequenceData) -> None:
     """A prediction depends on nothing from its target on: each user's first test event and
     every later one are replaced, and the scores of the points up to the first test event (its
@@ -225,6 +243,7 @@ def check_all(model_name: str, data_dir: Path, folder: Path) -> None:
     check_chunk_invariance(model, data)
     check_score_factors(model, data)
     check_score_row_keys(model, data)
+    check_score_key_columns(model, data)
     check_no_future_leak(model, data)
     check_prediction_state(model, data)
     check_save_load(model, data, cfg, folder)

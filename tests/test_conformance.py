@@ -52,6 +52,12 @@ def test_points_whose_keys_are_equal_get_equal_scores(model_name, trained_once):
 
 
 @pytest.mark.parametrize("model_name", MODELS)
+def test_query_columns_a_key_shares_are_equal_for_its_points(model_name, trained_once):
+    _, data, model, _ = trained_once(model_name)
+    conformance.check_score_key_columns(model, data)
+
+
+@pytest.mark.parametrize("model_name", MODELS)
 def test_a_prediction_depends_on_no_later_event(model_name, trained_once):
     _, data, model, _ = trained_once(model_name)
     conformance.check_no_future_leak(model, data)

@@ -527,6 +527,112 @@ def test_a_product_and_bias_rank_like_score_items_in_tiles_and_whole_rows(
     assert np.array_equal(whole.equal, counts.equal)
 
 
+class UserThenPoint23(Factored23):
+    """Factored23 with four query columns, the first two the user's alone (as seqmf's user
+    factors beside its transitions), said through score_key_columns; small exact values, so
+    that every order of summation gives the same scores. Records each product's width."""
+
+    def __init__(self, n_items: int, n_users: int) -> None:
+        super().__init__(n_items, n_users)
+        generator = torch.Generator().manual_seed(4)
+        self.items = torch.randint(-1, 2, (n_items, 4), generator=generator).float()
+
+    def prediction_states(self, batch):
+        return self.queries_at(batch.users[batch.target_rows], batch.target_cols)
+
+    def score_key_columns(self, batch):
+        return batch.users[batch.target_rows], 2
+
+    @staticmethod
+    def queries_at(users: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        point = users * 1000 + positions
+        return torch.stack([users % 3, users // 2 % 2, point * 7 % 3, point % 2], dim=1).float()
+
+
+def _product_widths(monkeypatch) -> list[int]:
+    """The query width of every product the evaluator's linear_parts makes, recorded."""
+    import seqexp.engine.evaluator as evaluation
+
+    widths: list[int] = []
+    made = evaluation.linear_parts
+
+    def recorded(queries, *args, **kwargs):
+        widths.append(queries.shape[1])
+        return made(queries, *args, **kwargs)
+    monkeypatch.setattr(evaluation, "linear_parts", recorded)
+    return widths
+
+
+@pytest.mark.parametrize("exclude_seen", [False, True])
+def test_points_of_one_user_are_scored_in_blocks_of_that_user_its_columns_made_once(
+        monkeypatch, exclude_seen):
+    import seqexp.engine.evaluator as evaluation
+    from seqexp.models import cpu_kernels
+
+    switch_cpu_kernel(monkeypatch, "eval_blocks", True)
+    switch_cpu_kernel(monkeypatch, "key_rows", True)
+    monkeypatch.setattr(cpu_kernels, "EVAL_BLOCK_ELEMENTS", 64 * 10)
+    monkeypatch.setattr(evaluation, "TILE_POINTS", 3)
+    monkeypatch.setattr(evaluation, "TILE_ITEMS", 4)
+    monkeypatch.setattr(evaluation, "KEY_ROW_POINTS", 4)
+    generator = np.random.default_rng(5)
+    users = [generator.integers(0, 23, size=n).tolist() for n in (30, 25, 12, 40, 28)]
+    data = sequences(users, n_items=23, n_test=[20, 15, 8, 30, 17])
+    model = UserThenPoint23(23, 5)
+    widths = _product_widths(monkeypatch)
+    counts = make_evaluator([5], batch_users=2, exclude_seen=exclude_seen).rank_counts(
+        model, data, "test")
+    assert set(widths) == {2}  # the user's two columns left out of every product
+    assert set((counts.targets // 4).tolist()) == set(range(6))  # a target in every tile
+    scores = model.score_items(model.queries_at(torch.from_numpy(counts.users),
+                                                 torch.from_numpy(counts.positions)), 0, 23)
+    context = [users[u][:c] if exclude_seen else []
+               for u, c in zip(counts.users.tolist(), counts.positions.tolist(), strict=True)]
+    expected = _seen_by_brute_force(scores, torch.from_numpy(counts.targets), context)
+    assert (counts.greater.tolist(), counts.equal.tolist()) == expected
+    assert len(set(expected[1])) > 3  # many ties, of many sizes
+    widths.clear()
+    whole = make_evaluator([5], batch_users=2, exclude_seen=exclude_seen,
+                           max_block_elements=10_000).rank_counts(model, data, "test")
+    assert set(widths) == {4}  # whole rows: one product of every column
+    assert np.array_equal(whole.greater, counts.greater)
+    assert np.array_equal(whole.equal, counts.equal)
+
+
+@pytest.mark.parametrize(("kernel", "least_points"), [(False, 4), (True, 9)])
+def test_users_are_not_given_blocks_of_their_own_without_the_kernel_or_points_enough(
+        monkeypatch, kernel, least_points):
+    """The key_rows kernel off, or a batch with fewer points per user than KEY_ROW_POINTS
+    (here 8 and 7.5): products of every column, blocks by target tile."""
+    import seqexp.engine.evaluator as evaluation
+    from seqexp.models import cpu_kernels
+
+    switch_cpu_kernel(monkeypatch, "eval_blocks", True)
+    switch_cpu_kernel(monkeypatch, "key_rows", kernel)
+    monkeypatch.setattr(cpu_kernels, "EVAL_BLOCK_ELEMENTS", 64 * 10)
+    monkeypatch.setattr(evaluation, "KEY_ROW_POINTS", least_points)
+    data = sequences([list(range(12)), list(range(3, 20)), list(range(5, 14))], n_items=23,
+                     n_test=[8, 8, 7])
+    widths = _product_widths(monkeypatch)
+    make_evaluator([5], batch_users=2).rank_counts(UserThenPoint23(23, 3), data, "test")
+    assert widths and set(widths) == {4}
+
+
+def test_a_block_plan_sorts_points_by_target_tile_and_with_keys_by_key_first():
+    from seqexp.engine.evaluator import block_plan
+
+    keys = torch.tensor([1, 0, 1, 1, 0, 1, 1])
+    targets = torch.tensor([9, 2, 1, 5, 7, 0, 6])  # tiles of 4 items: 2 0 0 1 1 0 1
+    order, bounds = block_plan(targets, 12, (2, 4))
+    assert order.tolist() == [1, 2, 5, 3, 4, 6, 0] and bounds == [0, 2, 4, 6, 7]
+    order, bounds = block_plan(targets, 12, (2, 4), keys)
+    # key 0: points 1, 4; key 1: 2, 5 (tile 0), 3, 6 (tile 1), 0 (tile 2); no block holds two
+    assert order.tolist() == [1, 4, 2, 5, 3, 6, 0] and bounds == [0, 2, 4, 6, 7]
+    order, bounds = block_plan(targets, 12, (3, 4), keys)
+    assert order.tolist() == [1, 4, 2, 5, 3, 6, 0] and bounds == [0, 2, 5, 7]
+    assert block_plan(targets, 12, (8, 12))[0] is None  # one block, whole rows: as they are
+
+
 def test_taking_points_in_another_order_gathers_rows_but_slices_a_shared_view():
     from seqexp.engine.evaluator import _take_state
 

@@ -89,6 +89,11 @@ TILE_GROUP = 8
 # points per distinct row: a sort costs a few times one point's dense pass (the crossover is
 # measured in docs/benchmarks.md).
 SHARED_ROW_POINTS = 8
+# Models whose queries begin with columns that points of one key share
+# (Recommender.score_key_columns: seqmf's user factors) are scored in blocks of one key each
+# (KeyRowScores) where a batch has at least this many points per key (the crossover is
+# measured in docs/benchmarks.md).
+KEY_ROW_POINTS = 256
 
 
 def _for_device(table: dict[str, int], device: torch.device) -> int:
@@ -228,6 +233,7 @@ class Evaluator:
         dense_points, chunk = self.block_shape(device, n_items, batch.n_targets)
         tiles = self.cpu_tiles(device, n_items)
         workers, group = (torch.get_num_threads(), TILE_GROUP) if tiles else (1, 1)
+        keyed = key_columns(model, batch) if tiles and shared is None else None
         # sparse: a first step, then steps of about SPARSE_ENTRIES entries; dense: the rest
         points = batch.n_targets if shared is None else SPARSE_POINTS
         g_parts, e_parts = [], []
@@ -246,7 +252,8 @@ class Evaluator:
                     shared, points = None, batch.n_targets
             else:
                 g, e = _dense_counts(model, sub_state, batch.targets[part], n_items,
-                                     (dense_points, chunk), sub_excluded, workers, group)
+                                     (dense_points, chunk), sub_excluded, workers, group,
+                                     None if keyed is None else (keyed[0][part], keyed[1]))
                 start += points
             g_parts.append(g)
             e_parts.append(e)
@@ -372,35 +379,110 @@ class Evaluator:
 def _dense_counts(model: Recommender, state, targets: torch.Tensor, n_items: int,
                   shape: tuple[int, int],
                   excluded: tuple[torch.Tensor, torch.Tensor] | None = None, workers: int = 1,
-                  group: int = 1):
+                  group: int = 1, keyed: tuple[torch.Tensor, int] | None = None):
     """count_ranks over blocks of `shape` = (points, items) of model.score_items, on `workers`
-    threads (see on_each_core), `group` blocks at a time chunk by chunk (count_block_ranks).
-    When a row is split into item tiles, the points are taken in the order of their target's
-    tile, so that a block's targets lie in a tile or two and count_ranks's first pass (the
-    targets' scores) scores those alone, not a tile per point."""
+    threads (see on_each_core), `group` blocks at a time chunk by chunk (count_block_ranks),
+    the points in the order and blocks of block_plan. With `keyed` = (each point's key, G)
+    (key_columns), each block holds points of one key, scored by KeyRowScores."""
     points, chunk = shape
-    n_points = len(targets)
-    order = None
-    if chunk < n_items and n_points > points:
-        order = torch.argsort(torch.div(targets, chunk, rounding_mode="floor"), stable=True)
-        if excluded is not None:  # the pairs' points renumbered in that order, sorted again
-            excluded = _pairs_by_place(excluded, _places(order))
-    blocks = [(slice(start, start + points) if order is None else order[start:start + points],
-               _block_pairs(excluded, start, start + points))
-              for start in range(0, n_points, points)]
+    order, bounds = block_plan(targets, n_items, shape, None if keyed is None else keyed[0])
+    if order is not None and excluded is not None:  # the pairs' points renumbered, sorted
+        excluded = _pairs_by_place(excluded, _places(order))
+    blocks = [(slice(start, stop) if order is None else order[start:stop],
+               _block_pairs(excluded, start, stop)) for start, stop in pairwise(bounds)]
     groups = tile_groups(blocks, group, workers)
+    scorers = (partial(point_scorers, model, state) if keyed is None
+               else KeyRowScores(model.score_factors(state), *keyed))
 
     def count(blocks_of_group: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        scorers = [score_parts(model, _take_state(state, rows)) for rows, _ in blocks_of_group]
-        return count_block_ranks(scorers, [targets[rows] for rows, _ in blocks_of_group],
-                                 n_items, chunk, [pairs for _, pairs in blocks_of_group])
-    greater = torch.empty(n_points, dtype=torch.int32, device=targets.device)
+        rows = [rows for rows, _ in blocks_of_group]
+        return count_block_ranks(scorers(rows), [targets[points] for points in rows], n_items,
+                                 chunk, [pairs for _, pairs in blocks_of_group])
+    greater = torch.empty(len(targets), dtype=torch.int32, device=targets.device)
     equal = torch.empty_like(greater)
     for blocks_of_group, counts in zip(groups, on_each_core(count, groups, workers),
                                        strict=True):
         for (rows, _), (g, e) in zip(blocks_of_group, counts, strict=True):
             greater[rows], equal[rows] = g, e
     return greater, equal
+
+
+def block_plan(targets: torch.Tensor, n_items: int, shape: tuple[int, int],
+               keys: torch.Tensor | None = None) -> tuple[torch.Tensor | None, list[int]]:
+    """(the order in which the points are scored, None for their own; the bounds of the
+    blocks of up to `shape`[0] points in that order). When a row is split into item tiles,
+    the points are taken in the order of their target's tile, so that a block's targets lie
+    in a tile or two and count_ranks's first pass (the targets' scores) scores those alone,
+    not a tile per point. With `keys`, the points are sorted by key first and no block holds
+    two keys: a key's points fill its blocks in the order of their target's tile."""
+    points, chunk = shape
+    n_points = len(targets)
+    if keys is None:
+        tiled = chunk < n_items and n_points > points
+        order = torch.argsort(torch.div(targets, chunk, rounding_mode="floor"),
+                              stable=True) if tiled else None
+        return order, [*range(0, n_points, points), n_points]
+    tiles = -(-n_items // chunk)
+    order = torch.argsort(keys.long() * tiles + torch.div(targets, chunk, rounding_mode="floor"),
+                          stable=True)
+    per_key = torch.unique_consecutive(keys[order], return_counts=True)[1]
+    blocks_per_key = -(-per_key // points)
+    key_starts = torch.cumsum(per_key, 0) - per_key
+    block_starts = torch.cumsum(blocks_per_key, 0) - blocks_per_key
+    in_key = torch.arange(int(blocks_per_key.sum()), device=keys.device) - torch.repeat_interleave(
+        block_starts, blocks_per_key)
+    starts = torch.repeat_interleave(key_starts, blocks_per_key) + in_key * points
+    return order, [*starts.tolist(), n_points]
+
+
+def point_scorers(model: Recommender, state, blocks: list) -> list[ScoreParts]:
+    """The ScoreParts of each block of points (rows of `state`): score_parts."""
+    return [score_parts(model, _take_state(state, rows)) for rows in blocks]
+
+
+class KeyRowScores:
+    """The ScoreParts of blocks of points of one key each, for a model whose score_factors
+    (queries, items, bias) have their first `width` query columns equal for points with
+    equal keys (key_columns): a block's scores are queries[:, width:] @ items[:, width:].T
+    plus the row of its key, queries[key, :width] @ items[:, :width].T + bias, made once for
+    the blocks of a group (one product of one row) and added while counting as a bias is.
+    The product is `width` columns narrower (seqmf: half of it). Each sum is rounded in
+    another order than score_items's one product, so a rank may differ from the dense
+    path's where a score lies within the last bit of its target's, as between any two
+    product shapes; every target's score is still read from the scores it is compared with."""
+
+    def __init__(self, factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+                 keys: torch.Tensor, width: int) -> None:
+        queries, items, bias = factors
+        self.keys, self.bias = keys, bias
+        self.key_queries, self.queries = queries[:, :width], queries[:, width:]
+        # each part's item columns contiguous: a tile's rows then lie next to each other
+        self.key_items = items[:, :width].contiguous()
+        self.items = items[:, width:].contiguous()
+
+    def __call__(self, blocks: list) -> list[ScoreParts]:
+        rows: dict[int, torch.Tensor] = {}
+        parts = []
+        for points in blocks:
+            first = points[:1]
+            key = int(self.keys[first])
+            if key not in rows:
+                product = torch.mm(self.key_queries[first], self.key_items.T)[0]
+                rows[key] = product if self.bias is None else product + self.bias
+            parts.append(partial(linear_parts, self.queries[points], self.items, rows[key]))
+        return parts
+
+
+def key_columns(model: Recommender, batch: PredictionBatch) -> tuple[torch.Tensor, int] | None:
+    """model.score_key_columns(batch) where the `key_rows` CPU kernel is on and the batch
+    has KEY_ROW_POINTS points or more per key (fewer make small blocks whose products cost
+    more than the columns they save); else None."""
+    if not cpu_kernels.active("key_rows", batch.targets.device):
+        return None
+    keyed = model.score_key_columns(batch)
+    if keyed is None or len(torch.unique(keyed[0])) * KEY_ROW_POINTS > batch.n_targets:
+        return None
+    return keyed
 
 
 def score_parts(model: Recommender, state) -> ScoreParts:

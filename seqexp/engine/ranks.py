@@ -73,9 +73,9 @@ def count_block_ranks(
     counts as count_ranks block by block; the blocks share KEPT_SCORES."""
     bounds = [(lo, min(lo + chunk, n_items)) for lo in range(0, n_items, chunk)]
     room = KEPT_SCORES // max(1, len(score_blocks))
-    blocks = [_BlockCounts(score, points, bounds, chunk, pairs, room) for score, points, pairs
-              in zip(score_blocks, targets, excluded, strict=True)]
     buffer = TileBuffer()
+    blocks = [_BlockCounts(score, points, bounds, chunk, pairs, room, buffer)
+              for score, points, pairs in zip(score_blocks, targets, excluded, strict=True)]
     for index, (lo, hi) in enumerate(bounds):
         for block in blocks:
             block.count(index, lo, hi, buffer)
@@ -106,7 +106,8 @@ class _BlockCounts:
 
     def __init__(self, score_parts: ScoreParts, targets: torch.Tensor,
                  bounds: list[tuple[int, int]], chunk: int,
-                 excluded: tuple[torch.Tensor, torch.Tensor] | None, room: int) -> None:
+                 excluded: tuple[torch.Tensor, torch.Tensor] | None, room: int,
+                 buffer: TileBuffer | None = None) -> None:
         n_points, device = len(targets), targets.device
         self.n_points, self.score_parts, self.excluded = n_points, score_parts, excluded
         self.greater = torch.zeros(n_points, dtype=torch.int32, device=device)
@@ -114,8 +115,8 @@ class _BlockCounts:
         self.kept: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         if n_points == 0:
             return
-        self.kept, self.target_scores = _target_scores(score_parts, targets, bounds, chunk,
-                                                       room)
+        self.kept, self.target_scores = _target_scores(
+            score_parts, targets, bounds, chunk, room, buffer if device.type == "cpu" else None)
         dtype = self.target_scores.dtype
         self.compiled = (cpu_kernels.active("dense_counts", device)
                          and dtype in (torch.float32, torch.float64))
@@ -168,13 +169,17 @@ KEPT_SCORES = 1 << 23
 
 
 def _target_scores(score_parts: ScoreParts, targets: torch.Tensor,
-                   bounds: list[tuple[int, int]], chunk: int, room: int = KEPT_SCORES
+                   bounds: list[tuple[int, int]], chunk: int, room: int = KEPT_SCORES,
+                   buffer: TileBuffer | None = None
                    ) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor | None]],
                               torch.Tensor]:
     """({chunk index: its (product, bias)} of the first-pass chunks kept, within `room`
     elements, [P, 1] target scores): each point's target score read from the chunk that holds
     its target, the points sorted by that chunk once, then one gather per chunk. A single
-    chunk is always kept (scored once)."""
+    chunk is always kept (scored once). The products of chunks not kept go into `buffer`,
+    where given, once the first product has told the scores' dtype: one buffer, as in the
+    second pass, not a fresh tile per chunk (blocks of one key, KeyRowScores, have their
+    targets in tens of tiles)."""
     n_points = len(targets)
     if len(bounds) == 1:  # the usual case on a GPU: no sort, and no wait to learn the sizes
         by_tile, per_tile = torch.arange(n_points, device=targets.device), [n_points]
@@ -190,10 +195,14 @@ def _target_scores(score_parts: ScoreParts, targets: torch.Tensor,
             continue
         points = by_tile[first:first + count]
         first += count
-        product, bias = score_parts(lo, hi, None)
-        if len(bounds) == 1 or product.numel() <= room:
+        size = n_points * (hi - lo)
+        keep = len(bounds) == 1 or size <= room
+        out = (None if keep or buffer is None or target_scores is None
+               else buffer.take(n_points, hi - lo, target_scores))
+        product, bias = score_parts(lo, hi, out)
+        if keep:
             kept[index] = product, bias
-            room -= product.numel()
+            room -= size
         if target_scores is None:  # in the scores' dtype: float64 ties must stay ties
             target_scores = product.new_empty(n_points, 1)
         target_scores[points, 0] = _scores_at(product, bias, points, targets[points] - lo)

@@ -157,6 +157,16 @@ class Recommender(nn.Module):
         default): scores are read through score_items alone."""
         return None
 
+    def score_key_columns(self, batch: PredictionBatch) -> tuple[torch.Tensor, int] | None:
+        """([P] integer keys of the prediction points of `batch`, G) when the first G columns
+        of score_factors' queries are equal for points with equal keys (seqmf: the user's own
+        factors, beside the mean of its last items' transition factors). Where it counts in
+        CPU tiles, the evaluator may then score the points in blocks of one key each: those G
+        columns' part of the scores made once per key as one row, added while counting like
+        an item bias, and the product made of the other columns alone. None (the default):
+        every column is a product."""
+        return None
+
     def score_row_keys(self, batch: PredictionBatch) -> torch.Tensor | None:
         """[P] integer keys of the prediction points of `batch` such that points with equal
         keys get equal scores for every item (a model whose scores depend on the user alone:

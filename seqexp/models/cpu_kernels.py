@@ -32,6 +32,9 @@ KERNELS = {
                     "check, counted in one compiled pass (numba) that adds the item bias of "
                     "a product plus a bias (score_factors), not six whole-tensor passes over "
                     "scores made whole first",
+    "key_rows": "where the first columns of a model's queries belong to the point's user (seqmf's "
+                "user factors) and the CPU counts in tiles, points are scored in blocks of one "
+                "user, that part made once per user as a row added while counting",
 }
 REPLAY_STEPS = 8
 EVAL_BLOCK_ELEMENTS = 3_000_000

@@ -238,6 +238,11 @@ class BPRFactorisation(Recommender):
         return (state if isinstance(state, torch.Tensor) else state[0], self.item_factors,
                 self.item_bias)
 
+    def score_key_columns(self, batch: PredictionBatch) -> tuple[torch.Tensor, int] | None:
+        if not self.window or self.seen_bias is not None:  # mf: whole rows (score_row_keys)
+            return None
+        return batch.users[batch.target_rows], self.factors  # p_u, then the transitions' mean
+
     def score_row_keys(self, batch: PredictionBatch) -> torch.Tensor | None:
         if self.window or self.seen_bias is not None:  # the last items or the history count
             return None
