@@ -4,6 +4,7 @@ float32 GEMM rate for the same products, and where the rest of the time goes.
 Usage: python scripts/bench_dense_eval.py [--model gru] [--hidden 100] [--items 445369]
            [--users 8] [--train-events 2000] [--val-events 200]
            [--block-elements auto 28503616 128x2048x8 256x1024x1 auto-dense_counts ...]
+           [--paper-shapes DIR [--every-user 31]] [--phase val] [--key-row-points N]
            [--repeats 3] [--out bench_dense_eval.json]
 
 The model (conf/model/<model>.yaml; its width set to --hidden: model.hidden_size for the RNNs,
@@ -11,20 +12,25 @@ model.factors for mf/seqmf) is built untrained at --items items; the data are sy
 --users users of --train-events training then --val-events validation events each, items drawn
 from a Zipf-like popularity (LastFM-1K's users have ~12,300 training and ~1,300 validation
 events each, the same ratio as the defaults; with a few users each replay step runs a few rows,
-not 256, so the replay's share here is above LastFM-1K's). For each --block-elements
+not 256, so the replay's share here is above LastFM-1K's). With --paper-shapes DIR (the folder
+of scripts/make_paper_shapes.py) the data are instead every --every-user-th user of its
+LastFM-1K-shaped file, as `seqexp dataset=lastfm` loads it (cached where
+bench_paper_shapes.py caches it), and the events ranked are those of --phase. For each
+--block-elements
 (eval.max_block_elements; auto = the evaluator's own choice; PxT = the evaluator's CPU tiles
 at P points x T items instead of its own, PxTxG the same with G blocks of points a group
 (scored item tile by item tile; 1: block by block); any of them followed by -K, e.g.
 auto-dense_counts:
 the same with the CPU kernel K of seqexp/models/cpu_kernels.py off) it times, over the
-validation events:
+--phase events:
 - total: the evaluator's rank counting (Evaluator.rank_counts), the fastest of --repeats
   passes after an untimed one; ranks compared across settings;
 - replay: the model's prediction states (the history replay), batch by batch as the evaluator
   makes them (Evaluator.prediction_states: on one thread where it counts in CPU tiles);
   replay_all_threads: the same replay on torch's threads (model.prediction_states);
 - product: the score blocks' products alone (the evaluator's score_parts: the product of the
-  model's score_factors written into a buffer the group reuses, else model.score_items), in
+  model's score_factors written into a buffer the group reuses, else model.score_items; in
+  blocks of one user, KeyRowScores, with each user's row), in
   the evaluator's blocks, groups and order, and on its threads (one group per core where it
   counts in CPU tiles);
 - counting: the rest (total - replay - product).
@@ -32,7 +38,9 @@ validation events:
 sorted score row per user, which it takes for `mf`'s users of SHARED_ROW_POINTS points or more:
 scripts/bench_shared_rows.py), so that every model's row measures the dense scoring.
 The achieved rate is 2 x width x items x events / total, width being that of the product the
-model's score_factors give (hidden; mf's factors; seqmf's 2 x factors, user and transition);
+evaluator makes of the model's score_factors (hidden; mf's factors; seqmf's 2 x factors, user
+and transition, or, in blocks of one user (the key_rows kernel), the transitions' factors
+alone, the user's part made once per user);
 the GEMM rate is that of one score block's product of the evaluator's shape (that width), and
 of 64 points x all items, timed by scripts/bench_matmul.py's best_seconds in the same run (the
 best of GEMM_ROUNDS rounds, once per shape); each setting's rate is also given over the
@@ -46,14 +54,18 @@ import json
 import platform
 import time
 from functools import cache, partial
+from itertools import pairwise
+from pathlib import Path
 
 import numpy as np
 import torch
 from bench_matmul import best_seconds
+from bench_paper_shapes import compose as compose_paper_shape
 from hydra import compose, initialize_config_dir
 
 from seqexp.core.resources import config_dir
 from seqexp.data.batching import prediction_batches
+from seqexp.data.loading import load_dataset
 from seqexp.data.sequences import SequenceData
 from seqexp.engine import evaluator as evaluation
 from seqexp.engine.evaluator import Evaluator, on_each_core, tile_groups
@@ -65,7 +77,7 @@ WIDTH_KEY = {"mf": "factors", "seqmf": "factors"}  # the RNNs: hidden_size
 # Rounds of bench_matmul's timing per GEMM rate (the best counts): its rate varies from round
 # to round by more than the settings compared here differ.
 GEMM_ROUNDS = 5
-SCORE_PARTS = evaluation.score_parts  # the evaluator's own
+LINEAR_PARTS, SCORES_ALONE = evaluation.linear_parts, evaluation.scores_alone  # its own
 TILE_SHAPE = evaluation.TILE_POINTS, evaluation.TILE_ITEMS, evaluation.TILE_GROUP  # its own
 
 
@@ -80,72 +92,116 @@ def lastfm_like(n_users: int, n_items: int, n_train: int, n_val: int) -> Sequenc
                         val_end=offsets[:-1] + n_train + n_val, n_items=n_items)
 
 
+def lastfm_users(folder: str, model: str, every: int) -> SequenceData:
+    """Every `every`-th user of the LastFM-1K-shaped file of scripts/make_paper_shapes.py in
+    `folder` (its events, splits and catalogue, as `seqexp model=<model> dataset=lastfm`
+    loads them, from the cache bench_paper_shapes.py uses in `folder`)."""
+    cfg = compose_paper_shape("lastfm", Path(folder), model, [])
+    data = load_dataset(cfg.dataset, cfg.split, Path(cfg.paths.raw_dir),
+                        Path(cfg.paths.cache_dir), progress=False)
+    users = np.arange(0, data.n_users, every)
+    starts, lengths = data.offsets[users], np.diff(data.offsets)[users]
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    events = np.arange(offsets[-1]) - np.repeat(offsets[:-1] - starts, lengths)
+    return SequenceData(items=data.items[events], timestamps=data.timestamps[events],
+                        offsets=offsets, train_end=offsets[:-1] + data.train_end[users] - starts,
+                        val_end=offsets[:-1] + data.val_end[users] - starts,
+                        n_items=data.n_items)
+
+
 def counting_scored() -> list[int]:
-    """Make the evaluator's score parts (evaluation.score_parts) append the number of scores
-    each product holds to the returned list (list.append is atomic: the evaluator's worker
-    threads share it); undone by restore_score_parts."""
+    """Make the evaluator's score parts (evaluation.linear_parts, for scores made of factors,
+    and evaluation.scores_alone, for the others) append the number of scores each product
+    holds to the returned list (list.append is atomic: the evaluator's worker threads share
+    it); undone by restore_score_parts."""
     scored: list[int] = []
 
-    def counted_parts(model, state):
-        parts = SCORE_PARTS(model, state)
+    def counted_linear(*args, **kwargs):
+        product, bias = LINEAR_PARTS(*args, **kwargs)
+        scored.append(product.numel())
+        return product, bias
 
+    def counted_alone(score_block):
         def counted(lo: int, hi: int, out: torch.Tensor | None = None):
-            product, bias = parts(lo, hi, out)
-            scored.append(product.numel())
-            return product, bias
+            scores = score_block(lo, hi)
+            scored.append(scores.numel())
+            return scores, None
         return counted
-    evaluation.score_parts = counted_parts
+    evaluation.linear_parts, evaluation.scores_alone = counted_linear, counted_alone
     return scored
 
 
 def restore_score_parts() -> None:
-    evaluation.score_parts = SCORE_PARTS
+    evaluation.linear_parts, evaluation.scores_alone = LINEAR_PARTS, SCORES_ALONE
 
 
-def products_alone(model, states: list, chunk: int, n_items: int) -> None:
-    """The products of a group of blocks as the evaluator runs them (item chunk by item
-    chunk, each block in turn, into the buffer the group shares where the model's scores
-    have factors), each dropped once made, as the evaluator drops a counted tile."""
-    parts = [evaluation.score_parts(model, state) for state in states]
+def products_alone(scorers, blocks: list, chunk: int, n_items: int) -> None:
+    """The products of a group of blocks (rows of the prediction states) as the evaluator
+    runs them (item chunk by item chunk, each block in turn, into the buffer the group
+    shares where the model's scores have factors), each dropped once made, as the evaluator
+    drops a counted tile."""
+    parts = scorers(blocks)
     buffer = TileBuffer()
+    like = torch.empty(0)
     for lo in range(0, n_items, chunk):
         hi = min(lo + chunk, n_items)
-        for part, state in zip(parts, states, strict=True):
-            points = state if isinstance(state, torch.Tensor) else state[0]
-            part(lo, hi, buffer.take(len(points), hi - lo, points))
+        for part, rows in zip(parts, blocks, strict=True):
+            part(lo, hi, buffer.take(block_points(rows), hi - lo, like))
 
 
-def time_phases(model, data: SequenceData, evaluator: Evaluator, repeats: int) -> dict:
-    evaluator.rank_counts(model, data, "val")  # untimed: compiled kernels loaded, pages touched
+def block_points(rows: slice | torch.Tensor) -> int:
+    return len(rows) if isinstance(rows, torch.Tensor) else rows.stop - rows.start
+
+
+def evaluator_blocks(model, states, batch, evaluator: Evaluator, n_items: int):
+    """(the scorers, the blocks of points, the item chunk, the columns the key rows take
+    off the product) of a batch, as the evaluator's _dense_counts makes them."""
+    cpu = torch.device("cpu")
+    points, chunk = evaluator.block_shape(cpu, n_items, batch.n_targets)
+    tiles = evaluator.cpu_tiles(cpu, n_items)
+    keyed = evaluation.key_columns(model, batch) if tiles else None
+    order, bounds = evaluation.block_plan(batch.targets, n_items, (points, chunk),
+                                          None if keyed is None else keyed[0])
+    blocks = [slice(start, stop) if order is None else order[start:stop]
+              for start, stop in pairwise(bounds)]
+    scorers = (partial(evaluation.point_scorers, model, states) if keyed is None
+               else evaluation.KeyRowScores(model.score_factors(states), *keyed))
+    return scorers, blocks, chunk, 0 if keyed is None else keyed[1]
+
+
+def time_phases(model, data: SequenceData, evaluator: Evaluator, repeats: int,
+                phase: str) -> dict:
+    evaluator.rank_counts(model, data, phase)  # untimed: compiled kernels loaded, pages touched
     totals = []
     for _ in range(repeats):
         scored = counting_scored()
         started = time.perf_counter()
-        counts = evaluator.rank_counts(model, data, "val")
+        counts = evaluator.rank_counts(model, data, phase)
         totals.append(time.perf_counter() - started)
         restore_score_parts()
     total = min(totals)
     replay = product = replay_all_threads = 0.0
+    keyed_columns = 0
     shapes = set()
     cpu = torch.device("cpu")
     tiles = evaluator.cpu_tiles(cpu, data.n_items)
     workers = torch.get_num_threads() if tiles else 1
     with torch.no_grad():
-        for batch in prediction_batches(data, "val", evaluator.users_per_batch(model.device)):
+        for batch in prediction_batches(data, phase, evaluator.users_per_batch(model.device)):
             started = time.perf_counter()
             states = evaluator.prediction_states(model, batch, data.n_items)
             replay += time.perf_counter() - started
             started = time.perf_counter()
             model.prediction_states(batch)  # the same replay on torch's threads, for comparison
             replay_all_threads += time.perf_counter() - started
-            points, chunk = evaluator.block_shape(cpu, data.n_items, batch.n_targets)
-            blocks = [states[first:first + points]
-                      for first in range(0, batch.n_targets, points)]
-            shapes |= {(len(state), min(chunk, data.n_items)) for state in blocks}
+            scorers, blocks, chunk, key_width = evaluator_blocks(model, states, batch,
+                                                                 evaluator, data.n_items)
+            keyed_columns = max(keyed_columns, key_width)
+            shapes |= {(block_points(rows), min(chunk, data.n_items)) for rows in blocks}
             # the evaluator's groups of blocks, each scored item chunk by item chunk
             groups = tile_groups(blocks, evaluation.TILE_GROUP if tiles else 1, workers)
             started = time.perf_counter()
-            on_each_core(partial(products_alone, model, chunk=chunk, n_items=data.n_items),
+            on_each_core(partial(products_alone, scorers, chunk=chunk, n_items=data.n_items),
                          groups, workers)
             product += time.perf_counter() - started
     # scores the evaluator computed beyond one product per score (its first passes)
@@ -153,13 +209,15 @@ def time_phases(model, data: SequenceData, evaluator: Evaluator, repeats: int) -
     return {"counts": counts, "total_s": total, "totals_s": totals, "replay_s": replay,
             "product_s": product,
             "counting_s": total - replay - product, "block_shapes": sorted(shapes),
-            "extra_scored": extra, "replay_all_threads_s": replay_all_threads}
+            "extra_scored": extra, "replay_all_threads_s": replay_all_threads,
+            "key_row_columns": keyed_columns}
 
 
-def product_width(model, data: SequenceData, evaluator: Evaluator, hidden: int) -> int:
+def product_width(model, data: SequenceData, evaluator: Evaluator, hidden: int,
+                  phase: str) -> int:
     """The inner dimension of the model's score product: that of its score_factors for the
     first validation batch (seqmf's is twice its factors), else --hidden."""
-    batch = next(prediction_batches(data, "val", evaluator.users_per_batch(model.device)))
+    batch = next(prediction_batches(data, phase, evaluator.users_per_batch(model.device)))
     with torch.no_grad():
         factors = model.score_factors(model.prediction_states(batch))
     return hidden if factors is None else int(factors[0].shape[1])
@@ -196,6 +254,14 @@ def main() -> None:
     parser.add_argument("--block-elements", nargs="+", default=["auto"])
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed evaluation passes per setting (the fastest counts)")
+    parser.add_argument("--paper-shapes", metavar="DIR",
+                        help="rank the LastFM-1K-shaped file of scripts/make_paper_shapes.py "
+                             "in DIR (every --every-user-th user) instead of synthetic data")
+    parser.add_argument("--every-user", type=int, default=31)
+    parser.add_argument("--phase", choices=["val", "test"], default="val")
+    parser.add_argument("--key-row-points", type=int,
+                        help="the evaluator's KEY_ROW_POINTS (the fewest points per user a "
+                             "batch needs for blocks of one user, seqmf) instead of its own")
     parser.add_argument("--out", default="bench_dense_eval.json")
     args = parser.parse_args()
     width_key = WIDTH_KEY.get(args.model, "hidden_size")
@@ -205,15 +271,18 @@ def main() -> None:
     configure_torch(cfg.train)
     torch.manual_seed(cfg.seed)
     evaluation.shared_rows = lambda model, batch: None  # dense blocks for every model
-    data = lastfm_like(args.users, args.items, args.train_events, args.val_events)
+    if args.key_row_points is not None:
+        evaluation.KEY_ROW_POINTS = args.key_row_points
+    data = (lastfm_users(args.paper_shapes, args.model, args.every_user) if args.paper_shapes
+            else lastfm_like(args.users, args.items, args.train_events, args.val_events))
     model = build_model(cfg.model, data)
     model.fit(data)
     model.eval()
-    results: dict = {"model": args.model, "hidden": args.hidden, "items": args.items,
-                     "users": args.users, "train_events": args.train_events,
+    results: dict = {"model": args.model, "hidden": args.hidden, "items": data.n_items,
+                     "users": data.n_users, "train_events": args.train_events,
                      "val_events": args.val_events, "settings": {}}
     reference = None
-    width = product_width(model, data, Evaluator.from_config(cfg), args.hidden)
+    width = product_width(model, data, Evaluator.from_config(cfg), args.hidden, args.phase)
     results["product_width"] = width
     kernels = cpu_kernels.enabled()  # the configuration's (train.cpu_kernels)
     for setting in args.block_elements:
@@ -229,16 +298,18 @@ def main() -> None:
         evaluator = Evaluator.from_config(cfg, max_block_elements=block)
         cpu_kernels.set_enabled(kernels - {kernel_off})
         try:
-            row = time_phases(model, data, evaluator, args.repeats)
+            row = time_phases(model, data, evaluator, args.repeats, args.phase)
         finally:
             evaluation.TILE_POINTS, evaluation.TILE_ITEMS, evaluation.TILE_GROUP = TILE_SHAPE
             cpu_kernels.set_enabled(kernels)
         counts = row.pop("counts")
         events = len(counts)
-        flop = 2 * width * args.items * events
-        points, chunk = row["block_shapes"][-1]
-        gemm_block = gemm_gflops(points, width, chunk)
-        gemm_64 = gemm_gflops(64, width, args.items)
+        # the product made: narrower by the columns made once per key (key rows)
+        made = width - row["key_row_columns"]
+        flop = 2 * made * data.n_items * events
+        points, chunk = max(row["block_shapes"])
+        gemm_block = gemm_gflops(points, made, chunk)
+        gemm_64 = gemm_gflops(64, made, data.n_items)
         if reference is None:
             reference = counts
         row |= {"events": events, "events_per_s": events / row["total_s"],
@@ -249,9 +320,11 @@ def main() -> None:
                     np.array_equal(counts.greater, reference.greater)
                     and np.array_equal(counts.equal, reference.equal))}
         results["settings"][setting] = row
+        row["product_width_made"] = made
         print(f"{args.model} h{args.hidden} block {setting}: {events} events, "
               f"{row['events_per_s']:,.0f} events/s, {row['achieved_gflops']:.1f} GFLOP/s "
-              f"= {row['fraction_of_best_gemm']:.0%} of GEMM (block shape {points}x{chunk}: "
+              f"= {row['fraction_of_best_gemm']:.0%} of GEMM (width {made}, block shape "
+              f"{points}x{chunk}: "
               f"{gemm_block:.1f}, 64 x all items: {gemm_64:.1f} GFLOP/s); total "
               f"{row['total_s']:.2f} s = replay {row['replay_s']:.2f} + product "
               f"{row['product_s']:.2f} + counting {row['counting_s']:.2f} (first-pass "
