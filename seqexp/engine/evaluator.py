@@ -384,7 +384,7 @@ def _dense_counts(model: Recommender, state, targets: torch.Tensor, n_items: int
     threads (see on_each_core), `group` blocks at a time chunk by chunk (count_block_ranks),
     the points in the order and blocks of block_plan. With `keyed` = (each point's key, G)
     (key_columns), each block holds points of one key, scored by KeyRowScores."""
-    points, chunk = shape
+    chunk = shape[1]
     order, bounds = block_plan(targets, n_items, shape, None if keyed is None else keyed[0])
     if order is not None and excluded is not None:  # the pairs' points renumbered, sorted
         excluded = _pairs_by_place(excluded, _places(order))
