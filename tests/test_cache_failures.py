@@ -190,12 +190,26 @@ def test_sigkill_during_the_cache_write_is_cleaned_up_by_the_next_run(tmp_path):
     assert entry.startswith("ml10m-")
 
 
-@pytest.mark.parametrize("damage", ["meta.json", "items.npy"])
-def test_a_damaged_entry_is_preprocessed_again(tmp_path, damage):
+def _garbage(file: Path) -> None:
+    file.write_bytes(b"\x00garbage")
+
+
+def _header_unclosed(file: Path) -> None:
+    """The header's opening brace turned into a quote: numpy's tokenizer meets a string that
+    never ends (tokenize.TokenError)."""
+    raw = bytearray(file.read_bytes())
+    raw[raw.index(b"{")] = ord("'")
+    file.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize(("name", "damage"), [
+    ("meta.json", _garbage), ("items.npy", _garbage), ("items.npy", _header_unclosed),
+])
+def test_a_damaged_entry_is_preprocessed_again(tmp_path, name, damage):
     path, cache_dir = fx.write_movielens(tmp_path), tmp_path / "cache"
     first = load(path, cache_dir)
     (entry,) = visible(cache_dir)
-    (cache_dir / entry / damage).write_bytes(b"\x00garbage")
+    damage(cache_dir / entry / name)
     again = load(path, cache_dir)
     np.testing.assert_array_equal(again.items, first.items)
     assert visible(cache_dir) == [entry]

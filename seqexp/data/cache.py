@@ -17,6 +17,7 @@ import re
 import shutil
 import tempfile
 import time
+import tokenize
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -102,7 +103,9 @@ def load_cached(folder: Path) -> SequenceData | None:
                if (folder / f"{name}.npy").is_file()}
         data = SequenceData(**arrays, **ids, n_items=int(meta["n_items"]),
                             stats=dict(meta["stats"]))
-    except (OSError, ValueError, KeyError, TypeError, EOFError) as exc:
+    # np.load reads an .npy header with Python's tokenizer: an unclosed bracket or quote in a
+    # damaged one raises TokenError, not ValueError
+    except (OSError, ValueError, KeyError, TypeError, EOFError, tokenize.TokenError) as exc:
         log.warning("cache entry %s cannot be read (%s); preprocessing again", folder, exc)
         shutil.rmtree(folder, ignore_errors=True)
         return None
